@@ -1,0 +1,134 @@
+"""The broker seam: Publisher, Subscriber, Subscription, Delivery and Capabilities.
+
+A tiny core every backend implements, keeping each broker's own semantics visible through
+``Capabilities`` instead of forcing them into one vocabulary: RabbitMQ redelivers on nack or channel
+loss, SQS when a visibility timeout expires, Kafka from the committed offset.
+
+Deliveries carry the *raw* message (body, headers, content type, key, broker timestamp). The runtime
+decodes it into an :class:`~replaysafe.envelope.Envelope`, so that a bad message becomes a
+quarantine decision in one place instead of an exception inside an adapter.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from replaysafe.envelope import Envelope
+
+
+class RedeliveryKind(StrEnum):
+    NACK = "nack"  # RabbitMQ: requeued on nack or when the consumer's channel dies
+    VISIBILITY_TIMEOUT = "visibility_timeout"  # SQS: visible again when the timer expires
+    OFFSET_REWIND = "offset_rewind"  # Kafka: re-read from the committed offset
+
+
+class SettleGranularity(StrEnum):
+    MESSAGE = "message"  # each delivery settles alone
+    CUMULATIVE_OFFSET = "cumulative_offset"  # a commit covers every earlier offset
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a broker (for one source) can do. The runtime validates handler configuration against
+    it at start-up; the broker contract suite decides what to assert from it."""
+
+    redelivery: RedeliveryKind
+    settle_granularity: SettleGranularity
+    #: ``Delivery.extend`` postpones redelivery (SQS ChangeMessageVisibility)
+    extend_visibility: bool
+    #: deliveries with the same key arrive in publish order
+    ordered_within_key: bool
+    #: ``Delivery.attempt`` counts every delivery exactly; otherwise it is a lower bound
+    #: (e.g. RabbitMQ classic queues only say "redelivered")
+    delivery_count: bool
+    #: the broker itself drops duplicate publishes of one operation within this many seconds
+    #: (SQS FIFO: 300); None when it has no such window
+    native_dedup_window: float | None = None
+    #: ``nack(delay=…)`` waits before redelivering (otherwise the delay is best effort)
+    delayed_nack: bool = True
+
+
+class Delivery(ABC):
+    """One transport copy of a message, handed to the runtime.
+
+    Settling (``ack``/``nack``/``reject``) twice is harmless: the second call does nothing.
+    """
+
+    body: bytes
+    headers: Mapping[str, str]
+    content_type: str | None
+    key: str | None
+    #: the broker's own publish time (Kafka record timestamp, SQS SentTimestamp, AMQP timestamp)
+    broker_timestamp: float | None
+    #: identifies this transport copy (offset, receipt, delivery tag): for logs, never for dedup
+    delivery_id: str
+    #: 1-based delivery count (a lower bound where ``Capabilities.delivery_count`` is False)
+    attempt: int
+    redelivered: bool
+    received_at: float
+    #: when the broker will redeliver if this copy is not settled (visibility end), or None
+    settle_deadline: float | None
+
+    @property
+    @abstractmethod
+    def settled(self) -> bool: ...
+
+    @abstractmethod
+    async def ack(self) -> None:
+        """Complete at the broker (boundary COMPLETED): delete / ack / mark offset done."""
+
+    @abstractmethod
+    async def nack(self, delay: float | None = None) -> None:
+        """Ask for redelivery, after ``delay`` seconds where the broker can wait."""
+
+    @abstractmethod
+    async def reject(self, reason: str) -> None:
+        """Settle without redelivery (dead-letter where the broker has one)."""
+
+    @abstractmethod
+    async def extend(self, seconds: float) -> None:
+        """Postpone redelivery to ``now + seconds``. Raises ``CapabilityError`` where the broker
+        has no timer to extend."""
+
+
+class Subscription(ABC):
+    """An open consumer: iterate it for deliveries; close it to stop."""
+
+    def __aiter__(self) -> AsyncIterator[Delivery]:
+        return self
+
+    @abstractmethod
+    async def __anext__(self) -> Delivery: ...
+
+    @abstractmethod
+    async def close(self, *, abandon: bool = False) -> None:
+        """Stop consuming. ``abandon=True`` behaves like a crash: unsettled deliveries are left to
+        the broker's own recovery (requeue on connection loss, visibility expiry, rewind to the
+        committed offset). Idempotent."""
+
+
+class Publisher(ABC):
+    @abstractmethod
+    async def publish(self, destination: str, envelopes: Sequence[Envelope]) -> None:
+        """Publish (boundary PUBLISHED when it returns). Raises ``PublishAmbiguous`` when the
+        broker may or may not have accepted some of them: retry with the SAME envelopes."""
+
+
+class Subscriber(ABC):
+    @abstractmethod
+    async def subscribe(self, source: str, group: str, *, prefetch: int = 16) -> Subscription:
+        """Open a consumer on ``source`` as part of consumer ``group``."""
+
+    @abstractmethod
+    def capabilities(self, source: str) -> Capabilities:
+        """The semantics of ``source`` on this broker."""
+
+
+class Broker(Publisher, Subscriber):
+    """A backend that both publishes and subscribes."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Close connections. Idempotent."""

@@ -1,0 +1,430 @@
+"""The envelope: one operation's identity, payload and metadata, and the wire format.
+
+Wire format (documented so producers in any language interoperate): the payload is the message
+body, typed by ``content-type`` (default ``application/json``). Metadata travels in the broker's
+native headers:
+
+- ``rs-operation-id``: the stable business identity of the operation (required unless the handler
+  has a key extractor that derives it from the payload).
+- ``rs-published-at``: RFC 3339 UTC time of the *first* publish of the operation; a retry of the
+  same operation keeps it. Falls back to the broker's own timestamp when absent.
+- ``rs-fingerprint`` (optional): ``sha256:<hex>`` of the canonical payload; the consumer recomputes
+  and compares.
+
+Canonical payload (what the fingerprint covers): for JSON, the UTF-8 encoding of the value with
+object keys sorted, no insignificant whitespace and non-ASCII characters kept as UTF-8
+(``json.dumps(v, sort_keys=True, separators=(",", ":"), ensure_ascii=False)``); for any other
+allowed content type, the body bytes as they are.
+
+Decoding enforces the limits of DESIGN §5 and raises a :class:`~replaysafe.errors.BadInput`
+subclass whose ``reason`` is the quarantine reason. The size cap is checked on the raw bytes
+before any parser sees them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from replaysafe.errors import (
+    FingerprintMismatch,
+    InvalidOperationId,
+    LimitExceeded,
+    MalformedHeader,
+    MalformedPayload,
+    PayloadTooLarge,
+    UnsupportedContentType,
+)
+
+HEADER_OPERATION_ID = "rs-operation-id"
+HEADER_PUBLISHED_AT = "rs-published-at"
+HEADER_FINGERPRINT = "rs-fingerprint"
+RESERVED_HEADERS = frozenset({HEADER_OPERATION_ID, HEADER_PUBLISHED_AT, HEADER_FINGERPRINT})
+
+JSON = "application/json"
+TEXT = "text/plain"
+BYTES = "application/octet-stream"
+
+MAX_OPERATION_ID_BYTES = 255
+
+KeyExtractor = Callable[[Any], "str | OperationIdParts"]
+OperationIdParts = tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bad-input limits, all checked before any effect. Defaults follow DESIGN §5."""
+
+    max_payload_bytes: int = 1024 * 1024
+    max_depth: int = 64
+    #: integers must fit in a signed integer of this many bits (other languages' parsers and
+    #: databases silently lose precision beyond it)
+    max_int_bits: int = 64
+    max_headers: int = 64
+    max_header_bytes: int = 16 * 1024
+    allowed_content_types: frozenset[str] = frozenset({JSON, TEXT, BYTES})
+
+
+DEFAULT_LIMITS = Limits()
+
+
+# --------------------------------------------------------------------------- operation ids
+
+
+def _escape_part(part: str | int) -> str:
+    if isinstance(part, bool) or not isinstance(part, str | int):
+        raise InvalidOperationId(
+            f"operation id parts must be str or int, not {type(part).__name__}; "
+            "pass the business field's value"
+        )
+    # ':' separates parts and '%' escapes: escaping both keeps ("a:b", "c") and ("a", "b:c") apart
+    return str(part).replace("%", "%25").replace(":", "%3A")
+
+
+def operation_id(namespace: str, *parts: str | int) -> str:
+    """The deterministic operation id ``namespace:part1:part2…`` of a logical action.
+
+    The same inputs always give the same id (choose them from business fields, never a fresh uuid
+    per retry). Parts are escaped so that different tuples never collide.
+
+    >>> operation_id("capture-payment", "order-91827")
+    'capture-payment:order-91827'
+    """
+    if not parts:
+        raise InvalidOperationId(
+            "operation_id() needs at least one business part after the namespace, "
+            "e.g. operation_id('capture-payment', order_id)"
+        )
+    op = ":".join(_escape_part(p) for p in (namespace, *parts))
+    return validate_operation_id(op)
+
+
+def validate_operation_id(value: object) -> str:
+    """Return ``value`` if it is a usable operation id, else raise ``InvalidOperationId``.
+
+    Rules: a non-empty string of at most 255 UTF-8 bytes, no control or format characters, no
+    leading or trailing whitespace (invisible differences must not split one operation in two).
+    """
+    if not isinstance(value, str):
+        raise InvalidOperationId(
+            f"operation id must be a string, got {type(value).__name__}; "
+            "set the rs-operation-id header or give the handler a key extractor"
+        )
+    if not value:
+        raise InvalidOperationId(
+            "operation id is empty; set the rs-operation-id header or give the handler a key "
+            "extractor that derives it from business fields"
+        )
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_OPERATION_ID_BYTES:
+        raise InvalidOperationId(
+            f"operation id is longer than {MAX_OPERATION_ID_BYTES} bytes "
+            f"({value[:40]!r}…); derive a shorter id from the business key"
+        )
+    for ch in value:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
+            raise InvalidOperationId(
+                f"operation id contains control character U+{ord(ch):04X}: {value[:60]!r}; "
+                "use printable characters only"
+            )
+    if value != value.strip():
+        raise InvalidOperationId(
+            f"operation id has leading or trailing whitespace: {value!r}; strip it at the producer"
+        )
+    return value
+
+
+# --------------------------------------------------------------------------- canonical JSON
+
+
+def canonical_json(value: Any) -> bytes:
+    """The canonical encoding of a JSON value (sorted keys, compact, UTF-8).
+
+    Raises ``MalformedPayload`` for values JSON cannot carry faithfully (NaN, Infinity, non-string
+    keys, objects of other types).
+    """
+    try:
+        text = json.dumps(
+            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+    except (TypeError, ValueError) as exc:
+        raise MalformedPayload(
+            f"payload cannot be encoded as canonical JSON: {exc}; send JSON-native values only"
+        ) from exc
+    return text.encode("utf-8")
+
+
+def fingerprint_bytes(canonical: bytes) -> str:
+    return "sha256:" + hashlib.sha256(canonical).hexdigest()
+
+
+def fingerprint(value: Any) -> str:
+    """SHA-256 fingerprint of a JSON value's canonical form (``sha256:<hex>``)."""
+    return fingerprint_bytes(canonical_json(value))
+
+
+class _Reject(Exception):
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def decode_json(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """Parse a JSON body under ``limits``; raise a ``BadInput`` subclass on anything unsafe.
+
+    Refused: bodies over the size cap (checked before parsing), invalid UTF-8, syntax errors,
+    duplicate object keys, NaN/Infinity (also overflowing literals such as ``1e999``), integers
+    beyond ``max_int_bits``, nesting deeper than ``max_depth``.
+    """
+    if len(body) > limits.max_payload_bytes:
+        raise PayloadTooLarge(
+            f"payload is {len(body)} bytes, over the {limits.max_payload_bytes}-byte cap; "
+            "store large data elsewhere and send a reference"
+        )
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedPayload(f"payload is not valid UTF-8: {exc}") from exc
+    _check_depth(text, limits.max_depth)
+    max_int = 2 ** (limits.max_int_bits - 1) - 1
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in items:
+            if k in out:
+                raise _Reject(
+                    MalformedPayload(
+                        f"duplicate JSON key {k!r}: parsers disagree on which value wins; "
+                        "send each key once"
+                    )
+                )
+            out[k] = v
+        return out
+
+    def parse_int(s: str) -> int:
+        # bound the digit count before int() so a huge literal costs nothing
+        if len(s.lstrip("-")) > 40 or abs(int(s)) > max_int:
+            raise _Reject(
+                LimitExceeded(
+                    f"integer {s[:30]}… does not fit in {limits.max_int_bits} bits; "
+                    "send it as a string"
+                )
+            )
+        return int(s)
+
+    def parse_float(s: str) -> float:
+        f = float(s)
+        if f in (float("inf"), float("-inf")):
+            raise _Reject(MalformedPayload(f"number {s[:30]} overflows to infinity"))
+        return f
+
+    def parse_constant(s: str) -> Any:
+        raise _Reject(MalformedPayload(f"{s} is not valid JSON; send finite numbers only"))
+
+    try:
+        return json.loads(
+            text,
+            object_pairs_hook=pairs,
+            parse_int=parse_int,
+            parse_float=parse_float,
+            parse_constant=parse_constant,
+        )
+    except _Reject as rej:
+        raise rej.error from None
+    except RecursionError:
+        raise LimitExceeded(f"payload nests deeper than {limits.max_depth} levels") from None
+    except json.JSONDecodeError as exc:
+        raise MalformedPayload(f"payload is not valid JSON: {exc}") from exc
+
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _check_depth(text: str, max_depth: int) -> None:
+    """Refuse deep nesting before the recursive parser sees it.
+
+    Cheap on the hot path: when the document has fewer brackets than the limit nothing is scanned;
+    otherwise strings are blanked in C (regex) and only the brackets are walked.
+    """
+    if text.count("[") + text.count("{") <= max_depth:
+        return
+    depth = 0
+    for m in _BRACKET.finditer(_STRING.sub("", text)):
+        if m.group() in "[{":
+            depth += 1
+            if depth > max_depth:
+                raise LimitExceeded(
+                    f"payload nests deeper than {max_depth} levels; flatten the structure"
+                )
+        else:
+            depth -= 1
+
+
+# --------------------------------------------------------------------------- the envelope
+
+
+def format_time(ts: float) -> str:
+    """RFC 3339 UTC with microseconds, e.g. ``2026-11-26T14:31:47.123456Z``."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(value: str) -> float:
+    """Parse an RFC 3339 time; naive times are refused (ambiguous zone)."""
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise MalformedHeader(
+            f"{HEADER_PUBLISHED_AT} is not an RFC 3339 time: {value[:60]!r}"
+        ) from exc
+    if dt.tzinfo is None:
+        raise MalformedHeader(
+            f"{HEADER_PUBLISHED_AT} has no time zone: {value[:60]!r}; send UTC ending in 'Z'"
+        )
+    return dt.timestamp()
+
+
+def _content_type_base(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One transport-independent copy of an operation.
+
+    ``payload`` holds the encoded body bytes; ``value`` the decoded payload (JSON value, ``str``
+    for text, ``bytes`` otherwise). Build envelopes with :meth:`of` on the producer side; the
+    runtime builds them with :func:`decode_wire` on the consumer side.
+    """
+
+    operation_id: str
+    payload: bytes
+    value: Any
+    fingerprint: str
+    content_type: str = JSON
+    key: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    published_at: float | None = None
+
+    @classmethod
+    def of(
+        cls,
+        operation_id: str,
+        value: Any,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        published_at: float | None = None,
+    ) -> Envelope:
+        """An envelope with a JSON payload (canonically encoded). ``key`` is the ordering key."""
+        validate_operation_id(operation_id)
+        body = canonical_json(value)
+        hdrs = dict(headers or {})
+        clash = RESERVED_HEADERS.intersection(hdrs)
+        if clash:
+            raise ValueError(f"headers {sorted(clash)} are reserved for replaysafe's metadata")
+        return cls(operation_id, body, value, fingerprint_bytes(body), JSON, key, hdrs, published_at)
+
+    def wire_headers(self) -> dict[str, str]:
+        """Headers to put on the broker message (user headers plus the rs-* metadata)."""
+        out = dict(self.headers)
+        out[HEADER_OPERATION_ID] = self.operation_id
+        out[HEADER_FINGERPRINT] = self.fingerprint
+        if self.published_at is not None:
+            out[HEADER_PUBLISHED_AT] = format_time(self.published_at)
+        return out
+
+    def with_published_at(self, ts: float) -> Envelope:
+        """The same envelope stamped with its first publish time (kept by retries)."""
+        if self.published_at is not None:
+            return self
+        return Envelope(
+            self.operation_id, self.payload, self.value, self.fingerprint, self.content_type,
+            self.key, self.headers, ts,
+        )
+
+
+def decode_wire(
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    content_type: str | None = None,
+    key: str | None = None,
+    broker_timestamp: float | None = None,
+    key_extractor: KeyExtractor | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Envelope:
+    """Build an ``Envelope`` from a broker message, enforcing ``limits``.
+
+    The operation id comes from ``rs-operation-id``, else from ``key_extractor(value)``; the publish
+    time from ``rs-published-at``, else ``broker_timestamp``, else unknown (``None``). Raises a
+    ``BadInput`` subclass; never a driver or parser exception.
+    """
+    if len(headers) > limits.max_headers:
+        raise LimitExceeded(
+            f"message carries {len(headers)} headers, over the limit of {limits.max_headers}"
+        )
+    header_bytes = sum(len(k) + len(v) for k, v in headers.items())
+    if header_bytes > limits.max_header_bytes:
+        raise LimitExceeded(
+            f"message headers total {header_bytes} bytes, over the limit of "
+            f"{limits.max_header_bytes}"
+        )
+    if len(body) > limits.max_payload_bytes:
+        raise PayloadTooLarge(
+            f"payload is {len(body)} bytes, over the {limits.max_payload_bytes}-byte cap; "
+            "store large data elsewhere and send a reference"
+        )
+    ctype = content_type or headers.get("content-type") or JSON
+    base = _content_type_base(ctype)
+    if base not in limits.allowed_content_types:
+        raise UnsupportedContentType(
+            f"content type {base!r} is not allowed (allowed: "
+            f"{', '.join(sorted(limits.allowed_content_types))}); pickle and other executable "
+            "formats are never decoded"
+        )
+    value: Any
+    if base == JSON:
+        value = decode_json(body, limits)
+        canonical = canonical_json(value)
+    elif base == TEXT:
+        try:
+            value = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise MalformedPayload(f"text payload is not valid UTF-8: {exc}") from exc
+        canonical = body
+    else:
+        value = body
+        canonical = body
+    fp = fingerprint_bytes(canonical)
+    sent_fp = headers.get(HEADER_FINGERPRINT)
+    if sent_fp is not None and sent_fp != fp:
+        raise FingerprintMismatch(
+            f"{HEADER_FINGERPRINT} {sent_fp[:80]!r} does not match the payload ({fp}); "
+            "the body was altered or the producer fingerprints differently"
+        )
+    raw_op = headers.get(HEADER_OPERATION_ID)
+    if raw_op is None and key_extractor is not None:
+        try:
+            derived = key_extractor(value)
+        except Exception as exc:
+            raise InvalidOperationId(
+                f"the key extractor could not derive an operation id: {exc!r}"
+            ) from exc
+        raw_op = operation_id(*derived) if isinstance(derived, tuple) else derived
+    if raw_op is None:
+        raise InvalidOperationId(
+            f"message has no {HEADER_OPERATION_ID} header and the handler has no key extractor; "
+            "set the header at the producer or declare key=..."
+        )
+    op = validate_operation_id(raw_op)
+    sent_at = headers.get(HEADER_PUBLISHED_AT)
+    published_at = parse_time(sent_at) if sent_at is not None else broker_timestamp
+    user_headers = {
+        k: v for k, v in headers.items() if k not in RESERVED_HEADERS and k != "content-type"
+    }
+    return Envelope(op, body, value, fp, ctype, key, user_headers, published_at)

@@ -1,0 +1,132 @@
+"""One exception tree for the whole library.
+
+Every error says what happened and what to do next. Driver errors (sqlite3, psycopg, aio-pika,
+botocore, confluent-kafka) are mapped to this tree at the adapter edge, so application code never
+has to catch a driver's exception type::
+
+    ReplaysafeError
+    ├── ConfigurationError          the app, a handler or a backend is configured wrongly
+    │   ├── CapabilityError         asked a broker/ledger for something it cannot do
+    │   └── MissingExtra            an optional dependency is not installed (names the extra)
+    ├── BadInput                    a message was refused before any effect (has .reason)
+    │   ├── InvalidOperationId
+    │   ├── PayloadTooLarge
+    │   ├── MalformedPayload
+    │   ├── UnsupportedContentType
+    │   ├── LimitExceeded           depth, integer size, header count/size
+    │   ├── FingerprintMismatch     rs-fingerprint header disagrees with the payload
+    │   └── MalformedHeader         an rs-* header cannot be parsed
+    ├── LedgerError
+    │   ├── LeaseLost               a stale fencing token was refused: do not complete at the broker
+    │   └── LedgerUnavailable       the ledger cannot be reached: no effect may start
+    └── BrokerError
+        ├── PublishAmbiguous        the publish outcome is unknown: retry with the SAME operation id
+        └── BrokerUnavailable
+
+``SimulatedCrash`` is deliberately *not* in the tree: it derives from ``BaseException`` so that no
+``except Exception`` in user code can swallow a failpoint's simulated process death.
+"""
+
+from __future__ import annotations
+
+from replaysafe.quarantine import QuarantineReason
+
+
+class ReplaysafeError(Exception):
+    """Root of every error replaysafe raises."""
+
+
+class ConfigurationError(ReplaysafeError):
+    """The app, a handler or a backend is configured in a way replaysafe refuses to run."""
+
+
+class CapabilityError(ConfigurationError):
+    """A broker or ledger was asked for something its capabilities do not include."""
+
+
+class MissingExtra(ConfigurationError, ImportError):
+    """An optional dependency is missing; the message names the extra to install."""
+
+    def __init__(self, extra: str, module: str) -> None:
+        self.extra = extra
+        self.module = module
+        super().__init__(
+            f"the {module!r} package is not installed; install it with "
+            f"`pip install 'replaysafe[{extra}]'`"
+        )
+
+
+class BadInput(ReplaysafeError):
+    """A message was refused before any effect. ``reason`` is the quarantine reason.
+
+    The runtime quarantines the message with this reason on the first attempt and then completes
+    it at the broker; it is never retried (retrying cannot make bad bytes good).
+    """
+
+    reason: QuarantineReason = QuarantineReason.MALFORMED_PAYLOAD
+
+    def __init__(self, message: str, reason: QuarantineReason | None = None) -> None:
+        if reason is not None:
+            self.reason = reason
+        super().__init__(message)
+
+
+class InvalidOperationId(BadInput):
+    reason = QuarantineReason.INVALID_OPERATION_ID
+
+
+class PayloadTooLarge(BadInput):
+    reason = QuarantineReason.PAYLOAD_TOO_LARGE
+
+
+class MalformedPayload(BadInput):
+    reason = QuarantineReason.MALFORMED_PAYLOAD
+
+
+class UnsupportedContentType(BadInput):
+    reason = QuarantineReason.UNSUPPORTED_CONTENT_TYPE
+
+
+class LimitExceeded(BadInput):
+    reason = QuarantineReason.LIMIT_EXCEEDED
+
+
+class FingerprintMismatch(BadInput):
+    reason = QuarantineReason.FINGERPRINT_MISMATCH
+
+
+class MalformedHeader(BadInput):
+    reason = QuarantineReason.MALFORMED_HEADER
+
+
+class LedgerError(ReplaysafeError):
+    """The ledger refused or failed an operation."""
+
+
+class LeaseLost(LedgerError):
+    """The claim's fencing token is no longer current (the lease expired and someone else claimed,
+    or the operation was completed/quarantined). The holder must not complete at the broker: the
+    current holder owns the outcome."""
+
+
+class LedgerUnavailable(LedgerError):
+    """The ledger cannot be reached. No effect may start without a confirmed claim; the runtime
+    pauses consumption and retries."""
+
+
+class BrokerError(ReplaysafeError):
+    """The broker refused or failed an operation."""
+
+
+class PublishAmbiguous(BrokerError):
+    """The broker may or may not have accepted the publish (timeout, lost confirm, connection
+    dropped after send). Retry with the SAME operation id; consumers deduplicate on it."""
+
+
+class BrokerUnavailable(BrokerError):
+    """The broker cannot be reached."""
+
+
+class SimulatedCrash(BaseException):  # noqa: N818 - it is a process death, not an error
+    """Raised by a failpoint's ``kill`` action inside one process: the current worker dies on the
+    spot. Nothing is settled, released or completed, exactly as after SIGKILL."""

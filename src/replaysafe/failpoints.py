@@ -1,0 +1,143 @@
+"""Named failpoints: crash points at the boundaries, no-ops unless enabled.
+
+The runtime calls ``await failpoints.hit(NAME, ctx)`` at each boundary. Nothing is enabled by
+default and the disabled path is one dict lookup. Tests, the demo and the chaos harness enable them
+programmatically, or through the ``REPLAYSAFE_FAILPOINTS`` environment variable for worker
+processes (``"after_effect_before_ledger=exit;before_effect=sleep:2"``).
+
+It lives beside the runtime rather than under ``chaos/`` because the runtime calls it on every
+message; the chaos harness only decides what to enable.
+
+Actions:
+
+- ``kill``: raise :class:`~replaysafe.errors.SimulatedCrash` — the current worker dies in-process
+  with nothing settled, released or completed.
+- ``exit``: ``os._exit(137)`` — the whole OS process dies at once (as under SIGKILL).
+- ``raise``: raise the given exception.
+- ``sleep``: sleep on the clock (tail latency, lease overrun).
+- ``pause``: wait until :meth:`Failpoints.resume` (a stalled process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from replaysafe.errors import ConfigurationError, SimulatedCrash
+
+AFTER_CLAIM = "after_claim"
+BEFORE_EFFECT = "before_effect"
+AFTER_EFFECT_BEFORE_LEDGER = "after_effect_before_ledger"
+AFTER_LEDGER_BEFORE_ACK = "after_ledger_before_ack"
+AFTER_ACK = "after_ack"
+AFTER_QUARANTINE_BEFORE_ACK = "after_quarantine_before_ack"
+RELAY_AFTER_PUBLISH_BEFORE_MARK = "relay_after_publish_before_mark"
+PUBLISH_BEFORE_ACCEPT = "publish_before_accept"
+PUBLISH_AFTER_ACCEPT = "publish_after_accept"
+
+NAMES = frozenset({
+    AFTER_CLAIM, BEFORE_EFFECT, AFTER_EFFECT_BEFORE_LEDGER, AFTER_LEDGER_BEFORE_ACK, AFTER_ACK,
+    AFTER_QUARANTINE_BEFORE_ACK, RELAY_AFTER_PUBLISH_BEFORE_MARK, PUBLISH_BEFORE_ACCEPT,
+    PUBLISH_AFTER_ACCEPT,
+})
+
+ActionKind = Literal["kill", "exit", "raise", "sleep", "pause"]
+#: decides per hit whether the failpoint fires; receives the hit's context (operation_id, attempt…)
+Predicate = Callable[[Mapping[str, Any]], bool]
+
+
+@dataclass(slots=True)
+class _Armed:
+    kind: ActionKind
+    when: Predicate | None
+    times: int | None
+    error: BaseException | None = None
+    seconds: float = 0.0
+    resume: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Failpoints:
+    """A registry of armed failpoints and how often each fired."""
+
+    def __init__(self) -> None:
+        self._armed: dict[str, _Armed] = {}
+        #: how many times each failpoint actually fired (a fault that never fired proves nothing)
+        self.fired: Counter[str] = Counter()
+
+    def enable(
+        self,
+        name: str,
+        action: ActionKind,
+        *,
+        when: Predicate | None = None,
+        times: int | None = None,
+        error: BaseException | None = None,
+        seconds: float = 0.0,
+    ) -> None:
+        """Arm ``name``. ``when`` filters hits; ``times`` bounds how often it fires."""
+        if name not in NAMES:
+            raise ConfigurationError(
+                f"unknown failpoint {name!r}; known: {', '.join(sorted(NAMES))}"
+            )
+        if action == "raise" and error is None:
+            raise ConfigurationError("failpoint action 'raise' needs error=<exception>")
+        self._armed[name] = _Armed(action, when, times, error, seconds)
+
+    def disable(self, name: str | None = None) -> None:
+        """Disarm one failpoint, or all of them."""
+        if name is None:
+            for armed in self._armed.values():
+                armed.resume.set()
+            self._armed.clear()
+        elif (armed := self._armed.pop(name, None)) is not None:
+            armed.resume.set()
+
+    def resume(self, name: str) -> None:
+        """Let the hits paused at ``name`` continue."""
+        if (armed := self._armed.get(name)) is not None:
+            armed.resume.set()
+
+    def enable_from_env(self, value: str | None = None) -> None:
+        """Arm failpoints from ``REPLAYSAFE_FAILPOINTS`` (``name=action[:seconds]`` joined by ;)."""
+        spec = os.environ.get("REPLAYSAFE_FAILPOINTS", "") if value is None else value
+        for item in filter(None, (p.strip() for p in spec.split(";"))):
+            name, _, action = item.partition("=")
+            kind, _, arg = action.partition(":")
+            if kind not in ("kill", "exit", "sleep", "pause"):
+                raise ConfigurationError(
+                    f"REPLAYSAFE_FAILPOINTS: {item!r} needs an action kill|exit|sleep:S|pause"
+                )
+            self.enable(name.strip(), kind, seconds=float(arg or 0))  # type: ignore[arg-type]
+
+    async def hit(self, name: str, ctx: Mapping[str, Any] | None = None) -> None:
+        """Fire ``name`` if it is armed and its predicate accepts ``ctx``; otherwise return."""
+        armed = self._armed.get(name)
+        if armed is None:
+            return
+        if armed.when is not None and not armed.when(ctx or {}):
+            return
+        if armed.times is not None:
+            if armed.times <= 0:
+                return
+            armed.times -= 1
+        self.fired[name] += 1
+        if armed.kind == "kill":
+            raise SimulatedCrash(name)
+        if armed.kind == "exit":
+            os._exit(137)
+        if armed.kind == "raise":
+            assert armed.error is not None
+            raise armed.error
+        if armed.kind == "sleep":
+            sleep = (ctx or {}).get("sleep")
+            await (sleep(armed.seconds) if callable(sleep) else asyncio.sleep(armed.seconds))
+        elif armed.kind == "pause":
+            await armed.resume.wait()
+
+
+#: the process-wide registry the runtime uses unless an app is given its own
+FAILPOINTS = Failpoints()

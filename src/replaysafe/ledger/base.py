@@ -1,0 +1,352 @@
+"""The replay ledger: protocol, state machine and value types shared by every backend.
+
+State machine of one operation record (keyed by ``OpKey(scope, operation_id)``)::
+
+            claim (new)                 complete (current token)
+    (none) ───────────► IN_FLIGHT ─────────────────────────────► COMPLETED ──purge──► (none)
+                         │   ▲  │ release (current token)
+                         │   │  └──────────────► RELEASED ──claim──► IN_FLIGHT (attempt+1)
+                         │   └─ claim after lease expiry (attempt+1, recovered=True)
+                         └─ quarantine (current token) ──► QUARANTINED
+
+Rules every backend keeps (``replaysafe.testing.contracts.LedgerContract`` checks them):
+
+- Every successful claim gets a fencing token strictly greater than every token the ledger issued
+  before. ``extend``, ``complete``, ``release`` and ``quarantine(claim=…)`` with a token that is no
+  longer the record's current one raise ``LeaseLost`` and change nothing.
+- A lease is judged by the ledger's clock (SQLite/memory: the injected ``Clock``; PostgreSQL:
+  ``now()``; Redis: ``TIME``). A live lease makes ``claim`` answer ``InFlight``; an expired lease
+  lets the next claim take over with a new token and ``recovered=True`` (the previous attempt's
+  outcome is unknown). A holder whose lease expired but was not taken over may still extend or
+  complete: its token is still current, which is what fencing is for.
+- ``attempts`` is incremented by every successful claim, *before* the handler runs, so an operation
+  that kills its worker every time still reaches its retry limit.
+- The same operation with a different fingerprint is a ``Conflict`` on every path (first claim
+  excepted: there is nothing to conflict with), and never changes the record.
+- Quarantine entries are durable and idempotent per message (same reason, operation and payload
+  give one entry, with ``seen`` counting repeats).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from replaysafe.errors import LeaseLost
+from replaysafe.quarantine import EffectRisk, QuarantineReason
+
+#: quarantined message copies are capped so one huge poison message cannot bloat the ledger
+MAX_QUARANTINE_COPY = 64 * 1024
+
+
+class State(StrEnum):
+    IN_FLIGHT = "in_flight"
+    RELEASED = "released"
+    COMPLETED = "completed"
+    QUARANTINED = "quarantined"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class OpKey:
+    """Ledger key: the operation scoped by handler (or tenant). A composite, never a concatenated
+    string, so ``("a:b", "c")`` and ``("a", "b:c")`` can never collide."""
+
+    scope: str
+    operation_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """What the ledger knows about one operation."""
+
+    key: OpKey
+    fingerprint: str
+    state: State
+    token: int
+    owner: str | None
+    lease_until: float | None
+    attempts: int
+    result: str | None
+    last_error: str | None
+    created_at: float
+    updated_at: float
+    completed_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Proof of a current claim. ``token`` is the fencing token every later call presents."""
+
+    key: OpKey
+    fingerprint: str
+    token: int
+    owner: str
+    lease_until: float
+    attempt: int
+    #: True when this claim took over an expired lease: the previous attempt may or may not have
+    #: produced its effect (outcome unknown)
+    recovered: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Acquired:
+    claim: Claim
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    """Someone else holds a live lease: do not run; retry after ``record.lease_until``."""
+
+    record: Record
+
+
+@dataclass(frozen=True, slots=True)
+class AlreadyDone:
+    record: Record
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """Same operation id, different payload: a key-reuse conflict. Never applied."""
+
+    record: Record
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    """The operation itself is quarantined; deliveries of it are completed without running until
+    it is redriven."""
+
+    record: Record
+
+
+ClaimOutcome = Acquired | InFlight | AlreadyDone | Conflict | Quarantined
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    key: OpKey
+    fingerprint: str
+    owner: str
+    lease: float
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineRequest:
+    """One message (or operation) set aside, with enough to decide later what to do with it."""
+
+    scope: str
+    reason: QuarantineReason
+    operation_id: str | None = None
+    fingerprint: str | None = None
+    risk: EffectRisk = EffectRisk.NEVER_CLAIMED
+    attempts: int = 0
+    detail: str = ""
+    message: bytes | None = None
+    content_type: str | None = None
+
+    def entry_id(self) -> str:
+        """Stable id: the same message quarantined twice for the same reason is one entry.
+
+        Without an operation id or fingerprint (bad input), the message bytes identify it.
+        """
+        h = hashlib.sha256()
+        for part in (
+            self.scope,
+            self.reason.value,
+            self.operation_id or "",
+            self.fingerprint or hashlib.sha256(self.message or b"").hexdigest(),
+        ):
+            h.update(part.encode("utf-8", "surrogatepass"))
+            h.update(b"\x00")
+        return h.hexdigest()[:32]
+
+    def capped_message(self) -> bytes | None:
+        return None if self.message is None else self.message[:MAX_QUARANTINE_COPY]
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineEntry:
+    id: str
+    scope: str
+    reason: QuarantineReason
+    operation_id: str | None
+    fingerprint: str | None
+    risk: EffectRisk
+    attempts: int
+    first_detail: str
+    last_detail: str
+    message: bytes | None
+    content_type: str | None
+    created_at: float
+    updated_at: float
+    seen: int
+
+
+class Transaction(ABC):
+    """A database transaction handed to a transactional handler as ``ctx.tx``.
+
+    The handler's business rows, the ledger row (``complete_in``) and any outbox rows commit or roll
+    back together.
+    """
+
+    @abstractmethod
+    async def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:
+        """Run one statement inside the transaction; returns the driver's cursor/result."""
+
+    @abstractmethod
+    async def fetchall(
+        self, sql: str, params: Sequence[Any] | dict[str, Any] = ()
+    ) -> list[tuple[Any, ...]]:
+        """Run a query inside the transaction and return all rows."""
+
+
+class Ledger(ABC):
+    """Durable memory of operations: claim with lease and fencing, complete, release, quarantine.
+
+    Backends implement the single-item methods; the batch forms default to loops and backends
+    override them to use one round trip per batch.
+    """
+
+    #: True when the backend implements :class:`TransactionalLedger`
+    transactional: ClassVar[bool] = False
+
+    @abstractmethod
+    async def claim(self, key: OpKey, fingerprint: str, owner: str, lease: float) -> ClaimOutcome:
+        """Try to take the operation for ``lease`` seconds (ledger clock). Increments ``attempts``
+        on success. Moves no boundary; it decides whether the handler may run."""
+
+    async def claim_many(self, requests: Sequence[ClaimRequest]) -> list[ClaimOutcome]:
+        return [await self.claim(r.key, r.fingerprint, r.owner, r.lease) for r in requests]
+
+    @abstractmethod
+    async def extend(self, claim: Claim, lease: float) -> Claim:
+        """Push the lease to ``now + lease``. Raises ``LeaseLost`` when the token is stale."""
+
+    @abstractmethod
+    async def complete(self, claim: Claim, result: str | None = None) -> Record:
+        """Record the effect as done (boundary EFFECTED for keyed/unkeyed effects). Raises
+        ``LeaseLost`` when the token is stale: then the caller must not complete at the broker."""
+
+    async def complete_many(
+        self, items: Sequence[tuple[Claim, str | None]]
+    ) -> list[Record | LeaseLost]:
+        out: list[Record | LeaseLost] = []
+        for claim, result in items:
+            try:
+                out.append(await self.complete(claim, result))
+            except LeaseLost as exc:
+                out.append(exc)
+        return out
+
+    @abstractmethod
+    async def release(self, claim: Claim, error: str | None = None) -> None:
+        """Give the operation back (the handler failed cleanly, no effect). The next claim gets it
+        at once. Raises ``LeaseLost`` when the token is stale."""
+
+    @abstractmethod
+    async def quarantine(
+        self, request: QuarantineRequest, claim: Claim | None = None
+    ) -> QuarantineEntry:
+        """Durably record a quarantine entry (idempotent per message). With ``claim``, the operation
+        record also moves to QUARANTINED under fencing (``LeaseLost`` if stale), so later deliveries
+        are answered ``Quarantined``. Must be durable before the caller completes at the broker."""
+
+    @abstractmethod
+    async def get(self, key: OpKey) -> Record | None: ...
+
+    @abstractmethod
+    async def quarantined(
+        self, *, reason: QuarantineReason | None = None, limit: int = 100
+    ) -> list[QuarantineEntry]:
+        """Quarantine entries, oldest first."""
+
+    @abstractmethod
+    async def purge(self, older_than: float, *, limit: int = 10_000) -> int:
+        """Delete up to ``limit`` COMPLETED records completed before ``older_than`` (POSIX seconds).
+        Returns how many were deleted. Only completed records are forgotten: in-flight, released
+        and quarantined ones stay."""
+
+    @abstractmethod
+    def now(self) -> float:
+        """The ledger's clock (what leases are judged by)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections. Idempotent."""
+
+    async def __aenter__(self) -> Ledger:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class TransactionalLedger(Ledger):
+    """A ledger living in the same database as the business data."""
+
+    transactional: ClassVar[bool] = True
+
+    @abstractmethod
+    def transaction(self) -> AbstractAsyncContextManager[Transaction]:
+        """Open a transaction: commits on normal exit, rolls back on an exception."""
+
+    @abstractmethod
+    async def complete_in(self, tx: Transaction, claim: Claim, result: str | None = None) -> None:
+        """Mark the claim complete inside ``tx``: the ledger row commits with the business rows.
+        Raises ``LeaseLost`` (and the caller must roll back) when the token is stale."""
+
+
+def decide_claim(
+    existing: Record | None,
+    key: OpKey,
+    fingerprint: str,
+    owner: str,
+    lease: float,
+    now: float,
+    next_token: int,
+) -> tuple[ClaimOutcome, Record | None]:
+    """The claim transition as a pure function: ``(outcome, record to write or None)``.
+
+    Backends that can read-decide-write atomically (memory under a lock, SQLite under
+    ``BEGIN IMMEDIATE``) share this one implementation of the state machine. ``next_token`` is only
+    used (and must only be consumed) when the outcome is ``Acquired``.
+    """
+    if existing is None:
+        rec = Record(key, fingerprint, State.IN_FLIGHT, next_token, owner, now + lease, 1,
+                     None, None, now, now)
+        return Acquired(Claim(key, fingerprint, next_token, owner, now + lease, 1)), rec
+    if existing.fingerprint != fingerprint:
+        return Conflict(existing), None
+    if existing.state is State.COMPLETED:
+        return AlreadyDone(existing), None
+    if existing.state is State.QUARANTINED:
+        return Quarantined(existing), None
+    if existing.state is State.IN_FLIGHT and not lease_expired(existing, now):
+        return InFlight(existing), None
+    recovered = existing.state is State.IN_FLIGHT  # lease expired without complete or release
+    attempt = existing.attempts + 1
+    rec = Record(key, fingerprint, State.IN_FLIGHT, next_token, owner, now + lease, attempt,
+                 None, existing.last_error, existing.created_at, now)
+    claim = Claim(key, fingerprint, next_token, owner, now + lease, attempt, recovered)
+    return Acquired(claim), rec
+
+
+def check_fence(existing: Record | None, claim: Claim) -> Record:
+    """Return the record if ``claim`` is its current holder, else raise ``LeaseLost``."""
+    if existing is None or existing.state is not State.IN_FLIGHT or existing.token != claim.token:
+        state = "missing" if existing is None else f"{existing.state.value}, token {existing.token}"
+        raise LeaseLost(
+            f"claim on {claim.key.scope}/{claim.key.operation_id} with fencing token "
+            f"{claim.token} is stale (record is {state}); do not complete at the broker, the "
+            "current holder owns the outcome"
+        )
+    return existing
+
+
+def lease_expired(record: Record, now: float) -> bool:
+    return record.state is State.IN_FLIGHT and (record.lease_until or 0.0) <= now

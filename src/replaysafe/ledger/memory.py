@@ -1,0 +1,114 @@
+"""In-memory ledger: the reference implementation of the state machine, for tests and the demo.
+
+It is durable only for the life of the process: it proves the pipeline's logic, not durability.
+Shared by every worker of one process (in-process "crashes" keep it, as a real database would).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from replaysafe.clock import SYSTEM_CLOCK, Clock
+from replaysafe.ledger.base import (
+    Acquired,
+    Claim,
+    ClaimOutcome,
+    Ledger,
+    OpKey,
+    QuarantineEntry,
+    QuarantineReason,
+    QuarantineRequest,
+    Record,
+    State,
+    check_fence,
+    decide_claim,
+)
+
+
+class MemoryLedger(Ledger):
+    def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
+        self._clock = clock
+        self._records: dict[OpKey, Record] = {}
+        self._quarantine: dict[str, QuarantineEntry] = {}
+        self._last_token = 0
+
+    def now(self) -> float:
+        return self._clock.now()
+
+    # No awaits between read and write below: on one event loop each method is atomic.
+
+    async def claim(self, key: OpKey, fingerprint: str, owner: str, lease: float) -> ClaimOutcome:
+        outcome, rec = decide_claim(
+            self._records.get(key), key, fingerprint, owner, lease, self.now(),
+            self._last_token + 1,
+        )
+        if isinstance(outcome, Acquired):
+            self._last_token += 1
+        if rec is not None:
+            self._records[key] = rec
+        return outcome
+
+    async def extend(self, claim: Claim, lease: float) -> Claim:
+        rec = check_fence(self._records.get(claim.key), claim)
+        until = self.now() + lease
+        self._records[claim.key] = replace(rec, lease_until=until, updated_at=self.now())
+        return replace(claim, lease_until=until)
+
+    async def complete(self, claim: Claim, result: str | None = None) -> Record:
+        rec = check_fence(self._records.get(claim.key), claim)
+        now = self.now()
+        done = replace(rec, state=State.COMPLETED, result=result, lease_until=None,
+                       updated_at=now, completed_at=now)
+        self._records[claim.key] = done
+        return done
+
+    async def release(self, claim: Claim, error: str | None = None) -> None:
+        rec = check_fence(self._records.get(claim.key), claim)
+        self._records[claim.key] = replace(
+            rec, state=State.RELEASED, lease_until=None, last_error=error, updated_at=self.now()
+        )
+
+    async def quarantine(
+        self, request: QuarantineRequest, claim: Claim | None = None
+    ) -> QuarantineEntry:
+        now = self.now()
+        if claim is not None:
+            rec = check_fence(self._records.get(claim.key), claim)
+            self._records[claim.key] = replace(
+                rec, state=State.QUARANTINED, lease_until=None, last_error=request.detail,
+                updated_at=now,
+            )
+        eid = request.entry_id()
+        old = self._quarantine.get(eid)
+        if old is None:
+            entry = QuarantineEntry(
+                eid, request.scope, request.reason, request.operation_id, request.fingerprint,
+                request.risk, request.attempts, request.detail, request.detail,
+                request.capped_message(), request.content_type, now, now, 1,
+            )
+        else:
+            entry = replace(old, attempts=max(old.attempts, request.attempts), risk=request.risk,
+                            last_detail=request.detail, updated_at=now, seen=old.seen + 1)
+        self._quarantine[eid] = entry
+        return entry
+
+    async def get(self, key: OpKey) -> Record | None:
+        return self._records.get(key)
+
+    async def quarantined(
+        self, *, reason: QuarantineReason | None = None, limit: int = 100
+    ) -> list[QuarantineEntry]:
+        entries = sorted(self._quarantine.values(), key=lambda e: (e.created_at, e.id))
+        return [e for e in entries if reason is None or e.reason == reason][:limit]
+
+    async def purge(self, older_than: float, *, limit: int = 10_000) -> int:
+        doomed = [
+            k for k, r in self._records.items()
+            if r.state is State.COMPLETED and (r.completed_at or 0.0) < older_than
+        ][:limit]
+        for k in doomed:
+            del self._records[k]
+        return len(doomed)
+
+    def __repr__(self) -> str:
+        return f"MemoryLedger(records={len(self._records)})"

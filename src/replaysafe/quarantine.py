@@ -1,0 +1,35 @@
+"""Quarantine reasons: why an operation was set aside instead of applied.
+
+One place for the words, so the ledger, runtime, metrics and CLI agree on them.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class QuarantineReason(StrEnum):
+    # bad input (decided before any effect)
+    INVALID_OPERATION_ID = "invalid_operation_id"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    MALFORMED_PAYLOAD = "malformed_payload"
+    UNSUPPORTED_CONTENT_TYPE = "unsupported_content_type"
+    LIMIT_EXCEEDED = "limit_exceeded"
+    FINGERPRINT_MISMATCH = "fingerprint_mismatch"
+    MALFORMED_HEADER = "malformed_header"
+    # identity and time
+    KEY_REUSE_CONFLICT = "key_reuse_conflict"
+    BEYOND_HORIZON = "beyond_horizon"
+    # execution
+    MAX_ATTEMPTS = "max_attempts"
+    NON_RETRYABLE_ERROR = "non_retryable_error"
+    OUTCOME_UNKNOWN = "outcome_unknown"
+
+
+class EffectRisk(StrEnum):
+    """Whether the effect may already have happened when an operation was quarantined (a DLQ alone
+    cannot tell this)."""
+
+    NEVER_CLAIMED = "never_claimed"
+    RELEASED_CLEANLY = "released_cleanly"
+    OUTCOME_UNKNOWN = "outcome_unknown"

@@ -1,0 +1,1 @@
+"""Conformance suites shipped with the package; each backend's tests subclass them."""
