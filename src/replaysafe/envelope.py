@@ -156,7 +156,13 @@ def canonical_json(value: Any) -> bytes:
         raise MalformedPayload(
             f"payload cannot be encoded as canonical JSON: {exc}; send JSON-native values only"
         ) from exc
-    return text.encode("utf-8")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # a lone surrogate (e.g. from the JSON escape "\ud800") has no UTF-8 encoding
+        raise MalformedPayload(
+            f"payload contains a lone UTF-16 surrogate: {exc}; send valid Unicode text"
+        ) from exc
 
 
 def fingerprint_bytes(canonical: bytes) -> str:
@@ -188,7 +194,9 @@ def decode_json(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise MalformedPayload(f"payload is not valid UTF-8: {exc}") from exc
+        raise MalformedPayload(
+            f"payload is not valid UTF-8: {exc}; encode JSON bodies as UTF-8"
+        ) from exc
     _check_depth(text, limits.max_depth)
     max_int = 2 ** (limits.max_int_bits - 1) - 1
 
@@ -207,7 +215,7 @@ def decode_json(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
 
     def parse_int(s: str) -> int:
         # bound the digit count before int() so a huge literal costs nothing
-        if len(s.lstrip("-")) > 40 or abs(int(s)) > max_int:
+        if len(s.lstrip("-")) > 40 or not -max_int - 1 <= int(s) <= max_int:
             raise _Reject(
                 LimitExceeded(
                     f"integer {s[:30]}… does not fit in {limits.max_int_bits} bits; "
@@ -219,7 +227,9 @@ def decode_json(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
     def parse_float(s: str) -> float:
         f = float(s)
         if f in (float("inf"), float("-inf")):
-            raise _Reject(MalformedPayload(f"number {s[:30]} overflows to infinity"))
+            raise _Reject(
+                MalformedPayload(f"number {s[:30]} overflows to infinity; send finite numbers only")
+            )
         return f
 
     def parse_constant(s: str) -> Any:
@@ -236,12 +246,18 @@ def decode_json(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
     except _Reject as rej:
         raise rej.error from None
     except RecursionError:
-        raise LimitExceeded(f"payload nests deeper than {limits.max_depth} levels") from None
+        raise LimitExceeded(
+            f"payload nests deeper than {limits.max_depth} levels; flatten the structure"
+        ) from None
     except json.JSONDecodeError as exc:
-        raise MalformedPayload(f"payload is not valid JSON: {exc}") from exc
+        raise MalformedPayload(
+            f"payload is not valid JSON: {exc}; fix the producer's encoder"
+        ) from exc
 
 
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+# an unterminated string runs to the end of the text: every match attempt then succeeds without
+# backtracking, so a body of many unclosed quotes is scanned in linear, not quadratic, time
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*(?:"|\\?\Z)', re.DOTALL)
 _BRACKET = re.compile(r"[\[\]{}]")
 
 
@@ -279,7 +295,8 @@ def parse_time(value: str) -> float:
         dt = datetime.fromisoformat(value)
     except ValueError as exc:
         raise MalformedHeader(
-            f"{HEADER_PUBLISHED_AT} is not an RFC 3339 time: {value[:60]!r}"
+            f"{HEADER_PUBLISHED_AT} is not an RFC 3339 time: {value[:60]!r}; "
+            "send UTC such as '2026-11-26T14:31:47.123456Z'"
         ) from exc
     if dt.tzinfo is None:
         raise MalformedHeader(
@@ -326,7 +343,10 @@ class Envelope:
         hdrs = dict(headers or {})
         clash = RESERVED_HEADERS.intersection(hdrs)
         if clash:
-            raise ValueError(f"headers {sorted(clash)} are reserved for replaysafe's metadata")
+            raise ValueError(
+                f"headers {sorted(clash)} are reserved for replaysafe's metadata; pass the "
+                "operation id and publish time as arguments and rename your own headers"
+            )
         return cls(operation_id, body, value, fingerprint_bytes(body), JSON, key, hdrs, published_at)
 
     def wire_headers(self) -> dict[str, str]:
@@ -366,13 +386,17 @@ def decode_wire(
     """
     if len(headers) > limits.max_headers:
         raise LimitExceeded(
-            f"message carries {len(headers)} headers, over the limit of {limits.max_headers}"
+            f"message carries {len(headers)} headers, over the limit of {limits.max_headers}; "
+            "send fewer headers or move data into the payload"
         )
-    header_bytes = sum(len(k) + len(v) for k, v in headers.items())
+    header_bytes = sum(
+        len(k.encode("utf-8", "surrogatepass")) + len(v.encode("utf-8", "surrogatepass"))
+        for k, v in headers.items()
+    )
     if header_bytes > limits.max_header_bytes:
         raise LimitExceeded(
             f"message headers total {header_bytes} bytes, over the limit of "
-            f"{limits.max_header_bytes}"
+            f"{limits.max_header_bytes}; move large values into the payload"
         )
     if len(body) > limits.max_payload_bytes:
         raise PayloadTooLarge(
@@ -385,7 +409,7 @@ def decode_wire(
         raise UnsupportedContentType(
             f"content type {base!r} is not allowed (allowed: "
             f"{', '.join(sorted(limits.allowed_content_types))}); pickle and other executable "
-            "formats are never decoded"
+            "formats are never decoded; send application/json"
         )
     value: Any
     if base == JSON:
@@ -395,7 +419,10 @@ def decode_wire(
         try:
             value = body.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise MalformedPayload(f"text payload is not valid UTF-8: {exc}") from exc
+            raise MalformedPayload(
+                f"text payload is not valid UTF-8: {exc}; encode text bodies as UTF-8 or send "
+                f"{BYTES}"
+            ) from exc
         canonical = body
     else:
         value = body
@@ -405,7 +432,8 @@ def decode_wire(
     if sent_fp is not None and sent_fp != fp:
         raise FingerprintMismatch(
             f"{HEADER_FINGERPRINT} {sent_fp[:80]!r} does not match the payload ({fp}); "
-            "the body was altered or the producer fingerprints differently"
+            "the body was altered or the producer fingerprints differently; fingerprint the "
+            "canonical JSON (see replaysafe.envelope) or omit the header"
         )
     raw_op = headers.get(HEADER_OPERATION_ID)
     if raw_op is None and key_extractor is not None:
@@ -413,8 +441,14 @@ def decode_wire(
             derived = key_extractor(value)
         except Exception as exc:
             raise InvalidOperationId(
-                f"the key extractor could not derive an operation id: {exc!r}"
+                f"the key extractor could not derive an operation id: {exc!r}; make it accept "
+                "this payload or set the rs-operation-id header at the producer"
             ) from exc
+        if derived is None or derived == ():
+            raise InvalidOperationId(
+                f"the key extractor returned {derived!r}; return a str or a tuple "
+                "(namespace, part, ...) of business fields"
+            )
         raw_op = operation_id(*derived) if isinstance(derived, tuple) else derived
     if raw_op is None:
         raise InvalidOperationId(

@@ -93,8 +93,8 @@ class Failpoints:
             for armed in self._armed.values():
                 armed.resume.set()
             self._armed.clear()
-        elif (armed := self._armed.pop(name, None)) is not None:
-            armed.resume.set()
+        elif name in self._armed:
+            self._armed.pop(name).resume.set()
 
     def resume(self, name: str) -> None:
         """Let the hits paused at ``name`` continue."""

@@ -16,13 +16,13 @@ from replaysafe.ledger.base import (
     Ledger,
     OpKey,
     QuarantineEntry,
-    QuarantineReason,
     QuarantineRequest,
     Record,
     State,
     check_fence,
     decide_claim,
 )
+from replaysafe.quarantine import QuarantineReason
 
 
 class MemoryLedger(Ledger):

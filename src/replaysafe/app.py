@@ -1,0 +1,235 @@
+"""The App: handlers and their configuration, the model that the runtime, ``explain`` and
+``inspect`` read.
+
+A handler declares its source, its guarantee (required, no default), its effect, how to derive the
+operation id, its lease and its retry budget. Configuration errors are raised at registration or at
+start-up, never on the first message.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from replaysafe.brokers.base import Broker
+from replaysafe.clock import SYSTEM_CLOCK, Clock
+from replaysafe.envelope import DEFAULT_LIMITS, Envelope, KeyExtractor, Limits
+from replaysafe.errors import ConfigurationError
+from replaysafe.failpoints import FAILPOINTS, Failpoints
+from replaysafe.guarantees import Effect, Guarantee
+from replaysafe.ledger.base import Ledger, Transaction
+
+if TYPE_CHECKING:
+    from replaysafe.brokers.base import Delivery
+    from replaysafe.runtime.worker import Worker
+
+DAY = 86_400.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How a failing handler is retried before its message is quarantined.
+
+    ``max_attempts`` counts every execution, including the first; under effectively-once the count
+    lives in the ledger and grows *before* each run, so a message that kills its worker every
+    time still ends in quarantine. Delays grow exponentially with full jitter, capped at
+    ``max_delay``.
+    """
+
+    max_attempts: int = 5
+    base_delay: float = 0.5
+    max_delay: float = 60.0
+    multiplier: float = 2.0
+    #: exception types that are retried; anything else is quarantined at once
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    #: exception types never retried even if they match ``retry_on``
+    give_up_on: tuple[type[BaseException], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ConfigurationError("RetryPolicy.max_attempts must be at least 1")
+        if self.base_delay < 0 or self.max_delay < 0 or self.multiplier < 1:
+            raise ConfigurationError(
+                "RetryPolicy needs base_delay >= 0, max_delay >= 0 and multiplier >= 1"
+            )
+
+    def retryable(self, exc: BaseException) -> bool:
+        return isinstance(exc, self.retry_on) and not isinstance(exc, self.give_up_on)
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Backoff before attempt ``attempt + 1`` (full jitter: uniform in [0, cap])."""
+        cap = min(self.max_delay, self.base_delay * self.multiplier ** max(0, attempt - 1))
+        return (rng or random).uniform(0.0, cap)
+
+
+@dataclass(slots=True)
+class Context:
+    """What a handler receives for one operation."""
+
+    envelope: Envelope
+    delivery: Delivery
+    handler: str
+    #: execution number: ledger attempts under effectively-once, broker delivery count otherwise
+    attempt: int
+    #: the key to pass to a keyed downstream (the operation id); None for other effects
+    idempotency_key: str | None = None
+    #: fencing token of the ledger claim (effectively-once); pass it to stores that can fence
+    token: int | None = None
+    #: the ledger transaction (transactional effects only): write business rows through it
+    tx: Transaction | None = None
+
+    @property
+    def operation_id(self) -> str:
+        return self.envelope.operation_id
+
+    @property
+    def payload(self) -> Any:
+        return self.envelope.value
+
+
+HandlerFn = Callable[[Context], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerSpec:
+    name: str
+    source: str
+    group: str
+    fn: HandlerFn
+    guarantee: Guarantee
+    effect: Effect
+    key: KeyExtractor | None
+    lease: float
+    timeout: float
+    retry: RetryPolicy
+    concurrency: int
+    limits: Limits
+    #: how often the lease (and broker visibility, where it has one) is extended while running
+    heartbeat: float = field(default=0.0)
+
+    @property
+    def scope(self) -> str:
+        """The ledger scope of this handler's operations."""
+        return self.name
+
+
+def _coerce_guarantee(value: object) -> Guarantee:
+    if isinstance(value, Guarantee):
+        return value
+    try:
+        return Guarantee(str(value))
+    except ValueError:
+        raise ConfigurationError(
+            f"guarantee must be one of {', '.join(g.value for g in Guarantee)}, not {value!r}"
+        ) from None
+
+
+class App:
+    """A set of handlers bound to one broker and one ledger.
+
+    ``horizon`` is the replay horizon: how long the ledger remembers completed operations
+    (``purge`` retention). Under effectively-once a delivery published earlier than
+    ``now - horizon`` cannot be proven new and is quarantined as ``beyond_horizon``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        broker: Broker,
+        ledger: Ledger,
+        clock: Clock = SYSTEM_CLOCK,
+        horizon: float = 7 * DAY,
+        failpoints: Failpoints = FAILPOINTS,
+    ) -> None:
+        if horizon <= 0:
+            raise ConfigurationError("horizon must be positive seconds (ledger retention)")
+        self.name = name
+        self.broker = broker
+        self.ledger = ledger
+        self.clock = clock
+        self.horizon = horizon
+        self.failpoints = failpoints
+        self.handlers: dict[str, HandlerSpec] = {}
+
+    def handler(
+        self,
+        source: str,
+        *,
+        guarantee: Guarantee | str,
+        effect: Effect | None = None,
+        key: KeyExtractor | None = None,
+        name: str | None = None,
+        group: str | None = None,
+        lease: float = 30.0,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        concurrency: int = 8,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> Callable[[HandlerFn], HandlerFn]:
+        """Register ``fn(ctx)`` for messages on ``source``.
+
+        ``guarantee`` is required. ``effect`` is required for effectively-once (it decides where
+        replay stops hurting). ``key`` derives the operation id from the payload when the message
+        has no ``rs-operation-id`` header (return a string, or a tuple for ``operation_id(*t)``).
+        ``timeout`` defaults to 80% of ``lease``: the handler's deadline fits inside the first
+        lease; set it longer to rely on lease extension.
+        """
+        g = _coerce_guarantee(guarantee)
+        if lease <= 0:
+            raise ConfigurationError("lease must be positive seconds")
+        if concurrency < 1:
+            raise ConfigurationError("concurrency must be at least 1")
+        if g is Guarantee.EFFECTIVELY_ONCE and effect is None:
+            raise ConfigurationError(
+                "an effectively-once handler must declare its effect: Effect.transactional(), "
+                "Effect.keyed('downstream') or Effect.unkeyed('downstream'); it decides where "
+                "replay stops hurting"
+            )
+        if effect is not None and effect.kind == "transactional":
+            if g is not Guarantee.EFFECTIVELY_ONCE:
+                raise ConfigurationError(
+                    "a transactional effect commits with the ledger row: declare "
+                    "guarantee=EFFECTIVELY_ONCE"
+                )
+            if not self.ledger.transactional:
+                raise ConfigurationError(
+                    f"{type(self.ledger).__name__} is not transactional; a transactional effect "
+                    "needs a ledger in the same database (SQLiteLedger, PostgresLedger)"
+                )
+        eff = effect or Effect.unkeyed(source)
+        to = timeout if timeout is not None else lease * 0.8
+
+        def register(fn: HandlerFn) -> HandlerFn:
+            hname: str = name or str(getattr(fn, "__name__", source))
+            if hname in self.handlers:
+                raise ConfigurationError(f"handler {hname!r} is registered twice; name one")
+            self.handlers[hname] = HandlerSpec(
+                name=hname,
+                source=source,
+                group=group or f"{self.name}.{hname}",
+                fn=fn,
+                guarantee=g,
+                effect=eff,
+                key=key,
+                lease=lease,
+                timeout=to,
+                retry=retry or RetryPolicy(),
+                concurrency=concurrency,
+                limits=limits,
+                heartbeat=lease / 3,
+            )
+            return fn
+
+        return register
+
+    def worker(self, *, owner: str | None = None, handlers: Sequence[str] | None = None) -> Worker:
+        """A consumer for ``handlers`` (all by default). ``owner`` names it in ledger claims."""
+        from replaysafe.runtime.worker import Worker
+
+        return Worker(self, owner=owner, handlers=handlers)
+
+    def __repr__(self) -> str:
+        return f"App({self.name!r}, handlers={sorted(self.handlers)})"

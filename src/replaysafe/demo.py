@@ -1,0 +1,272 @@
+"""`replaysafe demo`: the chain that charges customers twice, replayed under each guarantee.
+
+For ``orders`` orders, ``capture-payment:order-i`` is published to an in-memory broker with
+RabbitMQ-like redelivery (a dead consumer's unsettled message is requeued) and consumed by a pool of
+workers on a SQLite ledger. The same faults, chosen by ``seed``, hit every guarantee:
+
+- ``ambiguous_publish_accepted``: the broker stored the message but the producer saw an error;
+- ``ambiguous_publish_lost``: the producer saw the same error, and the broker really lost it;
+- ``crash_after_charge``: the worker dies after the charge, before anything records it;
+- ``crash_before_charge``: the worker dies right before the charge (under at-most-once that is
+  after the broker already completed the message).
+
+Charges go to a fake payment provider that records every charge and honours idempotency keys only
+when the handler declared its effect ``keyed``. The counts come from the provider's own records,
+not from the runtime's opinion of itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from replaysafe import failpoints as fp
+from replaysafe.app import App, Context, RetryPolicy
+from replaysafe.brokers.base import RedeliveryKind
+from replaysafe.brokers.memory import MemoryBroker
+from replaysafe.envelope import Envelope, operation_id
+from replaysafe.errors import PublishAmbiguous, SimulatedCrash
+from replaysafe.failpoints import Failpoints
+from replaysafe.guarantees import Effect, Guarantee
+from replaysafe.ledger.sqlite import SQLiteLedger
+from replaysafe.producer import Producer
+
+SOURCE = "payments"
+DOWNSTREAM = "payments-api"
+
+#: fault name -> the failpoint that injects it
+FAULTS: dict[str, str] = {
+    "ambiguous_publish_accepted": fp.PUBLISH_AFTER_ACCEPT,
+    "ambiguous_publish_lost": fp.PUBLISH_BEFORE_ACCEPT,
+    "crash_after_charge": fp.AFTER_EFFECT_BEFORE_LEDGER,
+    "crash_before_charge": fp.BEFORE_EFFECT,
+}
+FAULT_RATE = 0.03
+
+STATEMENTS: dict[Guarantee, str] = {
+    Guarantee.AT_MOST_ONCE: (
+        "at-most-once: the broker completes the message before the charge, so nothing is ever "
+        "replayed and replay never hurts; a crash between completion and the charge loses the "
+        "order, and an ambiguous publish is never retried."
+    ),
+    Guarantee.AT_LEAST_ONCE: (
+        f"at-least-once: the charge happens before completion, so nothing is lost; every crash "
+        f"between charge and completion and every retried ambiguous publish replays the charge, "
+        f"and {DOWNSTREAM} (unkeyed) charges again: replay hurts at {DOWNSTREAM}."
+    ),
+    Guarantee.EFFECTIVELY_ONCE: (
+        f"effectively-once: replay stops hurting at {DOWNSTREAM} (keyed): the ledger claims "
+        f"each operation before the charge, duplicate copies are answered from the ledger, and a "
+        f"re-run after a crash carries the same idempotency key."
+    ),
+}
+
+
+class PaymentProvider:
+    """A fake payments API: records every charge; honours idempotency keys only if told to."""
+
+    def __init__(self, *, honour_keys: bool) -> None:
+        self.honour_keys = honour_keys
+        self.charges: list[tuple[str, str, int]] = []  # (charge id, order id, amount)
+        self._by_key: dict[str, tuple[str, str, int]] = {}
+        self.replays_answered = 0
+
+    async def charge(self, order_id: str, amount: int, idempotency_key: str | None) -> str:
+        await asyncio.sleep(0)  # the network hop: other work interleaves here
+        if self.honour_keys and idempotency_key is not None:
+            prev = self._by_key.get(idempotency_key)
+            if prev is not None:
+                if prev[1:] != (order_id, amount):
+                    raise ValueError(f"409: idempotency key {idempotency_key} reused")
+                self.replays_answered += 1
+                return prev[0]
+        charge = (f"ch_{len(self.charges) + 1}", order_id, amount)
+        self.charges.append(charge)
+        if idempotency_key is not None:
+            self._by_key[idempotency_key] = charge
+        return charge[0]
+
+    def charges_per_order(self) -> Counter[str]:
+        return Counter(order for _, order, _ in self.charges)
+
+
+@dataclass
+class GuaranteeResult:
+    guarantee: Guarantee
+    operations: int
+    effects: int
+    duplicates: int
+    lost: int
+    quarantined: int
+    faults: dict[str, int]
+    transport_copies: int = 0
+    seconds: float = 0.0
+    worker_restarts: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "guarantee": self.guarantee.value,
+            "operations": self.operations,
+            "effects": self.effects,
+            "duplicates": self.duplicates,
+            "lost": self.lost,
+            "quarantined": self.quarantined,
+            "faults": dict(self.faults),
+        }
+
+
+def fault_plan(orders: int, seed: int) -> dict[str, set[str]]:
+    """Which orders each fault hits: the same for every guarantee, disjoint, at least one each."""
+    if orders < len(FAULTS):
+        raise ValueError(f"the demo needs at least {len(FAULTS)} orders, one per fault")
+    rng = random.Random(seed)
+    per_fault = max(1, round(orders * FAULT_RATE))
+    ids = rng.sample(range(orders), min(orders, per_fault * len(FAULTS)))
+    plan: dict[str, set[str]] = {}
+    for n, name in enumerate(FAULTS):
+        plan[name] = {_op(i) for i in ids[n * per_fault:(n + 1) * per_fault]}
+    return plan
+
+
+def _op(i: int) -> str:
+    return operation_id("capture-payment", f"order-{i}")
+
+
+def _arm(failpoints: Failpoints, plan: Mapping[str, set[str]]) -> None:
+    for name, point in FAULTS.items():
+        targets = plan[name]
+        fired: set[str] = set()
+
+        def once(ctx: Mapping[str, Any], targets: set[str] = targets,
+                 fired: set[str] = fired) -> bool:
+            op = ctx.get("operation_id")
+            if op in targets and op not in fired:
+                fired.add(op)
+                return True
+            return False
+
+        if point in (fp.PUBLISH_AFTER_ACCEPT, fp.PUBLISH_BEFORE_ACCEPT):
+            accepted = point == fp.PUBLISH_AFTER_ACCEPT
+            failpoints.enable(point, "raise", when=once, error=PublishAmbiguous(
+                "demo: the publish confirm never came back "
+                f"({'the broker did store the message' if accepted else 'the broker lost it'})"))
+        else:
+            failpoints.enable(point, "kill", when=once)
+
+
+async def run_guarantee(
+    guarantee: Guarantee, *, orders: int, seed: int, workdir: Path, workers: int = 8,
+    lease: float = 0.5,
+) -> GuaranteeResult:
+    """Replay the chain for one guarantee and count business effects at the provider."""
+    started = time.perf_counter()
+    plan = fault_plan(orders, seed)
+    failpoints = Failpoints()
+    broker = MemoryBroker(failpoints=failpoints)
+    broker.declare(SOURCE, mode=RedeliveryKind.NACK)
+    # synchronous=NORMAL: the demo's ledger is thrown away with its temp dir; it survives a
+    # process crash, which is what the demo simulates (FULL is the library default)
+    ledger = SQLiteLedger(workdir / f"ledger-{guarantee.value}.db", synchronous="NORMAL")
+    keyed = guarantee is Guarantee.EFFECTIVELY_ONCE
+    provider = PaymentProvider(honour_keys=keyed)
+    app = App("demo", broker=broker, ledger=ledger, failpoints=failpoints)
+
+    @app.handler(
+        SOURCE,
+        guarantee=guarantee,
+        effect=Effect.keyed(DOWNSTREAM) if keyed else Effect.unkeyed(DOWNSTREAM),
+        lease=lease,
+        retry=RetryPolicy(max_attempts=10, base_delay=0.01, max_delay=0.05),
+        concurrency=1,
+    )
+    async def capture_payment(ctx: Context) -> str:
+        p = ctx.payload
+        return await provider.charge(p["order_id"], p["amount"], ctx.idempotency_key)
+
+    _arm(failpoints, plan)
+    producer = Producer(broker, guarantee)
+    rng = random.Random(seed)
+    envelopes = [
+        Envelope.of(_op(i), {"order_id": f"order-{i}", "amount": rng.randint(100, 50_000)},
+                    key=f"customer-{i % 97}")
+        for i in range(orders)
+    ]
+    restarts = 0
+    done = asyncio.Event()
+
+    async def supervise(n: int) -> None:
+        nonlocal restarts
+        while not done.is_set():
+            worker = app.worker(owner=f"worker-{n}-{restarts}")
+            stopper = asyncio.create_task(_stop_when(done, worker))
+            try:
+                await worker.run(drain_timeout=5.0)
+            except SimulatedCrash:
+                restarts += 1  # the process died; its supervisor starts a new one
+            finally:
+                stopper.cancel()
+
+    pool = [asyncio.create_task(supervise(n)) for n in range(workers)]
+    try:
+        for env in envelopes:
+            with contextlib.suppress(PublishAmbiguous):
+                await producer.publish(SOURCE, [env])
+        group = app.handlers["capture_payment"].group
+        async with asyncio.timeout(120):
+            while broker.depth(SOURCE, group) > 0:
+                await asyncio.sleep(0.02)
+        done.set()
+        await asyncio.gather(*pool)
+    finally:
+        done.set()
+        for t in pool:
+            t.cancel()
+        await asyncio.gather(*pool, return_exceptions=True)
+        quarantine = await ledger.quarantined(limit=orders * 2)
+        await ledger.close()
+        await broker.close()
+
+    per_order = provider.charges_per_order()
+    quarantined_ops = {e.operation_id for e in quarantine}
+    all_ops = {f"order-{i}": _op(i) for i in range(orders)}
+    faults = {name: failpoints.fired[point] for name, point in FAULTS.items()}
+    return GuaranteeResult(
+        guarantee=guarantee,
+        operations=orders,
+        effects=len(provider.charges),
+        duplicates=sum(1 for n in per_order.values() if n > 1),
+        lost=sum(1 for order, op in all_ops.items()
+                 if per_order[order] == 0 and op not in quarantined_ops),
+        quarantined=len(quarantined_ops),
+        faults=faults,
+        transport_copies=len(broker.published(SOURCE)),
+        seconds=time.perf_counter() - started,
+        worker_restarts=restarts,
+        extra={"idempotent_replays_answered": provider.replays_answered},
+    )
+
+
+async def _stop_when(done: asyncio.Event, worker: Any) -> None:
+    await done.wait()
+    worker.stop()
+
+
+async def run_demo(orders: int = 1000, seed: int = 7, workers: int = 8) -> list[GuaranteeResult]:
+    with tempfile.TemporaryDirectory(prefix="replaysafe-demo-") as tmp:
+        return [
+            await run_guarantee(g, orders=orders, seed=seed, workdir=Path(tmp), workers=workers)
+            for g in Guarantee
+        ]
+
+
+def demo_json(orders: int, seed: int, results: list[GuaranteeResult]) -> dict[str, Any]:
+    return {"orders": orders, "seed": seed, "results": [r.as_json() for r in results]}

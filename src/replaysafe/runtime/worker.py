@@ -1,0 +1,492 @@
+"""The consumer runtime: subscriptions, bounded concurrency, the fixed pipeline per guarantee,
+graceful drain and crash semantics.
+
+The pipeline is owned here; user code only runs inside it (DESIGN §2):
+
+- AT_MOST_ONCE: decode → complete at broker → handler. Errors are counted, never retried.
+- AT_LEAST_ONCE: decode → handler → complete. Error → retry budget → nack(delay) or quarantine.
+- EFFECTIVELY_ONCE: decode + fingerprint → horizon → claim →
+  AlreadyDone: complete (duplicate hit) · InFlight: nack with delay >= remaining lease ·
+  Conflict: quarantine key_reuse_conflict, complete · Quarantined: complete ·
+  Acquired: handler (lease and visibility extended while it runs) → ledger complete (or
+  ``complete_in`` the handler's transaction) → complete at broker.
+
+Bad input is quarantined on the first attempt and then completed; quarantine is durable before
+the original is completed at the broker. A :class:`~replaysafe.errors.SimulatedCrash` from a
+failpoint kills the whole worker: nothing is settled, released or completed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from replaysafe import failpoints as fp
+from replaysafe import observe as o
+from replaysafe.app import App, Context, HandlerSpec
+from replaysafe.brokers.base import Delivery, Subscription
+from replaysafe.envelope import Envelope, decode_wire
+from replaysafe.errors import (
+    BadInput,
+    ConfigurationError,
+    LeaseLost,
+    LedgerUnavailable,
+    SimulatedCrash,
+)
+from replaysafe.guarantees import Guarantee
+from replaysafe.ledger.base import (
+    Acquired,
+    AlreadyDone,
+    Claim,
+    Conflict,
+    InFlight,
+    OpKey,
+    Quarantined,
+    QuarantineRequest,
+    TransactionalLedger,
+)
+from replaysafe.quarantine import EffectRisk, QuarantineReason
+
+log = logging.getLogger("replaysafe.runtime")
+
+#: results larger than this are not stored in the ledger (the effect still counts as done)
+MAX_RESULT_BYTES = 16 * 1024
+#: delay before retrying when the ledger is unavailable (no effect without a confirmed claim)
+LEDGER_RETRY_DELAY = 1.0
+
+
+class _Cut(Exception):
+    """The handler's deadline was cut: timeout, or the lease could not be extended."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+        super().__init__(why)
+
+
+def _encode_result(value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    except (TypeError, ValueError):
+        return None
+    return text if len(text.encode()) <= MAX_RESULT_BYTES else None
+
+
+class Worker:
+    """Consumes the app's handlers' sources until stopped or crashed.
+
+    ``run()`` returns after a graceful :meth:`stop` and raises ``SimulatedCrash`` when a failpoint
+    killed the worker (after abandoning its subscriptions, as a dead process would).
+    """
+
+    def __init__(
+        self, app: App, *, owner: str | None = None, handlers: Sequence[str] | None = None
+    ) -> None:
+        names = list(handlers) if handlers is not None else list(app.handlers)
+        missing = [n for n in names if n not in app.handlers]
+        if missing:
+            raise ConfigurationError(f"unknown handler(s) {missing}; known: {sorted(app.handlers)}")
+        if not names:
+            raise ConfigurationError("the app has no handlers to run; register one with @app.handler")
+        self.app = app
+        self.specs = [app.handlers[n] for n in names]
+        self.owner = owner or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.stats = o.Stats()
+        self._rng = random.Random()
+        self._stopping = asyncio.Event()
+        self._crash: SimulatedCrash | None = None
+        self._crashed = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._subs: list[Subscription] = []
+        self._started = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _validate(self) -> None:
+        for spec in self.specs:
+            caps = self.app.broker.capabilities(spec.source)
+            if spec.lease <= spec.heartbeat:
+                raise ConfigurationError(f"{spec.name}: heartbeat must be shorter than the lease")
+            if spec.guarantee is Guarantee.EFFECTIVELY_ONCE and spec.effect.kind == "transactional":
+                if not isinstance(self.app.ledger, TransactionalLedger):
+                    raise ConfigurationError(
+                        f"{spec.name}: transactional effect needs a TransactionalLedger"
+                    )
+            del caps  # validated per capability in the broker issue (extension, ordering)
+
+    async def run(self, *, drain_timeout: float = 30.0) -> None:
+        """Consume until :meth:`stop` (then drain in-flight work for up to ``drain_timeout``
+        seconds and settle what finished) or until a simulated crash (then raise it)."""
+        if self._started:
+            raise ConfigurationError("a Worker runs once; create a new one with app.worker()")
+        self._started = True
+        self._validate()
+        for spec in self.specs:
+            self._subs.append(
+                await self.app.broker.subscribe(spec.source, spec.group, prefetch=spec.concurrency)
+            )
+        loops = [
+            asyncio.create_task(self._consume(spec, sub), name=f"consume:{spec.name}")
+            for spec, sub in zip(self.specs, self._subs, strict=True)
+        ]
+        stop = asyncio.create_task(self._stopping.wait())
+        crash = asyncio.create_task(self._crashed.wait())
+        try:
+            await asyncio.wait([stop, crash, *loops], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            crash.cancel()
+        if self._crash is not None:
+            await self._die(loops)
+            raise self._crash
+        # graceful: stop fetching, drain, settle what finished
+        for t in loops:
+            t.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=drain_timeout)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for sub in self._subs:
+            await sub.close()
+        if self._crash is not None:
+            raise self._crash
+
+    def stop(self) -> None:
+        """Ask the worker to stop fetching and drain (safe to call from a signal handler)."""
+        self._stopping.set()
+
+    async def _die(self, loops: list[asyncio.Task[None]]) -> None:
+        # As after SIGKILL: no settle, no release. Leases run out in the ledger; the broker
+        # recovers the unsettled deliveries its own way (requeue, visibility, offset rewind).
+        for t in [*loops, *self._tasks]:
+            t.cancel()
+        await asyncio.gather(*loops, *self._tasks, return_exceptions=True)
+        for sub in self._subs:
+            await sub.close(abandon=True)
+
+    async def _consume(self, spec: HandlerSpec, sub: Subscription) -> None:
+        sem = asyncio.Semaphore(spec.concurrency)
+        async for delivery in sub:
+            await sem.acquire()
+            if self._crash is not None:
+                return
+            task = asyncio.create_task(self._guarded(spec, delivery))
+            self._tasks.add(task)
+
+            def done(t: asyncio.Task[None]) -> None:
+                self._tasks.discard(t)
+                sem.release()
+
+            task.add_done_callback(done)
+
+    async def _guarded(self, spec: HandlerSpec, delivery: Delivery) -> None:
+        try:
+            await self._process(spec, delivery)
+        except SimulatedCrash as crash:
+            if self._crash is None:
+                self._crash = crash
+            self._crashed.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug in the pipeline must not kill the worker or lose the message
+            log.exception("%s: pipeline error on %s; leaving it to redelivery", spec.name,
+                          delivery.delivery_id)
+            self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.FAILED)
+            with contextlib.suppress(Exception):
+                await delivery.nack(delay=LEDGER_RETRY_DELAY)
+
+    # ------------------------------------------------------------------ pipeline
+
+    def _ctx(self, spec: HandlerSpec, env: Envelope | None, attempt: int) -> dict[str, Any]:
+        return {
+            "handler": spec.name,
+            "guarantee": spec.guarantee.value,
+            "operation_id": env.operation_id if env else None,
+            "attempt": attempt,
+            "sleep": self.app.clock.sleep,
+        }
+
+    async def _process(self, spec: HandlerSpec, delivery: Delivery) -> None:
+        try:
+            env = decode_wire(
+                delivery.body,
+                delivery.headers,
+                content_type=delivery.content_type,
+                key=delivery.key,
+                broker_timestamp=delivery.broker_timestamp,
+                key_extractor=spec.key,
+                limits=spec.limits,
+            )
+        except BadInput as bad:
+            await self._quarantine(spec, delivery, None, bad.reason, str(bad), attempts=delivery.attempt)
+            return
+        if spec.guarantee is Guarantee.AT_MOST_ONCE:
+            await self._at_most_once(spec, delivery, env)
+        elif spec.guarantee is Guarantee.AT_LEAST_ONCE:
+            await self._at_least_once(spec, delivery, env)
+        else:
+            await self._effectively_once(spec, delivery, env)
+
+    async def _at_most_once(self, spec: HandlerSpec, delivery: Delivery, env: Envelope) -> None:
+        ctx = self._ctx(spec, env, delivery.attempt)
+        await delivery.ack()
+        await self.app.failpoints.hit(fp.AFTER_ACK, ctx)
+        await self.app.failpoints.hit(fp.BEFORE_EFFECT, ctx)
+        try:
+            await self._run_handler(spec, Context(env, delivery, spec.name, delivery.attempt), None)
+        except Exception as exc:  # completed already: counted, never retried
+            log.warning("%s: at-most-once handler failed on %s: %r (not retried)", spec.name,
+                        env.operation_id, exc)
+            self.stats.inc(o.HANDLER_ERRORS, handler=spec.name)
+            self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.FAILED)
+            return
+        await self.app.failpoints.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, ctx)
+        self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.APPLIED)
+
+    async def _at_least_once(self, spec: HandlerSpec, delivery: Delivery, env: Envelope) -> None:
+        attempt = delivery.attempt
+        ctx = self._ctx(spec, env, attempt)
+        if attempt > spec.retry.max_attempts:
+            await self._quarantine(spec, delivery, env, QuarantineReason.MAX_ATTEMPTS,
+                                   f"delivered {attempt} times, budget {spec.retry.max_attempts}",
+                                   attempts=attempt, risk=EffectRisk.OUTCOME_UNKNOWN)
+            self.stats.inc(o.RETRY_BUDGET_EXHAUSTED, handler=spec.name)
+            return
+        await self.app.failpoints.hit(fp.BEFORE_EFFECT, ctx)
+        try:
+            await self._run_handler(spec, Context(env, delivery, spec.name, attempt), None)
+        except Exception as exc:
+            await self._handler_failed(spec, delivery, env, None, attempt, exc)
+            return
+        await self.app.failpoints.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, ctx)
+        effected = self.app.clock.now()
+        await delivery.ack()
+        self.stats.observe(o.AMBIGUITY_WINDOW, self.app.clock.now() - effected, handler=spec.name)
+        self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.APPLIED)
+        await self.app.failpoints.hit(fp.AFTER_ACK, ctx)
+
+    async def _effectively_once(self, spec: HandlerSpec, delivery: Delivery, env: Envelope) -> None:
+        app, ledger = self.app, self.app.ledger
+        now = app.clock.now()
+        if env.published_at is not None and now - env.published_at > app.horizon:
+            await self._quarantine(
+                spec, delivery, env, QuarantineReason.BEYOND_HORIZON,
+                f"published {now - env.published_at:.0f}s ago, beyond the replay horizon of "
+                f"{app.horizon:.0f}s: the ledger may have forgotten it, so it cannot be proven new",
+                attempts=delivery.attempt,
+            )
+            return
+        key = OpKey(spec.scope, env.operation_id)
+        try:
+            outcome = await ledger.claim(key, env.fingerprint, self.owner, spec.lease)
+        except LedgerUnavailable as exc:
+            # no effect without a confirmed claim: give the message back and try later
+            log.warning("%s: ledger unavailable (%s); nacking %s", spec.name, exc, env.operation_id)
+            self.stats.inc(o.LEDGER_UNAVAILABLE, handler=spec.name)
+            self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.UNAVAILABLE)
+            await delivery.nack(delay=LEDGER_RETRY_DELAY)
+            return
+        if isinstance(outcome, AlreadyDone):
+            self.stats.inc(o.DUPLICATE_HITS, handler=spec.name, cause="completed")
+            self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.DUPLICATE)
+            await delivery.ack()
+            return
+        if isinstance(outcome, InFlight):
+            self.stats.inc(o.DUPLICATE_HITS, handler=spec.name, cause="in_flight")
+            self.stats.inc(o.OVERLAPS_PREVENTED, handler=spec.name)
+            self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.IN_FLIGHT)
+            remaining = (outcome.record.lease_until or now) - ledger.now()
+            await delivery.nack(delay=max(remaining, 0.0) + 0.05)
+            return
+        if isinstance(outcome, Conflict):
+            await self._quarantine(
+                spec, delivery, env, QuarantineReason.KEY_REUSE_CONFLICT,
+                f"operation {env.operation_id} was first seen with payload "
+                f"{outcome.record.fingerprint}, this copy has {env.fingerprint}",
+                attempts=delivery.attempt,
+            )
+            return
+        if isinstance(outcome, Quarantined):
+            self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.QUARANTINE)
+            await delivery.ack()
+            return
+        assert isinstance(outcome, Acquired)
+        claim = outcome.claim
+        ctx = self._ctx(spec, env, claim.attempt)
+        await app.failpoints.hit(fp.AFTER_CLAIM, ctx)
+        if claim.attempt > spec.retry.max_attempts:
+            self.stats.inc(o.RETRY_BUDGET_EXHAUSTED, handler=spec.name)
+            await self._quarantine(
+                spec, delivery, env, QuarantineReason.MAX_ATTEMPTS,
+                f"claimed {claim.attempt} times, budget {spec.retry.max_attempts}",
+                claim=claim, attempts=claim.attempt,
+                risk=EffectRisk.OUTCOME_UNKNOWN if claim.recovered else EffectRisk.RELEASED_CLEANLY,
+            )
+            return
+        if (claim.recovered and spec.effect.kind == "unkeyed"
+                and spec.effect.on_unknown == "quarantine"):
+            await self._quarantine(
+                spec, delivery, env, QuarantineReason.OUTCOME_UNKNOWN,
+                f"a previous attempt on {spec.effect.name} (which cannot deduplicate) lost its "
+                "lease without completing; its effect may or may not have happened",
+                claim=claim, attempts=claim.attempt, risk=EffectRisk.OUTCOME_UNKNOWN,
+            )
+            return
+        hctx = Context(env, delivery, spec.name, claim.attempt,
+                       idempotency_key=env.operation_id if spec.effect.kind == "keyed" else None,
+                       token=claim.token)
+        await app.failpoints.hit(fp.BEFORE_EFFECT, ctx)
+        try:
+            if spec.effect.kind == "transactional":
+                assert isinstance(ledger, TransactionalLedger)
+                async with ledger.transaction() as tx:
+                    hctx.tx = tx
+                    result = await self._run_handler(spec, hctx, claim)
+                    await app.failpoints.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, ctx)
+                    await ledger.complete_in(tx, claim, _encode_result(result))
+            else:
+                result = await self._run_handler(spec, hctx, claim)
+                await app.failpoints.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, ctx)
+                await ledger.complete(claim, _encode_result(result))
+        except LeaseLost as exc:
+            # someone else owns the operation now: never complete this copy at the broker
+            log.warning("%s: %s", spec.name, exc)
+            self.stats.inc(o.LEASE_LOST, handler=spec.name)
+            self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.LEASE_LOST_OUTCOME)
+            await delivery.nack(delay=spec.lease)
+            return
+        except Exception as exc:
+            await self._handler_failed(spec, delivery, env, claim, claim.attempt, exc)
+            return
+        effected = app.clock.now()
+        await app.failpoints.hit(fp.AFTER_LEDGER_BEFORE_ACK, ctx)
+        await delivery.ack()
+        self.stats.observe(o.AMBIGUITY_WINDOW, app.clock.now() - effected, handler=spec.name)
+        self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.APPLIED)
+        await app.failpoints.hit(fp.AFTER_ACK, ctx)
+
+    # ------------------------------------------------------------------ helpers
+
+    async def _run_handler(self, spec: HandlerSpec, ctx: Context, claim: Claim | None) -> Any:
+        """Run the handler under its deadline, extending the lease (and the broker's visibility,
+        where it has a timer) every ``heartbeat`` seconds. A failed extension cuts the deadline:
+        the handler is cancelled and ``_Cut``/``LeaseLost`` is raised."""
+        clock = self.app.clock
+        started = clock.now()
+        task = asyncio.ensure_future(spec.fn(ctx))
+        state: dict[str, BaseException] = {}
+        can_extend = self.app.broker.capabilities(spec.source).extend_visibility
+
+        async def supervise() -> None:
+            nonlocal claim
+            deadline = started + spec.timeout
+            while not task.done():
+                now = clock.now()
+                wake = min(deadline, now + spec.heartbeat)
+                await clock.sleep(wake - now)
+                if task.done():
+                    return
+                if clock.now() >= deadline:
+                    state["cut"] = _Cut(f"handler exceeded its {spec.timeout:.1f}s deadline")
+                    task.cancel()
+                    return
+                try:
+                    if claim is not None:
+                        claim = await self.app.ledger.extend(claim, spec.lease)
+                        self.stats.inc(o.LEASE_EXTENSIONS, handler=spec.name)
+                    if can_extend:
+                        await ctx.delivery.extend(spec.lease)
+                        self.stats.inc(o.VISIBILITY_EXTENSIONS, handler=spec.name)
+                except Exception as exc:
+                    state["cut"] = exc if isinstance(exc, LeaseLost) else _Cut(
+                        f"lease/visibility extension failed: {exc!r}")
+                    task.cancel()
+                    return
+
+        watcher = asyncio.ensure_future(supervise())
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if "cut" in state:
+                raise state["cut"] from None
+            raise
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            self.stats.observe(o.HANDLER_SECONDS, clock.now() - started, handler=spec.name)
+
+    async def _handler_failed(
+        self, spec: HandlerSpec, delivery: Delivery, env: Envelope, claim: Claim | None,
+        attempt: int, exc: Exception,
+    ) -> None:
+        self.stats.inc(o.HANDLER_ERRORS, handler=spec.name)
+        cut = isinstance(exc, _Cut)
+        unknown = cut and spec.effect.kind == "unkeyed" and spec.effect.on_unknown == "quarantine"
+        if claim is not None and unknown:
+            # the handler was cancelled mid-effect on a downstream that cannot deduplicate
+            await self._quarantine(spec, delivery, env, QuarantineReason.OUTCOME_UNKNOWN,
+                                   f"{exc}; the effect on {spec.effect.name} may have happened",
+                                   claim=claim, attempts=attempt, risk=EffectRisk.OUTCOME_UNKNOWN)
+            return
+        if not cut and not spec.retry.retryable(exc):
+            await self._quarantine(spec, delivery, env, QuarantineReason.NON_RETRYABLE_ERROR,
+                                   repr(exc), claim=claim, attempts=attempt,
+                                   risk=EffectRisk.RELEASED_CLEANLY)
+            return
+        if attempt >= spec.retry.max_attempts:
+            self.stats.inc(o.RETRY_BUDGET_EXHAUSTED, handler=spec.name)
+            await self._quarantine(spec, delivery, env, QuarantineReason.MAX_ATTEMPTS,
+                                   f"attempt {attempt} of {spec.retry.max_attempts} failed: {exc!r}",
+                                   claim=claim, attempts=attempt,
+                                   risk=EffectRisk.RELEASED_CLEANLY)
+            return
+        if claim is not None:
+            try:
+                await self.app.ledger.release(claim, repr(exc)[:1000])
+            except LeaseLost:
+                self.stats.inc(o.LEASE_LOST, handler=spec.name)
+        self.stats.inc(o.RETRIES, handler=spec.name)
+        self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.RETRIED)
+        await delivery.nack(delay=spec.retry.delay(attempt, self._rng))
+
+    async def _quarantine(
+        self, spec: HandlerSpec, delivery: Delivery, env: Envelope | None,
+        reason: QuarantineReason, detail: str, *, claim: Claim | None = None, attempts: int = 0,
+        risk: EffectRisk = EffectRisk.NEVER_CLAIMED,
+    ) -> None:
+        """Record the quarantine durably, then complete the original at the broker."""
+        request = QuarantineRequest(
+            scope=spec.scope, reason=reason,
+            operation_id=env.operation_id if env else None,
+            fingerprint=env.fingerprint if env else None,
+            risk=risk, attempts=attempts, detail=detail[:2000],
+            message=delivery.body, content_type=delivery.content_type,
+        )
+        try:
+            await self.app.ledger.quarantine(request, claim)
+        except LeaseLost:
+            self.stats.inc(o.LEASE_LOST, handler=spec.name)
+            await delivery.nack(delay=spec.lease)
+            return
+        except LedgerUnavailable:
+            self.stats.inc(o.LEDGER_UNAVAILABLE, handler=spec.name)
+            await delivery.nack(delay=LEDGER_RETRY_DELAY)
+            return
+        log.warning("%s: quarantined %s as %s: %s", spec.name,
+                    env.operation_id if env else delivery.delivery_id, reason.value, detail)
+        self.stats.inc(o.QUARANTINED, handler=spec.name, reason=reason.value)
+        self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.QUARANTINE)
+        await self.app.failpoints.hit(fp.AFTER_QUARANTINE_BEFORE_ACK,
+                                      self._ctx(spec, env, attempts))
+        await delivery.ack()
