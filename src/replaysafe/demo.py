@@ -22,7 +22,6 @@ import contextlib
 import random
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from replaysafe.failpoints import Failpoints
 from replaysafe.guarantees import Effect, Guarantee
 from replaysafe.ledger.sqlite import SQLiteLedger
 from replaysafe.producer import Producer
+from replaysafe.testing import EffectProbe
 
 SOURCE = "payments"
 DOWNSTREAM = "payments-api"
@@ -68,34 +68,6 @@ STATEMENTS: dict[Guarantee, str] = {
         f"re-run after a crash carries the same idempotency key."
     ),
 }
-
-
-class PaymentProvider:
-    """A fake payments API: records every charge; honours idempotency keys only if told to."""
-
-    def __init__(self, *, honour_keys: bool) -> None:
-        self.honour_keys = honour_keys
-        self.charges: list[tuple[str, str, int]] = []  # (charge id, order id, amount)
-        self._by_key: dict[str, tuple[str, str, int]] = {}
-        self.replays_answered = 0
-
-    async def charge(self, order_id: str, amount: int, idempotency_key: str | None) -> str:
-        await asyncio.sleep(0)  # the network hop: other work interleaves here
-        if self.honour_keys and idempotency_key is not None:
-            prev = self._by_key.get(idempotency_key)
-            if prev is not None:
-                if prev[1:] != (order_id, amount):
-                    raise ValueError(f"409: idempotency key {idempotency_key} reused")
-                self.replays_answered += 1
-                return prev[0]
-        charge = (f"ch_{len(self.charges) + 1}", order_id, amount)
-        self.charges.append(charge)
-        if idempotency_key is not None:
-            self._by_key[idempotency_key] = charge
-        return charge[0]
-
-    def charges_per_order(self) -> Counter[str]:
-        return Counter(order for _, order, _ in self.charges)
 
 
 @dataclass
@@ -177,7 +149,8 @@ async def run_guarantee(
     # process crash, which is what the demo simulates (FULL is the library default)
     ledger = SQLiteLedger(workdir / f"ledger-{guarantee.value}.db", synchronous="NORMAL")
     keyed = guarantee is Guarantee.EFFECTIVELY_ONCE
-    provider = PaymentProvider(honour_keys=keyed)
+    # the payments API: records every charge, honours idempotency keys only for keyed effects
+    provider = EffectProbe(honour_keys=keyed)
     app = App("demo", broker=broker, ledger=ledger, failpoints=failpoints)
 
     @app.handler(
@@ -190,7 +163,7 @@ async def run_guarantee(
     )
     async def capture_payment(ctx: Context) -> str:
         p = ctx.payload
-        return await provider.charge(p["order_id"], p["amount"], ctx.idempotency_key)
+        return await provider.apply(p["order_id"], p["amount"], ctx.idempotency_key)
 
     _arm(failpoints, plan)
     producer = Producer(broker, guarantee)
@@ -235,14 +208,14 @@ async def run_guarantee(
         await ledger.close()
         await broker.close()
 
-    per_order = provider.charges_per_order()
+    per_order = provider.per_subject()
     quarantined_ops = {e.operation_id for e in quarantine}
     all_ops = {f"order-{i}": _op(i) for i in range(orders)}
     faults = {name: failpoints.fired[point] for name, point in FAULTS.items()}
     return GuaranteeResult(
         guarantee=guarantee,
         operations=orders,
-        effects=len(provider.charges),
+        effects=len(provider.effects),
         duplicates=sum(1 for n in per_order.values() if n > 1),
         lost=sum(1 for order, op in all_ops.items()
                  if per_order[order] == 0 and op not in quarantined_ops),

@@ -347,7 +347,9 @@ class Envelope:
                 f"headers {sorted(clash)} are reserved for replaysafe's metadata; pass the "
                 "operation id and publish time as arguments and rename your own headers"
             )
-        return cls(operation_id, body, value, fingerprint_bytes(body), JSON, key, hdrs, published_at)
+        return cls(
+            operation_id, body, value, fingerprint_bytes(body), JSON, key, hdrs, published_at
+        )
 
     def wire_headers(self) -> dict[str, str]:
         """Headers to put on the broker message (user headers plus the rs-* metadata)."""
@@ -363,8 +365,14 @@ class Envelope:
         if self.published_at is not None:
             return self
         return Envelope(
-            self.operation_id, self.payload, self.value, self.fingerprint, self.content_type,
-            self.key, self.headers, ts,
+            self.operation_id,
+            self.payload,
+            self.value,
+            self.fingerprint,
+            self.content_type,
+            self.key,
+            self.headers,
+            ts,
         )
 
 
@@ -403,7 +411,9 @@ def decode_wire(
             f"payload is {len(body)} bytes, over the {limits.max_payload_bytes}-byte cap; "
             "store large data elsewhere and send a reference"
         )
-    ctype = content_type or headers.get("content-type") or JSON
+    # header names are case-insensitive on the wire (AMQP/HTTP habits differ between clients)
+    header_ctype = next((v for k, v in headers.items() if k.lower() == "content-type"), None)
+    ctype = content_type or header_ctype or JSON
     base = _content_type_base(ctype)
     if base not in limits.allowed_content_types:
         raise UnsupportedContentType(
@@ -459,6 +469,8 @@ def decode_wire(
     sent_at = headers.get(HEADER_PUBLISHED_AT)
     published_at = parse_time(sent_at) if sent_at is not None else broker_timestamp
     user_headers = {
-        k: v for k, v in headers.items() if k not in RESERVED_HEADERS and k != "content-type"
+        k: v
+        for k, v in headers.items()
+        if k not in RESERVED_HEADERS and k.lower() != "content-type"
     }
     return Envelope(op, body, value, fp, ctype, key, user_headers, published_at)

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from replaysafe.errors import LeaseLost
 from replaysafe.quarantine import EffectRisk, QuarantineReason
@@ -279,7 +279,7 @@ class Ledger(ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections. Idempotent."""
 
-    async def __aenter__(self) -> Ledger:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

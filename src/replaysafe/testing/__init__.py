@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+from collections import Counter
+from typing import Any
 
 
 class FakeClock:
@@ -66,4 +68,57 @@ class FakeClock:
         return f"FakeClock(now={self._now})"
 
 
-__all__ = ["FakeClock"]
+class KeyReuse(Exception):
+    """The downstream's 409: an idempotency key came back with a different request."""
+
+
+class EffectProbe:
+    """A fake downstream that records every business effect it applies.
+
+    ``honour_keys=True`` makes it behave like a keyed API (payments with an idempotency key): a
+    repeated key with the same request returns the first result without a new effect, a repeated
+    key with a different request raises ``KeyReuse``. ``honour_keys=False`` is an unkeyed
+    downstream (plain SMTP): every call is a new effect. Count with :meth:`per_subject`,
+    :meth:`duplicates` and :meth:`missing` — the ground truth tests assert against.
+    """
+
+    def __init__(self, *, honour_keys: bool) -> None:
+        self.honour_keys = honour_keys
+        #: (effect id, subject, request) per applied effect, in order
+        self.effects: list[tuple[str, str, Any]] = []
+        #: calls answered from a remembered idempotency key (no new effect)
+        self.replays_answered = 0
+        self.calls = 0
+        self._by_key: dict[str, tuple[str, str, Any]] = {}
+
+    async def apply(self, subject: str, request: Any = None, idempotency_key: str | None = None) -> str:
+        """Apply one effect on ``subject`` (e.g. an order id); returns the effect id."""
+        self.calls += 1
+        await asyncio.sleep(0)  # the network hop: other tasks interleave here, as they would
+        if self.honour_keys and idempotency_key is not None:
+            prev = self._by_key.get(idempotency_key)
+            if prev is not None:
+                if prev[1:] != (subject, request):
+                    raise KeyReuse(f"409: idempotency key {idempotency_key!r} reused")
+                self.replays_answered += 1
+                return prev[0]
+        effect = (f"fx_{len(self.effects) + 1}", subject, request)
+        self.effects.append(effect)
+        if idempotency_key is not None:
+            self._by_key[idempotency_key] = effect
+        return effect[0]
+
+    def per_subject(self) -> Counter[str]:
+        return Counter(subject for _, subject, _ in self.effects)
+
+    def duplicates(self) -> int:
+        """Subjects with more than one effect."""
+        return sum(1 for n in self.per_subject().values() if n > 1)
+
+    def missing(self, subjects: Any) -> set[str]:
+        """Subjects from ``subjects`` with no effect at all."""
+        seen = self.per_subject()
+        return {s for s in subjects if seen[s] == 0}
+
+
+__all__ = ["EffectProbe", "FakeClock", "KeyReuse"]

@@ -1,0 +1,808 @@
+"""SQLite ledger: one durable file, safe for many coroutines and for several processes sharing it.
+
+How it stays correct:
+
+- **One writer at a time, decided by SQLite.** Every read-decide-write (claim, extend, complete,
+  release, quarantine, purge) runs inside ``BEGIN IMMEDIATE``: the write lock is taken *before* the
+  record is read, so two processes can never both read "free" and both claim. The state machine
+  itself is ``decide_claim`` / ``check_fence`` from :mod:`replaysafe.ledger.base`, shared with every
+  other backend.
+- **Fencing tokens come from a one-row meta table** bumped in the same transaction as the claim, so
+  they strictly increase across the whole file: across operations, processes and restarts.
+- **Durability.** WAL journal, ``PRAGMA synchronous=FULL`` by default: a call that returned has been
+  fsynced. ``claim_many`` and ``complete_many`` are one transaction (one fsync) per batch.
+- **The event loop never blocks on disk.** The connection lives on one dedicated thread (a
+  single-worker executor); an ``asyncio.Lock`` serialises use of it. The lock is what lets an open
+  :meth:`SQLiteLedger.transaction` keep the connection across ``await`` points.
+- **Time** is the injected :class:`~replaysafe.clock.Clock`, stored as REAL POSIX seconds; leases
+  are judged by it (processes sharing a file must share a sane wall clock, as with any lease).
+
+What a caller can lose or see twice: a call that was cancelled, or that raised
+``LedgerUnavailable`` on a disk error at commit, may or may not have committed. That is never
+unsafe: an unknown claim expires and is taken over with ``recovered=True``; an unknown completion is
+found by the next claim as ``AlreadyDone``. The caller must only *not* complete at the broker
+after such an error, exactly as after ``LeaseLost``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any, Final, TypeVar
+
+from replaysafe.clock import SYSTEM_CLOCK, Clock
+from replaysafe.errors import ConfigurationError, LeaseLost, LedgerError, LedgerUnavailable
+from replaysafe.ledger.base import (
+    Acquired,
+    Claim,
+    ClaimOutcome,
+    ClaimRequest,
+    OpKey,
+    QuarantineEntry,
+    QuarantineRequest,
+    Record,
+    State,
+    Transaction,
+    TransactionalLedger,
+    check_fence,
+    decide_claim,
+)
+from replaysafe.quarantine import EffectRisk, QuarantineReason
+
+T = TypeVar("T")
+
+#: accepted values of ``PRAGMA synchronous`` (anything else is refused, never interpolated)
+SYNCHRONOUS_MODES: Final = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
+
+SCHEMA_VERSION: Final = 1
+
+_RECORD_COLUMNS = (
+    "scope, operation_id, fingerprint, state, token, owner, lease_until, attempts, result, "
+    "last_error, created_at, updated_at, completed_at"
+)
+_ENTRY_COLUMNS = (
+    "id, scope, reason, operation_id, fingerprint, risk, attempts, first_detail, last_detail, "
+    "message, content_type, created_at, updated_at, seen"
+)
+
+_SCHEMA: Final = (
+    # The key is the composite (scope, operation_id): ("a:b", "c") and ("a", "b:c") never collide.
+    """CREATE TABLE IF NOT EXISTS replaysafe_operations (
+        scope        TEXT    NOT NULL,
+        operation_id TEXT    NOT NULL,
+        fingerprint  TEXT    NOT NULL,
+        state        TEXT    NOT NULL,
+        token        INTEGER NOT NULL,
+        owner        TEXT,
+        lease_until  REAL,
+        attempts     INTEGER NOT NULL,
+        result       TEXT,
+        last_error   TEXT,
+        created_at   REAL    NOT NULL,
+        updated_at   REAL    NOT NULL,
+        completed_at REAL,
+        PRIMARY KEY (scope, operation_id)
+    ) WITHOUT ROWID""",
+    # purge walks only completed rows, oldest first, and stops at its limit
+    """CREATE INDEX IF NOT EXISTS replaysafe_operations_purge
+        ON replaysafe_operations (state, completed_at)""",
+    """CREATE TABLE IF NOT EXISTS replaysafe_quarantine (
+        id           TEXT    PRIMARY KEY,
+        scope        TEXT    NOT NULL,
+        reason       TEXT    NOT NULL,
+        operation_id TEXT,
+        fingerprint  TEXT,
+        risk         TEXT    NOT NULL,
+        attempts     INTEGER NOT NULL,
+        first_detail TEXT    NOT NULL,
+        last_detail  TEXT    NOT NULL,
+        message      BLOB,
+        content_type TEXT,
+        created_at   REAL    NOT NULL,
+        updated_at   REAL    NOT NULL,
+        seen         INTEGER NOT NULL
+    )""",
+    """CREATE INDEX IF NOT EXISTS replaysafe_quarantine_by_reason
+        ON replaysafe_quarantine (reason, created_at)""",
+    # One row: the last fencing token issued by any connection to this file.
+    """CREATE TABLE IF NOT EXISTS replaysafe_meta (
+        id             INTEGER PRIMARY KEY CHECK (id = 1),
+        last_token     INTEGER NOT NULL,
+        schema_version INTEGER NOT NULL
+    )""",
+    f"""INSERT OR IGNORE INTO replaysafe_meta (id, last_token, schema_version)
+        VALUES (1, 0, {SCHEMA_VERSION})""",
+)
+
+_SELECT_RECORD = (
+    f"SELECT {_RECORD_COLUMNS} FROM replaysafe_operations WHERE scope = ? AND operation_id = ?"
+)
+_SAVE_RECORD = f"""
+    INSERT INTO replaysafe_operations ({_RECORD_COLUMNS})
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (scope, operation_id) DO UPDATE SET
+        fingerprint = excluded.fingerprint, state = excluded.state, token = excluded.token,
+        owner = excluded.owner, lease_until = excluded.lease_until,
+        attempts = excluded.attempts, result = excluded.result,
+        last_error = excluded.last_error, created_at = excluded.created_at,
+        updated_at = excluded.updated_at, completed_at = excluded.completed_at"""
+_SELECT_ENTRY = f"SELECT {_ENTRY_COLUMNS} FROM replaysafe_quarantine WHERE id = ?"
+_SAVE_ENTRY = f"""
+    INSERT INTO replaysafe_quarantine ({_ENTRY_COLUMNS})
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (id) DO UPDATE SET
+        risk = excluded.risk, attempts = excluded.attempts,
+        last_detail = excluded.last_detail, updated_at = excluded.updated_at,
+        seen = excluded.seen"""
+_LIST_ENTRIES = f"""
+    SELECT {_ENTRY_COLUMNS} FROM replaysafe_quarantine
+    WHERE ?1 IS NULL OR reason = ?1
+    ORDER BY created_at, id
+    LIMIT ?2"""
+#: One bounded statement: the subquery walks the (state, completed_at) index oldest first and stops
+#: after ``limit`` rows, so a purge never scans or locks more than it deletes.
+PURGE_SQL: Final = """
+    DELETE FROM replaysafe_operations
+    WHERE (scope, operation_id) IN (
+        SELECT scope, operation_id FROM replaysafe_operations
+        WHERE state = ? AND completed_at < ?
+        ORDER BY completed_at
+        LIMIT ?
+    )"""
+
+
+@dataclass(frozen=True, slots=True)
+class SQLiteResult:
+    """What :meth:`SQLiteTransaction.execute` returns.
+
+    Rows are fetched on the connection's thread before returning: handing a live ``sqlite3.Cursor``
+    to the event loop would touch the connection from two threads.
+    """
+
+    rowcount: int
+    lastrowid: int | None
+    rows: list[tuple[Any, ...]]
+
+
+class SQLiteTransaction(Transaction):
+    """An open ``BEGIN IMMEDIATE`` transaction on the ledger's connection.
+
+    Valid only inside its ``async with ledger.transaction()`` block. Errors of the caller's own
+    SQL propagate unchanged (``sqlite3.IntegrityError`` …) so a handler can react to them; the
+    block then rolls back when the exception leaves it.
+    """
+
+    def __init__(self, ledger: SQLiteLedger, generation: int) -> None:
+        self._ledger = ledger
+        self._generation = generation
+        self._open = True
+
+    async def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> SQLiteResult:
+        self._check_open()
+        return await self._ledger._run(partial(self._ledger._tx_execute, self, sql, params))
+
+    async def fetchall(
+        self, sql: str, params: Sequence[Any] | dict[str, Any] = ()
+    ) -> list[tuple[Any, ...]]:
+        return (await self.execute(sql, params)).rows
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise LedgerError(
+                "this transaction is finished (committed or rolled back); open a new one with "
+                "`async with ledger.transaction() as tx`"
+            )
+
+    def __repr__(self) -> str:
+        return f"SQLiteTransaction({self._ledger._path!r}, open={self._open})"
+
+
+class SQLiteLedger(TransactionalLedger):
+    """The replay ledger in a SQLite file (WAL). See the module docstring for the design.
+
+    While a :meth:`transaction` is open, every other call on this ledger object waits for it (the
+    connection and SQLite's single write lock belong to that transaction), and other processes'
+    writes wait up to ``busy_timeout``. Keep transactions short: the business rows and
+    :meth:`complete_in`, not network calls. Calling this ledger's other methods from *inside* its
+    own transaction, in the same task, raises ``ConfigurationError`` instead of deadlocking.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        synchronous: str = "FULL",
+        busy_timeout: float = 30.0,
+    ) -> None:
+        mode = synchronous.upper() if isinstance(synchronous, str) else synchronous
+        if mode not in SYNCHRONOUS_MODES:
+            raise ConfigurationError(
+                f"synchronous={synchronous!r} is not a SQLite synchronous mode; use one of "
+                f"{sorted(SYNCHRONOUS_MODES)} (FULL, the default, is the one that survives power "
+                "loss without losing a completed operation)"
+            )
+        if busy_timeout < 0:
+            raise ConfigurationError(f"busy_timeout must be >= 0 seconds, got {busy_timeout!r}")
+        self._path = os.fspath(path)
+        self._clock = clock
+        self._synchronous: str = mode
+        self._busy_timeout = float(busy_timeout)
+        # Touched only on the executor thread: _conn, _generation.
+        self._conn: sqlite3.Connection | None = None
+        self._generation = 0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replaysafe-sqlite")
+        # Touched only on the event loop.
+        self._lock = asyncio.Lock()
+        self._tx_task: asyncio.Task[Any] | None = None
+        self._closed = False
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    def now(self) -> float:
+        return self._clock.now()
+
+    def __repr__(self) -> str:
+        state = ", closed" if self._closed else ""
+        return f"SQLiteLedger({self._path!r}, synchronous={self._synchronous!r}{state})"
+
+    # ------------------------------------------------------------------ ledger API
+
+    async def claim(self, key: OpKey, fingerprint: str, owner: str, lease: float) -> ClaimOutcome:
+        """Try to take the operation for ``lease`` seconds (judged by the injected clock).
+
+        Loses nothing and duplicates nothing by itself; if the caller never learns the outcome
+        (cancelled, ``LedgerUnavailable`` after the commit), the claim simply expires and the next
+        claim takes over with ``recovered=True``.
+        """
+        req = ClaimRequest(key, fingerprint, owner, lease)
+        return (await self._write(partial(self._claim_rows, [req])))[0]
+
+    async def claim_many(self, requests: Sequence[ClaimRequest]) -> list[ClaimOutcome]:
+        """Claim a batch in one transaction (one fsync). Same outcomes as calling :meth:`claim` for
+        each request in order, including repeated keys within the batch."""
+        if not requests:
+            return []
+        return await self._write(partial(self._claim_rows, list(requests)))
+
+    async def extend(self, claim: Claim, lease: float) -> Claim:
+        return await self._write(partial(self._extend_rows, claim, lease))
+
+    async def complete(self, claim: Claim, result: str | None = None) -> Record:
+        return await self._write(partial(self._complete_rows, claim, result))
+
+    async def complete_many(
+        self, items: Sequence[tuple[Claim, str | None]]
+    ) -> list[Record | LeaseLost]:
+        """Complete a batch in one transaction (one fsync). A stale claim yields its ``LeaseLost``
+        in place and does not stop the others."""
+        if not items:
+            return []
+        return await self._write(partial(self._complete_many_rows, list(items)))
+
+    async def release(self, claim: Claim, error: str | None = None) -> None:
+        await self._write(partial(self._release_rows, claim, error))
+
+    async def quarantine(
+        self, request: QuarantineRequest, claim: Claim | None = None
+    ) -> QuarantineEntry:
+        """Record the entry (and, with ``claim``, move the record to QUARANTINED under fencing) in
+        one fsynced transaction, so it is durable before the caller completes at the broker."""
+        return await self._write(partial(self._quarantine_rows, request, claim))
+
+    async def get(self, key: OpKey) -> Record | None:
+        return await self._read(partial(self._load, key=key))
+
+    async def quarantined(
+        self, *, reason: QuarantineReason | None = None, limit: int = 100
+    ) -> list[QuarantineEntry]:
+        if limit <= 0:
+            return []  # SQLite reads a negative LIMIT as "no limit"
+        reason_value = None if reason is None else reason.value
+
+        def rows(conn: sqlite3.Connection) -> list[QuarantineEntry]:
+            cur = conn.execute(_LIST_ENTRIES, (reason_value, limit))
+            return [_entry_from_row(r) for r in cur.fetchall()]
+
+        return await self._read(rows)
+
+    async def purge(self, older_than: float, *, limit: int = 10_000) -> int:
+        """Forget up to ``limit`` COMPLETED records completed before ``older_than``, oldest first,
+        in one bounded statement. A purged operation is new again to the ledger: purge only what
+        lies beyond the replay horizon."""
+        if limit <= 0:
+            return 0
+
+        def delete(conn: sqlite3.Connection) -> int:
+            return conn.execute(PURGE_SQL, (State.COMPLETED.value, older_than, limit)).rowcount
+
+        return await self._write(delete)
+
+    # ------------------------------------------------------------------ transactions
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[SQLiteTransaction]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` on normal exit, ``ROLLBACK`` on any exception
+        (cancellation included). Holds the ledger's lock for its whole life (see the class
+        docstring). If the final commit fails, ``LedgerUnavailable`` is raised and nothing the
+        block did may be assumed durable."""
+        self._guard_reentry("transaction")
+        async with self._lock:
+            self._check_open()
+            try:
+                generation = await self._run(self._begin_job)
+            except BaseException:
+                # cancelled while BEGIN may already have run: never leave it open on the connection
+                await asyncio.shield(self._submit(partial(self._rollback_job, None)))
+                raise
+            tx = SQLiteTransaction(self, generation)
+            self._tx_task = asyncio.current_task()
+            try:
+                yield tx
+            except BaseException as exc:
+                tx._open = False
+                # shielded: a cancellation arriving now must not skip the rollback
+                problem = await asyncio.shield(
+                    self._submit(partial(self._rollback_job, generation))
+                )
+                if problem is not None:
+                    exc.add_note(problem)
+                raise
+            else:
+                tx._open = False
+                await asyncio.shield(self._submit(partial(self._commit_job, generation)))
+            finally:
+                tx._open = False
+                self._tx_task = None
+
+    async def complete_in(self, tx: Transaction, claim: Claim, result: str | None = None) -> None:
+        """Fence and mark the claim completed inside ``tx``; it commits with the business rows.
+        Raises ``LeaseLost`` when the token is stale: let it leave the block so it rolls back."""
+        if not isinstance(tx, SQLiteTransaction) or tx._ledger is not self:
+            raise ConfigurationError(
+                "complete_in() needs a transaction opened by this ledger's transaction(); a "
+                "transaction of another database cannot commit this ledger's row"
+            )
+        tx._check_open()
+        fn = partial(self._complete_rows, claim, result)
+        await self._run(partial(self._in_tx, tx, fn, True))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def close(self) -> None:
+        """Close the connection after any running call or open transaction. Idempotent."""
+        if self._closed:
+            return
+        self._guard_reentry("close")
+        async with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                await self._run(self._close_job)
+            finally:
+                self._executor.shutdown(wait=False)
+
+    # ------------------------------------------------------------------ event-loop side
+
+    async def _run(self, job: Callable[[], T]) -> T:
+        """Run ``job`` on the connection thread. The caller holds ``self._lock``."""
+        return await self._submit(job)
+
+    def _submit(self, job: Callable[[], T]) -> asyncio.Future[T]:
+        """Queue ``job`` now, before any ``await``: the executor runs jobs in submission order, so
+        a rollback queued here always runs before the job of whoever takes the lock next, even
+        when the caller is cancelled while waiting for it."""
+        return asyncio.wrap_future(self._executor.submit(job))
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._locked(partial(self._job, fn, True))
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._locked(partial(self._job, fn, False))
+
+    async def _locked(self, job: Callable[[], T]) -> T:
+        self._guard_reentry("this call")
+        async with self._lock:
+            self._check_open()
+            return await self._run(job)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LedgerUnavailable(
+                f"{self!r} is closed; open a new SQLiteLedger on {self._path!r} to use it again"
+            )
+
+    def _guard_reentry(self, what: str) -> None:
+        task = asyncio.current_task()
+        if task is not None and task is self._tx_task:
+            raise ConfigurationError(
+                f"{what} on {self!r} from inside its own open transaction() would wait for that "
+                "transaction forever; use tx.execute()/complete_in(tx, ...) inside the block, or "
+                "call it after the block"
+            )
+
+    # ------------------------------------------------------------------ connection thread
+
+    def _job(self, fn: Callable[[sqlite3.Connection], T], write: bool) -> T:
+        """One self-contained call: a read, or a read-decide-write under ``BEGIN IMMEDIATE``."""
+        try:
+            conn = self._connection()
+            if not write:
+                return fn(conn)
+            # IMMEDIATE takes the write lock before the read, so the decision cannot go stale
+            # between reading and writing, whatever other processes do.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                out = fn(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                self._rollback_quietly(conn)
+                raise
+            return out
+        except sqlite3.Error as exc:
+            raise self._unavailable(exc) from exc
+
+    def _in_tx(
+        self, tx: SQLiteTransaction, fn: Callable[[sqlite3.Connection], T], map_errors: bool
+    ) -> T:
+        conn = self._conn
+        if conn is None or self._generation != tx._generation or not conn.in_transaction:
+            raise LedgerUnavailable(
+                f"the transaction on {self._path!r} was aborted by SQLite after an earlier error; "
+                "nothing in it will commit: leave the block and retry the operation"
+            )
+        if not map_errors:
+            return fn(conn)
+        try:
+            return fn(conn)
+        except sqlite3.Error as exc:
+            raise self._unavailable(exc) from exc
+
+    def _tx_execute(
+        self, tx: SQLiteTransaction, sql: str, params: Sequence[Any] | dict[str, Any]
+    ) -> SQLiteResult:
+        def run(conn: sqlite3.Connection) -> SQLiteResult:
+            cur = conn.execute(sql, params)  # the caller's SQL: its errors propagate unchanged
+            rows = cur.fetchall()
+            if not conn.in_transaction:
+                raise ConfigurationError(
+                    f"the statement {sql[:60]!r} ended the ledger's transaction; do not run "
+                    "BEGIN/COMMIT/ROLLBACK inside ledger.transaction() (the block commits or rolls "
+                    "back itself); statements before it may already be committed"
+                )
+            return SQLiteResult(cur.rowcount, cur.lastrowid, rows)
+
+        return self._in_tx(tx, run, False)
+
+    def _begin_job(self) -> int:
+        try:
+            self._connection().execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise self._unavailable(exc) from exc
+        return self._generation
+
+    def _commit_job(self, generation: int) -> None:
+        conn = self._conn
+        if conn is None or self._generation != generation or not conn.in_transaction:
+            raise LedgerUnavailable(
+                f"the transaction on {self._path!r} was aborted by SQLite before commit; nothing "
+                "in it was committed: retry the operation"
+            )
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback_quietly(conn)
+            raise self._unavailable(exc) from exc
+
+    def _rollback_job(self, generation: int | None) -> str | None:
+        """Roll back; never raises (the caller is already propagating the real error)."""
+        conn = self._conn
+        if conn is None or generation not in (None, self._generation):
+            return None
+        return self._rollback_quietly(conn)
+
+    def _rollback_quietly(self, conn: sqlite3.Connection) -> str | None:
+        if not conn.in_transaction:
+            return None
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            # Closing a connection rolls its transaction back; the next call reconnects.
+            self._drop_connection()
+            return f"rollback failed ({exc}); the connection to {self._path!r} was closed instead"
+        return None
+
+    def _close_job(self) -> None:
+        self._drop_connection()
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            # best effort: SQLite rolls back whatever was open when the handle goes away
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is not None:
+            return self._conn
+        conn = sqlite3.connect(
+            self._path,
+            timeout=self._busy_timeout,
+            isolation_level=None,  # we issue BEGIN IMMEDIATE / COMMIT ourselves
+            check_same_thread=False,  # created and used on the executor thread only
+        )
+        try:
+            self._configure(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        self._generation += 1
+        return conn
+
+    def _configure(self, conn: sqlite3.Connection) -> None:
+        # Switching a fresh file to WAL needs a lock that another process opening the same file at
+        # the same moment may hold, and that wait is not always covered by the busy handler: retry
+        # within busy_timeout.
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                mode = str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]).lower()
+                break
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
+        if mode != "wal" and self._path != ":memory:":
+            raise ConfigurationError(
+                f"SQLite refused WAL mode for {self._path!r} (journal_mode is {mode!r}); put the "
+                "ledger on a local filesystem (WAL needs shared memory; network filesystems break "
+                "it)"
+            )
+        # per connection, not stored in the file; the value was validated against a fixed set
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            (version,) = conn.execute("SELECT schema_version FROM replaysafe_meta").fetchone()
+            if version > SCHEMA_VERSION:
+                raise ConfigurationError(
+                    f"{self._path!r} has ledger schema version {version}, newer than this "
+                    f"replaysafe understands ({SCHEMA_VERSION}); upgrade replaysafe"
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _unavailable(self, exc: sqlite3.Error) -> LedgerUnavailable:
+        if isinstance(exc, sqlite3.OperationalError) and _is_busy(exc):
+            hint = (
+                f"could not get the write lock on {self._path!r} within "
+                f"busy_timeout={self._busy_timeout:g}s: another connection holds it (a long "
+                "transaction elsewhere); retry, keep transactions short, or raise busy_timeout"
+            )
+        else:
+            hint = (
+                f"check that {self._path!r} is a SQLite database on a local disk with free space "
+                "and that its directory is writable, then retry"
+            )
+        return LedgerUnavailable(f"SQLite ledger error ({type(exc).__name__}: {exc}); {hint}")
+
+    # ------------------------------------------------------------------ state transitions
+    # All run on the connection thread inside BEGIN IMMEDIATE (or the caller's transaction).
+
+    def _claim_rows(
+        self, requests: list[ClaimRequest], conn: sqlite3.Connection
+    ) -> list[ClaimOutcome]:
+        now = self._clock.now()
+        (last_token,) = conn.execute("SELECT last_token FROM replaysafe_meta").fetchone()
+        issued = last_token
+        outcomes: list[ClaimOutcome] = []
+        for r in requests:
+            existing = self._load(conn, r.key)
+            outcome, rec = decide_claim(
+                existing, r.key, r.fingerprint, r.owner, r.lease, now, issued + 1
+            )
+            if isinstance(outcome, Acquired):
+                issued += 1
+            if rec is not None:
+                self._save(conn, rec)
+            outcomes.append(outcome)
+        if issued != last_token:
+            conn.execute("UPDATE replaysafe_meta SET last_token = ?", (issued,))
+        return outcomes
+
+    def _extend_rows(self, claim: Claim, lease: float, conn: sqlite3.Connection) -> Claim:
+        rec = check_fence(self._load(conn, claim.key), claim)
+        now = self._clock.now()
+        self._save(conn, replace(rec, lease_until=now + lease, updated_at=now))
+        return replace(claim, lease_until=now + lease)
+
+    def _complete_rows(self, claim: Claim, result: str | None, conn: sqlite3.Connection) -> Record:
+        rec = check_fence(self._load(conn, claim.key), claim)
+        now = self._clock.now()
+        done = replace(
+            rec,
+            state=State.COMPLETED,
+            result=result,
+            lease_until=None,
+            updated_at=now,
+            completed_at=now,
+        )
+        self._save(conn, done)
+        return done
+
+    def _complete_many_rows(
+        self, items: list[tuple[Claim, str | None]], conn: sqlite3.Connection
+    ) -> list[Record | LeaseLost]:
+        out: list[Record | LeaseLost] = []
+        for claim, result in items:
+            try:
+                out.append(self._complete_rows(claim, result, conn))
+            except LeaseLost as exc:  # raised by check_fence before any write for this item
+                out.append(exc)
+        return out
+
+    def _release_rows(self, claim: Claim, error: str | None, conn: sqlite3.Connection) -> None:
+        rec = check_fence(self._load(conn, claim.key), claim)
+        self._save(
+            conn,
+            replace(
+                rec,
+                state=State.RELEASED,
+                lease_until=None,
+                last_error=error,
+                updated_at=self._clock.now(),
+            ),
+        )
+
+    def _quarantine_rows(
+        self, request: QuarantineRequest, claim: Claim | None, conn: sqlite3.Connection
+    ) -> QuarantineEntry:
+        now = self._clock.now()
+        if claim is not None:
+            # fence first: a stale claim raises before anything is written
+            rec = check_fence(self._load(conn, claim.key), claim)
+            self._save(
+                conn,
+                replace(
+                    rec,
+                    state=State.QUARANTINED,
+                    lease_until=None,
+                    last_error=request.detail,
+                    updated_at=now,
+                ),
+            )
+        eid = request.entry_id()
+        row = conn.execute(_SELECT_ENTRY, (eid,)).fetchone()
+        if row is None:
+            entry = QuarantineEntry(
+                eid,
+                request.scope,
+                request.reason,
+                request.operation_id,
+                request.fingerprint,
+                request.risk,
+                request.attempts,
+                request.detail,
+                request.detail,
+                request.capped_message(),
+                request.content_type,
+                now,
+                now,
+                1,
+            )
+        else:
+            old = _entry_from_row(row)
+            entry = replace(
+                old,
+                attempts=max(old.attempts, request.attempts),
+                risk=request.risk,
+                last_detail=request.detail,
+                updated_at=now,
+                seen=old.seen + 1,
+            )
+        conn.execute(
+            _SAVE_ENTRY,
+            (
+                entry.id,
+                entry.scope,
+                entry.reason.value,
+                entry.operation_id,
+                entry.fingerprint,
+                entry.risk.value,
+                entry.attempts,
+                entry.first_detail,
+                entry.last_detail,
+                entry.message,
+                entry.content_type,
+                entry.created_at,
+                entry.updated_at,
+                entry.seen,
+            ),
+        )
+        return entry
+
+    @staticmethod
+    def _load(conn: sqlite3.Connection, key: OpKey) -> Record | None:
+        row = conn.execute(_SELECT_RECORD, (key.scope, key.operation_id)).fetchone()
+        return None if row is None else _record_from_row(row)
+
+    @staticmethod
+    def _save(conn: sqlite3.Connection, rec: Record) -> None:
+        conn.execute(
+            _SAVE_RECORD,
+            (
+                rec.key.scope,
+                rec.key.operation_id,
+                rec.fingerprint,
+                rec.state.value,
+                rec.token,
+                rec.owner,
+                rec.lease_until,
+                rec.attempts,
+                rec.result,
+                rec.last_error,
+                rec.created_at,
+                rec.updated_at,
+                rec.completed_at,
+            ),
+        )
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+def _record_from_row(row: tuple[Any, ...]) -> Record:
+    return Record(
+        key=OpKey(row[0], row[1]),
+        fingerprint=row[2],
+        state=State(row[3]),
+        token=row[4],
+        owner=row[5],
+        lease_until=row[6],
+        attempts=row[7],
+        result=row[8],
+        last_error=row[9],
+        created_at=row[10],
+        updated_at=row[11],
+        completed_at=row[12],
+    )
+
+
+def _entry_from_row(row: tuple[Any, ...]) -> QuarantineEntry:
+    return QuarantineEntry(
+        id=row[0],
+        scope=row[1],
+        reason=QuarantineReason(row[2]),
+        operation_id=row[3],
+        fingerprint=row[4],
+        risk=EffectRisk(row[5]),
+        attempts=row[6],
+        first_detail=row[7],
+        last_detail=row[8],
+        message=None if row[9] is None else bytes(row[9]),
+        content_type=row[10],
+        created_at=row[11],
+        updated_at=row[12],
+        seen=row[13],
+    )
+
+
+__all__ = ["PURGE_SQL", "SYNCHRONOUS_MODES", "SQLiteLedger", "SQLiteResult", "SQLiteTransaction"]

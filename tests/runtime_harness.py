@@ -1,0 +1,117 @@
+"""A small harness for pipeline tests: memory broker, a ledger, workers that restart after a
+simulated crash, and a fake clock moved in steps until a condition holds."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from replaysafe import App, Envelope, Failpoints, Guarantee, SimulatedCrash
+from replaysafe.brokers.base import RedeliveryKind
+from replaysafe.brokers.memory import MemoryBroker
+from replaysafe.ledger.base import Ledger
+from replaysafe.ledger.memory import MemoryLedger
+from replaysafe.testing import EffectProbe, FakeClock
+
+SOURCE = "orders"
+
+
+class Harness:
+    def __init__(
+        self,
+        *,
+        mode: RedeliveryKind = RedeliveryKind.NACK,
+        ledger: Ledger | None = None,
+        clock: FakeClock | None = None,
+        honour_keys: bool = True,
+        horizon: float = 7 * 86_400.0,
+    ) -> None:
+        self.clock = clock or FakeClock()
+        self.failpoints = Failpoints()
+        self.broker = MemoryBroker(clock=self.clock, failpoints=self.failpoints)
+        self.broker.declare(SOURCE, mode=mode, visibility_timeout=10.0)
+        self.ledger = ledger or MemoryLedger(self.clock)
+        self.app = App(
+            "t",
+            broker=self.broker,
+            ledger=self.ledger,
+            clock=self.clock,
+            horizon=horizon,
+            failpoints=self.failpoints,
+        )
+        self.probe = EffectProbe(honour_keys=honour_keys)
+        self.crashes = 0
+        self.workers: list[Any] = []
+        self._pool: list[asyncio.Task[None]] = []
+        self._done = asyncio.Event()
+
+    def handler(self, guarantee: Guarantee, **kwargs: Any) -> Any:
+        return self.app.handler(SOURCE, guarantee=guarantee, **kwargs)
+
+    async def publish(self, *envelopes: Envelope) -> None:
+        stamped = [e.with_published_at(self.clock.now()) for e in envelopes]
+        await self.broker.publish(SOURCE, stamped)
+
+    async def publish_raw(self, body: bytes, headers: dict[str, str]) -> None:
+        """A message from a plain client (no replaysafe envelope)."""
+        await self.broker.publish_raw(SOURCE, body, headers)  # type: ignore[attr-defined]
+
+    def start(self, workers: int = 1) -> None:
+        async def supervise(n: int) -> None:
+            generation = 0
+            while not self._done.is_set():
+                w = self.app.worker(owner=f"w{n}.{generation}")
+                self.workers.append(w)
+                stopper = asyncio.create_task(self._stop_on_done(w))
+                try:
+                    await w.run(drain_timeout=5)
+                except SimulatedCrash:
+                    self.crashes += 1
+                    generation += 1
+                finally:
+                    stopper.cancel()
+
+        self._pool = [asyncio.create_task(supervise(n)) for n in range(workers)]
+
+    async def _stop_on_done(self, w: Any) -> None:
+        await self._done.wait()
+        w.stop()
+
+    def group(self) -> str:
+        return next(iter(self.app.handlers.values())).group
+
+    def depth(self) -> int:
+        return int(self.broker.depth(SOURCE, self.group()))
+
+    async def run_until(
+        self, cond: Callable[[], bool], *, seconds: float = 120.0, step: float = 0.25
+    ) -> None:
+        """Advance the fake clock in ``step`` increments until ``cond()`` (bounded)."""
+        elapsed = 0.0
+        for _ in range(20):
+            await asyncio.sleep(0)
+        while not cond():
+            if elapsed > seconds:
+                raise AssertionError(f"condition not reached after {seconds}s of fake time")
+            self.clock.advance(step)
+            elapsed += step
+            for _ in range(20):
+                await asyncio.sleep(0)
+
+    async def drain(self, *, seconds: float = 120.0) -> None:
+        await self.run_until(lambda: self.depth() == 0, seconds=seconds)
+
+    async def stop(self) -> None:
+        self._done.set()
+        for _ in range(200):
+            if all(t.done() for t in self._pool):
+                break
+            self.clock.advance(0.1)
+            await asyncio.sleep(0)
+        for t in self._pool:
+            t.cancel()
+        await asyncio.gather(*self._pool, return_exceptions=True)
+
+    def total(self, name: str, **labels: str) -> int:
+        return sum(w.stats.total(name, **labels) for w in self.workers)

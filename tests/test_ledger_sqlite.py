@@ -1,0 +1,396 @@
+"""SQLiteLedger passes the transactional ledger contract, and keeps its promises across processes,
+restarts and failures of the file it lives in."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import queue
+import random
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from replaysafe.errors import ConfigurationError, LedgerError, LedgerUnavailable
+from replaysafe.ledger.base import (
+    Acquired,
+    ClaimRequest,
+    InFlight,
+    Ledger,
+    OpKey,
+    QuarantineRequest,
+    State,
+)
+from replaysafe.ledger.sqlite import PURGE_SQL, SQLiteLedger
+from replaysafe.quarantine import QuarantineReason
+from replaysafe.testing import FakeClock
+from replaysafe.testing.contracts.ledger import TransactionalLedgerContract, acquire, must_get
+
+KEY = OpKey("orders", "op-1")
+
+
+class TestSQLiteLedger(TransactionalLedgerContract):
+    @pytest.fixture(autouse=True)
+    def _directory(self, tmp_path: Path) -> None:
+        self.directory = tmp_path
+        self.made = 0
+
+    async def make_ledger(self, clock: FakeClock) -> Ledger:
+        self.made += 1
+        return SQLiteLedger(self.directory / f"ledger-{self.made}.db", clock=clock)
+
+    def insert_sql(self) -> str:
+        return "INSERT INTO rs_contract_effects (op, note) VALUES (?, ?)"
+
+
+# ---------------------------------------------------------------------- several processes
+
+N_OPS = 200
+
+
+def _claim_everything(path: str, owner: str, seed: int, batch: int, start: Any, out: Any) -> None:
+    """Child process: claim all N_OPS operations in a shuffled order, report what it acquired."""
+
+    async def run() -> tuple[list[int], list[int]]:
+        order = list(range(N_OPS))
+        random.Random(seed).shuffle(order)
+        ledger = SQLiteLedger(path)  # the real clock: leases of 60 s never expire here
+        won: list[int] = []
+        tokens: list[int] = []
+        try:
+            start.wait()  # both processes open the fresh file (schema, WAL switch) at once ...
+            assert await ledger.get(OpKey("race", "none")) is None
+            start.wait()  # ... and then start claiming together, so the claims really interleave
+            for i in range(0, N_OPS, batch):
+                chunk = order[i : i + batch]
+                requests = [
+                    ClaimRequest(OpKey("race", f"op-{n}"), "fp", owner, 60.0) for n in chunk
+                ]
+                if batch == 1:
+                    r = requests[0]
+                    outcomes = [await ledger.claim(r.key, r.fingerprint, r.owner, r.lease)]
+                else:
+                    outcomes = await ledger.claim_many(requests)
+                # SQLite's lock is not fair: a process that re-takes it at once can starve the
+                # other one, and then nothing interleaves. A short pause keeps both in the race.
+                await asyncio.sleep(0.002)
+                for n, outcome in zip(chunk, outcomes, strict=True):
+                    if isinstance(outcome, Acquired):
+                        won.append(n)
+                        tokens.append(outcome.claim.token)
+                    else:
+                        assert isinstance(outcome, InFlight), outcome
+        finally:
+            await ledger.close()
+        return won, tokens
+
+    out.put((owner, *asyncio.run(run())))
+
+
+def test_two_processes_never_both_acquire_an_operation(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    path = str(tmp_path / "shared.db")
+    start = ctx.Barrier(2)
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=_claim_everything, args=(path, "p1", 1, 1, start, out)),
+        ctx.Process(target=_claim_everything, args=(path, "p2", 2, 5, start, out)),
+    ]
+    for p in procs:
+        p.start()
+    results: dict[str, tuple[list[int], list[int]]] = {}
+    deadline = time.monotonic() + 90
+    while len(results) < len(procs):
+        try:
+            owner, won, tokens = out.get(timeout=0.2)
+        except queue.Empty:
+            # a child that died (its traceback is on stderr) must fail the test now, not at 90 s
+            died = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            assert not died, f"a claiming process died with exit code {died}"
+            assert time.monotonic() < deadline, "the claiming processes did not finish"
+            continue
+        results[owner] = (won, tokens)
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    won1, tokens1 = results["p1"]
+    won2, tokens2 = results["p2"]
+    assert sorted(won1 + won2) == list(range(N_OPS)), "every operation acquired exactly once"
+    assert won1 and won2, "both processes must have won some: otherwise they never raced"
+    all_tokens = tokens1 + tokens2
+    assert len(set(all_tokens)) == N_OPS  # one token space across processes
+    assert tokens1 == sorted(tokens1) and tokens2 == sorted(tokens2)
+    with sqlite3.connect(path) as conn:
+        owners = dict(conn.execute("SELECT operation_id, owner FROM replaysafe_operations"))
+        (last,) = conn.execute("SELECT last_token FROM replaysafe_meta").fetchone()
+    assert owners == {f"op-{n}": "p1" for n in won1} | {f"op-{n}": "p2" for n in won2}
+    assert last == max(all_tokens)
+
+
+async def test_two_ledgers_on_one_file_share_tokens_and_fencing(tmp_path: Path) -> None:
+    clock = FakeClock()
+    path = tmp_path / "shared.db"
+    async with SQLiteLedger(path, clock=clock) as a, SQLiteLedger(path, clock=clock) as b:
+        first = await acquire(a, KEY, 1.0, owner="a")
+        assert isinstance(await b.claim(KEY, "fp-a", "b", 1.0), InFlight)
+        clock.advance(1.5)
+        second = await acquire(b, KEY, 1.0, owner="b")
+        assert second.token > first.token
+        with pytest.raises(LedgerError):  # LeaseLost: a's claim was taken over through b
+            await a.complete(first)
+        assert (await a.complete(second)).state is State.COMPLETED
+
+
+async def test_many_coroutines_on_one_loop_acquire_each_operation_once(tmp_path: Path) -> None:
+    keys = [OpKey("race", f"op-{i}") for i in range(20)]
+    async with SQLiteLedger(tmp_path / "ledger.db", synchronous="NORMAL") as ledger:
+
+        async def worker(name: str) -> list[OpKey]:
+            won = []
+            for k in random.Random(name).sample(keys, len(keys)):
+                outcome = await ledger.claim(k, "fp", name, 60.0)
+                if isinstance(outcome, Acquired):
+                    won.append(k)
+                    if len(won) % 2:  # half through a transaction, half directly
+                        async with ledger.transaction() as tx:
+                            await ledger.complete_in(tx, outcome.claim)
+                    else:
+                        await ledger.complete(outcome.claim)
+            return won
+
+        results = await asyncio.gather(*(worker(f"w{i}") for i in range(10)))
+        won = [k for r in results for k in r]
+        assert sorted(won) == sorted(keys)  # each acquired exactly once
+        assert sum(1 for r in results if r) > 1  # and the coroutines really interleaved
+        for k in keys:
+            assert (await must_get(ledger, k)).state is State.COMPLETED
+
+
+async def test_cancellation_at_any_point_leaves_the_ledger_consistent(tmp_path: Path) -> None:
+    async with SQLiteLedger(tmp_path / "ledger.db", synchronous="NORMAL") as ledger:
+        async with ledger.transaction() as tx:
+            await tx.execute("CREATE TABLE effects (op TEXT NOT NULL)")
+
+        async def handler(i: int) -> None:
+            key = OpKey("cancel", f"op-{i}")
+            outcome = await ledger.claim(key, "fp", "w", 60.0)
+            assert isinstance(outcome, Acquired)
+            async with ledger.transaction() as tx:
+                await tx.execute("INSERT INTO effects (op) VALUES (?)", (key.operation_id,))
+                await ledger.complete_in(tx, outcome.claim)
+
+        cancelled = 0
+        for i in range(40):
+            task = asyncio.create_task(handler(i))
+            for _ in range(i % 8):  # cancel after a varying number of loop turns
+                await asyncio.sleep(0)
+            await asyncio.sleep(0.0005 * (i % 5))
+            cancelled += task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert cancelled > 0
+        # whatever was cut short: the business row exists exactly when the operation completed
+        async with ledger.transaction() as tx:
+            effects = {op for (op,) in await tx.fetchall("SELECT op FROM effects")}
+        for i in range(40):
+            record = await ledger.get(OpKey("cancel", f"op-{i}"))
+            completed = record is not None and record.state is State.COMPLETED
+            assert completed == (f"op-{i}" in effects), (i, record)
+        # and nothing was left open on the connection
+        assert isinstance(await ledger.claim(OpKey("cancel", "after"), "fp", "w", 1.0), Acquired)
+
+
+# ---------------------------------------------------------------------- durability, config
+
+
+async def test_reopened_ledger_keeps_records_and_tokens_keep_increasing(tmp_path: Path) -> None:
+    clock = FakeClock()
+    path = tmp_path / "ledger.db"
+    ledger = SQLiteLedger(path, clock=clock)
+    done = await ledger.complete(await acquire(ledger, KEY, 5.0), "receipt")
+    held = await acquire(ledger, OpKey("orders", "op-2"), 5.0)
+    entry = await ledger.quarantine(
+        QuarantineRequest("orders", QuarantineReason.MALFORMED_PAYLOAD, message=b"\xff")
+    )
+    await ledger.close()
+
+    reopened = SQLiteLedger(path, clock=clock)
+    try:
+        assert await reopened.get(KEY) == done
+        assert (await must_get(reopened, OpKey("orders", "op-2"))).token == held.token
+        assert await reopened.quarantined() == [entry]
+        fresh = await acquire(reopened, OpKey("orders", "op-3"), 5.0)
+        assert fresh.token > held.token > done.token
+        await reopened.complete(held)  # the claim made before the restart is still current
+    finally:
+        await reopened.close()
+    with sqlite3.connect(path) as conn:  # times are REAL POSIX seconds from the injected clock
+        (created,) = conn.execute(
+            "SELECT created_at FROM replaysafe_operations WHERE operation_id = 'op-1'"
+        ).fetchone()
+    assert created == done.created_at == clock.now()
+
+
+@pytest.mark.parametrize(
+    ("synchronous", "level"), [(None, 2), ("full", 2), ("NORMAL", 1), ("EXTRA", 3), ("OFF", 0)]
+)
+async def test_pragmas_are_wal_and_the_chosen_synchronous(
+    tmp_path: Path, synchronous: str | None, level: int
+) -> None:
+    path = tmp_path / "ledger.db"
+    ledger = (
+        SQLiteLedger(path) if synchronous is None else SQLiteLedger(path, synchronous=synchronous)
+    )
+    # the ledger's own connection: synchronous is a per-connection setting
+    async with ledger, ledger.transaction() as tx:
+        assert await tx.fetchall("PRAGMA synchronous") == [(level,)]
+        assert await tx.fetchall("PRAGMA journal_mode") == [("wal",)]
+    with sqlite3.connect(path) as conn:  # WAL is a property of the file: it stays
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+@pytest.mark.parametrize("synchronous", ["ALWAYS", "", "FULL; DROP TABLE x", "2"])
+def test_invalid_synchronous_is_a_configuration_error(tmp_path: Path, synchronous: str) -> None:
+    with pytest.raises(ConfigurationError, match="synchronous"):
+        SQLiteLedger(tmp_path / "ledger.db", synchronous=synchronous)
+    assert not (tmp_path / "ledger.db").exists()
+
+
+def test_negative_busy_timeout_is_a_configuration_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="busy_timeout"):
+        SQLiteLedger(tmp_path / "ledger.db", busy_timeout=-1)
+
+
+async def test_purge_is_one_bounded_statement_on_the_index(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    async with SQLiteLedger(path) as ledger:
+        await ledger.get(KEY)  # creates the schema
+    with sqlite3.connect(path) as conn:
+        plan = " | ".join(
+            row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + PURGE_SQL, ("completed", 0, 1))
+        )
+    assert "INDEX replaysafe_operations_purge" in plan, plan
+    assert "SCAN" not in plan, plan
+
+
+# ---------------------------------------------------------------------- failures map to our errors
+
+
+async def test_a_locked_database_is_ledger_unavailable_not_a_sqlite_error(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    ledger = SQLiteLedger(path, busy_timeout=0.2)
+    try:
+        await ledger.get(KEY)
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+        with pytest.raises(LedgerUnavailable, match="busy_timeout") as raised:
+            await ledger.claim(KEY, "fp", "w1", 5.0)
+        assert isinstance(raised.value.__cause__, sqlite3.OperationalError)
+        assert await ledger.get(KEY) is None  # reads still work in WAL while a writer waits
+        blocker.execute("COMMIT")
+        blocker.close()
+        assert isinstance(await ledger.claim(KEY, "fp", "w1", 5.0), Acquired)
+    finally:
+        await ledger.close()
+
+
+async def test_an_unopenable_path_is_ledger_unavailable(tmp_path: Path) -> None:
+    async with SQLiteLedger(tmp_path / "missing-dir" / "ledger.db") as ledger:
+        with pytest.raises(LedgerUnavailable, match="writable"):
+            await ledger.claim(KEY, "fp", "w1", 5.0)
+
+
+async def test_a_file_that_is_not_a_database_is_ledger_unavailable(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    path.write_bytes(b"this is not a sqlite database, just bytes" * 100)
+    async with SQLiteLedger(path) as ledger:
+        with pytest.raises(LedgerUnavailable):
+            await ledger.get(KEY)
+
+
+# ---------------------------------------------------------------------- lifecycle, transactions
+
+
+async def test_close_is_idempotent_and_later_calls_fail_clearly(tmp_path: Path) -> None:
+    ledger = SQLiteLedger(tmp_path / "ledger.db")
+    assert str(tmp_path / "ledger.db") in repr(ledger)
+    await ledger.claim(KEY, "fp", "w1", 5.0)
+    await ledger.close()
+    await ledger.close()
+    assert "closed" in repr(ledger)
+    with pytest.raises(LedgerUnavailable, match="closed"):
+        await ledger.get(KEY)
+
+
+async def test_calling_the_ledger_inside_its_own_transaction_raises_instead_of_deadlocking(
+    tmp_path: Path,
+) -> None:
+    async with SQLiteLedger(tmp_path / "ledger.db") as ledger:
+        claim = await acquire(ledger, KEY, 5.0)
+
+        async def misuse() -> None:
+            async with ledger.transaction():
+                with pytest.raises(ConfigurationError, match="complete_in"):
+                    await ledger.complete(claim)
+                with pytest.raises(ConfigurationError):
+                    async with ledger.transaction():
+                        pass
+
+        await asyncio.wait_for(misuse(), 10)
+        assert (await ledger.complete(claim)).state is State.COMPLETED
+
+
+async def test_other_calls_wait_for_an_open_transaction(tmp_path: Path) -> None:
+    async with SQLiteLedger(tmp_path / "ledger.db") as ledger:
+        claim = await acquire(ledger, KEY, 5.0)
+        async with ledger.transaction() as tx:
+            reader = asyncio.create_task(ledger.get(KEY))
+            await asyncio.sleep(0.05)
+            assert not reader.done()  # documented: the connection belongs to the transaction
+            await ledger.complete_in(tx, claim, "r")
+        record = await asyncio.wait_for(reader, 10)
+        assert record is not None
+        assert record.state is State.COMPLETED  # it ran after the commit
+
+
+async def test_complete_in_refuses_a_transaction_of_another_ledger(tmp_path: Path) -> None:
+    async with (
+        SQLiteLedger(tmp_path / "a.db") as a,
+        SQLiteLedger(tmp_path / "b.db") as b,
+    ):
+        claim = await acquire(a, KEY, 5.0)
+        with pytest.raises(ConfigurationError, match="this ledger"):
+            async with b.transaction() as tx:
+                await a.complete_in(tx, claim)
+        assert (await must_get(a, KEY)).state is State.IN_FLIGHT
+
+
+async def test_a_finished_transaction_cannot_be_used(tmp_path: Path) -> None:
+    async with SQLiteLedger(tmp_path / "ledger.db") as ledger:
+        async with ledger.transaction() as tx:
+            await tx.execute("CREATE TABLE t (x INTEGER)")
+        with pytest.raises(LedgerError, match="finished"):
+            await tx.execute("INSERT INTO t VALUES (1)")
+        claim = await acquire(ledger, KEY, 5.0)
+        with pytest.raises(LedgerError, match="finished"):
+            await ledger.complete_in(tx, claim)
+
+
+async def test_ending_the_transaction_from_inside_is_refused(tmp_path: Path) -> None:
+    async with SQLiteLedger(tmp_path / "ledger.db") as ledger:
+        with pytest.raises(ConfigurationError, match="COMMIT"):
+            async with ledger.transaction() as tx:
+                await tx.execute("COMMIT")
+        assert isinstance(await ledger.claim(KEY, "fp", "w1", 5.0), Acquired)  # still usable
+
+
+async def test_execute_reports_rowcount_and_rows(tmp_path: Path) -> None:
+    async with SQLiteLedger(tmp_path / "ledger.db") as ledger, ledger.transaction() as tx:
+        await tx.execute("CREATE TABLE t (x INTEGER PRIMARY KEY)")
+        result = await tx.execute("INSERT INTO t (x) VALUES (?), (?)", (1, 2))
+        assert result.rowcount == 2
+        assert await tx.fetchall("SELECT x FROM t WHERE x > :m", {"m": 1}) == [(2,)]

@@ -1,0 +1,397 @@
+"""The fixed pipelines of DESIGN §2, on the memory broker and a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from replaysafe import (
+    ConfigurationError,
+    Context,
+    Effect,
+    Envelope,
+    Guarantee,
+    MemoryLedger,
+    OpKey,
+    QuarantineReason,
+    RetryPolicy,
+    State,
+)
+from replaysafe import failpoints as fp
+from replaysafe import observe as o
+from replaysafe.brokers.base import RedeliveryKind
+from replaysafe.quarantine import EffectRisk
+
+from .runtime_harness import Harness
+
+EO, ALO, AMO = Guarantee.EFFECTIVELY_ONCE, Guarantee.AT_LEAST_ONCE, Guarantee.AT_MOST_ONCE
+FAST_RETRY = RetryPolicy(max_attempts=4, base_delay=0.1, max_delay=0.5)
+
+
+def order(i: int, amount: int = 100) -> Envelope:
+    return Envelope.of(f"charge:order-{i}", {"order": f"order-{i}", "amount": amount})
+
+
+def charging(h: Harness, **kwargs: Any) -> None:
+    """Register the standard charging handler on ``h``."""
+
+    async def charge(ctx: Context) -> str:
+        return await h.probe.apply(ctx.payload["order"], ctx.payload["amount"], ctx.idempotency_key)
+
+    h.app.handler("orders", **kwargs)(charge)
+
+
+def once_for(op: str) -> Any:
+    fired: set[str] = set()
+
+    def when(ctx: Any) -> bool:
+        if ctx.get("operation_id") == op and op not in fired:
+            fired.add(op)
+            return True
+        return False
+
+    return when
+
+
+async def test_effectively_once_applies_each_operation_once() -> None:
+    h = Harness()
+    charging(h, guarantee=EO, effect=Effect.keyed("payments"), lease=5)
+    await h.publish(*(order(i) for i in range(20)))
+    h.start(workers=2)
+    await h.drain()
+    await h.stop()
+    assert h.probe.per_subject() == {f"order-{i}": 1 for i in range(20)}
+    rec = await h.ledger.get(OpKey("charge", "charge:order-3"))
+    assert rec is not None and rec.state is State.COMPLETED and rec.result is not None
+
+
+async def test_duplicate_transport_copies_are_answered_from_the_ledger() -> None:
+    h = Harness(honour_keys=False)  # the downstream cannot dedupe: only the ledger can
+    charging(h, guarantee=EO, effect=Effect.unkeyed("payments"), lease=5, concurrency=1)
+    await h.publish(order(1), order(1), order(2))
+    h.start()
+    await h.drain()
+    await h.stop()
+    assert h.probe.per_subject() == {"order-1": 1, "order-2": 1}
+    assert h.total(o.DUPLICATE_HITS, cause="completed") == 1
+
+
+async def test_crash_after_effect_is_recovered_with_the_same_idempotency_key() -> None:
+    h = Harness()
+    charging(h, guarantee=EO, effect=Effect.keyed("payments"), lease=5)
+    h.failpoints.enable(fp.AFTER_EFFECT_BEFORE_LEDGER, "kill", when=once_for("charge:order-1"))
+    await h.publish(order(1), order(2))
+    h.start()
+    await h.drain()
+    await h.stop()
+    assert h.failpoints.fired[fp.AFTER_EFFECT_BEFORE_LEDGER] == 1
+    assert h.crashes == 1
+    # redelivered while the dead worker's lease was live: not run, nacked past the lease
+    assert h.total(o.OVERLAPS_PREVENTED) >= 1
+    # re-run after expiry with the same key: the downstream answered from its key, no new charge
+    assert h.probe.per_subject() == {"order-1": 1, "order-2": 1}
+    assert h.probe.replays_answered == 1
+    rec = await h.ledger.get(OpKey("charge", "charge:order-1"))
+    assert rec is not None and rec.state is State.COMPLETED and rec.attempts == 2
+
+
+async def test_unkeyed_effect_with_unknown_outcome_is_quarantined_not_rerun() -> None:
+    h = Harness(honour_keys=False)
+    charging(h, guarantee=EO, effect=Effect.unkeyed("smtp"), lease=5)
+    h.failpoints.enable(fp.AFTER_EFFECT_BEFORE_LEDGER, "kill", when=once_for("charge:order-1"))
+    await h.publish(order(1))
+    h.start()
+    await h.drain()
+    await h.stop()
+    assert h.probe.per_subject() == {"order-1": 1}
+    [entry] = await h.ledger.quarantined()
+    assert entry.reason is QuarantineReason.OUTCOME_UNKNOWN
+    assert entry.risk is EffectRisk.OUTCOME_UNKNOWN
+    rec = await h.ledger.get(OpKey("charge", "charge:order-1"))
+    assert rec is not None and rec.state is State.QUARANTINED
+
+
+async def test_unkeyed_effect_opting_into_retry_duplicates_honestly() -> None:
+    h = Harness(honour_keys=False)
+    charging(h, guarantee=EO, effect=Effect.unkeyed("smtp", on_unknown="retry"), lease=5)
+    h.failpoints.enable(fp.AFTER_EFFECT_BEFORE_LEDGER, "kill", when=once_for("charge:order-1"))
+    await h.publish(order(1))
+    h.start()
+    await h.drain()
+    await h.stop()
+    assert h.probe.per_subject() == {"order-1": 2}  # at-least-once at smtp, as declared
+
+
+async def test_key_reuse_conflict_is_quarantined_and_never_applied() -> None:
+    h = Harness()
+    charging(h, guarantee=EO, effect=Effect.keyed("payments"), lease=5)
+    await h.publish(order(1, amount=100))
+    h.start()
+    await h.drain()
+    await h.publish(order(1, amount=999))  # same operation id, different payload
+    await h.drain()
+    await h.stop()
+    assert h.probe.effects == [("fx_1", "order-1", 100)]
+    [entry] = await h.ledger.quarantined()
+    assert entry.reason is QuarantineReason.KEY_REUSE_CONFLICT
+    assert entry.risk is EffectRisk.NEVER_CLAIMED
+    assert entry.message is not None and b"999" in entry.message
+
+
+async def test_handler_errors_are_released_and_retried_with_backoff() -> None:
+    h = Harness()
+    calls = 0
+
+    async def flaky(ctx: Context) -> None:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise ConnectionError("downstream 503")
+        await h.probe.apply("order-1", None, ctx.idempotency_key)
+
+    h.handler(EO, effect=Effect.keyed("payments"), lease=5, retry=FAST_RETRY)(flaky)
+    await h.publish(order(1))
+    h.start()
+    await h.drain()
+    await h.stop()
+    assert calls == 3 and h.probe.per_subject() == {"order-1": 1}
+    assert h.total(o.RETRIES) == 2
+    rec = await h.ledger.get(OpKey("flaky", "charge:order-1"))
+    assert rec is not None and rec.attempts == 3 and rec.state is State.COMPLETED
+
+
+async def test_non_retryable_error_is_quarantined_on_first_attempt() -> None:
+    h = Harness()
+
+    async def strict(ctx: Context) -> None:
+        raise KeyError("no such customer")
+
+    retry = RetryPolicy(max_attempts=5, give_up_on=(KeyError,))
+    h.handler(EO, effect=Effect.keyed("payments"), lease=5, retry=retry)(strict)
+    await h.publish(order(1))
+    h.start()
+    await h.drain()
+    await h.stop()
+    [entry] = await h.ledger.quarantined()
+    assert entry.reason is QuarantineReason.NON_RETRYABLE_ERROR and entry.attempts == 1
+
+
+async def test_retry_budget_exhausted_goes_to_quarantine() -> None:
+    h = Harness()
+
+    async def broken(ctx: Context) -> None:
+        raise RuntimeError("always")
+
+    h.handler(EO, effect=Effect.keyed("payments"), lease=5, retry=FAST_RETRY)(broken)
+    await h.publish(order(1))
+    h.start()
+    await h.drain()
+    await h.stop()
+    [entry] = await h.ledger.quarantined()
+    assert entry.reason is QuarantineReason.MAX_ATTEMPTS and entry.attempts == 4
+    assert entry.risk is EffectRisk.RELEASED_CLEANLY
+
+
+async def test_poison_that_kills_the_worker_every_time_is_still_quarantined() -> None:
+    h = Harness()
+    charging(h, guarantee=EO, effect=Effect.keyed("payments"), lease=2, retry=FAST_RETRY)
+    h.failpoints.enable(
+        fp.BEFORE_EFFECT, "kill", when=lambda ctx: ctx["operation_id"] == "charge:order-1"
+    )
+    await h.publish(order(1), order(2))
+    h.start()
+    await h.drain()
+    await h.stop()
+    # attempts 1..4 each killed the worker; the 5th claim finds the budget spent
+    assert h.crashes == 4
+    [entry] = await h.ledger.quarantined()
+    assert entry.reason is QuarantineReason.MAX_ATTEMPTS
+    assert entry.risk is EffectRisk.OUTCOME_UNKNOWN
+    assert h.probe.per_subject() == {"order-2": 1}
+
+
+async def test_at_most_once_completes_first_and_may_lose() -> None:
+    h = Harness()
+    charging(h, guarantee=AMO)
+    h.failpoints.enable(fp.BEFORE_EFFECT, "kill", when=once_for("charge:order-1"))
+    await h.publish(order(1), order(2))
+    h.start()
+    await h.drain()
+    await h.stop()
+    assert h.probe.per_subject() == {"order-2": 1}  # order-1 lost: completed, then crashed
+
+
+async def test_at_most_once_never_retries_a_failed_handler() -> None:
+    h = Harness()
+    calls = 0
+
+    async def failing(ctx: Context) -> None:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("boom")
+
+    h.handler(AMO)(failing)
+    await h.publish(order(1))
+    h.start()
+    await h.drain()
+    await h.run_until(lambda: calls >= 1)
+    await h.clock.run_for(5)
+    await h.stop()
+    assert calls == 1
+
+
+async def test_at_least_once_duplicates_after_a_crash_after_effect() -> None:
+    h = Harness(honour_keys=False)
+    charging(h, guarantee=ALO)
+    h.failpoints.enable(fp.AFTER_EFFECT_BEFORE_LEDGER, "kill", when=once_for("charge:order-1"))
+    await h.publish(order(1), order(2))
+    h.start()
+    await h.drain()
+    await h.stop()
+    assert h.probe.per_subject() == {"order-1": 2, "order-2": 1}
+
+
+async def test_bad_input_is_quarantined_and_the_good_messages_applied() -> None:
+    h = Harness()
+    charging(h, guarantee=EO, effect=Effect.keyed("payments"), lease=5)
+    await h.publish(order(1))
+    await h.publish_raw(b'{"order": "x", "amount": 1}', {})  # no operation id, no key extractor
+    await h.publish_raw(b"[NaN]", {"rs-operation-id": "charge:nan"})
+    await h.publish_raw(
+        b"\x80\x04pickle",
+        {"rs-operation-id": "charge:p", "content-type": "application/x-python-pickle"},
+    )
+    await h.publish(order(2))
+    h.start()
+    await h.drain()
+    await h.stop()
+    assert h.probe.per_subject() == {"order-1": 1, "order-2": 1}
+    reasons = sorted(e.reason.value for e in await h.ledger.quarantined())
+    assert reasons == ["invalid_operation_id", "malformed_payload", "unsupported_content_type"]
+    assert h.crashes == 0
+
+
+async def test_key_extractor_derives_the_operation_id_for_plain_clients() -> None:
+    h = Harness()
+    charging(
+        h,
+        guarantee=EO,
+        effect=Effect.keyed("payments"),
+        lease=5,
+        key=lambda p: ("charge", p["order"]),
+    )
+    await h.publish_raw(b'{"order": "order-7", "amount": 5}', {})
+    await h.publish_raw(b'{"amount": 5, "order": "order-7"}', {})  # same payload, other spelling
+    h.start()
+    await h.drain()
+    await h.stop()
+    assert h.probe.per_subject() == {"order-7": 1}
+    assert await h.ledger.get(OpKey("charge", "charge:order-7")) is not None
+
+
+async def test_delivery_beyond_the_replay_horizon_is_refused() -> None:
+    h = Harness(horizon=3600)
+    charging(h, guarantee=EO, effect=Effect.keyed("payments"), lease=5)
+    old = order(1).with_published_at(h.clock.now() - 7200)
+    await h.broker.publish("orders", [old])
+    h.start()
+    await h.drain()
+    await h.stop()
+    assert h.probe.effects == []
+    [entry] = await h.ledger.quarantined()
+    assert entry.reason is QuarantineReason.BEYOND_HORIZON
+
+
+async def test_lease_is_extended_while_a_long_handler_runs() -> None:
+    h = Harness(mode=RedeliveryKind.VISIBILITY_TIMEOUT)
+
+    async def slow(ctx: Context) -> None:
+        await h.clock.sleep(12)  # four leases long; the visibility timeout is 10 s
+        await h.probe.apply("order-1", None, ctx.idempotency_key)
+
+    h.handler(EO, effect=Effect.keyed("payments"), lease=3, timeout=60)(slow)
+    await h.publish(order(1))
+    h.start(workers=2)
+    await h.drain(seconds=60)
+    await h.stop()
+    assert h.probe.per_subject() == {"order-1": 1}
+    assert h.total(o.LEASE_EXTENSIONS) >= 3
+    assert h.total(o.VISIBILITY_EXTENSIONS) >= 3
+    assert h.total(o.OVERLAPS_PREVENTED) == 0  # visibility never lapsed, nobody else saw it
+
+
+async def test_deadline_cuts_a_hung_handler_and_the_operation_is_retried() -> None:
+    h = Harness()
+    calls = 0
+
+    async def hangs_once(ctx: Context) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.Event().wait()  # never returns
+        await h.probe.apply("order-1", None, ctx.idempotency_key)
+
+    h.handler(EO, effect=Effect.keyed("payments"), lease=5, retry=FAST_RETRY)(hangs_once)
+    await h.publish(order(1))
+    h.start()
+    await h.drain()
+    await h.stop()
+    assert calls == 2 and h.probe.per_subject() == {"order-1": 1}
+
+
+async def test_zombie_whose_lease_was_taken_over_is_fenced() -> None:
+    h = Harness()
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+    key = OpKey("stall", "charge:order-1")
+
+    async def stall(ctx: Context) -> None:
+        entered.set()
+        await gate.wait()
+        await h.probe.apply("order-1", None, ctx.idempotency_key)
+
+    h.handler(EO, effect=Effect.keyed("payments"), lease=3, timeout=100)(stall)
+    await h.publish(order(1))
+    h.start()
+    await h.run_until(entered.is_set)
+    rec = await h.ledger.get(key)
+    assert rec is not None and rec.state is State.IN_FLIGHT
+    # the process stalls (e.g. SIGSTOP) past its lease: time jumps, and before its heartbeat can
+    # run another worker takes the operation over
+    h.clock.advance(10)
+    thief = await h.ledger.claim(key, rec.fingerprint, "thief", 30)
+    assert thief.__class__.__name__ == "Acquired"
+    for _ in range(20):
+        await asyncio.sleep(0)
+    gate.set()
+    await h.run_until(lambda: h.total(o.LEASE_LOST) >= 1, seconds=5)
+    await h.stop()
+    assert h.probe.effects == []  # the zombie was cut before its effect
+    rec = await h.ledger.get(key)
+    assert rec is not None and rec.owner == "thief"
+
+
+async def test_graceful_stop_drains_in_flight_work() -> None:
+    h = Harness()
+    charging(h, guarantee=EO, effect=Effect.keyed("payments"), lease=5)
+    await h.publish(*(order(i) for i in range(5)))
+    h.start()
+    await h.drain()
+    await h.stop()
+    assert sum(h.probe.per_subject().values()) == 5
+    assert all(w.stats.total(o.LEASE_LOST) == 0 for w in h.workers)
+
+
+def test_guarantee_is_required_and_validated() -> None:
+    h = Harness()
+    with pytest.raises(TypeError):
+        h.app.handler("orders")  # type: ignore[call-arg]
+    with pytest.raises(ConfigurationError, match="one of"):
+        h.app.handler("orders", guarantee="exactly-once")
+    with pytest.raises(ConfigurationError, match="must declare its effect"):
+        h.app.handler("orders", guarantee=EO)
+    with pytest.raises(ConfigurationError, match="not transactional"):
+        h.app.handler("orders", guarantee=EO, effect=Effect.transactional())
+    assert isinstance(h.ledger, MemoryLedger)
