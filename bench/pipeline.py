@@ -33,10 +33,11 @@ SOURCE = "bench"
 
 async def _publish(broker: MemoryBroker, n: int) -> None:
     now = time.time()
-    envs = [Envelope.of(f"op:{i}", {"i": i, "amount": 100}).with_published_at(now)
-            for i in range(n)]
+    envs = [
+        Envelope.of(f"op:{i}", {"i": i, "amount": 100}).with_published_at(now) for i in range(n)
+    ]
     for start in range(0, n, 500):
-        await broker.publish(SOURCE, envs[start:start + 500])
+        await broker.publish(SOURCE, envs[start : start + 500])
 
 
 async def raw_loop(n: int, concurrency: int) -> float:
@@ -79,7 +80,7 @@ async def runtime_loop(
     task = asyncio.create_task(worker.run())
     await finished.wait()
     group = app.handlers["handle"].group
-    while broker.depth(SOURCE, group):
+    while broker.depth(SOURCE, group):  # noqa: ASYNC110 - no drained event to wait on
         await asyncio.sleep(0.001)
     elapsed = time.perf_counter() - started
     worker.stop()
@@ -93,16 +94,22 @@ async def main_async(n: int, concurrency: int, rounds: int) -> dict[str, Any]:
     counter = iter(range(10_000))
     variants: dict[str, Callable[[], Awaitable[float]]] = {
         "raw": lambda: raw_loop(n, concurrency),
-        "at-least-once": lambda: runtime_loop(n, concurrency, Guarantee.AT_LEAST_ONCE,
-                                              MemoryLedger),
-        "eo-memory": lambda: runtime_loop(n, concurrency, Guarantee.EFFECTIVELY_ONCE,
-                                          MemoryLedger),
+        "at-least-once": lambda: runtime_loop(
+            n, concurrency, Guarantee.AT_LEAST_ONCE, MemoryLedger
+        ),
+        "eo-memory": lambda: runtime_loop(n, concurrency, Guarantee.EFFECTIVELY_ONCE, MemoryLedger),
         "eo-sqlite-normal": lambda: runtime_loop(
-            n, concurrency, Guarantee.EFFECTIVELY_ONCE,
-            lambda: SQLiteLedger(tmp / f"n{next(counter)}.db", synchronous="NORMAL")),
+            n,
+            concurrency,
+            Guarantee.EFFECTIVELY_ONCE,
+            lambda: SQLiteLedger(tmp / f"n{next(counter)}.db", synchronous="NORMAL"),
+        ),
         "eo-sqlite-full": lambda: runtime_loop(
-            n, concurrency, Guarantee.EFFECTIVELY_ONCE,
-            lambda: SQLiteLedger(tmp / f"f{next(counter)}.db", synchronous="FULL")),
+            n,
+            concurrency,
+            Guarantee.EFFECTIVELY_ONCE,
+            lambda: SQLiteLedger(tmp / f"f{next(counter)}.db", synchronous="FULL"),
+        ),
     }
     best: dict[str, float] = {}
     # interleave the variants round by round so drift on the machine hits them all alike
@@ -119,8 +126,11 @@ async def main_async(n: int, concurrency: int, rounds: int) -> dict[str, Any]:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "results": {
-            name: {"seconds": round(t, 4), "messages_per_s": round(n / t, 1),
-                   "ratio_to_raw": round(raw / t, 4)}
+            name: {
+                "seconds": round(t, 4),
+                "messages_per_s": round(n / t, 1),
+                "ratio_to_raw": round(raw / t, 4),
+            }
             for name, t in best.items()
         },
     }
@@ -131,7 +141,9 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "pipeline.json")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "pipeline.json"
+    )
     args = parser.parse_args()
     report = asyncio.run(main_async(args.messages, args.concurrency, args.rounds))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -196,10 +196,14 @@ async def test_cancellation_at_any_point_leaves_the_ledger_consistent(tmp_path: 
         # whatever was cut short: the business row exists exactly when the operation completed
         async with ledger.transaction() as tx:
             effects = {op for (op,) in await tx.fetchall("SELECT op FROM effects")}
+        seen = set()
         for i in range(40):
             record = await ledger.get(OpKey("cancel", f"op-{i}"))
             completed = record is not None and record.state is State.COMPLETED
             assert completed == (f"op-{i}" in effects), (i, record)
+            seen.add(None if record is None else record.state)
+        # the cancellations must have landed inside transactions too, or this proved little
+        assert {State.IN_FLIGHT, State.COMPLETED} <= seen, seen
         # and nothing was left open on the connection
         assert isinstance(await ledger.claim(OpKey("cancel", "after"), "fp", "w", 1.0), Acquired)
 

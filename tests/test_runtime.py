@@ -395,3 +395,60 @@ def test_guarantee_is_required_and_validated() -> None:
     with pytest.raises(ConfigurationError, match="not transactional"):
         h.app.handler("orders", guarantee=EO, effect=Effect.transactional())
     assert isinstance(h.ledger, MemoryLedger)
+
+
+async def test_crash_after_ledger_before_ack_is_answered_as_a_duplicate() -> None:
+    h = Harness(honour_keys=False)
+    charging(h, guarantee=EO, effect=Effect.unkeyed("payments"), lease=5)
+    h.failpoints.enable(fp.AFTER_LEDGER_BEFORE_ACK, "kill", when=once_for("charge:order-1"))
+    await h.publish(order(1))
+    h.start()
+    await h.drain()
+    await h.stop()
+    assert h.failpoints.fired[fp.AFTER_LEDGER_BEFORE_ACK] == 1
+    assert h.probe.per_subject() == {"order-1": 1}
+    assert h.total(o.DUPLICATE_HITS, cause="completed") == 1
+    assert await h.ledger.quarantined() == []
+
+
+async def test_crash_between_quarantine_and_ack_keeps_one_entry() -> None:
+    h = Harness()
+    charging(h, guarantee=EO, effect=Effect.keyed("payments"), lease=5)
+    h.failpoints.enable(fp.AFTER_QUARANTINE_BEFORE_ACK, "kill", times=1)
+    await h.publish_raw(b"{not json", {"rs-operation-id": "charge:bad"})
+    h.start()
+    await h.drain()
+    await h.stop()
+    assert h.crashes == 1
+    [entry] = await h.ledger.quarantined()  # recorded before the crash, idempotent after it
+    assert entry.reason is QuarantineReason.MALFORMED_PAYLOAD and entry.seen == 2
+
+
+async def test_transactional_effect_commits_with_the_ledger_row(tmp_path: Any) -> None:
+    from replaysafe.ledger.sqlite import SQLiteLedger
+    from replaysafe.testing import FakeClock
+
+    clock = FakeClock()
+    ledger = SQLiteLedger(tmp_path / "l.db", clock=clock)
+    h = Harness(ledger=ledger, clock=clock)
+    async with ledger.transaction() as tx:
+        await tx.execute("CREATE TABLE charges (order_id TEXT, amount INTEGER)")
+
+    async def book(ctx: Context) -> None:
+        assert ctx.tx is not None
+        await ctx.tx.execute(
+            "INSERT INTO charges VALUES (?, ?)", (ctx.payload["order"], ctx.payload["amount"])
+        )
+
+    h.handler(EO, effect=Effect.transactional(), lease=5)(book)
+    # killed after the insert but before the ledger row: the transaction never commits
+    h.failpoints.enable(fp.AFTER_EFFECT_BEFORE_LEDGER, "kill", when=once_for("charge:order-1"))
+    await h.publish(order(1), order(2), order(2))
+    h.start()
+    await h.drain()
+    await h.stop()
+    assert h.crashes == 1
+    async with ledger.transaction() as tx:
+        rows = await tx.fetchall("SELECT order_id, COUNT(*) FROM charges GROUP BY order_id")
+    assert sorted(rows) == [("order-1", 1), ("order-2", 1)]
+    await ledger.close()

@@ -20,12 +20,27 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--orders", default=1000, show_default=True, type=click.IntRange(4, 1_000_000),
-              help="How many capture-payment operations to publish.")
-@click.option("--seed", default=7, show_default=True, type=int,
-              help="Chooses the faults; the same seed gives the same faults under each guarantee.")
-@click.option("--workers", default=8, show_default=True, type=click.IntRange(1, 256),
-              help="Consumer workers (each restarts after a simulated crash).")
+@click.option(
+    "--orders",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(4, 1_000_000),
+    help="How many capture-payment operations to publish.",
+)
+@click.option(
+    "--seed",
+    default=7,
+    show_default=True,
+    type=int,
+    help="Chooses the faults; the same seed gives the same faults under each guarantee.",
+)
+@click.option(
+    "--workers",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1, 256),
+    help="Consumer workers (each restarts after a simulated crash).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON only.")
 def demo(orders: int, seed: int, workers: int, as_json: bool) -> None:
     """Replay the double-charge chain under each guarantee (memory broker + SQLite ledger)."""

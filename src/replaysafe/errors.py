@@ -127,6 +127,6 @@ class BrokerUnavailable(BrokerError):
     """The broker cannot be reached."""
 
 
-class SimulatedCrash(BaseException):  # noqa: N818 - it is a process death, not an error
+class SimulatedCrash(BaseException):
     """Raised by a failpoint's ``kill`` action inside one process: the current worker dies on the
     spot. Nothing is settled, released or completed, exactly as after SIGKILL."""

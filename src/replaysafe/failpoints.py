@@ -39,11 +39,19 @@ RELAY_AFTER_PUBLISH_BEFORE_MARK = "relay_after_publish_before_mark"
 PUBLISH_BEFORE_ACCEPT = "publish_before_accept"
 PUBLISH_AFTER_ACCEPT = "publish_after_accept"
 
-NAMES = frozenset({
-    AFTER_CLAIM, BEFORE_EFFECT, AFTER_EFFECT_BEFORE_LEDGER, AFTER_LEDGER_BEFORE_ACK, AFTER_ACK,
-    AFTER_QUARANTINE_BEFORE_ACK, RELAY_AFTER_PUBLISH_BEFORE_MARK, PUBLISH_BEFORE_ACCEPT,
-    PUBLISH_AFTER_ACCEPT,
-})
+NAMES = frozenset(
+    {
+        AFTER_CLAIM,
+        BEFORE_EFFECT,
+        AFTER_EFFECT_BEFORE_LEDGER,
+        AFTER_LEDGER_BEFORE_ACK,
+        AFTER_ACK,
+        AFTER_QUARANTINE_BEFORE_ACK,
+        RELAY_AFTER_PUBLISH_BEFORE_MARK,
+        PUBLISH_BEFORE_ACCEPT,
+        PUBLISH_AFTER_ACCEPT,
+    }
+)
 
 ActionKind = Literal["kill", "exit", "raise", "sleep", "pause"]
 #: decides per hit whether the failpoint fires; receives the hit's context (operation_id, attempt…)

@@ -130,5 +130,5 @@ class Subscriber(ABC):
 class Broker(Publisher, Subscriber):
     """A backend that both publishes and subscribes."""
 
-    async def close(self) -> None:  # noqa: B027 - optional hook
+    async def close(self) -> None:
         """Close connections. Idempotent."""

@@ -317,8 +317,19 @@ def decide_claim(
     used (and must only be consumed) when the outcome is ``Acquired``.
     """
     if existing is None:
-        rec = Record(key, fingerprint, State.IN_FLIGHT, next_token, owner, now + lease, 1,
-                     None, None, now, now)
+        rec = Record(
+            key,
+            fingerprint,
+            State.IN_FLIGHT,
+            next_token,
+            owner,
+            now + lease,
+            1,
+            None,
+            None,
+            now,
+            now,
+        )
         return Acquired(Claim(key, fingerprint, next_token, owner, now + lease, 1)), rec
     if existing.fingerprint != fingerprint:
         return Conflict(existing), None
@@ -330,8 +341,19 @@ def decide_claim(
         return InFlight(existing), None
     recovered = existing.state is State.IN_FLIGHT  # lease expired without complete or release
     attempt = existing.attempts + 1
-    rec = Record(key, fingerprint, State.IN_FLIGHT, next_token, owner, now + lease, attempt,
-                 None, existing.last_error, existing.created_at, now)
+    rec = Record(
+        key,
+        fingerprint,
+        State.IN_FLIGHT,
+        next_token,
+        owner,
+        now + lease,
+        attempt,
+        None,
+        existing.last_error,
+        existing.created_at,
+        now,
+    )
     claim = Claim(key, fingerprint, next_token, owner, now + lease, attempt, recovered)
     return Acquired(claim), rec
 

@@ -39,7 +39,12 @@ class MemoryLedger(Ledger):
 
     async def claim(self, key: OpKey, fingerprint: str, owner: str, lease: float) -> ClaimOutcome:
         outcome, rec = decide_claim(
-            self._records.get(key), key, fingerprint, owner, lease, self.now(),
+            self._records.get(key),
+            key,
+            fingerprint,
+            owner,
+            lease,
+            self.now(),
             self._last_token + 1,
         )
         if isinstance(outcome, Acquired):
@@ -57,8 +62,14 @@ class MemoryLedger(Ledger):
     async def complete(self, claim: Claim, result: str | None = None) -> Record:
         rec = check_fence(self._records.get(claim.key), claim)
         now = self.now()
-        done = replace(rec, state=State.COMPLETED, result=result, lease_until=None,
-                       updated_at=now, completed_at=now)
+        done = replace(
+            rec,
+            state=State.COMPLETED,
+            result=result,
+            lease_until=None,
+            updated_at=now,
+            completed_at=now,
+        )
         self._records[claim.key] = done
         return done
 
@@ -75,20 +86,40 @@ class MemoryLedger(Ledger):
         if claim is not None:
             rec = check_fence(self._records.get(claim.key), claim)
             self._records[claim.key] = replace(
-                rec, state=State.QUARANTINED, lease_until=None, last_error=request.detail,
+                rec,
+                state=State.QUARANTINED,
+                lease_until=None,
+                last_error=request.detail,
                 updated_at=now,
             )
         eid = request.entry_id()
         old = self._quarantine.get(eid)
         if old is None:
             entry = QuarantineEntry(
-                eid, request.scope, request.reason, request.operation_id, request.fingerprint,
-                request.risk, request.attempts, request.detail, request.detail,
-                request.capped_message(), request.content_type, now, now, 1,
+                eid,
+                request.scope,
+                request.reason,
+                request.operation_id,
+                request.fingerprint,
+                request.risk,
+                request.attempts,
+                request.detail,
+                request.detail,
+                request.capped_message(),
+                request.content_type,
+                now,
+                now,
+                1,
             )
         else:
-            entry = replace(old, attempts=max(old.attempts, request.attempts), risk=request.risk,
-                            last_detail=request.detail, updated_at=now, seen=old.seen + 1)
+            entry = replace(
+                old,
+                attempts=max(old.attempts, request.attempts),
+                risk=request.risk,
+                last_detail=request.detail,
+                updated_at=now,
+                seen=old.seen + 1,
+            )
         self._quarantine[eid] = entry
         return entry
 
@@ -103,7 +134,8 @@ class MemoryLedger(Ledger):
 
     async def purge(self, older_than: float, *, limit: int = 10_000) -> int:
         doomed = [
-            k for k, r in self._records.items()
+            k
+            for k, r in self._records.items()
             if r.state is State.COMPLETED and (r.completed_at or 0.0) < older_than
         ][:limit]
         for k in doomed:

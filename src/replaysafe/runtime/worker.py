@@ -95,7 +95,9 @@ class Worker:
         if missing:
             raise ConfigurationError(f"unknown handler(s) {missing}; known: {sorted(app.handlers)}")
         if not names:
-            raise ConfigurationError("the app has no handlers to run; register one with @app.handler")
+            raise ConfigurationError(
+                "the app has no handlers to run; register one with @app.handler"
+            )
         self.app = app
         self.specs = [app.handlers[n] for n in names]
         self.owner = owner or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -111,16 +113,24 @@ class Worker:
     # ------------------------------------------------------------------ lifecycle
 
     def _validate(self) -> None:
+        """Check the handlers against the ledger and the broker's capabilities at start-up."""
         for spec in self.specs:
             caps = self.app.broker.capabilities(spec.source)
             if spec.lease <= spec.heartbeat:
                 raise ConfigurationError(f"{spec.name}: heartbeat must be shorter than the lease")
-            if spec.guarantee is Guarantee.EFFECTIVELY_ONCE and spec.effect.kind == "transactional":
-                if not isinstance(self.app.ledger, TransactionalLedger):
-                    raise ConfigurationError(
-                        f"{spec.name}: transactional effect needs a TransactionalLedger"
-                    )
-            del caps  # validated per capability in the broker issue (extension, ordering)
+            transactional = spec.effect.kind == "transactional"
+            if transactional and not isinstance(self.app.ledger, TransactionalLedger):
+                raise ConfigurationError(
+                    f"{spec.name}: a transactional effect needs a TransactionalLedger "
+                    "(SQLiteLedger, PostgresLedger)"
+                )
+            if spec.guarantee is not Guarantee.AT_MOST_ONCE and not caps.delayed_nack:
+                log.warning(
+                    "%s: %s cannot delay a nack; retries and in-flight overlaps are redelivered "
+                    "at once",
+                    spec.name,
+                    spec.source,
+                )
 
     async def run(self, *, drain_timeout: float = 30.0) -> None:
         """Consume until :meth:`stop` (then drain in-flight work for up to ``drain_timeout``
@@ -199,8 +209,11 @@ class Worker:
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug in the pipeline must not kill the worker or lose the message
-            log.exception("%s: pipeline error on %s; leaving it to redelivery", spec.name,
-                          delivery.delivery_id)
+            log.exception(
+                "%s: pipeline error on %s; leaving it to redelivery",
+                spec.name,
+                delivery.delivery_id,
+            )
             self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.FAILED)
             with contextlib.suppress(Exception):
                 await delivery.nack(delay=LEDGER_RETRY_DELAY)
@@ -228,7 +241,9 @@ class Worker:
                 limits=spec.limits,
             )
         except BadInput as bad:
-            await self._quarantine(spec, delivery, None, bad.reason, str(bad), attempts=delivery.attempt)
+            await self._quarantine(
+                spec, delivery, None, bad.reason, str(bad), attempts=delivery.attempt
+            )
             return
         if spec.guarantee is Guarantee.AT_MOST_ONCE:
             await self._at_most_once(spec, delivery, env)
@@ -245,8 +260,12 @@ class Worker:
         try:
             await self._run_handler(spec, Context(env, delivery, spec.name, delivery.attempt), None)
         except Exception as exc:  # completed already: counted, never retried
-            log.warning("%s: at-most-once handler failed on %s: %r (not retried)", spec.name,
-                        env.operation_id, exc)
+            log.warning(
+                "%s: at-most-once handler failed on %s: %r (not retried)",
+                spec.name,
+                env.operation_id,
+                exc,
+            )
             self.stats.inc(o.HANDLER_ERRORS, handler=spec.name)
             self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.FAILED)
             return
@@ -257,9 +276,15 @@ class Worker:
         attempt = delivery.attempt
         ctx = self._ctx(spec, env, attempt)
         if attempt > spec.retry.max_attempts:
-            await self._quarantine(spec, delivery, env, QuarantineReason.MAX_ATTEMPTS,
-                                   f"delivered {attempt} times, budget {spec.retry.max_attempts}",
-                                   attempts=attempt, risk=EffectRisk.OUTCOME_UNKNOWN)
+            await self._quarantine(
+                spec,
+                delivery,
+                env,
+                QuarantineReason.MAX_ATTEMPTS,
+                f"delivered {attempt} times, budget {spec.retry.max_attempts}",
+                attempts=attempt,
+                risk=EffectRisk.OUTCOME_UNKNOWN,
+            )
             self.stats.inc(o.RETRY_BUDGET_EXHAUSTED, handler=spec.name)
             return
         await self.app.failpoints.hit(fp.BEFORE_EFFECT, ctx)
@@ -280,7 +305,10 @@ class Worker:
         now = app.clock.now()
         if env.published_at is not None and now - env.published_at > app.horizon:
             await self._quarantine(
-                spec, delivery, env, QuarantineReason.BEYOND_HORIZON,
+                spec,
+                delivery,
+                env,
+                QuarantineReason.BEYOND_HORIZON,
                 f"published {now - env.published_at:.0f}s ago, beyond the replay horizon of "
                 f"{app.horizon:.0f}s: the ledger may have forgotten it, so it cannot be proven new",
                 attempts=delivery.attempt,
@@ -310,7 +338,10 @@ class Worker:
             return
         if isinstance(outcome, Conflict):
             await self._quarantine(
-                spec, delivery, env, QuarantineReason.KEY_REUSE_CONFLICT,
+                spec,
+                delivery,
+                env,
+                QuarantineReason.KEY_REUSE_CONFLICT,
                 f"operation {env.operation_id} was first seen with payload "
                 f"{outcome.record.fingerprint}, this copy has {env.fingerprint}",
                 attempts=delivery.attempt,
@@ -327,24 +358,41 @@ class Worker:
         if claim.attempt > spec.retry.max_attempts:
             self.stats.inc(o.RETRY_BUDGET_EXHAUSTED, handler=spec.name)
             await self._quarantine(
-                spec, delivery, env, QuarantineReason.MAX_ATTEMPTS,
+                spec,
+                delivery,
+                env,
+                QuarantineReason.MAX_ATTEMPTS,
                 f"claimed {claim.attempt} times, budget {spec.retry.max_attempts}",
-                claim=claim, attempts=claim.attempt,
+                claim=claim,
+                attempts=claim.attempt,
                 risk=EffectRisk.OUTCOME_UNKNOWN if claim.recovered else EffectRisk.RELEASED_CLEANLY,
             )
             return
-        if (claim.recovered and spec.effect.kind == "unkeyed"
-                and spec.effect.on_unknown == "quarantine"):
+        if (
+            claim.recovered
+            and spec.effect.kind == "unkeyed"
+            and spec.effect.on_unknown == "quarantine"
+        ):
             await self._quarantine(
-                spec, delivery, env, QuarantineReason.OUTCOME_UNKNOWN,
+                spec,
+                delivery,
+                env,
+                QuarantineReason.OUTCOME_UNKNOWN,
                 f"a previous attempt on {spec.effect.name} (which cannot deduplicate) lost its "
                 "lease without completing; its effect may or may not have happened",
-                claim=claim, attempts=claim.attempt, risk=EffectRisk.OUTCOME_UNKNOWN,
+                claim=claim,
+                attempts=claim.attempt,
+                risk=EffectRisk.OUTCOME_UNKNOWN,
             )
             return
-        hctx = Context(env, delivery, spec.name, claim.attempt,
-                       idempotency_key=env.operation_id if spec.effect.kind == "keyed" else None,
-                       token=claim.token)
+        hctx = Context(
+            env,
+            delivery,
+            spec.name,
+            claim.attempt,
+            idempotency_key=env.operation_id if spec.effect.kind == "keyed" else None,
+            token=claim.token,
+        )
         await app.failpoints.hit(fp.BEFORE_EFFECT, ctx)
         try:
             if spec.effect.kind == "transactional":
@@ -408,8 +456,11 @@ class Worker:
                         await ctx.delivery.extend(spec.lease)
                         self.stats.inc(o.VISIBILITY_EXTENSIONS, handler=spec.name)
                 except Exception as exc:
-                    state["cut"] = exc if isinstance(exc, LeaseLost) else _Cut(
-                        f"lease/visibility extension failed: {exc!r}")
+                    state["cut"] = (
+                        exc
+                        if isinstance(exc, LeaseLost)
+                        else _Cut(f"lease/visibility extension failed: {exc!r}")
+                    )
                     task.cancel()
                     return
 
@@ -427,29 +478,54 @@ class Worker:
             self.stats.observe(o.HANDLER_SECONDS, clock.now() - started, handler=spec.name)
 
     async def _handler_failed(
-        self, spec: HandlerSpec, delivery: Delivery, env: Envelope, claim: Claim | None,
-        attempt: int, exc: Exception,
+        self,
+        spec: HandlerSpec,
+        delivery: Delivery,
+        env: Envelope,
+        claim: Claim | None,
+        attempt: int,
+        exc: Exception,
     ) -> None:
         self.stats.inc(o.HANDLER_ERRORS, handler=spec.name)
         cut = isinstance(exc, _Cut)
         unknown = cut and spec.effect.kind == "unkeyed" and spec.effect.on_unknown == "quarantine"
         if claim is not None and unknown:
             # the handler was cancelled mid-effect on a downstream that cannot deduplicate
-            await self._quarantine(spec, delivery, env, QuarantineReason.OUTCOME_UNKNOWN,
-                                   f"{exc}; the effect on {spec.effect.name} may have happened",
-                                   claim=claim, attempts=attempt, risk=EffectRisk.OUTCOME_UNKNOWN)
+            await self._quarantine(
+                spec,
+                delivery,
+                env,
+                QuarantineReason.OUTCOME_UNKNOWN,
+                f"{exc}; the effect on {spec.effect.name} may have happened",
+                claim=claim,
+                attempts=attempt,
+                risk=EffectRisk.OUTCOME_UNKNOWN,
+            )
             return
         if not cut and not spec.retry.retryable(exc):
-            await self._quarantine(spec, delivery, env, QuarantineReason.NON_RETRYABLE_ERROR,
-                                   repr(exc), claim=claim, attempts=attempt,
-                                   risk=EffectRisk.RELEASED_CLEANLY)
+            await self._quarantine(
+                spec,
+                delivery,
+                env,
+                QuarantineReason.NON_RETRYABLE_ERROR,
+                repr(exc),
+                claim=claim,
+                attempts=attempt,
+                risk=EffectRisk.RELEASED_CLEANLY,
+            )
             return
         if attempt >= spec.retry.max_attempts:
             self.stats.inc(o.RETRY_BUDGET_EXHAUSTED, handler=spec.name)
-            await self._quarantine(spec, delivery, env, QuarantineReason.MAX_ATTEMPTS,
-                                   f"attempt {attempt} of {spec.retry.max_attempts} failed: {exc!r}",
-                                   claim=claim, attempts=attempt,
-                                   risk=EffectRisk.RELEASED_CLEANLY)
+            await self._quarantine(
+                spec,
+                delivery,
+                env,
+                QuarantineReason.MAX_ATTEMPTS,
+                f"attempt {attempt} of {spec.retry.max_attempts} failed: {exc!r}",
+                claim=claim,
+                attempts=attempt,
+                risk=EffectRisk.RELEASED_CLEANLY,
+            )
             return
         if claim is not None:
             try:
@@ -461,17 +537,28 @@ class Worker:
         await delivery.nack(delay=spec.retry.delay(attempt, self._rng))
 
     async def _quarantine(
-        self, spec: HandlerSpec, delivery: Delivery, env: Envelope | None,
-        reason: QuarantineReason, detail: str, *, claim: Claim | None = None, attempts: int = 0,
+        self,
+        spec: HandlerSpec,
+        delivery: Delivery,
+        env: Envelope | None,
+        reason: QuarantineReason,
+        detail: str,
+        *,
+        claim: Claim | None = None,
+        attempts: int = 0,
         risk: EffectRisk = EffectRisk.NEVER_CLAIMED,
     ) -> None:
         """Record the quarantine durably, then complete the original at the broker."""
         request = QuarantineRequest(
-            scope=spec.scope, reason=reason,
+            scope=spec.scope,
+            reason=reason,
             operation_id=env.operation_id if env else None,
             fingerprint=env.fingerprint if env else None,
-            risk=risk, attempts=attempts, detail=detail[:2000],
-            message=delivery.body, content_type=delivery.content_type,
+            risk=risk,
+            attempts=attempts,
+            detail=detail[:2000],
+            message=delivery.body,
+            content_type=delivery.content_type,
         )
         try:
             await self.app.ledger.quarantine(request, claim)
@@ -483,10 +570,16 @@ class Worker:
             self.stats.inc(o.LEDGER_UNAVAILABLE, handler=spec.name)
             await delivery.nack(delay=LEDGER_RETRY_DELAY)
             return
-        log.warning("%s: quarantined %s as %s: %s", spec.name,
-                    env.operation_id if env else delivery.delivery_id, reason.value, detail)
+        log.warning(
+            "%s: quarantined %s as %s: %s",
+            spec.name,
+            env.operation_id if env else delivery.delivery_id,
+            reason.value,
+            detail,
+        )
         self.stats.inc(o.QUARANTINED, handler=spec.name, reason=reason.value)
         self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.QUARANTINE)
-        await self.app.failpoints.hit(fp.AFTER_QUARANTINE_BEFORE_ACK,
-                                      self._ctx(spec, env, attempts))
+        await self.app.failpoints.hit(
+            fp.AFTER_QUARANTINE_BEFORE_ACK, self._ctx(spec, env, attempts)
+        )
         await delivery.ack()

@@ -91,7 +91,9 @@ class EffectProbe:
         self.calls = 0
         self._by_key: dict[str, tuple[str, str, Any]] = {}
 
-    async def apply(self, subject: str, request: Any = None, idempotency_key: str | None = None) -> str:
+    async def apply(
+        self, subject: str, request: Any = None, idempotency_key: str | None = None
+    ) -> str:
         """Apply one effect on ``subject`` (e.g. an order id); returns the effect id."""
         self.calls += 1
         await asyncio.sleep(0)  # the network hop: other tasks interleave here, as they would
