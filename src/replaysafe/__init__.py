@@ -4,10 +4,11 @@ The public API is what ``__all__`` lists; everything else is private and may cha
 """
 
 from replaysafe.app import App, Context, HandlerSpec, RetryPolicy
-from replaysafe.brokers.base import (
+from replaysafe.brokers import (
     Broker,
     Capabilities,
     Delivery,
+    MemoryBroker,
     Publisher,
     RedeliveryKind,
     SettleGranularity,
@@ -50,6 +51,7 @@ from replaysafe.ledger import (
     OpKey,
     Quarantined,
     Record,
+    SQLiteLedger,
     State,
     Transaction,
     TransactionalLedger,
@@ -94,6 +96,7 @@ __all__ = [
     "Limits",
     "MalformedHeader",
     "MalformedPayload",
+    "MemoryBroker",
     "MemoryLedger",
     "MissingExtra",
     "OpKey",
@@ -107,6 +110,7 @@ __all__ = [
     "RedeliveryKind",
     "ReplaysafeError",
     "RetryPolicy",
+    "SQLiteLedger",
     "SettleGranularity",
     "SimulatedCrash",
     "State",

@@ -1,8 +1,8 @@
 """Replay ledgers. Backends other than memory and SQLite import their drivers lazily."""
 
 from replaysafe.ledger.base import (
-    AlreadyDone,
     Acquired,
+    AlreadyDone,
     Claim,
     ClaimOutcome,
     ClaimRequest,
@@ -10,15 +10,16 @@ from replaysafe.ledger.base import (
     InFlight,
     Ledger,
     OpKey,
+    Quarantined,
     QuarantineEntry,
     QuarantineRequest,
-    Quarantined,
     Record,
     State,
     Transaction,
     TransactionalLedger,
 )
 from replaysafe.ledger.memory import MemoryLedger
+from replaysafe.ledger.sqlite import SQLiteLedger
 
 __all__ = [
     "Acquired",
@@ -35,6 +36,7 @@ __all__ = [
     "QuarantineRequest",
     "Quarantined",
     "Record",
+    "SQLiteLedger",
     "State",
     "Transaction",
     "TransactionalLedger",
