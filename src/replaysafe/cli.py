@@ -65,6 +65,8 @@ def demo(orders: int, seed: int, workers: int, as_json: bool) -> None:
         table.add_row(_flag("orders charged more than once", r.duplicates), str(r.duplicates))
         table.add_row(_flag("orders never charged", r.lost), str(r.lost))
         table.add_row("quarantined", str(r.quarantined))
+        table.add_row("copies answered from the ledger (not run)", str(r.answered_by_ledger))
+        table.add_row("re-runs answered by idempotency key", str(r.answered_by_key))
         for name, n in r.faults.items():
             table.add_row(f"fault injected: {name}", str(n))
         table.add_row("worker restarts after crashes", str(r.worker_restarts))

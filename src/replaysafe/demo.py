@@ -23,11 +23,12 @@ import random
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from replaysafe import failpoints as fp
+from replaysafe import observe as o
 from replaysafe.app import App, Context, RetryPolicy
 from replaysafe.brokers.base import RedeliveryKind
 from replaysafe.brokers.memory import MemoryBroker
@@ -36,6 +37,7 @@ from replaysafe.errors import PublishAmbiguous, SimulatedCrash
 from replaysafe.failpoints import Failpoints
 from replaysafe.guarantees import Effect, Guarantee
 from replaysafe.ledger.sqlite import SQLiteLedger
+from replaysafe.observe import Stats
 from replaysafe.producer import Producer
 from replaysafe.testing import EffectProbe
 
@@ -82,7 +84,10 @@ class GuaranteeResult:
     transport_copies: int = 0
     seconds: float = 0.0
     worker_restarts: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: deliveries the ledger answered without running the handler (completed or in flight)
+    answered_by_ledger: int = 0
+    #: re-runs the downstream answered from its idempotency key (no new charge)
+    answered_by_key: int = 0
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -189,12 +194,14 @@ async def run_guarantee(
         for i in range(orders)
     ]
     restarts = 0
+    stats: list[Stats] = []
     done = asyncio.Event()
 
     async def supervise(n: int) -> None:
         nonlocal restarts
         while not done.is_set():
             worker = app.worker(owner=f"worker-{n}-{restarts}")
+            stats.append(worker.stats)
             stopper = asyncio.create_task(_stop_when(done, worker))
             try:
                 await worker.run(drain_timeout=5.0)
@@ -243,7 +250,8 @@ async def run_guarantee(
         transport_copies=len(broker.published(SOURCE)),
         seconds=time.perf_counter() - started,
         worker_restarts=restarts,
-        extra={"idempotent_replays_answered": provider.replays_answered},
+        answered_by_ledger=sum(st.total(o.DUPLICATE_HITS) for st in stats),
+        answered_by_key=provider.replays_answered,
     )
 
 
