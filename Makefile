@@ -31,8 +31,8 @@ lint: install-test
 	$(BIN)/mypy
 
 ## benchmarks: ratios measured side by side in one run, JSON in bench/results/
-bench: install
-	$(BIN)/python bench/pipeline.py
+bench: install-test
+	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
