@@ -49,6 +49,9 @@ class Capabilities:
     native_dedup_window: float | None = None
     #: ``nack(delay=…)`` waits before redelivering (otherwise the delay is best effort)
     delayed_nack: bool = True
+    #: each consumer group receives every message (Kafka groups, a queue per group on RabbitMQ);
+    #: False where one queue is shared by everyone and the group name is only a label (SQS)
+    independent_groups: bool = True
 
 
 class Delivery(ABC):
