@@ -106,6 +106,14 @@ class Subscription(ABC):
     @abstractmethod
     async def __anext__(self) -> Delivery: ...
 
+    async def next_batch(self, max_items: int) -> list[Delivery]:
+        """Wait for one delivery, then return it with whatever else is ready *now*, up to
+        ``max_items`` in all (one fetched batch: the runtime claims and completes a batch in one
+        ledger round trip). Raises ``StopAsyncIteration`` once closed. The default hands out one
+        delivery at a time; adapters that fetch in batches (SQS receive, Kafka consume, a
+        prefetch buffer) override it."""
+        return [await self.__anext__()]
+
     @abstractmethod
     async def close(self, *, abandon: bool = False) -> None:
         """Stop consuming. ``abandon=True`` behaves like a crash: unsettled deliveries are left to

@@ -743,6 +743,18 @@ class _MemorySubscription(Subscription):
                 deadline = self._group.next_timer(self, now)
             await _wait(changed, clock, deadline)
 
+    async def next_batch(self, max_items: int) -> list[Delivery]:
+        """One delivery (waiting for it), plus every other one ready now, within ``prefetch``."""
+        batch = [await self.__anext__()]
+        now = self._broker._clock.now()
+        while len(batch) < max_items and len(self._unsettled) < self._prefetch:
+            d = self._group.take(self, now)
+            if d is None:
+                break
+            self._unsettled.add(d)
+            batch.append(d)
+        return batch
+
     async def close(self, *, abandon: bool = False) -> None:
         """Stop consuming and wake a pending ``__anext__`` (it raises ``StopAsyncIteration``).
 

@@ -11,6 +11,11 @@ The pipeline is owned here; user code only runs inside it (DESIGN §2):
   Acquired: handler (lease and visibility extended while it runs) → ledger complete (or
   ``complete_in`` the handler's transaction) → complete at broker.
 
+Work moves in fetched batches: a batch of deliveries is decoded, claimed in ONE ledger round trip
+(``claim_many``), run concurrently, and completed through a coalescing ``complete_many``, so the
+ledger costs round trips per batch, not per message. One keeper task per worker extends the leases
+(and broker visibility) of every running handler and cuts the ones past their deadline.
+
 Bad input is quarantined on the first attempt and then completed; quarantine is durable before
 the original is completed at the broker. A :class:`~replaysafe.errors.SimulatedCrash` from a
 failpoint kills the whole worker: nothing is settled, released or completed.
@@ -25,8 +30,9 @@ import logging
 import os
 import random
 import uuid
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from replaysafe import failpoints as fp
 from replaysafe import observe as o
@@ -45,6 +51,8 @@ from replaysafe.ledger.base import (
     Acquired,
     AlreadyDone,
     Claim,
+    ClaimOutcome,
+    ClaimRequest,
     Conflict,
     InFlight,
     OpKey,
@@ -55,6 +63,8 @@ from replaysafe.ledger.base import (
 from replaysafe.quarantine import EffectRisk, QuarantineReason
 
 log = logging.getLogger("replaysafe.runtime")
+T = TypeVar("T")
+R = TypeVar("R")
 
 #: results larger than this are not stored in the ledger (the effect still counts as done)
 MAX_RESULT_BYTES = 16 * 1024
@@ -78,6 +88,76 @@ def _encode_result(value: Any) -> str | None:
     except (TypeError, ValueError):
         return None
     return text if len(text.encode()) <= MAX_RESULT_BYTES else None
+
+
+@dataclass(slots=True)
+class _Execution:
+    """A running handler, as the keeper sees it."""
+
+    spec: HandlerSpec
+    delivery: Delivery
+    claim: Claim | None
+    deadline: float
+    next_beat: float
+    extend_visibility: bool
+    cut: BaseException | None = None
+
+
+class _Slots:
+    """In-flight deliveries per handler: a fetch never takes more than there is room for."""
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._changed = asyncio.Event()
+
+    async def wait_free(self) -> int:
+        while self._free <= 0:
+            self._changed.clear()
+            await self._changed.wait()
+        return self._free
+
+    def take(self, n: int) -> None:
+        self._free -= n
+
+    def give(self) -> None:
+        self._free += 1
+        self._changed.set()
+
+
+class _Coalescer(Generic[T, R]):
+    """Turns concurrent single calls into batch calls: everything submitted while a batch is in
+    flight goes out together in the next one (one ledger round trip per batch, not per message).
+    """
+
+    def __init__(self, many: Callable[[Sequence[T]], Awaitable[Sequence[R]]], limit: int = 500):
+        self._many = many
+        self._limit = limit
+        self._queue: list[tuple[T, asyncio.Future[R]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def submit(self, item: T) -> R:
+        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await asyncio.shield(fut)
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(0)  # let the other handlers that finished this tick join the batch
+        while self._queue:
+            batch, self._queue = self._queue[: self._limit], self._queue[self._limit :]
+            try:
+                results = await self._many([item for item, _ in batch])
+            except BaseException as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for (_, fut), res in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(res)
 
 
 class Worker:
@@ -109,6 +189,8 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._subs: list[Subscription] = []
         self._started = False
+        self._running: dict[asyncio.Task[Any], _Execution] = {}
+        self._completer = _Coalescer(app.ledger.complete_many)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -147,6 +229,7 @@ class Worker:
             asyncio.create_task(self._consume(spec, sub), name=f"consume:{spec.name}")
             for spec, sub in zip(self.specs, self._subs, strict=True)
         ]
+        keeper = asyncio.create_task(self._keep(), name="keeper")
         stop = asyncio.create_task(self._stopping.wait())
         crash = asyncio.create_task(self._crashed.wait())
         try:
@@ -155,7 +238,7 @@ class Worker:
             stop.cancel()
             crash.cancel()
         if self._crash is not None:
-            await self._die(loops)
+            await self._die([*loops, keeper])
             raise self._crash
         # graceful: stop fetching, drain, settle what finished
         for t in loops:
@@ -166,6 +249,8 @@ class Worker:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        keeper.cancel()
+        await asyncio.gather(keeper, return_exceptions=True)
         for sub in self._subs:
             await sub.close()
         if self._crash is not None:
@@ -185,23 +270,23 @@ class Worker:
             await sub.close(abandon=True)
 
     async def _consume(self, spec: HandlerSpec, sub: Subscription) -> None:
-        sem = asyncio.Semaphore(spec.concurrency)
-        async for delivery in sub:
-            await sem.acquire()
+        slots = _Slots(spec.concurrency)
+        while True:
+            free = await slots.wait_free()
             if self._crash is not None:
                 return
-            task = asyncio.create_task(self._guarded(spec, delivery))
+            try:
+                batch = await sub.next_batch(free)
+            except StopAsyncIteration:
+                return
+            slots.take(len(batch))
+            task = asyncio.create_task(self._guarded(spec, batch, slots))
             self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-            def done(t: asyncio.Task[None]) -> None:
-                self._tasks.discard(t)
-                sem.release()
-
-            task.add_done_callback(done)
-
-    async def _guarded(self, spec: HandlerSpec, delivery: Delivery) -> None:
+    async def _guarded(self, spec: HandlerSpec, batch: list[Delivery], slots: _Slots) -> None:
         try:
-            await self._process(spec, delivery)
+            await self._process_batch(spec, batch, slots)
         except SimulatedCrash as crash:
             if self._crash is None:
                 self._crash = crash
@@ -210,6 +295,26 @@ class Worker:
             raise
         except Exception:  # a bug in the pipeline must not kill the worker or lose the message
             log.exception(
+                "%s: pipeline error on a batch of %d; leaving it to redelivery",
+                spec.name,
+                len(batch),
+            )
+            for d in batch:
+                if not d.settled:
+                    self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.FAILED)
+                    with contextlib.suppress(Exception):
+                        await d.nack(delay=LEDGER_RETRY_DELAY)
+
+    async def _item(
+        self, spec: HandlerSpec, delivery: Delivery, step: Awaitable[None], slots: _Slots
+    ) -> None:
+        """Run one delivery's step; a pipeline bug is logged and the delivery nacked."""
+        try:
+            await step
+        except (SimulatedCrash, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception(
                 "%s: pipeline error on %s; leaving it to redelivery",
                 spec.name,
                 delivery.delivery_id,
@@ -217,6 +322,44 @@ class Worker:
             self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.FAILED)
             with contextlib.suppress(Exception):
                 await delivery.nack(delay=LEDGER_RETRY_DELAY)
+        finally:
+            slots.give()
+
+    async def _keep(self) -> None:
+        """Extend leases and visibility of running handlers before they lapse; cut the ones past
+        their deadline. One task per worker instead of one watcher per message."""
+        clock = self.app.clock
+        tick = min(spec.heartbeat for spec in self.specs) / 2
+        while True:
+            await clock.sleep(tick)
+            now = clock.now()
+            for task, ex in list(self._running.items()):
+                if task.done() or ex.cut is not None:
+                    continue
+                if now >= ex.deadline:
+                    ex.cut = _Cut(f"handler exceeded its {ex.spec.timeout:.1f}s deadline")
+                    task.cancel()
+                elif now >= ex.next_beat:
+                    await self._beat(ex, task)
+
+    async def _beat(self, ex: _Execution, task: asyncio.Task[Any]) -> None:
+        spec = ex.spec
+        try:
+            if ex.claim is not None:
+                ex.claim = await self.app.ledger.extend(ex.claim, spec.lease)
+                self.stats.inc(o.LEASE_EXTENSIONS, handler=spec.name)
+            if ex.extend_visibility:
+                await ex.delivery.extend(spec.lease)
+                self.stats.inc(o.VISIBILITY_EXTENSIONS, handler=spec.name)
+            ex.next_beat = self.app.clock.now() + spec.heartbeat
+        except Exception as exc:
+            # no lease, no run: cut the handler's deadline now
+            ex.cut = (
+                exc
+                if isinstance(exc, LeaseLost)
+                else _Cut(f"lease/visibility extension failed: {exc!r}")
+            )
+            task.cancel()
 
     # ------------------------------------------------------------------ pipeline
 
@@ -229,28 +372,104 @@ class Worker:
             "sleep": self.app.clock.sleep,
         }
 
-    async def _process(self, spec: HandlerSpec, delivery: Delivery) -> None:
-        try:
-            env = decode_wire(
-                delivery.body,
-                delivery.headers,
-                content_type=delivery.content_type,
-                key=delivery.key,
-                broker_timestamp=delivery.broker_timestamp,
-                key_extractor=spec.key,
-                limits=spec.limits,
-            )
-        except BadInput as bad:
-            await self._quarantine(
-                spec, delivery, None, bad.reason, str(bad), attempts=delivery.attempt
-            )
-            return
-        if spec.guarantee is Guarantee.AT_MOST_ONCE:
-            await self._at_most_once(spec, delivery, env)
-        elif spec.guarantee is Guarantee.AT_LEAST_ONCE:
-            await self._at_least_once(spec, delivery, env)
+    async def _process_batch(self, spec: HandlerSpec, batch: list[Delivery], slots: _Slots) -> None:
+        steps: list[Awaitable[None]] = []
+        decoded: list[tuple[Delivery, Envelope]] = []
+        for delivery in batch:
+            try:
+                env = decode_wire(
+                    delivery.body,
+                    delivery.headers,
+                    content_type=delivery.content_type,
+                    key=delivery.key,
+                    broker_timestamp=delivery.broker_timestamp,
+                    key_extractor=spec.key,
+                    limits=spec.limits,
+                )
+            except BadInput as bad:
+                steps.append(
+                    self._item(
+                        spec,
+                        delivery,
+                        self._quarantine(
+                            spec, delivery, None, bad.reason, str(bad), attempts=delivery.attempt
+                        ),
+                        slots,
+                    )
+                )
+                continue
+            if spec.guarantee is Guarantee.AT_MOST_ONCE:
+                steps.append(
+                    self._item(spec, delivery, self._at_most_once(spec, delivery, env), slots)
+                )
+            elif spec.guarantee is Guarantee.AT_LEAST_ONCE:
+                steps.append(
+                    self._item(spec, delivery, self._at_least_once(spec, delivery, env), slots)
+                )
+            else:
+                decoded.append((delivery, env))
+        if decoded:
+            steps.extend(await self._claim_batch(spec, decoded, slots))
+        if len(steps) == 1:
+            await steps[0]
         else:
-            await self._effectively_once(spec, delivery, env)
+            await asyncio.gather(*steps)
+
+    async def _claim_batch(
+        self, spec: HandlerSpec, decoded: list[tuple[Delivery, Envelope]], slots: _Slots
+    ) -> list[Awaitable[None]]:
+        """Horizon check, then one ``claim_many`` for the whole batch; returns the next steps."""
+        app, ledger = self.app, self.app.ledger
+        now = app.clock.now()
+        steps: list[Awaitable[None]] = []
+        fresh: list[tuple[Delivery, Envelope]] = []
+        for delivery, env in decoded:
+            if env.published_at is not None and now - env.published_at > app.horizon:
+                why = (
+                    f"published {now - env.published_at:.0f}s ago, beyond the replay horizon of "
+                    f"{app.horizon:.0f}s: the ledger may have forgotten it, so it cannot be "
+                    "proven new"
+                )
+                q = self._quarantine(
+                    spec, delivery, env, QuarantineReason.BEYOND_HORIZON, why,
+                    attempts=delivery.attempt,
+                )  # fmt: skip
+                steps.append(self._item(spec, delivery, q, slots))
+            else:
+                fresh.append((delivery, env))
+        if not fresh:
+            return steps
+        requests = [
+            ClaimRequest(
+                OpKey(spec.scope, env.operation_id), env.fingerprint, self.owner, spec.lease
+            )
+            for _, env in fresh
+        ]
+        try:
+            if len(requests) == 1:
+                r = requests[0]
+                outcomes: list[ClaimOutcome] = [
+                    await ledger.claim(r.key, r.fingerprint, r.owner, r.lease)
+                ]
+            else:
+                outcomes = await ledger.claim_many(requests)
+        except LedgerUnavailable as exc:
+            # no effect without a confirmed claim: give the messages back and try later
+            log.warning(
+                "%s: ledger unavailable (%s); nacking %d deliveries", spec.name, exc, len(fresh)
+            )
+            self.stats.inc(o.LEDGER_UNAVAILABLE, handler=spec.name)
+            for delivery, _ in fresh:
+                self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.UNAVAILABLE)
+                steps.append(
+                    self._item(spec, delivery, delivery.nack(delay=LEDGER_RETRY_DELAY), slots)
+                )
+            return steps
+        for (delivery, env), outcome in zip(fresh, outcomes, strict=True):
+            steps.append(
+                self._item(spec, delivery, self._after_claim(spec, delivery, env, outcome), slots)
+            )
+        return steps
 
     async def _at_most_once(self, spec: HandlerSpec, delivery: Delivery, env: Envelope) -> None:
         ctx = self._ctx(spec, env, delivery.attempt)
@@ -300,30 +519,11 @@ class Worker:
         self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.APPLIED)
         await self.app.failpoints.hit(fp.AFTER_ACK, ctx)
 
-    async def _effectively_once(self, spec: HandlerSpec, delivery: Delivery, env: Envelope) -> None:
+    async def _after_claim(
+        self, spec: HandlerSpec, delivery: Delivery, env: Envelope, outcome: ClaimOutcome
+    ) -> None:
         app, ledger = self.app, self.app.ledger
         now = app.clock.now()
-        if env.published_at is not None and now - env.published_at > app.horizon:
-            await self._quarantine(
-                spec,
-                delivery,
-                env,
-                QuarantineReason.BEYOND_HORIZON,
-                f"published {now - env.published_at:.0f}s ago, beyond the replay horizon of "
-                f"{app.horizon:.0f}s: the ledger may have forgotten it, so it cannot be proven new",
-                attempts=delivery.attempt,
-            )
-            return
-        key = OpKey(spec.scope, env.operation_id)
-        try:
-            outcome = await ledger.claim(key, env.fingerprint, self.owner, spec.lease)
-        except LedgerUnavailable as exc:
-            # no effect without a confirmed claim: give the message back and try later
-            log.warning("%s: ledger unavailable (%s); nacking %s", spec.name, exc, env.operation_id)
-            self.stats.inc(o.LEDGER_UNAVAILABLE, handler=spec.name)
-            self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.UNAVAILABLE)
-            await delivery.nack(delay=LEDGER_RETRY_DELAY)
-            return
         if isinstance(outcome, AlreadyDone):
             self.stats.inc(o.DUPLICATE_HITS, handler=spec.name, cause="completed")
             self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.DUPLICATE)
@@ -405,7 +605,9 @@ class Worker:
             else:
                 result = await self._run_handler(spec, hctx, claim)
                 await app.failpoints.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, ctx)
-                await ledger.complete(claim, _encode_result(result))
+                done = await self._completer.submit((claim, _encode_result(result)))
+                if isinstance(done, LeaseLost):
+                    raise done
         except LeaseLost as exc:
             # someone else owns the operation now: never complete this copy at the broker
             log.warning("%s: %s", spec.name, exc)
@@ -426,55 +628,32 @@ class Worker:
     # ------------------------------------------------------------------ helpers
 
     async def _run_handler(self, spec: HandlerSpec, ctx: Context, claim: Claim | None) -> Any:
-        """Run the handler under its deadline, extending the lease (and the broker's visibility,
-        where it has a timer) every ``heartbeat`` seconds. A failed extension cuts the deadline:
-        the handler is cancelled and ``_Cut``/``LeaseLost`` is raised."""
+        """Run the handler under its deadline while the keeper extends its lease (and the
+        broker's visibility, where it has a timer). A failed extension or a passed deadline cuts
+        the handler: it is cancelled and ``LeaseLost`` / ``_Cut`` is raised here."""
         clock = self.app.clock
         started = clock.now()
-        task = asyncio.ensure_future(spec.fn(ctx))
-        state: dict[str, BaseException] = {}
-        can_extend = self.app.broker.capabilities(spec.source).extend_visibility
-
-        async def supervise() -> None:
-            nonlocal claim
-            deadline = started + spec.timeout
-            while not task.done():
-                now = clock.now()
-                wake = min(deadline, now + spec.heartbeat)
-                await clock.sleep(wake - now)
-                if task.done():
-                    return
-                if clock.now() >= deadline:
-                    state["cut"] = _Cut(f"handler exceeded its {spec.timeout:.1f}s deadline")
-                    task.cancel()
-                    return
-                try:
-                    if claim is not None:
-                        claim = await self.app.ledger.extend(claim, spec.lease)
-                        self.stats.inc(o.LEASE_EXTENSIONS, handler=spec.name)
-                    if can_extend:
-                        await ctx.delivery.extend(spec.lease)
-                        self.stats.inc(o.VISIBILITY_EXTENSIONS, handler=spec.name)
-                except Exception as exc:
-                    state["cut"] = (
-                        exc
-                        if isinstance(exc, LeaseLost)
-                        else _Cut(f"lease/visibility extension failed: {exc!r}")
-                    )
-                    task.cancel()
-                    return
-
-        watcher = asyncio.ensure_future(supervise())
+        # the keeper cancels the task running this delivery; no extra task per message
+        task = asyncio.current_task()
+        assert task is not None
+        ex = _Execution(
+            spec=spec,
+            delivery=ctx.delivery,
+            claim=claim,
+            deadline=started + spec.timeout,
+            next_beat=started + spec.heartbeat,
+            extend_visibility=self.app.broker.capabilities(spec.source).extend_visibility,
+        )
+        self._running[task] = ex
         try:
-            return await task
+            return await spec.fn(ctx)
         except asyncio.CancelledError:
-            if "cut" in state:
-                raise state["cut"] from None
+            # the keeper's cancel becomes the cut; any other cancel (shutdown, crash) goes on
+            if ex.cut is not None and task.uncancel() == 0:
+                raise ex.cut from None
             raise
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            del self._running[task]
             self.stats.observe(o.HANDLER_SECONDS, clock.now() - started, handler=spec.name)
 
     async def _handler_failed(
