@@ -126,7 +126,8 @@ def validate_operation_id(value: object) -> str:
             f"operation id is longer than {MAX_OPERATION_ID_BYTES} bytes "
             f"({value[:40]!r}…); derive a shorter id from the business key"
         )
-    for ch in value:
+    # fast path: printable text has no control, format or line/paragraph separator characters
+    for ch in "" if value.isprintable() else value:
         if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
             raise InvalidOperationId(
                 f"operation id contains control character U+{ord(ch):04X}: {value[:60]!r}; "
@@ -397,9 +398,15 @@ def decode_wire(
             f"message carries {len(headers)} headers, over the limit of {limits.max_headers}; "
             "send fewer headers or move data into the payload"
         )
-    header_bytes = sum(
-        len(k.encode("utf-8", "surrogatepass")) + len(v.encode("utf-8", "surrogatepass"))
-        for k, v in headers.items()
+    chars = sum(len(k) + len(v) for k, v in headers.items())
+    # a UTF-8 character is at most 4 bytes: only encode when the cheap bound is not enough
+    header_bytes = (
+        chars
+        if chars * 4 <= limits.max_header_bytes
+        else sum(
+            len(k.encode("utf-8", "surrogatepass")) + len(v.encode("utf-8", "surrogatepass"))
+            for k, v in headers.items()
+        )
     )
     if header_bytes > limits.max_header_bytes:
         raise LimitExceeded(
