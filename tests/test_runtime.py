@@ -13,6 +13,7 @@ from replaysafe import (
     Effect,
     Envelope,
     Guarantee,
+    LedgerUnavailable,
     MemoryLedger,
     OpKey,
     QuarantineReason,
@@ -452,3 +453,95 @@ async def test_transactional_effect_commits_with_the_ledger_row(tmp_path: Any) -
         rows = await tx.fetchall("SELECT order_id, COUNT(*) FROM charges GROUP BY order_id")
     assert sorted(rows) == [("order-1", 1), ("order-2", 1)]
     await ledger.close()
+
+
+class FlakyLedger(MemoryLedger):
+    """A memory ledger whose named methods fail as if the database were unreachable."""
+
+    def __init__(self, clock: Any) -> None:
+        super().__init__(clock)
+        self.down: set[str] = set()
+        self.refused = 0
+
+    def _check(self, name: str) -> None:
+        if name in self.down:
+            self.refused += 1
+            raise LedgerUnavailable(f"{name}: connection refused (test)")
+
+    async def claim(self, *a: Any, **k: Any) -> Any:
+        self._check("claim")
+        return await super().claim(*a, **k)
+
+    async def claim_many(self, *a: Any, **k: Any) -> Any:
+        self._check("claim")
+        return await super().claim_many(*a, **k)
+
+    async def complete_many(self, *a: Any, **k: Any) -> Any:
+        self._check("complete")
+        return await super().complete_many(*a, **k)
+
+    async def get(self, *a: Any, **k: Any) -> Any:
+        self._check("get")
+        return await super().get(*a, **k)
+
+
+async def test_consumption_pauses_while_the_ledger_is_down_and_resumes() -> None:
+    from replaysafe.testing import FakeClock
+
+    clock = FakeClock()
+    ledger = FlakyLedger(clock)
+    ledger.down = {"claim", "get"}
+    h = Harness(ledger=ledger, clock=clock)
+    charging(h, guarantee=EO, effect=Effect.keyed("payments"), lease=5)
+    await h.publish(*(order(i) for i in range(3)))
+    h.start()
+    await h.run_until(lambda: h.total(o.LEDGER_UNAVAILABLE) >= 1)
+
+    def fetched() -> int:
+        return sum(h.broker.delivery_count("orders", h.group(), f"charge:order-{i}")
+                   for i in range(3))  # fmt: skip
+
+    await h.clock.run_for(5, step=0.5)
+    before = fetched()
+    await h.clock.run_for(30, step=0.5)
+    assert h.probe.effects == []  # no effect without a confirmed claim
+    assert fetched() == before  # paused: nothing is fetched (or churned) while the ledger is down
+    assert ledger.refused >= 3  # ...but the ledger is probed with backoff
+    ledger.down = set()
+    await h.drain()
+    await h.stop()
+    assert h.probe.per_subject() == {f"order-{i}": 1 for i in range(3)}
+
+
+async def test_ledger_down_after_the_effect_never_acks_and_never_duplicates() -> None:
+    from replaysafe.testing import FakeClock
+
+    clock = FakeClock()
+    ledger = FlakyLedger(clock)
+    h = Harness(ledger=ledger, clock=clock)
+    charging(h, guarantee=EO, effect=Effect.keyed("payments"), lease=5)
+    ledger.down = {"complete", "get"}
+    await h.publish(order(1))
+    h.start()
+    await h.run_until(lambda: h.total(o.LEDGER_UNAVAILABLE) >= 1, seconds=30)
+    assert h.depth() == 1  # the effect happened, but nothing completed it at the broker
+    ledger.down = set()
+    await h.drain()
+    await h.stop()
+    assert h.probe.per_subject() == {"order-1": 1}  # the keyed re-run was answered by key
+    rec = await h.ledger.get(OpKey("charge", "charge:order-1"))
+    assert rec is not None and rec.state is State.COMPLETED
+
+
+async def test_future_publish_time_beyond_skew_is_quarantined() -> None:
+    h = Harness()
+    charging(h, guarantee=EO, effect=Effect.keyed("payments"), lease=5)
+    ahead = order(1).with_published_at(h.clock.now() + 3600)
+    near = order(2).with_published_at(h.clock.now() + 60)  # within the 300 s allowance
+    await h.broker.publish("orders", [ahead, near])
+    h.start()
+    await h.drain()
+    await h.stop()
+    assert h.probe.per_subject() == {"order-2": 1}
+    [entry] = await h.ledger.quarantined()
+    assert entry.reason is QuarantineReason.FUTURE_TIMESTAMP

@@ -131,7 +131,9 @@ class App:
 
     ``horizon`` is the replay horizon: how long the ledger remembers completed operations
     (``purge`` retention). Under effectively-once a delivery published earlier than
-    ``now - horizon`` cannot be proven new and is quarantined as ``beyond_horizon``.
+    ``now - horizon`` cannot be proven new and is quarantined as ``beyond_horizon``; one
+    published more than ``max_clock_skew`` seconds in the future is quarantined as
+    ``future_timestamp``.
     """
 
     def __init__(
@@ -142,15 +144,21 @@ class App:
         ledger: Ledger,
         clock: Clock = SYSTEM_CLOCK,
         horizon: float = 7 * DAY,
+        max_clock_skew: float = 300.0,
         failpoints: Failpoints = FAILPOINTS,
     ) -> None:
         if horizon <= 0:
             raise ConfigurationError("horizon must be positive seconds (ledger retention)")
+        if max_clock_skew < 0:
+            raise ConfigurationError("max_clock_skew must be >= 0 seconds")
         self.name = name
         self.broker = broker
         self.ledger = ledger
         self.clock = clock
         self.horizon = horizon
+        #: a publish time further than this in the future is refused: a producer clock that far
+        #: ahead would let an old operation look new to the horizon check
+        self.max_clock_skew = max_clock_skew
         self.failpoints = failpoints
         self.handlers: dict[str, HandlerSpec] = {}
 

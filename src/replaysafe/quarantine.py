@@ -20,6 +20,7 @@ class QuarantineReason(StrEnum):
     # identity and time
     KEY_REUSE_CONFLICT = "key_reuse_conflict"
     BEYOND_HORIZON = "beyond_horizon"
+    FUTURE_TIMESTAMP = "future_timestamp"
     # execution
     MAX_ATTEMPTS = "max_attempts"
     NON_RETRYABLE_ERROR = "non_retryable_error"

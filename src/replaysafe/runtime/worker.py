@@ -191,6 +191,9 @@ class Worker:
         self._started = False
         self._running: dict[asyncio.Task[Any], _Execution] = {}
         self._completer = _Coalescer(app.ledger.complete_many)
+        self._ledger_ok = asyncio.Event()
+        self._ledger_ok.set()
+        self._probe: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -249,8 +252,10 @@ class Worker:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        keeper.cancel()
-        await asyncio.gather(keeper, return_exceptions=True)
+        background = [keeper, *([self._probe] if self._probe else [])]
+        for t in background:
+            t.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         for sub in self._subs:
             await sub.close()
         if self._crash is not None:
@@ -263,9 +268,10 @@ class Worker:
     async def _die(self, loops: list[asyncio.Task[None]]) -> None:
         # As after SIGKILL: no settle, no release. Leases run out in the ledger; the broker
         # recovers the unsettled deliveries its own way (requeue, visibility, offset rewind).
-        for t in [*loops, *self._tasks]:
+        doomed = [*loops, *self._tasks, *([self._probe] if self._probe else [])]
+        for t in doomed:
             t.cancel()
-        await asyncio.gather(*loops, *self._tasks, return_exceptions=True)
+        await asyncio.gather(*doomed, return_exceptions=True)
         for sub in self._subs:
             await sub.close(abandon=True)
 
@@ -273,6 +279,7 @@ class Worker:
         slots = _Slots(spec.concurrency)
         while True:
             free = await slots.wait_free()
+            await self._ledger_ok.wait()
             if self._crash is not None:
                 return
             try:
@@ -280,6 +287,8 @@ class Worker:
             except StopAsyncIteration:
                 return
             slots.take(len(batch))
+            # fetched while the ledger went down: hold it (unsettled) rather than churn nacks
+            await self._ledger_ok.wait()
             task = asyncio.create_task(self._guarded(spec, batch, slots))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -435,6 +444,16 @@ class Worker:
                     attempts=delivery.attempt,
                 )  # fmt: skip
                 steps.append(self._item(spec, delivery, q, slots))
+            elif env.published_at is not None and env.published_at - now > app.max_clock_skew:
+                why = (
+                    f"published {env.published_at - now:.0f}s in the future, beyond the allowed "
+                    f"clock skew of {app.max_clock_skew:.0f}s: fix the producer's clock"
+                )
+                q = self._quarantine(
+                    spec, delivery, env, QuarantineReason.FUTURE_TIMESTAMP, why,
+                    attempts=delivery.attempt,
+                )  # fmt: skip
+                steps.append(self._item(spec, delivery, q, slots))
             else:
                 fresh.append((delivery, env))
         if not fresh:
@@ -459,6 +478,7 @@ class Worker:
                 "%s: ledger unavailable (%s); nacking %d deliveries", spec.name, exc, len(fresh)
             )
             self.stats.inc(o.LEDGER_UNAVAILABLE, handler=spec.name)
+            self._ledger_down()
             for delivery, _ in fresh:
                 self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.UNAVAILABLE)
                 steps.append(
@@ -597,17 +617,27 @@ class Worker:
         try:
             if spec.effect.kind == "transactional":
                 assert isinstance(ledger, TransactionalLedger)
-                async with ledger.transaction() as tx:
-                    hctx.tx = tx
-                    result = await self._run_handler(spec, hctx, claim)
-                    await app.failpoints.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, ctx)
-                    await ledger.complete_in(tx, claim, _encode_result(result))
+                try:
+                    async with ledger.transaction() as tx:
+                        hctx.tx = tx
+                        result = await self._run_handler(spec, hctx, claim)
+                        await app.failpoints.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, ctx)
+                        await ledger.complete_in(tx, claim, _encode_result(result))
+                except (LeaseLost, LedgerUnavailable):
+                    raise
+                except Exception as exc:  # rolled back: no effect, safe to retry
+                    await self._handler_failed(spec, delivery, env, claim, claim.attempt, exc)
+                    return
             else:
-                result = await self._run_handler(spec, hctx, claim)
+                try:
+                    result = await self._run_handler(spec, hctx, claim)
+                except LeaseLost:
+                    raise
+                except Exception as exc:
+                    await self._handler_failed(spec, delivery, env, claim, claim.attempt, exc)
+                    return
                 await app.failpoints.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, ctx)
-                done = await self._completer.submit((claim, _encode_result(result)))
-                if isinstance(done, LeaseLost):
-                    raise done
+                await self._complete(claim, _encode_result(result))
         except LeaseLost as exc:
             # someone else owns the operation now: never complete this copy at the broker
             log.warning("%s: %s", spec.name, exc)
@@ -615,8 +645,20 @@ class Worker:
             self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.LEASE_LOST_OUTCOME)
             await delivery.nack(delay=spec.lease)
             return
-        except Exception as exc:
-            await self._handler_failed(spec, delivery, env, claim, claim.attempt, exc)
+        except LedgerUnavailable as exc:
+            # the effect may be done but the ledger cannot record it: never ack, never release.
+            # The redelivery meets our lease (InFlight), then a recovered claim: a keyed or
+            # transactional effect re-runs safely, an unkeyed one is quarantined outcome_unknown.
+            log.warning(
+                "%s: ledger unavailable after the effect of %s: %s",
+                spec.name,
+                env.operation_id,
+                exc,
+            )
+            self.stats.inc(o.LEDGER_UNAVAILABLE, handler=spec.name)
+            self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.UNAVAILABLE)
+            self._ledger_down()
+            await delivery.nack(delay=spec.lease)
             return
         effected = app.clock.now()
         await app.failpoints.hit(fp.AFTER_LEDGER_BEFORE_ACK, ctx)
@@ -626,6 +668,45 @@ class Worker:
         await app.failpoints.hit(fp.AFTER_ACK, ctx)
 
     # ------------------------------------------------------------------ helpers
+
+    async def _complete(self, claim: Claim, result: str | None) -> None:
+        """Record EFFECTED through the coalescing ``complete_many``; retry a briefly unavailable
+        ledger a few times (the keeper keeps the lease alive meanwhile) before giving up."""
+        delay = 0.2
+        for attempt in range(4):
+            try:
+                done = await self._completer.submit((claim, result))
+            except LedgerUnavailable:
+                if attempt == 3:
+                    raise
+                await self.app.clock.sleep(delay)
+                delay *= 2
+                continue
+            if isinstance(done, LeaseLost):
+                raise done
+            return
+
+    def _ledger_down(self) -> None:
+        """Pause fetching on every handler until the ledger answers again: no effect may start
+        without a confirmed claim, and fetching only to nack would churn the broker."""
+        if not self._ledger_ok.is_set():
+            return
+        self._ledger_ok.clear()
+        self._probe = asyncio.create_task(self._probe_ledger())
+
+    async def _probe_ledger(self) -> None:
+        delay = LEDGER_RETRY_DELAY
+        probe = OpKey("replaysafe", "ledger-probe")
+        while True:
+            await self.app.clock.sleep(delay)
+            try:
+                await self.app.ledger.get(probe)
+            except LedgerUnavailable:
+                delay = min(delay * 2, 30.0)
+                continue
+            log.warning("ledger reachable again; resuming consumption")
+            self._ledger_ok.set()
+            return
 
     async def _run_handler(self, spec: HandlerSpec, ctx: Context, claim: Claim | None) -> Any:
         """Run the handler under its deadline while the keeper extends its lease (and the
@@ -711,6 +792,10 @@ class Worker:
                 await self.app.ledger.release(claim, repr(exc)[:1000])
             except LeaseLost:
                 self.stats.inc(o.LEASE_LOST, handler=spec.name)
+            except LedgerUnavailable:
+                # not released: the lease runs out instead, then a recovered claim retries
+                self.stats.inc(o.LEDGER_UNAVAILABLE, handler=spec.name)
+                self._ledger_down()
         self.stats.inc(o.RETRIES, handler=spec.name)
         self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.RETRIED)
         await delivery.nack(delay=spec.retry.delay(attempt, self._rng))
