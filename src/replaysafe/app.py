@@ -161,6 +161,19 @@ class App:
         self.max_clock_skew = max_clock_skew
         self.failpoints = failpoints
         self.handlers: dict[str, HandlerSpec] = {}
+        #: awaited by ``replaysafe run`` before the workers start / after they stop
+        self.startup_hooks: list[Callable[[], Awaitable[None]]] = []
+        self.shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
+
+    def on_startup(self, fn: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        """Register ``async fn()`` to run before ``replaysafe run`` starts consuming."""
+        self.startup_hooks.append(fn)
+        return fn
+
+    def on_shutdown(self, fn: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        """Register ``async fn()`` to run after ``replaysafe run`` has drained."""
+        self.shutdown_hooks.append(fn)
+        return fn
 
     def handler(
         self,

@@ -77,6 +77,11 @@ def demo(orders: int, seed: int, workers: int, as_json: bool) -> None:
         console.print(f"- {STATEMENTS[r.guarantee]}")
 
 
+from replaysafe._cli_run import run_command  # noqa: E402 - commands register after main
+
+main.add_command(run_command)
+
+
 def _flag(label: str, n: int) -> str:
     return f"[red]{label}[/]" if n else label
 
