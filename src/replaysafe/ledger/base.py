@@ -149,11 +149,15 @@ class QuarantineRequest:
     detail: str = ""
     message: bytes | None = None
     content_type: str | None = None
+    #: extra identity for messages that could not be decoded: what the transport said about them
+    #: (the raw operation-id header, content type), stable across redeliveries of one message
+    identity: str = ""
 
     def entry_id(self) -> str:
         """Stable id: the same message quarantined twice for the same reason is one entry.
 
-        Without an operation id or fingerprint (bad input), the message bytes identify it.
+        Without an operation id or fingerprint (bad input), the message bytes and ``identity``
+        identify it, so two different bad messages with equal bodies stay two entries.
         """
         h = hashlib.sha256()
         for part in (
@@ -161,6 +165,7 @@ class QuarantineRequest:
             self.reason.value,
             self.operation_id or "",
             self.fingerprint or hashlib.sha256(self.message or b"").hexdigest(),
+            self.identity,
         ):
             h.update(part.encode("utf-8", "surrogatepass"))
             h.update(b"\x00")

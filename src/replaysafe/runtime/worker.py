@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -38,7 +39,7 @@ from replaysafe import failpoints as fp
 from replaysafe import observe as o
 from replaysafe.app import App, Context, HandlerSpec
 from replaysafe.brokers.base import Delivery, Subscription
-from replaysafe.envelope import Envelope, decode_wire
+from replaysafe.envelope import HEADER_OPERATION_ID, Envelope, decode_wire
 from replaysafe.errors import (
     BadInput,
     ConfigurationError,
@@ -78,6 +79,16 @@ class _Cut(Exception):
     def __init__(self, why: str) -> None:
         self.why = why
         super().__init__(why)
+
+
+def _transport_identity(delivery: Delivery) -> str:
+    """What the transport says about an undecodable message, stable across its redeliveries
+    (broker-added headers such as delivery counts are left out on purpose)."""
+    raw_op = delivery.headers.get(HEADER_OPERATION_ID, "")
+    ctype = delivery.content_type or delivery.headers.get("content-type", "")
+    names = ",".join(sorted(k for k in delivery.headers if not k.lower().startswith("x-")))
+    digest = hashlib.sha256(names.encode()).hexdigest()
+    return f"{raw_op[:512]}\x00{ctype[:200]}\x00{digest}"
 
 
 def _encode_result(value: Any) -> str | None:
@@ -823,6 +834,7 @@ class Worker:
             detail=detail[:2000],
             message=delivery.body,
             content_type=delivery.content_type,
+            identity="" if env else _transport_identity(delivery),
         )
         try:
             await self.app.ledger.quarantine(request, claim)
