@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,11 +19,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_sigterm_drains_in_flight_work(tmp_path: Path) -> None:
+    from .conftest import free_port
+
     out = tmp_path / "done.txt"
+    port = free_port()
     env = {**os.environ, "SLOW_APP_OUT": str(out), "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "replaysafe.cli", "run", "tests.apps.slow_app:app",
-         "--drain-timeout", "20"],
+         "--drain-timeout", "20", "--metrics-port", str(port)],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -33,6 +37,10 @@ def test_sigterm_drains_in_flight_work(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the handlers never started"
             time.sleep(0.02)
         # the four handlers are now inside their 1 s sleep
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+        assert "replaysafe_replay_horizon_seconds 604800.0" in metrics
+        assert 'replaysafe_open_ambiguity{handler="work"} 0.0' in metrics
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:

@@ -30,12 +30,19 @@ def load_app(target: str) -> App:
     return app
 
 
-async def serve(app: App, handlers: list[str] | None, drain_timeout: float) -> None:
+async def serve(
+    app: App, handlers: list[str] | None, drain_timeout: float, metrics_port: int | None = None
+) -> None:
     """Run one worker for ``handlers`` until SIGTERM/SIGINT, then stop fetching, drain for up to
-    ``drain_timeout`` seconds and settle what finished (unfinished work is left to the broker)."""
+    ``drain_timeout`` seconds and settle what finished (unfinished work is left to the broker).
+    With ``metrics_port``, ``/metrics`` is served on 127.0.0.1 in Prometheus text format."""
     for hook in app.startup_hooks:
         await hook()
     worker = app.worker(handlers=handlers or None)
+    if metrics_port is not None:
+        from replaysafe.observe.prometheus import serve as serve_metrics
+
+        serve_metrics(metrics_port, lambda: [worker.stats])
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
@@ -56,10 +63,14 @@ async def serve(app: App, handlers: list[str] | None, drain_timeout: float) -> N
 @click.option("--handler", "handlers", multiple=True, help="Run only these handlers (repeat).")
 @click.option("--drain-timeout", default=30.0, show_default=True, type=float,
               help="On SIGTERM, how long in-flight handlers may take to finish.")  # fmt: skip
-def run_command(target: str, handlers: tuple[str, ...], drain_timeout: float) -> None:
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="Serve Prometheus /metrics on 127.0.0.1:PORT (extra: metrics).")  # fmt: skip
+def run_command(
+    target: str, handlers: tuple[str, ...], drain_timeout: float, metrics_port: int | None
+) -> None:
     """Run an app's handlers until SIGTERM or SIGINT, then drain gracefully."""
     app = load_app(target)
     try:
-        asyncio.run(serve(app, list(handlers), drain_timeout))
+        asyncio.run(serve(app, list(handlers), drain_timeout, metrics_port))
     except ConfigurationError as exc:
         raise click.ClickException(str(exc)) from exc

@@ -204,7 +204,49 @@ class Worker:
         self._completer = _Coalescer(app.ledger.complete_many)
         self._ledger_ok = asyncio.Event()
         self._ledger_ok.set()
+        #: (handler, operation id) -> when its effect was recorded, until the broker completes it
+        self._ambiguous: dict[tuple[str, str], float] = {}
+        for spec in self.specs:
+            self.stats.track(o.OPEN_AMBIGUITY, self._open_count(spec.name), handler=spec.name)
+            self.stats.track(o.OPEN_AMBIGUITY_AGE, self._open_age(spec.name), handler=spec.name)
+        self.stats.set(o.HORIZON_SECONDS, app.horizon)
         self._probe: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ signals
+
+    def _open_count(self, handler: str) -> Callable[[], float]:
+        return lambda: float(sum(1 for h, _ in self._ambiguous if h == handler))
+
+    def _open_age(self, handler: str) -> Callable[[], float]:
+        def age() -> float:
+            times = [t for (h, _), t in self._ambiguous.items() if h == handler]
+            return self.app.clock.now() - min(times) if times else 0.0
+
+        return age
+
+    async def _settle_effected(
+        self, spec: HandlerSpec, delivery: Delivery, env: Envelope, point: str, ctx: dict[str, Any]
+    ) -> None:
+        """EFFECTED → COMPLETED: the ambiguity window, counted open until the broker completes."""
+        effected = self.app.clock.now()
+        key = (spec.name, env.operation_id)
+        self._ambiguous[key] = effected
+        try:
+            await self.app.failpoints.hit(point, ctx)
+            await delivery.ack()
+        finally:
+            self._ambiguous.pop(key, None)
+        self.stats.observe(o.AMBIGUITY_WINDOW, self.app.clock.now() - effected, handler=spec.name)
+        self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.APPLIED)
+
+    def _delivered(self, spec: HandlerSpec, delivery: Delivery, env: Envelope) -> None:
+        """Signals at DELIVERED: redeliveries by key, and the copy's age against the horizon."""
+        if env.published_at is not None:
+            age = self.app.clock.now() - env.published_at
+            self.stats.observe(o.REPLAY_AGE, max(age, 0.0), handler=spec.name)
+        if delivery.attempt > 1 or delivery.redelivered:
+            self.stats.inc(o.REDELIVERIES, handler=spec.name)
+            self.stats.hit(o.REDELIVERED_KEYS, env.operation_id, handler=spec.name)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -418,6 +460,7 @@ class Worker:
                     )
                 )
                 continue
+            self._delivered(spec, delivery, env)
             if spec.guarantee is Guarantee.AT_MOST_ONCE:
                 steps.append(
                     self._item(spec, delivery, self._at_most_once(spec, delivery, env), slots)
@@ -543,11 +586,8 @@ class Worker:
         except Exception as exc:
             await self._handler_failed(spec, delivery, env, None, attempt, exc)
             return
-        await self.app.failpoints.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, ctx)
-        effected = self.app.clock.now()
-        await delivery.ack()
-        self.stats.observe(o.AMBIGUITY_WINDOW, self.app.clock.now() - effected, handler=spec.name)
-        self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.APPLIED)
+        # no ledger: the effect is done when the handler returns; the broker completes after
+        await self._settle_effected(spec, delivery, env, fp.AFTER_EFFECT_BEFORE_LEDGER, ctx)
         await self.app.failpoints.hit(fp.AFTER_ACK, ctx)
 
     async def _after_claim(
@@ -557,6 +597,9 @@ class Worker:
         now = app.clock.now()
         if isinstance(outcome, AlreadyDone):
             self.stats.inc(o.DUPLICATE_HITS, handler=spec.name, cause="completed")
+            if outcome.record.completed_at is not None:
+                age = ledger.now() - outcome.record.completed_at
+                self.stats.observe(o.DUPLICATE_AGE, max(age, 0.0), handler=spec.name)
             self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.DUPLICATE)
             await delivery.ack()
             return
@@ -671,11 +714,7 @@ class Worker:
             self._ledger_down()
             await delivery.nack(delay=spec.lease)
             return
-        effected = app.clock.now()
-        await app.failpoints.hit(fp.AFTER_LEDGER_BEFORE_ACK, ctx)
-        await delivery.ack()
-        self.stats.observe(o.AMBIGUITY_WINDOW, app.clock.now() - effected, handler=spec.name)
-        self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.APPLIED)
+        await self._settle_effected(spec, delivery, env, fp.AFTER_LEDGER_BEFORE_ACK, ctx)
         await app.failpoints.hit(fp.AFTER_ACK, ctx)
 
     # ------------------------------------------------------------------ helpers

@@ -1,0 +1,116 @@
+"""Prometheus exposition of replaysafe's signals (extra ``metrics``: prometheus-client).
+
+The names come from :mod:`replaysafe.observe`; this module only translates a set of
+:class:`~replaysafe.observe.Stats` (one per worker) into metric families at scrape time, so the hot
+path never touches prometheus-client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from replaysafe.errors import MissingExtra
+from replaysafe.observe import BUCKETS, Labels, Stats, Summary
+
+try:  # the extra is optional; importing this module without it names the extra to install
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+        Metric,
+    )
+    from prometheus_client.exposition import generate_latest
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise MissingExtra("metrics", "prometheus_client") from exc
+
+StatsSource = Callable[[], Iterable[Stats]]
+
+
+def _label_names(keys: Iterable[Labels]) -> list[str]:
+    names: set[str] = set()
+    for labels in keys:
+        names.update(k for k, _ in labels)
+    return sorted(names)
+
+
+def _values(labels: Labels, names: list[str]) -> list[str]:
+    d = dict(labels)
+    return [d.get(n, "") for n in names]
+
+
+class StatsCollector:
+    """A prometheus-client collector over the Stats of the live workers."""
+
+    def __init__(self, source: StatsSource) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        counters: dict[str, dict[Labels, float]] = {}
+        hists: dict[str, dict[Labels, Summary]] = {}
+        gauges: dict[str, dict[Labels, float]] = {}
+        tops: dict[str, dict[Labels, list[tuple[str, int]]]] = {}
+        for stats in self._source():
+            with stats._lock:
+                counter_items = list(stats.counters.items())
+                hist_items = [(k, v) for k, v in stats.summaries.items()]
+                top_items = [(k, v.top(10)) for k, v in stats.topk.items()]
+            for (name, labels), n in counter_items:
+                counters.setdefault(name, {}).setdefault(labels, 0.0)
+                counters[name][labels] += n
+            for (name, labels), summ in hist_items:
+                merged = hists.setdefault(name, {}).setdefault(labels, Summary())
+                merged.merge(summ)
+            for (name, labels), value in stats.read_gauges().items():
+                gauges.setdefault(name, {})[labels] = value
+            for (name, labels), top in top_items:
+                tops.setdefault(name, {})[labels] = top
+        for name, series in sorted(counters.items()):
+            names = _label_names(series)
+            family = CounterMetricFamily(name.removesuffix("_total"), name, labels=names)
+            for labels, value in series.items():
+                family.add_metric(_values(labels, names), value)
+            yield family
+        for name, hseries in sorted(hists.items()):
+            names = _label_names(hseries)
+            hfamily = HistogramMetricFamily(name, name, labels=names)
+            for labels, summ in hseries.items():
+                cumulative, running = [], 0
+                for bound, n in zip(BUCKETS, summ.buckets, strict=True):
+                    running += n
+                    cumulative.append((repr(bound), float(running)))
+                cumulative.append(("+Inf", float(summ.count)))
+                hfamily.add_metric(_values(labels, names), cumulative, summ.total)
+            yield hfamily
+        for name, gseries in sorted(gauges.items()):
+            names = _label_names(gseries)
+            gfamily = GaugeMetricFamily(name, name, labels=names)
+            for labels, value in gseries.items():
+                gfamily.add_metric(_values(labels, names), value)
+            yield gfamily
+        for name, tseries in sorted(tops.items()):
+            names = [*_label_names(tseries), "key"]
+            tfamily = GaugeMetricFamily(
+                name, f"{name}: top keys (approximate counts)", labels=names
+            )
+            for labels, top in tseries.items():
+                for key, n in top:
+                    tfamily.add_metric([*_values(labels, names[:-1]), key], float(n))
+            yield tfamily
+
+
+def registry_for(source: StatsSource) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatsCollector(source))
+    return registry
+
+
+def render(source: StatsSource) -> str:
+    """The Prometheus text exposition of the workers' signals, as of now."""
+    return generate_latest(registry_for(source)).decode("utf-8")
+
+
+def serve(port: int, source: StatsSource, addr: str = "127.0.0.1") -> Any:
+    """Expose ``/metrics`` on ``addr:port`` in a background thread; returns the server."""
+    return start_http_server(port, addr=addr, registry=registry_for(source))
