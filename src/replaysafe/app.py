@@ -108,6 +108,8 @@ class HandlerSpec:
     limits: Limits
     #: how often the lease (and broker visibility, where it has one) is extended while running
     heartbeat: float = field(default=0.0)
+    #: a sample payload; ``explain`` runs the key extractor on it to check it is deterministic
+    example: Any = None
 
     @property
     def scope(self) -> str:
@@ -189,6 +191,7 @@ class App:
         retry: RetryPolicy | None = None,
         concurrency: int = 8,
         limits: Limits = DEFAULT_LIMITS,
+        example: Any = None,
     ) -> Callable[[HandlerFn], HandlerFn]:
         """Register ``fn(ctx)`` for messages on ``source``.
 
@@ -196,7 +199,8 @@ class App:
         replay stops hurting). ``key`` derives the operation id from the payload when the message
         has no ``rs-operation-id`` header (return a string, or a tuple for ``operation_id(*t)``).
         ``timeout`` defaults to 80% of ``lease``: the handler's deadline fits inside the first
-        lease; set it longer to rely on lease extension.
+        lease; set it longer to rely on lease extension. ``example`` is a sample payload that
+        ``explain`` feeds to ``key`` to check that it is deterministic.
         """
         g = _coerce_guarantee(guarantee)
         if lease <= 0:
@@ -241,6 +245,7 @@ class App:
                 concurrency=concurrency,
                 limits=limits,
                 heartbeat=lease / 3,
+                example=example,
             )
             return fn
 

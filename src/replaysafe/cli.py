@@ -77,9 +77,15 @@ def demo(orders: int, seed: int, workers: int, as_json: bool) -> None:
         console.print(f"- {STATEMENTS[r.guarantee]}")
 
 
-from replaysafe._cli_run import run_command  # noqa: E402 - commands register after main
+from replaysafe._cli_explain import explain_command  # noqa: E402 - commands register after main
+from replaysafe._cli_run import run_command  # noqa: E402
 
 main.add_command(run_command)
+main.add_command(explain_command)
+
+from replaysafe._cli_ledger import ledger_group  # noqa: E402
+
+main.add_command(ledger_group)
 
 
 def _flag(label: str, n: int) -> str:

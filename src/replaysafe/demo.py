@@ -30,12 +30,13 @@ from typing import Any
 from replaysafe import failpoints as fp
 from replaysafe import observe as o
 from replaysafe.app import App, Context, RetryPolicy
-from replaysafe.brokers.base import RedeliveryKind
+from replaysafe.brokers.base import Broker, RedeliveryKind
 from replaysafe.brokers.memory import MemoryBroker
 from replaysafe.envelope import Envelope, operation_id
 from replaysafe.errors import PublishAmbiguous, SimulatedCrash
 from replaysafe.failpoints import Failpoints
 from replaysafe.guarantees import Effect, Guarantee
+from replaysafe.ledger.base import Ledger
 from replaysafe.ledger.sqlite import SQLiteLedger
 from replaysafe.observe import Stats
 from replaysafe.producer import Producer
@@ -147,6 +148,40 @@ def _arm(failpoints: Failpoints, plan: Mapping[str, set[str]]) -> None:
             failpoints.enable(point, "kill", when=once)
 
 
+def build_app(
+    guarantee: Guarantee,
+    broker: Broker,
+    ledger: Ledger,
+    provider: EffectProbe,
+    *,
+    failpoints: Failpoints | None = None,
+    lease: float = 0.5,
+) -> App:
+    """The demo's payments app: one ``capture_payment`` handler under ``guarantee``; the effect
+    is declared keyed under effectively-once (the provider honours the key) and unkeyed
+    otherwise."""
+    if isinstance(broker, MemoryBroker):
+        broker.declare(SOURCE, mode=RedeliveryKind.NACK)
+    app = App("demo", broker=broker, ledger=ledger, failpoints=failpoints or Failpoints())
+    keyed = guarantee is Guarantee.EFFECTIVELY_ONCE
+
+    @app.handler(
+        SOURCE,
+        guarantee=guarantee,
+        effect=Effect.keyed(DOWNSTREAM) if keyed else Effect.unkeyed(DOWNSTREAM),
+        key=lambda p: ("capture-payment", p["order_id"]),
+        example={"order_id": "order-1", "amount": 100},
+        lease=lease,
+        retry=RetryPolicy(max_attempts=10, base_delay=0.01, max_delay=0.05),
+        concurrency=1,
+    )
+    async def capture_payment(ctx: Context) -> str:
+        p = ctx.payload
+        return await provider.apply(p["order_id"], p["amount"], ctx.idempotency_key)
+
+    return app
+
+
 async def run_guarantee(
     guarantee: Guarantee,
     *,
@@ -161,27 +196,10 @@ async def run_guarantee(
     plan = fault_plan(orders, seed)
     failpoints = Failpoints()
     broker = MemoryBroker(failpoints=failpoints)
-    broker.declare(SOURCE, mode=RedeliveryKind.NACK)
-    # synchronous=NORMAL: the demo's ledger is thrown away with its temp dir; it survives a
-    # process crash, which is what the demo simulates (FULL is the library default)
-    ledger = SQLiteLedger(workdir / f"ledger-{guarantee.value}.db", synchronous="NORMAL")
-    keyed = guarantee is Guarantee.EFFECTIVELY_ONCE
+    ledger = SQLiteLedger(workdir / f"ledger-{guarantee.value}.db")  # WAL, synchronous=FULL
     # the payments API: records every charge, honours idempotency keys only for keyed effects
-    provider = EffectProbe(honour_keys=keyed)
-    app = App("demo", broker=broker, ledger=ledger, failpoints=failpoints)
-
-    @app.handler(
-        SOURCE,
-        guarantee=guarantee,
-        effect=Effect.keyed(DOWNSTREAM) if keyed else Effect.unkeyed(DOWNSTREAM),
-        lease=lease,
-        retry=RetryPolicy(max_attempts=10, base_delay=0.01, max_delay=0.05),
-        concurrency=1,
-    )
-    async def capture_payment(ctx: Context) -> str:
-        p = ctx.payload
-        return await provider.apply(p["order_id"], p["amount"], ctx.idempotency_key)
-
+    provider = EffectProbe(honour_keys=guarantee is Guarantee.EFFECTIVELY_ONCE)
+    app = build_app(guarantee, broker, ledger, provider, failpoints=failpoints, lease=lease)
     _arm(failpoints, plan)
     producer = Producer(broker, guarantee, backoff=0.005)
     rng = random.Random(seed)

@@ -54,6 +54,27 @@ class Capabilities:
     independent_groups: bool = True
 
 
+@dataclass(frozen=True, slots=True)
+class SourceFacts:
+    """What a broker can say about one source, for ``explain``. None means unknown/unbounded."""
+
+    broker: str
+    #: how long the broker keeps a message that nobody completes (seconds)
+    retention: float | None = None
+    dead_letter: str | None = None
+    dead_letter_retention: float | None = None
+    #: how long after quarantine/dead-lettering a message may still be redriven
+    redrive_window: float | None = None
+    #: deliveries after which the broker itself drops or dead-letters a message
+    delivery_limit: int | None = None
+    visibility_timeout: float | None = None
+    #: the consumer commits before the handler runs (Kafka enable.auto.commit)
+    auto_commit: bool | None = None
+    #: the broker stamps its own publish time (fallback for rs-published-at)
+    broker_timestamps: bool = True
+    notes: tuple[str, ...] = ()
+
+
 class Delivery(ABC):
     """One transport copy of a message, handed to the runtime.
 
@@ -140,6 +161,10 @@ class Subscriber(ABC):
 
 class Broker(Publisher, Subscriber):
     """A backend that both publishes and subscribes."""
+
+    async def describe(self, source: str) -> SourceFacts:
+        """Facts about ``source`` for ``explain`` (adapters read queue/topic attributes)."""
+        return SourceFacts(broker=type(self).__name__)
 
     async def close(self) -> None:
         """Close connections. Idempotent."""

@@ -52,6 +52,7 @@ from replaysafe.brokers.base import (
     Delivery,
     RedeliveryKind,
     SettleGranularity,
+    SourceFacts,
     Subscription,
 )
 from replaysafe.clock import SYSTEM_CLOCK, Clock
@@ -865,6 +866,16 @@ class MemoryBroker(Broker):
     def capabilities(self, source: str) -> Capabilities:
         dest = self._dests.get(source)
         return _CAPABILITIES[(dest.config if dest is not None else self._default).mode]
+
+    async def describe(self, source: str) -> SourceFacts:
+        dest = self._dests.get(source)
+        config = dest.config if dest is not None else self._default
+        vis = config.visibility_timeout
+        return SourceFacts(
+            broker="memory",
+            visibility_timeout=vis if config.mode is RedeliveryKind.VISIBILITY_TIMEOUT else None,
+            notes=("messages live only as long as the process",),
+        )
 
     # ---------------------------------------------------------------- publish / subscribe
 

@@ -193,6 +193,19 @@ class QuarantineEntry:
     seen: int
 
 
+@dataclass(frozen=True, slots=True)
+class Durability:
+    """Whether a ledger's storage can back a claim: once ``claim`` returned, does the claim
+    survive a crash of the ledger's process or machine? For ``explain``."""
+
+    store: str
+    #: True: survives a machine crash; False: it may not; None: unknown
+    durable: bool | None
+    #: the setting that decides it (``synchronous=FULL``, ``appendfsync=always`` …)
+    setting: str
+    detail: str
+
+
 class Transaction(ABC):
     """A database transaction handed to a transactional handler as ``ctx.tx``.
 
@@ -276,6 +289,10 @@ class Ledger(ABC):
         """Delete up to ``limit`` COMPLETED records completed before ``older_than`` (POSIX seconds).
         Returns how many were deleted. Only completed records are forgotten: in-flight, released
         and quarantined ones stay."""
+
+    async def durability(self) -> Durability:
+        """Whether this ledger's storage can back a claim (backends say what they know)."""
+        return Durability(type(self).__name__, None, "unknown", "the backend does not say")
 
     @abstractmethod
     def now(self) -> float:

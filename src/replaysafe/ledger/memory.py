@@ -13,6 +13,7 @@ from replaysafe.ledger.base import (
     Acquired,
     Claim,
     ClaimOutcome,
+    Durability,
     Ledger,
     OpKey,
     QuarantineEntry,
@@ -141,6 +142,13 @@ class MemoryLedger(Ledger):
         for k in doomed:
             del self._records[k]
         return len(doomed)
+
+    async def durability(self) -> Durability:
+        return Durability(
+            "memory", False, "process memory",
+            "a process restart forgets every claim and completion: every redelivery after it "
+            "runs again",
+        )  # fmt: skip
 
     def __repr__(self) -> str:
         return f"MemoryLedger(records={len(self._records)})"

@@ -45,6 +45,7 @@ from replaysafe.ledger.base import (
     Claim,
     ClaimOutcome,
     ClaimRequest,
+    Durability,
     OpKey,
     QuarantineEntry,
     QuarantineRequest,
@@ -249,6 +250,19 @@ class SQLiteLedger(TransactionalLedger):
     def path(self) -> str:
         return self._path
 
+    async def durability(self) -> Durability:
+        """FULL/EXTRA fsync the WAL on every commit; NORMAL may lose the last commits on power
+        loss (not on a process crash); OFF may lose or corrupt them."""
+        level = self._synchronous
+        durable = level in ("FULL", "EXTRA")
+        detail = (
+            "every commit is fsynced before claim/complete return"
+            if durable
+            else "commits survive a process crash but the last ones may be lost on power loss or "
+            "an OS crash; use synchronous='FULL'"
+        )
+        return Durability(f"sqlite:{self._path}", durable, f"synchronous={level}", detail)
+
     def now(self) -> float:
         return self._clock.now()
 
@@ -376,6 +390,19 @@ class SQLiteLedger(TransactionalLedger):
         tx._check_open()
         fn = partial(self._complete_rows, claim, result)
         await self._run(partial(self._in_tx, tx, fn, True))
+
+    # ------------------------------------------------------------------ hooks for co-located stores
+
+    async def run_job(self, fn: Callable[[sqlite3.Connection], T], *, write: bool) -> T:
+        """Internal hook for stores that live in this ledger's file (the outbox): run ``fn(conn)``
+        on the connection thread under this ledger's lock, inside ``BEGIN IMMEDIATE`` … ``COMMIT``
+        when ``write`` (rolled back if ``fn`` raises). ``sqlite3`` errors become
+        ``LedgerUnavailable``. ``fn`` runs on another thread: it must touch only ``conn``."""
+        return await (self._write(fn) if write else self._read(fn))
+
+    def owns(self, tx: Transaction) -> bool:
+        """Internal hook: True when ``tx`` was opened by this ledger's :meth:`transaction`."""
+        return isinstance(tx, SQLiteTransaction) and tx._ledger is self
 
     # ------------------------------------------------------------------ lifecycle
 

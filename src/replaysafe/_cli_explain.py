@@ -1,0 +1,52 @@
+"""`replaysafe explain MODULE:APP`: the guarantee statement, per handler, with findings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import click
+from rich.console import Console
+
+from replaysafe._cli_run import load_app
+from replaysafe.explain import Report, explain
+
+_COLOR = {"error": "red", "warning": "yellow", "info": "cyan"}
+
+
+def print_report(report: Report, console: Console) -> None:
+    for h in report.handlers:
+        boundary = h.boundary or "nowhere: replay hurts"
+        console.print(f"[bold]{h.name}[/] ({h.guarantee.value}) — replay stops hurting at: "
+                      f"[bold]{boundary}[/]")  # fmt: skip
+        for line in h.statement:
+            console.print(f"  - {line}", highlight=False)
+        for f in h.findings:
+            color = _COLOR[f.severity]
+            console.print(f"  [{color}]{f.severity.upper()} {f.id}[/] {f.message}", highlight=False)
+        console.print()
+
+
+@click.command("explain")
+@click.argument("target", metavar="MODULE:APP")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--strict", is_flag=True, help="Exit 1 when any finding is an error.")
+@click.option("--p99", "p99", multiple=True, metavar="HANDLER=SECONDS",
+              help="Observed p99 handler latency (repeat per handler).")  # fmt: skip
+def explain_command(target: str, as_json: bool, strict: bool, p99: tuple[str, ...]) -> None:
+    """Say, per handler and boundary by boundary, where replay stops hurting."""
+    app = load_app(target)
+    observed: dict[str, float] = {}
+    for item in p99:
+        name, _, value = item.partition("=")
+        try:
+            observed[name] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"--p99 wants HANDLER=SECONDS, got {item!r}") from None
+    report = asyncio.run(explain(app, p99=observed))
+    if as_json:
+        click.echo(json.dumps(report.as_json(), indent=2))
+    else:
+        print_report(report, Console())
+    if strict and report.errors:
+        raise SystemExit(1)

@@ -1,0 +1,1094 @@
+"""The RabbitMQ adapter (aio-pika): RabbitMQ's own semantics, visible rather than disguised.
+
+Topology (declared idempotently by :meth:`RabbitMQBroker.declare` and by ``subscribe``)::
+
+    publish(dest) ──► exchange ``dest`` (fanout, durable)
+                        ├──► queue ``dest/groupA`` ──reject / delivery-limit──► ``dest/groupA/dead``
+                        │        ▲
+                        │        └── dead-letters back on expiry ── ``dest/groupA/retry/<N>s``
+                        └──► queue ``dest/groupB`` …
+
+- A **fanout** exchange per destination, one durable queue per consumer group bound to it: every
+  group receives every message (``independent_groups=True``) and consumers of one group compete for
+  its queue. Fanout rather than direct because routing has nothing to decide here: a destination
+  *is* the routing decision, and a fanout never drops a message over a routing-key typo.
+- Queues are **quorum** queues by default (replicated, ``x-delivery-count``); ``queue_type=
+  "classic"`` is available for servers or policies that need it. Quorum queues need RabbitMQ
+  >= 3.10 here (per-message TTL and at-least-once dead-lettering).
+- Each group queue dead-letters through the default exchange straight into its own
+  ``…/dead`` queue (a reject, or the quorum ``delivery-limit`` — 20 by default from RabbitMQ 4.0,
+  unlimited on 3.x unless ``delivery_limit`` is given). Without a dead-letter target a quorum queue
+  *drops* a message past the limit; with one it moves it. Dead-lettering from quorum queues uses
+  the ``at-least-once`` strategy (with ``x-overflow=reject-publish``, which it requires), so a
+  broker failure during the move duplicates rather than loses.
+- Names are composed from escaped parts (``%`` → ``%25``, ``/`` → ``%2F``), so ``("a/b", "c")``
+  and ``("a", "b/c")`` never share a queue.
+
+Wire format: body = the payload bytes; AMQP ``content_type`` = the envelope's content type;
+``message_id`` = the operation id; ``timestamp`` = the publish time (seconds, the broker-timestamp
+fallback); headers = :meth:`Envelope.wire_headers` plus ``x-replaysafe-key`` (the ordering key).
+Deliveries carry the raw body and *text* headers (non-string AMQP values are rendered as text;
+broker bookkeeping such as ``x-death`` and ``x-delivery-count`` is kept out of ``headers`` and
+available in ``RabbitMQDelivery.amqp_headers``). A message from a plain AMQP client arrives as a
+delivery like any other: nothing here raises on a bad message; the runtime decides.
+
+Semantics:
+
+- ``ack`` = ``basic.ack`` (COMPLETED). An ack on a channel that has died is *not* an error: RabbitMQ
+  already requeued the message and will redeliver it; the ledger answers the copy. It is logged.
+- ``nack()`` / ``nack(0)`` = ``basic.reject(requeue=True)``: redelivered at once with
+  ``redelivered=True``. (``basic.reject`` rather than ``basic.nack``: from RabbitMQ 4.3 only a
+  reject counts as a failed delivery in ``x-delivery-count`` / ``delivery-limit``.)
+- ``nack(delay)`` with delay > 0 never spins: a copy (same body and properties, plus
+  ``x-replaysafe-attempts``) is published with a per-message TTL to a retry queue that
+  dead-letters back into the group's queue; only after the copy is *confirmed* is the original
+  acked. A crash in between leaves two copies (the ledger dedupes), never none. Retry queues are
+  banded by powers of two (``retry/1s``, ``retry/2s``, ``retry/4s`` …; a delay d goes to the band
+  ``2**ceil(log2 d)``): RabbitMQ expires messages only at the head of a queue, so one retry queue
+  for all delays would hold a 1 s retry behind a 60 s one; within a band the wait is at most twice
+  the requested delay and never shorter. If the copy cannot be published, the original is held
+  (unacked, occupying a prefetch slot) and requeued after the delay instead.
+- ``reject(reason)`` = ``basic.reject(requeue=False)``: the message moves to ``…/dead``
+  (with RabbitMQ's ``x-death`` record; the reason string is logged, AMQP cannot carry it).
+- ``extend`` raises ``CapabilityError``: an unacked delivery is held until it is settled or its
+  channel closes (RabbitMQ's ``consumer_timeout``, 30 min by default, closes a channel that holds a
+  delivery too long). Use ``nack(delay=…)`` to postpone.
+- ``Delivery.attempt``: quorum queues count every return (``x-delivery-count`` + 1, plus the
+  deliveries carried across retry-queue hops), so ``delivery_count=True``. Classic queues only say
+  "redelivered": ``attempt`` is then a lower bound (``delivery_count=False``).
+- Connection loss: both connections (one publishing, one consuming, so that flow control on
+  publishers never stalls acks) reconnect on their own (aio-pika robust connections) and
+  subscriptions resume consuming. Deliveries of a dead channel are requeued by RabbitMQ; those
+  still buffered are dropped and come back.
+- ``publish`` waits for publisher confirms with ``mandatory=True``: unroutable (no queue bound) is a
+  plain :class:`~replaysafe.errors.BrokerError`, nothing stored; no confirm within
+  ``confirm_timeout``, a broker nack, or a connection lost after sending is
+  :class:`~replaysafe.errors.PublishAmbiguous` (retry with the SAME envelopes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from replaysafe.brokers.base import (
+    Broker,
+    Capabilities,
+    Delivery,
+    RedeliveryKind,
+    SettleGranularity,
+    Subscription,
+)
+from replaysafe.clock import SYSTEM_CLOCK, Clock
+from replaysafe.envelope import HEADER_OPERATION_ID, Envelope
+from replaysafe.errors import (
+    BrokerError,
+    BrokerUnavailable,
+    CapabilityError,
+    ConfigurationError,
+    MissingExtra,
+    PublishAmbiguous,
+)
+from replaysafe.failpoints import (
+    FAILPOINTS,
+    PUBLISH_AFTER_ACCEPT,
+    PUBLISH_BEFORE_ACCEPT,
+    Failpoints,
+)
+
+if TYPE_CHECKING:
+    from aio_pika.abc import (
+        AbstractIncomingMessage,
+        AbstractRobustChannel,
+        AbstractRobustConnection,
+        AbstractRobustQueue,
+    )
+    from aiormq.abc import AbstractChannel
+
+__all__ = ["KEY_HEADER", "ATTEMPTS_HEADER", "RabbitMQBroker", "RabbitMQDelivery", "Topology"]
+
+log = logging.getLogger("replaysafe.brokers.rabbitmq")
+
+#: the ordering key of the envelope (AMQP has no key of its own; the routing key is rewritten on
+#: the retry hop, a header survives it)
+KEY_HEADER = "x-replaysafe-key"
+#: deliveries a message had before it went through a retry queue (a retry copy is a new message
+#: to RabbitMQ, whose x-delivery-count starts again at 0)
+ATTEMPTS_HEADER = "x-replaysafe-attempts"
+#: broker bookkeeping kept out of ``Delivery.headers`` (they are in ``amqp_headers``)
+_TRANSPORT_HEADERS = frozenset(
+    {KEY_HEADER, ATTEMPTS_HEADER, "x-delivery-count", "x-acquired-count", "x-death"}
+)
+_TRANSPORT_PREFIXES = ("x-first-death-", "x-last-death-")
+
+#: the longest delayed nack (longer ones are clamped, with a warning)
+MAX_DELAY = 86_400.0
+#: retry bands: 1 s, 2 s, 4 s … up to the first power of two >= MAX_DELAY
+RETRY_BANDS: tuple[int, ...] = tuple(2**k for k in range(math.ceil(math.log2(MAX_DELAY)) + 1))
+
+_PERSISTENT = 2
+_MAX_NAME_BYTES = 255
+QueueType = Literal["quorum", "classic"]
+
+
+def _driver() -> ModuleType:
+    try:
+        import aio_pika
+    except ImportError as exc:
+        raise MissingExtra("rabbitmq", "aio-pika") from exc
+    return aio_pika
+
+
+# --------------------------------------------------------------------------- names
+
+
+def _escape(part: str) -> str:
+    # '/' separates the parts of a queue name and '%' escapes: both are escaped inside a part
+    return part.replace("%", "%25").replace("/", "%2F")
+
+
+def _check_name(what: str, name: object) -> str:
+    if not isinstance(name, str) or not name:
+        raise ConfigurationError(f"{what} name must be a non-empty string, got {name!r}")
+    if name.startswith("amq."):
+        raise ConfigurationError(
+            f"{what} name {name!r} starts with 'amq.', which RabbitMQ reserves for itself; "
+            "choose another name"
+        )
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        raise ConfigurationError(f"{what} name {name!r} contains control characters")
+    return name
+
+
+def _check_length(name: str) -> str:
+    if len(name.encode("utf-8")) > _MAX_NAME_BYTES:
+        raise ConfigurationError(
+            f"RabbitMQ name {name[:60]!r}… is longer than {_MAX_NAME_BYTES} bytes (AMQP short "
+            "string); use shorter destination and group names"
+        )
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """The RabbitMQ names behind one (destination, group): for operators and tests."""
+
+    exchange: str
+    queue: str
+    dead_letter_queue: str
+
+    @classmethod
+    def of(cls, source: str, group: str) -> Topology:
+        _check_name("destination", source)
+        _check_name("group", group)
+        queue = f"{_escape(source)}/{_escape(group)}"
+        topo = cls(_check_length(source), _check_length(queue), _check_length(f"{queue}/dead"))
+        _check_length(topo.retry_queue(RETRY_BANDS[-1]))
+        return topo
+
+    def retry_queue(self, band: int) -> str:
+        """The retry queue holding delays in ``(band/2, band]`` seconds (``(0, 1]`` for band 1)."""
+        return f"{self.queue}/retry/{band}s"
+
+    @property
+    def retry_queues(self) -> tuple[str, ...]:
+        return tuple(self.retry_queue(b) for b in RETRY_BANDS)
+
+
+def retry_band(delay: float) -> int:
+    """The retry band of ``delay`` seconds: the smallest power of two >= delay (at least 1)."""
+    if delay <= 1.0:
+        return 1
+    return min(b for b in RETRY_BANDS if b >= min(delay, MAX_DELAY))
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for repr, logs and errors)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{parts.username or ''}:***@{host}"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+# --------------------------------------------------------------------------- headers
+
+
+def _text(value: Any) -> str:
+    """An AMQP field value as text (plain clients send ints, bools, bytes, timestamps…)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        # 'replace', not 'surrogateescape': a lone surrogate would break the ledger's encoders
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime):
+        dt = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        return dt.isoformat()
+    return str(value)
+
+
+def _is_transport(name: str) -> bool:
+    return name in _TRANSPORT_HEADERS or name.startswith(_TRANSPORT_PREFIXES)
+
+
+def _count(value: Any) -> int | None:
+    """A non-negative integer header (x-delivery-count, our attempts), or None if unusable."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, str | bytes):
+        try:
+            n = int(value)
+        except ValueError:
+            return None
+        return n if n >= 0 else None
+    return None
+
+
+def _epoch(value: Any) -> float | None:
+    if isinstance(value, datetime):
+        dt = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        return dt.timestamp()
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+# --------------------------------------------------------------------------- deliveries
+
+
+class RabbitMQDelivery(Delivery):
+    """One AMQP delivery. Settling twice is harmless; a settle on a dead channel is logged, not
+    raised (RabbitMQ requeued the message when the channel died)."""
+
+    def __init__(self, sub: _RabbitSubscription, message: AbstractIncomingMessage) -> None:
+        raw = dict(message.headers or {})
+        #: the headers exactly as RabbitMQ delivered them (x-death, x-delivery-count, …)
+        self.amqp_headers: Mapping[str, Any] = raw
+        self.body = bytes(message.body)
+        self.headers = {k: _text(v) for k, v in raw.items() if not _is_transport(k)}
+        self.content_type = message.content_type
+        key = raw.get(KEY_HEADER)
+        self.key = _text(key) if key is not None else None
+        self.broker_timestamp = _epoch(message.timestamp)
+        self.delivery_id = f"{sub.topology.queue}#{message.consumer_tag}:{message.delivery_tag}"
+        prior = _count(raw.get(ATTEMPTS_HEADER)) or 0
+        returns = _count(raw.get("x-delivery-count")) if sub.broker.queue_type == "quorum" else None
+        if returns is not None:
+            self.attempt = prior + returns + 1
+        else:
+            # classic queues only know "redelivered": a lower bound
+            self.attempt = prior + (2 if message.redelivered else 1)
+        # a copy that came back through a retry queue is a new AMQP message but a redelivery
+        self.redelivered = bool(message.redelivered) or prior > 0
+        self.received_at = sub.broker.clock.now()
+        self.settle_deadline = None
+        self.message = message
+        self._sub = sub
+        self._settled = False
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+    def _settle(self) -> bool:
+        if self._settled:
+            return False
+        self._settled = True
+        self._sub._unsettled.discard(self)
+        return True
+
+    async def ack(self) -> None:
+        """``basic.ack`` (boundary COMPLETED). On a dead channel: logged; the message comes back."""
+        if self._settle():
+            await _settle_quietly(self, "ack", self.message.ack())
+
+    async def nack(self, delay: float | None = None) -> None:
+        """Redeliver: at once (``basic.reject(requeue=True)``) for None/0, else through the retry
+        queue after ``delay`` seconds (copy confirmed first, then the original acked)."""
+        if not self._settle():
+            return
+        seconds = 0.0 if delay is None else float(delay)
+        if not seconds > 0:  # also NaN
+            await _settle_quietly(self, "requeue", self.message.reject(requeue=True))
+            return
+        await self._sub._delay(self, seconds)
+
+    async def reject(self, reason: str) -> None:
+        """``basic.reject(requeue=False)``: dead-lettered into the group's ``…/dead`` queue."""
+        if self._settle():
+            log.info("rejecting %s to %s: %s", self.delivery_id, self._sub.topology.queue, reason)
+            await _settle_quietly(self, "reject", self.message.reject(requeue=False))
+
+    async def extend(self, seconds: float) -> None:
+        raise CapabilityError(
+            f"RabbitMQBroker: queue {self._sub.topology.queue!r} has no visibility timer to "
+            "extend (a delivery stays with its consumer until settled or until its channel "
+            "closes); use nack(delay=...) to postpone redelivery"
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<RabbitMQDelivery {self.delivery_id} op={self.headers.get(HEADER_OPERATION_ID)!r} "
+            f"attempt={self.attempt} settled={self._settled}>"
+        )
+
+
+async def _settle_quietly(d: RabbitMQDelivery, what: str, call: Any) -> None:
+    aiormq = _driver_aiormq()
+    try:
+        await call
+    except (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError, OSError) as exc:
+        # ChannelInvalidStateError is a RuntimeError. The channel is gone: RabbitMQ has requeued
+        # the message and will redeliver it; a crash-equivalent, not an error of the caller's.
+        log.warning(
+            "%s of %s not delivered to RabbitMQ (%s: %s); the channel is closed, so the broker "
+            "requeued the message and will redeliver it (the ledger answers the copy)",
+            what,
+            d.delivery_id,
+            type(exc).__name__,
+            exc,
+        )
+
+
+def _driver_aiormq() -> ModuleType:
+    try:
+        import aiormq
+    except ImportError as exc:
+        raise MissingExtra("rabbitmq", "aio-pika") from exc
+    return aiormq
+
+
+# --------------------------------------------------------------------------- subscription
+
+_CLOSED = None  # buffer sentinel: wakes every pending __anext__ after close
+
+
+class _RabbitSubscription(Subscription):
+    def __init__(
+        self, broker: RabbitMQBroker, topology: Topology, group: str, prefetch: int
+    ) -> None:
+        self.broker = broker
+        self.topology = topology
+        self.group = group
+        self.prefetch = prefetch
+        self._buffer: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
+        self._unsettled: set[RabbitMQDelivery] = set()
+        self._held: set[asyncio.Task[None]] = set()
+        self._channel: AbstractRobustChannel | None = None
+        self._queue: AbstractRobustQueue | None = None
+        self._tag: str | None = None
+        self._closed = False
+
+    async def _open(self, connection: AbstractRobustConnection) -> None:
+        channel = await connection.channel(publisher_confirms=False)
+        self._channel = channel
+        await channel.set_qos(prefetch_count=self.prefetch)
+        # declared (not just referenced) on this channel so that a reconnect re-declares it
+        self._queue = await channel.declare_queue(
+            self.topology.queue, durable=True, arguments=self.broker._queue_args(self.topology)
+        )
+        self._tag = await self._queue.consume(self._on_message, no_ack=False)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        if not self._closed:
+            self._buffer.put_nowait(message)
+
+    def _wrap(self, message: AbstractIncomingMessage) -> RabbitMQDelivery | None:
+        try:
+            message.channel  # noqa: B018 - raises once the channel that carried it is closed
+        except RuntimeError:
+            # RabbitMQ requeued it when the channel died; the copy on the new channel follows
+            return None
+        d = RabbitMQDelivery(self, message)
+        self._unsettled.add(d)
+        return d
+
+    async def __anext__(self) -> Delivery:
+        """The next delivery. Cancelling a pending call loses nothing (the buffer keeps it)."""
+        while True:
+            if self._closed:
+                raise StopAsyncIteration
+            message = await self._buffer.get()
+            if message is _CLOSED:
+                self._buffer.put_nowait(_CLOSED)
+                raise StopAsyncIteration
+            d = self._wrap(message)
+            if d is not None:
+                return d
+
+    async def next_batch(self, max_items: int) -> list[Delivery]:
+        """One delivery (waiting for it) plus what is already buffered, up to ``max_items``."""
+        batch: list[Delivery] = [await self.__anext__()]
+        while len(batch) < max_items and not self._buffer.empty():
+            message = self._buffer.get_nowait()
+            if message is _CLOSED:
+                self._buffer.put_nowait(_CLOSED)
+                break
+            d = self._wrap(message)
+            if d is not None:
+                batch.append(d)
+        return batch
+
+    async def _delay(self, d: RabbitMQDelivery, seconds: float) -> None:
+        if seconds > MAX_DELAY:
+            log.warning(
+                "nack delay of %.0fs on %s clamped to %.0fs", seconds, d.delivery_id, MAX_DELAY
+            )
+            seconds = MAX_DELAY
+        band = retry_band(seconds)
+        try:
+            await self.broker._republish_delayed(self.topology, band, d, seconds)
+        except (BrokerError, ConfigurationError) as exc:
+            # never a tight requeue loop: hold the original (unacked) and requeue it after the
+            # delay; if the channel dies meanwhile RabbitMQ requeues it anyway
+            log.warning(
+                "delayed nack of %s could not use the retry queue (%s); holding it for %.1fs, "
+                "then requeueing",
+                d.delivery_id,
+                exc,
+                seconds,
+            )
+            task = asyncio.ensure_future(self._requeue_later(d, seconds))
+            self._held.add(task)
+            task.add_done_callback(self._held.discard)
+            return
+        # the copy is confirmed: acking the original now can only duplicate, never lose
+        await _settle_quietly(d, "ack after delayed copy", d.message.ack())
+
+    async def _requeue_later(self, d: RabbitMQDelivery, seconds: float) -> None:
+        await self.broker.clock.sleep(seconds)
+        await _settle_quietly(d, "delayed requeue", d.message.reject(requeue=True))
+
+    async def close(self, *, abandon: bool = False) -> None:
+        """Stop consuming and wake pending ``__anext__`` calls.
+
+        Graceful: cancel the consumer, requeue what was buffered but never handed out
+        (``basic.nack``: not a failed delivery), then close the channel (RabbitMQ requeues any
+        delivery still unsettled). ``abandon=True`` only closes the channel, as a crash would:
+        RabbitMQ requeues everything unacked. Held delayed-nack timers are dropped in both cases
+        (their messages return at once with the channel). Idempotent.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._buffer.put_nowait(_CLOSED)
+        self.broker._subs.discard(self)
+        for task in list(self._held):
+            task.cancel()
+        aiormq = _driver_aiormq()
+        gone = (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError, OSError, TimeoutError)
+        if not abandon and self._queue is not None and self._tag is not None:
+            with contextlib.suppress(*gone):
+                await self._queue.cancel(self._tag, timeout=self.broker.connect_timeout)
+            while not self._buffer.empty():
+                message = self._buffer.get_nowait()
+                if message is not _CLOSED:
+                    with contextlib.suppress(*gone):
+                        await message.nack(requeue=True)
+            self._buffer.put_nowait(_CLOSED)
+        if self._channel is not None:
+            with contextlib.suppress(*gone):
+                await self._channel.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<RabbitMQSubscription {self.topology.queue!r} prefetch={self.prefetch} "
+            f"unsettled={len(self._unsettled)} closed={self._closed}>"
+        )
+
+
+# --------------------------------------------------------------------------- the broker
+
+
+class RabbitMQBroker(Broker):
+    """RabbitMQ through aio-pika (see the module docstring for topology and semantics).
+
+    ``url`` is an ``amqp://`` or ``amqps://`` URL (its password is redacted in repr, logs and
+    errors). ``queue_type`` chooses quorum (default; ``delivery_count=True``) or classic queues.
+    ``confirm_timeout`` bounds the wait for a publisher confirm (then ``PublishAmbiguous``);
+    ``connect_timeout`` bounds connecting and declaring (then ``BrokerUnavailable``);
+    ``reconnect_interval`` is the pause between reconnection attempts. ``delivery_limit`` sets the
+    quorum ``x-delivery-limit`` (None: the server's default, unlimited on 3.x, 20 on 4.x); past it
+    RabbitMQ moves the message to the group's dead-letter queue.
+
+    ``failpoints`` (default: the process-wide registry) is hit around each envelope's publish:
+    ``PUBLISH_BEFORE_ACCEPT`` before it is sent, ``PUBLISH_AFTER_ACCEPT`` right after its confirm.
+    Connections are opened on first use (or by :meth:`connect`).
+    """
+
+    def __init__(
+        self,
+        url: str = "amqp://guest:guest@127.0.0.1:5672/",
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        failpoints: Failpoints | None = None,
+        queue_type: QueueType = "quorum",
+        confirm_timeout: float = 10.0,
+        connect_timeout: float = 10.0,
+        reconnect_interval: float = 1.0,
+        delivery_limit: int | None = None,
+    ) -> None:
+        _driver()
+        scheme = urlsplit(url).scheme if isinstance(url, str) else ""
+        if scheme not in ("amqp", "amqps"):
+            raise ConfigurationError(
+                f"RabbitMQBroker needs an amqp:// or amqps:// URL, got {redact_url(str(url))!r}"
+            )
+        if queue_type not in ("quorum", "classic"):
+            raise ConfigurationError(
+                f"queue_type must be 'quorum' or 'classic', got {queue_type!r}"
+            )
+        for name, value in (
+            ("confirm_timeout", confirm_timeout),
+            ("connect_timeout", connect_timeout),
+            ("reconnect_interval", reconnect_interval),
+        ):
+            if not value > 0:
+                raise ConfigurationError(f"{name} must be > 0 seconds, got {value!r}")
+        if delivery_limit is not None and (queue_type != "quorum" or delivery_limit < 1):
+            raise ConfigurationError(
+                "delivery_limit needs queue_type='quorum' and a value >= 1 "
+                f"(got {delivery_limit!r} with {queue_type!r}); classic queues have no limit"
+            )
+        self._url = url
+        self._password = urlsplit(url).password or ""
+        self.url = redact_url(url)
+        self._clock = clock
+        self._failpoints = FAILPOINTS if failpoints is None else failpoints
+        self.queue_type: QueueType = queue_type
+        self.confirm_timeout = float(confirm_timeout)
+        self.connect_timeout = float(connect_timeout)
+        self.reconnect_interval = float(reconnect_interval)
+        self.delivery_limit = delivery_limit
+        self.server_version: tuple[int, ...] | None = None
+        self._publish_conn: AbstractRobustConnection | None = None
+        self._consume_conn: AbstractRobustConnection | None = None
+        self._publisher: AbstractRobustChannel | None = None
+        self._conn_lock = asyncio.Lock()
+        self._exchanges: set[str] = set()
+        self._queues: set[str] = set()
+        self._declared: dict[str, set[str]] = {}
+        # one publish per message_id at a time: aiormq matches a basic.return to its publish by
+        # message_id, so two concurrent publishes of one operation could swap their outcomes
+        self._sending: dict[str, asyncio.Future[None]] = {}
+        self._subs: set[_RabbitSubscription] = set()
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str, **opts: Any) -> RabbitMQBroker:
+        """``RabbitMQBroker(url, **opts)``: the constructor under the name the CLI resolves."""
+        return cls(url, **opts)
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    @property
+    def failpoints(self) -> Failpoints:
+        return self._failpoints
+
+    @property
+    def declared(self) -> Mapping[str, frozenset[str]]:
+        """Destinations and groups this broker object declared (for tests and cleanup)."""
+        return {s: frozenset(g) for s, g in self._declared.items()}
+
+    def topology(self, source: str, group: str) -> Topology:
+        return Topology.of(source, group)
+
+    def capabilities(self, source: str) -> Capabilities:
+        return Capabilities(
+            redelivery=RedeliveryKind.NACK,
+            settle_granularity=SettleGranularity.MESSAGE,
+            extend_visibility=False,
+            # competing consumers and requeues reorder a queue
+            ordered_within_key=False,
+            delivery_count=self.queue_type == "quorum",
+            native_dedup_window=None,
+            delayed_nack=True,
+            independent_groups=True,
+        )
+
+    def __repr__(self) -> str:
+        return f"RabbitMQBroker({self.url!r}, queue_type={self.queue_type!r})"
+
+    # ---------------------------------------------------------------- errors
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._password, "***") if self._password else text
+
+    def _describe(self, exc: BaseException) -> str:
+        return self._scrub(f"{type(exc).__name__}: {exc}")
+
+    def _declare_error(self, what: str, exc: BaseException) -> Exception:
+        aiormq = _driver_aiormq()
+        if isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed):
+            return ConfigurationError(
+                f"RabbitMQ refused to declare {what} ({self._describe(exc)}): it already exists "
+                f"with other settings (e.g. a different queue type than {self.queue_type!r}). "
+                "Delete it, or configure RabbitMQBroker to match it"
+            )
+        if isinstance(exc, aiormq.exceptions.ChannelAccessRefused):
+            return ConfigurationError(
+                f"RabbitMQ refused access to {what} ({self._describe(exc)}); grant the user "
+                f"configure/write/read permissions on it in {self.url}"
+            )
+        return BrokerUnavailable(
+            f"could not declare {what} on {self.url} ({self._describe(exc)}); check that "
+            "RabbitMQ is reachable, then retry"
+        )
+
+    # ---------------------------------------------------------------- connections
+
+    async def connect(self) -> None:
+        """Open both connections now (otherwise they open on first use)."""
+        await self._connection("publish")
+        await self._connection("consume")
+
+    async def _connection(self, role: Literal["publish", "consume"]) -> AbstractRobustConnection:
+        if self._closed:
+            raise BrokerUnavailable("RabbitMQBroker is closed; create a new one")
+        async with self._conn_lock:
+            conn = self._publish_conn if role == "publish" else self._consume_conn
+            if conn is not None:
+                return conn
+            conn = await self._open_connection(role)
+            if role == "publish":
+                self._publish_conn = conn
+            else:
+                self._consume_conn = conn
+            return conn
+
+    async def _open_connection(self, role: str) -> AbstractRobustConnection:
+        aio_pika = _driver()
+        aiormq = _driver_aiormq()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                conn: AbstractRobustConnection = await aio_pika.connect_robust(
+                    self._url,
+                    timeout=self.connect_timeout,
+                    reconnect_interval=self.reconnect_interval,
+                    client_properties={"connection_name": f"replaysafe {role}"},
+                )
+        except aiormq.exceptions.ProbableAuthenticationError as exc:
+            raise ConfigurationError(
+                f"RabbitMQ at {self.url} refused the credentials ({self._describe(exc)}); check "
+                "the user and password in the URL"
+            ) from None
+        except (aiormq.exceptions.AMQPError, OSError, TimeoutError, RuntimeError) as exc:
+            raise BrokerUnavailable(
+                f"cannot connect to RabbitMQ at {self.url} ({self._describe(exc)}); check that "
+                "the server runs and the URL is right, then retry"
+            ) from None
+        if self.server_version is None:
+            self.server_version = _server_version(conn)
+        if (
+            self.queue_type == "quorum"
+            and self.server_version is not None
+            and self.server_version < (3, 10)
+        ):
+            await conn.close()
+            raise ConfigurationError(
+                f"RabbitMQ {'.'.join(map(str, self.server_version))} at {self.url} is too old "
+                "for quorum queues with per-message TTL and at-least-once dead-lettering "
+                "(3.10+); upgrade, or use queue_type='classic'"
+            )
+        return conn
+
+    async def _publisher_channel(self) -> AbstractChannel:
+        """The confirm-mode channel's current underlying channel (waits out a reconnect)."""
+        conn = await self._connection("publish")
+        if self._publisher is None:
+            self._publisher = await conn.channel(publisher_confirms=True, on_return_raises=True)
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                return await self._publisher.get_underlay_channel()
+        except TimeoutError:
+            raise BrokerUnavailable(
+                f"RabbitMQ at {self.url} is not reachable (reconnecting for more than "
+                f"{self.connect_timeout}s); nothing was sent, retry later"
+            ) from None
+
+    # ---------------------------------------------------------------- topology
+
+    def _queue_args(self, topo: Topology) -> dict[str, Any]:
+        args: dict[str, Any] = {
+            "x-queue-type": self.queue_type,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": topo.dead_letter_queue,
+        }
+        if self.queue_type == "quorum":
+            args["x-dead-letter-strategy"] = "at-least-once"
+            args["x-overflow"] = "reject-publish"
+            if self.delivery_limit is not None:
+                args["x-delivery-limit"] = self.delivery_limit
+        return args
+
+    def _retry_args(self, topo: Topology) -> dict[str, Any]:
+        args: dict[str, Any] = {
+            "x-queue-type": self.queue_type,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": topo.queue,
+        }
+        if self.queue_type == "quorum":
+            args["x-dead-letter-strategy"] = "at-least-once"
+            args["x-overflow"] = "reject-publish"
+        return args
+
+    async def _declare_on(self, what: str, steps: Any) -> None:
+        """Run ``steps(channel)`` on a short-lived channel (a refused declaration closes its
+        channel; the long-lived ones must not be the casualty)."""
+        aiormq = _driver_aiormq()
+        conn = await self._connection("publish")
+        channel: AbstractRobustChannel | None = None
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                channel = await conn.channel(publisher_confirms=False)
+                await steps(channel)
+        except (aiormq.exceptions.AMQPError, OSError, TimeoutError, RuntimeError) as exc:
+            raise self._declare_error(what, exc) from None
+        finally:
+            if channel is not None:
+                with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError, OSError):
+                    await channel.close()
+
+    async def declare(self, source: str, groups: Iterable[str] = ()) -> None:
+        """Declare ``source``'s exchange and, for each group, its queue (bound to the exchange)
+        and dead-letter queue. Idempotent; call it before publishing so that messages published
+        before the first ``subscribe`` are kept, not returned as unroutable. A queue that exists
+        with other settings raises ``ConfigurationError``."""
+        aio_pika = _driver()
+        _check_length(_check_name("destination", source))
+        names_of_groups = list(groups)
+        topos = [Topology.of(source, g) for g in names_of_groups]
+        todo = [t for t in topos if t.queue not in self._queues]
+        if source in self._exchanges and not todo:
+            return
+
+        async def steps(channel: AbstractRobustChannel) -> None:
+            exchange = await channel.declare_exchange(
+                source, aio_pika.ExchangeType.FANOUT, durable=True, robust=False
+            )
+            for t in todo:
+                await channel.declare_queue(
+                    t.dead_letter_queue,
+                    durable=True,
+                    arguments={"x-queue-type": self.queue_type},
+                    robust=False,
+                )
+                queue = await channel.declare_queue(
+                    t.queue, durable=True, arguments=self._queue_args(t), robust=False
+                )
+                await queue.bind(exchange, routing_key="", robust=False)
+
+        names = ", ".join([f"exchange {source!r}", *(f"queue {t.queue!r}" for t in todo)])
+        await self._declare_on(names, steps)
+        self._exchanges.add(source)
+        self._declared.setdefault(source, set()).update(names_of_groups)
+        self._queues.update(t.queue for t in todo)
+
+    async def _ensure_retry_queue(self, topo: Topology, band: int) -> str:
+        name = topo.retry_queue(band)
+        if name in self._queues:
+            return name
+
+        async def steps(channel: AbstractRobustChannel) -> None:
+            await channel.declare_queue(
+                name, durable=True, arguments=self._retry_args(topo), robust=False
+            )
+
+        await self._declare_on(f"retry queue {name!r}", steps)
+        self._queues.add(name)
+        return name
+
+    async def delete(self, source: str, groups: Iterable[str]) -> None:
+        """Delete ``groups``' queues (main, dead-letter, every retry band) and ``source``'s
+        exchange. Destructive: the messages in them are gone. For tests and decommissioning."""
+        aiormq = _driver_aiormq()
+        topos = [Topology.of(source, g) for g in groups]
+        conn = await self._connection("publish")
+        names = [n for t in topos for n in (t.queue, t.dead_letter_queue, *t.retry_queues)]
+        try:
+            async with asyncio.timeout(self.connect_timeout * 3):
+                channel = await conn.channel(publisher_confirms=False)
+                try:
+                    for n in names:
+                        await channel.queue_delete(n)
+                        self._queues.discard(n)
+                    await channel.exchange_delete(source)
+                finally:
+                    with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError, OSError):
+                        await channel.close()
+        except (aiormq.exceptions.AMQPError, OSError, TimeoutError, RuntimeError) as exc:
+            raise self._declare_error(f"the topology of {source!r}", exc) from None
+        self._exchanges.discard(source)
+        self._declared.pop(source, None)
+
+    async def queue_depths(self, source: str, group: str) -> dict[str, int]:
+        """Ready (not unacked) messages per queue of ``group``: main, dead-letter and each retry
+        band that exists. For tests and operators; one passive declare per queue."""
+        aiormq = _driver_aiormq()
+        topo = Topology.of(source, group)
+        conn = await self._connection("publish")
+        out: dict[str, int] = {}
+        channel: AbstractRobustChannel | None = None
+        try:
+            async with asyncio.timeout(self.connect_timeout * 3):
+                for name in (topo.queue, topo.dead_letter_queue, *topo.retry_queues):
+                    if channel is None:
+                        channel = await conn.channel(publisher_confirms=False)
+                    try:
+                        q = await channel.declare_queue(name, passive=True, robust=False)
+                    except aiormq.exceptions.ChannelNotFoundEntity:
+                        # the 404 closed the channel; open another for the next name
+                        channel = None
+                        continue
+                    result = q.declaration_result
+                    out[name] = int(result.message_count or 0)
+        except (aiormq.exceptions.AMQPError, OSError, TimeoutError, RuntimeError) as exc:
+            raise self._declare_error(f"the queues of {topo.queue!r}", exc) from None
+        finally:
+            if channel is not None:
+                with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError, OSError):
+                    await channel.close()
+        return out
+
+    # ---------------------------------------------------------------- publish
+
+    async def publish(self, destination: str, envelopes: Sequence[Envelope]) -> None:
+        """Publish each envelope to ``destination``'s exchange and wait for its confirm (boundary
+        PUBLISHED when this returns). Sends are pipelined; outcomes are checked in order.
+
+        Raises ``BrokerError`` when RabbitMQ returns a message as unroutable (no queue bound:
+        nothing was stored -- declare the groups first), ``PublishAmbiguous`` when a confirm does
+        not come within ``confirm_timeout``, the broker nacks, or the connection drops after a
+        send (some envelopes may be stored: retry with the SAME envelopes; consumers dedupe),
+        ``BrokerUnavailable`` when nothing could be sent.
+        """
+        if self._closed:
+            raise BrokerUnavailable("RabbitMQBroker is closed; create a new one to publish")
+        if not envelopes:
+            return
+        await self.declare(destination)
+        for env in envelopes:
+            if KEY_HEADER in env.headers or ATTEMPTS_HEADER in env.headers:
+                raise ConfigurationError(
+                    f"headers {KEY_HEADER!r} and {ATTEMPTS_HEADER!r} are reserved by the "
+                    "RabbitMQ adapter; rename your header"
+                )
+        sent: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        try:
+            for env in envelopes:
+                ctx: dict[str, Any] = {
+                    "operation_id": env.operation_id,
+                    "destination": destination,
+                    "sleep": self._clock.sleep,
+                }
+                await self._failpoints.hit(PUBLISH_BEFORE_ACCEPT, ctx)
+                headers: dict[str, Any] = env.wire_headers()
+                if env.key is not None:
+                    headers[KEY_HEADER] = env.key
+                props = self._properties(
+                    content_type=env.content_type,
+                    headers=headers,
+                    message_id=env.operation_id,
+                    timestamp=datetime.fromtimestamp(self._clock.now(), UTC),
+                )
+                sent.append(
+                    (ctx, asyncio.ensure_future(self._send(destination, "", env.payload, props)))
+                )
+            for ctx, fut in sent:
+                await fut
+                await self._failpoints.hit(PUBLISH_AFTER_ACCEPT, ctx)
+        finally:
+            pending = [f for _, f in sent if not f.done()]
+            if pending:
+                # outcomes we will not report (an earlier one failed, or we are cancelled): let
+                # them finish (bounded by confirm_timeout) so nothing is left running
+                await asyncio.wait(pending)
+            for _, f in sent:
+                if f.done() and not f.cancelled():
+                    f.exception()  # retrieved: the first failure is the one raised
+
+    def _properties(self, **fields: Any) -> Any:
+        aiormq = _driver_aiormq()
+        return aiormq.spec.Basic.Properties(delivery_mode=_PERSISTENT, **fields)
+
+    async def _send(self, exchange: str, routing_key: str, body: bytes, properties: Any) -> None:
+        """One publish with ``mandatory=True``, confirmed; driver errors mapped (see publish)."""
+        aiormq = _driver_aiormq()
+        message_id: str | None = properties.message_id
+        done: asyncio.Future[None] | None = None
+        if message_id is not None:
+            while (prev := self._sending.get(message_id)) is not None:
+                await asyncio.wait({prev})
+            done = asyncio.get_running_loop().create_future()
+            self._sending[message_id] = done
+        where = f"exchange {exchange!r}" if exchange else f"queue {routing_key!r}"
+        what = f"{message_id!r} to {where}"
+        try:
+            channel = await self._publisher_channel()
+            if channel.is_closed:
+                raise BrokerUnavailable(
+                    f"the publishing channel to {self.url} is closed (reconnecting); {what} was "
+                    "not sent, retry"
+                )
+            try:
+                result = await channel.basic_publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=True,
+                    timeout=self.confirm_timeout,
+                )
+            except aiormq.exceptions.PublishError as exc:
+                frame = getattr(exc, "frame", None)
+                reply = getattr(frame, "reply_text", "returned")
+                raise BrokerError(
+                    f"RabbitMQ returned {what} as unroutable ({reply}): no queue is bound, so "
+                    "nothing was stored. Declare the consumer groups first: "
+                    f"await broker.declare({exchange or routing_key!r}, groups=[...])"
+                ) from None
+            except aiormq.exceptions.DeliveryError as exc:
+                raise PublishAmbiguous(
+                    f"RabbitMQ nacked {what} ({self._describe(exc)}): some queues may hold it; "
+                    "retry with the SAME operation id"
+                ) from None
+            except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                self._exchanges.discard(exchange)
+                self._queues.discard(routing_key)
+                raise BrokerError(
+                    f"RabbitMQ has no {where} ({self._describe(exc)}); nothing was stored. "
+                    "It was deleted after it was declared: declare it again"
+                ) from None
+            except aiormq.exceptions.ChannelAccessRefused as exc:
+                raise ConfigurationError(
+                    f"RabbitMQ refused to let this user publish to {where} "
+                    f"({self._describe(exc)}); grant write permission"
+                ) from None
+            except TimeoutError:
+                raise PublishAmbiguous(
+                    f"no publisher confirm for {what} within {self.confirm_timeout}s; RabbitMQ "
+                    "may or may not have stored it: retry with the SAME operation id"
+                ) from None
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # our caller's cancellation
+                raise PublishAmbiguous(
+                    f"the channel closed while {what} awaited its confirm; retry with the SAME "
+                    "operation id"
+                ) from None
+            except (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError) as exc:
+                raise PublishAmbiguous(
+                    f"the connection to {self.url} failed while publishing {what} "
+                    f"({self._describe(exc)}); it may have been stored: retry with the SAME "
+                    "operation id"
+                ) from None
+            if not isinstance(result, aiormq.spec.Basic.Ack):
+                raise PublishAmbiguous(
+                    f"RabbitMQ answered {what} with {type(result).__name__}, not a confirm; "
+                    "retry with the SAME operation id"
+                )
+        finally:
+            if message_id is not None and done is not None:
+                self._sending.pop(message_id, None)
+                done.set_result(None)
+
+    async def _republish_delayed(
+        self, topo: Topology, band: int, d: RabbitMQDelivery, seconds: float
+    ) -> None:
+        """Publish ``d``'s copy to the retry queue of ``band`` with a ``seconds`` TTL; returns
+        once RabbitMQ confirmed it."""
+        queue = await self._ensure_retry_queue(topo, band)
+        m = d.message
+        # keep what the producer sent; drop RabbitMQ's bookkeeping (it re-adds its own)
+        headers = {
+            k: v for k, v in d.amqp_headers.items() if not _is_transport(k) or k == KEY_HEADER
+        }
+        headers[ATTEMPTS_HEADER] = d.attempt
+        props = self._properties(
+            content_type=m.content_type,
+            content_encoding=m.content_encoding,
+            headers=headers,
+            message_id=m.message_id,
+            correlation_id=m.correlation_id,
+            reply_to=m.reply_to,
+            message_type=m.type,
+            app_id=m.app_id,
+            # the first publish time stays the broker timestamp of every copy
+            timestamp=m.timestamp,
+            # RabbitMQ rounds nothing up: never early
+            expiration=str(max(1, math.ceil(seconds * 1000))),
+        )
+        await self._send("", queue, d.body, props)
+
+    # ---------------------------------------------------------------- subscribe / close
+
+    async def subscribe(self, source: str, group: str, *, prefetch: int = 16) -> Subscription:
+        """Consume ``group``'s queue on ``source`` (declared first, with its dead-letter queue),
+        with ``basic.qos(prefetch)``: at most ``prefetch`` deliveries unacked at a time."""
+        if self._closed:
+            raise BrokerUnavailable("RabbitMQBroker is closed; create a new one to subscribe")
+        if prefetch < 1:
+            raise ConfigurationError(f"prefetch must be >= 1, got {prefetch}")
+        topo = Topology.of(source, group)
+        await self.declare(source, [group])
+        conn = await self._connection("consume")
+        sub = _RabbitSubscription(self, topo, group, prefetch)
+        aiormq = _driver_aiormq()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await sub._open(conn)
+        except (aiormq.exceptions.AMQPError, OSError, TimeoutError, RuntimeError) as exc:
+            await sub.close(abandon=True)
+            raise self._declare_error(f"a consumer on {topo.queue!r}", exc) from None
+        self._subs.add(sub)
+        return sub
+
+    async def close(self) -> None:
+        """Close every subscription (gracefully) and both connections. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for sub in list(self._subs):
+            await sub.close()
+        aiormq = _driver_aiormq()
+        for conn in (self._publish_conn, self._consume_conn):
+            if conn is not None:
+                with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError, OSError):
+                    await conn.close()
+
+
+def _server_version(conn: AbstractRobustConnection) -> tuple[int, ...] | None:
+    transport = getattr(conn, "transport", None)
+    props = getattr(getattr(transport, "connection", None), "server_properties", None) or {}
+    raw = props.get("version")
+    text = _text(raw) if raw is not None else ""
+    nums: list[int] = []
+    for part in text.split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        if not digits:
+            break
+        nums.append(int(digits))
+    return tuple(nums) or None

@@ -1,0 +1,1 @@
+"""Example apps (importable as MODULE:APP for `replaysafe explain` and `replaysafe run`)."""
