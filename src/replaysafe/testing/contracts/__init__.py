@@ -6,5 +6,11 @@ capabilities, never from ad-hoc flags.
 
 from replaysafe.testing.contracts.broker import BrokerContract
 from replaysafe.testing.contracts.ledger import LedgerContract, TransactionalLedgerContract
+from replaysafe.testing.contracts.outbox import OutboxStoreContract
 
-__all__ = ["BrokerContract", "LedgerContract", "TransactionalLedgerContract"]
+__all__ = [
+    "BrokerContract",
+    "LedgerContract",
+    "OutboxStoreContract",
+    "TransactionalLedgerContract",
+]
