@@ -1,0 +1,828 @@
+"""RedisLedger passes the ledger contract on a real Redis, and keeps its promises under
+concurrency, lost scripts, dropped connections and the real runtime.
+
+Leases are judged by Redis ``TIME``, so time moves by really sleeping (short leases). Every key a
+test writes lives under its ``redis_prefix`` and is deleted afterwards. Nothing here asserts speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from redis.asyncio.connection import Connection, ConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoPermissionError, RedisError, ResponseError
+
+from replaysafe import Context, Effect, Envelope, Guarantee, RetryPolicy, observe
+from replaysafe import failpoints as fp
+from replaysafe.clock import SystemClock
+from replaysafe.errors import ConfigurationError, LeaseLost, LedgerUnavailable
+from replaysafe.ledger.base import (
+    Acquired,
+    AlreadyDone,
+    Claim,
+    ClaimRequest,
+    InFlight,
+    Ledger,
+    OpKey,
+    QuarantineRequest,
+    Record,
+    State,
+)
+from replaysafe.ledger.redis import (
+    PURGE_CHUNK,
+    RedisLedger,
+    RedisPersistence,
+    assess_persistence,
+    redact_url,
+)
+from replaysafe.quarantine import QuarantineReason
+from replaysafe.testing import FakeClock
+from replaysafe.testing.contracts.ledger import LedgerContract, acquire, must_get
+
+from .runtime_harness import Harness
+
+KEY = OpKey("orders", "op-1")
+
+
+class TestRedisLedger(LedgerContract):
+    @pytest.fixture(autouse=True)
+    def _redis(self, redis_url: str, redis_prefix: str) -> None:
+        self.url = redis_url
+        self.prefix = redis_prefix
+
+    async def make_ledger(self, clock: FakeClock) -> Ledger:
+        return RedisLedger(self.url, prefix=self.prefix)
+
+    async def advance(self, clock: FakeClock, seconds: float) -> None:
+        # leases are judged by Redis TIME: only real time moves them
+        await asyncio.sleep(seconds)
+
+
+@pytest_asyncio.fixture
+async def ledger(redis_url: str, redis_prefix: str) -> AsyncIterator[RedisLedger]:
+    led = RedisLedger(redis_url, prefix=redis_prefix)
+    try:
+        yield led
+    finally:
+        await led.close()
+
+
+@pytest_asyncio.fixture
+async def admin(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A second client: inspects keys, kills connections, flushes scripts."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def keys_under(admin: aioredis.Redis, prefix: str) -> set[bytes]:
+    return {k async for k in admin.scan_iter(match=prefix + "*", count=1000)}
+
+
+def with_query(url: str, **params: str) -> str:
+    sep = "&" if "?" in url else "?"
+    return url + sep + "&".join(f"{k}={v}" for k, v in params.items())
+
+
+# ---------------------------------------------------------------------- concurrency
+
+
+async def test_fifty_concurrent_claims_of_one_operation_acquire_exactly_once(
+    redis_url: str, redis_prefix: str
+) -> None:
+    # five ledgers (five connection pools, as five processes would have) x ten coroutines each
+    ledgers = [RedisLedger(redis_url, prefix=redis_prefix) for _ in range(5)]
+    try:
+        start = asyncio.Event()
+
+        async def claim(n: int) -> Any:
+            await start.wait()
+            return await ledgers[n % 5].claim(KEY, "fp", f"w{n}", 60.0)
+
+        tasks = [asyncio.create_task(claim(n)) for n in range(50)]
+        await asyncio.sleep(0)
+        start.set()
+        outcomes = await asyncio.gather(*tasks)
+        winners = [o for o in outcomes if isinstance(o, Acquired)]
+        assert len(winners) == 1, outcomes
+        assert sum(isinstance(o, InFlight) for o in outcomes) == 49
+        record = await must_get(ledgers[0], KEY)
+        assert (record.owner, record.token, record.attempts) == (
+            winners[0].claim.owner,
+            winners[0].claim.token,
+            1,
+        )
+    finally:
+        for led in ledgers:
+            await led.close()
+
+
+async def test_fifty_concurrent_takeovers_of_an_expired_lease_acquire_exactly_once(
+    ledger: RedisLedger,
+) -> None:
+    first = await acquire(ledger, KEY, 0.2)
+    await asyncio.sleep(0.4)
+    outcomes = await asyncio.gather(*(ledger.claim(KEY, "fp-a", f"w{n}", 60.0) for n in range(50)))
+    winners = [o.claim for o in outcomes if isinstance(o, Acquired)]
+    assert len(winners) == 1, outcomes
+    assert (winners[0].attempt, winners[0].recovered) == (2, True)
+    assert winners[0].token > first.token
+
+
+# ---------------------------------------------------------------------- round trips
+
+
+class CountingConnection(Connection):
+    """Counts writes to the socket: a pipeline is one write, however many commands it holds."""
+
+    sends = 0
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        type(self).sends += 1
+        await super().send_packed_command(command, check_health)
+
+
+@pytest_asyncio.fixture
+async def counted(redis_url: str, redis_prefix: str) -> AsyncIterator[RedisLedger]:
+    pool = ConnectionPool.from_url(redis_url, connection_class=CountingConnection)
+    client = aioredis.Redis(connection_pool=pool)
+    led = RedisLedger(redis_url, prefix=redis_prefix, client=client)
+    try:
+        yield led
+    finally:
+        await led.close()
+        await client.aclose()
+
+
+async def round_trips(call: Callable[[], Any]) -> tuple[int, Any]:
+    before = CountingConnection.sends
+    result = await call()
+    return CountingConnection.sends - before, result
+
+
+async def test_claim_many_and_complete_many_are_one_round_trip_each(counted: RedisLedger) -> None:
+    # warm up: the connection handshake and the scripts (a first EVALSHA may meet NOSCRIPT)
+    warm = await acquire(counted, OpKey("warm", "up"), 5.0)
+    await counted.complete(warm)
+    assert (await round_trips(lambda: counted.claim(OpKey("warm", "x"), "fp", "w", 5.0)))[0] == 1
+
+    requests = [ClaimRequest(OpKey("batch", f"op-{i}"), "fp", "w1", 30.0) for i in range(25)]
+    trips, outcomes = await round_trips(lambda: counted.claim_many(requests))
+    assert trips == 1
+    assert all(isinstance(o, Acquired) for o in outcomes)
+    claims = [o.claim for o in outcomes]
+    assert [c.key for c in claims] == [r.key for r in requests]  # request order
+    assert all(a.token < b.token for a, b in itertools.pairwise(claims))
+
+    await counted.release(claims[3])  # makes claims[3] stale for the batch below
+    items = [(c, f"r{i}") for i, c in enumerate(claims)]
+    trips, results = await round_trips(lambda: counted.complete_many(items))
+    assert trips == 1
+    assert isinstance(results[3], LeaseLost)
+    done = [r for i, r in enumerate(results) if i != 3]
+    assert all(isinstance(r, Record) and r.state is State.COMPLETED for r in done)
+    assert [r.key for r in done if isinstance(r, Record)] == [
+        c.key for i, c in enumerate(claims) if i != 3
+    ]
+    assert (await must_get(counted, claims[3].key)).state is State.RELEASED
+
+
+# ---------------------------------------------------------------------- keys
+
+
+_NEVER_CONNECTS = RedisLedger("redis://127.0.0.1:1/0", prefix="p:")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.tuples(st.text("a:1%{}"), st.text("a:1%{}")),
+    st.tuples(st.text("a:1%{}"), st.text("a:1%{}")),
+)
+def test_record_keys_are_injective(left: tuple[str, str], right: tuple[str, str]) -> None:
+    key_for = _NEVER_CONNECTS.key_for
+    same_key = key_for(OpKey(*left)) == key_for(OpKey(*right))
+    assert same_key == (left == right)
+
+
+async def test_scopes_with_separators_never_share_a_key(
+    ledger: RedisLedger, admin: aioredis.Redis, redis_prefix: str
+) -> None:
+    left, right = OpKey("a:b", "c"), OpKey("a", "b:c")
+    assert ledger.key_for(left) != ledger.key_for(right)
+    await acquire(ledger, left, 30.0)
+    await acquire(ledger, right, 30.0, fingerprint="another payload")  # no Conflict, no InFlight
+    found = await keys_under(admin, redis_prefix)
+    assert {ledger.key_for(left), ledger.key_for(right)} <= found
+    assert all(k.startswith(redis_prefix.encode()) for k in found)
+    assert await admin.hget(ledger.key_for(left), "scope") == b"a:b"
+    assert await admin.hget(ledger.key_for(right), "operation_id") == b"b:c"
+
+
+async def test_unicode_and_surrogates_round_trip(ledger: RedisLedger) -> None:
+    key = OpKey("zahlung:€", "bestellung:\udcff:1")  # a lone surrogate must not crash the driver
+    claim = await acquire(ledger, key, 30.0, owner="wörker")
+    done = await ledger.complete(claim, "quittung:\u2603")
+    assert (done.key, done.owner, done.result) == (key, "wörker", "quittung:\u2603")
+    assert await ledger.get(key) == done
+
+
+# ---------------------------------------------------------------------- lifetimes
+
+
+async def test_completed_records_get_the_retention_ttl_and_open_ones_none(
+    redis_url: str, redis_prefix: str, admin: aioredis.Redis
+) -> None:
+    async with RedisLedger(redis_url, prefix=redis_prefix, retention=3600.0) as led:
+        done = OpKey("orders", "done")
+        await led.complete(await acquire(led, done, 30.0), "ok")
+        ttl_ms = await admin.pttl(led.key_for(done))
+        assert 0 < ttl_ms <= 3_600_000
+        open_keys = [OpKey("orders", n) for n in ("in-flight", "released", "quarantined")]
+        await acquire(led, open_keys[0], 30.0)
+        await led.release(await acquire(led, open_keys[1], 30.0))
+        request = QuarantineRequest("orders", QuarantineReason.MAX_ATTEMPTS, "quarantined")
+        entry = await led.quarantine(request, await acquire(led, open_keys[2], 30.0))
+        for key in open_keys:
+            assert await admin.pttl(led.key_for(key)) == -1, key  # -1: exists, no TTL
+        assert await admin.pttl(redis_prefix + "q:" + entry.id) == -1
+
+
+async def test_a_completed_record_expires_at_the_retention_and_the_index_follows(
+    redis_url: str, redis_prefix: str, admin: aioredis.Redis
+) -> None:
+    async with RedisLedger(redis_url, prefix=redis_prefix, retention=0.5) as led:
+        first = await acquire(led, KEY, 30.0)
+        await led.complete(first)
+        index = redis_prefix + "completed"
+        assert await admin.zcard(index) == 1
+        for _ in range(100):  # bounded: 10 s for a 0.5 s TTL
+            if await led.get(KEY) is None:
+                break
+            await asyncio.sleep(0.1)
+        assert await led.get(KEY) is None
+        # beyond the horizon the operation is new again (that is what retention means) ...
+        again = await acquire(led, KEY, 30.0)
+        assert (again.attempt, again.recovered) == (1, False)
+        assert again.token > first.token
+        # ... and the next completion drops index entries of records the TTL removed
+        await led.complete(await acquire(led, OpKey("orders", "later"), 30.0))
+        members = await admin.zrange(index, 0, -1)
+        assert members == [led.key_for(OpKey("orders", "later"))]
+
+
+async def test_purge_skips_stale_index_entries_and_removes_them(
+    ledger: RedisLedger, admin: aioredis.Redis, redis_prefix: str
+) -> None:
+    await ledger.complete(await acquire(ledger, KEY, 30.0))
+    # the record vanishes behind the index's back (TTL, an operator), then is claimed again
+    await admin.delete(ledger.key_for(KEY))
+    await acquire(ledger, KEY, 30.0)
+    await asyncio.sleep(0.05)
+    assert await ledger.purge(ledger.now() + 1.0) == 0
+    assert (await must_get(ledger, KEY)).state is State.IN_FLIGHT  # never purge a live claim
+    assert await admin.zcard(redis_prefix + "completed") == 0
+
+
+async def test_purge_works_through_more_than_one_chunk(
+    ledger: RedisLedger, admin: aioredis.Redis, redis_prefix: str
+) -> None:
+    n = PURGE_CHUNK + 50
+    requests = [ClaimRequest(OpKey("bulk", f"op-{i}"), "fp", "w", 60.0) for i in range(n)]
+    outcomes = await ledger.claim_many(requests)
+    results = await ledger.complete_many(
+        [(o.claim, None) for o in outcomes if isinstance(o, Acquired)]
+    )
+    assert sum(isinstance(r, Record) for r in results) == n
+    await asyncio.sleep(0.05)
+    cutoff = ledger.now() + 1.0
+    assert await ledger.purge(cutoff, limit=PURGE_CHUNK + 30) == PURGE_CHUNK + 30
+    assert await ledger.purge(cutoff) == 20
+    assert await ledger.purge(cutoff) == 0
+    assert await admin.zcard(redis_prefix + "completed") == 0
+    assert [k for k in await keys_under(admin, redis_prefix) if b"op:" in k] == []
+
+
+# ---------------------------------------------------------------------- scripts
+
+
+async def test_scripts_are_reloaded_after_script_flush(
+    ledger: RedisLedger, admin: aioredis.Redis
+) -> None:
+    claim = await acquire(ledger, KEY, 30.0)  # the scripts are loaded now
+    await admin.script_flush()
+    # NOSCRIPT means the script did not run: it is loaded and the call repeated, once
+    second = await acquire(ledger, OpKey("orders", "op-2"), 30.0)
+    assert second.token > claim.token
+    await admin.script_flush()
+    batch = await ledger.claim_many(
+        [ClaimRequest(OpKey("orders", f"b-{i}"), "fp", "w", 30.0) for i in range(5)]
+    )
+    assert all(isinstance(o, Acquired) for o in batch)
+    await admin.script_flush()
+    done = await ledger.complete_many([(claim, "a"), (second, "b")])
+    assert [r.state for r in done if isinstance(r, Record)] == [State.COMPLETED] * 2
+    # and no call ran twice: each operation was claimed once
+    assert all(r.attempts == 1 for r in done if isinstance(r, Record))
+
+
+# ---------------------------------------------------------------------- persistence
+
+
+async def test_the_local_server_persistence_is_reported_honestly(
+    ledger: RedisLedger, admin: aioredis.Redis
+) -> None:
+    report = await ledger.persistence_report()
+    actual = {
+        name: (await admin.config_get(name))[name]
+        for name in ("appendonly", "appendfsync", "maxmemory-policy")
+    }
+    assert (report.appendonly, report.appendfsync, report.maxmemory_policy) == (
+        actual["appendonly"],
+        actual["appendfsync"],
+        actual["maxmemory-policy"],
+    )
+    assert report.known
+    if actual["appendonly"] == "no":  # the local test server: appendonly no, save ""
+        assert report.can_back_claims is False
+        assert "restart" in report.sentence and "appendfsync always" in report.sentence
+
+
+def fake_config(values: dict[str, str] | Exception) -> Callable[..., Any]:
+    async def config_get(pattern: str = "*", *args: Any, **kwargs: Any) -> dict[str, str]:
+        if isinstance(values, Exception):
+            raise values
+        return {pattern: values[pattern]} if pattern in values else {}  # redis-py's shape
+
+    return config_get
+
+
+@pytest.mark.parametrize(
+    ("config", "can", "words"),
+    [
+        ({"appendonly": "yes", "appendfsync": "always", "save": "", "maxmemory-policy":
+          "noeviction"}, True, "survives a crash or power loss"),
+        ({"appendonly": "yes", "appendfsync": "everysec", "save": "", "maxmemory-policy":
+          "noeviction"}, False, "about the last second"),
+        ({"appendonly": "no", "appendfsync": "everysec", "save": "3600 1", "maxmemory-policy":
+          "noeviction"}, False, "since the last snapshot"),
+        ({"appendonly": "no", "appendfsync": "everysec", "save": "", "maxmemory-policy":
+          "noeviction"}, False, "forgets every claim"),
+        ({"appendonly": "yes", "appendfsync": "always", "save": "", "maxmemory-policy":
+          "allkeys-lru"}, False, "may evict ledger records"),
+    ],
+)  # fmt: skip
+async def test_persistence_report_reads_the_config_reply(
+    redis_url: str,
+    redis_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    config: dict[str, str],
+    can: bool,
+    words: str,
+) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    monkeypatch.setattr(client, "config_get", fake_config(config))
+    async with RedisLedger(redis_url, prefix=redis_prefix, client=client) as led:
+        report = await led.persistence_report()
+    await client.aclose()
+    assert isinstance(report, RedisPersistence)
+    assert report.can_back_claims is can
+    assert words in report.sentence
+    assert (report.appendonly, report.appendfsync) == (config["appendonly"], config["appendfsync"])
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ResponseError("ERR unknown command 'CONFIG'"), NoPermissionError("NOPERM config|get")],
+)
+async def test_persistence_report_with_config_disabled_is_unknown(
+    redis_url: str, redis_prefix: str, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    monkeypatch.setattr(client, "config_get", fake_config(error))
+    async with RedisLedger(redis_url, prefix=redis_prefix, client=client) as led:
+        report = await led.persistence_report()
+    await client.aclose()
+    assert (report.known, report.can_back_claims) == (False, False)
+    assert "unknown" in report.sentence
+    assert assess_persistence(None) == report
+
+
+# ---------------------------------------------------------------------- dropped connections
+
+
+class Proxy:
+    """A TCP proxy in front of Redis that can swallow a request or drop a reply, so a call can be
+    cut at an exact point without pausing the shared Redis server."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.upstream = (host, port)
+        self.mode = "pass"  # "hold": swallow requests · "drop_reply": forward, then cut the reply
+        self.held = asyncio.Event()
+        self.dropped = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def __aenter__(self) -> Proxy:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        ur, uw = await asyncio.open_connection(*self.upstream)
+        sent = asyncio.Event()
+
+        async def up() -> None:
+            while data := await cr.read(65536):
+                if self.mode == "hold":
+                    self.held.set()  # the request never reaches Redis
+                    continue
+                uw.write(data)
+                await uw.drain()
+                sent.set()
+            uw.close()
+
+        async def down() -> None:
+            while data := await ur.read(65536):
+                if self.mode == "drop_reply" and sent.is_set():
+                    self.mode = "pass"
+                    self.dropped.set()  # Redis ran the command; its reply is lost
+                    break
+                cw.write(data)
+                await cw.drain()
+            cw.close()
+            uw.close()
+
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await asyncio.gather(up(), down(), return_exceptions=True)
+        finally:
+            self._tasks.discard(task)
+
+    def url(self, db: int, **params: str) -> str:
+        return with_query(f"redis://127.0.0.1:{self.port}/{db}", **params)
+
+
+def _endpoint(url: str) -> tuple[str, int, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 6379, int(parts.path.strip("/") or 0)
+
+
+async def kill_named(admin: aioredis.Redis, name: str) -> int:
+    """CLIENT KILL every connection named ``name`` (only ours: the name is unique per test)."""
+    killed = 0
+    for c in await admin.client_list():
+        if c.get("name") == name:
+            killed += int(await admin.execute_command("CLIENT", "KILL", "ID", c["id"]))
+    return killed
+
+
+async def test_connection_killed_mid_call_is_ledger_unavailable_and_the_ledger_recovers(
+    redis_url: str, redis_prefix: str, admin: aioredis.Redis
+) -> None:
+    host, port, db = _endpoint(redis_url)
+    name = f"rs-test-{uuid.uuid4().hex[:8]}"
+    async with Proxy(host, port) as proxy:
+        # no driver retries: the cut must surface as LedgerUnavailable, never a redis exception
+        client = aioredis.Redis.from_url(
+            proxy.url(db, client_name=name), retry=Retry(NoBackoff(), 0)
+        )
+        led = RedisLedger(redis_url, prefix=redis_prefix, client=client)
+        try:
+            assert await led.get(KEY) is None  # connected and named
+            proxy.mode = "hold"
+            call = asyncio.create_task(led.claim(KEY, "fp", "w1", 30.0))
+            await asyncio.wait_for(proxy.held.wait(), 10)
+            proxy.mode = "pass"
+            assert await kill_named(admin, name) >= 1
+            with pytest.raises(LedgerUnavailable, match="may or may not have run") as raised:
+                await asyncio.wait_for(call, 10)
+            assert isinstance(raised.value.__cause__, RedisError)
+            # the request never reached Redis: the operation is still free, the ledger works
+            assert await led.get(KEY) is None
+            assert isinstance(await led.claim(KEY, "fp", "w1", 30.0), Acquired)
+        finally:
+            await led.close()
+            await client.aclose()
+
+
+async def test_connection_killed_mid_call_succeeds_on_the_drivers_retry(
+    redis_url: str, redis_prefix: str, admin: aioredis.Redis
+) -> None:
+    host, port, db = _endpoint(redis_url)
+    name = f"rs-test-{uuid.uuid4().hex[:8]}"
+    # the ledger's own client (built from the URL, with its few quick retries)
+    async with (
+        Proxy(host, port) as proxy,
+        RedisLedger(proxy.url(db, client_name=name), prefix=redis_prefix) as led,
+    ):
+        assert await led.get(KEY) is None
+        proxy.mode = "hold"
+        call = asyncio.create_task(led.claim(KEY, "fp", "w1", 30.0))
+        await asyncio.wait_for(proxy.held.wait(), 10)
+        proxy.mode = "pass"
+        assert await kill_named(admin, name) >= 1
+        outcome = await asyncio.wait_for(call, 10)
+        assert isinstance(outcome, Acquired)
+        assert outcome.claim.attempt == 1
+
+
+async def test_a_lost_reply_is_unavailable_and_the_claim_may_exist(
+    redis_url: str, redis_prefix: str
+) -> None:
+    host, port, db = _endpoint(redis_url)
+    async with Proxy(host, port) as proxy:
+        client = aioredis.Redis.from_url(proxy.url(db), retry=Retry(NoBackoff(), 0))
+        led = RedisLedger(redis_url, prefix=redis_prefix, client=client)
+        try:
+            assert await led.get(KEY) is None
+            proxy.mode = "drop_reply"
+            with pytest.raises(LedgerUnavailable, match="may or may not have run"):
+                await asyncio.wait_for(led.claim(KEY, "fp", "w1", 30.0), 10)
+            assert proxy.dropped.is_set()
+            # it did run: the claim is held (until its lease ends), so nobody else runs it now
+            assert isinstance(await led.claim(KEY, "fp", "w2", 30.0), InFlight)
+            record = await must_get(led, KEY)
+            assert record.owner == "w1"
+            # a completion whose reply is lost: done, though the caller cannot know it
+            claim = Claim(KEY, "fp", record.token, "w1", record.lease_until or 0.0, 1)
+            proxy.mode = "drop_reply"
+            with pytest.raises(LedgerUnavailable, match="may or may not have run"):
+                await asyncio.wait_for(led.complete(claim, "receipt"), 10)
+            with pytest.raises(LeaseLost):  # retrying it is refused, conservatively ...
+                await led.complete(claim, "receipt")
+            outcome = await led.claim(KEY, "fp", "w2", 30.0)  # ... and the next copy sees it
+            assert isinstance(outcome, AlreadyDone)
+            assert outcome.record.result == "receipt"
+        finally:
+            await led.close()
+            await client.aclose()
+
+
+@pytest.mark.parametrize("driver_retries", [True, False])
+async def test_connections_killed_while_calls_run_never_leak_a_redis_exception(
+    redis_url: str, redis_prefix: str, admin: aioredis.Redis, driver_retries: bool
+) -> None:
+    name = f"rs-test-{uuid.uuid4().hex[:8]}"
+    url = with_query(redis_url, client_name=name)
+    outcomes: dict[str, int] = {"ok": 0, "unavailable": 0}
+    other: list[BaseException] = []
+    client = None if driver_retries else aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0))
+    async with RedisLedger(url, prefix=redis_prefix, client=client) as led:
+        stop = asyncio.Event()
+
+        async def work(w: int) -> None:
+            for i in range(400):  # bounded in count ...
+                if stop.is_set():
+                    return
+                key = OpKey("kill", f"w{w}-{i}")
+                try:
+                    outcome = await led.claim(key, "fp", f"w{w}", 30.0)
+                    if isinstance(outcome, Acquired):
+                        await led.complete(outcome.claim, "ok")
+                    await led.claim_many([ClaimRequest(key, "fp", "x", 30.0)])
+                    outcomes["ok"] += 1
+                except LedgerUnavailable:
+                    outcomes["unavailable"] += 1
+                except LeaseLost:
+                    outcomes["ok"] += 1  # a retried complete whose first run happened
+                except BaseException as exc:  # anything else is the failure under test
+                    other.append(exc)
+                    return
+
+        workers = [asyncio.create_task(work(w)) for w in range(4)]
+        killed = 0
+        for _ in range(15):  # ... and in kills
+            await asyncio.sleep(0.03)
+            killed += await kill_named(admin, name)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*workers), 60)
+        assert other == []
+        assert killed >= 1, "no connection was ever killed: the test proved nothing"
+        assert outcomes["ok"] > 0
+        if not driver_retries:  # without retries the cuts must have surfaced, mapped
+            assert outcomes["unavailable"] >= 1
+        # and the ledger is healthy afterwards
+        assert isinstance(await led.claim(OpKey("kill", "after"), "fp", "w", 30.0), Acquired)
+    if client is not None:
+        await client.aclose()
+
+
+# ---------------------------------------------------------------------- errors, config
+
+
+async def test_an_unreachable_server_is_ledger_unavailable_with_the_password_redacted() -> None:
+    url = "redis://ledger:s3cr3t-pw@127.0.0.1:1/0"  # nothing listens on port 1
+    led = RedisLedger(url, prefix="never:")
+    assert "s3cr3t-pw" not in repr(led) and "***" in repr(led)
+    try:
+        for call in (
+            lambda: led.claim(KEY, "fp", "w", 5.0),
+            lambda: led.claim_many([ClaimRequest(KEY, "fp", "w", 5.0)]),
+            lambda: led.get(KEY),
+            lambda: led.quarantined(),
+            lambda: led.persistence_report(),
+        ):
+            with pytest.raises(LedgerUnavailable, match="running and reachable") as raised:
+                await asyncio.wait_for(call(), 30)
+            assert "s3cr3t-pw" not in str(raised.value)
+            assert "ledger:***@127.0.0.1:1" in str(raised.value)
+            assert isinstance(raised.value.__cause__, RedisError)
+    finally:
+        await led.close()
+
+
+def test_redact_url_hides_passwords_in_userinfo_and_query() -> None:
+    assert redact_url("redis://u:pw@h:1/0") == "redis://u:***@h:1/0"
+    assert redact_url("redis://:pw@h/0") == "redis://:***@h/0"
+    assert "pw" not in redact_url("unix:///tmp/r.sock?db=0&password=pw")
+    assert redact_url("redis://h:6379/0") == "redis://h:6379/0"
+
+
+async def test_a_foreign_value_under_the_prefix_is_a_configuration_error(
+    ledger: RedisLedger, admin: aioredis.Redis
+) -> None:
+    await admin.set(ledger.key_for(KEY), "not a hash")
+    with pytest.raises(ConfigurationError, match="prefix of its own"):
+        await ledger.claim(KEY, "fp", "w", 5.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"prefix": ""}, {"retention": 0}, {"retention": float("nan")}, {"retention": -5}],
+)
+def test_invalid_configuration_is_refused(redis_url: str, kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        RedisLedger(redis_url, **kwargs)
+
+
+def test_a_bad_url_or_no_url_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="not a usable Redis URL") as raised:
+        RedisLedger("http://user:pw@host/0")
+    assert "user:pw" not in str(raised.value)
+    with pytest.raises(ConfigurationError, match="needs a url"):
+        RedisLedger()
+
+
+async def test_a_decoding_client_is_refused(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        with pytest.raises(ConfigurationError, match="decode_responses=False"):
+            RedisLedger(prefix="x:", client=client)
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("lease", [-1.0, float("inf"), float("nan")])
+async def test_an_unusable_lease_is_refused_before_anything_is_sent(
+    ledger: RedisLedger, lease: float
+) -> None:
+    with pytest.raises(ConfigurationError, match="lease"):
+        await ledger.claim(KEY, "fp", "w", lease)
+    assert await ledger.get(KEY) is None
+
+
+async def test_close_is_idempotent_and_leaves_a_callers_client_open(
+    redis_url: str, redis_prefix: str
+) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    led = RedisLedger(prefix=redis_prefix, client=client)
+    await led.claim(KEY, "fp", "w", 5.0)
+    await led.close()
+    await led.close()
+    assert "closed" in repr(led)
+    with pytest.raises(LedgerUnavailable, match="closed"):
+        await led.get(KEY)
+    assert await client.ping()  # the caller's client is the caller's to close
+    await client.aclose()
+
+
+# ---------------------------------------------------------------------- the ledger's clock
+
+
+class _SkewedTime:
+    """A worker whose wall clock is 1000 s ahead of the Redis server's."""
+
+    @staticmethod
+    def time() -> float:
+        return time.time() + 1000.0
+
+
+async def test_leases_and_now_follow_redis_time_not_the_workers_clock(
+    ledger: RedisLedger, admin: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import replaysafe.ledger.redis as module
+
+    monkeypatch.setattr(module, "time", _SkewedTime)
+    claim = await acquire(ledger, KEY, 30.0)
+    sec, usec = await admin.time()
+    server_now = sec + usec / 1e6
+    # the lease is Redis TIME + 30 s, whatever the worker's clock says
+    assert server_now < claim.lease_until <= server_now + 30.0
+    # now() is the server's clock estimated through the skewed local one: close to Redis TIME
+    assert abs(ledger.now() - server_now) < 100.0  # a 1000 s skew would show; RTT would not
+    assert isinstance(await ledger.claim(KEY, claim.fingerprint, "w2", 30.0), InFlight)
+
+
+# ---------------------------------------------------------------------- the real runtime
+
+
+class RealClock(SystemClock):
+    """The system clock, with the harness's ``advance`` as a no-op: real time moves by itself."""
+
+    def advance(self, seconds: float) -> None:
+        pass
+
+
+async def test_crash_after_effect_with_a_keyed_effect_applies_each_operation_once(
+    redis_url: str, redis_prefix: str
+) -> None:
+    led = RedisLedger(redis_url, prefix=redis_prefix)
+    h = Harness(ledger=led, clock=RealClock())  # real time: leases are judged by Redis
+    crash_on = {"charge:order-2", "charge:order-5"}
+    running: set[str] = set()
+    overlaps: list[str] = []
+    runs: Counter[str] = Counter()
+
+    async def charge(ctx: Context) -> str:
+        # the ledger, not the downstream's key, must keep two runs of one operation apart
+        if ctx.operation_id in running:
+            overlaps.append(ctx.operation_id)
+        running.add(ctx.operation_id)
+        runs[ctx.operation_id] += 1
+        try:
+            await asyncio.sleep(0.05)  # long enough for the duplicate copy to arrive meanwhile
+            return await h.probe.apply(
+                ctx.payload["order"], ctx.payload["amount"], ctx.idempotency_key
+            )
+        finally:
+            running.discard(ctx.operation_id)
+
+    h.app.handler(
+        "orders",
+        guarantee=Guarantee.EFFECTIVELY_ONCE,
+        effect=Effect.keyed("payments"),
+        lease=1.0,
+        retry=RetryPolicy(max_attempts=5, base_delay=0.05, max_delay=0.2),
+    )(charge)
+    fired: set[str] = set()
+
+    def once(ctx: Any) -> bool:
+        op = ctx.get("operation_id")
+        if op in crash_on and op not in fired:
+            fired.add(op)
+            return True
+        return False
+
+    h.failpoints.enable(fp.AFTER_EFFECT_BEFORE_LEDGER, "kill", when=once)
+    orders = [f"order-{i}" for i in range(10)]
+    envelopes = [Envelope.of(f"charge:{o}", {"order": o, "amount": 100}) for o in orders]
+    await h.publish(*envelopes, *envelopes)  # every operation arrives twice (a producer retry)
+    try:
+        h.start(workers=2)
+        deadline = time.monotonic() + 60  # real time, bounded; leases are 1 s
+        while h.depth() > 0:
+            assert time.monotonic() < deadline, f"not drained: depth {h.depth()}"
+            await asyncio.sleep(0.05)
+    finally:
+        await h.stop()
+    try:
+        records = [await led.get(OpKey("charge", f"charge:{o}")) for o in orders]
+    finally:
+        await led.close()
+    assert h.failpoints.fired[fp.AFTER_EFFECT_BEFORE_LEDGER] == 2
+    assert h.crashes >= 1  # both may land in one worker before it dies
+    # exactly one effect per operation: the re-runs carried the same key and were answered by it
+    assert h.probe.per_subject() == {o: 1 for o in orders}
+    assert h.probe.replays_answered >= 2
+    # the second copies were answered by the ledger (in flight or done), never run alongside
+    assert overlaps == []
+    assert h.total(observe.DUPLICATE_HITS) >= len(orders)
+    assert all(r is not None and r.state is State.COMPLETED for r in records), records
+    by_op = {r.key.operation_id: r for r in records if r is not None}
+    for op, n in runs.items():
+        assert n <= by_op[op].attempts, (op, n)  # every run had a claim of its own
+    for op in crash_on:
+        assert by_op[op].attempts >= 2  # the crashed attempt was counted before the effect
