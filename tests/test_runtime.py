@@ -545,3 +545,24 @@ async def test_future_publish_time_beyond_skew_is_quarantined() -> None:
     assert h.probe.per_subject() == {"order-2": 1}
     [entry] = await h.ledger.quarantined()
     assert entry.reason is QuarantineReason.FUTURE_TIMESTAMP
+
+
+async def test_visibility_shorter_than_the_heartbeat_is_extended_in_time() -> None:
+    # lease 30 s → heartbeat every 10 s, but the broker's visibility is only 4 s: the first
+    # extension must come before the visibility ends, or another worker would see the message
+    h = Harness(mode=RedeliveryKind.VISIBILITY_TIMEOUT)
+    h.broker.declare("short", mode=RedeliveryKind.VISIBILITY_TIMEOUT, visibility_timeout=4.0)
+
+    async def slow(ctx: Context) -> None:
+        await h.clock.sleep(15)
+        await h.probe.apply("order-1", None, ctx.idempotency_key)
+
+    h.app.handler("short", guarantee=EO, effect=Effect.keyed("payments"), lease=30)(slow)
+    await h.broker.publish("short", [order(1).with_published_at(h.clock.now())])
+    h.start(workers=2)
+    await h.run_until(lambda: h.probe.calls >= 1, seconds=60, step=0.1)
+    await h.clock.run_for(2, step=0.1)
+    await h.stop()
+    assert h.probe.calls == 1
+    assert h.total(o.OVERLAPS_PREVENTED) == 0  # nobody else was handed the message
+    assert h.broker.delivery_count("short", h.group(), "charge:order-1") == 1

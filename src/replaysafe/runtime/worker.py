@@ -204,6 +204,8 @@ class Worker:
         self._completer = _Coalescer(app.ledger.complete_many)
         self._ledger_ok = asyncio.Event()
         self._ledger_ok.set()
+        self._kick = asyncio.Event()
+        self._keeper_wake = 0.0
         #: (handler, operation id) -> when its effect was recorded, until the broker completes it
         self._ambiguous: dict[tuple[str, str], float] = {}
         for spec in self.specs:
@@ -389,11 +391,26 @@ class Worker:
 
     async def _keep(self) -> None:
         """Extend leases and visibility of running handlers before they lapse; cut the ones past
-        their deadline. One task per worker instead of one watcher per message."""
+        their deadline. One task per worker instead of one watcher per message: it sleeps until
+        the earliest beat or deadline (at most ``tick``), and a new handler whose first beat is
+        earlier (a visibility timeout shorter than the heartbeat) wakes it."""
         clock = self.app.clock
         tick = min(spec.heartbeat for spec in self.specs) / 2
         while True:
-            await clock.sleep(tick)
+            now = clock.now()
+            wake = now + tick
+            for ex in self._running.values():
+                if ex.cut is None:
+                    wake = min(wake, ex.next_beat, ex.deadline)
+            self._keeper_wake = wake
+            self._kick.clear()
+            sleeper = asyncio.ensure_future(clock.sleep(max(wake - now, 0.01)))
+            kicked = asyncio.ensure_future(self._kick.wait())
+            try:
+                await asyncio.wait({sleeper, kicked}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                sleeper.cancel()
+                kicked.cancel()
             now = clock.now()
             for task, ex in list(self._running.items()):
                 if task.done() or ex.cut is not None:
@@ -767,15 +784,23 @@ class Worker:
         # the keeper cancels the task running this delivery; no extra task per message
         task = asyncio.current_task()
         assert task is not None
+        extend_visibility = self.app.broker.capabilities(spec.source).extend_visibility
+        first_beat = started + spec.heartbeat
+        visible_until = ctx.delivery.settle_deadline
+        if extend_visibility and visible_until is not None:
+            # a visibility timeout shorter than the heartbeat: extend halfway through it
+            first_beat = min(first_beat, started + max(visible_until - started, 0.0) / 2)
         ex = _Execution(
             spec=spec,
             delivery=ctx.delivery,
             claim=claim,
             deadline=started + spec.timeout,
-            next_beat=started + spec.heartbeat,
-            extend_visibility=self.app.broker.capabilities(spec.source).extend_visibility,
+            next_beat=first_beat,
+            extend_visibility=extend_visibility,
         )
         self._running[task] = ex
+        if min(first_beat, ex.deadline) < self._keeper_wake:
+            self._kick.set()
         try:
             return await spec.fn(ctx)
         except asyncio.CancelledError:
