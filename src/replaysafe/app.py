@@ -110,6 +110,8 @@ class HandlerSpec:
     heartbeat: float = field(default=0.0)
     #: a sample payload; ``explain`` runs the key extractor on it to check it is deterministic
     example: Any = None
+    #: extend the broker's visibility while the handler runs (where the broker has a timer)
+    extend_visibility: bool = True
 
     @property
     def scope(self) -> str:
@@ -192,6 +194,7 @@ class App:
         concurrency: int = 8,
         limits: Limits = DEFAULT_LIMITS,
         example: Any = None,
+        extend_visibility: bool = True,
     ) -> Callable[[HandlerFn], HandlerFn]:
         """Register ``fn(ctx)`` for messages on ``source``.
 
@@ -200,7 +203,9 @@ class App:
         has no ``rs-operation-id`` header (return a string, or a tuple for ``operation_id(*t)``).
         ``timeout`` defaults to 80% of ``lease``: the handler's deadline fits inside the first
         lease; set it longer to rely on lease extension. ``example`` is a sample payload that
-        ``explain`` feeds to ``key`` to check that it is deterministic.
+        ``explain`` feeds to ``key`` to check that it is deterministic. ``extend_visibility=False``
+        leaves the broker's visibility timer alone (the message is redelivered while a slow
+        handler runs; only the ledger lease stops a second run under effectively-once).
         """
         g = _coerce_guarantee(guarantee)
         if lease <= 0:
@@ -246,6 +251,7 @@ class App:
                 limits=limits,
                 heartbeat=lease / 3,
                 example=example,
+                extend_visibility=extend_visibility,
             )
             return fn
 

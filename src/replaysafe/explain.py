@@ -265,7 +265,7 @@ def explain_handler(
 
     # time: visibility, lease, deadline, observed latency
     vis = facts.visibility_timeout
-    if vis is not None and not caps.extend_visibility:
+    if vis is not None and not (caps.extend_visibility and spec.extend_visibility):
         worst = max(spec.timeout, p99 or 0.0)
         if worst > vis and g is not Guarantee.AT_MOST_ONCE:
             find(Finding("RS108", "error", f"the handler may run {_span(worst)} (deadline or "

@@ -784,7 +784,9 @@ class Worker:
         # the keeper cancels the task running this delivery; no extra task per message
         task = asyncio.current_task()
         assert task is not None
-        extend_visibility = self.app.broker.capabilities(spec.source).extend_visibility
+        extend_visibility = (
+            spec.extend_visibility and self.app.broker.capabilities(spec.source).extend_visibility
+        )
         first_beat = started + spec.heartbeat
         visible_until = ctx.delivery.settle_deadline
         if extend_visibility and visible_until is not None:
