@@ -87,6 +87,14 @@ from replaysafe._cli_ledger import ledger_group  # noqa: E402
 
 main.add_command(ledger_group)
 
+from replaysafe._cli_outbox import outbox_group  # noqa: E402
+
+main.add_command(outbox_group)
+
+from replaysafe._cli_simulate import simulate_command  # noqa: E402
+
+main.add_command(simulate_command)
+
 
 def _flag(label: str, n: int) -> str:
     return f"[red]{label}[/]" if n else label

@@ -1,0 +1,1485 @@
+"""PostgreSQL ledger: psycopg 3 (async) on a connection pool, for many workers on many machines.
+
+How it stays correct:
+
+- **Claims are one statement.** ``INSERT … ON CONFLICT (scope, operation_id) DO UPDATE … WHERE``
+  *takeover is allowed* (``released``, or ``in_flight`` with an expired lease) *and the fingerprint
+  matches*. PostgreSQL decides under the row lock; the same statement reads the existing row when
+  nothing was written and the answer (``InFlight`` / ``AlreadyDone`` / ``Conflict`` /
+  ``Quarantined``) is classified by :func:`~replaysafe.ledger.base.decide_claim`, the one state
+  machine every backend shares.
+- **Leases are judged by the database clock** (``clock_timestamp()``), never by a worker's clock.
+  :meth:`PostgresLedger.now` is the local clock corrected by the offset measured at ``open()``:
+  it is for display and nack delays only.
+- **Fencing tokens come from one sequence** (``CACHE 1``: a per-session cache would hand out
+  values out of order across connections). A takeover draws its token *after* taking the row lock,
+  so the new token is greater than the token it replaces; a first insert draws it while forming the
+  row, so a claim that finds an existing row may burn a value. Tokens strictly increase; they are
+  not dense.
+- **Fenced writes** (extend, complete, release, quarantine with a claim, complete_in) are
+  ``UPDATE … WHERE scope, operation_id, token AND state = 'in_flight'``; zero rows is ``LeaseLost``
+  and nothing changed.
+- **Batch forms are one statement each** (arrays through ``unnest``), so one round trip and one
+  commit serve a whole batch.
+- **Identifiers** (schema, table prefix) are validated against a strict pattern and composed only
+  with :class:`psycopg.sql.Identifier`; keys, payloads and results are always bound parameters.
+- **Secrets**: the DSN's password never appears in ``repr``, log lines or error messages.
+
+What a caller can lose or see twice: a call whose connection died mid-statement (server restart,
+``pg_terminate_backend``, network cut, failover) raises ``LedgerUnavailable`` and *may or may not
+have committed*. That is never unsafe: an unknown claim is answered ``InFlight`` until its lease
+expires and is then taken over with ``recovered=True``; an unknown completion is found by the next
+claim as ``AlreadyDone``. After such an error the caller must not complete at the broker, exactly
+as after ``LeaseLost``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import re
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any, Final, Self
+from urllib.parse import urlsplit, urlunsplit
+
+from replaysafe.errors import (
+    ConfigurationError,
+    LeaseLost,
+    LedgerError,
+    LedgerUnavailable,
+    MissingExtra,
+)
+from replaysafe.ledger.base import (
+    Acquired,
+    Claim,
+    ClaimOutcome,
+    ClaimRequest,
+    OpKey,
+    QuarantineEntry,
+    QuarantineRequest,
+    Record,
+    State,
+    Transaction,
+    TransactionalLedger,
+    check_fence,
+    decide_claim,
+)
+from replaysafe.quarantine import EffectRisk, QuarantineReason
+
+if TYPE_CHECKING:  # the driver is an optional extra: imported lazily at run time
+    from psycopg import AsyncConnection, AsyncCursor
+    from psycopg_pool import AsyncConnectionPool
+
+log = logging.getLogger("replaysafe.ledger.postgres")
+
+#: the version :meth:`PostgresLedger.migrate` brings a schema to
+SCHEMA_VERSION: Final = 1
+
+#: schema names: lower case, so they never need quoting rules explained; 63 bytes is PostgreSQL's
+#: identifier limit. ``pg_`` is reserved for system schemas.
+SCHEMA_PATTERN: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+#: table prefixes: the longest table name (prefix + "schema_version") must stay within 63 bytes
+PREFIX_PATTERN: Final = re.compile(r"[a-z_][a-z0-9_]{0,39}")
+
+#: rows deleted per statement by :meth:`PostgresLedger.purge` (each statement commits on its own,
+#: so no lock is held longer than one small batch takes)
+PURGE_BATCH: Final = 1000
+
+#: how often a claim is re-run when a concurrent transaction committed the row between this
+#: statement's snapshot and its conflict check (rare: it needs two claims of one new key at once)
+CLAIM_RACE_RETRIES: Final = 5
+
+_STATES: Final = {s.value: s for s in State}
+_REASONS: Final = {r.value: r for r in QuarantineReason}
+_RISKS: Final = {r.value: r for r in EffectRisk}
+
+
+# ---------------------------------------------------------------------- DSN redaction
+
+
+_KV_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:\\.|[^'\\])*'|\S+)", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(r"((?:^|&)password=)[^&]*", re.IGNORECASE)
+
+
+def redact_dsn(dsn: str) -> str:
+    """``dsn`` with its password replaced by ``***`` (URL or ``key=value`` form).
+
+    >>> redact_dsn("postgresql://app:s3cret@db:5432/orders")
+    'postgresql://app:***@db:5432/orders'
+    >>> redact_dsn("host=db user=app password='s e c' dbname=orders")
+    'host=db user=app password=*** dbname=orders'
+    """
+    if "://" not in dsn:
+        return _KV_PASSWORD.sub(r"\1***", dsn)
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        return "<unparseable DSN>"
+    userinfo, at, hostinfo = parts.netloc.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{hostinfo}" if colon else parts.netloc
+    else:
+        netloc = parts.netloc
+    query = _QUERY_PASSWORD.sub(r"\1***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _secrets(dsn: str) -> list[str]:
+    """Every spelling of the DSN's password, to scrub from driver messages."""
+    found: list[str] = []
+    if "://" in dsn:
+        try:
+            parts = urlsplit(dsn)
+        except ValueError:
+            return [dsn]  # cannot tell where the password is: scrub the whole DSN
+        if parts.password:
+            found.append(parts.password)
+        found += [m.group(0).split("=", 1)[1] for m in _QUERY_PASSWORD.finditer(parts.query)]
+    else:
+        found += [m.group(2).strip("'") for m in _KV_PASSWORD.finditer(dsn)]
+    from urllib.parse import unquote
+
+    found += [unquote(s) for s in found]
+    return [s for s in dict.fromkeys(found) if len(s) >= 1]
+
+
+# ---------------------------------------------------------------------- SQL
+
+# Timestamps are stored as timestamptz and returned as POSIX seconds (float8). date_part returns
+# float8 directly (extract() returns numeric, which is slower to produce and to parse).
+_REC_COLUMNS: Final = (
+    "scope",
+    "operation_id",
+    "fingerprint",
+    "state",
+    "token",
+    "owner",
+    "date_part('epoch', {a}.lease_until)",
+    "attempts",
+    "result",
+    "last_error",
+    "date_part('epoch', {a}.created_at)",
+    "date_part('epoch', {a}.updated_at)",
+    "date_part('epoch', {a}.completed_at)",
+)
+_REC_NAMES: Final = (
+    "scope",
+    "operation_id",
+    "fingerprint",
+    "state",
+    "token",
+    "owner",
+    "lease_until",
+    "attempts",
+    "result",
+    "last_error",
+    "created_at",
+    "updated_at",
+    "completed_at",
+)
+
+
+def _rec(alias: str, *, named: bool = False) -> str:
+    """The record columns of table alias ``alias`` in :func:`_record` order."""
+    cols = []
+    for expr, name in zip(_REC_COLUMNS, _REC_NAMES, strict=True):
+        e = expr.format(a=alias) if "{a}" in expr else f"{alias}.{expr}"
+        cols.append(f"{e} AS {name}" if named else e)
+    return ", ".join(cols)
+
+
+_ENTRY_COLUMNS: Final = (
+    "id, scope, reason, operation_id, fingerprint, risk, attempts, first_detail, last_detail, "
+    "message, content_type, date_part('epoch', created_at), date_part('epoch', updated_at), seen"
+)
+
+_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
+    1: (
+        # The key is the composite (scope, operation_id): ("a:b", "c") and ("a", "b:c") never
+        # collide. `recovered` remembers whether the current claim took over an expired lease
+        # (PostgreSQL 15's RETURNING cannot see the row's previous state).
+        """CREATE TABLE IF NOT EXISTS {ops} (
+            scope        text        NOT NULL,
+            operation_id text        NOT NULL,
+            fingerprint  text        NOT NULL,
+            state        text        NOT NULL
+                CHECK (state IN ('in_flight', 'released', 'completed', 'quarantined')),
+            token        bigint      NOT NULL,
+            owner        text,
+            lease_until  timestamptz,
+            attempts     integer     NOT NULL,
+            recovered    boolean     NOT NULL DEFAULT false,
+            result       text,
+            last_error   text,
+            created_at   timestamptz NOT NULL,
+            updated_at   timestamptz NOT NULL,
+            completed_at timestamptz,
+            PRIMARY KEY (scope, operation_id)
+        )""",
+        # purge walks only completed rows, oldest first: a partial index stays small relative to
+        # the table's churn and keeps purge an index scan at tens of millions of rows
+        """CREATE INDEX IF NOT EXISTS {purge_idx} ON {ops} (completed_at)
+            WHERE state = 'completed'""",
+        # CACHE 1 (the default, spelled out): cached ranges per session would issue tokens out
+        # of order across connections, and fencing needs them to increase
+        "CREATE SEQUENCE IF NOT EXISTS {seq} AS bigint MINVALUE 1 CACHE 1 NO CYCLE",
+        """CREATE TABLE IF NOT EXISTS {q} (
+            id           text        PRIMARY KEY,
+            scope        text        NOT NULL,
+            reason       text        NOT NULL,
+            operation_id text,
+            fingerprint  text,
+            risk         text        NOT NULL,
+            attempts     integer     NOT NULL,
+            first_detail text        NOT NULL,
+            last_detail  text        NOT NULL,
+            message      bytea       CHECK (octet_length(message) <= 65536),
+            content_type text,
+            created_at   timestamptz NOT NULL,
+            updated_at   timestamptz NOT NULL,
+            seen         integer     NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS {q_by_time} ON {q} (created_at, id)",
+        "CREATE INDEX IF NOT EXISTS {q_by_reason} ON {q} (reason, created_at, id)",
+    ),
+}
+
+_OBJECTS: Final = {  # object key -> table suffix, for names and for "what was created"
+    "ops": "operations",
+    "q": "quarantine",
+    "seq": "token_seq",
+    "version": "schema_version",
+    "purge_idx": "operations_purge",
+    "q_by_time": "quarantine_by_time",
+    "q_by_reason": "quarantine_by_reason",
+}
+
+_INDEXES: Final = frozenset({"purge_idx", "q_by_time", "q_by_reason"})
+
+# A claim's requests: one row per (deduplicated) request, `ord` its position. Arrays travel in
+# binary (%b): psycopg's text array dumper quotes every element with a regex, which cost more
+# than the whole statement at batch 100.
+_REQ_ONE: Final = """
+    SELECT %(scope)s::text AS scope, %(op)s::text AS operation_id, %(fp)s::text AS fingerprint,
+           %(owner)s::text AS owner, %(lease)s::float8 AS lease, 1::bigint AS ord"""
+_REQ_MANY: Final = """
+    SELECT * FROM unnest(%(scope)b::text[], %(op)b::text[], %(fp)b::text[], %(owner)b::text[],
+                         %(lease)b::float8[])
+        WITH ORDINALITY AS r(scope, operation_id, fingerprint, owner, lease, ord)"""
+
+# The claim: write when a takeover is allowed, else read the row as it was. The insert path's
+# lease starts at statement_timestamp(); a takeover's lease starts at clock_timestamp() after the
+# row lock was taken (the takeover check itself uses the same fresh clock). The lease length is
+# recovered on the conflict path as excluded.lease_until - excluded.created_at.
+_CLAIM: Final = """
+WITH req AS ({req}),
+ins AS (
+    INSERT INTO {ops} AS o (scope, operation_id, fingerprint, state, token, owner, lease_until,
+                            attempts, recovered, created_at, updated_at)
+    SELECT r.scope, r.operation_id, r.fingerprint, 'in_flight', nextval({seq_lit}), r.owner,
+           statement_timestamp() + r.lease * interval '1 second', 1, false,
+           statement_timestamp(), statement_timestamp()
+    FROM req r ORDER BY r.ord
+    ON CONFLICT (scope, operation_id) DO UPDATE SET
+        state = 'in_flight',
+        token = nextval({seq_lit}),
+        owner = excluded.owner,
+        lease_until = clock_timestamp() + (excluded.lease_until - excluded.created_at),
+        attempts = o.attempts + 1,
+        recovered = (o.state = 'in_flight'),
+        result = NULL,
+        completed_at = NULL,
+        updated_at = statement_timestamp()
+    WHERE o.fingerprint = excluded.fingerprint
+      AND (o.state = 'released' OR (o.state = 'in_flight' AND o.lease_until <= clock_timestamp()))
+    RETURNING {ins_cols}, o.recovered AS recovered
+)
+SELECT r.ord, true, {i_cols}, i.recovered, NULL::float8
+FROM ins i JOIN req r ON r.scope = i.scope AND r.operation_id = i.operation_id
+UNION ALL
+SELECT r.ord, false, {e_cols}, false, date_part('epoch', clock_timestamp())
+FROM req r LEFT JOIN {ops} e ON e.scope = r.scope AND e.operation_id = r.operation_id
+WHERE NOT EXISTS (SELECT 1 FROM ins i WHERE i.scope = r.scope AND i.operation_id = r.operation_id)
+"""
+
+# fenced writes name the claim's key with their own parameters, so a statement can also carry an
+# entry's (scope, op) without the two being confused
+_FENCE: Final = (
+    "scope = %(f_scope)s AND operation_id = %(f_op)s AND token = %(f_token)s "
+    "AND state = 'in_flight'"
+)
+
+_COMPLETE: Final = """
+UPDATE {ops} o SET state = 'completed', result = %(result)s, lease_until = NULL,
+                   updated_at = statement_timestamp(), completed_at = statement_timestamp()
+WHERE {fence}
+RETURNING {rec}"""
+
+# complete_many: the first item per (key, token) may win; later copies and stale tokens lose,
+# exactly as sequential completes would. Rows not updated come back as they were (snapshot), so
+# LeaseLost can say what the record is.
+_COMPLETE_MANY: Final = """
+WITH req AS (
+    SELECT * FROM unnest(%(scope)b::text[], %(op)b::text[], %(token)b::int8[], %(result)b::text[])
+        WITH ORDINALITY AS r(scope, operation_id, token, result, ord)
+),
+items AS (
+    SELECT DISTINCT ON (scope, operation_id, token) * FROM req
+    ORDER BY scope, operation_id, token, ord
+),
+upd AS (
+    UPDATE {ops} o SET state = 'completed', result = items.result, lease_until = NULL,
+                       updated_at = statement_timestamp(), completed_at = statement_timestamp()
+    FROM items
+    WHERE o.scope = items.scope AND o.operation_id = items.operation_id
+      AND o.token = items.token AND o.state = 'in_flight'
+    RETURNING items.ord AS ord, {upd_cols}
+)
+SELECT u.ord, true, {u_cols} FROM upd u
+UNION ALL
+SELECT r.ord, false, {e_cols}
+FROM req r LEFT JOIN {ops} e ON e.scope = r.scope AND e.operation_id = r.operation_id
+WHERE NOT EXISTS (SELECT 1 FROM upd u WHERE u.ord = r.ord)
+"""
+
+_EXTEND: Final = """
+UPDATE {ops} SET lease_until = clock_timestamp() + %(lease)s::float8 * interval '1 second',
+                 updated_at = statement_timestamp()
+WHERE {fence}
+RETURNING date_part('epoch', lease_until)"""
+
+_RELEASE: Final = """
+UPDATE {ops} SET state = 'released', lease_until = NULL, last_error = %(error)s,
+                 updated_at = statement_timestamp()
+WHERE {fence}
+RETURNING token"""
+
+_ENTRY_VALUES: Final = """%(id)s, %(scope)s, %(reason)s, %(op)s, %(fp)s, %(risk)s, %(attempts)s,
+        %(detail)s, %(detail)s, %(message)s, %(ctype)s, statement_timestamp(),
+        statement_timestamp(), 1"""
+_ENTRY_UPSERT: Final = """
+ON CONFLICT (id) DO UPDATE SET
+    risk = excluded.risk,
+    attempts = greatest(q.attempts, excluded.attempts),
+    last_detail = excluded.last_detail,
+    updated_at = excluded.updated_at,
+    seen = q.seen + 1
+RETURNING {entry}"""
+_ENTRY_INSERT: Final = """
+INSERT INTO {q} AS q (id, scope, reason, operation_id, fingerprint, risk, attempts, first_detail,
+                      last_detail, message, content_type, created_at, updated_at, seen)"""
+
+_UPSERT_ENTRY: Final = _ENTRY_INSERT + "\nVALUES (" + _ENTRY_VALUES + ")" + _ENTRY_UPSERT
+
+# Quarantine with a claim: the fenced move to QUARANTINED and the entry commit together, in one
+# statement; a refused fence inserts nothing (the entry's SELECT yields no row).
+_QUARANTINE_CLAIMED: Final = (
+    """
+WITH fence AS (
+    UPDATE {ops} SET state = 'quarantined', lease_until = NULL, last_error = %(detail)s,
+                     updated_at = statement_timestamp()
+    WHERE {fence}
+    RETURNING 1
+)"""
+    + _ENTRY_INSERT
+    + "\nSELECT "
+    + _ENTRY_VALUES
+    + " WHERE EXISTS (SELECT 1 FROM fence)"
+    + _ENTRY_UPSERT
+)
+
+_GET: Final = "SELECT {rec} FROM {ops} o WHERE o.scope = %(scope)s AND o.operation_id = %(op)s"
+
+_LIST_ALL: Final = "SELECT {entry} FROM {q} ORDER BY created_at, id LIMIT %(limit)s"
+_LIST_REASON: Final = (
+    "SELECT {entry} FROM {q} WHERE reason = %(reason)s ORDER BY created_at, id LIMIT %(limit)s"
+)
+
+#: One bounded batch: the subquery walks the partial index oldest first and stops after ``n``
+#: rows; ``ctid = ANY(ARRAY(…))`` makes the outer delete a TID scan (``ctid IN (SELECT …)`` may be
+#: planned as a join over the whole table). The predicate is repeated so a row changed after the
+#: subquery read it is re-checked, not deleted blindly.
+_PURGE: Final = """
+DELETE FROM {ops}
+WHERE ctid = ANY (ARRAY(
+        SELECT ctid FROM {ops}
+        WHERE state = 'completed' AND completed_at < to_timestamp(%(before)s)
+        ORDER BY completed_at
+        LIMIT %(n)s))
+  AND state = 'completed' AND completed_at < to_timestamp(%(before)s)"""
+
+
+# ---------------------------------------------------------------------- value types
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationReport:
+    """What :meth:`PostgresLedger.migrate` did."""
+
+    schema: str
+    table_prefix: str
+    from_version: int
+    to_version: int
+    #: qualified names of the objects this run created (empty when everything existed)
+    created: tuple[str, ...]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.created) or self.from_version != self.to_version
+
+    def describe(self) -> str:
+        if not self.changed:
+            return (
+                f"schema {self.schema!r} (prefix {self.table_prefix!r}) is already at ledger "
+                f"version {self.to_version}; nothing to do"
+            )
+        verb = "created" if self.from_version == 0 else "upgraded"
+        lines = [
+            f"{verb} ledger schema {self.schema!r} (prefix {self.table_prefix!r}): version "
+            f"{self.from_version} -> {self.to_version}"
+        ]
+        lines += [f"  created {name}" for name in self.created]
+        return "\n".join(lines)
+
+
+class PostgresTransaction(Transaction):
+    """An open transaction on one pooled connection, handed to a transactional handler.
+
+    Valid only inside its ``async with ledger.transaction()`` block. Statements use psycopg's
+    placeholders (``%s`` or ``%(name)s``). Errors of the caller's own SQL propagate unchanged
+    (``psycopg.errors.UniqueViolation`` …) so a handler can react to them; the block then rolls
+    back when the exception leaves it. After such an error PostgreSQL refuses further statements in
+    the same transaction until it is rolled back: let the exception leave the block.
+    """
+
+    def __init__(self, ledger: PostgresLedger, conn: AsyncConnection[Any]) -> None:
+        self._ledger = ledger
+        self._conn = conn
+        self._open = True
+
+    @property
+    def connection(self) -> AsyncConnection[Any]:
+        """The psycopg connection (for cursors, COPY …). Do not commit or roll back on it."""
+        self._check_open()
+        return self._conn
+
+    async def execute(
+        self, sql: str, params: Sequence[Any] | dict[str, Any] = ()
+    ) -> AsyncCursor[Any]:
+        """Run one statement; returns the psycopg cursor (``rowcount``, ``fetchall()`` …)."""
+        self._check_open()
+        return await self._conn.execute(sql, params or None)
+
+    async def fetchall(
+        self, sql: str, params: Sequence[Any] | dict[str, Any] = ()
+    ) -> list[tuple[Any, ...]]:
+        cur = await self.execute(sql, params)
+        if cur.description is None:
+            return []
+        return [tuple(r) for r in await cur.fetchall()]
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise LedgerError(
+                "this transaction is finished (committed or rolled back); open a new one with "
+                "`async with ledger.transaction() as tx`"
+            )
+
+    def __repr__(self) -> str:
+        return f"PostgresTransaction({self._ledger!r}, open={self._open})"
+
+
+# ---------------------------------------------------------------------- the ledger
+
+
+class PostgresLedger(TransactionalLedger):
+    """The replay ledger in PostgreSQL. See the module docstring for the design.
+
+    ``dsn`` is a libpq connection string or URL. ``schema`` and ``table_prefix`` name where the
+    ledger lives (validated; tables ``<prefix>operations``, ``<prefix>quarantine``, sequence
+    ``<prefix>token_seq``, ``<prefix>schema_version``). The pool holds ``min_size`` to ``max_size``
+    connections; ``connect_timeout`` bounds opening one, ``acquire_timeout`` bounds waiting for a
+    free one. Connections run in autocommit: every ledger call is one statement, one round trip,
+    one commit.
+
+    The schema is created by :meth:`migrate` (or ``replaysafe ledger migrate``); with
+    ``auto_migrate=True`` :meth:`open` runs it. Without it, ``open`` refuses a missing or older
+    schema with ``ConfigurationError`` naming the command to run.
+
+    The pool opens on first use, or explicitly with :meth:`open` / ``async with``.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "replaysafe",
+        table_prefix: str = "rs_",
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout: float = 5.0,
+        acquire_timeout: float = 10.0,
+        auto_migrate: bool = False,
+    ) -> None:
+        if not isinstance(schema, str) or not SCHEMA_PATTERN.fullmatch(schema):
+            raise ConfigurationError(
+                f"schema {schema!r} is not a valid ledger schema name; use 1-63 characters of "
+                "lower-case letters, digits and underscores, starting with a letter or underscore"
+            )
+        if schema.startswith("pg_"):
+            raise ConfigurationError(
+                f"schema {schema!r} starts with 'pg_', which PostgreSQL reserves; choose another"
+            )
+        if not isinstance(table_prefix, str) or not PREFIX_PATTERN.fullmatch(table_prefix):
+            raise ConfigurationError(
+                f"table_prefix {table_prefix!r} is not valid; use 1-40 characters of lower-case "
+                "letters, digits and underscores, starting with a letter or underscore"
+            )
+        if min_size < 0 or max_size < 1 or min_size > max_size:
+            raise ConfigurationError(
+                f"pool sizes must satisfy 0 <= min_size <= max_size and max_size >= 1, got "
+                f"min_size={min_size}, max_size={max_size}"
+            )
+        if not connect_timeout > 0 or not acquire_timeout > 0:
+            raise ConfigurationError("connect_timeout and acquire_timeout must be > 0 seconds")
+        self._dsn = dsn
+        self._redacted = redact_dsn(dsn)
+        self._secret_words = _secrets(dsn)
+        self._schema = schema
+        self._prefix = table_prefix
+        self._min_size = min_size
+        self._max_size = max_size
+        self._connect_timeout = float(connect_timeout)
+        self._acquire_timeout = float(acquire_timeout)
+        self._auto_migrate = auto_migrate
+        self._names = {k: f"{table_prefix}{suffix}" for k, suffix in _OBJECTS.items()}
+        self._pool: AsyncConnectionPool[Any] | None = None
+        self._ready = False
+        self._open_lock = asyncio.Lock()
+        self._ready_lock = asyncio.Lock()
+        self._closed = False
+        self._clock_offset = 0.0
+        #: tasks inside one of this ledger's transactions (see _guard)
+        self._tx_tasks: set[asyncio.Task[Any]] = set()
+        self._q: dict[str, bytes] = {}
+        self._flush: asyncio.Future[None] | None = None
+
+    # ------------------------------------------------------------------ identity
+
+    @property
+    def schema(self) -> str:
+        return self._schema
+
+    @property
+    def table_prefix(self) -> str:
+        return self._prefix
+
+    @property
+    def dsn(self) -> str:
+        """The DSN with its password redacted (the real one is never exposed)."""
+        return self._redacted
+
+    def table(self, key: str) -> str:
+        """Qualified name of a ledger object (``ops``, ``q``, ``seq`` …), for display."""
+        return f"{self._schema}.{self._names[key]}"
+
+    def now(self) -> float:
+        """Local time corrected by the offset to the database clock measured at ``open()``.
+
+        For display and nack delays only: leases are judged by the database in every statement.
+        """
+        return time.time() + self._clock_offset
+
+    def __repr__(self) -> str:
+        state = ", closed" if self._closed else ""
+        return (
+            f"PostgresLedger({self._redacted!r}, schema={self._schema!r}, "
+            f"table_prefix={self._prefix!r}{state})"
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        """Open the pool (waiting up to ``connect_timeout`` for its first connection), measure
+        the clock offset, and check (or, with ``auto_migrate``, create) the schema. Idempotent;
+        every other call opens lazily."""
+        await self._ensure_ready()
+
+    async def close(self) -> None:
+        """Close the pool; idempotent. Later calls raise ``LedgerUnavailable``."""
+        self._closed = True
+        pool, self._pool = self._pool, None
+        self._ready = False
+        if self._flush is not None and not self._flush.done():
+            # let a running pool check hand its connections back before the pool closes them
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._flush), self._connect_timeout)
+        if pool is not None:
+            await pool.close(timeout=5.0)
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def migrate(self) -> MigrationReport:
+        """Create or upgrade the ledger schema; idempotent and safe to run concurrently.
+
+        Runs in one transaction under ``pg_advisory_xact_lock`` keyed by schema and prefix, so two
+        processes migrating at once take turns and the second finds nothing to do. A schema newer
+        than this replaysafe is refused with ``ConfigurationError`` (nothing is changed).
+        """
+        pool = await self._ensure_pool()
+        psycopg, _ = _driver()
+        from psycopg import sql
+
+        lock_key = int.from_bytes(
+            hashlib.sha256(f"replaysafe-migrate:{self._schema}:{self._prefix}".encode()).digest()[
+                :8
+            ],
+            "big",
+            signed=True,
+        )
+        schema_id = sql.Identifier(self._schema)
+        version_tbl = sql.Identifier(self._schema, self._names["version"])
+        try:
+            async with pool.connection(timeout=self._acquire_timeout) as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key,))
+                before = await self._existing_objects(conn)
+                await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema_id))
+                await conn.execute(
+                    sql.SQL(
+                        """CREATE TABLE IF NOT EXISTS {} (
+                            id         integer     PRIMARY KEY CHECK (id = 1),
+                            version    integer     NOT NULL,
+                            updated_at timestamptz NOT NULL DEFAULT now())"""
+                    ).format(version_tbl)
+                )
+                cur = await conn.execute(
+                    sql.SQL("SELECT version FROM {} WHERE id = 1 FOR UPDATE").format(version_tbl)
+                )
+                row = await cur.fetchone()
+                current = 0 if row is None else int(row[0])
+                if current > SCHEMA_VERSION:
+                    raise ConfigurationError(
+                        f"schema {self._schema!r} has ledger version {current}, newer than this "
+                        f"replaysafe understands ({SCHEMA_VERSION}); upgrade replaysafe"
+                    )
+                for version in sorted(_MIGRATIONS):
+                    if version <= current:
+                        continue
+                    for statement in _MIGRATIONS[version]:
+                        await conn.execute(self._compose(statement))
+                await conn.execute(
+                    sql.SQL(
+                        """INSERT INTO {} (id, version) VALUES (1, %s)
+                        ON CONFLICT (id) DO UPDATE SET version = excluded.version,
+                                                       updated_at = now()"""
+                    ).format(version_tbl),
+                    (SCHEMA_VERSION,),
+                )
+                after = await self._existing_objects(conn)
+        except psycopg.Error as exc:
+            raise self._unavailable("migrate", exc) from exc
+        except _pool_timeout() as exc:
+            raise self._pool_exhausted() from exc
+        created = tuple(name for name in after if name not in before)
+        self._ready = False  # re-check (cheaply) on the next call
+        return MigrationReport(self._schema, self._prefix, current, SCHEMA_VERSION, created)
+
+    async def _existing_objects(self, conn: AsyncConnection[Any]) -> list[str]:
+        """Qualified names of the ledger's schema objects that exist now, in creation order."""
+        cur = await conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %s)", (self._schema,)
+        )
+        row = await cur.fetchone()
+        names: list[str] = []
+        if row is None or not row[0]:
+            return names
+        names.append(f"schema {self._schema}")
+        for key in ("version", "ops", "purge_idx", "seq", "q", "q_by_time", "q_by_reason"):
+            qualified = f'"{self._schema}"."{self._names[key]}"'  # validated identifiers
+            cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (qualified,))
+            found = await cur.fetchone()
+            if found is not None and found[0]:
+                names.append(self.table(key))
+        return names
+
+    # ------------------------------------------------------------------ ledger API
+
+    async def claim(self, key: OpKey, fingerprint: str, owner: str, lease: float) -> ClaimOutcome:
+        """Try to take the operation for ``lease`` seconds, judged by the database clock.
+
+        One statement (one round trip) in the common case. A claim whose connection died
+        mid-statement raises ``LedgerUnavailable`` and may or may not have committed: the next
+        claim resolves it (``InFlight`` until the lease expires, then ``recovered=True``).
+        """
+        self._guard("claim")
+        return (await self._claim_all([ClaimRequest(key, fingerprint, owner, lease)]))[0]
+
+    async def claim_many(self, requests: Sequence[ClaimRequest]) -> list[ClaimOutcome]:
+        """Claim a batch in one statement (one round trip, one commit). Same outcomes as calling
+        :meth:`claim` for each request in order: a key repeated in the batch is answered from the
+        first copy's outcome (``InFlight`` after an ``Acquired``).
+
+        Two concurrent batches that hold overlapping keys in different orders can deadlock;
+        PostgreSQL then aborts one statement after ``deadlock_timeout`` and that call raises
+        ``LedgerUnavailable`` (nothing of it was written): retry it.
+        """
+        self._guard("claim_many")
+        if not requests:
+            return []
+        return await self._claim_all(list(requests))
+
+    async def extend(self, claim: Claim, lease: float) -> Claim:
+        """Push the lease to database ``now + lease``. ``LeaseLost`` when the token is stale."""
+        self._guard("extend")
+        rows = await self._fetch(
+            "extend", self._sql("extend"), self._fence_params(claim, lease=lease)
+        )
+        if not rows:
+            raise await self._lease_lost(claim)
+        return Claim(
+            claim.key,
+            claim.fingerprint,
+            claim.token,
+            claim.owner,
+            rows[0][0],
+            claim.attempt,
+            claim.recovered,
+        )
+
+    async def complete(self, claim: Claim, result: str | None = None) -> Record:
+        """Record the effect as done. ``LeaseLost`` when the token is stale (then do not complete
+        at the broker). If the connection dies mid-statement the completion may or may not have
+        committed (``LedgerUnavailable``); the next claim finds ``AlreadyDone`` if it did."""
+        self._guard("complete")
+        rows = await self._fetch(
+            "complete", self._sql("complete"), self._fence_params(claim, result=result)
+        )
+        if not rows:
+            raise await self._lease_lost(claim)
+        return _record(rows[0])
+
+    async def complete_many(
+        self, items: Sequence[tuple[Claim, str | None]]
+    ) -> list[Record | LeaseLost]:
+        """Complete a batch in one statement. A stale claim yields its ``LeaseLost`` in place and
+        does not stop the others; the same claim twice completes once (the copy is stale)."""
+        self._guard("complete_many")
+        if not items:
+            return []
+        params = {
+            "scope": [c.key.scope for c, _ in items],
+            "op": [c.key.operation_id for c, _ in items],
+            "token": [c.token for c, _ in items],
+            "result": [r for _, r in items],
+        }
+        rows = await self._fetch("complete_many", self._sql("complete_many"), params)
+        rows.sort(key=_ORD)  # updated rows and refused rows come from two branches
+        if all(row[1] for row in rows):  # the common case: every claim was current
+            return [_record(row, 2) for row in rows]
+        out: list[Record | LeaseLost] = []
+        done: dict[OpKey, Record] = {}
+        for (claim, _), row in zip(items, rows, strict=True):
+            if row[1]:
+                rec = _record(row, 2)
+                done[claim.key] = rec
+                out.append(rec)
+            else:
+                # what the record is now: completed by an earlier item of this batch, or as read
+                current = done.get(claim.key) or _record_or_none(row, 2)
+                out.append(_fence_error(current, claim))
+        return out
+
+    async def release(self, claim: Claim, error: str | None = None) -> None:
+        """Give the operation back (no effect happened); the next claim gets it at once."""
+        self._guard("release")
+        rows = await self._fetch(
+            "release", self._sql("release"), self._fence_params(claim, error=error)
+        )
+        if not rows:
+            raise await self._lease_lost(claim)
+
+    async def quarantine(
+        self, request: QuarantineRequest, claim: Claim | None = None
+    ) -> QuarantineEntry:
+        """Upsert the entry (``seen`` + 1 on a repeat) and, with ``claim``, move the operation to
+        QUARANTINED under fencing, in one transaction: committed (durable) before this returns,
+        so the caller may then complete at the broker."""
+        self._guard("quarantine")
+        entry_params = {
+            "id": request.entry_id(),
+            "scope": request.scope,
+            "reason": request.reason.value,
+            "op": request.operation_id,
+            "fp": request.fingerprint,
+            "risk": request.risk.value,
+            "attempts": request.attempts,
+            "detail": request.detail,
+            "message": request.capped_message(),
+            "ctype": request.content_type,
+        }
+        if claim is None:
+            rows = await self._fetch("quarantine", self._sql("upsert_entry"), entry_params)
+            return _entry(rows[0])
+        rows = await self._fetch(
+            "quarantine",
+            self._sql("quarantine_claimed"),
+            {**entry_params, **self._fence_params(claim)},
+        )
+        if not rows:  # the fence refused: neither the record nor the entry was written
+            raise await self._lease_lost(claim)
+        return _entry(rows[0])
+
+    async def get(self, key: OpKey) -> Record | None:
+        rows = await self._fetch(
+            "get", self._sql("get"), {"scope": key.scope, "op": key.operation_id}
+        )
+        return _record(rows[0]) if rows else None
+
+    async def quarantined(
+        self, *, reason: QuarantineReason | None = None, limit: int = 100
+    ) -> list[QuarantineEntry]:
+        if limit <= 0:
+            return []
+        if reason is None:
+            rows = await self._fetch("quarantined", self._sql("list_all"), {"limit": limit})
+        else:
+            rows = await self._fetch(
+                "quarantined", self._sql("list_reason"), {"limit": limit, "reason": reason.value}
+            )
+        return [_entry(r) for r in rows]
+
+    async def purge(self, older_than: float, *, limit: int = 10_000) -> int:
+        """Forget up to ``limit`` COMPLETED records completed before ``older_than`` (POSIX
+        seconds, compared with the database's ``completed_at``), oldest first.
+
+        Deletes in batches of at most ``PURGE_BATCH`` rows, each its own short statement walking
+        the partial index ``(completed_at) WHERE state = 'completed'``: no table scan, no lock
+        held longer than one batch. A purged operation is new again to the ledger: purge only
+        what lies beyond the replay horizon. Interrupted midway, the batches already deleted stay
+        deleted (each committed).
+        """
+        self._guard("purge")
+        deleted = 0
+        while deleted < limit:
+            n = min(PURGE_BATCH, limit - deleted)
+            count = await self._rowcount(
+                "purge", self._sql("purge"), {"before": float(older_than), "n": n}
+            )
+            deleted += count
+            if count < n:
+                break
+        return deleted
+
+    # ------------------------------------------------------------------ transactions
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[PostgresTransaction]:
+        """``BEGIN`` … ``COMMIT`` on one pooled connection; ``ROLLBACK`` on any exception
+        (cancellation included). Several transactions may be open at once, each on its own
+        connection, up to ``max_size``.
+
+        If the commit fails (the connection died while committing), ``LedgerUnavailable`` is
+        raised and the outcome is unknown: the transaction may or may not have committed. With
+        ``complete_in`` inside, the next claim resolves it (``AlreadyDone`` if it committed).
+        Inside the block, use ``tx`` and ``complete_in(tx, …)``; this ledger's other write calls
+        from the same task are refused (they would wait on the transaction's own row locks).
+        """
+        self._guard("transaction")
+        pool = await self._ensure_ready()
+        psycopg, _ = _driver()
+        try:
+            conn = await pool.getconn(timeout=self._acquire_timeout)
+        except _pool_timeout() as exc:
+            raise self._pool_exhausted() from exc
+        except psycopg.Error as exc:
+            raise self._unavailable("transaction", exc) from exc
+        task = asyncio.current_task()
+        tx = PostgresTransaction(self, conn)
+        try:
+            try:
+                await conn.execute("BEGIN")
+            except psycopg.Error as exc:
+                raise self._unavailable("transaction", exc) from exc
+            if task is not None:
+                self._tx_tasks.add(task)
+            try:
+                yield tx
+            except BaseException as exc:
+                tx._open = False
+                # shielded: a second cancellation must not skip the rollback
+                problem = await asyncio.shield(self._rollback(conn))
+                if problem is not None:
+                    exc.add_note(problem)
+                raise
+            tx._open = False
+            try:
+                await conn.execute("COMMIT")
+            except psycopg.Error as exc:
+                raise self._unavailable(
+                    "commit",
+                    exc,
+                    "the transaction may or may not have committed; the next claim of the "
+                    "operation tells (AlreadyDone if it did)",
+                ) from exc
+        finally:
+            tx._open = False
+            if task is not None:
+                self._tx_tasks.discard(task)
+            # the pool rolls back anything left open and discards a broken connection
+            await pool.putconn(conn)
+            if conn.broken:
+                await self._flush_dead_connections(pool)
+
+    async def complete_in(self, tx: Transaction, claim: Claim, result: str | None = None) -> None:
+        """Fence and mark the claim completed inside ``tx``; it commits with the business rows.
+        Raises ``LeaseLost`` when the token is stale: let it leave the block so it rolls back."""
+        if not isinstance(tx, PostgresTransaction) or tx._ledger is not self:
+            raise ConfigurationError(
+                "complete_in() needs a transaction opened by this ledger's transaction(); a "
+                "transaction of another database cannot commit this ledger's row"
+            )
+        tx._check_open()
+        psycopg, _ = _driver()
+        try:
+            cur = await tx._conn.execute(
+                self._sql("complete"), self._fence_params(claim, result=result)
+            )
+            row = await cur.fetchone()
+            if row is None:
+                cur = await tx._conn.execute(
+                    self._sql("get"), {"scope": claim.key.scope, "op": claim.key.operation_id}
+                )
+                raise _fence_error(_record_or_none(await cur.fetchone()), claim)
+        except psycopg.Error as exc:
+            raise self._unavailable("complete_in", exc) from exc
+
+    # ------------------------------------------------------------------ claims
+
+    async def _claim_all(self, requests: list[ClaimRequest]) -> list[ClaimOutcome]:
+        """Claims with the semantics of sequential single claims.
+
+        Round one sends the first request per key; a later copy of a key is decided from what the
+        earlier copy left (``decide_claim`` on that record) and only goes to the database when
+        that record is claimable (a copy after a Conflict on a released row) — a second round.
+        """
+        if len(requests) == 1 or len({(r.key.scope, r.key.operation_id) for r in requests}) == len(
+            requests
+        ):  # no key repeats (the common case): one round, nothing to remember
+            return [outcome for outcome, _, _ in await self._claim_round(requests)]
+        out: list[ClaimOutcome | None] = [None] * len(requests)
+        known: dict[OpKey, tuple[Record | None, float]] = {}
+        pending = list(enumerate(requests))
+        while pending:
+            send: list[tuple[int, ClaimRequest]] = []
+            later: list[tuple[int, ClaimRequest]] = []
+            sending: set[OpKey] = set()
+            for idx, r in pending:
+                if r.key in sending:
+                    later.append((idx, r))
+                    continue
+                if r.key in known:
+                    record, db_now = known[r.key]
+                    outcome, _ = decide_claim(
+                        record, r.key, r.fingerprint, r.owner, r.lease, db_now, 0
+                    )
+                    if not isinstance(outcome, Acquired):
+                        out[idx] = outcome
+                        continue
+                sending.add(r.key)
+                send.append((idx, r))
+            if send:
+                results = await self._claim_round([r for _, r in send])
+                for (idx, r), (outcome, row, db_now) in zip(send, results, strict=True):
+                    out[idx] = outcome
+                    known[r.key] = (_record_or_none(row, 2), db_now)
+            pending = later
+        return [o for o in out if o is not None]
+
+    async def _claim_round(
+        self, requests: list[ClaimRequest]
+    ) -> list[tuple[ClaimOutcome, tuple[Any, ...], float]]:
+        """One statement for distinct keys; per request ``(outcome, row, database now)`` where
+        ``row[2:15]`` is the record after the claim (the row is kept raw: building a Record for
+        every acquired claim would cost more than the statement's own parsing)."""
+        results: list[tuple[ClaimOutcome, tuple[Any, ...], float] | None] = [None] * len(requests)
+        todo = list(range(len(requests)))
+        for _ in range(CLAIM_RACE_RETRIES):
+            batch = [requests[i] for i in todo]
+            rows = await self._fetch("claim", *self._claim_statement(batch))
+            retry: list[int] = []
+            for row in rows:
+                i = todo[row[0] - 1]
+                r = requests[i]
+                if row[1]:  # written: this claim holds the operation now
+                    # row: ord, written, scope, op, fp, state, token(6), owner, lease_until(8),
+                    # attempts(9), result, last_error, created_at, updated_at(13), completed_at,
+                    # recovered(15), db_now
+                    claim = Claim(r.key, r.fingerprint, row[6], r.owner, row[8], row[9], row[15])
+                    results[i] = (Acquired(claim), row, row[13])
+                    continue
+                existing = _record_or_none(row, 2)
+                db_now = float(row[16])
+                outcome, _ = decide_claim(
+                    existing, r.key, r.fingerprint, r.owner, r.lease, db_now, 0
+                )
+                if isinstance(outcome, Acquired):
+                    # Nothing was written, yet the row as this statement's snapshot saw it is
+                    # claimable (or absent): a concurrent claim committed it after the snapshot
+                    # was taken. A new statement sees the committed row.
+                    retry.append(i)
+                else:
+                    results[i] = (outcome, row, db_now)
+            if not retry:
+                break
+            todo = retry
+        else:
+            raise LedgerUnavailable(
+                f"claims of {len(todo)} operation(s) kept racing with concurrent claims after "
+                f"{CLAIM_RACE_RETRIES} tries (first: {requests[todo[0]].key}); nothing was "
+                "written for them: retry later"
+            )
+        return [r for r in results if r is not None]
+
+    def _claim_statement(self, batch: list[ClaimRequest]) -> tuple[bytes, dict[str, Any]]:
+        if len(batch) == 1:
+            r = batch[0]
+            return self._sql("claim_one"), {
+                "scope": r.key.scope,
+                "op": r.key.operation_id,
+                "fp": r.fingerprint,
+                "owner": r.owner,
+                "lease": float(r.lease),
+            }
+        return self._sql("claim_many"), {
+            "scope": [r.key.scope for r in batch],
+            "op": [r.key.operation_id for r in batch],
+            "fp": [r.fingerprint for r in batch],
+            "owner": [r.owner for r in batch],
+            "lease": [float(r.lease) for r in batch],
+        }
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _fence_params(self, claim: Claim, **extra: Any) -> dict[str, Any]:
+        return {
+            "f_scope": claim.key.scope,
+            "f_op": claim.key.operation_id,
+            "f_token": claim.token,
+            **extra,
+        }
+
+    async def _lease_lost(self, claim: Claim) -> LeaseLost:
+        """The ``LeaseLost`` for a fenced write that changed no row, saying what the record is."""
+        try:
+            current = await self.get(claim.key)
+        except LedgerUnavailable:
+            current = None
+        return _fence_error(current, claim)
+
+    async def _fetch(self, action: str, query: bytes, params: Any) -> list[tuple[Any, ...]]:
+        """One statement on a pooled autocommit connection; all rows."""
+        rows: list[tuple[Any, ...]] = await self._statement(action, query, params, True)
+        return rows
+
+    async def _rowcount(self, action: str, query: bytes, params: Any) -> int:
+        count: int = await self._statement(action, query, params, False)
+        return count
+
+    async def _statement(self, action: str, query: bytes, params: Any, rows: bool) -> Any:
+        pool = await self._ensure_ready()
+        psycopg, _ = _driver()
+        used: AsyncConnection[Any] | None = None
+        try:
+            async with pool.connection(timeout=self._acquire_timeout) as conn:
+                used = conn
+                cur = await conn.execute(query, params)
+                return await cur.fetchall() if rows else cur.rowcount
+        except psycopg.Error as exc:
+            if used is not None and used.broken:
+                await self._flush_dead_connections(pool)
+            raise self._unavailable(action, exc) from exc
+        except _pool_timeout() as exc:
+            raise self._pool_exhausted() from exc
+
+    async def _flush_dead_connections(self, pool: AsyncConnectionPool[Any]) -> None:
+        """A pooled connection broke. Its idle siblings probably broke with it (server restart,
+        failover, backends terminated): check them all now, so the next call gets a live one
+        instead of failing once per dead connection. Bounded by ``connect_timeout``; the check
+        is shielded and finishes in the background (cancelling it midway would lose the
+        connections it has taken out of the pool)."""
+        if self._flush is None or self._flush.done():
+            self._flush = asyncio.ensure_future(pool.check())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._flush), self._connect_timeout)
+        except Exception:  # the caller is raising its own error; the check's outcome is logged
+            log.debug("pool check after a broken connection did not finish", exc_info=True)
+
+    async def _rollback(self, conn: AsyncConnection[Any]) -> str | None:
+        """Roll back; never raises (the caller is already propagating the real error)."""
+        psycopg, _ = _driver()
+        try:
+            await conn.execute("ROLLBACK")
+        except psycopg.Error as exc:
+            # a broken connection has no transaction left to roll back; the pool discards it
+            return f"rollback failed ({self._scrub(str(exc))}); the connection is discarded"
+        return None
+
+    def _guard(self, what: str) -> None:
+        if self._closed:
+            raise LedgerUnavailable(
+                f"{self!r} is closed; create a new PostgresLedger to use the database again"
+            )
+        if self._tx_tasks:
+            task = asyncio.current_task()
+            if task is not None and task in self._tx_tasks:
+                raise ConfigurationError(
+                    f"{what} on {self!r} from inside its own open transaction() could wait on that "
+                    "transaction's row locks forever; use tx.execute()/complete_in(tx, ...) inside "
+                    "the block, or call it after the block"
+                )
+
+    async def _ensure_pool(self) -> AsyncConnectionPool[Any]:
+        if self._pool is not None:
+            return self._pool
+        if self._closed:
+            self._guard("open")
+        async with self._open_lock:
+            if self._pool is not None:
+                return self._pool
+            self._guard("open")
+            psycopg, pool_mod = _driver()
+            self._check_dsn()
+            pool: AsyncConnectionPool[Any] = pool_mod.AsyncConnectionPool(
+                self._dsn,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                kwargs={
+                    "autocommit": True,
+                    # libpq's connect_timeout is whole seconds, at least 2
+                    "connect_timeout": max(2, math.ceil(self._connect_timeout)),
+                },
+                timeout=self._acquire_timeout,
+                name=f"replaysafe-ledger-{self._schema}",
+                open=False,
+            )
+            problem: str | None = None
+            try:
+                await pool.open(wait=self._min_size > 0, timeout=self._connect_timeout)
+                if self._min_size == 0:  # prove the server answers at all
+                    async with pool.connection(timeout=self._connect_timeout) as conn:
+                        await conn.execute("SELECT 1")
+            except (psycopg.Error, pool_mod.PoolTimeout) as exc:
+                # the driver's message may echo the connection string: scrub it, and do not
+                # chain the original exception (its text would reach tracebacks and logs)
+                problem = f"{type(exc).__name__}: {self._scrub(str(exc))}"
+            if problem is not None:
+                await pool.close(timeout=1.0)
+                # the pool only says it timed out; one direct attempt says why
+                problem = await self._why_no_connection() or problem
+                raise LedgerUnavailable(
+                    f"could not connect to PostgreSQL at {self._redacted} within "
+                    f"{self._connect_timeout:g}s ({problem}); check that the server is up, "
+                    "reachable and accepts this user, then retry"
+                )
+            self._pool = pool
+            return pool
+
+    def _check_dsn(self) -> None:
+        """Parse the DSN before any pool worker tries it: libpq echoes a malformed value (a bad
+        percent-escape in a password, say) in its error, and the pool would log that line."""
+        psycopg, _ = _driver()
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            conninfo_to_dict(self._dsn)
+        except psycopg.Error as exc:
+            problem = self._scrub(" ".join(str(exc).split()))
+        else:
+            return
+        raise ConfigurationError(  # raised outside the except block: no chained driver text
+            f"the PostgreSQL DSN {self._redacted} is malformed ({problem}); fix it (a password "
+            "with special characters must be percent-encoded in a URL)"
+        )
+
+    async def _why_no_connection(self) -> str | None:
+        psycopg, _ = _driver()
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self._dsn, connect_timeout=max(2, math.ceil(self._connect_timeout))
+            )
+        except psycopg.Error as exc:
+            text = " ".join(str(exc).split())
+            return f"{type(exc).__name__}: {self._scrub(text)}"
+        await conn.close()
+        return None
+
+    async def _ensure_ready(self) -> AsyncConnectionPool[Any]:
+        if self._ready and self._pool is not None:
+            return self._pool
+        async with self._ready_lock:
+            if self._ready and self._pool is not None:
+                return self._pool
+            return await self._check_schema()
+
+    async def _check_schema(self) -> AsyncConnectionPool[Any]:
+        """Measure the clock offset and check the schema version (migrating first if asked)."""
+        pool = await self._ensure_pool()
+        if self._auto_migrate:
+            await self.migrate()
+        psycopg, _ = _driver()
+        qualified = f'"{self._schema}"."{self._names["version"]}"'
+        try:
+            async with pool.connection(timeout=self._acquire_timeout) as conn:
+                sent = time.time()
+                cur = await conn.execute(
+                    "SELECT date_part('epoch', clock_timestamp()), to_regclass(%s) IS NOT NULL",
+                    (qualified,),
+                )
+                row = await cur.fetchone()
+                received = time.time()
+                assert row is not None
+                version = 0
+                if row[1]:
+                    from psycopg import sql
+
+                    cur = await conn.execute(
+                        sql.SQL("SELECT version FROM {} WHERE id = 1").format(
+                            sql.Identifier(self._schema, self._names["version"])
+                        )
+                    )
+                    vrow = await cur.fetchone()
+                    version = 0 if vrow is None else int(vrow[0])
+        except psycopg.Error as exc:
+            raise self._unavailable("open", exc) from exc
+        except _pool_timeout() as exc:
+            raise self._pool_exhausted() from exc
+        self._clock_offset = float(row[0]) - (sent + received) / 2
+        if version != SCHEMA_VERSION:
+            if version == 0:
+                what = "does not exist"
+            elif version < SCHEMA_VERSION:
+                what = f"is at version {version}, older than this replaysafe's {SCHEMA_VERSION}"
+            else:
+                raise ConfigurationError(
+                    f"ledger schema {self._schema!r} is at version {version}, newer than this "
+                    f"replaysafe understands ({SCHEMA_VERSION}); upgrade replaysafe"
+                )
+            prefix = "" if self._prefix == "rs_" else f" --table-prefix {self._prefix}"
+            raise ConfigurationError(
+                f"the ledger schema {self._schema!r} (prefix {self._prefix!r}) {what} in "
+                f"{self._redacted}; run `replaysafe ledger migrate --dsn DSN --schema "
+                f"{self._schema}{prefix}` (or `await ledger.migrate()`, or pass auto_migrate=True)"
+            )
+        self._ready = True
+        return pool
+
+    def _render_statements(self) -> None:
+        """Compose every statement once, with the validated identifiers quoted by psycopg."""
+        if self._q:
+            return
+        rec_o = _rec("o")
+        rec_ret = _rec("o", named=True)
+        texts = {
+            "claim_one": _CLAIM.format(
+                req=_REQ_ONE,
+                ops="{ops}",
+                seq_lit="{seq_lit}",
+                ins_cols=rec_ret,
+                i_cols=", ".join(f"i.{n}" for n in _REC_NAMES),
+                e_cols=_rec("e"),
+            ),
+            "claim_many": _CLAIM.format(
+                req=_REQ_MANY,
+                ops="{ops}",
+                seq_lit="{seq_lit}",
+                ins_cols=rec_ret,
+                i_cols=", ".join(f"i.{n}" for n in _REC_NAMES),
+                e_cols=_rec("e"),
+            ),
+            "complete": _COMPLETE.format(ops="{ops}", fence=_FENCE, rec=rec_o),
+            "complete_many": _COMPLETE_MANY.format(
+                ops="{ops}",
+                upd_cols=rec_ret,
+                u_cols=", ".join(f"u.{n}" for n in _REC_NAMES),
+                e_cols=_rec("e"),
+            ),
+            "extend": _EXTEND.format(ops="{ops}", fence=_FENCE),
+            "release": _RELEASE.format(ops="{ops}", fence=_FENCE),
+            "upsert_entry": _UPSERT_ENTRY.format(q="{q}", entry=_ENTRY_COLUMNS),
+            "quarantine_claimed": _QUARANTINE_CLAIMED.format(
+                ops="{ops}", q="{q}", fence=_FENCE, entry=_ENTRY_COLUMNS
+            ),
+            "get": _GET.format(rec=rec_o, ops="{ops}"),
+            "list_all": _LIST_ALL.format(entry=_ENTRY_COLUMNS, q="{q}"),
+            "list_reason": _LIST_REASON.format(entry=_ENTRY_COLUMNS, q="{q}"),
+            "purge": _PURGE,
+        }
+        self._q = {name: self._compose(text) for name, text in texts.items()}
+
+    def _compose(self, text: str) -> bytes:
+        """``text`` with ``{ops}``, ``{q}``, ``{seq}`` … replaced by quoted identifiers and
+        ``{seq_lit}`` by the sequence's quoted name for ``nextval('…')``. Placeholders ``%s`` are
+        left for psycopg."""
+        from psycopg import sql
+
+        # tables and sequences are schema-qualified; an index is named bare (it lives in its
+        # table's schema, and CREATE INDEX refuses a qualified name)
+        idents: dict[str, sql.Composable] = {
+            key: sql.Identifier(name) if key in _INDEXES else sql.Identifier(self._schema, name)
+            for key, name in self._names.items()
+        }
+        # nextval() takes the sequence's (quoted, qualified) name as a text literal
+        idents["seq_lit"] = sql.Literal(
+            sql.Identifier(self._schema, self._names["seq"]).as_string(None)
+        )
+        # sql.SQL treats {…} as fields; nothing else in our statements uses braces
+        return sql.SQL(text).format(**idents).as_bytes(None)
+
+    def _sql(self, name: str) -> bytes:
+        if not self._q:  # rendered on first use: composing needs the driver (a lazy import)
+            _driver()
+            self._render_statements()
+        return self._q[name]
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secret_words:
+            text = text.replace(secret, "***")
+        return text
+
+    def _unavailable(
+        self, action: str, exc: BaseException, hint: str | None = None
+    ) -> LedgerUnavailable:
+        psycopg, _ = _driver()
+        detail = self._scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        name = type(exc).__name__
+        if hint is None:
+            if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.InvalidSchemaName):
+                hint = (
+                    f"the ledger tables are missing in schema {self._schema!r}; run `replaysafe "
+                    f"ledger migrate --schema {self._schema}` against this database"
+                )
+            elif isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+                hint = (
+                    "the connection failed or was closed (server restart, failover, network, "
+                    "pg_terminate_backend); a write in flight may or may not have committed. "
+                    "Do not complete at the broker; retry the call — the pool reconnects"
+                )
+            else:
+                hint = "retry; if it persists, check the server log for this error"
+        return LedgerUnavailable(
+            f"PostgreSQL ledger {action} failed on {self._redacted} ({name}: {detail}); {hint}"
+        )
+
+    def _pool_exhausted(self) -> LedgerUnavailable:
+        return LedgerUnavailable(
+            f"no PostgreSQL connection to {self._redacted} became free within "
+            f"{self._acquire_timeout:g}s (pool max_size={self._max_size}): the server is "
+            "unreachable or every connection is busy; retry, raise max_size, or shorten "
+            "transactions"
+        )
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _driver() -> tuple[Any, Any]:
+    """``(psycopg, psycopg_pool)``, imported on first use; ``MissingExtra`` names the extra."""
+    try:
+        import psycopg
+    except ImportError:
+        raise MissingExtra("postgres", "psycopg") from None
+    try:
+        import psycopg_pool
+    except ImportError:
+        raise MissingExtra("postgres", "psycopg_pool") from None
+    return psycopg, psycopg_pool
+
+
+def _pool_timeout() -> type[BaseException]:
+    _, pool_mod = _driver()
+    timeout: type[BaseException] = pool_mod.PoolTimeout
+    return timeout
+
+
+def _record(row: Sequence[Any], o: int = 0) -> Record:
+    """The record in ``row[o:o + 13]`` (columns in ``_REC_NAMES`` order), positionally: this runs
+    for every item of every batch."""
+    return Record(
+        OpKey(row[o], row[o + 1]),
+        row[o + 2],
+        _STATES[row[o + 3]],
+        row[o + 4],
+        row[o + 5],
+        row[o + 6],
+        row[o + 7],
+        row[o + 8],
+        row[o + 9],
+        row[o + 10],
+        row[o + 11],
+        row[o + 12],
+    )
+
+
+def _record_or_none(row: Sequence[Any] | None, o: int = 0) -> Record | None:
+    return None if row is None or row[o] is None else _record(row, o)
+
+
+_ORD: Final = itemgetter(0)
+
+
+def _entry(row: Sequence[Any]) -> QuarantineEntry:
+    return QuarantineEntry(
+        id=row[0],
+        scope=row[1],
+        reason=_REASONS[row[2]],
+        operation_id=row[3],
+        fingerprint=row[4],
+        risk=_RISKS[row[5]],
+        attempts=row[6],
+        first_detail=row[7],
+        last_detail=row[8],
+        message=None if row[9] is None else bytes(row[9]),
+        content_type=row[10],
+        created_at=row[11],
+        updated_at=row[12],
+        seen=row[13],
+    )
+
+
+def _fence_error(current: Record | None, claim: Claim) -> LeaseLost:
+    """``check_fence``'s ``LeaseLost`` for ``claim`` against ``current``.
+
+    A fenced write can change no row while the record read afterwards still names this claim's
+    token: a concurrent call with the same claim won the row in between. That is a lost fence too.
+    """
+    try:
+        check_fence(current, claim)
+    except LeaseLost as exc:
+        return exc
+    return LeaseLost(
+        f"claim on {claim.key.scope}/{claim.key.operation_id} with fencing token {claim.token} "
+        "lost to a concurrent call with the same claim; do not complete at the broker, the other "
+        "call owns the outcome"
+    )
+
+
+__all__ = [
+    "PREFIX_PATTERN",
+    "PURGE_BATCH",
+    "SCHEMA_PATTERN",
+    "SCHEMA_VERSION",
+    "MigrationReport",
+    "PostgresLedger",
+    "PostgresTransaction",
+    "redact_dsn",
+]

@@ -1,0 +1,928 @@
+"""PostgresLedger passes the transactional ledger contract on a real PostgreSQL, and keeps its
+promises under concurrency, killed connections, hostile identifiers and a skewed worker clock."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+import types
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from replaysafe import App, Context, Effect, Envelope, Guarantee, RetryPolicy
+from replaysafe import observe as o
+from replaysafe.brokers.base import RedeliveryKind
+from replaysafe.brokers.memory import MemoryBroker
+from replaysafe.cli import main as cli_main
+from replaysafe.errors import ConfigurationError, LedgerUnavailable, MissingExtra
+from replaysafe.ledger import postgres as pg_module
+from replaysafe.ledger.base import (
+    Acquired,
+    AlreadyDone,
+    ClaimRequest,
+    InFlight,
+    Ledger,
+    OpKey,
+    State,
+)
+from replaysafe.ledger.postgres import PostgresLedger, redact_dsn
+from replaysafe.testing import EffectProbe, FakeClock
+from replaysafe.testing.contracts.ledger import TransactionalLedgerContract, acquire, must_get
+
+psycopg = pytest.importorskip("psycopg")
+from psycopg import sql  # noqa: E402
+from psycopg.conninfo import make_conninfo  # noqa: E402
+
+KEY = OpKey("orders", "op-1")
+WAIT = 30.0  # upper bound for any wait on the shared, slow test machine
+
+
+def scoped_dsn(dsn: str, schema: str, **extra: str) -> str:
+    """``dsn`` whose connections resolve unqualified names in ``schema`` first (business tables
+    of a test live in the test's own schema and are dropped with it)."""
+    return make_conninfo(dsn, options=f"-c search_path={schema}", **extra)
+
+
+async def make(dsn: str, schema: str, **kwargs: Any) -> PostgresLedger:
+    ledger = PostgresLedger(scoped_dsn(dsn, schema), schema=schema, **kwargs)
+    await ledger.migrate()
+    return ledger
+
+
+@contextlib.asynccontextmanager
+async def admin(dsn: str) -> AsyncIterator[Any]:
+    """A second, independent connection (autocommit) for locks, kills and inspection."""
+    conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def scalar(conn: Any, query: Any, params: Any = None) -> Any:
+    cur = await conn.execute(query, params)
+    row = await cur.fetchone()
+    return None if row is None else row[0]
+
+
+async def wait_for(cond: Callable[[], Any], what: str, seconds: float = WAIT) -> Any:
+    """Poll an (async) condition until it is truthy; bounded."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = cond()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+class StatementCounter:
+    """Counts statements sent by any psycopg async cursor (one execute = one round trip)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.statements: list[str] = []
+        original = psycopg.AsyncCursor.execute
+        counter = self
+
+        async def execute(cur: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+            text = query.decode() if isinstance(query, bytes) else str(query)
+            counter.statements.append(text)
+            return await original(cur, query, *args, **kwargs)
+
+        monkeypatch.setattr(psycopg.AsyncCursor, "execute", execute)
+        for name in ("executemany", "stream"):  # would be more than one round trip: must not run
+
+            def refuse(*args: Any, _name: str = name, **kwargs: Any) -> Any:
+                raise AssertionError(f"unexpected {_name}()")
+
+            monkeypatch.setattr(psycopg.AsyncCursor, name, refuse)
+
+    def reset(self) -> None:
+        self.statements.clear()
+
+    @property
+    def count(self) -> int:
+        return len(self.statements)
+
+
+# ---------------------------------------------------------------------- the contract
+
+
+class TestPostgresLedger(TransactionalLedgerContract):
+    @pytest.fixture(autouse=True)
+    def _database(self, pg_dsn: str, pg_schema: str) -> None:
+        self.dsn = pg_dsn
+        self.schema = pg_schema
+
+    async def make_ledger(self, clock: FakeClock) -> Ledger:
+        # leases are judged by the database clock: the FakeClock is not consulted
+        return await make(self.dsn, self.schema, max_size=4)
+
+    async def advance(self, clock: FakeClock, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    def insert_sql(self) -> str:
+        return "INSERT INTO rs_contract_effects (op, note) VALUES (%s, %s)"
+
+
+# ---------------------------------------------------------------------- schema and migrations
+
+
+async def test_migrate_creates_everything_once_then_has_nothing_to_do(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    ledger = PostgresLedger(pg_dsn, schema=pg_schema, table_prefix="led_")
+    try:
+        first = await ledger.migrate()
+        assert (first.from_version, first.to_version) == (0, pg_module.SCHEMA_VERSION)
+        assert f"schema {pg_schema}" in first.created
+        for table in ("operations", "quarantine", "token_seq", "schema_version"):
+            assert f"{pg_schema}.led_{table}" in first.created
+        assert f"{pg_schema}.led_operations_purge" in first.created
+        assert "created" in first.describe()
+        again = await ledger.migrate()
+        assert (again.from_version, again.created, again.changed) == (1, (), False)
+        assert "nothing to do" in again.describe()
+        assert isinstance(await ledger.claim(KEY, "fp", "w1", 5.0), Acquired)  # usable
+    finally:
+        await ledger.close()
+    async with admin(pg_dsn) as conn:
+        version = await scalar(
+            conn,
+            sql.SQL("SELECT version FROM {}").format(
+                sql.Identifier(pg_schema, "led_schema_version")
+            ),
+        )
+        # the partial index that keeps purge cheap, with its predicate
+        indexdef = await scalar(
+            conn,
+            "SELECT indexdef FROM pg_indexes WHERE schemaname = %s AND indexname = %s",
+            (pg_schema, "led_operations_purge"),
+        )
+        seq_cache = await scalar(
+            conn,
+            "SELECT cache_size FROM pg_sequences WHERE schemaname = %s AND sequencename = %s",
+            (pg_schema, "led_token_seq"),
+        )
+    assert version == pg_module.SCHEMA_VERSION
+    assert "(completed_at)" in indexdef and "WHERE (state = 'completed'::text)" in indexdef
+    assert seq_cache == 1  # a cached range per session would issue tokens out of order
+
+
+async def test_concurrent_migrations_take_turns(pg_dsn: str, pg_schema: str) -> None:
+    ledgers = [PostgresLedger(pg_dsn, schema=pg_schema, max_size=1) for _ in range(4)]
+    try:
+        reports = await asyncio.wait_for(
+            asyncio.gather(*(ledger.migrate() for ledger in ledgers)), WAIT
+        )
+    finally:
+        for ledger in ledgers:
+            await ledger.close()
+    created = [r for r in reports if r.created]
+    assert len(created) == 1, [r.describe() for r in reports]  # the others found it done
+    assert all(r.to_version == pg_module.SCHEMA_VERSION for r in reports)
+
+
+async def test_cli_migrate_from_two_processes_at_once(pg_dsn: str, pg_schema: str) -> None:
+    args = [sys.executable, "-m", "replaysafe.cli", "ledger", "migrate", "--schema", pg_schema]
+    procs = [
+        await asyncio.create_subprocess_exec(
+            *args,
+            env={"REPLAYSAFE_PG_DSN": pg_dsn, "PATH": "/usr/bin:/bin"},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    outputs = [await asyncio.wait_for(p.communicate(), 60) for p in procs]
+    for p, (out, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, (out, err)
+    texts = [out.decode() for out, _ in outputs]
+    assert sum("version 0 -> 1" in t for t in texts) == 1, texts
+    assert sum("nothing to do" in t for t in texts) == 1, texts
+
+
+def test_cli_migrate_prints_what_it_did_and_refuses_bad_names(pg_dsn: str, pg_schema: str) -> None:
+    runner = CliRunner()
+    first = runner.invoke(cli_main, ["ledger", "migrate", "--dsn", pg_dsn, "--schema", pg_schema])
+    assert first.exit_code == 0, first.output
+    assert f"created {pg_schema}.rs_operations" in first.output
+    second = runner.invoke(cli_main, ["ledger", "migrate", "--dsn", pg_dsn, "--schema", pg_schema])
+    assert second.exit_code == 0, second.output
+    assert "nothing to do" in second.output
+    bad = runner.invoke(cli_main, ["ledger", "migrate", "--dsn", pg_dsn, "--schema", "x; DROP"])
+    assert bad.exit_code == 1
+    assert "not a valid ledger schema name" in bad.output
+
+
+async def test_an_unmigrated_schema_is_refused_with_the_command_to_run(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    ledger = PostgresLedger(pg_dsn, schema=pg_schema)
+    try:
+        with pytest.raises(ConfigurationError, match="replaysafe ledger migrate"):
+            await ledger.claim(KEY, "fp", "w1", 5.0)
+    finally:
+        await ledger.close()
+    async with PostgresLedger(pg_dsn, schema=pg_schema, auto_migrate=True) as ledger:
+        assert isinstance(await ledger.claim(KEY, "fp", "w1", 5.0), Acquired)
+
+
+async def test_a_newer_schema_is_refused(pg_dsn: str, pg_schema: str) -> None:
+    ledger = await make(pg_dsn, pg_schema)
+    await ledger.close()
+    async with admin(pg_dsn) as conn:
+        await conn.execute(
+            sql.SQL("UPDATE {} SET version = 99").format(
+                sql.Identifier(pg_schema, "rs_schema_version")
+            )
+        )
+    ledger = PostgresLedger(pg_dsn, schema=pg_schema)
+    try:
+        with pytest.raises(ConfigurationError, match="newer"):
+            await ledger.open()
+        with pytest.raises(ConfigurationError, match="newer"):
+            await ledger.migrate()
+    finally:
+        await ledger.close()
+
+
+HOSTILE_SCHEMAS = [
+    "x; DROP TABLE t",
+    'x"; DROP TABLE t; --',
+    "x'y",
+    "a.b",
+    "a b",
+    "Orders",
+    "",
+    "1abc",
+    "pg_catalog",
+    "a" * 64,
+    "café",
+    "x\x00y",
+]
+
+
+@pytest.mark.parametrize("schema", HOSTILE_SCHEMAS)
+def test_hostile_schema_names_are_refused_before_any_sql(schema: str) -> None:
+    # an unreachable DSN: the refusal must come before any connection
+    with pytest.raises(ConfigurationError, match="schema"):
+        PostgresLedger("postgresql://nobody@127.0.0.1:1/none", schema=schema)
+
+
+@pytest.mark.parametrize("prefix", ["rs-", 'p"', "p'", "p;", "a" * 41, "", "X_", "a.b"])
+def test_hostile_table_prefixes_are_refused(prefix: str) -> None:
+    with pytest.raises(ConfigurationError, match="table_prefix"):
+        PostgresLedger("postgresql://nobody@127.0.0.1:1/none", table_prefix=prefix)
+
+
+async def test_longest_valid_names_work(pg_dsn: str, pg_schema: str) -> None:
+    prefix = "p" * 40  # + "schema_version" = 54 characters, inside PostgreSQL's 63
+    ledger = await make(pg_dsn, pg_schema, table_prefix=prefix)
+    try:
+        claim = await acquire(ledger, KEY, 5.0)
+        assert (await ledger.complete(claim)).state is State.COMPLETED
+    finally:
+        await ledger.close()
+
+
+async def test_keys_and_payloads_are_bound_not_interpolated(pg_dsn: str, pg_schema: str) -> None:
+    ledger = await make(pg_dsn, pg_schema)
+    nasty = "x'); DROP TABLE rs_operations; --\"{}%s%(op)s"
+    try:
+        key = OpKey(nasty, nasty)
+        claim = await acquire(ledger, key, 5.0, owner=nasty, fingerprint=nasty)
+        done = await ledger.complete(claim, nasty)
+        assert (done.key, done.fingerprint, done.owner, done.result) == (key, nasty, nasty, nasty)
+        assert await ledger.get(key) == done
+    finally:
+        await ledger.close()
+
+
+# ---------------------------------------------------------------------- concurrency
+
+
+async def test_fifty_concurrent_claims_of_one_operation_acquire_once(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    ledger = await make(pg_dsn, pg_schema, min_size=10, max_size=10)
+    try:
+        await ledger.open()
+        for round_ in range(5):
+            key = OpKey("race", f"op-{round_}")
+            outcomes = await asyncio.wait_for(
+                asyncio.gather(*(ledger.claim(key, "fp", f"w{i}", 30.0) for i in range(50))),
+                WAIT,
+            )
+            won = [x for x in outcomes if isinstance(x, Acquired)]
+            assert len(won) == 1, [type(x).__name__ for x in outcomes]
+            assert all(isinstance(x, InFlight) for x in outcomes if x is not won[0])
+            record = await must_get(ledger, key)
+            assert (record.token, record.attempts, record.owner) == (
+                won[0].claim.token,
+                1,
+                won[0].claim.owner,
+            )
+    finally:
+        await ledger.close()
+
+
+async def test_fifty_concurrent_takeovers_of_an_expired_lease_acquire_once(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    ledger = await make(pg_dsn, pg_schema, min_size=10, max_size=10)
+    try:
+        first = await acquire(ledger, KEY, 0.05, fingerprint="fp")
+        await asyncio.sleep(0.3)
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*(ledger.claim(KEY, "fp", f"w{i}", 30.0) for i in range(50))), WAIT
+        )
+        won = [x for x in outcomes if isinstance(x, Acquired)]
+        assert len(won) == 1, [type(x).__name__ for x in outcomes]
+        assert (won[0].claim.recovered, won[0].claim.attempt) == (True, 2)
+        assert won[0].claim.token > first.token
+        assert (await must_get(ledger, KEY)).attempts == 2
+    finally:
+        await ledger.close()
+
+
+async def test_batches_are_one_statement_each(
+    pg_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = await make(pg_dsn, pg_schema)
+    try:
+        await ledger.open()
+        counter = StatementCounter(monkeypatch)
+        requests = [ClaimRequest(OpKey("batch", f"op-{i}"), "fp", "w1", 30.0) for i in range(100)]
+        outcomes = await ledger.claim_many(requests)
+        assert counter.count == 1, counter.statements
+        assert all(isinstance(x, Acquired) for x in outcomes)
+        tokens = [x.claim.token for x in outcomes if isinstance(x, Acquired)]
+        assert tokens == sorted(tokens) and len(set(tokens)) == 100
+
+        counter.reset()
+        again = await ledger.claim_many(requests)  # every one InFlight: still one statement
+        assert counter.count == 1
+        assert all(isinstance(x, InFlight) for x in again)
+
+        counter.reset()
+        claims = [x.claim for x in outcomes if isinstance(x, Acquired)]
+        stale = claims[7]
+        items = [(c, f"r{i}") for i, c in enumerate(claims)] + [(stale, "again")]
+        done = await ledger.complete_many(items)
+        assert counter.count == 1, counter.statements
+        assert [type(x).__name__ for x in done] == ["Record"] * 100 + ["LeaseLost"]
+        assert "record is completed" in str(done[-1])  # the LeaseLost says why
+
+        counter.reset()
+        assert isinstance(await ledger.claim(OpKey("batch", "op-1"), "fp", "w2", 5.0), AlreadyDone)
+        claim = await acquire(ledger, OpKey("single", "x"), 5.0)
+        await ledger.complete(claim)
+        assert counter.count == 3  # claim, claim, complete: one round trip each
+    finally:
+        await ledger.close()
+
+
+# The planner may pick any join order or scan; results must not depend on it. These force plans
+# that return rows in an order where a missing ORDER BY / DISTINCT ON would show.
+FORCE_HASH_JOIN = "-c enable_nestloop=off -c enable_mergejoin=off"
+FORCE_SEQ_SCAN = "-c enable_indexscan=off -c enable_bitmapscan=off -c enable_indexonlyscan=off"
+
+
+@pytest.mark.parametrize("planner", ["", FORCE_HASH_JOIN])
+async def test_complete_many_first_copy_of_a_claim_wins_whatever_the_plan(
+    pg_dsn: str, pg_schema: str, planner: str
+) -> None:
+    dsn = make_conninfo(pg_dsn, options=f"-c search_path={pg_schema} {planner}")
+    ledger = PostgresLedger(dsn, schema=pg_schema, auto_migrate=True)
+    try:
+        outs = await ledger.claim_many(
+            [ClaimRequest(OpKey("dup", f"op-{i}"), "fp", "w", 30.0) for i in range(3)]
+        )
+        claims = [o.claim for o in outs if isinstance(o, Acquired)]
+        items = [(claims[0], "first"), (claims[1], "b"), (claims[2], "c"), (claims[0], "second")]
+        done = await ledger.complete_many(items)
+        assert [type(d).__name__ for d in done] == ["Record", "Record", "Record", "LeaseLost"]
+        assert (await must_get(ledger, claims[0].key)).result == "first"
+    finally:
+        await ledger.close()
+
+
+# ---------------------------------------------------------------------- killed connections
+
+
+async def blocked_by(conn: Any) -> int:
+    """The pid of the backend waiting on a lock held by ``conn`` (bounded wait)."""
+    my_pid = await scalar(conn, "SELECT pg_backend_pid()")
+
+    async def find() -> int | None:
+        pid: int | None = await scalar(
+            conn,
+            "SELECT pid FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid)) LIMIT 1",
+            (my_pid,),
+        )
+        return pid
+
+    pid: int = await wait_for(find, "a ledger statement to block on the admin's lock")
+    return pid
+
+
+@pytest.mark.parametrize("call", ["claim", "complete", "complete_many", "complete_in"])
+async def test_a_connection_killed_mid_statement_is_ledger_unavailable_and_a_retry_works(
+    pg_dsn: str, pg_schema: str, call: str
+) -> None:
+    ledger = await make(pg_dsn, pg_schema, max_size=3)
+    ops = sql.Identifier(pg_schema, "rs_operations")
+    try:
+        claim = await acquire(ledger, KEY, 30.0)
+        if call == "claim":
+            await ledger.release(claim, "give it back")
+        async with ledger.transaction() as tx:
+            await tx.execute("CREATE TABLE effects (op text NOT NULL)")
+        async with admin(pg_dsn) as conn:
+            # hold the row lock so the ledger's statement blocks inside the server
+            await conn.execute("BEGIN")
+            await conn.execute(
+                sql.SQL(
+                    "SELECT 1 FROM {} WHERE scope = %s AND operation_id = %s FOR UPDATE"
+                ).format(ops),
+                (KEY.scope, KEY.operation_id),
+            )
+
+            async def in_transaction() -> None:
+                async with ledger.transaction() as tx:
+                    await tx.execute("INSERT INTO effects (op) VALUES (%s)", (KEY.operation_id,))
+                    await ledger.complete_in(tx, claim, "r")
+
+            work = {
+                "claim": lambda: ledger.claim(KEY, "fp-a", "w2", 30.0),
+                "complete": lambda: ledger.complete(claim, "r"),
+                "complete_many": lambda: ledger.complete_many([(claim, "r")]),
+                "complete_in": in_transaction,
+            }[call]
+            task = asyncio.create_task(work())
+            victim = await blocked_by(conn)
+            assert await scalar(conn, "SELECT pg_terminate_backend(%s)", (victim,))
+            with pytest.raises(LedgerUnavailable, match="connection") as raised:
+                await asyncio.wait_for(task, WAIT)
+            assert "retry" in str(raised.value)
+            await conn.execute("ROLLBACK")
+        # the killed statement never committed: the record is as it was
+        record = await must_get(ledger, KEY)
+        expected = State.RELEASED if call == "claim" else State.IN_FLIGHT
+        assert record.state is expected
+        async with ledger.transaction() as tx:
+            assert await tx.fetchall("SELECT op FROM effects") == []
+        # the pool replaced the dead connection: a retry succeeds
+        if call == "claim":
+            again = await ledger.claim(KEY, "fp-a", "w2", 30.0)
+            assert isinstance(again, Acquired), again
+            assert again.claim.attempt == 2
+        else:
+            assert (await ledger.complete(claim, "r")).state is State.COMPLETED
+    finally:
+        await ledger.close()
+
+
+async def test_after_every_connection_died_one_failed_call_is_enough(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    app_name = f"rs-dead-{uuid.uuid4().hex[:8]}"
+    ledger = PostgresLedger(
+        scoped_dsn(pg_dsn, pg_schema, application_name=app_name),
+        schema=pg_schema,
+        min_size=4,
+        max_size=4,
+        auto_migrate=True,
+    )
+    try:
+        await ledger.open()
+        claim = await acquire(ledger, KEY, 30.0)
+        async with admin(pg_dsn) as conn:  # a server restart, as the idle pool sees it
+            cur = await conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = %s",
+                (app_name,),
+            )
+            assert sum(1 for (ok,) in await cur.fetchall() if ok) == 4
+        with pytest.raises(LedgerUnavailable):
+            await ledger.get(KEY)  # meets a dead connection: the pool is checked right away
+        # … so the next calls get live connections, not one failure per dead connection
+        assert (await must_get(ledger, KEY)).token == claim.token
+        assert (await ledger.complete(claim, "r")).state is State.COMPLETED
+    finally:
+        await ledger.close()
+
+
+@pytest.mark.parametrize("effect", ["transactional", "keyed"])
+async def test_runtime_loses_and_duplicates_nothing_while_connections_are_killed(
+    pg_dsn: str, pg_schema: str, effect: str
+) -> None:
+    n = 40
+    app_name = f"rs-kill-{uuid.uuid4().hex[:8]}"
+    ledger = PostgresLedger(
+        scoped_dsn(pg_dsn, pg_schema, application_name=app_name),
+        schema=pg_schema,
+        max_size=6,
+        auto_migrate=True,
+    )
+    broker = MemoryBroker()  # the system clock: leases are real, and short
+    broker.declare("orders", mode=RedeliveryKind.NACK)
+    app = App("t", broker=broker, ledger=ledger)
+    probe = EffectProbe(honour_keys=True)
+    retry = RetryPolicy(max_attempts=100, base_delay=0.05, max_delay=0.2)
+    async with ledger.transaction() as tx:
+        await tx.execute("CREATE TABLE effects (op text NOT NULL)")
+
+    if effect == "transactional":
+
+        @app.handler(
+            "orders",
+            guarantee=Guarantee.EFFECTIVELY_ONCE,
+            effect=Effect.transactional(),
+            lease=2.0,
+            concurrency=4,
+            retry=retry,
+        )
+        async def charge(ctx: Context) -> None:
+            assert ctx.tx is not None
+            await ctx.tx.execute("INSERT INTO effects (op) VALUES (%s)", (ctx.operation_id,))
+            await asyncio.sleep(0.02)
+
+    else:
+
+        @app.handler(
+            "orders",
+            guarantee=Guarantee.EFFECTIVELY_ONCE,
+            effect=Effect.keyed("payments"),
+            lease=2.0,
+            concurrency=4,
+            retry=retry,
+        )
+        async def charge(ctx: Context) -> None:
+            await probe.apply(ctx.payload["order"], ctx.payload["amount"], ctx.idempotency_key)
+            await asyncio.sleep(0.02)
+
+    now = time.time()
+    await broker.publish(
+        "orders",
+        [
+            Envelope.of(
+                f"charge:order-{i}", {"order": f"order-{i}", "amount": 10}
+            ).with_published_at(now)
+            for i in range(n)
+        ],
+    )
+    worker = app.worker(owner="w")
+    running = asyncio.create_task(worker.run(drain_timeout=5))
+    kills = 0
+    async with admin(pg_dsn) as conn:
+
+        async def completed() -> int:
+            count: int = await scalar(
+                conn,
+                sql.SQL("SELECT count(*) FROM {} WHERE state = 'completed'").format(
+                    sql.Identifier(pg_schema, "rs_operations")
+                ),
+            )
+            return count
+
+        try:
+            # kill every connection of the ledger's pool, repeatedly, while work remains
+            for _ in range(20):
+                if await completed() >= n:
+                    break
+                cur = await conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = %s",
+                    (app_name,),
+                )
+                kills += sum(1 for (ok,) in await cur.fetchall() if ok)
+                await asyncio.sleep(0.05)
+            group = next(iter(app.handlers.values())).group
+            await wait_for(
+                lambda: broker.depth("orders", group) == 0, "the broker to drain", seconds=90
+            )
+            assert await completed() == n
+            if effect == "transactional":
+                cur = await conn.execute(
+                    sql.SQL("SELECT op, count(*) FROM {} GROUP BY op").format(
+                        sql.Identifier(pg_schema, "effects")
+                    )
+                )
+                rows = dict(await cur.fetchall())
+        finally:
+            worker.stop()
+            await asyncio.wait_for(running, WAIT)
+            await ledger.close()
+    assert kills > 0, "no connection was killed: the fault never hit"
+    surfaced = worker.stats.total(o.LEDGER_UNAVAILABLE) + worker.stats.total(o.HANDLER_ERRORS)
+    assert surfaced > 0, "the kills never reached a ledger call: the case proves nothing"
+    subjects = {f"order-{i}" for i in range(n)}
+    if effect == "transactional":
+        assert rows == {f"charge:order-{i}": 1 for i in range(n)}  # none lost, none twice
+    else:
+        assert probe.missing(subjects) == set()
+        assert probe.duplicates() == 0
+        assert probe.per_subject() == dict.fromkeys(subjects, 1)
+
+
+async def test_a_rolled_back_transactional_handler_leaves_the_operation_claimable(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    ledger = await make(pg_dsn, pg_schema, max_size=4)
+    broker = MemoryBroker()
+    broker.declare("orders", mode=RedeliveryKind.NACK)
+    app = App("t", broker=broker, ledger=ledger)
+    seen: list[tuple[int, int, State | None]] = []
+    async with ledger.transaction() as tx:
+        await tx.execute("CREATE TABLE effects (op text NOT NULL)")
+
+    @app.handler(
+        "orders",
+        guarantee=Guarantee.EFFECTIVELY_ONCE,
+        effect=Effect.transactional(),
+        lease=30.0,  # a rolled-back attempt that did not release would block the retry for 30 s
+        retry=RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05),
+    )
+    async def charge(ctx: Context) -> None:
+        assert ctx.tx is not None
+        rows = await ctx.tx.fetchall("SELECT count(*) FROM effects")
+        record = await ledger.get(OpKey("charge", ctx.operation_id))
+        seen.append((ctx.attempt, rows[0][0], None if record is None else record.state))
+        await ctx.tx.execute("INSERT INTO effects (op) VALUES (%s)", (ctx.operation_id,))
+        if ctx.attempt == 1:
+            raise RuntimeError("payment gateway said no")
+
+    await broker.publish("orders", [Envelope.of("charge:order-1", {"order": 1})])
+    worker = app.worker()
+    running = asyncio.create_task(worker.run(drain_timeout=5))
+    try:
+        await wait_for(lambda: len(seen) >= 2 and broker.depth("orders", "t.charge") == 0, "retry")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(running, WAIT)
+    try:
+        # the retry found no business row from the failed attempt, and claimed at once
+        assert seen == [(1, 0, State.IN_FLIGHT), (2, 0, State.IN_FLIGHT)]
+        record = await must_get(ledger, OpKey("charge", "charge:order-1"))
+        assert (record.state, record.attempts) == (State.COMPLETED, 2)
+        async with ledger.transaction() as tx:
+            assert await tx.fetchall("SELECT op FROM effects") == [("charge:order-1",)]
+    finally:
+        await ledger.close()
+
+
+# ---------------------------------------------------------------------- purge
+
+
+async def test_purge_walks_the_partial_index_in_bounded_batches(
+    pg_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = await make(pg_dsn, pg_schema)
+    ops = sql.Identifier(pg_schema, "rs_operations")
+    seq = sql.Literal(f'"{pg_schema}"."rs_token_seq"')
+    try:
+        async with admin(pg_dsn) as conn:
+            # 20k rows: every even one completed g seconds ago, every odd one in flight
+            await conn.execute(
+                sql.SQL(
+                    """INSERT INTO {ops} (scope, operation_id, fingerprint, state, token, owner,
+                        lease_until, attempts, created_at, updated_at, completed_at)
+                    SELECT 'bulk', 'op-' || g, 'fp',
+                           CASE WHEN g % 2 = 0 THEN 'completed' ELSE 'in_flight' END,
+                           nextval({seq}), 'w',
+                           CASE WHEN g % 2 = 0 THEN NULL ELSE now() + interval '1 hour' END,
+                           1, now() - interval '1 day', now(),
+                           CASE WHEN g % 2 = 0 THEN now() - g * interval '1 second' END
+                    FROM generate_series(1, 20000) AS g"""
+                ).format(ops=ops, seq=seq)
+            )
+            await conn.execute(sql.SQL("ANALYZE {}").format(ops))
+            cutoff = time.time() - 5000.5  # completed over 5000.5 s ago: even g > 5000
+            cur = await conn.execute(
+                b"EXPLAIN " + ledger._sql("purge"), {"before": cutoff, "n": 1000}
+            )
+            plan = "\n".join(r[0] for r in await cur.fetchall())
+        assert "rs_operations_purge" in plan, plan
+        assert "Seq Scan" not in plan, plan
+
+        await ledger.open()
+        counter = StatementCounter(monkeypatch)
+        assert await ledger.purge(cutoff, limit=2500) == 2500
+        assert counter.count == 3  # 1000 + 1000 + 500: bounded statements, never one huge one
+        async with admin(pg_dsn) as conn:
+            cur = await conn.execute(
+                sql.SQL(
+                    "SELECT state, count(*), max(substr(operation_id, 4)::int) FROM {} "
+                    "GROUP BY state"
+                ).format(ops)
+            )
+            by_state = {state: (count, top) for state, count, top in await cur.fetchall()}
+        # oldest first: the 2500 oldest completed (g = 20000 … 15002) are gone
+        assert by_state["completed"] == (7500, 15000)
+        assert by_state["in_flight"][0] == 10000
+        assert await ledger.purge(cutoff, limit=100_000) == 5000
+        assert await ledger.purge(cutoff) == 0
+    finally:
+        await ledger.close()
+
+
+async def test_purge_deletes_the_oldest_first_whatever_the_plan(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    dsn = make_conninfo(pg_dsn, options=FORCE_SEQ_SCAN)
+    ledger = PostgresLedger(dsn, schema=pg_schema, auto_migrate=True)
+    try:
+        await ledger.open()
+        async with admin(pg_dsn) as conn:  # physical order: newest first
+            await conn.execute(
+                sql.SQL(
+                    """INSERT INTO {ops} (scope, operation_id, fingerprint, state, token, owner,
+                        attempts, created_at, updated_at, completed_at)
+                    SELECT 'old', 'op-' || g, 'fp', 'completed', g, 'w', 1, now(), now(),
+                           now() - g * interval '1 minute'
+                    FROM generate_series(1, 50) AS g"""
+                ).format(ops=sql.Identifier(pg_schema, "rs_operations"))
+            )
+        assert await ledger.purge(time.time(), limit=10) == 10
+        for g in range(41, 51):  # the ten oldest are gone
+            assert await ledger.get(OpKey("old", f"op-{g}")) is None
+        assert await ledger.get(OpKey("old", "op-40")) is not None
+    finally:
+        await ledger.close()
+
+
+# ---------------------------------------------------------------------- time
+
+
+@pytest.mark.parametrize("skew", [3600.0, -3600.0])
+async def test_leases_are_judged_by_the_database_clock_not_the_workers(
+    pg_dsn: str, pg_schema: str, skew: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = time.time
+    monkeypatch.setattr(pg_module, "time", types.SimpleNamespace(time=lambda: real() + skew))
+    ledger = await make(pg_dsn, pg_schema)
+    try:
+        await ledger.open()
+        assert abs(ledger.now() - real()) < 5  # the offset to the database clock was measured
+        first = await acquire(ledger, KEY, 1.0)
+        assert abs(first.lease_until - (real() + 1.0)) < 5
+        # an hour-fast worker clock would call this lease expired; the database does not
+        assert isinstance(await ledger.claim(KEY, "fp-a", "w2", 1.0), InFlight)
+        await asyncio.sleep(1.25)
+        # an hour-slow worker clock would call it live; the database says it expired
+        again = await ledger.claim(KEY, "fp-a", "w2", 1.0)
+        assert isinstance(again, Acquired) and again.claim.recovered
+    finally:
+        await ledger.close()
+
+
+# ---------------------------------------------------------------------- secrets, lifecycle
+
+
+@pytest.mark.parametrize(
+    ("dsn", "expected"),
+    [
+        ("postgresql://app:s3cret@db:5432/orders", "postgresql://app:***@db:5432/orders"),
+        ("postgres://app@db/orders", "postgres://app@db/orders"),
+        ("postgresql://db/orders?password=s3cret&sslmode=require",
+         "postgresql://db/orders?password=***&sslmode=require"),
+        ("postgresql://app:s3cret@h1:5432,h2:5433/orders",
+         "postgresql://app:***@h1:5432,h2:5433/orders"),
+        ("host=db user=app password=s3cret dbname=orders",
+         "host=db user=app password=*** dbname=orders"),
+        ("host=db password = 's3 cr\\'et' dbname=orders", "host=db password = *** dbname=orders"),
+        ("host=db dbname=orders", "host=db dbname=orders"),
+    ],
+)  # fmt: skip
+def test_redact_dsn(dsn: str, expected: str) -> None:
+    assert redact_dsn(dsn) == expected
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    out = []
+    while exc is not None and exc not in out:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://postgres:Sup3rSecretPw@127.0.0.1:1/test",
+        "host=127.0.0.1 port=1 user=postgres password=Sup3rSecretPw dbname=test",
+    ],
+)
+async def test_the_password_never_reaches_repr_errors_or_logs(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "Sup3rSecretPw"
+    ledger = PostgresLedger(dsn, connect_timeout=2)
+    assert secret not in repr(ledger) and secret not in ledger.dsn
+    assert "***" in repr(ledger)
+    with caplog.at_level("DEBUG"), pytest.raises(LedgerUnavailable) as raised:
+        await ledger.claim(KEY, "fp", "w1", 5.0)
+    message = str(raised.value)
+    assert "***" in message and "refused" in message.lower()  # says what happened …
+    assert "check that the server is up" in message  # … and what to do
+    for exc in _chain(raised.value):
+        assert secret not in str(exc) and secret not in repr(exc)
+    assert secret not in caplog.text
+    await ledger.close()
+
+
+async def test_a_malformed_dsn_is_refused_without_echoing_the_password(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    secret = "Sup3r%zzSecretPw"  # libpq quotes an invalid percent-escape back verbatim
+    ledger = PostgresLedger(f"postgresql://postgres:{secret}@127.0.0.1:5432/test")
+    with caplog.at_level("DEBUG"), pytest.raises(ConfigurationError, match="malformed") as raised:
+        await ledger.get(KEY)
+    assert "percent-encoded" in str(raised.value)  # the driver's reason is kept, scrubbed
+    for exc in _chain(raised.value):
+        assert secret not in str(exc) and "zzSecret" not in str(exc)
+    assert "zzSecret" not in caplog.text
+    await ledger.close()
+
+
+async def test_statement_errors_name_the_redacted_dsn(pg_dsn: str, pg_schema: str) -> None:
+    secret = "An0therSecret"
+    dsn = pg_dsn.replace("postgres@", f"postgres:{secret}@", 1)  # trust auth ignores it
+    assert secret in dsn
+    ledger = PostgresLedger(dsn, schema=pg_schema)
+    try:
+        with pytest.raises(ConfigurationError) as raised:  # not migrated
+            await ledger.get(KEY)
+        assert secret not in str(raised.value) and "***" in str(raised.value)
+    finally:
+        await ledger.close()
+
+
+async def test_close_is_idempotent_and_later_calls_fail_clearly(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    ledger = await make(pg_dsn, pg_schema)
+    await ledger.claim(KEY, "fp", "w1", 5.0)
+    await ledger.close()
+    await ledger.close()
+    assert "closed" in repr(ledger)
+    with pytest.raises(LedgerUnavailable, match="closed"):
+        await ledger.get(KEY)
+    with pytest.raises(LedgerUnavailable, match="closed"):
+        await ledger.claim(KEY, "fp", "w1", 5.0)
+
+
+async def test_write_calls_from_inside_the_ledgers_own_transaction_are_refused(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    ledger = await make(pg_dsn, pg_schema)
+    try:
+        claim = await acquire(ledger, KEY, 5.0)
+
+        async def misuse() -> None:
+            async with ledger.transaction() as tx:
+                await ledger.complete_in(tx, claim, "r")
+                # this would wait forever on the row lock complete_in just took
+                with pytest.raises(ConfigurationError, match="complete_in"):
+                    await ledger.complete(claim)
+                assert (await must_get(ledger, KEY)).state is State.IN_FLIGHT  # reads are fine
+
+        await asyncio.wait_for(misuse(), WAIT)
+        assert (await must_get(ledger, KEY)).state is State.COMPLETED
+    finally:
+        await ledger.close()
+
+
+async def test_a_transaction_of_another_ledger_is_refused(pg_dsn: str, pg_schema: str) -> None:
+    a = await make(pg_dsn, pg_schema)
+    b = PostgresLedger(pg_dsn, schema=pg_schema, table_prefix="rs_")
+    try:
+        claim = await acquire(a, KEY, 5.0)
+        with pytest.raises(ConfigurationError, match="this ledger"):
+            async with b.transaction() as tx:
+                await a.complete_in(tx, claim)
+        assert (await must_get(a, KEY)).state is State.IN_FLIGHT
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.parametrize("module", ["psycopg", "psycopg_pool"])
+async def test_a_missing_driver_names_the_extra(
+    module: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = PostgresLedger("postgresql://nobody@127.0.0.1:1/none")  # constructing needs no driver
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(MissingExtra, match=r"replaysafe\[postgres\]") as raised:
+        await ledger.get(KEY)
+    assert raised.value.module == module
