@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, Self
 
-from replaysafe.errors import LeaseLost
+from replaysafe.errors import CapabilityError, LeaseLost
 from replaysafe.quarantine import EffectRisk, QuarantineReason
 
 #: quarantined message copies are capped so one huge poison message cannot bloat the ledger
@@ -152,6 +152,8 @@ class QuarantineRequest:
     #: extra identity for messages that could not be decoded: what the transport said about them
     #: (the raw operation-id header, content type), stable across redeliveries of one message
     identity: str = ""
+    #: the operation's first publish time (kept so a redrive can be checked against the horizon)
+    published_at: float | None = None
 
     def entry_id(self) -> str:
         """Stable id: the same message quarantined twice for the same reason is one entry.
@@ -191,6 +193,36 @@ class QuarantineEntry:
     created_at: float
     updated_at: float
     seen: int
+    published_at: float | None = None
+    #: length of the original message; larger than ``len(message)`` when the copy was capped
+    message_size: int = 0
+    redriven_at: float | None = None
+    redrives: int = 0
+
+    @property
+    def truncated(self) -> bool:
+        return self.message is not None and self.message_size > len(self.message)
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerSummary:
+    """What ``replaysafe inspect`` shows about a ledger."""
+
+    now: float
+    #: operation records by state
+    by_state: dict[str, int]
+    #: in-flight records whose lease has expired: crashed or stalled holders, outcome unknown
+    #: until a redelivery claims them again (the open ambiguity the ledger can see)
+    expired_leases: int
+    #: claim time of the oldest in-flight record
+    oldest_in_flight_at: float | None
+    #: operations with the most attempts (retried or recovered the most), most first
+    hot_operations: list[tuple[OpKey, int]]
+    quarantined_by_reason: dict[str, int]
+    #: completions in the hour before ``now`` (the rate for the size projection)
+    completed_last_hour: int
+    #: storage used by the ledger's records, where the backend can measure it
+    approx_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +315,38 @@ class Ledger(ABC):
         self, *, reason: QuarantineReason | None = None, limit: int = 100
     ) -> list[QuarantineEntry]:
         """Quarantine entries, oldest first."""
+
+    async def quarantine_entry(self, entry_id: str) -> QuarantineEntry | None:
+        """One quarantine entry by id."""
+        raise self._missing("quarantine_entry")
+
+    async def redrive(self, entry_id: str) -> QuarantineEntry:
+        """Prepare an entry for redrive and record that it happened (``redriven_at``,
+        ``redrives + 1``). If its operation is QUARANTINED it becomes RELEASED with its attempts
+        reset, so the republished copy is claimed afresh; a COMPLETED operation stays completed
+        (the copy is answered as a duplicate, never re-run). Publishing the copy is the
+        caller's job. Raises ``LedgerError`` for an unknown entry."""
+        raise self._missing("redrive")
+
+    async def purge_quarantine(
+        self,
+        entry_ids: Sequence[str] | None = None,
+        *,
+        reason: QuarantineReason | None = None,
+        older_than: float | None = None,
+        limit: int = 10_000,
+    ) -> int:
+        """Delete quarantine entries matching all given filters (ids, reason, created before
+        ``older_than``); at most ``limit``. Operation records are left as they are."""
+        raise self._missing("purge_quarantine")
+
+    async def summary(self, *, top: int = 10) -> LedgerSummary:
+        """Counts for ``replaysafe inspect``: records by state, expired leases, the oldest in
+        flight, the ``top`` most-attempted operations, quarantine by reason, recent rate."""
+        raise self._missing("summary")
+
+    def _missing(self, what: str) -> CapabilityError:
+        return CapabilityError(f"{type(self).__name__} does not implement {what}() yet")
 
     @abstractmethod
     async def purge(self, older_than: float, *, limit: int = 10_000) -> int:

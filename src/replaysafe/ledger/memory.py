@@ -6,15 +6,19 @@ Shared by every worker of one process (in-process "crashes" keep it, as a real d
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import replace
 
 from replaysafe.clock import SYSTEM_CLOCK, Clock
+from replaysafe.errors import LedgerError
 from replaysafe.ledger.base import (
     Acquired,
     Claim,
     ClaimOutcome,
     Durability,
     Ledger,
+    LedgerSummary,
     OpKey,
     QuarantineEntry,
     QuarantineRequest,
@@ -111,6 +115,8 @@ class MemoryLedger(Ledger):
                 now,
                 now,
                 1,
+                request.published_at,
+                len(request.message or b""),
             )
         else:
             entry = replace(
@@ -132,6 +138,60 @@ class MemoryLedger(Ledger):
     ) -> list[QuarantineEntry]:
         entries = sorted(self._quarantine.values(), key=lambda e: (e.created_at, e.id))
         return [e for e in entries if reason is None or e.reason == reason][:limit]
+
+    async def quarantine_entry(self, entry_id: str) -> QuarantineEntry | None:
+        return self._quarantine.get(entry_id)
+
+    async def redrive(self, entry_id: str) -> QuarantineEntry:
+        entry = self._quarantine.get(entry_id)
+        if entry is None:
+            raise LedgerError(f"no quarantine entry {entry_id!r}; list them with "
+                              "`replaysafe quarantine list`")  # fmt: skip
+        now = self.now()
+        if entry.operation_id is not None:
+            key = OpKey(entry.scope, entry.operation_id)
+            rec = self._records.get(key)
+            if rec is not None and rec.state is State.QUARANTINED:
+                self._records[key] = replace(rec, state=State.RELEASED, attempts=0,
+                                             updated_at=now)  # fmt: skip
+        entry = replace(entry, redriven_at=now, redrives=entry.redrives + 1, updated_at=now)
+        self._quarantine[entry_id] = entry
+        return entry
+
+    async def purge_quarantine(
+        self,
+        entry_ids: Sequence[str] | None = None,
+        *,
+        reason: QuarantineReason | None = None,
+        older_than: float | None = None,
+        limit: int = 10_000,
+    ) -> int:
+        doomed = [
+            e.id for e in sorted(self._quarantine.values(), key=lambda e: (e.created_at, e.id))
+            if (entry_ids is None or e.id in entry_ids)
+            and (reason is None or e.reason == reason)
+            and (older_than is None or e.created_at < older_than)
+        ][:limit]  # fmt: skip
+        for eid in doomed:
+            del self._quarantine[eid]
+        return len(doomed)
+
+    async def summary(self, *, top: int = 10) -> LedgerSummary:
+        now = self.now()
+        recs = list(self._records.values())
+        in_flight = [r for r in recs if r.state is State.IN_FLIGHT]
+        hot = sorted((r for r in recs if r.attempts > 1), key=lambda r: (-r.attempts, r.key))
+        return LedgerSummary(
+            now=now,
+            by_state=dict(Counter(r.state.value for r in recs)),
+            expired_leases=sum(1 for r in in_flight if (r.lease_until or 0.0) <= now),
+            oldest_in_flight_at=min((r.updated_at for r in in_flight), default=None),
+            hot_operations=[(r.key, r.attempts) for r in hot[:top]],
+            quarantined_by_reason=dict(Counter(e.reason.value for e in self._quarantine.values())),
+            completed_last_hour=sum(
+                1 for r in recs if r.completed_at is not None and r.completed_at >= now - 3600
+            ),
+        )
 
     async def purge(self, older_than: float, *, limit: int = 10_000) -> int:
         doomed = [

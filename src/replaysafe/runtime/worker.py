@@ -901,6 +901,7 @@ class Worker:
             message=delivery.body,
             content_type=delivery.content_type,
             identity="" if env else _transport_identity(delivery),
+            published_at=env.published_at if env else delivery.broker_timestamp,
         )
         try:
             await self.app.ledger.quarantine(request, claim)
