@@ -150,6 +150,7 @@ class App:
         horizon: float = 7 * DAY,
         max_clock_skew: float = 300.0,
         failpoints: Failpoints = FAILPOINTS,
+        redact: Callable[[bytes], bytes] | None = None,
     ) -> None:
         if horizon <= 0:
             raise ConfigurationError("horizon must be positive seconds (ledger retention)")
@@ -163,6 +164,9 @@ class App:
         #: a publish time further than this in the future is refused: a producer clock that far
         #: ahead would let an old operation look new to the horizon check
         self.max_clock_skew = max_clock_skew
+        #: applied to a message body before its copy is stored in quarantine (strip card numbers,
+        #: personal data); a redacted copy can be inspected but not redriven
+        self.redact = redact
         self.failpoints = failpoints
         self.handlers: dict[str, HandlerSpec] = {}
         #: awaited by ``replaysafe run`` before the workers start / after they stop

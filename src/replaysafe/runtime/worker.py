@@ -898,7 +898,7 @@ class Worker:
             risk=risk,
             attempts=attempts,
             detail=detail[:2000],
-            message=delivery.body,
+            message=self.app.redact(delivery.body) if self.app.redact else delivery.body,
             content_type=delivery.content_type,
             identity="" if env else _transport_identity(delivery),
             published_at=env.published_at if env else delivery.broker_timestamp,
