@@ -78,12 +78,14 @@ def demo(orders: int, seed: int, workers: int, as_json: bool) -> None:
 
 
 from replaysafe._cli_explain import explain_command  # noqa: E402 - commands register after main
+from replaysafe._cli_inspect import inspect_command  # noqa: E402
 from replaysafe._cli_quarantine import quarantine_group  # noqa: E402
 from replaysafe._cli_run import run_command  # noqa: E402
 
 main.add_command(run_command)
 main.add_command(explain_command)
 main.add_command(quarantine_group)
+main.add_command(inspect_command)
 
 from replaysafe._cli_ledger import ledger_group  # noqa: E402
 

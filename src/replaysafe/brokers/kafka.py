@@ -68,6 +68,7 @@ from replaysafe.brokers.base import (
     Delivery,
     RedeliveryKind,
     SettleGranularity,
+    SourceFacts,
     Subscription,
 )
 from replaysafe.clock import SYSTEM_CLOCK, Clock
@@ -143,6 +144,7 @@ _MAX_FETCH = 500
 def _driver() -> ModuleType:
     try:
         import confluent_kafka
+        import confluent_kafka.admin  # a subpackage: not loaded by the package itself
     except ImportError as exc:
         raise MissingExtra("kafka", "confluent_kafka") from exc
     return confluent_kafka
@@ -187,10 +189,12 @@ class _Rec:
 class _Progress:
     """One partition's tracked records, in offset order."""
 
-    __slots__ = ("committed", "frozen", "generation", "next_offset", "records")
+    __slots__ = ("committed", "frozen", "generation", "next_offset", "records", "start")
 
     def __init__(self, generation: int) -> None:
-        #: records handed to this consumer and not yet done, plus done ones after an unfinished one
+        #: the first offset tracked in this generation: where the group already stood
+        self.start: int | None = None
+        #: fetched records (buffered or handed out) from the lowest unfinished one on
         self.records: OrderedDict[int, _Rec] = OrderedDict()
         #: one past the last tracked record, or the rewind target; None before the first record
         self.next_offset: int | None = None
@@ -250,14 +254,17 @@ class OffsetTracker:
         return list(self._parts)
 
     def track(self, tp: TP, offset: int) -> int | None:
-        """Register a fetched record; returns its token, or None when the record must be dropped
-        (partition not assigned, rewinding, or an offset already tracked)."""
+        """Register a fetched record (unfinished from now on, even before it is handed out);
+        returns its token, or None when the record must be dropped (partition not assigned,
+        rewinding, or an offset already tracked)."""
         part = self._parts.get(tp)
         if part is None or part.frozen:
             return None
         if part.next_offset is not None and offset < part.next_offset:
             return None
         token = next(self._tokens)
+        if part.start is None:
+            part.start = offset
         part.records[offset] = _Rec(token)
         part.next_offset = offset + 1
         return token
@@ -289,12 +296,6 @@ class OffsetTracker:
         part.frozen = True
         return True
 
-    def truncate(self, tp: TP, offset: int) -> None:
-        """Forget ``offset`` and everything after it (fetched but never handed out)."""
-        part = self._parts.get(tp)
-        if part is not None:
-            part.truncate(offset)
-
     def unfreeze(self, tp: TP) -> None:
         part = self._parts.get(tp)
         if part is not None:
@@ -314,7 +315,8 @@ class OffsetTracker:
             if part is None:
                 continue
             pos = part.position()
-            if pos is not None and pos != part.committed:
+            # nothing done yet (pos == start): the group already stands there
+            if pos is not None and pos != part.committed and pos != part.start:
                 out.append((tp, pos, part.generation))
         return out
 
@@ -349,8 +351,9 @@ class _KafkaDelivery(Delivery):
     def __init__(
         self, sub: _KafkaSubscription, msg: Message, tp: TP, offset: int, token: int, attempt: int
     ) -> None:
+        raw = msg.headers() or []
         headers: dict[str, str] = {}
-        for name, value in msg.headers() or ():
+        for name, value in raw.items() if isinstance(raw, dict) else raw:
             headers[name] = _decode(value)  # a repeated name: the last value wins (Java's habit)
         ts_type, ts_ms = msg.timestamp()
         self.body = msg.value() or b""
@@ -453,12 +456,15 @@ class _KafkaSubscription(Subscription):
         self._out: dict[TP, set[_KafkaDelivery]] = {}
         self._unsettled = 0
         self._rewinds: dict[TP, _Rewind] = {}
+        #: paused for a rewind / paused because the application is saturated
         self._paused: set[TP] = set()
+        self._held: set[TP] = set()
+        self._saturated_since: float | None = None
         self._changed = asyncio.Event()
         self._assigned = asyncio.Event()
         self._fetcher: asyncio.Task[None] | None = None
         self._commit_timer: asyncio.TimerHandle | None = None
-        self._last_commit = 0.0
+        self._last_commit = time.monotonic()
         self._failure: BrokerError | None = None
         self._closed = False
         self._abandoned = False
@@ -473,13 +479,13 @@ class _KafkaSubscription(Subscription):
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def _wait(self, timeout: float | None = None) -> None:
+    async def _wait(self, within: float | None = None) -> None:
         changed = self._changed  # captured before the caller looks again (no lost wake-up)
-        if timeout is None:
+        if within is None:
             await changed.wait()
             return
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(within):
                 await changed.wait()
 
     def _on_loop(self, fn: Callable[[], Coroutine[Any, Any, T]], timeout: float) -> T | None:
@@ -514,10 +520,17 @@ class _KafkaSubscription(Subscription):
 
     async def _start(self) -> None:
         b = self.broker
-        conf = b._consumer_conf(self.group)
         try:
-            self._consumer = await self._call(b._ck.Consumer, conf)
-            md = await self._call(self._consumer.list_topics, self.topic, b.request_timeout)
+            consumer: Consumer = await self._call(b._ck.Consumer, b._consumer_conf(self.group))
+        except b._ck.KafkaException as exc:
+            await self._shutdown()
+            raise ConfigurationError(
+                f"KafkaBroker: librdkafka refused the consumer configuration: {exc}; fix config "
+                "or consumer_config"
+            ) from exc
+        self._consumer = consumer
+        try:
+            md = await self._call(consumer.list_topics, self.topic, b.request_timeout)
         except Exception as exc:
             await self._shutdown()
             raise BrokerUnavailable(
@@ -533,18 +546,24 @@ class _KafkaSubscription(Subscription):
                 "create it first (KafkaBroker.create_topic or your topic tooling)"
             )
         await self._call(
-            self._consumer.subscribe,
-            [self.topic],
-            self._on_assign_cb,
-            self._on_revoke_cb,
-            self._on_lost_cb,
+            lambda: consumer.subscribe(
+                [self.topic],
+                on_assign=self._on_assign_cb,
+                on_revoke=self._on_revoke_cb,
+                on_lost=self._on_lost_cb,
+            )
         )
         self._fetcher = asyncio.create_task(self._fetch_loop(), name=f"kafka-fetch:{self}")
         # joining takes a rebalance; returning before it would make the first publish race it
-        try:
-            async with asyncio.timeout(b.join_timeout):
-                await self._assigned.wait()
-        except TimeoutError:
+        deadline = self._loop.time() + b.join_timeout
+        while not self._assigned.is_set() and self._failure is None:
+            left = deadline - self._loop.time()
+            if left <= 0:
+                break
+            await self._wait(left)
+        if self._failure is not None:
+            raise self._failure
+        if not self._assigned.is_set():
             log.warning(
                 "%s: no partition assignment within %.0fs; still trying in the background "
                 "(is the group rebalancing slowly, or are all partitions taken?)",
@@ -559,21 +578,45 @@ class _KafkaSubscription(Subscription):
         consumer = self._consumer
         poll = self.broker.poll_interval
         try:
-            while not self._closed:
+            while not self._closed and self._failure is None:
                 await self._apply_rewinds()
                 room = self._prefetch - len(self._buffer)
-                if room <= 0:
-                    # backpressure: rebalance callbacks wait for the next consume call, which
-                    # comes as soon as the application takes a record (bounded by its handlers)
+                if room > 0:
+                    self._saturated_since = None
+                    if self._held:
+                        await self._call(consumer.resume, self._parts(self._held - self._paused))
+                        self._held.clear()
+                    msgs = await self._call(consumer.consume, min(room, _MAX_FETCH), poll)
+                elif self._saturated(poll):
+                    # the application holds every slot for a while: keep serving the group
+                    # (rebalance callbacks, max.poll.interval.ms) with its partitions paused
+                    hold = set(self._tracker_assigned()) - self._held - self._paused
+                    if hold:
+                        await self._call(consumer.pause, self._parts(hold))
+                        self._held |= hold
+                    msgs = await self._call(consumer.consume, 1, poll)
+                else:
                     await self._wait(poll)
                     continue
-                msgs = await self._call(consumer.consume, min(room, _MAX_FETCH), poll)
                 if msgs:
                     self._accept(msgs)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self._fail(exc)
+
+    def _saturated(self, poll: float) -> bool:
+        now = self._loop.time()
+        if self._saturated_since is None:
+            self._saturated_since = now
+        return now - self._saturated_since >= max(1.0, poll)
+
+    def _tracker_assigned(self) -> list[TP]:
+        with self._lock:
+            return self._tracker.assigned()
+
+    def _parts(self, tps: Iterable[TP]) -> list[TopicPartition]:
+        return [self.broker._ck.TopicPartition(*tp) for tp in sorted(tps)]
 
     def _accept(self, msgs: list[Message]) -> None:
         added = False
@@ -616,12 +659,11 @@ class _KafkaSubscription(Subscription):
         if not self._rewinds:
             return
         assert self._consumer is not None
-        ck = self.broker._ck
         now = self.clock.now()
         for tp, rw in list(self._rewinds.items()):
             if rw.resume_at > now:
                 if tp not in self._paused:
-                    await self._call(self._consumer.pause, [ck.TopicPartition(*tp)])
+                    await self._call(self._consumer.pause, self._parts([tp]))
                     self._paused.add(tp)
                 continue
             try:
@@ -632,6 +674,7 @@ class _KafkaSubscription(Subscription):
                 self._fail(exc)
                 return
             self._paused.discard(tp)
+            self._held.discard(tp)  # resumed: held again on the next saturated round if needed
             if self._rewinds.get(tp) is rw:
                 del self._rewinds[tp]
                 with self._lock:
@@ -639,10 +682,9 @@ class _KafkaSubscription(Subscription):
 
     def _seek_resume(self, tp: TP, offset: int, paused: bool) -> None:  # consumer thread
         assert self._consumer is not None
-        part = self.broker._ck.TopicPartition(tp[0], tp[1], offset)
-        self._consumer.seek(part)
+        self._consumer.seek(self.broker._ck.TopicPartition(tp[0], tp[1], offset))
         if paused:
-            self._consumer.resume([self.broker._ck.TopicPartition(*tp)])
+            self._consumer.resume(self._parts([tp]))
 
     # ------------------------------------------------------------------ handing out
 
@@ -666,10 +708,10 @@ class _KafkaSubscription(Subscription):
         Cancelling it loses nothing (records wait in the buffer). ``StopAsyncIteration`` once
         closed; ``BrokerUnavailable`` when the consumer failed."""
         while True:
-            if self._failure is not None:
-                raise self._failure
             if self._closed:
                 raise StopAsyncIteration
+            if self._failure is not None:
+                raise self._failure
             if self._unsettled < self._prefetch and (d := self._take()) is not None:
                 return d
             await self._wait()
@@ -742,11 +784,12 @@ class _KafkaSubscription(Subscription):
         with self._lock:
             self._commit_queued = False
             batch = self._tracker.to_commit()
-        if not batch or self._abandoned:
-            return True
-        return self._commit(batch)
+        # no abandon check: a commit requested before a crash may still land, as on a real crash
+        return self._commit(batch) if batch else True
 
     def _commit_done(self, fut: asyncio.Future[bool]) -> None:
+        if not fut.cancelled() and (exc := fut.exception()) is not None:
+            log.error("%s: commit job failed: %r", self, exc)
         ok = not fut.cancelled() and fut.exception() is None and fut.result()
         if not ok and not self._closed:
             # a rebalance in progress or a lost coordinator: try again shortly (a revoke in the
@@ -758,11 +801,13 @@ class _KafkaSubscription(Subscription):
             self._request_commit()
 
     def _commit(self, batch: list[tuple[TP, int, int]]) -> bool:  # consumer thread
-        assert self._consumer is not None
+        consumer = self._consumer
+        if consumer is None:
+            return False
         ck = self.broker._ck
         offsets = [ck.TopicPartition(tp[0], tp[1], pos) for tp, pos, _ in batch]
         try:
-            result = self._consumer.commit(offsets=offsets, asynchronous=False)
+            result = consumer.commit(offsets=offsets, asynchronous=False)
         except Exception as exc:
             log.warning("%s: commit of %s failed: %s (retried)", self, offsets, exc)
             return False
@@ -818,7 +863,7 @@ class _KafkaSubscription(Subscription):
             if paused:
                 # librdkafka may keep the pause flag across an unassign: clear it while we can
                 with contextlib.suppress(Exception):
-                    consumer.resume([self.broker._ck.TopicPartition(*tp) for tp in paused])
+                    consumer.resume(self._parts(paused))
             with self._lock:
                 for tp in tps:
                     self._tracker.revoke(tp)
@@ -831,16 +876,8 @@ class _KafkaSubscription(Subscription):
         """On the loop: stop handing out records of ``tps``, then wait (bounded) for the ones in
         flight. Returns the partitions that were paused for a rewind."""
         gone = set(tps)
-        first: dict[TP, int] = {}
-        for f in self._buffer:
-            if f.tp in gone:
-                first.setdefault(f.tp, f.offset)
-        if first:
-            self._buffer = deque(f for f in self._buffer if f.tp not in gone)
-            with self._lock:
-                for tp, offset in first.items():
-                    # never handed out: the commit must stop before them
-                    self._tracker.truncate(tp, offset)
+        # buffered records are tracked as unfinished: dropping them keeps the commit before them
+        self._buffer = deque(f for f in self._buffer if f.tp not in gone)
         for tp in tps:
             self._rewinds.pop(tp, None)
         if drain and not self._closed:
@@ -860,8 +897,9 @@ class _KafkaSubscription(Subscription):
                 await self._wait(left)
         for tp in tps:
             self._out.pop(tp, None)  # late settles of these copies are stale now
-        paused = [tp for tp in tps if tp in self._paused]
+        paused = [tp for tp in tps if tp in self._paused or tp in self._held]
         self._paused.difference_update(tps)
+        self._held.difference_update(tps)
         return paused
 
     # ------------------------------------------------------------------ close
@@ -884,13 +922,7 @@ class _KafkaSubscription(Subscription):
         if self._fetcher is not None:
             self._fetcher.cancel()
             await asyncio.wait({self._fetcher})
-        first: dict[TP, int] = {}
-        for f in self._buffer:
-            first.setdefault(f.tp, f.offset)
-        self._buffer.clear()
-        with self._lock:
-            for tp, offset in first.items():
-                self._tracker.truncate(tp, offset)
+        self._buffer.clear()  # tracked as unfinished: no commit passes them
         if not abandon and self._consumer is not None:
             with contextlib.suppress(Exception):
                 await self._call(self._final_commit)
@@ -904,13 +936,15 @@ class _KafkaSubscription(Subscription):
             self._commit(batch)
 
     async def _shutdown(self) -> None:
-        consumer, self._consumer = self._consumer, None
+        consumer = self._consumer
         if consumer is not None:
             try:
-                # leaves the group (on_revoke runs: it commits unless abandoned)
+                # queued behind any commit requested before (they still land); leaves the group
+                # (on_revoke runs: it commits unless abandoned)
                 await self._loop.run_in_executor(self._executor, consumer.close)
             except Exception as exc:
                 log.warning("%s: consumer close failed: %s", self, exc)
+            self._consumer = None
         with self._lock:
             for tp in self._tracker.assigned():
                 self._tracker.revoke(tp)
@@ -1126,7 +1160,13 @@ class KafkaBroker(Broker):
 
     def _get_producer(self) -> Producer:
         if self._producer is None:
-            self._producer = self._ck.Producer(self._producer_conf)
+            try:
+                self._producer = self._ck.Producer(self._producer_conf)
+            except self._ck.KafkaException as exc:
+                raise ConfigurationError(
+                    f"KafkaBroker: librdkafka refused the producer configuration: {exc}; fix "
+                    "config or producer_config"
+                ) from exc
         return self._producer
 
     async def publish(self, destination: str, envelopes: Sequence[Envelope]) -> None:
@@ -1210,7 +1250,9 @@ class KafkaBroker(Broker):
 
         headers = env.wire_headers()
         headers["content-type"] = env.content_type
-        wire = [(k, v.encode("utf-8", "surrogateescape")) for k, v in headers.items()]
+        wire: list[tuple[str, str | bytes | None]] = [
+            (k, v.encode("utf-8", "surrogateescape")) for k, v in headers.items()
+        ]
         key = None if env.key is None else env.key.encode("utf-8", "surrogateescape")
         for retry in (True, False):
             try:
@@ -1287,6 +1329,8 @@ class KafkaBroker(Broker):
             await sub._start()
         except BaseException:
             self._subs.discard(sub)
+            with contextlib.suppress(Exception):
+                await sub.close(abandon=True)
             raise
         return sub
 
@@ -1303,6 +1347,19 @@ class KafkaBroker(Broker):
             return await asyncio.get_running_loop().run_in_executor(self._pool, run)
         except (ConfigurationError, BrokerError):
             raise
+        except self._ck.KafkaException as exc:
+            err = _kafka_error(exc)
+            # a broker's considered "no" (bad partition count, policy, replication factor, ACL)
+            # is not an outage: only local and retriable errors are
+            if err is not None and not err.retriable() and not err.name().startswith("_"):
+                raise ConfigurationError(
+                    f"KafkaBroker: {self._display} refused the admin request: {exc}; fix the "
+                    "request (topic settings, permissions)"
+                ) from exc
+            raise BrokerUnavailable(
+                f"KafkaBroker: admin request to {self._display} failed: {exc}; check that the "
+                "brokers run and this client may administer topics"
+            ) from exc
         except Exception as exc:
             raise BrokerUnavailable(
                 f"KafkaBroker: admin request to {self._display} failed: {exc}; check that the "
@@ -1347,6 +1404,45 @@ class KafkaBroker(Broker):
                     ) from None
 
         await self._admin(create)
+
+    async def describe(self, source: str) -> SourceFacts:
+        """Retention of topic ``source`` (``retention.ms``; None when unbounded or compacted) and
+        the consumer facts ``explain`` checks. Unreadable configuration gives unknowns."""
+        ck = self._ck
+        timeout = self.request_timeout
+        notes = [
+            "a nack rewinds the partition: every later record of it is delivered again",
+            "attempt counts what this process saw (Kafka keeps no delivery count)",
+            "a crash redelivers every record after the lowest unfinished one of each partition",
+        ]
+
+        def read(admin: Any) -> dict[str, str | None]:
+            res = ck.admin.ConfigResource(ck.admin.ResourceType.TOPIC, source)
+            entries = admin.describe_configs([res], request_timeout=timeout)[res].result(timeout)
+            return {k: v.value for k, v in entries.items()}
+
+        retention: float | None = None
+        try:
+            config = await self._admin(read)
+        except (BrokerError, ConfigurationError) as exc:
+            notes.append(f"topic configuration unreadable: {exc}")
+        else:
+            ms = config.get("retention.ms")
+            if ms is not None and int(ms) >= 0:
+                retention = int(ms) / 1000.0
+            if "compact" in (config.get("cleanup.policy") or ""):
+                retention = None
+                notes.append("compacted topic: the latest record per key is kept without limit")
+            size = config.get("retention.bytes")
+            if size is not None and int(size) >= 0:
+                notes.append(f"retention.bytes={size} may delete records before retention.ms")
+        return SourceFacts(
+            broker="kafka",
+            retention=retention,
+            auto_commit=False,  # refused at construction: the adapter commits after the effect
+            broker_timestamps=True,
+            notes=tuple(notes),
+        )
 
     async def delete_topic(self, name: str) -> None:
         """Delete topic ``name`` (missing topics are ignored)."""
@@ -1409,8 +1505,7 @@ class KafkaBroker(Broker):
             return await asyncio.get_running_loop().run_in_executor(self._pool, ends)
         except Exception as exc:
             raise BrokerUnavailable(
-                f"KafkaBroker: cannot read the end offsets of {topic!r} from {self._display}: "
-                f"{exc}"
+                f"KafkaBroker: cannot read the end offsets of {topic!r} from {self._display}: {exc}"
             ) from exc
 
     # ---------------------------------------------------------------- close
@@ -1429,9 +1524,7 @@ class KafkaBroker(Broker):
                 self._pool, producer.flush, self.publish_timeout
             )
             if left:
-                log.warning(
-                    "KafkaBroker %s: %d records still unsent at close", self._display, left
-                )
+                log.warning("KafkaBroker %s: %d records still unsent at close", self._display, left)
         self._pool.shutdown(wait=False)
 
     def __repr__(self) -> str:
