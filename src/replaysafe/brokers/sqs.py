@@ -56,6 +56,7 @@ from replaysafe.brokers.base import (
     Delivery,
     RedeliveryKind,
     SettleGranularity,
+    SourceFacts,
     Subscription,
 )
 from replaysafe.clock import SYSTEM_CLOCK, Clock
@@ -413,8 +414,9 @@ class SQSDelivery(Delivery):
         """Delete the message (COMPLETED), in a ``DeleteMessageBatch`` shared with the acks of
         the next ``delete_window`` seconds. A delete SQS refuses for this message is logged and
         counted (``delete_failures``), not raised: the message comes back and the ledger answers
-        it. Raises ``BrokerUnavailable`` when the delete call itself failed (then the message
-        comes back when its visibility expires)."""
+        it. When the delete call itself failed, raises the mapped error (``BrokerUnavailable``;
+        ``ConfigurationError`` if the queue is gone); the message then comes back when its
+        visibility expires. Either way the delivery counts as settled."""
         if self._settle():
             await self._broker._delete(self._queue, self)
 
@@ -455,8 +457,10 @@ class SQSDelivery(Delivery):
         if self._settled:
             return
         whole = min(MAX_VISIBILITY, math.ceil(seconds))
+        # SQS starts the new timer somewhere during the call: count from before it (earlier)
+        started = self._broker._clock.now()
         await self._broker._change_visibility(self, whole, strict=True)
-        self.settle_deadline = self._broker._clock.now() + whole
+        self.settle_deadline = started + whole
 
     def __repr__(self) -> str:
         return (
@@ -523,6 +527,17 @@ class _SQSSubscription(Subscription):
             self._start()
             self._arrived.clear()
             await self._arrived.wait()
+
+    async def next_batch(self, max_items: int) -> list[Delivery]:
+        """One delivery (waiting for it), plus every other one already buffered, up to
+        ``max_items``: one ``ReceiveMessage`` batch becomes one runtime batch."""
+        batch: list[Delivery] = [await self.__anext__()]
+        self._drop_expired()
+        while len(batch) < max_items and self._buffer:
+            d = self._buffer.popleft()
+            self._unsettled.add(d)
+            batch.append(d)
+        return batch
 
     def _on_settled(self, d: SQSDelivery) -> None:
         self._unsettled.discard(d)
@@ -700,17 +715,32 @@ class _DeleteBatcher:
                 if not fut.done():
                     fut.cancel()
             raise exc
-        for failure in response.get("Failed") or []:
-            d, _ = batch[int(failure["Id"])]
-            self._broker._delete_failures += 1
-            # the message stays in the queue and comes back; the ledger answers the copy
-            log.warning(
-                "SQS refused to delete %s (%s: %s); it will be delivered again and the ledger "
-                "will answer it",
-                d.delivery_id,
-                failure.get("Code"),
-                failure.get("Message"),
-            )
+        try:
+            for failure in response.get("Failed") or []:
+                d, _ = batch[int(failure["Id"])]
+                self._broker._delete_failures += 1
+                # the message stays in the queue and comes back; the ledger answers the copy
+                log.warning(
+                    "SQS refused to delete %s (%s: %s); it will be delivered again and the "
+                    "ledger will answer it",
+                    d.delivery_id,
+                    failure.get("Code"),
+                    failure.get("Message"),
+                )
+        except Exception as exc:
+            # an unreadable response must not leave the acks waiting forever
+            log.exception("unreadable DeleteMessageBatch response on %s", self._queue.name)
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(
+                        BrokerError(
+                            f"SQS DeleteMessageBatch on {self._queue.name!r} answered in a way "
+                            f"replaysafe cannot read ({exc!r}); the messages may come back and "
+                            "the ledger will answer them"
+                        )
+                    )
+                    fut.exception()
+            return
         for _, fut in batch:
             if not fut.done():
                 fut.set_result(None)
@@ -923,6 +953,61 @@ class SQSBroker(Broker):
         operation ids for 5 minutes; standard queues do neither. Neither has consumer groups."""
         return _FIFO if source.endswith(".fifo") else _STANDARD
 
+    async def describe(self, source: str) -> SourceFacts:
+        """What ``explain`` needs about ``source``, read from the queue's attributes: retention,
+        the redrive policy (dead-letter queue and ``maxReceiveCount``), the dead-letter queue's
+        retention and the visibility timeout receives use.
+
+        ``redrive_window`` is counted from the original publish: a message may sit in the queue
+        for its retention and then in the dead-letter queue for the DLQ's retention (FIFO moves and
+        ``reject`` copies restart the DLQ clock; standard-queue moves keep the first enqueue
+        time, so this is the upper bound)."""
+        queue = await self._queue(source)
+        attrs = await self._attributes(queue.name, queue.url, "MessageRetentionPeriod")
+        retention = float(attrs.get("MessageRetentionPeriod", 345_600))
+        dlq_retention = limit = None
+        if queue.dead_letter_url is not None and queue.dead_letter_name is not None:
+            dlq = await self._attributes(
+                queue.dead_letter_name, queue.dead_letter_url, "MessageRetentionPeriod"
+            )
+            dlq_retention = float(dlq.get("MessageRetentionPeriod", 345_600))
+            redrive = await self._attributes(queue.name, queue.url, "RedrivePolicy")
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                limit = int(json.loads(redrive["RedrivePolicy"])["maxReceiveCount"])
+        notes = [
+            "no consumer groups: every subscriber of the queue competes for the same messages "
+            "(fan out with SNS, one queue per group)",
+            "a message is redelivered when its visibility expires, also while a handler still "
+            "works on it; the runtime extends visibility with the lease",
+        ]
+        if queue.fifo:
+            notes.append(
+                "FIFO: SQS drops a re-publish of an operation id only within 5 minutes, also one "
+                "with a different payload (that conflict is never seen)"
+            )
+        return SourceFacts(
+            broker="sqs",
+            retention=retention,
+            dead_letter=queue.dead_letter_name,
+            dead_letter_retention=dlq_retention,
+            redrive_window=None if dlq_retention is None else retention + dlq_retention,
+            delivery_limit=limit,
+            visibility_timeout=float(self._visibility_override or queue.visibility_timeout),
+            broker_timestamps=True,
+            notes=tuple(notes),
+        )
+
+    async def _attributes(self, name: str, url: str, *attributes: str) -> dict[str, str]:
+        response = await self._call(
+            "metadata",
+            "get_queue_attributes",
+            "GetQueueAttributes",
+            name,
+            QueueUrl=url,
+            AttributeNames=list(attributes),
+        )
+        return dict(response.get("Attributes") or {})
+
     # ---------------------------------------------------------------- client and calls
 
     def _check_open(self) -> None:
@@ -1049,16 +1134,7 @@ class SQSBroker(Broker):
         url = (await self._call("metadata", "get_queue_url", "GetQueueUrl", name, QueueName=name))[
             "QueueUrl"
         ]
-        attrs = (
-            await self._call(
-                "metadata",
-                "get_queue_attributes",
-                "GetQueueAttributes",
-                name,
-                QueueUrl=url,
-                AttributeNames=["VisibilityTimeout", "RedrivePolicy", "FifoQueue"],
-            )
-        ).get("Attributes") or {}
+        attrs = await self._attributes(name, url, "VisibilityTimeout", "RedrivePolicy", "FifoQueue")
         dlq_url = dlq_name = None
         if attrs.get("RedrivePolicy"):
             try:
@@ -1137,16 +1213,7 @@ class SQSBroker(Broker):
                     f"max_receive_count must be 1..1000, got {max_receive_count}"
                 )
             dlq_url = await self.create_queue(dlq, visibility_timeout=visibility_timeout)
-            arn = (
-                await self._call(
-                    "metadata",
-                    "get_queue_attributes",
-                    "GetQueueAttributes",
-                    dlq,
-                    QueueUrl=dlq_url,
-                    AttributeNames=["QueueArn"],
-                )
-            )["Attributes"]["QueueArn"]
+            arn = (await self._attributes(dlq, dlq_url, "QueueArn"))["QueueArn"]
             attributes["RedrivePolicy"] = json.dumps(
                 {"deadLetterTargetArn": arn, "maxReceiveCount": str(max_receive_count)}
             )
@@ -1170,20 +1237,13 @@ class SQSBroker(Broker):
         """SQS's approximate counts for ``name``: ``visible``, ``in_flight`` (received, not
         deleted, visibility not expired) and ``delayed``. Eventually consistent on AWS."""
         queue = await self._queue(name)
-        attrs = (
-            await self._call(
-                "metadata",
-                "get_queue_attributes",
-                "GetQueueAttributes",
-                name,
-                QueueUrl=queue.url,
-                AttributeNames=[
-                    "ApproximateNumberOfMessages",
-                    "ApproximateNumberOfMessagesNotVisible",
-                    "ApproximateNumberOfMessagesDelayed",
-                ],
-            )
-        ).get("Attributes") or {}
+        attrs = await self._attributes(
+            name,
+            queue.url,
+            "ApproximateNumberOfMessages",
+            "ApproximateNumberOfMessagesNotVisible",
+            "ApproximateNumberOfMessagesDelayed",
+        )
         return {
             "visible": int(attrs.get("ApproximateNumberOfMessages", 0)),
             "in_flight": int(attrs.get("ApproximateNumberOfMessagesNotVisible", 0)),
