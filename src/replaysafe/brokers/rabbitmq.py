@@ -72,7 +72,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import ModuleType
@@ -85,6 +85,7 @@ from replaysafe.brokers.base import (
     Delivery,
     RedeliveryKind,
     SettleGranularity,
+    SourceFacts,
     Subscription,
 )
 from replaysafe.clock import SYSTEM_CLOCK, Clock
@@ -113,7 +114,16 @@ if TYPE_CHECKING:
     )
     from aiormq.abc import AbstractChannel
 
-__all__ = ["KEY_HEADER", "ATTEMPTS_HEADER", "RabbitMQBroker", "RabbitMQDelivery", "Topology"]
+__all__ = [
+    "ATTEMPTS_HEADER",
+    "KEY_HEADER",
+    "QueueType",
+    "RabbitMQBroker",
+    "RabbitMQDelivery",
+    "Topology",
+    "redact_url",
+    "retry_band",
+]
 
 log = logging.getLogger("replaysafe.brokers.rabbitmq")
 
@@ -292,12 +302,10 @@ class RabbitMQDelivery(Delivery):
         self.broker_timestamp = _epoch(message.timestamp)
         self.delivery_id = f"{sub.topology.queue}#{message.consumer_tag}:{message.delivery_tag}"
         prior = _count(raw.get(ATTEMPTS_HEADER)) or 0
+        # quorum queues count returns (x-delivery-count); classic queues only know "redelivered",
+        # which makes the attempt a lower bound there (and wherever the header is missing)
         returns = _count(raw.get("x-delivery-count")) if sub.broker.queue_type == "quorum" else None
-        if returns is not None:
-            self.attempt = prior + returns + 1
-        else:
-            # classic queues only know "redelivered": a lower bound
-            self.attempt = prior + (2 if message.redelivered else 1)
+        self.attempt = prior + max(returns or 0, 1 if message.redelivered else 0) + 1
         # a copy that came back through a retry queue is a new AMQP message but a redelivery
         self.redelivered = bool(message.redelivered) or prior > 0
         self.received_at = sub.broker.clock.now()
@@ -310,34 +318,49 @@ class RabbitMQDelivery(Delivery):
     def settled(self) -> bool:
         return self._settled
 
-    def _settle(self) -> bool:
+    def _begin(self) -> bool:
+        """Mark settled; False when it already was (the second settle does nothing)."""
         if self._settled:
             return False
         self._settled = True
-        self._sub._unsettled.discard(self)
         return True
+
+    def _done(self) -> None:
+        # counted in flight until RabbitMQ has the settle (or the copy), not merely asked for it
+        self._sub._unsettled.discard(self)
 
     async def ack(self) -> None:
         """``basic.ack`` (boundary COMPLETED). On a dead channel: logged; the message comes back."""
-        if self._settle():
-            await _settle_quietly(self, "ack", self.message.ack())
+        if self._begin():
+            try:
+                await _settle_quietly(self, "ack", lambda m: m.ack())
+            finally:
+                self._done()
 
     async def nack(self, delay: float | None = None) -> None:
         """Redeliver: at once (``basic.reject(requeue=True)``) for None/0, else through the retry
         queue after ``delay`` seconds (copy confirmed first, then the original acked)."""
-        if not self._settle():
+        if not self._begin():
             return
-        seconds = 0.0 if delay is None else float(delay)
-        if not seconds > 0:  # also NaN
-            await _settle_quietly(self, "requeue", self.message.reject(requeue=True))
-            return
-        await self._sub._delay(self, seconds)
+        held = False
+        try:
+            seconds = 0.0 if delay is None else float(delay)
+            if not seconds > 0:  # also NaN
+                await _settle_quietly(self, "requeue", lambda m: m.reject(requeue=True))
+            else:
+                held = await self._sub._delay(self, seconds)
+        finally:
+            if not held:
+                self._done()
 
     async def reject(self, reason: str) -> None:
         """``basic.reject(requeue=False)``: dead-lettered into the group's ``…/dead`` queue."""
-        if self._settle():
+        if self._begin():
             log.info("rejecting %s to %s: %s", self.delivery_id, self._sub.topology.queue, reason)
-            await _settle_quietly(self, "reject", self.message.reject(requeue=False))
+            try:
+                await _settle_quietly(self, "reject", lambda m: m.reject(requeue=False))
+            finally:
+                self._done()
 
     async def extend(self, seconds: float) -> None:
         raise CapabilityError(
@@ -353,10 +376,24 @@ class RabbitMQDelivery(Delivery):
         )
 
 
-async def _settle_quietly(d: RabbitMQDelivery, what: str, call: Any) -> None:
+async def _settle_quietly(
+    d: RabbitMQDelivery, what: str, send: Callable[[AbstractIncomingMessage], Awaitable[Any]]
+) -> None:
+    """Send one settle frame for ``d``, unless its subscription is closing its channel; a dead
+    channel is logged, not raised."""
+    if d._sub._channel_closing:
+        # Never a frame after our own channel.close: RabbitMQ answers a frame on a channel it has
+        # closed with a *connection* error (504 "expected 'channel.open'"), killing every other
+        # subscription on the connection. The close requeues this message anyway.
+        log.warning(
+            "%s of %s not sent: its subscription is closing, RabbitMQ requeues the message",
+            what,
+            d.delivery_id,
+        )
+        return
     aiormq = _driver_aiormq()
     try:
-        await call
+        await send(d.message)
     except (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError, OSError) as exc:
         # ChannelInvalidStateError is a RuntimeError. The channel is gone: RabbitMQ has requeued
         # the message and will redeliver it; a crash-equivalent, not an error of the caller's.
@@ -398,6 +435,8 @@ class _RabbitSubscription(Subscription):
         self._queue: AbstractRobustQueue | None = None
         self._tag: str | None = None
         self._closed = False
+        #: set right before channel.close: from then on no settle frame may be sent on it
+        self._channel_closing = False
 
     async def _open(self, connection: AbstractRobustConnection) -> None:
         channel = await connection.channel(publisher_confirms=False)
@@ -415,9 +454,11 @@ class _RabbitSubscription(Subscription):
 
     def _wrap(self, message: AbstractIncomingMessage) -> RabbitMQDelivery | None:
         try:
-            message.channel  # noqa: B018 - raises once the channel that carried it is closed
+            channel = message.channel  # raises once the channel that carried it is closed
         except RuntimeError:
-            # RabbitMQ requeued it when the channel died; the copy on the new channel follows
+            channel = None
+        if channel is None or not getattr(channel.connection, "is_opened", True):
+            # RabbitMQ requeues it when the channel dies; the copy on the new channel follows
             return None
         d = RabbitMQDelivery(self, message)
         self._unsettled.add(d)
@@ -449,7 +490,8 @@ class _RabbitSubscription(Subscription):
                 batch.append(d)
         return batch
 
-    async def _delay(self, d: RabbitMQDelivery, seconds: float) -> None:
+    async def _delay(self, d: RabbitMQDelivery, seconds: float) -> bool:
+        """Delayed redelivery of ``d``; True when the original is held here (fallback)."""
         if seconds > MAX_DELAY:
             log.warning(
                 "nack delay of %.0fs on %s clamped to %.0fs", seconds, d.delivery_id, MAX_DELAY
@@ -471,13 +513,17 @@ class _RabbitSubscription(Subscription):
             task = asyncio.ensure_future(self._requeue_later(d, seconds))
             self._held.add(task)
             task.add_done_callback(self._held.discard)
-            return
+            return True
         # the copy is confirmed: acking the original now can only duplicate, never lose
-        await _settle_quietly(d, "ack after delayed copy", d.message.ack())
+        await _settle_quietly(d, "ack after delayed copy", lambda m: m.ack())
+        return False
 
     async def _requeue_later(self, d: RabbitMQDelivery, seconds: float) -> None:
-        await self.broker.clock.sleep(seconds)
-        await _settle_quietly(d, "delayed requeue", d.message.reject(requeue=True))
+        try:
+            await self.broker.clock.sleep(seconds)
+            await _settle_quietly(d, "delayed requeue", lambda m: m.reject(requeue=True))
+        finally:
+            d._done()
 
     async def close(self, *, abandon: bool = False) -> None:
         """Stop consuming and wake pending ``__anext__`` calls.
@@ -497,18 +543,22 @@ class _RabbitSubscription(Subscription):
             task.cancel()
         aiormq = _driver_aiormq()
         gone = (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError, OSError, TimeoutError)
-        if not abandon and self._queue is not None and self._tag is not None:
-            with contextlib.suppress(*gone):
-                await self._queue.cancel(self._tag, timeout=self.broker.connect_timeout)
-            while not self._buffer.empty():
-                message = self._buffer.get_nowait()
-                if message is not _CLOSED:
+        # bounded: a robust channel waits for a reconnect before any call, and the server may be
+        # gone for good; RabbitMQ requeues whatever this does not get to settle
+        with contextlib.suppress(*gone):
+            async with asyncio.timeout(self.broker.connect_timeout):
+                if not abandon and self._queue is not None and self._tag is not None:
                     with contextlib.suppress(*gone):
-                        await message.nack(requeue=True)
-            self._buffer.put_nowait(_CLOSED)
-        if self._channel is not None:
-            with contextlib.suppress(*gone):
-                await self._channel.close()
+                        await self._queue.cancel(self._tag)
+                    while not self._buffer.empty():
+                        message = self._buffer.get_nowait()
+                        if message is not _CLOSED:
+                            with contextlib.suppress(*gone):
+                                await message.nack(requeue=True)
+                    self._buffer.put_nowait(_CLOSED)
+                if self._channel is not None:
+                    self._channel_closing = True
+                    await self._channel.close()
 
     def __repr__(self) -> str:
         return (
@@ -612,6 +662,12 @@ class RabbitMQBroker(Broker):
         """Destinations and groups this broker object declared (for tests and cleanup)."""
         return {s: frozenset(g) for s, g in self._declared.items()}
 
+    def in_flight(self) -> int:
+        """Deliveries held by this broker's open subscriptions: buffered, handed out and not yet
+        settled (a settle counts until RabbitMQ has it). With ``queue_depths`` (ready messages)
+        it tells when a group is quiet."""
+        return sum(len(s._unsettled) + s._buffer.qsize() for s in list(self._subs) if not s._closed)
+
     def topology(self, source: str, group: str) -> Topology:
         return Topology.of(source, group)
 
@@ -628,13 +684,60 @@ class RabbitMQBroker(Broker):
             independent_groups=True,
         )
 
+    async def describe(self, source: str) -> SourceFacts:
+        """What ``explain`` needs about ``source``. Read from this broker's configuration and the
+        server version (one connection, no management API): RabbitMQ keeps a queued message until
+        it is consumed (no retention unless a policy sets one), every group has its own
+        dead-letter queue, and the quorum delivery limit is ``delivery_limit`` or the server's
+        default (20 from RabbitMQ 4.0, none on 3.x)."""
+        notes = [
+            "no visibility timer: a delivery stays with its consumer until settled or until its "
+            "channel closes (consumer_timeout, 30 min by default, closes a stuck one)",
+            "nack(delay) goes through per-band retry queues (retry/1s, /2s, /4s ...): never "
+            "earlier than asked, under twice the delay",
+            "RabbitMQ stamps no publish time of its own: the AMQP timestamp is set by the "
+            "publisher (replaysafe does; plain clients may not)",
+        ]
+        limit = self.delivery_limit
+        if self.queue_type == "quorum":
+            if self.server_version is None:
+                with contextlib.suppress(BrokerError, ConfigurationError):
+                    await self._connection("publish")
+            if limit is None and self.server_version is not None and self.server_version >= (4,):
+                limit = 20  # the server's default delivery-limit from 4.0
+            if limit is not None:
+                notes.append(
+                    "the delivery limit counts returns per hop: a retry-queue copy starts again "
+                    "at 0 (replaysafe's own attempt count carries over)"
+                )
+        else:
+            notes.append("classic queues only say 'redelivered': attempt is a lower bound")
+        return SourceFacts(
+            broker="rabbitmq",
+            retention=None,
+            dead_letter=f"{_escape(source)}/<group>/dead (one per consumer group)",
+            dead_letter_retention=None,
+            redrive_window=None,
+            delivery_limit=limit,
+            visibility_timeout=None,
+            broker_timestamps=False,
+            notes=tuple(notes),
+        )
+
     def __repr__(self) -> str:
         return f"RabbitMQBroker({self.url!r}, queue_type={self.queue_type!r})"
 
     # ---------------------------------------------------------------- errors
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._password, "***") if self._password else text
+        """Remove the password from driver text (aio-pika masks its own URLs; other messages
+        may not). A very short password is only removed where it sits in a URL, so that it does
+        not blank out ordinary words."""
+        pw = self._password
+        if not pw:
+            return text
+        text = text.replace(f":{pw}@", ":***@")
+        return text.replace(pw, "***") if len(pw) >= 4 else text
 
     def _describe(self, exc: BaseException) -> str:
         return self._scrub(f"{type(exc).__name__}: {exc}")
@@ -962,6 +1065,8 @@ class RabbitMQBroker(Broker):
                     timeout=self.confirm_timeout,
                 )
             except aiormq.exceptions.PublishError as exc:
+                if not exchange:
+                    self._queues.discard(routing_key)  # a deleted retry queue: declare it again
                 frame = getattr(exc, "frame", None)
                 reply = getattr(frame, "reply_text", "returned")
                 raise BrokerError(
