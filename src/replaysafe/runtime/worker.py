@@ -33,6 +33,7 @@ import random
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 from replaysafe import failpoints as fp
@@ -64,6 +65,8 @@ from replaysafe.ledger.base import (
 from replaysafe.quarantine import EffectRisk, QuarantineReason
 
 log = logging.getLogger("replaysafe.runtime")
+#: one delivery's next step in a batch, run when the batch runs
+_Step = tuple[Delivery, Callable[[], Awaitable[None]]]
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -370,11 +373,15 @@ class Worker:
                         await d.nack(delay=LEDGER_RETRY_DELAY)
 
     async def _item(
-        self, spec: HandlerSpec, delivery: Delivery, step: Awaitable[None], slots: _Slots
+        self,
+        spec: HandlerSpec,
+        delivery: Delivery,
+        step: Callable[[], Awaitable[None]],
+        slots: _Slots,
     ) -> None:
         """Run one delivery's step; a pipeline bug is logged and the delivery nacked."""
         try:
-            await step
+            await step()
         except (SimulatedCrash, asyncio.CancelledError):
             raise
         except Exception:
@@ -452,7 +459,9 @@ class Worker:
         }
 
     async def _process_batch(self, spec: HandlerSpec, batch: list[Delivery], slots: _Slots) -> None:
-        steps: list[Awaitable[None]] = []
+        # steps are (delivery, zero-argument coroutine function): coroutines are only created
+        # when they run, so a crash in the middle of a batch leaves none un-awaited
+        steps: list[_Step] = []
         decoded: list[tuple[Delivery, Envelope]] = []
         for delivery in batch:
             try:
@@ -466,42 +475,31 @@ class Worker:
                     limits=spec.limits,
                 )
             except BadInput as bad:
-                steps.append(
-                    self._item(
-                        spec,
-                        delivery,
-                        self._quarantine(
-                            spec, delivery, None, bad.reason, str(bad), attempts=delivery.attempt
-                        ),
-                        slots,
-                    )
-                )
+                q = partial(self._quarantine, spec, delivery, None, bad.reason, str(bad),
+                            attempts=delivery.attempt)  # fmt: skip
+                steps.append((delivery, q))
                 continue
             self._delivered(spec, delivery, env)
             if spec.guarantee is Guarantee.AT_MOST_ONCE:
-                steps.append(
-                    self._item(spec, delivery, self._at_most_once(spec, delivery, env), slots)
-                )
+                steps.append((delivery, partial(self._at_most_once, spec, delivery, env)))
             elif spec.guarantee is Guarantee.AT_LEAST_ONCE:
-                steps.append(
-                    self._item(spec, delivery, self._at_least_once(spec, delivery, env), slots)
-                )
+                steps.append((delivery, partial(self._at_least_once, spec, delivery, env)))
             else:
                 decoded.append((delivery, env))
         if decoded:
-            steps.extend(await self._claim_batch(spec, decoded, slots))
+            steps.extend(await self._claim_batch(spec, decoded))
         if len(steps) == 1:
-            await steps[0]
+            await self._item(spec, steps[0][0], steps[0][1], slots)
         else:
-            await asyncio.gather(*steps)
+            await asyncio.gather(*(self._item(spec, d, run, slots) for d, run in steps))
 
     async def _claim_batch(
-        self, spec: HandlerSpec, decoded: list[tuple[Delivery, Envelope]], slots: _Slots
-    ) -> list[Awaitable[None]]:
+        self, spec: HandlerSpec, decoded: list[tuple[Delivery, Envelope]]
+    ) -> list[_Step]:
         """Horizon check, then one ``claim_many`` for the whole batch; returns the next steps."""
         app, ledger = self.app, self.app.ledger
         now = app.clock.now()
-        steps: list[Awaitable[None]] = []
+        steps: list[_Step] = []
         fresh: list[tuple[Delivery, Envelope]] = []
         for delivery, env in decoded:
             if env.published_at is not None and now - env.published_at > app.horizon:
@@ -510,21 +508,19 @@ class Worker:
                     f"{app.horizon:.0f}s: the ledger may have forgotten it, so it cannot be "
                     "proven new"
                 )
-                q = self._quarantine(
-                    spec, delivery, env, QuarantineReason.BEYOND_HORIZON, why,
-                    attempts=delivery.attempt,
-                )  # fmt: skip
-                steps.append(self._item(spec, delivery, q, slots))
+                reason = QuarantineReason.BEYOND_HORIZON
+                q = partial(self._quarantine, spec, delivery, env, reason, why,
+                            attempts=delivery.attempt)  # fmt: skip
+                steps.append((delivery, q))
             elif env.published_at is not None and env.published_at - now > app.max_clock_skew:
                 why = (
                     f"published {env.published_at - now:.0f}s in the future, beyond the allowed "
                     f"clock skew of {app.max_clock_skew:.0f}s: fix the producer's clock"
                 )
-                q = self._quarantine(
-                    spec, delivery, env, QuarantineReason.FUTURE_TIMESTAMP, why,
-                    attempts=delivery.attempt,
-                )  # fmt: skip
-                steps.append(self._item(spec, delivery, q, slots))
+                reason = QuarantineReason.FUTURE_TIMESTAMP
+                q = partial(self._quarantine, spec, delivery, env, reason, why,
+                            attempts=delivery.attempt)  # fmt: skip
+                steps.append((delivery, q))
             else:
                 fresh.append((delivery, env))
         if not fresh:
@@ -552,14 +548,10 @@ class Worker:
             self._ledger_down()
             for delivery, _ in fresh:
                 self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.UNAVAILABLE)
-                steps.append(
-                    self._item(spec, delivery, delivery.nack(delay=LEDGER_RETRY_DELAY), slots)
-                )
+                steps.append((delivery, partial(delivery.nack, delay=LEDGER_RETRY_DELAY)))
             return steps
         for (delivery, env), outcome in zip(fresh, outcomes, strict=True):
-            steps.append(
-                self._item(spec, delivery, self._after_claim(spec, delivery, env, outcome), slots)
-            )
+            steps.append((delivery, partial(self._after_claim, spec, delivery, env, outcome)))
         return steps
 
     async def _at_most_once(self, spec: HandlerSpec, delivery: Delivery, env: Envelope) -> None:
