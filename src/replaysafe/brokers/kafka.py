@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from replaysafe._redact import redact as _redact_url
 from replaysafe.brokers.base import (
     Broker,
     Capabilities,
@@ -958,17 +959,6 @@ class _KafkaSubscription(Subscription):
 
 
 # --------------------------------------------------------------------------- the broker
-
-
-def _redact_url(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    userinfo, at, hosts = rest.rpartition("@")
-    if not at:
-        return url
-    user = userinfo.partition(":")[0]
-    return f"{scheme}://{user}:***@{hosts}"
 
 
 class KafkaBroker(Broker):

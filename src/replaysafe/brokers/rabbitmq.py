@@ -77,8 +77,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
+from replaysafe._redact import redact as redact_url
 from replaysafe.brokers.base import (
     Broker,
     Capabilities,
@@ -218,23 +219,6 @@ def retry_band(delay: float) -> int:
     if delay <= 1.0:
         return 1
     return min(b for b in RETRY_BANDS if b >= min(delay, MAX_DELAY))
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (for repr, logs and errors)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{parts.username or ''}:***@{host}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 # --------------------------------------------------------------------------- headers

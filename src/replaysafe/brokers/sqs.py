@@ -48,8 +48,9 @@ from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final
-from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
+from replaysafe._redact import redact as redact_url
 from replaysafe.brokers.base import (
     Broker,
     Capabilities,
@@ -232,21 +233,6 @@ def _retries(source: Any) -> int:
         response = getattr(source, "response", None)
         meta = response.get("ResponseMetadata") if isinstance(response, Mapping) else None
     return int((meta or {}).get("RetryAttempts") or 0)
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (for repr, logs and errors)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 # --------------------------------------------------------------------------- queues
