@@ -20,7 +20,7 @@ from replaysafe import observe as o
 from replaysafe.brokers.base import RedeliveryKind
 from replaysafe.brokers.memory import MemoryBroker
 from replaysafe.cli import main as cli_main
-from replaysafe.errors import ConfigurationError, LedgerUnavailable, MissingExtra
+from replaysafe.errors import ConfigurationError, LedgerError, LedgerUnavailable, MissingExtra
 from replaysafe.ledger import postgres as pg_module
 from replaysafe.ledger.base import (
     Acquired,
@@ -29,9 +29,11 @@ from replaysafe.ledger.base import (
     InFlight,
     Ledger,
     OpKey,
+    QuarantineRequest,
     State,
 )
 from replaysafe.ledger.postgres import PostgresLedger, redact_dsn
+from replaysafe.quarantine import QuarantineReason
 from replaysafe.testing import EffectProbe, FakeClock
 from replaysafe.testing.contracts.ledger import TransactionalLedgerContract, acquire, must_get
 
@@ -147,9 +149,16 @@ async def test_migrate_creates_everything_once_then_has_nothing_to_do(
         for table in ("operations", "quarantine", "token_seq", "schema_version"):
             assert f"{pg_schema}.led_{table}" in first.created
         assert f"{pg_schema}.led_operations_purge" in first.created
+        assert f"{pg_schema}.led_operations_hot" in first.created
+        # columns of a table created by this run are part of the table, not listed apart
+        assert not [name for name in first.created if name.startswith("column ")]
         assert "created" in first.describe()
         again = await ledger.migrate()
-        assert (again.from_version, again.created, again.changed) == (1, (), False)
+        assert (again.from_version, again.created, again.changed) == (
+            pg_module.SCHEMA_VERSION,
+            (),
+            False,
+        )
         assert "nothing to do" in again.describe()
         assert isinstance(await ledger.claim(KEY, "fp", "w1", 5.0), Acquired)  # usable
     finally:
@@ -206,7 +215,7 @@ async def test_cli_migrate_from_two_processes_at_once(pg_dsn: str, pg_schema: st
     for p, (out, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, (out, err)
     texts = [out.decode() for out, _ in outputs]
-    assert sum("version 0 -> 1" in t for t in texts) == 1, texts
+    assert sum(f"version 0 -> {pg_module.SCHEMA_VERSION}" in t for t in texts) == 1, texts
     assert sum("nothing to do" in t for t in texts) == 1, texts
 
 
@@ -757,6 +766,285 @@ async def test_purge_deletes_the_oldest_first_whatever_the_plan(
         for g in range(41, 51):  # the ten oldest are gone
             assert await ledger.get(OpKey("old", f"op-{g}")) is None
         assert await ledger.get(OpKey("old", "op-40")) is not None
+    finally:
+        await ledger.close()
+
+
+# ---------------------------------------------------------------------- upgrade, inspect, redrive
+
+POISON = OpKey("orders", "poison")
+V1_ENTRY_ID = "e" * 32
+
+
+async def cli_migrate(pg_dsn: str, schema: str) -> str:
+    """``replaysafe ledger migrate`` in a child process (the real command, the real exit code)."""
+    proc = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "replaysafe.cli", "ledger", "migrate", "--schema", schema],
+        env={"REPLAYSAFE_PG_DSN": pg_dsn, "PATH": "/usr/bin:/bin"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, (out, err)
+    return out.decode()
+
+
+async def test_migrate_upgrades_a_version_1_schema_in_place_keeping_its_rows(
+    pg_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The previous release: schema version 1 made by exactly its migration (migration 1 is
+    # never edited; changes go into new steps), used by the ledger calls version 1 had.
+    with monkeypatch.context() as pinned:
+        pinned.setattr(pg_module, "SCHEMA_VERSION", 1)
+        pinned.setattr(pg_module, "_MIGRATIONS", {1: pg_module._MIGRATIONS[1]})
+        old = await make(pg_dsn, pg_schema)
+        try:
+            done = await old.complete(await acquire(old, OpKey("orders", "done"), 30.0), "r1")
+            for _ in range(2):
+                await old.release(await acquire(old, POISON, 30.0), "transient")
+            poisoned = await acquire(old, POISON, 30.0)  # attempt 3
+        finally:
+            await old.close()
+    ops = sql.Identifier(pg_schema, "rs_operations")
+    q = sql.Identifier(pg_schema, "rs_quarantine")
+    async with admin(pg_dsn) as conn:
+        columns = await conn.execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = %s AND table_name = 'rs_quarantine'",
+            (pg_schema,),
+        )
+        assert "published_at" not in {r[0] for r in await columns.fetchall()}
+        assert (
+            await scalar(conn, "SELECT to_regclass(%s)", (f"{pg_schema}.rs_operations_hot",))
+            is None
+        )
+        # what version 1's quarantine(claim=...) wrote, column for column
+        await conn.execute(
+            sql.SQL(
+                "UPDATE {} SET state = 'quarantined', lease_until = NULL, last_error = 'boom' "
+                "WHERE scope = 'orders' AND operation_id = 'poison'"
+            ).format(ops)
+        )
+        await conn.execute(
+            sql.SQL(
+                """INSERT INTO {} (id, scope, reason, operation_id, fingerprint, risk, attempts,
+                    first_detail, last_detail, message, content_type, created_at, updated_at, seen)
+                VALUES (%s, 'orders', 'max_attempts', 'poison', 'fp-a', 'released_cleanly', 3,
+                        'boom', 'boom', %s, 'application/json', now(), now(), 1)"""
+            ).format(q),
+            (V1_ENTRY_ID, b"x" * 100),
+        )
+
+    # this release refuses the old schema and names the command that upgrades it
+    ledger = PostgresLedger(scoped_dsn(pg_dsn, pg_schema), schema=pg_schema)
+    try:
+        with pytest.raises(
+            ConfigurationError, match=r"version 1, older.*replaysafe ledger migrate"
+        ):
+            await ledger.open()
+    finally:
+        await ledger.close()
+
+    text = await cli_migrate(pg_dsn, pg_schema)
+    assert f"upgraded ledger schema '{pg_schema}'" in text, text
+    assert f"version 1 -> {pg_module.SCHEMA_VERSION}" in text, text
+    assert f"created {pg_schema}.rs_operations_hot" in text, text
+    for column in ("published_at", "message_size", "redriven_at", "redrives"):
+        assert f"created column {pg_schema}.rs_quarantine.{column}" in text, text
+
+    ledger = PostgresLedger(scoped_dsn(pg_dsn, pg_schema), schema=pg_schema)
+    try:
+        await ledger.open()
+        assert await ledger.get(OpKey("orders", "done")) == done
+        entry = await ledger.quarantine_entry(V1_ENTRY_ID)
+        assert entry is not None
+        assert (entry.reason, entry.operation_id, entry.attempts, entry.seen) == (
+            QuarantineReason.MAX_ATTEMPTS,
+            "poison",
+            3,
+            1,
+        )
+        # the original size of an old entry is unknown: the stored copy's length stands in
+        assert (entry.message, entry.message_size, entry.truncated) == (b"x" * 100, 100, False)
+        assert (entry.published_at, entry.redriven_at, entry.redrives) == (None, None, 0)
+        summary = await ledger.summary()
+        assert summary.by_state == {"completed": 1, "quarantined": 1}
+        assert summary.hot_operations == [(POISON, 3)]
+        assert (await ledger.redrive(V1_ENTRY_ID)).redrives == 1
+        again = await acquire(ledger, POISON, 30.0)
+        assert (again.attempt, again.recovered) == (1, False)
+        assert again.token > poisoned.token
+        fresh = await ledger.quarantine(
+            QuarantineRequest("orders", QuarantineReason.MALFORMED_PAYLOAD, message=b"y" * 10,
+                              published_at=1_789_999_000.25)
+        )  # fmt: skip
+        assert (fresh.message_size, fresh.published_at) == (10, 1_789_999_000.25)
+    finally:
+        await ledger.close()
+    assert "nothing to do" in await cli_migrate(pg_dsn, pg_schema)
+
+
+async def test_summary_is_one_statement_on_the_hot_index(
+    pg_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = await make(pg_dsn, pg_schema)
+    ops = sql.Identifier(pg_schema, "rs_operations")
+    q = sql.Identifier(pg_schema, "rs_quarantine")
+    seq = sql.Literal(f'"{pg_schema}"."rs_token_seq"')
+    try:
+        async with admin(pg_dsn) as conn:
+            # 20k completed operations, one in 100 retried (3 to 11 attempts); 1000 of them
+            # completed ten minutes ago, the rest two hours ago
+            await conn.execute(
+                sql.SQL(
+                    """INSERT INTO {ops} (scope, operation_id, fingerprint, state, token, owner,
+                        attempts, created_at, updated_at, completed_at)
+                    SELECT 'bulk', 'op-' || g, 'fp', 'completed', nextval({seq}), 'w',
+                           CASE WHEN g % 100 = 0 THEN 2 + (g / 100) % 10 ELSE 1 END,
+                           now() - interval '3 hours', now(),
+                           now() - CASE WHEN g <= 1000 THEN interval '10 minutes'
+                                        ELSE interval '2 hours' END
+                    FROM generate_series(1, 20000) AS g"""
+                ).format(ops=ops, seq=seq)
+            )
+            for table in (ops, q):  # settles the visibility/free-space maps counted in the size
+                await conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(table))
+            cur = await conn.execute(b"EXPLAIN " + ledger._sql("summary"), {"top": 5})
+            plan = "\n".join(r[0] for r in await cur.fetchall())
+        assert "rs_operations_hot" in plan, plan
+
+        await ledger.open()
+        counter = StatementCounter(monkeypatch)
+        summary = await ledger.summary(top=5)
+        assert counter.count == 1, counter.statements  # one statement: one consistent snapshot
+        retried = sorted(
+            ((2 + (g // 100) % 10, f"op-{g}") for g in range(100, 20001, 100)),
+            key=lambda item: (-item[0], item[1]),
+        )
+        assert summary.hot_operations == [(OpKey("bulk", op), n) for n, op in retried[:5]]
+        assert summary.by_state == {"completed": 20000}
+        assert summary.completed_last_hour == 1000  # by completed_at against the database clock
+        assert (summary.expired_leases, summary.oldest_in_flight_at) == (0, None)
+        async with admin(pg_dsn) as conn:
+            size = await scalar(
+                conn,
+                "SELECT pg_total_relation_size(%s::regclass)"
+                " + pg_total_relation_size(%s::regclass)",
+                (f'"{pg_schema}"."rs_operations"', f'"{pg_schema}"."rs_quarantine"'),
+            )
+        assert summary.approx_bytes == size
+    finally:
+        await ledger.close()
+
+
+@pytest.mark.parametrize("skew", [3600.0, -3600.0])
+async def test_summary_judges_leases_by_the_database_clock(
+    pg_dsn: str, pg_schema: str, skew: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = time.time
+    ledger = await make(pg_dsn, pg_schema)
+    try:
+        await ledger.open()  # measures the offset to the database clock ...
+        # ... and then the worker's clock steps by an hour (NTP, VM resume): ledger.now() is off
+        monkeypatch.setattr(pg_module, "time", types.SimpleNamespace(time=lambda: real() + skew))
+        assert abs(ledger.now() - real() - skew) < 5
+        await acquire(ledger, OpKey("orders", "live"), 30.0)  # an hour-fast clock calls it dead
+        await acquire(ledger, OpKey("orders", "dead"), 0.05)  # an hour-slow clock calls it live
+        await asyncio.sleep(0.3)
+        summary = await ledger.summary()
+        assert summary.expired_leases == 1
+        assert summary.by_state == {"in_flight": 2}
+        assert abs(summary.now - real()) < 5
+    finally:
+        await ledger.close()
+
+
+async def test_redrive_is_one_statement_and_ids_are_bound(
+    pg_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = await make(pg_dsn, pg_schema)
+    nasty = "x'); DROP TABLE rs_quarantine; --\"{}%s%(id)s"
+    try:
+        claim = await acquire(ledger, KEY, 30.0)
+        request = QuarantineRequest(
+            "orders", QuarantineReason.MAX_ATTEMPTS, KEY.operation_id, "fp-a", attempts=1
+        )
+        entry = await ledger.quarantine(request, claim)
+        counter = StatementCounter(monkeypatch)
+        redriven = await ledger.redrive(entry.id)
+        # the entry's bookkeeping and the operation's release commit together, or neither
+        assert counter.count == 1, counter.statements
+        assert redriven.redrives == 1
+        record = await must_get(ledger, KEY)
+        assert (record.state, record.attempts) == (State.RELEASED, 0)
+        counter.reset()
+        with pytest.raises(LedgerError, match="no quarantine entry"):
+            await ledger.redrive(nasty)
+        assert counter.count == 1
+        assert await ledger.quarantine_entry(nasty) is None
+        assert await ledger.purge_quarantine([nasty], reason=QuarantineReason.MAX_ATTEMPTS) == 0
+        assert await ledger.quarantine_entry(entry.id) == redriven  # the table is intact
+    finally:
+        await ledger.close()
+
+
+async def test_purge_quarantine_walks_indexes_in_bounded_batches(
+    pg_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = await make(pg_dsn, pg_schema)
+    q = sql.Identifier(pg_schema, "rs_quarantine")
+    try:
+        async with admin(pg_dsn) as conn:
+            # 20k entries, g = 1 the oldest; every fourth is malformed_payload
+            await conn.execute(
+                sql.SQL(
+                    """INSERT INTO {q} (id, scope, reason, operation_id, fingerprint, risk,
+                        attempts, first_detail, last_detail, created_at, updated_at, seen)
+                    SELECT 'id-' || g, 'bulk',
+                           CASE WHEN g % 4 = 0 THEN 'malformed_payload' ELSE 'max_attempts' END,
+                           'op-' || g, 'fp', 'never_claimed', 1, '', '',
+                           now() - (20001 - g) * interval '1 second', now(), 1
+                    FROM generate_series(1, 20000) AS g"""
+                ).format(q=q)
+            )
+            await conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(q))
+            cutoff = time.time() - 15000
+            variants: dict[str, dict[str, Any]] = {
+                "purge_quarantine:": {},
+                "purge_quarantine:reason": {"reason": "malformed_payload"},
+                "purge_quarantine:before": {"before": cutoff},
+                "purge_quarantine:ids": {"ids": ["id-1", "id-2"]},
+                "purge_quarantine:ids,reason,before": {
+                    "ids": ["id-4"],
+                    "reason": "malformed_payload",
+                    "before": cutoff,
+                },
+            }
+            plans = {}
+            for name, params in variants.items():
+                cur = await conn.execute(b"EXPLAIN " + ledger._sql(name), {**params, "n": 1000})
+                plans[name] = "\n".join(r[0] for r in await cur.fetchall())
+        for name, plan in plans.items():
+            assert "Seq Scan" not in plan, (name, plan)
+        assert "rs_quarantine_by_reason" in plans["purge_quarantine:reason"]
+        assert "rs_quarantine_by_time" in plans["purge_quarantine:"]
+
+        await ledger.open()
+        counter = StatementCounter(monkeypatch)
+        purged = await ledger.purge_quarantine(
+            reason=QuarantineReason.MALFORMED_PAYLOAD, limit=2500
+        )
+        assert purged == 2500
+        assert counter.count == 3  # 1000 + 1000 + 500: bounded statements, never one huge one
+        async with admin(pg_dsn) as conn:
+            cur = await conn.execute(
+                sql.SQL(
+                    "SELECT reason, count(*), min(substr(id, 4)::int) FROM {} GROUP BY reason"
+                ).format(q)
+            )
+            by_reason = {reason: (n, first) for reason, n, first in await cur.fetchall()}
+        # oldest first: malformed g = 4, 8 … 10000 are gone, the others untouched
+        assert by_reason == {"malformed_payload": (2500, 10004), "max_attempts": (15000, 1)}
     finally:
         await ledger.close()
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from replaysafe.errors import ConfigurationError, LedgerError, LedgerUnavailable
+from replaysafe.ledger import sqlite as sqlite_module
 from replaysafe.ledger.base import (
     Acquired,
     ClaimRequest,
@@ -25,7 +26,7 @@ from replaysafe.ledger.base import (
     QuarantineRequest,
     State,
 )
-from replaysafe.ledger.sqlite import PURGE_SQL, SQLiteLedger
+from replaysafe.ledger.sqlite import PURGE_QUARANTINE_SQL, PURGE_SQL, SCHEMA_VERSION, SQLiteLedger
 from replaysafe.quarantine import QuarantineReason
 from replaysafe.testing import FakeClock
 from replaysafe.testing.contracts.ledger import TransactionalLedgerContract, acquire, must_get
@@ -398,3 +399,190 @@ async def test_execute_reports_rowcount_and_rows(tmp_path: Path) -> None:
         result = await tx.execute("INSERT INTO t (x) VALUES (?), (?)", (1, 2))
         assert result.rowcount == 2
         assert await tx.fetchall("SELECT x FROM t WHERE x > :m", {"m": 1}) == [(2,)]
+
+
+# ---------------------------------------------------------------------- schema upgrade
+
+#: The version-1 schema, as the previous release created it (copied, not imported: the point is
+#: that a file written by the old code opens with the new one).
+V1_SCHEMA = """
+CREATE TABLE replaysafe_operations (
+    scope TEXT NOT NULL, operation_id TEXT NOT NULL, fingerprint TEXT NOT NULL,
+    state TEXT NOT NULL, token INTEGER NOT NULL, owner TEXT, lease_until REAL,
+    attempts INTEGER NOT NULL, result TEXT, last_error TEXT, created_at REAL NOT NULL,
+    updated_at REAL NOT NULL, completed_at REAL, PRIMARY KEY (scope, operation_id)
+) WITHOUT ROWID;
+CREATE INDEX replaysafe_operations_purge ON replaysafe_operations (state, completed_at);
+CREATE TABLE replaysafe_quarantine (
+    id TEXT PRIMARY KEY, scope TEXT NOT NULL, reason TEXT NOT NULL, operation_id TEXT,
+    fingerprint TEXT, risk TEXT NOT NULL, attempts INTEGER NOT NULL, first_detail TEXT NOT NULL,
+    last_detail TEXT NOT NULL, message BLOB, content_type TEXT, created_at REAL NOT NULL,
+    updated_at REAL NOT NULL, seen INTEGER NOT NULL
+);
+CREATE INDEX replaysafe_quarantine_by_reason ON replaysafe_quarantine (reason, created_at);
+CREATE TABLE replaysafe_meta (
+    id INTEGER PRIMARY KEY CHECK (id = 1), last_token INTEGER NOT NULL,
+    schema_version INTEGER NOT NULL
+);
+INSERT INTO replaysafe_meta VALUES (1, 7, 1);
+"""
+V1_ENTRY_ID = "e" * 32
+
+
+def write_v1_file(path: Path, clock: FakeClock) -> None:
+    """A ledger file as version 1 left it: one completed operation, one quarantined operation
+    (token 7, three attempts) and its quarantine entry."""
+    now = clock.now()
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.executescript(V1_SCHEMA)
+        conn.execute(
+            "INSERT INTO replaysafe_operations VALUES "
+            "('orders', 'done', 'fp-a', 'completed', 3, 'w1', NULL, 1, 'receipt', NULL, ?, ?, ?)",
+            (now - 50, now - 50, now - 50),
+        )
+        conn.execute(
+            "INSERT INTO replaysafe_operations VALUES "
+            "('orders', 'poison', 'fp-a', 'quarantined', 7, 'w1', NULL, 3, NULL, 'boom', ?, ?, "
+            "NULL)",
+            (now - 40, now - 40),
+        )
+        conn.execute(
+            "INSERT INTO replaysafe_quarantine VALUES (?, 'orders', 'max_attempts', 'poison', "
+            "'fp-a', 'released_cleanly', 3, 'boom', 'boom', ?, 'application/json', ?, ?, 1)",
+            (V1_ENTRY_ID, b"x" * 100, now - 40, now - 40),
+        )
+
+
+def quarantine_columns(path: Path) -> set[str]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return {row[1] for row in conn.execute("PRAGMA table_info(replaysafe_quarantine)")}
+
+
+def schema_version(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        (version,) = conn.execute("SELECT schema_version FROM replaysafe_meta").fetchone()
+    return int(version)
+
+
+async def test_a_version_1_file_is_upgraded_in_place_keeping_its_rows(tmp_path: Path) -> None:
+    clock = FakeClock()
+    path = tmp_path / "ledger.db"
+    write_v1_file(path, clock)
+    assert "published_at" not in quarantine_columns(path)
+    # two ledgers opening the old file at once: one upgrades, the other finds it done
+    a, b = SQLiteLedger(path, clock=clock), SQLiteLedger(path, clock=clock)
+    try:
+        done_a, done_b = await asyncio.gather(
+            a.get(OpKey("orders", "done")), b.get(OpKey("orders", "done"))
+        )
+        assert done_a == done_b
+        assert done_a is not None and (done_a.state, done_a.result) == (State.COMPLETED, "receipt")
+        assert {"published_at", "message_size", "redriven_at", "redrives"} <= quarantine_columns(
+            path
+        )
+        assert schema_version(path) == SCHEMA_VERSION
+        entry = await a.quarantine_entry(V1_ENTRY_ID)
+        assert entry is not None
+        assert (entry.reason, entry.operation_id, entry.seen) == (
+            QuarantineReason.MAX_ATTEMPTS,
+            "poison",
+            1,
+        )
+        # the original size of an old entry is unknown: the stored copy's length stands in
+        assert (entry.message_size, entry.truncated, entry.published_at) == (100, False, None)
+        assert (entry.redrives, entry.redriven_at) == (0, None)
+        # the old rows work with the new calls
+        assert (await a.summary()).hot_operations == [(OpKey("orders", "poison"), 3)]
+        await b.redrive(V1_ENTRY_ID)
+        again = await acquire(a, OpKey("orders", "poison"), 5.0, fingerprint="fp-a")
+        assert (again.attempt, again.token) == (1, 8)  # the token sequence carried over
+    finally:
+        await a.close()
+        await b.close()
+    # reopening an upgraded file changes nothing
+    async with SQLiteLedger(path, clock=clock) as reopened:
+        stored = await reopened.quarantine_entry(V1_ENTRY_ID)
+        assert stored is not None and stored.redrives == 1
+    assert schema_version(path) == SCHEMA_VERSION
+
+
+async def test_a_newer_file_is_refused_before_anything_is_changed(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    write_v1_file(path, FakeClock())
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("UPDATE replaysafe_meta SET schema_version = ?", (SCHEMA_VERSION + 1,))
+    async with SQLiteLedger(path) as ledger:
+        with pytest.raises(ConfigurationError, match="newer"):
+            await ledger.get(KEY)
+    assert "published_at" not in quarantine_columns(path)  # not "upgraded" into a mix
+
+
+# ---------------------------------------------------------------------- inspect, purge, redrive
+
+
+async def test_summary_queries_are_answered_from_indexes(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    async with SQLiteLedger(path) as ledger:
+        await ledger.get(KEY)  # creates the schema
+    statements = [
+        (sqlite_module._SUMMARY_BY_STATE, ()),
+        (sqlite_module._SUMMARY_IN_FLIGHT, (0.0,)),
+        (sqlite_module._SUMMARY_RECENT, (0.0,)),
+        (sqlite_module._SUMMARY_HOT, (10,)),
+        (sqlite_module._SUMMARY_REASONS, ()),
+        (PURGE_QUARANTINE_SQL, (None, "max_attempts", 1.0, 10)),
+        (PURGE_QUARANTINE_SQL, ('["a", "b"]', None, float("inf"), 10)),
+    ]
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        for statement, params in statements:
+            plan = " | ".join(
+                row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statement, params)
+            )
+            assert "INDEX" in plan, (statement, plan)
+            assert "TEMP B-TREE" not in plan, (statement, plan)  # no sort of a whole table
+            # a SCAN is allowed only over a covering index (the counts) or json_each
+            for step in plan.split(" | "):
+                if step.startswith("SCAN"):
+                    assert "COVERING INDEX" in step or "json_each" in step, (statement, plan)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        hot_plan = " | ".join(
+            row[3]
+            for row in conn.execute("EXPLAIN QUERY PLAN " + sqlite_module._SUMMARY_HOT, (10,))
+        )
+    assert "replaysafe_operations_hot" in hot_plan, hot_plan
+
+
+async def test_summary_hour_window_and_size_follow_the_clock_and_the_file(tmp_path: Path) -> None:
+    clock = FakeClock()
+    path = tmp_path / "ledger.db"
+    async with SQLiteLedger(path, clock=clock) as ledger:
+        await ledger.complete(await acquire(ledger, OpKey("orders", "early"), 5.0))
+        clock.advance(1800)
+        await ledger.complete(await acquire(ledger, OpKey("orders", "late"), 5.0))
+        assert (await ledger.summary()).completed_last_hour == 2
+        clock.advance(1801)  # "early" is now more than an hour old
+        assert (await ledger.summary()).completed_last_hour == 1
+        clock.advance(1800)
+        summary = await ledger.summary()
+        assert summary.completed_last_hour == 0
+        assert summary.by_state == {"completed": 2}
+        assert summary.now == clock.now()
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            (pages,) = conn.execute("PRAGMA page_count").fetchone()
+            (size,) = conn.execute("PRAGMA page_size").fetchone()
+        assert summary.approx_bytes == pages * size > 0
+
+
+async def test_purge_quarantine_takes_more_ids_than_sqlite_has_parameters(tmp_path: Path) -> None:
+    async with SQLiteLedger(tmp_path / "ledger.db") as ledger:
+        real = [
+            (
+                await ledger.quarantine(
+                    QuarantineRequest("orders", QuarantineReason.MAX_ATTEMPTS, f"op-{i}", "fp")
+                )
+            ).id
+            for i in range(3)
+        ]
+        ids = [f"missing-{i}" for i in range(40_000)] + real + ["x'); DROP TABLE t; --"]
+        assert await ledger.purge_quarantine(ids) == 3
+        assert await ledger.quarantined() == []

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, Self
 
-from replaysafe.errors import CapabilityError, LeaseLost
+from replaysafe.errors import CapabilityError, LeaseLost, LedgerError
 from replaysafe.quarantine import EffectRisk, QuarantineReason
 
 #: quarantined message copies are capped so one huge poison message cannot bloat the ledger
@@ -458,3 +458,11 @@ def check_fence(existing: Record | None, claim: Claim) -> Record:
 
 def lease_expired(record: Record, now: float) -> bool:
     return record.state is State.IN_FLIGHT and (record.lease_until or 0.0) <= now
+
+
+def unknown_entry(entry_id: str) -> LedgerError:
+    """What ``redrive`` raises for an entry id the ledger does not hold (every backend)."""
+    return LedgerError(
+        f"no quarantine entry {entry_id!r} (never quarantined, or purged); list the entries with "
+        "`replaysafe quarantine list`"
+    )

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import math
 import re
@@ -61,6 +62,7 @@ from replaysafe.ledger.base import (
     Claim,
     ClaimOutcome,
     ClaimRequest,
+    LedgerSummary,
     OpKey,
     QuarantineEntry,
     QuarantineRequest,
@@ -70,6 +72,7 @@ from replaysafe.ledger.base import (
     TransactionalLedger,
     check_fence,
     decide_claim,
+    unknown_entry,
 )
 from replaysafe.quarantine import EffectRisk, QuarantineReason
 
@@ -79,8 +82,8 @@ if TYPE_CHECKING:  # the driver is an optional extra: imported lazily at run tim
 
 log = logging.getLogger("replaysafe.ledger.postgres")
 
-#: the version :meth:`PostgresLedger.migrate` brings a schema to
-SCHEMA_VERSION: Final = 1
+#: the version :meth:`PostgresLedger.migrate` brings a schema to (see ``_MIGRATIONS``)
+SCHEMA_VERSION: Final = 2
 
 #: schema names: lower case, so they never need quoting rules explained; 63 bytes is PostgreSQL's
 #: identifier limit. ``pg_`` is reserved for system schemas.
@@ -198,8 +201,14 @@ def _rec(alias: str, *, named: bool = False) -> str:
 
 _ENTRY_COLUMNS: Final = (
     "id, scope, reason, operation_id, fingerprint, risk, attempts, first_detail, last_detail, "
-    "message, content_type, date_part('epoch', created_at), date_part('epoch', updated_at), seen"
+    "message, content_type, date_part('epoch', created_at) AS created_at, "
+    "date_part('epoch', updated_at) AS updated_at, seen, "
+    "date_part('epoch', published_at) AS published_at, message_size, "
+    "date_part('epoch', redriven_at) AS redriven_at, redrives"
 )
+
+#: quarantine columns added by version 2 (reported by ``migrate`` when it adds them)
+_V2_QUARANTINE_COLUMNS: Final = ("published_at", "message_size", "redriven_at", "redrives")
 
 _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
     1: (
@@ -250,6 +259,26 @@ _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
         "CREATE INDEX IF NOT EXISTS {q_by_time} ON {q} (created_at, id)",
         "CREATE INDEX IF NOT EXISTS {q_by_reason} ON {q} (reason, created_at, id)",
     ),
+    2: (
+        # inspect and redrive: the publish time (checked against the horizon before a redrive),
+        # the original message size (the copy is capped) and the redrive history. Constant
+        # defaults: PostgreSQL 11+ adds these without rewriting the table.
+        """ALTER TABLE {q}
+            ADD COLUMN IF NOT EXISTS published_at timestamptz,
+            ADD COLUMN IF NOT EXISTS message_size integer NOT NULL DEFAULT 0,
+            ADD COLUMN IF NOT EXISTS redriven_at  timestamptz,
+            ADD COLUMN IF NOT EXISTS redrives     integer NOT NULL DEFAULT 0""",
+        # older entries: the original size is unknown, the stored copy's length is a lower bound
+        # (and keeps message_size >= length of the copy, which `truncated` relies on)
+        """UPDATE {q} SET message_size = octet_length(message)
+            WHERE message IS NOT NULL AND message_size = 0""",
+        # summary()'s hot operations: only retried rows (attempts > 1) are indexed, so the index
+        # stays small, a first claim never touches it and extend stays a HOT update. "C" order
+        # for ties is code-point order, the same as every other backend.
+        """CREATE INDEX IF NOT EXISTS {hot_idx}
+            ON {ops} (attempts DESC, scope COLLATE "C", operation_id COLLATE "C")
+            WHERE attempts > 1""",
+    ),
 }
 
 _OBJECTS: Final = {  # object key -> table suffix, for names and for "what was created"
@@ -260,9 +289,10 @@ _OBJECTS: Final = {  # object key -> table suffix, for names and for "what was c
     "purge_idx": "operations_purge",
     "q_by_time": "quarantine_by_time",
     "q_by_reason": "quarantine_by_reason",
+    "hot_idx": "operations_hot",
 }
 
-_INDEXES: Final = frozenset({"purge_idx", "q_by_time", "q_by_reason"})
+_INDEXES: Final = frozenset({"purge_idx", "q_by_time", "q_by_reason", "hot_idx"})
 
 # A claim's requests: one row per (deduplicated) request, `ord` its position. Arrays travel in
 # binary (%b): psycopg's text array dumper quotes every element with a regex, which cost more
@@ -364,7 +394,7 @@ RETURNING token"""
 
 _ENTRY_VALUES: Final = """%(id)s, %(scope)s, %(reason)s, %(op)s, %(fp)s, %(risk)s, %(attempts)s,
         %(detail)s, %(detail)s, %(message)s, %(ctype)s, statement_timestamp(),
-        statement_timestamp(), 1"""
+        statement_timestamp(), 1, to_timestamp(%(published)s::float8), %(size)s"""
 _ENTRY_UPSERT: Final = """
 ON CONFLICT (id) DO UPDATE SET
     risk = excluded.risk,
@@ -375,7 +405,8 @@ ON CONFLICT (id) DO UPDATE SET
 RETURNING {entry}"""
 _ENTRY_INSERT: Final = """
 INSERT INTO {q} AS q (id, scope, reason, operation_id, fingerprint, risk, attempts, first_detail,
-                      last_detail, message, content_type, created_at, updated_at, seen)"""
+                      last_detail, message, content_type, created_at, updated_at, seen,
+                      published_at, message_size)"""
 
 _UPSERT_ENTRY: Final = _ENTRY_INSERT + "\nVALUES (" + _ENTRY_VALUES + ")" + _ENTRY_UPSERT
 
@@ -398,6 +429,8 @@ WITH fence AS (
 
 _GET: Final = "SELECT {rec} FROM {ops} o WHERE o.scope = %(scope)s AND o.operation_id = %(op)s"
 
+_GET_ENTRY: Final = "SELECT {entry} FROM {q} WHERE id = %(id)s"
+
 _LIST_ALL: Final = "SELECT {entry} FROM {q} ORDER BY created_at, id LIMIT %(limit)s"
 _LIST_REASON: Final = (
     "SELECT {entry} FROM {q} WHERE reason = %(reason)s ORDER BY created_at, id LIMIT %(limit)s"
@@ -417,6 +450,71 @@ WHERE ctid = ANY (ARRAY(
   AND state = 'completed' AND completed_at < to_timestamp(%(before)s)"""
 
 
+# Redrive: the entry's bookkeeping and the release of its QUARANTINED operation are one statement,
+# so one transaction: both or neither. An unknown id updates nothing and returns no row.
+_REDRIVE: Final = """
+WITH e AS (
+    UPDATE {q} SET redriven_at = statement_timestamp(), redrives = redrives + 1,
+                   updated_at = statement_timestamp()
+    WHERE id = %(id)s
+    RETURNING {entry}
+),
+released AS (
+    UPDATE {ops} o SET state = 'released', attempts = 0, updated_at = statement_timestamp()
+    FROM e
+    WHERE o.scope = e.scope AND o.operation_id = e.operation_id AND o.state = 'quarantined'
+    RETURNING 1
+)
+SELECT * FROM e"""
+
+#: One bounded batch of purge_quarantine: the oldest ``n`` matching entries (the filters are
+#: composed from fixed fragments, values always bound), deleted by primary key.
+_PURGE_QUARANTINE: Final = """
+DELETE FROM {q}
+WHERE id = ANY (ARRAY(
+        SELECT id FROM {q} WHERE %s
+        ORDER BY created_at, id
+        LIMIT %%(n)s))"""
+_PURGE_QUARANTINE_FILTERS: Final = (
+    ("ids", "id = ANY (%(ids)s::text[])"),
+    ("reason", "reason = %(reason)s"),
+    ("before", "created_at < to_timestamp(%(before)s::float8)"),
+)
+
+# Summary, one statement (one snapshot). Counts by state are one pass over the operations (an
+# exact count(*) is a scan in PostgreSQL whatever the index); expired leases are judged by the
+# database clock in the same pass; the hot operations walk the partial index {hot_idx}; sizes
+# include indexes and TOAST.
+_SUMMARY: Final = """
+WITH states AS (
+    SELECT state, count(*) AS n,
+           count(*) FILTER (WHERE state = 'in_flight'
+                              AND lease_until <= statement_timestamp()) AS expired,
+           min(updated_at) FILTER (WHERE state = 'in_flight') AS oldest,
+           count(*) FILTER (WHERE state = 'completed'
+                              AND completed_at >= statement_timestamp() - interval '1 hour')
+               AS recent
+    FROM {ops} GROUP BY state
+),
+hot AS (
+    SELECT scope, operation_id, attempts FROM {ops}
+    WHERE attempts > 1
+    ORDER BY attempts DESC, scope COLLATE "C", operation_id COLLATE "C"
+    LIMIT %(top)s
+)
+SELECT date_part('epoch', statement_timestamp()),
+       (SELECT json_object_agg(state, n) FROM states),
+       (SELECT coalesce(sum(expired), 0)::bigint FROM states),
+       (SELECT date_part('epoch', min(oldest)) FROM states),
+       (SELECT coalesce(sum(recent), 0)::bigint FROM states),
+       (SELECT json_agg(json_build_array(scope, operation_id, attempts)
+                        ORDER BY attempts DESC, scope COLLATE "C", operation_id COLLATE "C")
+        FROM hot),
+       (SELECT json_object_agg(reason, n)
+        FROM (SELECT reason, count(*) AS n FROM {q} GROUP BY reason) r),
+       pg_total_relation_size({ops_lit}::regclass) + pg_total_relation_size({q_lit}::regclass)"""
+
+
 # ---------------------------------------------------------------------- value types
 
 
@@ -428,7 +526,8 @@ class MigrationReport:
     table_prefix: str
     from_version: int
     to_version: int
-    #: qualified names of the objects this run created (empty when everything existed)
+    #: qualified names of the objects this run created, and ``column schema.table.name`` for
+    #: columns it added to an existing table (empty when everything existed)
     created: tuple[str, ...]
 
     @property
@@ -690,7 +789,13 @@ class PostgresLedger(TransactionalLedger):
             raise self._unavailable("migrate", exc) from exc
         except _pool_timeout() as exc:
             raise self._pool_exhausted() from exc
-        created = tuple(name for name in after if name not in before)
+        # a column counts as created only when its table existed before (a new table's columns are
+        # part of creating the table)
+        created = tuple(
+            name
+            for name in after
+            if name not in before and (not name.startswith("column ") or self.table("q") in before)
+        )
         self._ready = False  # re-check (cheaply) on the next call
         return MigrationReport(self._schema, self._prefix, current, SCHEMA_VERSION, created)
 
@@ -704,12 +809,31 @@ class PostgresLedger(TransactionalLedger):
         if row is None or not row[0]:
             return names
         names.append(f"schema {self._schema}")
-        for key in ("version", "ops", "purge_idx", "seq", "q", "q_by_time", "q_by_reason"):
+        for key in (
+            "version",
+            "ops",
+            "purge_idx",
+            "seq",
+            "q",
+            "q_by_time",
+            "q_by_reason",
+            "hot_idx",
+        ):
             qualified = f'"{self._schema}"."{self._names[key]}"'  # validated identifiers
             cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (qualified,))
             found = await cur.fetchone()
             if found is not None and found[0]:
                 names.append(self.table(key))
+        if self.table("q") in names:
+            cur = await conn.execute(
+                """SELECT attname FROM pg_attribute
+                   WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped""",
+                (f'"{self._schema}"."{self._names["q"]}"',),
+            )
+            present = {row[0] for row in await cur.fetchall()}
+            names += [
+                f"column {self.table('q')}.{c}" for c in _V2_QUARANTINE_COLUMNS if c in present
+            ]
         return names
 
     # ------------------------------------------------------------------ ledger API
@@ -826,6 +950,8 @@ class PostgresLedger(TransactionalLedger):
             "detail": request.detail,
             "message": request.capped_message(),
             "ctype": request.content_type,
+            "published": request.published_at,
+            "size": len(request.message or b""),
         }
         if claim is None:
             rows = await self._fetch("quarantine", self._sql("upsert_entry"), entry_params)
@@ -857,6 +983,86 @@ class PostgresLedger(TransactionalLedger):
                 "quarantined", self._sql("list_reason"), {"limit": limit, "reason": reason.value}
             )
         return [_entry(r) for r in rows]
+
+    async def quarantine_entry(self, entry_id: str) -> QuarantineEntry | None:
+        """One quarantine entry by id (primary key), or None. Reads only."""
+        rows = await self._fetch("quarantine_entry", self._sql("get_entry"), {"id": entry_id})
+        return _entry(rows[0]) if rows else None
+
+    async def redrive(self, entry_id: str) -> QuarantineEntry:
+        """Record a redrive of the entry (``redriven_at`` = database now, ``redrives`` + 1) and,
+        if its operation is QUARANTINED, release it with ``attempts`` reset to 0, in one statement
+        (one transaction: both or neither).
+
+        A COMPLETED, in-flight or released operation is left as it is: the republished copy of a
+        completed one is answered ``AlreadyDone``, never re-run. Publishes nothing: republishing
+        is the caller's job, after this returned. Raises ``LedgerError`` for an unknown entry
+        (nothing written). If the connection dies mid-statement (``LedgerUnavailable``) the redrive
+        may or may not have committed; ``quarantine_entry`` tells (``redrives``)."""
+        self._guard("redrive")
+        rows = await self._fetch("redrive", self._sql("redrive"), {"id": entry_id})
+        if not rows:
+            raise unknown_entry(entry_id)
+        return _entry(rows[0])
+
+    async def purge_quarantine(
+        self,
+        entry_ids: Sequence[str] | None = None,
+        *,
+        reason: QuarantineReason | None = None,
+        older_than: float | None = None,
+        limit: int = 10_000,
+    ) -> int:
+        """Delete up to ``limit`` quarantine entries matching every given filter (``entry_ids``,
+        ``reason``, ``created_at`` before ``older_than`` in POSIX seconds), oldest first.
+
+        Deletes in statements of at most ``PURGE_BATCH`` rows, each walking an index
+        (``(created_at, id)``, ``(reason, created_at, id)`` or the primary key) and committing on
+        its own: interrupted midway, the batches already deleted stay deleted. An empty
+        ``entry_ids`` matches nothing. Operation records are not touched: a QUARANTINED operation
+        stays quarantined (redrive it first to make it claimable)."""
+        self._guard("purge_quarantine")
+        if limit <= 0 or (entry_ids is not None and len(entry_ids) == 0):
+            return 0
+        params: dict[str, Any] = {}
+        if entry_ids is not None:
+            params["ids"] = list(entry_ids)
+        if reason is not None:
+            params["reason"] = reason.value
+        if older_than is not None:
+            params["before"] = float(older_than)
+        query = self._sql(_purge_quarantine_name(params))
+        deleted = 0
+        while deleted < limit:
+            n = min(PURGE_BATCH, limit - deleted)
+            count = await self._rowcount("purge_quarantine", query, {**params, "n": n})
+            deleted += count
+            if count < n:
+                break
+        return deleted
+
+    async def summary(self, *, top: int = 10) -> LedgerSummary:
+        """Counts for ``replaysafe inspect``, in one statement (one snapshot).
+
+        ``now``, expired leases and the last hour are judged by the database clock. Counting by
+        state reads every operation row (an exact ``count(*)`` is a scan in PostgreSQL: linear in
+        the table, 0.17 s at one million rows on the 2-core test machine); the ``top`` hot
+        operations walk a partial index of retried rows; ``approx_bytes`` is
+        ``pg_total_relation_size`` of the operations and quarantine tables (indexes and TOAST
+        included)."""
+        self._guard("summary")
+        rows = await self._fetch("summary", self._sql("summary"), {"top": max(top, 0)})
+        now, by_state, expired, oldest, recent, hot, reasons, size = rows[0]
+        return LedgerSummary(
+            now=float(now),
+            by_state=dict(by_state or {}),
+            expired_leases=int(expired),
+            oldest_in_flight_at=oldest,
+            hot_operations=[(OpKey(scope, op), int(n)) for scope, op, n in hot or []],
+            quarantined_by_reason=dict(reasons or {}),
+            completed_last_hour=int(recent),
+            approx_bytes=int(size),
+        )
 
     async def purge(self, older_than: float, *, limit: int = 10_000) -> int:
         """Forget up to ``limit`` COMPLETED records completed before ``older_than`` (POSIX
@@ -1320,10 +1526,18 @@ class PostgresLedger(TransactionalLedger):
                 ops="{ops}", q="{q}", fence=_FENCE, entry=_ENTRY_COLUMNS
             ),
             "get": _GET.format(rec=rec_o, ops="{ops}"),
+            "get_entry": _GET_ENTRY.format(entry=_ENTRY_COLUMNS, q="{q}"),
+            "redrive": _REDRIVE.format(entry=_ENTRY_COLUMNS, q="{q}", ops="{ops}"),
+            "summary": _SUMMARY,
             "list_all": _LIST_ALL.format(entry=_ENTRY_COLUMNS, q="{q}"),
             "list_reason": _LIST_REASON.format(entry=_ENTRY_COLUMNS, q="{q}"),
             "purge": _PURGE,
         }
+        for used in itertools.product((False, True), repeat=len(_PURGE_QUARANTINE_FILTERS)):
+            chosen = [f for f, on in zip(_PURGE_QUARANTINE_FILTERS, used, strict=True) if on]
+            where = " AND ".join(cond for _, cond in chosen) or "true"
+            name = _purge_quarantine_name(dict(chosen))
+            texts[name] = _PURGE_QUARANTINE % where
         self._q = {name: self._compose(text) for name, text in texts.items()}
 
     def _compose(self, text: str) -> bytes:
@@ -1338,10 +1552,11 @@ class PostgresLedger(TransactionalLedger):
             key: sql.Identifier(name) if key in _INDEXES else sql.Identifier(self._schema, name)
             for key, name in self._names.items()
         }
-        # nextval() takes the sequence's (quoted, qualified) name as a text literal
-        idents["seq_lit"] = sql.Literal(
-            sql.Identifier(self._schema, self._names["seq"]).as_string(None)
-        )
+        # nextval() and ::regclass take a (quoted, qualified) name as a text literal
+        for key in ("seq", "ops", "q"):
+            idents[f"{key}_lit"] = sql.Literal(
+                sql.Identifier(self._schema, self._names[key]).as_string(None)
+            )
         # sql.SQL treats {…} as fields; nothing else in our statements uses braces
         return sql.SQL(text).format(**idents).as_bytes(None)
 
@@ -1453,7 +1668,17 @@ def _entry(row: Sequence[Any]) -> QuarantineEntry:
         created_at=row[11],
         updated_at=row[12],
         seen=row[13],
+        published_at=row[14],
+        message_size=row[15],
+        redriven_at=row[16],
+        redrives=row[17],
     )
+
+
+def _purge_quarantine_name(filters: dict[str, Any]) -> str:
+    """The statement name of ``purge_quarantine`` for the filters present in ``filters``."""
+    used = [name for name, _ in _PURGE_QUARANTINE_FILTERS if name in filters]
+    return "purge_quarantine:" + ",".join(used)
 
 
 def _fence_error(current: Record | None, claim: Claim) -> LeaseLost:

@@ -3,10 +3,10 @@
 How it stays correct:
 
 - **One writer at a time, decided by SQLite.** Every read-decide-write (claim, extend, complete,
-  release, quarantine, purge) runs inside ``BEGIN IMMEDIATE``: the write lock is taken *before* the
-  record is read, so two processes can never both read "free" and both claim. The state machine
-  itself is ``decide_claim`` / ``check_fence`` from :mod:`replaysafe.ledger.base`, shared with every
-  other backend.
+  release, quarantine, redrive, purge, purge_quarantine) runs inside ``BEGIN IMMEDIATE``: the
+  write lock is taken *before* the record is read, so two processes can never both read "free"
+  and both claim. The state machine itself is ``decide_claim`` / ``check_fence`` from
+  :mod:`replaysafe.ledger.base`, shared with every other backend.
 - **Fencing tokens come from a one-row meta table** bumped in the same transaction as the claim, so
   they strictly increase across the whole file: across operations, processes and restarts.
 - **Durability.** WAL journal, ``PRAGMA synchronous=FULL`` by default: a call that returned has been
@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import math
 import os
 import sqlite3
 import time
@@ -46,6 +48,7 @@ from replaysafe.ledger.base import (
     ClaimOutcome,
     ClaimRequest,
     Durability,
+    LedgerSummary,
     OpKey,
     QuarantineEntry,
     QuarantineRequest,
@@ -55,6 +58,7 @@ from replaysafe.ledger.base import (
     TransactionalLedger,
     check_fence,
     decide_claim,
+    unknown_entry,
 )
 from replaysafe.quarantine import EffectRisk, QuarantineReason
 
@@ -63,7 +67,9 @@ T = TypeVar("T")
 #: accepted values of ``PRAGMA synchronous`` (anything else is refused, never interpolated)
 SYNCHRONOUS_MODES: Final = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 
-SCHEMA_VERSION: Final = 1
+#: 2: quarantine entries keep ``published_at``, ``message_size``, ``redriven_at``, ``redrives``;
+#: index of retried operations for :meth:`SQLiteLedger.summary`
+SCHEMA_VERSION: Final = 2
 
 _RECORD_COLUMNS = (
     "scope, operation_id, fingerprint, state, token, owner, lease_until, attempts, result, "
@@ -71,7 +77,8 @@ _RECORD_COLUMNS = (
 )
 _ENTRY_COLUMNS = (
     "id, scope, reason, operation_id, fingerprint, risk, attempts, first_detail, last_detail, "
-    "message, content_type, created_at, updated_at, seen"
+    "message, content_type, created_at, updated_at, seen, published_at, message_size, "
+    "redriven_at, redrives"
 )
 
 _SCHEMA: Final = (
@@ -109,10 +116,21 @@ _SCHEMA: Final = (
         content_type TEXT,
         created_at   REAL    NOT NULL,
         updated_at   REAL    NOT NULL,
-        seen         INTEGER NOT NULL
+        seen         INTEGER NOT NULL,
+        published_at REAL,
+        message_size INTEGER NOT NULL DEFAULT 0,
+        redriven_at  REAL,
+        redrives     INTEGER NOT NULL DEFAULT 0
     )""",
     """CREATE INDEX IF NOT EXISTS replaysafe_quarantine_by_reason
         ON replaysafe_quarantine (reason, created_at)""",
+    # listing and purge_quarantine walk entries oldest first and stop at their limit
+    """CREATE INDEX IF NOT EXISTS replaysafe_quarantine_by_time
+        ON replaysafe_quarantine (created_at, id)""",
+    # summary()'s hot operations: only retried rows are indexed (most operations succeed on their
+    # first attempt), so it stays small and a first claim never touches it
+    """CREATE INDEX IF NOT EXISTS replaysafe_operations_hot
+        ON replaysafe_operations (attempts DESC, scope, operation_id) WHERE attempts > 1""",
     # One row: the last fencing token issued by any connection to this file.
     """CREATE TABLE IF NOT EXISTS replaysafe_meta (
         id             INTEGER PRIMARY KEY CHECK (id = 1),
@@ -121,6 +139,15 @@ _SCHEMA: Final = (
     )""",
     f"""INSERT OR IGNORE INTO replaysafe_meta (id, last_token, schema_version)
         VALUES (1, 0, {SCHEMA_VERSION})""",
+)
+
+#: Columns a version-1 file lacks, added by ``ALTER TABLE`` when the file is opened (SQLite has no
+#: ``ADD COLUMN IF NOT EXISTS``: ``PRAGMA table_info`` decides). Constant definitions only.
+_ADDED_QUARANTINE_COLUMNS: Final = (
+    ("published_at", "REAL"),
+    ("message_size", "INTEGER NOT NULL DEFAULT 0"),
+    ("redriven_at", "REAL"),
+    ("redrives", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 _SELECT_RECORD = (
@@ -138,11 +165,12 @@ _SAVE_RECORD = f"""
 _SELECT_ENTRY = f"SELECT {_ENTRY_COLUMNS} FROM replaysafe_quarantine WHERE id = ?"
 _SAVE_ENTRY = f"""
     INSERT INTO replaysafe_quarantine ({_ENTRY_COLUMNS})
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (id) DO UPDATE SET
         risk = excluded.risk, attempts = excluded.attempts,
         last_detail = excluded.last_detail, updated_at = excluded.updated_at,
-        seen = excluded.seen"""
+        seen = excluded.seen, redriven_at = excluded.redriven_at,
+        redrives = excluded.redrives"""
 _LIST_ENTRIES = f"""
     SELECT {_ENTRY_COLUMNS} FROM replaysafe_quarantine
     WHERE ?1 IS NULL OR reason = ?1
@@ -158,6 +186,35 @@ PURGE_SQL: Final = """
         ORDER BY completed_at
         LIMIT ?
     )"""
+#: One bounded statement: walks the (created_at, id) index oldest first, up to ``older_than``
+#: (infinity when not filtering, so it is always an index range), and stops after ``limit``
+#: matches. ids (NULL: not filtering) travel as one JSON array: any number of them, one statement,
+#: no host-parameter limit.
+PURGE_QUARANTINE_SQL: Final = """
+    DELETE FROM replaysafe_quarantine
+    WHERE id IN (
+        SELECT id FROM replaysafe_quarantine
+        WHERE created_at < ?3
+          AND (?1 IS NULL OR id IN (SELECT value FROM json_each(?1)))
+          AND (?2 IS NULL OR reason = ?2)
+        ORDER BY created_at, id
+        LIMIT ?4
+    )"""
+# summary(): each query is answered from an index. Counts by state scan only the (state,
+# completed_at) index (it covers them); the in-flight rows (few: one per running handler, plus
+# crashed ones) and the last hour's completions are ranges of that index.
+_SUMMARY_BY_STATE: Final = "SELECT state, count(*) FROM replaysafe_operations GROUP BY state"
+_SUMMARY_IN_FLIGHT: Final = """
+    SELECT coalesce(sum(lease_until <= ?), 0), min(updated_at)
+    FROM replaysafe_operations WHERE state = 'in_flight'"""
+_SUMMARY_RECENT: Final = """
+    SELECT count(*) FROM replaysafe_operations WHERE state = 'completed' AND completed_at >= ?"""
+_SUMMARY_HOT: Final = """
+    SELECT scope, operation_id, attempts FROM replaysafe_operations
+    WHERE attempts > 1
+    ORDER BY attempts DESC, scope, operation_id
+    LIMIT ?"""
+_SUMMARY_REASONS: Final = "SELECT reason, count(*) FROM replaysafe_quarantine GROUP BY reason"
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,6 +386,81 @@ class SQLiteLedger(TransactionalLedger):
             return [_entry_from_row(r) for r in cur.fetchall()]
 
         return await self._read(rows)
+
+    async def quarantine_entry(self, entry_id: str) -> QuarantineEntry | None:
+        """One quarantine entry by id, or None. Reads only."""
+
+        def row(conn: sqlite3.Connection) -> QuarantineEntry | None:
+            found = conn.execute(_SELECT_ENTRY, (entry_id,)).fetchone()
+            return None if found is None else _entry_from_row(found)
+
+        return await self._read(row)
+
+    async def redrive(self, entry_id: str) -> QuarantineEntry:
+        """Record a redrive of the entry and, if its operation is QUARANTINED, release it with
+        ``attempts`` reset, in one ``BEGIN IMMEDIATE`` transaction (both or neither).
+
+        A COMPLETED, in-flight or released operation is left as it is: the republished copy of a
+        completed one is answered ``AlreadyDone``, never re-run. Moves no boundary and publishes
+        nothing: republishing the copy is the caller's job, after this returned. Raises
+        ``LedgerError`` for an unknown entry (nothing written)."""
+        return await self._write(partial(self._redrive_rows, entry_id))
+
+    async def purge_quarantine(
+        self,
+        entry_ids: Sequence[str] | None = None,
+        *,
+        reason: QuarantineReason | None = None,
+        older_than: float | None = None,
+        limit: int = 10_000,
+    ) -> int:
+        """Delete up to ``limit`` quarantine entries matching every given filter (``entry_ids``,
+        ``reason``, created before ``older_than``), oldest first, in one statement. An empty
+        ``entry_ids`` matches nothing. Operation records are not touched: a QUARANTINED operation
+        stays quarantined (redrive it first to make it claimable). A purged entry is gone with its
+        message copy."""
+        if limit <= 0 or (entry_ids is not None and len(entry_ids) == 0):
+            return 0
+        ids = None if entry_ids is None else json.dumps(list(entry_ids))
+        before = math.inf if older_than is None else float(older_than)
+        params = (ids, None if reason is None else reason.value, before, limit)
+
+        def delete(conn: sqlite3.Connection) -> int:
+            return conn.execute(PURGE_QUARANTINE_SQL, params).rowcount
+
+        return await self._write(delete)
+
+    async def summary(self, *, top: int = 10) -> LedgerSummary:
+        """Counts for ``replaysafe inspect``, read in one snapshot (a read transaction: writers
+        are not blocked). Leases and the last hour are judged by the injected clock;
+        ``approx_bytes`` is the database file's size (``page_count * page_size``: every table in
+        the file, the WAL not included)."""
+        now = self._clock.now()
+
+        def read(conn: sqlite3.Connection) -> LedgerSummary:
+            conn.execute("BEGIN")  # deferred: one snapshot for every query below, no write lock
+            try:
+                by_state = dict(conn.execute(_SUMMARY_BY_STATE).fetchall())
+                expired, oldest = conn.execute(_SUMMARY_IN_FLIGHT, (now,)).fetchone()
+                (recent,) = conn.execute(_SUMMARY_RECENT, (now - 3600.0,)).fetchone()
+                hot = conn.execute(_SUMMARY_HOT, (max(top, 0),)).fetchall()
+                reasons = dict(conn.execute(_SUMMARY_REASONS).fetchall())
+                (pages,) = conn.execute("PRAGMA page_count").fetchone()
+                (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+            finally:
+                conn.execute("COMMIT")
+            return LedgerSummary(
+                now=now,
+                by_state=by_state,
+                expired_leases=expired,
+                oldest_in_flight_at=oldest,
+                hot_operations=[(OpKey(scope, op), attempts) for scope, op, attempts in hot],
+                quarantined_by_reason=reasons,
+                completed_last_hour=recent,
+                approx_bytes=pages * page_size,
+            )
+
+        return await self._read(read)
 
     async def purge(self, older_than: float, *, limit: int = 10_000) -> int:
         """Forget up to ``limit`` COMPLETED records completed before ``older_than``, oldest first,
@@ -609,6 +741,8 @@ class SQLiteLedger(TransactionalLedger):
                     f"{self._path!r} has ledger schema version {version}, newer than this "
                     f"replaysafe understands ({SCHEMA_VERSION}); upgrade replaysafe"
                 )
+            if version < SCHEMA_VERSION:
+                _upgrade(conn)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -732,6 +866,8 @@ class SQLiteLedger(TransactionalLedger):
                 now,
                 now,
                 1,
+                request.published_at,
+                len(request.message or b""),
             )
         else:
             old = _entry_from_row(row)
@@ -743,25 +879,22 @@ class SQLiteLedger(TransactionalLedger):
                 updated_at=now,
                 seen=old.seen + 1,
             )
-        conn.execute(
-            _SAVE_ENTRY,
-            (
-                entry.id,
-                entry.scope,
-                entry.reason.value,
-                entry.operation_id,
-                entry.fingerprint,
-                entry.risk.value,
-                entry.attempts,
-                entry.first_detail,
-                entry.last_detail,
-                entry.message,
-                entry.content_type,
-                entry.created_at,
-                entry.updated_at,
-                entry.seen,
-            ),
-        )
+        _save_entry(conn, entry)
+        return entry
+
+    def _redrive_rows(self, entry_id: str, conn: sqlite3.Connection) -> QuarantineEntry:
+        row = conn.execute(_SELECT_ENTRY, (entry_id,)).fetchone()
+        if row is None:
+            raise unknown_entry(entry_id)
+        now = self._clock.now()
+        entry = _entry_from_row(row)
+        if entry.operation_id is not None:
+            rec = self._load(conn, OpKey(entry.scope, entry.operation_id))
+            if rec is not None and rec.state is State.QUARANTINED:
+                # attempts reset: the redriven copy gets a full retry budget, not the one spent
+                self._save(conn, replace(rec, state=State.RELEASED, attempts=0, updated_at=now))
+        entry = replace(entry, redriven_at=now, redrives=entry.redrives + 1, updated_at=now)
+        _save_entry(conn, entry)
         return entry
 
     @staticmethod
@@ -789,6 +922,51 @@ class SQLiteLedger(TransactionalLedger):
                 rec.completed_at,
             ),
         )
+
+
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Bring a file of an older schema version to :data:`SCHEMA_VERSION`, inside the caller's
+    ``BEGIN IMMEDIATE`` (so concurrent openers take turns and the later ones find it done).
+    Idempotent: each column is added only if ``PRAGMA table_info`` does not list it."""
+    present = {row[1] for row in conn.execute("PRAGMA table_info(replaysafe_quarantine)")}
+    for name, definition in _ADDED_QUARANTINE_COLUMNS:
+        if name not in present:
+            # fixed names and definitions from the tuple above: nothing user-supplied
+            conn.execute(f"ALTER TABLE replaysafe_quarantine ADD COLUMN {name} {definition}")
+    if "message_size" not in present:
+        # the original size of older entries is unknown; the stored copy's length is a lower bound
+        # (and keeps message_size >= len(message), which `truncated` relies on)
+        conn.execute(
+            "UPDATE replaysafe_quarantine SET message_size = length(message) "
+            "WHERE message IS NOT NULL"
+        )
+    conn.execute("UPDATE replaysafe_meta SET schema_version = ?", (SCHEMA_VERSION,))
+
+
+def _save_entry(conn: sqlite3.Connection, entry: QuarantineEntry) -> None:
+    conn.execute(
+        _SAVE_ENTRY,
+        (
+            entry.id,
+            entry.scope,
+            entry.reason.value,
+            entry.operation_id,
+            entry.fingerprint,
+            entry.risk.value,
+            entry.attempts,
+            entry.first_detail,
+            entry.last_detail,
+            entry.message,
+            entry.content_type,
+            entry.created_at,
+            entry.updated_at,
+            entry.seen,
+            entry.published_at,
+            entry.message_size,
+            entry.redriven_at,
+            entry.redrives,
+        ),
+    )
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -829,7 +1007,19 @@ def _entry_from_row(row: tuple[Any, ...]) -> QuarantineEntry:
         created_at=row[11],
         updated_at=row[12],
         seen=row[13],
+        published_at=row[14],
+        message_size=row[15],
+        redriven_at=row[16],
+        redrives=row[17],
     )
 
 
-__all__ = ["PURGE_SQL", "SYNCHRONOUS_MODES", "SQLiteLedger", "SQLiteResult", "SQLiteTransaction"]
+__all__ = [
+    "PURGE_QUARANTINE_SQL",
+    "PURGE_SQL",
+    "SCHEMA_VERSION",
+    "SYNCHRONOUS_MODES",
+    "SQLiteLedger",
+    "SQLiteResult",
+    "SQLiteTransaction",
+]

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import pytest
 import pytest_asyncio
 
-from replaysafe.errors import LeaseLost, ReplaysafeError
+from replaysafe.errors import LeaseLost, LedgerError, LedgerUnavailable, ReplaysafeError
 from replaysafe.ledger.base import (
     MAX_QUARANTINE_COPY,
     Acquired,
@@ -43,6 +43,7 @@ from replaysafe.ledger.base import (
     Ledger,
     OpKey,
     Quarantined,
+    QuarantineEntry,
     QuarantineRequest,
     Record,
     State,
@@ -54,6 +55,8 @@ from replaysafe.testing import FakeClock
 KEY = OpKey("orders", "capture-payment:order-1")
 FP = "fp-a"
 OTHER_FP = "fp-b"
+#: a producer's publish time (exact in binary and in microseconds, so every store keeps it as is)
+PUBLISHED_AT = 1_789_999_000.25
 
 
 async def acquire(
@@ -406,6 +409,319 @@ class LedgerContract:
         assert (a.operation_id, a.fingerprint, a.message) == (None, None, b"{not json")
         assert len(await ledger.quarantined()) == 2
 
+    # ------------------------------------------------------------------ inspect: one entry
+
+    async def test_quarantine_entry_returns_what_quarantine_stored(self, ledger: Ledger) -> None:
+        request = self._request(
+            QuarantineReason.BEYOND_HORIZON,
+            detail="published before the replay horizon",
+            content_type="application/json",
+            published_at=PUBLISHED_AT,
+        )
+        stored = await ledger.quarantine(request)
+        entry = await ledger.quarantine_entry(request.entry_id())
+        assert entry == stored
+        assert entry is not None
+        assert (entry.scope, entry.reason, entry.operation_id, entry.fingerprint) == (
+            KEY.scope,
+            QuarantineReason.BEYOND_HORIZON,
+            KEY.operation_id,
+            FP,
+        )
+        assert entry.published_at == pytest.approx(PUBLISHED_AT, abs=1e-3)
+        assert request.message is not None
+        assert (entry.message, entry.message_size, entry.truncated) == (
+            request.message,
+            len(request.message),
+            False,
+        )
+        assert entry.content_type == "application/json"
+        assert (entry.seen, entry.redrives, entry.redriven_at) == (1, 0, None)
+        assert await ledger.quarantine_entry("no-such-entry") is None
+        # a repeat of the message is the same entry: first publish time and size are kept
+        again = await ledger.quarantine(request)
+        assert await ledger.quarantine_entry(stored.id) == again
+        assert (again.seen, again.published_at, again.message_size) == (
+            2,
+            entry.published_at,
+            entry.message_size,
+        )
+
+    async def test_quarantine_entry_without_message_or_publish_time(self, ledger: Ledger) -> None:
+        stored = await ledger.quarantine(
+            self._request(QuarantineReason.NON_RETRYABLE_ERROR, message=None)
+        )
+        entry = await ledger.quarantine_entry(stored.id)
+        assert entry == stored
+        assert entry is not None
+        assert (entry.message, entry.message_size, entry.truncated, entry.published_at) == (
+            None,
+            0,
+            False,
+            None,
+        )
+
+    @pytest.mark.parametrize("extra", [0, 1, MAX_QUARANTINE_COPY])
+    async def test_quarantine_entry_says_when_the_message_copy_was_truncated(
+        self, ledger: Ledger, extra: int
+    ) -> None:
+        body = bytes(range(256)) * (MAX_QUARANTINE_COPY // 256) + b"x" * extra
+        stored = await ledger.quarantine(
+            self._request(QuarantineReason.PAYLOAD_TOO_LARGE, message=body)
+        )
+        entry = await ledger.quarantine_entry(stored.id)
+        assert entry is not None
+        assert entry.message == body[:MAX_QUARANTINE_COPY]
+        assert entry.message_size == len(body)
+        assert entry.truncated is (extra > 0)
+        (listed,) = await ledger.quarantined()
+        assert (listed.message_size, listed.truncated) == (len(body), extra > 0)
+
+    # ------------------------------------------------------------------ redrive
+
+    async def test_redrive_releases_a_quarantined_operation_with_attempts_reset(
+        self, ledger: Ledger, clock: FakeClock
+    ) -> None:
+        first = await acquire(ledger, KEY, self.lease)
+        await ledger.release(first, "transient")
+        second = await acquire(ledger, KEY, self.lease, owner="w2")
+        assert second.attempt == 2
+        request = self._request(
+            QuarantineReason.MAX_ATTEMPTS, attempts=2, detail="gave up", published_at=PUBLISHED_AT
+        )
+        entry = await ledger.quarantine(request, second)
+        assert isinstance(await ledger.claim(KEY, FP, "w3", self.lease), Quarantined)
+        await self.advance(clock, 0.05)
+
+        redriven = await ledger.redrive(entry.id)
+        assert (redriven.id, redriven.reason, redriven.seen) == (entry.id, entry.reason, 1)
+        assert redriven.redrives == 1
+        assert redriven.redriven_at is not None
+        assert redriven.redriven_at >= entry.created_at
+        # kept, so the caller can check the copy against the replay horizon before republishing
+        assert redriven.published_at == pytest.approx(PUBLISHED_AT, abs=1e-3)
+        assert await ledger.quarantine_entry(entry.id) == redriven
+        record = await must_get(ledger, KEY)
+        assert (record.state, record.attempts, record.lease_until) == (State.RELEASED, 0, None)
+        assert (record.fingerprint, record.token) == (FP, second.token)
+
+        # the republished copy is claimed afresh: first attempt, full retry budget
+        outcome = await ledger.claim(KEY, FP, "w3", self.lease)
+        assert isinstance(outcome, Acquired), outcome
+        assert (outcome.claim.attempt, outcome.claim.recovered) == (1, False)
+        assert outcome.claim.token > second.token
+
+        # a second redrive is recorded too, and leaves the operation (now in flight) alone
+        before = await must_get(ledger, KEY)
+        again = await ledger.redrive(entry.id)
+        assert again.redrives == 2
+        assert again.redriven_at is not None and again.redriven_at >= redriven.redriven_at
+        assert await ledger.get(KEY) == before
+        assert (await ledger.complete(outcome.claim, "done")).state is State.COMPLETED
+
+    @pytest.mark.parametrize(
+        ("reason", "fingerprint", "answer"),
+        [
+            (QuarantineReason.BEYOND_HORIZON, FP, AlreadyDone),
+            (QuarantineReason.KEY_REUSE_CONFLICT, OTHER_FP, Conflict),
+        ],
+    )
+    async def test_redrive_leaves_a_completed_operation_completed(
+        self,
+        ledger: Ledger,
+        reason: QuarantineReason,
+        fingerprint: str,
+        answer: type[ClaimOutcome],
+    ) -> None:
+        done = await ledger.complete(await acquire(ledger, KEY, self.lease), "receipt-1")
+        entry = await ledger.quarantine(self._request(reason, fingerprint=fingerprint))
+        redriven = await ledger.redrive(entry.id)
+        assert (redriven.redrives, redriven.redriven_at is not None) == (1, True)
+        assert await ledger.get(KEY) == done  # never re-opened: the copy is not re-run
+        outcome = await ledger.claim(KEY, fingerprint, "w2", self.lease)
+        assert isinstance(outcome, answer), outcome
+        assert isinstance(outcome, AlreadyDone | Conflict)
+        assert (outcome.record.state, outcome.record.result) == (State.COMPLETED, "receipt-1")
+
+    async def test_redrive_of_bad_input_records_the_redrive_and_creates_no_operation(
+        self, ledger: Ledger
+    ) -> None:
+        entry = await ledger.quarantine(
+            QuarantineRequest("orders", QuarantineReason.MALFORMED_PAYLOAD, message=b"{not json")
+        )
+        redriven = await ledger.redrive(entry.id)
+        assert (redriven.operation_id, redriven.message, redriven.redrives) == (
+            None,
+            b"{not json",
+            1,
+        )
+        assert (await ledger.summary()).by_state == {}
+
+    async def test_redrive_of_an_unknown_entry_raises_and_changes_nothing(
+        self, ledger: Ledger
+    ) -> None:
+        claim = await acquire(ledger, KEY, self.lease)
+        await ledger.quarantine(self._request(QuarantineReason.MAX_ATTEMPTS), claim)
+        entries = await ledger.quarantined()
+        record = await must_get(ledger, KEY)
+        with pytest.raises(LedgerError, match="no-such-entry") as raised:
+            await ledger.redrive("no-such-entry")
+        # not a fencing or availability problem: retrying cannot help, the message says what can
+        assert not isinstance(raised.value, LeaseLost | LedgerUnavailable), raised.value
+        assert await ledger.quarantined() == entries
+        assert await ledger.get(KEY) == record
+
+    # ------------------------------------------------------------------ purge_quarantine
+
+    async def test_purge_quarantine_by_ids(self, ledger: Ledger, clock: FakeClock) -> None:
+        a, b, c = await self._quarantine_some(ledger, clock, [QuarantineReason.MAX_ATTEMPTS] * 3)
+        assert await ledger.purge_quarantine([a.id, c.id, "no-such-entry"]) == 2
+        assert [e.id for e in await ledger.quarantined()] == [b.id]
+        assert await ledger.quarantine_entry(a.id) is None
+        assert await ledger.purge_quarantine([]) == 0  # no ids means nothing, never everything
+        assert await ledger.purge_quarantine(["no-such-entry"]) == 0
+        assert await ledger.purge_quarantine([a.id]) == 0  # already gone
+        assert [e.id for e in await ledger.quarantined()] == [b.id]
+
+    async def test_purge_quarantine_by_reason(self, ledger: Ledger, clock: FakeClock) -> None:
+        bad, poison = QuarantineReason.MALFORMED_PAYLOAD, QuarantineReason.MAX_ATTEMPTS
+        entries = await self._quarantine_some(ledger, clock, [bad, poison, bad, poison, bad])
+        assert await ledger.purge_quarantine(reason=bad) == 3
+        assert [e.id for e in await ledger.quarantined()] == [entries[1].id, entries[3].id]
+        assert await ledger.purge_quarantine(reason=QuarantineReason.BEYOND_HORIZON) == 0
+        assert len(await ledger.quarantined()) == 2
+
+    async def test_purge_quarantine_older_than(self, ledger: Ledger, clock: FakeClock) -> None:
+        old = await self._quarantine_some(ledger, clock, [QuarantineReason.MAX_ATTEMPTS] * 2)
+        await self.advance(clock, 0.5)
+        cutoff = ledger.now()
+        await self.advance(clock, 0.5)
+        (new,) = await self._quarantine_some(
+            ledger, clock, [QuarantineReason.MAX_ATTEMPTS], prefix="new"
+        )
+        assert all(e.created_at < cutoff < new.created_at for e in old)
+        assert await ledger.purge_quarantine(older_than=cutoff) == 2
+        assert [e.id for e in await ledger.quarantined()] == [new.id]
+        assert await ledger.purge_quarantine(older_than=cutoff) == 0
+
+    async def test_purge_quarantine_respects_its_limit_oldest_first(
+        self, ledger: Ledger, clock: FakeClock
+    ) -> None:
+        entries = await self._quarantine_some(ledger, clock, [QuarantineReason.MAX_ATTEMPTS] * 5)
+        ids = [e.id for e in entries]
+        assert await ledger.purge_quarantine(limit=0) == 0
+        assert await ledger.purge_quarantine(limit=2) == 2
+        assert [e.id for e in await ledger.quarantined()] == ids[2:]
+        assert await ledger.purge_quarantine(ids[::-1], limit=2) == 2  # oldest first, not by id
+        assert [e.id for e in await ledger.quarantined()] == ids[4:]
+        assert await ledger.purge_quarantine() == 1
+        assert await ledger.quarantined() == []
+
+    async def test_purge_quarantine_applies_every_filter_together(
+        self, ledger: Ledger, clock: FakeClock
+    ) -> None:
+        bad, poison = QuarantineReason.MALFORMED_PAYLOAD, QuarantineReason.MAX_ATTEMPTS
+        o1, o2, o3 = await self._quarantine_some(ledger, clock, [bad, poison, bad])
+        await self.advance(clock, 0.5)
+        cutoff = ledger.now()
+        await self.advance(clock, 0.5)
+        (n1,) = await self._quarantine_some(ledger, clock, [bad], prefix="new")
+        # o2: wrong reason; o3: not named; n1: too new. Only o1 matches all three.
+        assert (
+            await ledger.purge_quarantine([o1.id, o2.id, n1.id], reason=bad, older_than=cutoff) == 1
+        )
+        assert {e.id for e in await ledger.quarantined()} == {o2.id, o3.id, n1.id}
+        assert await ledger.purge_quarantine(reason=bad, older_than=cutoff) == 1  # o3
+        assert await ledger.purge_quarantine([o2.id, n1.id], reason=poison) == 1  # o2
+        assert [e.id for e in await ledger.quarantined()] == [n1.id]
+
+    async def test_purge_quarantine_leaves_operation_records_alone(self, ledger: Ledger) -> None:
+        claim = await acquire(ledger, KEY, self.lease)
+        await ledger.quarantine(self._request(QuarantineReason.NON_RETRYABLE_ERROR), claim)
+        done_key = OpKey("orders", "done")
+        await ledger.complete(await acquire(ledger, done_key, self.lease), "r")
+        records = [await must_get(ledger, KEY), await must_get(ledger, done_key)]
+        assert await ledger.purge_quarantine() == 1
+        assert await ledger.quarantined() == []
+        assert [await ledger.get(KEY), await ledger.get(done_key)] == records
+        # still quarantined: dropping the entry does not make the operation claimable again
+        assert isinstance(await ledger.claim(KEY, FP, "w2", self.lease), Quarantined)
+
+    # ------------------------------------------------------------------ summary
+
+    async def test_summary_of_an_empty_ledger(self, ledger: Ledger) -> None:
+        summary = await ledger.summary()
+        assert summary.by_state == {}
+        assert (summary.expired_leases, summary.oldest_in_flight_at) == (0, None)
+        assert (summary.hot_operations, summary.quarantined_by_reason) == ([], {})
+        assert summary.completed_last_hour == 0
+        assert abs(summary.now - ledger.now()) < 5
+        assert summary.approx_bytes is None or summary.approx_bytes >= 0
+
+    async def test_summary_counts_states_leases_hot_operations_and_quarantine(
+        self, ledger: Ledger, clock: FakeClock
+    ) -> None:
+        async def retried(key: OpKey, times: int) -> None:
+            for _ in range(times):
+                await ledger.release(await acquire(ledger, key, self.lease), "transient")
+
+        done = OpKey("orders", "done")
+        await ledger.complete(await acquire(ledger, done, self.lease), "r")
+        released, tie = OpKey("orders", "retried"), OpKey("billing", "retried")
+        await retried(released, 2)
+        await retried(tie, 2)
+        stuck = OpKey("orders", "stuck")
+        await retried(stuck, 2)
+        stuck_claim = await acquire(ledger, stuck, self.lease)  # attempt 3, then "crashes"
+        quarantined = OpKey("orders", "quarantined")
+        await ledger.quarantine(
+            self._request(QuarantineReason.MAX_ATTEMPTS, operation_id=quarantined.operation_id),
+            await acquire(ledger, quarantined, self.lease),
+        )
+        await ledger.quarantine(
+            QuarantineRequest("orders", QuarantineReason.MALFORMED_PAYLOAD, message=b"{")
+        )
+        await self.expire(clock)  # stuck's lease is over; nobody has taken it over yet
+        live = OpKey("orders", "live")
+        await acquire(ledger, live, self.lease * 30)  # long: live however slow the machine
+
+        summary = await ledger.summary()
+        assert summary.by_state == {
+            State.COMPLETED.value: 1,
+            State.RELEASED.value: 2,
+            State.IN_FLIGHT.value: 2,
+            State.QUARANTINED.value: 1,
+        }
+        assert summary.expired_leases == 1
+        stuck_record, live_record = await must_get(ledger, stuck), await must_get(ledger, live)
+        oldest = summary.oldest_in_flight_at
+        assert oldest is not None
+        assert oldest == pytest.approx(stuck_record.updated_at, abs=1e-3)
+        assert oldest < live_record.updated_at
+        # most attempts first; ties in key order (scope, then operation id)
+        assert summary.hot_operations == [(stuck, 3), (tie, 2), (released, 2)]
+        assert summary.quarantined_by_reason == {
+            QuarantineReason.MAX_ATTEMPTS.value: 1,
+            QuarantineReason.MALFORMED_PAYLOAD.value: 1,
+        }
+        assert summary.completed_last_hour == 1
+        assert summary.now >= live_record.updated_at
+        assert summary.approx_bytes is None or summary.approx_bytes > 0
+        assert (await ledger.summary(top=1)).hot_operations == [(stuck, 3)]
+        assert (await ledger.summary(top=0)).hot_operations == []
+
+        # the expired lease is taken over and completed: nothing expired or stuck is left
+        takeover = await acquire(ledger, stuck, self.lease, owner="w2")
+        assert takeover.recovered and takeover.token > stuck_claim.token
+        await ledger.complete(takeover)
+        after = await ledger.summary()
+        assert after.by_state[State.COMPLETED.value] == 2
+        assert after.by_state[State.IN_FLIGHT.value] == 1
+        assert after.expired_leases == 0
+        assert after.oldest_in_flight_at == pytest.approx(live_record.updated_at, abs=1e-3)
+        assert after.hot_operations[0] == (stuck, 4)
+        assert after.completed_last_hour == 2
+
     # ------------------------------------------------------------------ tokens
 
     async def test_tokens_strictly_increase_across_operations(
@@ -591,6 +907,7 @@ class LedgerContract:
         detail: str = "",
         message: bytes | None = b'{"amount": 10}',
         content_type: str | None = None,
+        published_at: float | None = None,
     ) -> QuarantineRequest:
         return QuarantineRequest(
             scope=KEY.scope,
@@ -602,7 +919,24 @@ class LedgerContract:
             detail=detail,
             message=message,
             content_type=content_type,
+            published_at=published_at,
         )
+
+    async def _quarantine_some(
+        self,
+        ledger: Ledger,
+        clock: FakeClock,
+        reasons: list[QuarantineReason],
+        prefix: str = "op",
+    ) -> list[QuarantineEntry]:
+        """One entry per reason (operations ``{prefix}-0`` …), created in this order."""
+        entries = []
+        for i, reason in enumerate(reasons):
+            entries.append(
+                await ledger.quarantine(self._request(reason, operation_id=f"{prefix}-{i}"))
+            )
+            await self.advance(clock, 0.01)
+        return entries
 
     async def _call(self, ledger: Ledger, call: str, claim: Claim) -> None:
         """Run one of the fenced calls with ``claim``."""
