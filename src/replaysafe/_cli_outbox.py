@@ -26,46 +26,12 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import urlsplit
 
 import click
 
-from replaysafe.brokers.base import Broker
+from replaysafe.brokers import BROKER_SCHEMES
+from replaysafe.brokers import broker_from_url as resolve_broker
 from replaysafe.errors import ConfigurationError, ReplaysafeError
-
-BROKER_SCHEMES = "memory, amqp://…, amqps://…, sqs://[region], sqs+http(s)://host:port, kafka://…"
-
-
-def resolve_broker(spec: str) -> Broker:
-    """The broker named by ``spec`` (see the module docstring). Raises ``ConfigurationError`` for
-    an unknown scheme and ``MissingExtra`` when the adapter's driver is not installed."""
-    if spec == "memory":
-        from replaysafe.brokers.memory import MemoryBroker
-
-        return MemoryBroker()
-    scheme = spec.partition("://")[0].lower() if "://" in spec else ""
-    if scheme in ("amqp", "amqps"):
-        from replaysafe.brokers.rabbitmq import RabbitMQBroker
-
-        return RabbitMQBroker(spec)
-    if scheme in ("sqs", "sqs+http", "sqs+https"):
-        from replaysafe.brokers.sqs import SQSBroker
-
-        parts = urlsplit(spec)
-        if scheme == "sqs":
-            return SQSBroker(region=parts.netloc or None)
-        endpoint = f"{scheme.removeprefix('sqs+')}://{parts.netloc}"
-        region = parts.path.strip("/") or "us-east-1"
-        return SQSBroker(endpoint_url=endpoint, region=region)
-    if scheme == "kafka":
-        from replaysafe.brokers.kafka import KafkaBroker
-
-        servers = spec.partition("://")[2].strip("/")
-        if not servers:
-            raise ConfigurationError("kafka:// needs bootstrap servers: kafka://host:9092")
-        return KafkaBroker(servers)
-    shown = spec.split("@")[-1] if "@" in spec else spec  # never echo credentials
-    raise ConfigurationError(f"unknown broker {shown!r}; use one of: {BROKER_SCHEMES}")
 
 
 def _ledger_options(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -11,6 +11,22 @@ from rich.console import Console
 from rich.table import Table
 
 from replaysafe import __version__
+from replaysafe.errors import ReplaysafeError
+
+#: --broker names and their local default URLs (the machine's RabbitMQ, moto and Kafka ports)
+DEMO_BROKERS = {
+    "memory": "memory",
+    "rabbitmq": "amqp://guest:guest@127.0.0.1:5672/",
+    "sqs": "sqs+http://test:test@127.0.0.1:5000/us-east-1",
+    "kafka": "kafka://127.0.0.1:9092",
+}
+#: --ledger names and their local defaults
+DEMO_LEDGERS = {
+    "sqlite": "sqlite",
+    "memory": "memory",
+    "postgres": "postgresql://postgres@127.0.0.1:5432/test",
+    "redis": "redis://127.0.0.1:6379/0",
+}
 
 
 @click.group()
@@ -42,11 +58,34 @@ def main() -> None:
     help="Consumer workers (each restarts after a simulated crash).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON only.")
-def demo(orders: int, seed: int, workers: int, as_json: bool) -> None:
-    """Replay the double-charge chain under each guarantee (memory broker + SQLite ledger)."""
+@click.option("--broker", type=click.Choice(sorted(DEMO_BROKERS)), default="memory",
+              show_default=True, help="Where the orders travel.")  # fmt: skip
+@click.option(
+    "--url",
+    default=None,
+    help="Broker URL (defaults: the local RabbitMQ, moto on :5000, Kafka on :9092).",
+)
+@click.option("--ledger", type=click.Choice(sorted(DEMO_LEDGERS)), default="sqlite",
+              show_default=True, help="Where the replay ledger lives.")  # fmt: skip
+@click.option(
+    "--dsn",
+    default=None,
+    help="Ledger DSN/URL for postgres or redis (defaults: the local servers).",
+)
+def demo(
+    orders: int, seed: int, workers: int, as_json: bool, broker: str, url: str | None,
+    ledger: str, dsn: str | None,
+) -> None:  # fmt: skip
+    """Replay the double-charge chain under each guarantee (default: memory broker + SQLite)."""
     from replaysafe.demo import STATEMENTS, demo_json, run_demo
 
-    results = asyncio.run(run_demo(orders=orders, seed=seed, workers=workers))
+    broker_url = url or DEMO_BROKERS[broker]
+    ledger_spec = dsn or DEMO_LEDGERS[ledger]
+    try:
+        results = asyncio.run(run_demo(orders=orders, seed=seed, workers=workers,
+                                       broker_url=broker_url, ledger_spec=ledger_spec))  # fmt: skip
+    except ReplaysafeError as exc:
+        raise click.ClickException(str(exc)) from exc
     if as_json:
         click.echo(json.dumps(demo_json(orders, seed, results)))
         return
@@ -60,7 +99,8 @@ def demo(orders: int, seed: int, workers: int, as_json: bool) -> None:
         table.add_column("measure")
         table.add_column("value", justify="right")
         table.add_row("operations (orders)", str(r.operations))
-        table.add_row("transport copies published", str(r.transport_copies))
+        copies = "-" if r.transport_copies is None else str(r.transport_copies)
+        table.add_row("transport copies published", copies)
         table.add_row("charges at payments-api", str(r.effects))
         table.add_row(_flag("orders charged more than once", r.duplicates), str(r.duplicates))
         table.add_row(_flag("orders never charged", r.lost), str(r.lost))
@@ -98,6 +138,10 @@ main.add_command(outbox_group)
 from replaysafe._cli_simulate import simulate_command  # noqa: E402
 
 main.add_command(simulate_command)
+
+from replaysafe._cli_chaos import chaos_command  # noqa: E402
+
+main.add_command(chaos_command)
 
 
 def _flag(label: str, n: int) -> str:

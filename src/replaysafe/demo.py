@@ -22,6 +22,7 @@ import contextlib
 import random
 import tempfile
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +31,14 @@ from typing import Any
 from replaysafe import failpoints as fp
 from replaysafe import observe as o
 from replaysafe.app import App, Context, RetryPolicy
+from replaysafe.brokers import broker_from_url
 from replaysafe.brokers.base import Broker, RedeliveryKind
 from replaysafe.brokers.memory import MemoryBroker
 from replaysafe.envelope import Envelope, operation_id
 from replaysafe.errors import PublishAmbiguous, SimulatedCrash
 from replaysafe.failpoints import Failpoints
 from replaysafe.guarantees import Effect, Guarantee
+from replaysafe.ledger import ledger_from_url
 from replaysafe.ledger.base import Ledger
 from replaysafe.ledger.sqlite import SQLiteLedger
 from replaysafe.observe import Stats
@@ -82,7 +85,8 @@ class GuaranteeResult:
     lost: int
     quarantined: int
     faults: dict[str, int]
-    transport_copies: int = 0
+    #: copies the broker holds (known on the memory broker only)
+    transport_copies: int | None = 0
     seconds: float = 0.0
     worker_restarts: int = 0
     #: deliveries the ledger answered without running the handler (completed or in flight)
@@ -156,17 +160,18 @@ def build_app(
     *,
     failpoints: Failpoints | None = None,
     lease: float = 0.5,
+    source: str = SOURCE,
 ) -> App:
     """The demo's payments app: one ``capture_payment`` handler under ``guarantee``; the effect
     is declared keyed under effectively-once (the provider honours the key) and unkeyed
     otherwise."""
     if isinstance(broker, MemoryBroker):
-        broker.declare(SOURCE, mode=RedeliveryKind.NACK)
+        broker.declare(source, mode=RedeliveryKind.NACK)
     app = App("demo", broker=broker, ledger=ledger, failpoints=failpoints or Failpoints())
     keyed = guarantee is Guarantee.EFFECTIVELY_ONCE
 
     @app.handler(
-        SOURCE,
+        source,
         guarantee=guarantee,
         effect=Effect.keyed(DOWNSTREAM) if keyed else Effect.unkeyed(DOWNSTREAM),
         key=lambda p: ("capture-payment", p["order_id"]),
@@ -190,16 +195,36 @@ async def run_guarantee(
     workdir: Path,
     workers: int = 8,
     lease: float = 0.5,
+    broker_url: str = "memory",
+    ledger_spec: str = "sqlite",
+    quiet: float = 4.0,
+    time_limit: float = 300.0,
 ) -> GuaranteeResult:
-    """Replay the chain for one guarantee and count business effects at the provider."""
+    """Replay the chain for one guarantee and count business effects at the provider.
+
+    ``broker_url`` is ``memory`` or any URL ``broker_from_url`` knows; ``ledger_spec`` is
+    ``sqlite`` (a file in ``workdir``), ``memory``, a PostgreSQL DSN or a Redis URL. On a real
+    broker a simulated crash abandons the worker's subscription, so the broker recovers its
+    messages its own way (RabbitMQ requeues, SQS waits for the visibility timeout, Kafka rewinds
+    to the committed offset), and the run ends after ``quiet`` seconds without deliveries.
+    """
     started = time.perf_counter()
     plan = fault_plan(orders, seed)
     failpoints = Failpoints()
-    broker = MemoryBroker(failpoints=failpoints)
-    ledger = SQLiteLedger(workdir / f"ledger-{guarantee.value}.db")  # WAL, synchronous=FULL
+    tag = uuid.uuid4().hex[:8]
+    memory = broker_url == "memory"
+    # a short Kafka session: each simulated crash makes the group rebalance, and Tansu waits
+    # about half the session timeout per join
+    extra: dict[str, Any] = {"session_timeout": 3.0} if broker_url.startswith("kafka") else {}
+    broker = broker_from_url(broker_url, failpoints=failpoints, **extra)
+    source = SOURCE if memory else f"rs-demo-{guarantee.value}-{tag}"
+    ledger = _demo_ledger(ledger_spec, guarantee, workdir, tag)
     # the payments API: records every charge, honours idempotency keys only for keyed effects
     provider = EffectProbe(honour_keys=guarantee is Guarantee.EFFECTIVELY_ONCE)
-    app = build_app(guarantee, broker, ledger, provider, failpoints=failpoints, lease=lease)
+    app = build_app(guarantee, broker, ledger, provider, failpoints=failpoints, lease=lease,
+                    source=source)  # fmt: skip
+    group = app.handlers["capture_payment"].group
+    await broker.prepare_source(source, [group], visibility_timeout=2.0)
     _arm(failpoints, plan)
     producer = Producer(broker, guarantee, backoff=0.005)
     rng = random.Random(seed)
@@ -228,16 +253,36 @@ async def run_guarantee(
             finally:
                 stopper.cancel()
 
+    def delivered() -> int:
+        return sum(st.total(o.RECEIVED) for st in stats)
+
     pool = [asyncio.create_task(supervise(n)) for n in range(workers)]
+    quarantine = []
     try:
         for env in envelopes:
             with contextlib.suppress(PublishAmbiguous):
-                await producer.publish(SOURCE, [env])
-        group = app.handlers["capture_payment"].group
-        async with asyncio.timeout(120):
-            # the memory broker has no 'drained' event; poll its depth
-            while broker.depth(SOURCE, group) > 0:  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
+                await producer.publish(source, [env])
+        async with asyncio.timeout(time_limit):
+            if isinstance(broker, MemoryBroker):
+                # the memory broker has no 'drained' event; poll its depth
+                while broker.depth(source, group) > 0:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            else:
+                # a real broker cannot say "nothing will ever be redelivered": wait until every
+                # operation that reached it was delivered at least once, then for quiet
+                reached = orders - (
+                    len(plan["ambiguous_publish_lost"])
+                    if guarantee is Guarantee.AT_MOST_ONCE
+                    else 0
+                )
+                while delivered() < reached:  # noqa: ASYNC110 - counters, no event to wait on
+                    await asyncio.sleep(0.1)
+                seen, still = -1, 0.0
+                while still < quiet:
+                    await asyncio.sleep(0.25)
+                    now_seen = delivered() + provider.calls
+                    still = still + 0.25 if now_seen == seen else 0.0
+                    seen = now_seen
         done.set()
         await asyncio.gather(*pool)
     finally:
@@ -245,9 +290,14 @@ async def run_guarantee(
         for t in pool:
             t.cancel()
         await asyncio.gather(*pool, return_exceptions=True)
-        quarantine = await ledger.quarantined(limit=orders * 2)
-        await ledger.close()
-        await broker.close()
+        try:
+            quarantine = await ledger.quarantined(limit=orders * 2)
+        finally:
+            await _drop_ledger(ledger)
+            if not memory:
+                with contextlib.suppress(Exception):
+                    await broker.drop_source(source, [group])
+            await broker.close()
 
     per_order = provider.per_subject()
     quarantined_ops = {e.operation_id for e in quarantine}
@@ -265,7 +315,9 @@ async def run_guarantee(
         ),
         quarantined=len(quarantined_ops),
         faults=faults,
-        transport_copies=len(broker.published(SOURCE)),
+        transport_copies=len(broker.published(source))
+        if isinstance(broker, MemoryBroker)
+        else None,
         seconds=time.perf_counter() - started,
         worker_restarts=restarts,
         answered_by_ledger=sum(st.total(o.DUPLICATE_HITS) for st in stats),
@@ -273,15 +325,50 @@ async def run_guarantee(
     )
 
 
+def _demo_ledger(spec: str, guarantee: Guarantee, workdir: Path, tag: str) -> Ledger:
+    """A fresh ledger namespace per run: its own file, schema or key prefix."""
+    if spec == "sqlite":
+        return SQLiteLedger(workdir / f"ledger-{guarantee.value}.db")  # WAL, synchronous=FULL
+    if spec.startswith(("postgres://", "postgresql://")) or "dbname=" in spec:
+        return ledger_from_url(spec, schema=f"rs_demo_{tag}", auto_migrate=True)
+    if spec.startswith(("redis://", "rediss://")):
+        return ledger_from_url(spec, prefix=f"rs-demo:{tag}:")
+    return ledger_from_url(spec)
+
+
+async def _drop_ledger(ledger: Ledger) -> None:
+    """Remove the run's schema / keys (the demo leaves nothing behind), then close."""
+    try:
+        drop = getattr(ledger, "drop", None)
+        if callable(drop):
+            await drop()
+    finally:
+        await ledger.close()
+
+
 async def _stop_when(done: asyncio.Event, worker: Any) -> None:
     await done.wait()
     worker.stop()
 
 
-async def run_demo(orders: int = 1000, seed: int = 7, workers: int = 8) -> list[GuaranteeResult]:
+async def run_demo(
+    orders: int = 1000,
+    seed: int = 7,
+    workers: int = 8,
+    broker_url: str = "memory",
+    ledger_spec: str = "sqlite",
+) -> list[GuaranteeResult]:
     with tempfile.TemporaryDirectory(prefix="replaysafe-demo-") as tmp:
         return [
-            await run_guarantee(g, orders=orders, seed=seed, workdir=Path(tmp), workers=workers)
+            await run_guarantee(
+                g,
+                orders=orders,
+                seed=seed,
+                workdir=Path(tmp),
+                workers=workers,
+                broker_url=broker_url,
+                ledger_spec=ledger_spec,
+            )
             for g in Guarantee
         ]
 

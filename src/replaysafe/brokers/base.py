@@ -166,5 +166,20 @@ class Broker(Publisher, Subscriber):
         """Facts about ``source`` for ``explain`` (adapters read queue/topic attributes)."""
         return SourceFacts(broker=type(self).__name__)
 
+    async def prepare_source(
+        self,
+        source: str,
+        groups: Sequence[str] = (),
+        *,
+        visibility_timeout: float | None = None,
+        partitions: int | None = None,
+    ) -> None:
+        """Create what ``source`` needs so nothing published afterwards is lost: RabbitMQ's
+        exchange and a queue per group, an SQS queue (with ``visibility_timeout``), a Kafka topic
+        (with ``partitions``). Idempotent. Options a broker has no use for are ignored."""
+
+    async def drop_source(self, source: str, groups: Sequence[str] = ()) -> None:
+        """Delete what :meth:`prepare_source` created, messages included (tests, demos)."""
+
     async def close(self) -> None:
         """Close connections. Idempotent."""

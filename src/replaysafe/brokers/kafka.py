@@ -1356,6 +1356,21 @@ class KafkaBroker(Broker):
                 "brokers run and this client may administer topics"
             ) from exc
 
+    async def drop_source(self, source: str, groups: Sequence[str] = ()) -> None:
+        """Delete the source and what was declared for it, messages included."""
+        await self.delete_topic(source)
+
+    async def prepare_source(
+        self,
+        source: str,
+        groups: Sequence[str] = (),
+        *,
+        visibility_timeout: float | None = None,
+        partitions: int | None = None,
+    ) -> None:
+        """Create the topic (groups start from the earliest offset when they first join)."""
+        await self.create_topic(source, partitions or 1)
+
     async def create_topic(
         self,
         name: str,

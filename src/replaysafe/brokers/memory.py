@@ -867,6 +867,21 @@ class MemoryBroker(Broker):
         dest = self._dests.get(source)
         return _CAPABILITIES[(dest.config if dest is not None else self._default).mode]
 
+    async def prepare_source(
+        self,
+        source: str,
+        groups: Sequence[str] = (),
+        *,
+        visibility_timeout: float | None = None,
+        partitions: int | None = None,
+    ) -> None:
+        """Declare ``source`` with the broker's default mode (groups see the whole history)."""
+        if source in self._dests:
+            return
+        self.declare(source, mode=self._default.mode,
+                     visibility_timeout=visibility_timeout or self._default.visibility_timeout,
+                     partitions=partitions or 1)  # fmt: skip
+
     async def describe(self, source: str) -> SourceFacts:
         dest = self._dests.get(source)
         config = dest.config if dest is not None else self._default

@@ -858,6 +858,21 @@ class RabbitMQBroker(Broker):
                 with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError, OSError):
                     await channel.close()
 
+    async def drop_source(self, source: str, groups: Sequence[str] = ()) -> None:
+        """Delete the source and what was declared for it, messages included."""
+        await self.delete(source, groups)
+
+    async def prepare_source(
+        self,
+        source: str,
+        groups: Sequence[str] = (),
+        *,
+        visibility_timeout: float | None = None,
+        partitions: int | None = None,
+    ) -> None:
+        """The exchange and a queue (with its dead-letter queue) per group: see :meth:`declare`."""
+        await self.declare(source, groups)
+
     async def declare(self, source: str, groups: Iterable[str] = ()) -> None:
         """Declare ``source``'s exchange and, for each group, its queue (bound to the exchange)
         and dead-letter queue. Idempotent; call it before publishing so that messages published

@@ -1154,6 +1154,22 @@ class SQSBroker(Broker):
         self._queues[name] = queue
         return queue
 
+    async def drop_source(self, source: str, groups: Sequence[str] = ()) -> None:
+        """Delete the source and what was declared for it, messages included."""
+        await self.delete_queue(source)
+
+    async def prepare_source(
+        self,
+        source: str,
+        groups: Sequence[str] = (),
+        *,
+        visibility_timeout: float | None = None,
+        partitions: int | None = None,
+    ) -> None:
+        """Create the queue (SQS has no groups: everyone shares it)."""
+        vis = 30 if visibility_timeout is None else max(1, round(visibility_timeout))
+        await self.create_queue(source, visibility_timeout=vis)
+
     async def create_queue(
         self,
         name: str,

@@ -1,5 +1,7 @@
 """Replay ledgers. Backends other than memory and SQLite import their drivers lazily."""
 
+from typing import Any
+
 from replaysafe.ledger.base import (
     Acquired,
     AlreadyDone,
@@ -22,6 +24,7 @@ from replaysafe.ledger.memory import MemoryLedger
 from replaysafe.ledger.sqlite import SQLiteLedger
 
 __all__ = [
+    "ledger_from_url",
     "Acquired",
     "AlreadyDone",
     "Claim",
@@ -41,3 +44,30 @@ __all__ = [
     "Transaction",
     "TransactionalLedger",
 ]
+
+
+def ledger_from_url(spec: str, **opts: Any) -> Ledger:
+    """The ledger named by ``spec``: ``memory``, ``sqlite:PATH``, ``postgresql://…`` (extra
+    ``postgres``; ``schema=`` and pool options in ``opts``) or ``redis://…`` (extra ``redis``;
+    ``prefix=``). The one place a string becomes a ledger (CLI, demo, chaos)."""
+    from replaysafe._redact import redact
+    from replaysafe.errors import ConfigurationError
+
+    if spec == "memory":
+        return MemoryLedger(**opts)
+    if spec.startswith("sqlite:"):
+        path = spec.removeprefix("sqlite:")
+        if not path:
+            raise ConfigurationError("sqlite:PATH needs the path of the ledger file")
+        return SQLiteLedger(path, **opts)
+    if spec.startswith(("postgres://", "postgresql://")) or "dbname=" in spec:
+        from replaysafe.ledger.postgres import PostgresLedger
+
+        return PostgresLedger(spec, **opts)
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        from replaysafe.ledger.redis import RedisLedger
+
+        return RedisLedger(spec, **opts)
+    raise ConfigurationError(
+        f"unknown ledger {redact(spec)!r}; use memory, sqlite:PATH, postgresql://… or redis://…"
+    )

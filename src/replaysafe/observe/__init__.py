@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # ---- counters (labels in brackets)
-DELIVERIES = "replaysafe_deliveries_total"  # [handler, outcome]
+RECEIVED = "replaysafe_received_total"  # [handler] copies that reached a handler (DELIVERED)
+DELIVERIES = "replaysafe_deliveries_total"  # [handler, outcome] copies settled, by outcome
 DUPLICATE_HITS = "replaysafe_duplicate_hits_total"  # [handler, cause=completed|in_flight]
 OVERLAPS_PREVENTED = "replaysafe_overlaps_prevented_total"  # [handler]
 LEASE_LOST = "replaysafe_lease_lost_total"  # [handler]

@@ -463,6 +463,7 @@ class Worker:
         # when they run, so a crash in the middle of a batch leaves none un-awaited
         steps: list[_Step] = []
         decoded: list[tuple[Delivery, Envelope]] = []
+        self.stats.inc(o.RECEIVED, len(batch), handler=spec.name)
         for delivery in batch:
             try:
                 env = decode_wire(
