@@ -91,3 +91,46 @@ def test_topk_memory_is_bounded_and_keeps_the_hot_keys() -> None:
             top.add("hot")  # 2,000 of 12,000 = 17% > 10%
     assert len(top.counts) == 10
     assert top.top(1)[0][0] == "hot"
+
+
+async def test_opentelemetry_spans_per_boundary() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from replaysafe.observe import otel
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    h = Harness()
+    h.app.tracer_provider = provider
+
+    async def charge(ctx: Context) -> None:
+        await h.probe.apply(ctx.payload["order"], None, ctx.idempotency_key)
+
+    h.handler(EO, effect=Effect.keyed("payments"), lease=30)(charge)
+    await h.publish(order(1))
+    h.start()
+    await h.drain()
+    await h.stop()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    for name in (otel.DELIVERY, otel.CLAIM, otel.EFFECT, otel.LEDGER_COMPLETE,
+                 otel.BROKER_COMPLETE):  # fmt: skip
+        assert name in spans, sorted(spans)
+    delivery = spans[otel.DELIVERY]
+    assert delivery.attributes["replaysafe.handler"] == "charge"
+    # the boundaries nest under the delivery and happen in order
+    for name in (otel.EFFECT, otel.LEDGER_COMPLETE, otel.BROKER_COMPLETE):
+        assert spans[name].parent.span_id == delivery.context.span_id
+    assert spans[otel.EFFECT].end_time <= spans[otel.LEDGER_COMPLETE].start_time
+    assert spans[otel.LEDGER_COMPLETE].end_time <= spans[otel.BROKER_COMPLETE].start_time
+    assert spans[otel.EFFECT].attributes["replaysafe.operation_id"] == "charge:order-1"
+
+
+def test_tracing_is_skipped_without_a_configured_provider() -> None:
+    from replaysafe.observe.otel import NO_TRACING, tracing_for
+
+    assert tracing_for(False) is NO_TRACING and not NO_TRACING.enabled
+    # the API's default proxy provider records nothing: no spans are made at all
+    assert tracing_for(True) is NO_TRACING

@@ -151,6 +151,8 @@ class App:
         max_clock_skew: float = 300.0,
         failpoints: Failpoints = FAILPOINTS,
         redact: Callable[[bytes], bytes] | None = None,
+        tracing: bool = True,
+        tracer_provider: Any | None = None,
     ) -> None:
         if horizon <= 0:
             raise ConfigurationError("horizon must be positive seconds (ledger retention)")
@@ -167,6 +169,10 @@ class App:
         #: applied to a message body before its copy is stored in quarantine (strip card numbers,
         #: personal data); a redacted copy can be inspected but not redriven
         self.redact = redact
+        #: OpenTelemetry spans per boundary when opentelemetry-api is installed (extra ``otel``)
+        #: and a tracer provider is configured (``tracer_provider`` or the global one)
+        self.tracing = tracing
+        self.tracer_provider = tracer_provider
         self.failpoints = failpoints
         self.handlers: dict[str, HandlerSpec] = {}
         #: awaited by ``replaysafe run`` before the workers start / after they stop

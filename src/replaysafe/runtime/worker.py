@@ -62,6 +62,7 @@ from replaysafe.ledger.base import (
     QuarantineRequest,
     TransactionalLedger,
 )
+from replaysafe.observe import otel
 from replaysafe.quarantine import EffectRisk, QuarantineReason
 
 log = logging.getLogger("replaysafe.runtime")
@@ -196,6 +197,7 @@ class Worker:
         self.specs = [app.handlers[n] for n in names]
         self.owner = owner or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.stats = o.Stats()
+        self._tracing = otel.tracing_for(app.tracing, app.tracer_provider)
         self._rng = random.Random()
         self._stopping = asyncio.Event()
         self._crash: SimulatedCrash | None = None
@@ -238,7 +240,8 @@ class Worker:
         self._ambiguous[key] = effected
         try:
             await self.app.failpoints.hit(point, ctx)
-            await delivery.ack()
+            with self._tracing.span(otel.BROKER_COMPLETE, handler=spec.name):
+                await delivery.ack()
         finally:
             self._ambiguous.pop(key, None)
         self.stats.observe(o.AMBIGUITY_WINDOW, self.app.clock.now() - effected, handler=spec.name)
@@ -381,7 +384,14 @@ class Worker:
     ) -> None:
         """Run one delivery's step; a pipeline bug is logged and the delivery nacked."""
         try:
-            await step()
+            if self._tracing.enabled:
+                with self._tracing.span(otel.DELIVERY, handler=spec.name,
+                                           guarantee=spec.guarantee.value,
+                                           delivery_id=delivery.delivery_id,
+                                           attempt=delivery.attempt):  # fmt: skip
+                    await step()
+            else:
+                await step()
         except (SimulatedCrash, asyncio.CancelledError):
             raise
         except Exception:
@@ -533,13 +543,14 @@ class Worker:
             for _, env in fresh
         ]
         try:
-            if len(requests) == 1:
-                r = requests[0]
-                outcomes: list[ClaimOutcome] = [
-                    await ledger.claim(r.key, r.fingerprint, r.owner, r.lease)
-                ]
-            else:
-                outcomes = await ledger.claim_many(requests)
+            with self._tracing.span(otel.CLAIM, handler=spec.name, batch=len(requests)):
+                if len(requests) == 1:
+                    r = requests[0]
+                    outcomes: list[ClaimOutcome] = [
+                        await ledger.claim(r.key, r.fingerprint, r.owner, r.lease)
+                    ]
+                else:
+                    outcomes = await ledger.claim_many(requests)
         except LedgerUnavailable as exc:
             # no effect without a confirmed claim: give the messages back and try later
             log.warning(
@@ -686,7 +697,8 @@ class Worker:
                         hctx.tx = tx
                         result = await self._run_handler(spec, hctx, claim)
                         await app.failpoints.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, ctx)
-                        await ledger.complete_in(tx, claim, _encode_result(result))
+                        with self._tracing.span(otel.LEDGER_COMPLETE, handler=spec.name):
+                            await ledger.complete_in(tx, claim, _encode_result(result))
                 except (LeaseLost, LedgerUnavailable):
                     raise
                 except Exception as exc:  # rolled back: no effect, safe to retry
@@ -701,7 +713,8 @@ class Worker:
                     await self._handler_failed(spec, delivery, env, claim, claim.attempt, exc)
                     return
                 await app.failpoints.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, ctx)
-                await self._complete(claim, _encode_result(result))
+                with self._tracing.span(otel.LEDGER_COMPLETE, handler=spec.name):
+                    await self._complete(claim, _encode_result(result))
         except LeaseLost as exc:
             # someone else owns the operation now: never complete this copy at the broker
             log.warning("%s: %s", spec.name, exc)
@@ -797,7 +810,10 @@ class Worker:
         if min(first_beat, ex.deadline) < self._keeper_wake:
             self._kick.set()
         try:
-            return await spec.fn(ctx)
+            with self._tracing.span(otel.EFFECT, handler=spec.name,
+                                       operation_id=ctx.operation_id, attempt=ctx.attempt,
+                                       token=ctx.token):  # fmt: skip
+                return await spec.fn(ctx)
         except asyncio.CancelledError:
             # the keeper's cancel becomes the cut; any other cancel (shutdown, crash) goes on
             if ex.cut is not None and task.uncancel() == 0:
@@ -897,7 +913,8 @@ class Worker:
             published_at=env.published_at if env else delivery.broker_timestamp,
         )
         try:
-            await self.app.ledger.quarantine(request, claim)
+            with self._tracing.span(otel.QUARANTINE, handler=spec.name, reason=reason.value):
+                await self.app.ledger.quarantine(request, claim)
         except LeaseLost:
             self.stats.inc(o.LEASE_LOST, handler=spec.name)
             await delivery.nack(delay=spec.lease)
