@@ -7,7 +7,8 @@ For every backend, at batch 1 (``claim`` + ``complete``) and batch 100 (``claim_
   raw      the same statements issued directly with the driver, no replaysafe in the loop:
            PostgreSQL - the ledger's own INSERT … ON CONFLICT / UPDATE statements through psycopg,
                         on the ledger's own pool;
-           Redis      - the ledger's own Lua scripts through EVALSHA (a pipeline per batch);
+           Redis      - the ledger's own Lua scripts through EVALSHA, with the ledger's own KEYS
+                        and packed ARGV (one claim and one complete script call per step);
            SQLite     - the ledger's own statements (BEGIN IMMEDIATE, read, upsert, token bump,
                         COMMIT) with sqlite3, synchronously on the event loop's thread;
            memory     - none (there is no driver: ``raw_ops_per_s`` is null).
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import itertools
 import json
@@ -35,6 +37,7 @@ import pstats
 import shutil
 import sqlite3
 import statistics
+import struct
 import sys
 import tempfile
 import time
@@ -43,6 +46,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from replaysafe.ledger.base import Acquired, ClaimRequest, Ledger, OpKey, Record
 from replaysafe.ledger.memory import MemoryLedger
@@ -262,57 +266,46 @@ def sqlite_raw_steps(path: Path, batch: int) -> tuple[Callable[[str], Step], sql
 
 
 def redis_raw_steps(ledger: Any, batch: int, scripts: dict[str, Any]) -> Callable[[str], Step]:
-    """The Redis ledger's Lua scripts through EVALSHA on the ledger's own client."""
+    """The Redis ledger's own Lua scripts, called exactly as the ledger calls them: one EVALSHA of
+    the claim script and one of the complete script per step, with the same KEYS and the same
+    packed ARGV (batch 1 is a batch of one, as in ``RedisLedger.claim``), on the ledger's own
+    client. What is left out is replaysafe's Python: no ClaimRequest/Claim/Record objects, no
+    error mapping, no chunking (a batch here never exceeds one chunk)."""
     client = ledger._client
     prefix = ledger.prefix.encode()
-    token_key, completed_key = prefix + b"token", prefix + b"completed"
+    token_key, completed_key = prefix + b"token", prefix + b"completions"
     retention_ms = str(round(ledger.retention * 1000))
-    lease_us = str(round(LEASE * 1_000_000))
+    lease = struct.pack("<d", round(LEASE * 1_000_000))
     claim_sha, complete_sha = scripts["claim"].sha, scripts["complete"].sha
     fp, owner, result = FP.encode(), OWNER.encode(), RESULT.encode()
+    u32 = struct.Struct("<I").pack
     ids = itertools.count()
-
-    def record_key(scope: bytes, op: bytes) -> bytes:
-        return prefix + b"op:" + str(len(scope)).encode() + b":" + scope + b":" + op
-
-    def token_of(reply: list[Any]) -> bytes:
-        pairs = reply[3:]
-        return bytes(pairs[pairs.index(b"token") + 1])
 
     def make(scope: str) -> Step:
         s = scope.encode()
-        if batch == 1:
 
-            async def one() -> None:
-                op = f"op-{next(ids)}".encode()
-                key = record_key(s, op)
-                reply = await client.evalsha(
-                    claim_sha, 2, key, token_key, s, op, fp, owner, lease_us
-                )
-                assert reply[0] == b"acquired", reply
-                done = await client.evalsha(
-                    complete_sha, 2, key, completed_key, token_of(reply), "1", result, retention_ms
-                )
-                assert done[0] == b"ok", done
-
-            return one
-
-        async def many() -> None:
+        async def step() -> None:
             ops = [f"op-{next(ids)}".encode() for _ in range(batch)]
-            keys = [record_key(s, op) for op in ops]
-            pipe = client.pipeline(transaction=False)
-            for key, op in zip(keys, ops, strict=True):
-                pipe.evalsha(claim_sha, 2, key, token_key, s, op, fp, owner, lease_us)
-            replies = await pipe.execute()
-            pipe = client.pipeline(transaction=False)
-            for key, reply in zip(keys, replies, strict=True):
-                assert reply[0] == b"acquired", reply
-                pipe.evalsha(
-                    complete_sha, 2, key, completed_key, token_of(reply), "1", result, retention_ms
-                )
-            assert all(d[0] == b"ok" for d in await pipe.execute())
+            keys = [b"%bop:%d:%b:%b" % (prefix, len(s), s, op) for op in ops]
+            blob = b"".join(
+                b"%b%b%b%b%b%b%b%b%b"
+                % (u32(len(s)), s, u32(len(op)), op, u32(len(fp)), fp, u32(len(owner)), owner,
+                   lease)
+                for op in ops
+            )  # fmt: skip
+            reply = await client.evalsha(claim_sha, batch + 1, token_key, *keys, blob)
+            tokens = reply[1:]  # a new operation acquired: its token
+            assert len(tokens) == batch and all(type(t) is int for t in tokens), reply
+            blob = b"".join(
+                b"%b%b\x01%b%b" % (u32(len(t)), t, u32(len(result)), result)
+                for t in (b"%d" % t for t in tokens)
+            )
+            done = await client.evalsha(
+                complete_sha, batch + 1, completed_key, *keys, retention_ms, blob
+            )
+            assert all(type(item[0]) is int for item in done[1:]), done
 
-        return many
+        return step
 
     return make
 
@@ -459,13 +452,20 @@ async def setup_redis(batches: list[int], concurrency: int) -> Backend | str:
         "redis_appendonly": _text(config.get(b"appendonly", config.get("appendonly"))),
         "redis_appendfsync": _text(config.get(b"appendfsync", config.get("appendfsync"))),
     }
+    # Redis' own CPU (whatever else it serves meanwhile): its process, when it runs on this host
+    redis_pids = _local_redis_pid(info.get("process_id"))
+
+    async def pids() -> list[int]:
+        return redis_pids
+
     variants: list[Variant] = []
     for b in batches:
-        variants.append(Variant("redis", b, "ledger", concurrency, ledger_steps(ledger, b)))
+        variants.append(
+            Variant("redis", b, "ledger", concurrency, ledger_steps(ledger, b), server_pids=pids)
+        )
         if scripts is not None:
-            variants.append(
-                Variant("redis", b, "raw", concurrency, redis_raw_steps(ledger, b, scripts))
-            )
+            raw = redis_raw_steps(ledger, b, scripts)
+            variants.append(Variant("redis", b, "raw", concurrency, raw, server_pids=pids))
 
     async def cleanup() -> None:
         keys = [k async for k in client.scan_iter(match=prefix + "*", count=1000)]
@@ -474,6 +474,16 @@ async def setup_redis(batches: list[int], concurrency: int) -> Backend | str:
         await ledger.close()
 
     return Backend("redis", variants, env, cleanup)
+
+
+def _local_redis_pid(pid: Any) -> list[int]:
+    """[Redis' pid] when the bench's Redis runs on this host (its /proc entry says redis)."""
+    if urlsplit(REDIS_URL).hostname not in ("127.0.0.1", "localhost", "::1"):
+        return []
+    with contextlib.suppress(OSError, TypeError, ValueError):
+        if "redis" in Path(f"/proc/{int(pid)}/comm").read_text():
+            return [int(pid)]
+    return []
 
 
 def _swap_pairs(variants: list[Variant]) -> list[Variant]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sys
 import time
 import uuid
 from collections import Counter
@@ -29,7 +30,7 @@ from redis.exceptions import NoPermissionError, RedisError, ResponseError
 from replaysafe import Context, Effect, Envelope, Guarantee, RetryPolicy, observe
 from replaysafe import failpoints as fp
 from replaysafe.clock import SystemClock
-from replaysafe.errors import ConfigurationError, LeaseLost, LedgerUnavailable
+from replaysafe.errors import ConfigurationError, LeaseLost, LedgerError, LedgerUnavailable
 from replaysafe.ledger.base import (
     Acquired,
     AlreadyDone,
@@ -43,9 +44,13 @@ from replaysafe.ledger.base import (
     State,
 )
 from replaysafe.ledger.redis import (
+    _SCRIPTS,
+    BATCH_BYTES,
+    BATCH_CHUNK,
     PURGE_CHUNK,
     RedisLedger,
     RedisPersistence,
+    _with_c_packer,
     assess_persistence,
     redact_url,
 )
@@ -203,6 +208,375 @@ async def test_claim_many_and_complete_many_are_one_round_trip_each(counted: Red
     assert (await must_get(counted, claims[3].key)).state is State.RELEASED
 
 
+# ---------------------------------------------------------------------- batch scripts
+
+
+async def test_a_batch_is_one_round_trip_per_chunk(counted: RedisLedger) -> None:
+    warm = await acquire(counted, OpKey("warm", "up"), 5.0)  # handshake and script loading
+    await counted.complete(warm)
+    n = BATCH_CHUNK + 100  # two chunks
+    requests = [ClaimRequest(OpKey("chunks", f"op-{i}"), "fp", "w", 30.0) for i in range(n)]
+    trips, outcomes = await round_trips(lambda: counted.claim_many(requests))
+    assert trips == 2
+    claims = [o.claim for o in outcomes if isinstance(o, Acquired)]
+    assert [c.key for c in claims] == [r.key for r in requests]
+    trips, done = await round_trips(lambda: counted.complete_many([(c, None) for c in claims]))
+    assert trips == 2
+    assert all(isinstance(d, Record) and d.state is State.COMPLETED for d in done)
+    # a chunk also ends at BATCH_BYTES: three results of 0.6 MiB go in two script calls
+    big = [await acquire(counted, OpKey("big", str(i)), 30.0) for i in range(3)]
+    results = [chr(ord("a") + i) * (BATCH_BYTES * 6 // 10) for i in range(3)]
+    items = list(zip(big, results, strict=True))
+    trips, done = await round_trips(lambda: counted.complete_many(items))
+    assert trips == 2
+    assert [d.result for d in done if isinstance(d, Record)] == results
+    assert [(await must_get(counted, c.key)).result for c in big] == results
+
+
+def view(item: Any) -> tuple[Any, ...]:
+    """An outcome, record or LeaseLost without its timestamps (which differ between two runs;
+    tokens do not: two fresh prefixes issue the same tokens for the same history)."""
+    if item is None:
+        return ("missing",)
+    if isinstance(item, LeaseLost):
+        return ("LeaseLost", str(item))
+    if isinstance(item, Record):
+        r = item
+        return (
+            "Record", r.key, r.fingerprint, r.state, r.token, r.owner, r.attempts, r.result,
+            r.last_error, r.lease_until is None, r.completed_at is None,
+        )  # fmt: skip
+    if isinstance(item, Acquired):
+        c = item.claim
+        return ("Acquired", c.key, c.fingerprint, c.token, c.owner, c.attempt, c.recovered)
+    return (type(item).__name__, *view(item.record))
+
+
+async def complete_each(
+    led: RedisLedger, items: list[tuple[Claim, str | None]]
+) -> list[Record | LeaseLost]:
+    out: list[Record | LeaseLost] = []
+    for claim, result in items:
+        try:
+            out.append(await led.complete(claim, result))
+        except LeaseLost as exc:
+            out.append(exc)
+    return out
+
+
+async def drop_prefix(led: RedisLedger) -> None:
+    client = led._client
+    found = [k async for k in client.scan_iter(match=led.prefix + "*", count=1000)]
+    for i in range(0, len(found), 1000):
+        await client.delete(*found[i : i + 1000])
+    await led.close()
+
+
+async def _setup_mix(led: RedisLedger, keys: list[OpKey]) -> list[Claim]:
+    """The same history on any ledger: by ``i % 6`` a key is new, completed, quarantined,
+    released, in flight (live lease) or in flight with its lease already over (lease 0).
+    Returns the released and expired claims (stale, or about to be)."""
+    setup = [
+        ClaimRequest(k, "fp-a", "setup", 0.0 if i % 6 == 5 else 30.0)
+        for i, k in enumerate(keys)
+        if i % 6
+    ]
+    got = {o.claim.key: o.claim for o in await led.claim_many(setup) if isinstance(o, Acquired)}
+    stale = []
+    for i, k in enumerate(keys):
+        if i % 6 == 1:
+            await led.complete(got[k], f"done-{i}")
+        elif i % 6 == 2:
+            request = QuarantineRequest(k.scope, QuarantineReason.MAX_ATTEMPTS, k.operation_id)
+            await led.quarantine(request, got[k])
+        elif i % 6 == 3:
+            await led.release(got[k], f"error-{i}")
+            stale.append(got[k])
+        elif i % 6 == 5:
+            stale.append(got[k])
+    return stale
+
+
+def _kind(outcome: Any) -> str:
+    if isinstance(outcome, Acquired):
+        return f"Acquired/{outcome.claim.attempt}/{outcome.claim.recovered}"
+    return type(outcome).__name__
+
+
+async def test_a_mixed_batch_of_600_equals_600_single_calls(redis_url: str) -> None:
+    """Across a chunk boundary: duplicates (one pair straddling the boundary), conflicts,
+    completed, quarantined, released, live and expired operations; then a complete_many of
+    good, stale and duplicate claims. Two fresh prefixes: batch forms vs single calls."""
+    batch_led, single_led = (
+        RedisLedger(redis_url, prefix=f"rs-test:{uuid.uuid4().hex[:10]}:") for _ in range(2)
+    )
+    try:
+        keys = [OpKey("mix" if i % 2 else "mix:2", f"op-{i}") for i in range(420)]
+        boundary = OpKey("mix", "boundary")
+        stale = [await _setup_mix(led, keys) for led in (batch_led, single_led)]
+        assert [view(Acquired(c)) for c in stale[0]] == [view(Acquired(c)) for c in stale[1]]
+        requests = []
+        for j in range(600):
+            key = keys[j if j < len(keys) else (j * 7) % len(keys)]  # the last 180 repeat keys
+            fingerprint = "fp-b" if j % 13 == 0 else "fp-a"  # a conflict on every path
+            lease = 0.0 if j % 11 == 0 else 30.0  # lease 0: the next claim takes it over
+            requests.append(ClaimRequest(key, fingerprint, f"w{j % 3}", lease))
+        # the items either side of the chunk boundary claim one new operation
+        requests[BATCH_CHUNK - 1] = ClaimRequest(boundary, "fp-a", "w-left", 30.0)
+        requests[BATCH_CHUNK] = ClaimRequest(boundary, "fp-a", "w-right", 30.0)
+
+        batch = await batch_led.claim_many(requests)
+        single = [await single_led.claim(r.key, r.fingerprint, r.owner, r.lease) for r in requests]
+        assert [view(o) for o in batch] == [view(o) for o in single]
+        kinds = Counter(_kind(o) for o in batch)
+        for kind in ("InFlight", "AlreadyDone", "Conflict", "Quarantined", "Acquired/1/False"):
+            assert kinds[kind] > 0, kinds
+        assert any(k.startswith("Acquired/2/") for k in kinds), kinds  # released, claimed again
+        assert any(k.endswith("/True") for k in kinds), kinds  # an expired lease taken over
+        tokens = [o.claim.token for o in batch if isinstance(o, Acquired)]
+        assert tokens == sorted(set(tokens))  # strictly increasing, in request order
+        left, right = batch[BATCH_CHUNK - 1], batch[BATCH_CHUNK]
+        assert isinstance(left, Acquired) and isinstance(right, InFlight)
+        assert right.record.owner == "w-left" and right.record.token == left.claim.token
+
+        def completions(outcomes: list[Any], old: list[Claim]) -> list[tuple[Claim, str | None]]:
+            edge = outcomes[BATCH_CHUNK - 1].claim
+            fresh = [o.claim for o in outcomes if isinstance(o, Acquired) and o.claim != edge]
+            claims = (fresh + old + fresh * 3)[:600]  # good, stale, then duplicates
+            claims[BATCH_CHUNK - 1] = claims[BATCH_CHUNK] = edge  # twice, across the boundary
+            return [(c, None if n % 4 else f"receipt-{n}:\u2603") for n, c in enumerate(claims)]
+
+        items = [completions(batch, stale[0]), completions(single, stale[1])]
+        assert len(items[0]) == 600
+        done_batch = await batch_led.complete_many(items[0])
+        done_single = await complete_each(single_led, items[1])
+        assert [view(d) for d in done_batch] == [view(d) for d in done_single]
+        assert Counter(type(d).__name__ for d in done_batch).keys() == {"Record", "LeaseLost"}
+        # the boundary claim completes once; its second completion, in the next chunk, is stale
+        assert isinstance(done_batch[BATCH_CHUNK - 1], Record)
+        assert isinstance(done_batch[BATCH_CHUNK], LeaseLost)
+        # a refused completion says what the record is now, as check_fence words it
+        edge = items[0][BATCH_CHUNK][0]
+        assert f"token {edge.token} is stale (record is completed, token {edge.token})" in str(
+            done_batch[BATCH_CHUNK]
+        )
+        assert any("(record is released, token" in str(d) for d in done_batch)
+        # what was stored is the same, record by record
+        for k in [*keys, boundary]:
+            stored = [await led.get(k) for led in (batch_led, single_led)]
+            assert view(stored[0]) == view(stored[1]), k
+        # the lease_until a batch claim reports is the one stored, to the microsecond
+        for o in batch:
+            if isinstance(o, Acquired):
+                rec = await must_get(batch_led, o.claim.key)
+                if rec.token == o.claim.token and rec.state is State.IN_FLIGHT:
+                    assert rec.lease_until == o.claim.lease_until
+    finally:
+        for led in (batch_led, single_led):
+            await drop_prefix(led)
+
+
+_KEYS = [OpKey(scope, op) for scope in ("s", "s:t") for op in ("1", "2", "t:1")]
+_CLAIM_REQUEST = st.builds(
+    ClaimRequest,
+    st.sampled_from(_KEYS),
+    st.sampled_from(["fp-a", "fp-b"]),
+    st.sampled_from(["w1", "w2"]),
+    st.sampled_from([0.0, 30.0]),  # over at once (the next claim takes over) or live
+)
+_RESULT = st.sampled_from([None, "", "ok", "r\u00e9\udcff"])
+_STEP = st.one_of(
+    st.tuples(st.just("claim"), st.lists(_CLAIM_REQUEST, min_size=1, max_size=8)),
+    st.tuples(
+        st.just("complete"),
+        st.lists(st.tuples(st.integers(0, 63), _RESULT), min_size=1, max_size=8),
+    ),
+    st.tuples(st.just("release"), st.integers(0, 63)),
+    st.tuples(st.just("quarantine"), st.integers(0, 63)),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(_STEP, min_size=1, max_size=12))
+def test_batch_forms_equal_single_calls_on_any_history(
+    redis_url: str, steps: list[tuple[str, Any]]
+) -> None:
+    """claim_many vs a loop of claim and complete_many vs a loop of complete, on two fresh
+    prefixes, step by step through a random history (with releases and quarantines between)."""
+
+    async def run() -> None:
+        batch_led, single_led = (
+            RedisLedger(redis_url, prefix=f"rs-test:{uuid.uuid4().hex[:10]}:") for _ in range(2)
+        )
+        claims: tuple[list[Claim], list[Claim]] = ([], [])
+        try:
+            for kind, arg in steps:
+                if kind == "claim":
+                    got = await batch_led.claim_many(arg)
+                    want = [
+                        await single_led.claim(r.key, r.fingerprint, r.owner, r.lease) for r in arg
+                    ]
+                    assert [view(o) for o in got] == [view(o) for o in want]
+                    for mine, outcomes in zip(claims, (got, want), strict=True):
+                        mine.extend(o.claim for o in outcomes if isinstance(o, Acquired))
+                elif not claims[0]:
+                    continue
+                elif kind == "complete":
+                    picks = [(claims[0][i % len(claims[0])], r) for i, r in arg]
+                    got_done = await batch_led.complete_many(picks)
+                    picks = [(claims[1][i % len(claims[1])], r) for i, r in arg]
+                    assert [view(d) for d in got_done] == [
+                        view(d) for d in await complete_each(single_led, picks)
+                    ]
+                else:
+                    seen = []
+                    for led, mine in zip((batch_led, single_led), claims, strict=True):
+                        claim = mine[arg % len(mine)]
+                        try:
+                            if kind == "release":
+                                await led.release(claim, "boom")
+                            else:
+                                request = QuarantineRequest(
+                                    claim.key.scope, QuarantineReason.MAX_ATTEMPTS, "q"
+                                )
+                                await led.quarantine(request, claim)
+                            seen.append("ok")
+                        except LeaseLost as exc:
+                            seen.append(str(exc))
+                    assert seen[0] == seen[1]
+            for k in _KEYS:
+                assert view(await batch_led.get(k)) == view(await single_led.get(k)), k
+        finally:
+            for led in (batch_led, single_led):
+                await drop_prefix(led)
+
+    asyncio.run(run())
+
+
+async def test_a_foreign_value_mid_batch_never_lets_a_token_be_issued_twice(
+    ledger: RedisLedger, admin: aioredis.Redis
+) -> None:
+    # item 2 of 3 meets a string where a record should be: the script stops there with an error
+    keys = [OpKey("mid", str(i)) for i in range(3)]
+    await admin.set(ledger.key_for(keys[1]), "not a hash")
+    requests = [ClaimRequest(k, "fp", "w", 30.0) for k in keys]
+    with pytest.raises(ConfigurationError, match="prefix of its own"):
+        await ledger.claim_many(requests)
+    # item 1 was written before the error; the counter was advanced for it all the same
+    first = await must_get(ledger, keys[0])
+    assert first.state is State.IN_FLIGHT
+    assert await ledger.get(keys[2]) is None
+    later = await acquire(ledger, OpKey("mid", "later"), 30.0)
+    assert later.token > first.token
+
+
+@pytest.mark.parametrize("value", ["1e5", " 5", "0x10", "five"])
+async def test_a_token_counter_that_is_not_an_integer_stops_a_claim_before_any_write(
+    ledger: RedisLedger, admin: aioredis.Redis, redis_prefix: str, value: str
+) -> None:
+    await admin.set(redis_prefix + "token", value)
+    with pytest.raises(ConfigurationError, match="prefix of its own"):
+        await ledger.claim_many(
+            [ClaimRequest(OpKey("t", str(i)), "fp", "w", 30.0) for i in range(3)]
+        )
+    assert await keys_under(admin, redis_prefix) == {(redis_prefix + "token").encode()}
+    assert await admin.get(redis_prefix + "token") == value.encode()
+
+
+async def test_a_malformed_request_is_a_bug_report_and_writes_nothing(
+    ledger: RedisLedger, admin: aioredis.Redis, redis_prefix: str
+) -> None:
+    key = ledger.key_for(KEY)
+    for blob in (b"", b"\x05\x00\x00\x00ab", b"x" * 41):
+        with pytest.raises(LedgerError, match="replaysafe bug") as raised:
+            await ledger._eval(
+                _SCRIPTS["claim"], [ledger._p + b"token", key], [blob], what="claim", now_at=0
+            )
+        assert not isinstance(raised.value, LedgerUnavailable)
+    assert await keys_under(admin, redis_prefix) == set()
+
+
+async def test_purge_deletes_a_record_only_through_its_current_completion(
+    redis_url: str, redis_prefix: str, admin: aioredis.Redis
+) -> None:
+    async with RedisLedger(redis_url, prefix=redis_prefix, retention=60.0) as led:
+        first = await led.complete(await acquire(led, KEY, 30.0))
+        assert first.completed_at is not None
+        # the record vanishes (TTL, an operator), the operation comes again and completes later
+        await admin.delete(led.key_for(KEY))
+        await asyncio.sleep(0.05)
+        second = await led.complete(await acquire(led, KEY, 30.0))
+        assert second.completed_at is not None and second.completed_at > first.completed_at
+        # a cutoff between the two: the first entry is stale and must not delete the record
+        cutoff = (first.completed_at + second.completed_at) / 2
+        assert await led.purge(cutoff) == 0
+        assert (await must_get(led, KEY)).completed_at == second.completed_at
+        assert await admin.llen(redis_prefix + "completions") == 1  # the stale entry left
+        # an unreadable entry at the head is dropped, never a wall: by purge ...
+        await admin.lpush(redis_prefix + "completions", "garbage")
+        assert await led.purge(second.completed_at + 1.0) == 1
+        assert await led.get(KEY) is None
+        assert await admin.llen(redis_prefix + "completions") == 0
+        # ... and by a completion's trimming, which still completes
+        await admin.lpush(redis_prefix + "completions", "garbage")
+        other = await led.complete(await acquire(led, OpKey("orders", "other"), 30.0))
+        assert other.state is State.COMPLETED
+        assert await admin.lrange(redis_prefix + "completions", 0, -1) == [
+            b"%d:%b" % (round((other.completed_at or 0) * 1e6), led.key_for(other.key))
+        ]
+
+
+async def test_completions_trim_the_log_a_bounded_step_at_a_time(
+    redis_url: str, redis_prefix: str, admin: aioredis.Redis
+) -> None:
+    log = redis_prefix + "completions"
+    async with RedisLedger(redis_url, prefix=redis_prefix, retention=1.0) as led:
+        for i in range(5):
+            await led.complete(await acquire(led, OpKey("trim", str(i)), 30.0))
+        assert await admin.llen(log) == 5
+        await asyncio.sleep(1.2)  # all five are past the retention now
+        # a completion of one item drops at most two old entries (bounded work per call) ...
+        lengths = []
+        for i in range(4):
+            await led.complete(await acquire(led, OpKey("trim", f"new-{i}"), 30.0))
+            lengths.append(await admin.llen(log))
+        assert lengths[:2] == [5 - 2 + 1, 5 - 2 - 2 + 2]
+        # ... and stops at the first entry within the retention: only the new ones are left
+        entries = await admin.lrange(log, 0, -1)
+        assert [e.rpartition(b":")[2] for e in entries] == [b"new-0", b"new-1", b"new-2", b"new-3"]
+
+
+def test_the_ledgers_own_connections_pack_in_c_and_send_the_same_bytes(redis_url: str) -> None:
+    import redis.utils
+
+    led = RedisLedger(redis_url, prefix="p:")
+    cls = led._client.connection_pool.connection_class
+    # hiredis comes with the redis extra; without it the class is redis-py's own
+    assert (cls is not Connection) is redis.utils.HIREDIS_AVAILABLE
+    assert issubclass(cls, Connection)
+    fast, plain = cls(), Connection()
+    for args in (
+        ("EVALSHA", "ab" * 20, 2, b"p:token", b"p:op:1:s:\xff", b"\x00\x01blob", "30"),
+        ("EVALSHA", "ab" * 20, 101, b"p:token", *(b"p:op:1:s:%d" % i for i in range(100)), b"b"),
+        ("SCRIPT LOAD", b"return 1"),
+        ("HGETALL", b"p:op:1:s:x"),
+        ("SET", "k", 1.5),
+    ):
+        assert b"".join(fast.pack_command(*args)) == b"".join(plain.pack_command(*args)), args
+
+
+def test_without_hiredis_the_connection_class_is_left_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import redis.utils
+
+    monkeypatch.setattr(redis.utils, "HIREDIS_AVAILABLE", False)
+    assert _with_c_packer(Connection) is Connection
+    monkeypatch.setitem(sys.modules, "hiredis", None)  # not installed: import fails
+    monkeypatch.setattr(redis.utils, "HIREDIS_AVAILABLE", True)
+    assert _with_c_packer(Connection) is Connection
+
+
 # ---------------------------------------------------------------------- keys
 
 
@@ -263,14 +637,14 @@ async def test_completed_records_get_the_retention_ttl_and_open_ones_none(
         assert await admin.pttl(redis_prefix + "q:" + entry.id) == -1
 
 
-async def test_a_completed_record_expires_at_the_retention_and_the_index_follows(
+async def test_a_completed_record_expires_at_the_retention_and_the_log_follows(
     redis_url: str, redis_prefix: str, admin: aioredis.Redis
 ) -> None:
     async with RedisLedger(redis_url, prefix=redis_prefix, retention=0.5) as led:
         first = await acquire(led, KEY, 30.0)
         await led.complete(first)
-        index = redis_prefix + "completed"
-        assert await admin.zcard(index) == 1
+        log = redis_prefix + "completions"
+        assert await admin.llen(log) == 1
         for _ in range(100):  # bounded: 10 s for a 0.5 s TTL
             if await led.get(KEY) is None:
                 break
@@ -280,13 +654,16 @@ async def test_a_completed_record_expires_at_the_retention_and_the_index_follows
         again = await acquire(led, KEY, 30.0)
         assert (again.attempt, again.recovered) == (1, False)
         assert again.token > first.token
-        # ... and the next completion drops index entries of records the TTL removed
-        await led.complete(await acquire(led, OpKey("orders", "later"), 30.0))
-        members = await admin.zrange(index, 0, -1)
-        assert members == [led.key_for(OpKey("orders", "later"))]
+        # ... and the next completion drops log entries of records the TTL removed
+        later = await led.complete(await acquire(led, OpKey("orders", "later"), 30.0))
+        assert later.completed_at is not None
+        entries = await admin.lrange(log, 0, -1)
+        assert entries == [
+            b"%d:%b" % (round(later.completed_at * 1e6), led.key_for(OpKey("orders", "later")))
+        ]
 
 
-async def test_purge_skips_stale_index_entries_and_removes_them(
+async def test_purge_skips_stale_log_entries_and_removes_them(
     ledger: RedisLedger, admin: aioredis.Redis, redis_prefix: str
 ) -> None:
     await ledger.complete(await acquire(ledger, KEY, 30.0))
@@ -296,7 +673,7 @@ async def test_purge_skips_stale_index_entries_and_removes_them(
     await asyncio.sleep(0.05)
     assert await ledger.purge(ledger.now() + 1.0) == 0
     assert (await must_get(ledger, KEY)).state is State.IN_FLIGHT  # never purge a live claim
-    assert await admin.zcard(redis_prefix + "completed") == 0
+    assert await admin.llen(redis_prefix + "completions") == 0
 
 
 async def test_purge_works_through_more_than_one_chunk(
@@ -314,7 +691,7 @@ async def test_purge_works_through_more_than_one_chunk(
     assert await ledger.purge(cutoff, limit=PURGE_CHUNK + 30) == PURGE_CHUNK + 30
     assert await ledger.purge(cutoff) == 20
     assert await ledger.purge(cutoff) == 0
-    assert await admin.zcard(redis_prefix + "completed") == 0
+    assert await admin.llen(redis_prefix + "completions") == 0
     assert [k for k in await keys_under(admin, redis_prefix) if b"op:" in k] == []
 
 
