@@ -73,6 +73,8 @@ R = TypeVar("R")
 
 #: results larger than this are not stored in the ledger (the effect still counts as done)
 MAX_RESULT_BYTES = 16 * 1024
+#: how long a busy consumer waits for half its slots before fetching (see _Slots.gather_room)
+FETCH_LINGER = 0.002
 #: delay before retrying when the ledger is unavailable (no effect without a confirmed claim)
 LEDGER_RETRY_DELAY = 1.0
 
@@ -129,6 +131,19 @@ class _Slots:
         while self._free <= 0:
             self._changed.clear()
             await self._changed.wait()
+        return self._free
+
+    async def gather_room(self, want: int, linger: float) -> int:
+        """Free slots, waiting up to ``linger`` seconds (loop time) for at least ``want`` of
+        them: under load, fetching as soon as ONE slot frees gives one-message batches and a
+        ledger round trip per message; a short linger lets the batch (and its claim) grow."""
+        if self._free >= want:
+            return self._free
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(linger):
+                while self._free < want:
+                    self._changed.clear()
+                    await self._changed.wait()
         return self._free
 
     def take(self, n: int) -> None:
@@ -338,8 +353,10 @@ class Worker:
 
     async def _consume(self, spec: HandlerSpec, sub: Subscription) -> None:
         slots = _Slots(spec.concurrency)
+        half = max(1, spec.concurrency // 2)
         while True:
-            free = await slots.wait_free()
+            await slots.wait_free()
+            free = await slots.gather_room(half, FETCH_LINGER)
             await self._ledger_ok.wait()
             if self._crash is not None:
                 return
