@@ -1203,3 +1203,160 @@ async def test_crash_after_effect_with_a_keyed_effect_applies_each_operation_onc
         assert n <= by_op[op].attempts, (op, n)  # every run had a claim of its own
     for op in crash_on:
         assert by_op[op].attempts >= 2  # the crashed attempt was counted before the effect
+
+
+# ---------------------------------------------------------------------- quarantine admin
+
+
+def _q(op: str, reason: QuarantineReason = QuarantineReason.MAX_ATTEMPTS) -> QuarantineRequest:
+    return QuarantineRequest("orders", reason, operation_id=op, fingerprint="fp", message=b"{}")
+
+
+async def test_purge_quarantine_keeps_every_index_consistent_across_chunks(
+    ledger: RedisLedger,
+    admin: aioredis.Redis,
+    redis_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("replaysafe.ledger.redis.PURGE_CHUNK", 2)  # several scripts per purge
+    bad, poison = QuarantineReason.MALFORMED_PAYLOAD, QuarantineReason.MAX_ATTEMPTS
+    entries = [await ledger.quarantine(_q(f"op-{i}", [bad, poison][i % 2])) for i in range(9)]
+    qidx, qbad, qpoison = (redis_prefix + s for s in ("qidx", f"qidx:{bad}", f"qidx:{poison}"))
+    # by the overall index: the per-reason indexes lose the purged entries too
+    assert await ledger.purge_quarantine(limit=5) == 5
+    gone = {e.id.encode() for e in entries[:5]}
+    left = {e.id.encode() for e in entries[5:]}
+    assert set(await admin.zrange(qidx, 0, -1)) == left
+    assert set(await admin.zrange(qbad, 0, -1)) | set(await admin.zrange(qpoison, 0, -1)) == left
+    assert not any([await admin.exists(redis_prefix + "q:" + i.decode()) for i in gone])
+    # by a reason's index: the overall index loses them too
+    assert await ledger.purge_quarantine(reason=bad) == 2  # op-6, op-8
+    assert await admin.zcard(qbad) == 0
+    assert set(await admin.zrange(qidx, 0, -1)) == set(await admin.zrange(qpoison, 0, -1))
+    # by ids over several chunks, oldest first whatever order they are named in
+    ids = [e.id for e in entries]
+    assert await ledger.purge_quarantine(ids[::-1], limit=1) == 1
+    assert [e.id for e in await ledger.quarantined()] == [entries[7].id]
+    assert await ledger.purge_quarantine(ids + ids) == 1  # repeated ids count once
+    assert await admin.zcard(qidx) == 0 and await admin.zcard(qpoison) == 0
+    assert [k for k in await keys_under(admin, redis_prefix) if b":q:" in k] == []
+
+
+async def test_purge_quarantine_drops_an_index_member_whose_entry_was_deleted_by_hand(
+    ledger: RedisLedger, admin: aioredis.Redis, redis_prefix: str
+) -> None:
+    lost, kept = await ledger.quarantine(_q("lost")), await ledger.quarantine(_q("kept"))
+    await admin.delete(redis_prefix + "q:" + lost.id)
+    assert [e.id for e in await ledger.quarantined()] == [kept.id]
+    assert await ledger.purge_quarantine() == 1  # only the real entry counts
+    assert await admin.zcard(redis_prefix + "qidx") == 0
+
+
+async def test_redrive_of_an_entry_purged_meanwhile_is_unknown(
+    ledger: RedisLedger, admin: aioredis.Redis, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    claim = await acquire(ledger, KEY, 5.0)
+    entry = await ledger.quarantine(_q(KEY.operation_id), claim)
+    real = ledger._eval
+
+    async def purged_first(*args: Any, **kwargs: Any) -> list[Any]:
+        await admin.delete(redis_prefix + "q:" + entry.id)  # between the read and the script
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(ledger, "_eval", purged_first)
+    with pytest.raises(LedgerError, match=entry.id):
+        await ledger.redrive(entry.id)
+    assert (await must_get(ledger, KEY)).state is State.QUARANTINED  # the script changed nothing
+
+
+async def test_an_entry_written_before_message_size_was_kept_reads_its_copy_size(
+    ledger: RedisLedger, admin: aioredis.Redis, redis_prefix: str
+) -> None:
+    entry = await ledger.quarantine(_q("old"))
+    await admin.hdel(redis_prefix + "q:" + entry.id, "message_size")
+    old = await ledger.quarantine_entry(entry.id)
+    assert old is not None and (old.message_size, old.truncated, old.redrives) == (2, False, 0)
+
+
+# ---------------------------------------------------------------------- summary
+
+
+async def test_summary_scans_every_chunk_once_and_only_its_own_prefix(
+    redis_url: str, admin: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("replaysafe.ledger.redis.SUMMARY_CHUNK", 7)  # many SCAN round trips
+    base = f"rs-test:{uuid.uuid4().hex[:10]}"
+    # glob characters in the prefix are literal: "a*" must not match the "ab" ledger's keys
+    mine, other = (
+        RedisLedger(redis_url, prefix=base + "[a*]:"),
+        RedisLedger(redis_url, prefix=base + "ab:"),
+    )
+    try:
+        n = 60
+        outcomes = await mine.claim_many(
+            [ClaimRequest(OpKey("s", f"op-{i}"), "fp", "w", 60.0) for i in range(n)]
+        )
+        claims = [o.claim for o in outcomes if isinstance(o, Acquired)]
+        await mine.complete_many([(c, None) for c in claims[:20]])
+        await other.claim_many(
+            [ClaimRequest(OpKey("s", f"x-{i}"), "fp", "w", 60.0) for i in range(5)]
+        )
+        summary = await mine.summary()
+        assert summary.by_state == {"completed": 20, "in_flight": 40}
+        assert (summary.expired_leases, summary.completed_last_hour) == (0, 20)
+        assert summary.hot_operations == []
+        assert summary.approx_bytes is not None and summary.approx_bytes > 0
+    finally:
+        for led in (mine, other):
+            keys = [k async for k in admin.scan_iter(match=base + "*", count=1000)]
+            if keys:
+                await admin.delete(*keys)
+            await led.close()
+
+
+async def test_summary_without_memory_usage_permission_says_unknown_bytes(
+    ledger: RedisLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await acquire(ledger, KEY, 5.0)
+
+    async def refused() -> list[Any]:
+        raise NoPermissionError("this user has no permissions to run the 'memory|usage' command")
+
+    real = ledger._client.pipeline
+
+    def pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipe = real(*args, **kwargs)
+        original = pipe.memory_usage
+
+        def memory_usage(*a: Any, **k: Any) -> Any:
+            pipe.execute = refused  # type: ignore[method-assign]
+            return original(*a, **k)
+
+        pipe.memory_usage = memory_usage  # type: ignore[method-assign]
+        return pipe
+
+    monkeypatch.setattr(ledger._client, "pipeline", pipeline)
+    summary = await ledger.summary()
+    assert summary.by_state == {"in_flight": 1}
+    assert summary.approx_bytes is None
+
+
+async def test_purge_by_ids_checks_the_cutoff_again_inside_the_script(
+    ledger: RedisLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entry = await ledger.quarantine(_q("again"))
+    await asyncio.sleep(0.05)
+    cutoff = ledger.now()
+    await asyncio.sleep(0.05)
+    real = ledger._eval
+
+    async def requarantined_first(*args: Any, **kwargs: Any) -> list[Any]:
+        # purged and quarantined again between the read of its age and the script: now too new
+        monkeypatch.setattr(ledger, "_eval", real)
+        assert await ledger.purge_quarantine([entry.id]) == 1
+        assert (await ledger.quarantine(_q("again"))).created_at > cutoff
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(ledger, "_eval", requarantined_first)
+    assert await ledger.purge_quarantine([entry.id], older_than=cutoff) == 0
+    assert [e.id for e in await ledger.quarantined()] == [entry.id]

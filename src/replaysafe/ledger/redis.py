@@ -24,6 +24,11 @@ How it stays correct:
   batch of several chunks is not. Requests and replies are packed compactly (see the scripts),
   because at batch sizes of ~100 the cost per item, not per round trip, is what limits.
 
+- **Admin calls are off the hot path.** ``redrive`` and ``purge_quarantine`` are scripts like
+  the transitions (redrive: one atomic script; purge: chunked scripts that keep the quarantine
+  indexes consistent); ``summary`` SCANs every record key (O(records), pipelined in bounded
+  chunks), so the claim and complete scripts maintain no counters for it.
+
 Keys, all under ``prefix`` (default ``rs:``)::
 
     <prefix>token                         string  last fencing token issued
@@ -60,6 +65,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
 import math
 import struct
 import time
@@ -85,6 +91,7 @@ from replaysafe.ledger.base import (
     Conflict,
     InFlight,
     Ledger,
+    LedgerSummary,
     OpKey,
     Quarantined,
     QuarantineEntry,
@@ -92,6 +99,7 @@ from replaysafe.ledger.base import (
     Record,
     State,
     check_fence,
+    unknown_entry,
 )
 from replaysafe.quarantine import EffectRisk, QuarantineReason
 
@@ -109,6 +117,14 @@ PURGE_CHUNK: Final = 1_000
 BATCH_CHUNK: Final = 500
 #: a chunk also ends once its keys and packed items pass this many bytes (large results)
 BATCH_BYTES: Final = 1 << 20
+#: summary(): keys asked of one SCAN call, and record hashes read per pipelined round trip
+SUMMARY_CHUNK: Final = 1_000
+#: summary(): record hashes whose MEMORY USAGE is measured to estimate ``approx_bytes``
+MEMORY_SAMPLE: Final = 64
+#: the record fields summary() reads (HMGET, in this order)
+_SUMMARY_FIELDS: Final = (
+    "state", "attempts", "lease_until", "updated_at", "completed_at", "scope", "operation_id",
+)  # fmt: skip
 
 #: a record's key: prefix, "op:", the scope's byte length, scope, ":", operation id (key_for)
 _KEY_HEAD: Final = b"%bop:%d:%b:"
@@ -376,6 +392,62 @@ return {num(deleted), '0', num(now)}
 """
 
 
+# KEYS: entry, then the operation's record when the entry names an operation. Reply: {'unknown',
+# now} for an entry that does not exist (nothing written), else {'ok', now, entry field, value...}.
+# The record key comes from the caller, which read the entry's scope and operation id first: an
+# entry id is a hash of its scope and operation id, so whatever entry holds that id now names the
+# same record. A QUARANTINED record becomes RELEASED with attempts 0 (a full retry budget for the
+# republished copy); any other state (completed, in flight, released) is left as it is.
+_REDRIVE = """
+local now = now_us()
+local snow = num(now)
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown', snow} end
+if KEYS[2] and redis.call('HGET', KEYS[2], 'state') == 'quarantined' then
+  redis.call('HSET', KEYS[2], 'state', 'released', 'attempts', '0', 'updated_at', snow)
+  redis.call('HDEL', KEYS[2], 'lease_until')
+end
+redis.call('HSET', KEYS[1], 'redriven_at', snow, 'updated_at', snow)
+redis.call('HINCRBY', KEYS[1], 'redrives', 1)
+return with_hash({'ok', snow}, KEYS[1])
+"""
+
+# KEYS: the index to purge from (qidx, or qidx:<reason> when filtering by reason), then qidx.
+# ARGV: prefix, highest score ('+inf' or '(<cutoff us>', exclusive), most to delete, by ids (0|1),
+# then the ids (oldest first) when by ids. Without ids the oldest index members up to the cutoff
+# are taken. Reply: {deleted, members examined, now}. An entry leaves its hash, qidx and its
+# reason's index together, so the indexes never name a purged entry; an index member whose hash
+# is already gone (deleted by hand) is dropped from the indexes and not counted. The entry's
+# hash, not the key, is read for its reason: keys outside KEYS are built from the prefix, as in
+# the purge script (the ledger is single-node by design, see the module docstring).
+_PURGE_QUARANTINE = """
+local now = now_us()
+local idx, all, prefix = KEYS[1], KEYS[2], ARGV[1]
+local cutoff = math.huge
+if ARGV[2] ~= '+inf' then cutoff = tonumber(string.sub(ARGV[2], 2)) end
+local want = tonumber(ARGV[3])
+local ids = {}
+if ARGV[4] == '1' then
+  for i = 5, #ARGV do ids[#ids + 1] = ARGV[i] end
+else
+  ids = redis.call('ZRANGEBYSCORE', idx, '-inf', ARGV[2], 'LIMIT', 0, want)
+end
+local deleted = 0
+for _, id in ipairs(ids) do
+  if deleted >= want then break end
+  local score = tonumber(redis.call('ZSCORE', idx, id))
+  if score and score < cutoff then
+    local entry = prefix .. 'q:' .. id
+    local reason = redis.call('HGET', entry, 'reason')
+    deleted = deleted + redis.call('DEL', entry)
+    redis.call('ZREM', all, id)
+    if idx ~= all then redis.call('ZREM', idx, id) end
+    if reason then redis.call('ZREM', prefix .. 'qidx:' .. reason, id) end
+  end
+end
+return {num(deleted), num(#ids), num(now)}
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class _Script:
     name: str
@@ -397,6 +469,8 @@ _SCRIPTS: Final = {
         _script("release", _RELEASE),
         _script("quarantine", _QUARANTINE),
         _script("purge", _PURGE),
+        _script("redrive", _REDRIVE),
+        _script("purge_quarantine", _PURGE_QUARANTINE),
     )
 }
 
@@ -538,6 +612,16 @@ def _us(seconds: float, what: str) -> int:
     return round(seconds * _US)
 
 
+def _glob_escape(raw: bytes) -> bytes:
+    """``raw`` as a literal in a ``SCAN MATCH`` pattern (a prefix may contain glob characters)."""
+    out = bytearray()
+    for c in raw:
+        if c in b"*?[]\\":
+            out += b"\\"
+        out.append(c)
+    return bytes(out)
+
+
 def _pairs(flat: Sequence[Any]) -> dict[bytes, bytes]:
     return {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
 
@@ -587,6 +671,11 @@ def _entry(h: Mapping[bytes, bytes]) -> QuarantineEntry:
         created_at=int(h[b"created_at"]) / _US,
         updated_at=int(h[b"updated_at"]) / _US,
         seen=int(h[b"seen"]),
+        published_at=_opt_time(h, b"published_at"),
+        # entries written before message_size was kept: the copy is all that is known
+        message_size=int(h.get(b"message_size") or len(h.get(b"message") or b"")),
+        redriven_at=_opt_time(h, b"redriven_at"),
+        redrives=int(h.get(b"redrives") or 0),
     )
 
 
@@ -840,14 +929,19 @@ class RedisLedger(Ledger):
         message = request.capped_message()
         if message is not None:
             fields += ["message", message]
+        # written with a new entry only (the script ignores them for a repeat): the first
+        # publish time and the original size, before capping, are what a redrive decides on
+        fields += ["message_size", str(len(request.message or b""))]
+        if request.published_at is not None and math.isfinite(request.published_at):
+            fields += ["published_at", str(round(request.published_at * _US))]
         op_key = OpKey(request.scope, request.operation_id or "") if claim is None else claim.key
         reply = await self._eval(
             _SCRIPTS["quarantine"],
             [
                 self.key_for(op_key),
-                self._p + b"q:" + eid.encode(),
-                self._p + b"qidx",
-                self._p + b"qidx:" + request.reason.value.encode(),
+                self._entry_key(eid),
+                self._index(None),
+                self._index(request.reason),
             ],
             [
                 "0" if claim is None else "1",
@@ -874,7 +968,7 @@ class RedisLedger(Ledger):
         """Quarantine entries, oldest first (two round trips: the index, then the entries)."""
         if limit <= 0:
             return []
-        index = self._p + b"qidx" + (b"" if reason is None else b":" + reason.value.encode())
+        index = self._index(reason)
         ids = await self._command("quarantined", lambda: self._client.zrange(index, 0, limit - 1))
         if not ids:
             return []
@@ -888,6 +982,227 @@ class RedisLedger(Ledger):
         hashes = await self._command("quarantined", fetch)
         # an entry deleted by hand between the two trips is skipped, not reported half-empty
         return [_entry(h) for h in hashes if h]
+
+    async def quarantine_entry(self, entry_id: str) -> QuarantineEntry | None:
+        """One quarantine entry by id (one ``HGETALL``), or None when there is none."""
+        h = await self._command(
+            "quarantine_entry", lambda: self._client.hgetall(self._entry_key(entry_id))
+        )
+        return _entry(h) if h else None
+
+    async def redrive(self, entry_id: str) -> QuarantineEntry:
+        """Record a redrive of the entry (``redriven_at`` = Redis ``TIME``, ``redrives + 1``) and,
+        if its operation is QUARANTINED, release it with attempts 0, in one script (atomic).
+
+        A COMPLETED operation stays completed (the republished copy is answered as a duplicate,
+        never re-run); in-flight and released operations are left alone. Publishing the copy is
+        the caller's job: redrive moves no boundary. Two round trips: the entry's scope and
+        operation id are read first to name the record. Raises ``LedgerError`` (changing nothing)
+        for an unknown entry; a lost reply raises ``LedgerUnavailable`` and the redrive may or may
+        not have been recorded (repeating it only counts one more redrive).
+        """
+        entry_key = self._entry_key(entry_id)
+        scope, op_id = await self._command(
+            "redrive", lambda: self._client.hmget(entry_key, ["scope", "operation_id"])
+        )
+        if scope is None:
+            raise unknown_entry(entry_id)
+        keys = [entry_key]
+        if op_id is not None:
+            keys.append(self.key_for(OpKey(_s(scope), _s(op_id))))
+        reply = await self._eval(_SCRIPTS["redrive"], keys, [], what="redrive")
+        if reply[0] == b"unknown":  # purged between the read and the script
+            raise unknown_entry(entry_id)
+        return _entry(_pairs(reply[2:]))
+
+    async def purge_quarantine(
+        self,
+        entry_ids: Sequence[str] | None = None,
+        *,
+        reason: QuarantineReason | None = None,
+        older_than: float | None = None,
+        limit: int = 10_000,
+    ) -> int:
+        """Delete up to ``limit`` quarantine entries matching every given filter (``entry_ids``;
+        ``reason``; created before ``older_than``), oldest first. Operation records are left
+        alone (a quarantined operation stays quarantined: redrive it to make it claimable).
+
+        Each script deletes at most :data:`PURGE_CHUNK` entries (Redis is never blocked long)
+        and removes each entry from the overall and per-reason indexes together with its hash.
+        Without ids, the scripts walk the (per-reason) index from its oldest member. With ids,
+        their creation times are read first (pipelined ``ZSCORE``) to order them oldest first;
+        the script checks every filter again before deleting. ``entry_ids=[]`` deletes nothing.
+        The purge as a whole is not atomic; a lost reply leaves a chunk deleted or not.
+        """
+        if limit <= 0 or (entry_ids is not None and not entry_ids):
+            return 0
+        index = self._index(reason)
+        keys = [index, self._p + b"qidx"]
+        # the highest creation time purged, exclusive: created_at (integer us) < older_than
+        high = "+inf" if older_than is None else "(" + str(math.ceil(older_than * _US))
+        total = 0
+        if entry_ids is None:
+            while total < limit:
+                want = min(PURGE_CHUNK, limit - total)
+                reply = await self._eval(
+                    _SCRIPTS["purge_quarantine"],
+                    keys,
+                    [self._p, high, str(want), "0"],
+                    what="purge_quarantine",
+                    now_at=2,
+                )
+                total += int(reply[0])
+                if int(reply[1]) < want:  # the index has no older members left
+                    break
+            return total
+        ids = list(dict.fromkeys(entry_ids))
+        cutoff = math.inf if older_than is None else int(high[1:])
+        found: list[tuple[int, str]] = []
+        for lo in range(0, len(ids), PURGE_CHUNK):
+            chunk = ids[lo : lo + PURGE_CHUNK]
+
+            async def scores(chunk: list[str] = chunk) -> list[Any]:
+                pipe = self._client.pipeline(transaction=False)
+                for eid in chunk:
+                    pipe.zscore(index, _b(eid))
+                return list(await pipe.execute())
+
+            for eid, score in zip(
+                chunk, await self._command("purge_quarantine", scores), strict=True
+            ):
+                if score is not None and score < cutoff:
+                    found.append((int(score), eid))
+        found.sort()  # oldest first, ties by id: the order of the index itself
+        for lo in range(0, len(found), PURGE_CHUNK):
+            if total >= limit:
+                break
+            reply = await self._eval(
+                _SCRIPTS["purge_quarantine"],
+                keys,
+                [
+                    self._p,
+                    high,
+                    str(limit - total),
+                    "1",
+                    *(_b(e) for _, e in found[lo : lo + PURGE_CHUNK]),
+                ],
+                what="purge_quarantine",
+                now_at=2,
+            )
+            total += int(reply[0])
+        return total
+
+    async def summary(self, *, top: int = 10) -> LedgerSummary:
+        """Counts for ``replaysafe inspect``. An admin call, **O(records)**: it ``SCAN``s every
+        record key under the prefix (at most :data:`SUMMARY_CHUNK` per call) and reads the needed
+        fields with pipelined ``HMGET``s, one round trip per chunk, so Redis is never blocked
+        long but a large ledger takes a while. Do not call it on a hot path.
+
+        ``now`` and expired leases are judged by Redis ``TIME`` (read once, before the scan).
+        ``oldest_in_flight_at`` is the ``updated_at`` of the oldest in-flight record (claim time,
+        or its last extend). ``completed_last_hour`` counts ``completed_at`` fields in the hour
+        before ``now`` (records purged or expired are not counted). Quarantine counts are the
+        per-reason indexes' ``ZCARD``. ``approx_bytes`` is an estimate: the mean ``MEMORY USAGE``
+        of up to :data:`MEMORY_SAMPLE` record hashes times the record count, plus the completion
+        log; quarantine entries are not included; None when ``MEMORY USAGE`` is not permitted.
+        The scan is not a snapshot: records changing during it may be counted in either state.
+        """
+        reasons = list(QuarantineReason)
+
+        async def head() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.time()
+            for r in reasons:
+                pipe.zcard(self._index(r))
+            return list(await pipe.execute())
+
+        first = await self._command("summary", head)
+        sec, usec = first[0]
+        now = int(sec) * _US + int(usec)
+        by_reason = {r.value: int(n) for r, n in zip(reasons, first[1:], strict=True) if n}
+        by_state: dict[str, int] = {}
+        expired, oldest, recent = 0, None, 0
+        hot: list[tuple[int, str, str]] = []  # (-attempts, scope, operation_id), best `top`
+        sample: list[bytes] = []
+        seen: set[bytes] = set()  # SCAN may return a key twice (while Redis rehashes)
+        pattern = _glob_escape(self._p + b"op:") + b"*"
+        cursor: int = 0
+        while True:
+
+            async def scan(at: int = cursor) -> tuple[int, list[Any]]:
+                return await self._client.scan(at, match=pattern, count=SUMMARY_CHUNK)
+
+            cursor, found = await self._command("summary (SCAN)", scan)
+            keys = [k for k in found if k not in seen]
+            seen.update(keys)
+            if keys:
+
+                async def rows(keys: list[bytes] = keys) -> list[Any]:
+                    pipe = self._client.pipeline(transaction=False)
+                    for k in keys:
+                        pipe.hmget(k, _SUMMARY_FIELDS)
+                    return list(await pipe.execute())
+
+                candidates = []
+                for key, row in zip(keys, await self._command("summary", rows), strict=True):
+                    state, attempts, lease_until, updated, completed, scope, op_id = row
+                    if state is None:  # expired or purged since SCAN saw it
+                        continue
+                    st = _s(state)
+                    by_state[st] = by_state.get(st, 0) + 1
+                    if len(sample) < MEMORY_SAMPLE:
+                        sample.append(key)
+                    if st == State.IN_FLIGHT.value:
+                        if int(lease_until or 0) <= now:
+                            expired += 1
+                        at = int(updated)
+                        oldest = at if oldest is None else min(oldest, at)
+                    if completed is not None and int(completed) >= now - 3600 * _US:
+                        recent += 1
+                    n = int(attempts or 0)
+                    if n > 1 and top > 0:
+                        candidates.append((-n, _s(scope), _s(op_id)))
+                if candidates:
+                    hot = heapq.nsmallest(top, hot + candidates)
+            if cursor == 0:
+                break
+        records = sum(by_state.values())
+        return LedgerSummary(
+            now=now / _US,
+            by_state=by_state,
+            expired_leases=expired,
+            oldest_in_flight_at=None if oldest is None else oldest / _US,
+            hot_operations=[(OpKey(sc, op), -n) for n, sc, op in hot],
+            quarantined_by_reason=by_reason,
+            completed_last_hour=recent,
+            approx_bytes=await self._approx_bytes(sample, records),
+        )
+
+    async def _approx_bytes(self, sample: list[bytes], records: int) -> int | None:
+        """Estimate the records' memory from ``MEMORY USAGE`` of ``sample`` (see summary)."""
+
+        async def usage() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for k in [self._p + b"completions", *sample]:
+                pipe.memory_usage(k)
+            return list(await pipe.execute())
+
+        try:
+            log, *sizes = await usage()
+        except self._errors.ResponseError:  # MEMORY not permitted (ACL) or renamed away
+            return None
+        except self._errors.RedisError as exc:
+            raise self._unavailable(exc, "summary (MEMORY USAGE)", sent=False) from exc
+        measured = [int(b) for b in sizes if b is not None]  # None: gone since the scan
+        mean = sum(measured) / len(measured) if measured else 0
+        return int(log or 0) + round(mean * records)
+
+    def _entry_key(self, entry_id: str) -> bytes:
+        return self._p + b"q:" + _b(entry_id)
+
+    def _index(self, reason: QuarantineReason | None) -> bytes:
+        """The quarantine index by creation time: all entries, or one reason's."""
+        return self._p + b"qidx" + (b"" if reason is None else b":" + reason.value.encode())
 
     async def purge(self, older_than: float, *, limit: int = 10_000) -> int:
         """Forget up to ``limit`` COMPLETED records completed before ``older_than``, oldest first.
