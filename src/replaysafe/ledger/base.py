@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, Self
 
-from replaysafe.errors import CapabilityError, LeaseLost, LedgerError
+from replaysafe.errors import LeaseLost, LedgerError
 from replaysafe.quarantine import EffectRisk, QuarantineReason
 
 #: quarantined message copies are capped so one huge poison message cannot bloat the ledger
@@ -316,18 +316,19 @@ class Ledger(ABC):
     ) -> list[QuarantineEntry]:
         """Quarantine entries, oldest first."""
 
+    @abstractmethod
     async def quarantine_entry(self, entry_id: str) -> QuarantineEntry | None:
         """One quarantine entry by id."""
-        raise self._missing("quarantine_entry")
 
+    @abstractmethod
     async def redrive(self, entry_id: str) -> QuarantineEntry:
         """Prepare an entry for redrive and record that it happened (``redriven_at``,
         ``redrives + 1``). If its operation is QUARANTINED it becomes RELEASED with its attempts
         reset, so the republished copy is claimed afresh; a COMPLETED operation stays completed
         (the copy is answered as a duplicate, never re-run). Publishing the copy is the
         caller's job. Raises ``LedgerError`` for an unknown entry."""
-        raise self._missing("redrive")
 
+    @abstractmethod
     async def purge_quarantine(
         self,
         entry_ids: Sequence[str] | None = None,
@@ -338,15 +339,11 @@ class Ledger(ABC):
     ) -> int:
         """Delete quarantine entries matching all given filters (ids, reason, created before
         ``older_than``); at most ``limit``. Operation records are left as they are."""
-        raise self._missing("purge_quarantine")
 
+    @abstractmethod
     async def summary(self, *, top: int = 10) -> LedgerSummary:
         """Counts for ``replaysafe inspect``: records by state, expired leases, the oldest in
         flight, the ``top`` most-attempted operations, quarantine by reason, recent rate."""
-        raise self._missing("summary")
-
-    def _missing(self, what: str) -> CapabilityError:
-        return CapabilityError(f"{type(self).__name__} does not implement {what}() yet")
 
     @abstractmethod
     async def purge(self, older_than: float, *, limit: int = 10_000) -> int:

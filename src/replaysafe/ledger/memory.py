@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from replaysafe.clock import SYSTEM_CLOCK, Clock
-from replaysafe.errors import LedgerError
 from replaysafe.ledger.base import (
     Acquired,
     Claim,
@@ -26,6 +25,7 @@ from replaysafe.ledger.base import (
     State,
     check_fence,
     decide_claim,
+    unknown_entry,
 )
 from replaysafe.quarantine import QuarantineReason
 
@@ -145,8 +145,7 @@ class MemoryLedger(Ledger):
     async def redrive(self, entry_id: str) -> QuarantineEntry:
         entry = self._quarantine.get(entry_id)
         if entry is None:
-            raise LedgerError(f"no quarantine entry {entry_id!r}; list them with "
-                              "`replaysafe quarantine list`")  # fmt: skip
+            raise unknown_entry(entry_id)
         now = self.now()
         if entry.operation_id is not None:
             key = OpKey(entry.scope, entry.operation_id)
