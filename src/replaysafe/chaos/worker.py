@@ -1,0 +1,53 @@
+"""A chaos worker process: ``python -m replaysafe.chaos.worker SPEC.json``.
+
+Runs the real runtime (one :class:`~replaysafe.runtime.worker.Worker`) for the chaos app of one
+run, against a real broker and ledger, with the run's fault armed (``exit`` is ``os._exit``: the
+process dies with nothing settled, as under SIGKILL). SIGTERM/SIGINT stop it gracefully (drain,
+settle what finished). The harness that started it restarts it after a crash and stops it at the
+end of the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from replaysafe.chaos.app import RecordingBroker, RunSpec, arm, build_app
+from replaysafe.failpoints import Failpoints
+
+
+def load_spec(path: str) -> RunSpec:
+    return RunSpec.from_json(Path(path).read_text())
+
+
+async def main(spec_path: str) -> None:
+    from replaysafe.chaos.harness import broker_from_conf, ledger_from_spec
+
+    spec = load_spec(spec_path)
+    failpoints = Failpoints()
+    broker = broker_from_conf(spec.broker, spec, failpoints)
+    ledger = ledger_from_spec(spec.ledger)
+    app = build_app(spec, RecordingBroker(broker, spec.record_dir), ledger, failpoints)
+    arm(spec, failpoints)
+    worker = app.worker()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    try:
+        await worker.run(drain_timeout=5.0)
+    finally:
+        with contextlib.suppress(Exception):
+            await broker.close()
+        with contextlib.suppress(Exception):
+            await ledger.close()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(process)d %(message)s")
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m replaysafe.chaos.worker SPEC.json")
+    asyncio.run(main(sys.argv[1]))
