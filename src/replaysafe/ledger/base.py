@@ -33,7 +33,7 @@ import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, ClassVar, Self
 
@@ -439,6 +439,28 @@ def decide_claim(
     )
     claim = Claim(key, fingerprint, next_token, owner, now + lease, attempt, recovered)
     return Acquired(claim), rec
+
+
+def merge_quarantine(
+    old: QuarantineEntry | None, request: QuarantineRequest, now: float
+) -> QuarantineEntry:
+    """The entry after quarantining ``request``: a new one, or ``old`` seen once more (the first
+    detail, message copy and publish time are kept; attempts only grow)."""
+    if old is None:
+        return QuarantineEntry(
+            request.entry_id(), request.scope, request.reason, request.operation_id,
+            request.fingerprint, request.risk, request.attempts, request.detail, request.detail,
+            request.capped_message(), request.content_type, now, now, 1, request.published_at,
+            len(request.message or b""),
+        )  # fmt: skip
+    return replace(
+        old,
+        attempts=max(old.attempts, request.attempts),
+        risk=request.risk,
+        last_detail=request.detail,
+        updated_at=now,
+        seen=old.seen + 1,
+    )
 
 
 def check_fence(existing: Record | None, claim: Claim) -> Record:

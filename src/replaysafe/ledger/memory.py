@@ -25,6 +25,7 @@ from replaysafe.ledger.base import (
     State,
     check_fence,
     decide_claim,
+    merge_quarantine,
     unknown_entry,
 )
 from replaysafe.quarantine import QuarantineReason
@@ -98,35 +99,7 @@ class MemoryLedger(Ledger):
                 updated_at=now,
             )
         eid = request.entry_id()
-        old = self._quarantine.get(eid)
-        if old is None:
-            entry = QuarantineEntry(
-                eid,
-                request.scope,
-                request.reason,
-                request.operation_id,
-                request.fingerprint,
-                request.risk,
-                request.attempts,
-                request.detail,
-                request.detail,
-                request.capped_message(),
-                request.content_type,
-                now,
-                now,
-                1,
-                request.published_at,
-                len(request.message or b""),
-            )
-        else:
-            entry = replace(
-                old,
-                attempts=max(old.attempts, request.attempts),
-                risk=request.risk,
-                last_detail=request.detail,
-                updated_at=now,
-                seen=old.seen + 1,
-            )
+        entry = merge_quarantine(self._quarantine.get(eid), request, now)
         self._quarantine[eid] = entry
         return entry
 

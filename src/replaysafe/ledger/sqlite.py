@@ -58,6 +58,7 @@ from replaysafe.ledger.base import (
     TransactionalLedger,
     check_fence,
     decide_claim,
+    merge_quarantine,
     unknown_entry,
 )
 from replaysafe.quarantine import EffectRisk, QuarantineReason
@@ -850,35 +851,7 @@ class SQLiteLedger(TransactionalLedger):
             )
         eid = request.entry_id()
         row = conn.execute(_SELECT_ENTRY, (eid,)).fetchone()
-        if row is None:
-            entry = QuarantineEntry(
-                eid,
-                request.scope,
-                request.reason,
-                request.operation_id,
-                request.fingerprint,
-                request.risk,
-                request.attempts,
-                request.detail,
-                request.detail,
-                request.capped_message(),
-                request.content_type,
-                now,
-                now,
-                1,
-                request.published_at,
-                len(request.message or b""),
-            )
-        else:
-            old = _entry_from_row(row)
-            entry = replace(
-                old,
-                attempts=max(old.attempts, request.attempts),
-                risk=request.risk,
-                last_detail=request.detail,
-                updated_at=now,
-                seen=old.seen + 1,
-            )
+        entry = merge_quarantine(None if row is None else _entry_from_row(row), request, now)
         _save_entry(conn, entry)
         return entry
 
