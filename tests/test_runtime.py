@@ -566,3 +566,21 @@ async def test_visibility_shorter_than_the_heartbeat_is_extended_in_time() -> No
     assert h.probe.calls == 1
     assert h.total(o.OVERLAPS_PREVENTED) == 0  # nobody else was handed the message
     assert h.broker.delivery_count("short", h.group(), "charge:order-1") == 1
+
+
+async def test_retry_budget_by_elapsed_time_since_first_publish() -> None:
+    h = Harness()
+
+    async def broken(ctx: Context) -> None:
+        raise RuntimeError("still down")
+
+    retry = RetryPolicy(max_attempts=100, base_delay=5, max_delay=5, max_elapsed=30)
+    h.handler(EO, effect=Effect.keyed("payments"), lease=5, retry=retry)(broken)
+    await h.publish(order(1))
+    h.start()
+    await h.drain(seconds=300)
+    await h.stop()
+    [entry] = await h.ledger.quarantined()
+    assert entry.reason is QuarantineReason.MAX_ATTEMPTS
+    assert 1 < entry.attempts < 100  # stopped by time, long before the attempt budget
+    assert "since the first publish" in entry.last_detail

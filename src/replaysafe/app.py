@@ -42,6 +42,9 @@ class RetryPolicy:
     base_delay: float = 0.5
     max_delay: float = 60.0
     multiplier: float = 2.0
+    #: give up (quarantine) once this many seconds passed since the operation's first publish,
+    #: whatever the attempt count; None: attempts only
+    max_elapsed: float | None = None
     #: exception types that are retried; anything else is quarantined at once
     retry_on: tuple[type[BaseException], ...] = (Exception,)
     #: exception types never retried even if they match ``retry_on``
@@ -50,6 +53,8 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ConfigurationError("RetryPolicy.max_attempts must be at least 1")
+        if self.max_elapsed is not None and self.max_elapsed <= 0:
+            raise ConfigurationError("RetryPolicy.max_elapsed must be positive seconds or None")
         if self.base_delay < 0 or self.max_delay < 0 or self.multiplier < 1:
             raise ConfigurationError(
                 "RetryPolicy needs base_delay >= 0, max_delay >= 0 and multiplier >= 1"

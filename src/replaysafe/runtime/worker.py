@@ -877,14 +877,25 @@ class Worker:
                 risk=EffectRisk.RELEASED_CLEANLY,
             )
             return
-        if attempt >= spec.retry.max_attempts:
+        elapsed = self.app.clock.now() - env.published_at if env.published_at is not None else None
+        out_of_time = (
+            spec.retry.max_elapsed is not None
+            and elapsed is not None
+            and elapsed >= spec.retry.max_elapsed
+        )
+        if attempt >= spec.retry.max_attempts or out_of_time:
             self.stats.inc(o.RETRY_BUDGET_EXHAUSTED, handler=spec.name)
+            budget = (
+                f"{elapsed:.0f}s since the first publish, budget {spec.retry.max_elapsed:.0f}s"
+                if out_of_time and elapsed is not None and spec.retry.max_elapsed is not None
+                else f"budget {spec.retry.max_attempts} attempts"
+            )
             await self._quarantine(
                 spec,
                 delivery,
                 env,
                 QuarantineReason.MAX_ATTEMPTS,
-                f"attempt {attempt} of {spec.retry.max_attempts} failed: {exc!r}",
+                f"attempt {attempt} failed ({budget}): {exc!r}",
                 claim=claim,
                 attempts=attempt,
                 risk=EffectRisk.RELEASED_CLEANLY,
