@@ -441,6 +441,30 @@ def decide_claim(
     return Acquired(claim), rec
 
 
+def entry_from_row(row: Sequence[Any]) -> QuarantineEntry:
+    """A quarantine entry from a SQL row in the column order the SQL backends share."""
+    return QuarantineEntry(
+        id=row[0],
+        scope=row[1],
+        reason=QuarantineReason(row[2]),
+        operation_id=row[3],
+        fingerprint=row[4],
+        risk=EffectRisk(row[5]),
+        attempts=row[6],
+        first_detail=row[7],
+        last_detail=row[8],
+        message=None if row[9] is None else bytes(row[9]),
+        content_type=row[10],
+        created_at=row[11],
+        updated_at=row[12],
+        seen=row[13],
+        published_at=row[14],
+        message_size=row[15],
+        redriven_at=row[16],
+        redrives=row[17],
+    )
+
+
 def merge_quarantine(
     old: QuarantineEntry | None, request: QuarantineRequest, now: float
 ) -> QuarantineEntry:

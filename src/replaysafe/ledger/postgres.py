@@ -72,9 +72,10 @@ from replaysafe.ledger.base import (
     TransactionalLedger,
     check_fence,
     decide_claim,
+    entry_from_row,
     unknown_entry,
 )
-from replaysafe.quarantine import EffectRisk, QuarantineReason
+from replaysafe.quarantine import QuarantineReason
 
 if TYPE_CHECKING:  # the driver is an optional extra: imported lazily at run time
     from psycopg import AsyncConnection, AsyncCursor
@@ -100,8 +101,6 @@ PURGE_BATCH: Final = 1000
 CLAIM_RACE_RETRIES: Final = 5
 
 _STATES: Final = {s.value: s for s in State}
-_REASONS: Final = {r.value: r for r in QuarantineReason}
-_RISKS: Final = {r.value: r for r in EffectRisk}
 
 
 # ---------------------------------------------------------------------- DSN redaction
@@ -1652,27 +1651,7 @@ def _record_or_none(row: Sequence[Any] | None, o: int = 0) -> Record | None:
 _ORD: Final = itemgetter(0)
 
 
-def _entry(row: Sequence[Any]) -> QuarantineEntry:
-    return QuarantineEntry(
-        id=row[0],
-        scope=row[1],
-        reason=_REASONS[row[2]],
-        operation_id=row[3],
-        fingerprint=row[4],
-        risk=_RISKS[row[5]],
-        attempts=row[6],
-        first_detail=row[7],
-        last_detail=row[8],
-        message=None if row[9] is None else bytes(row[9]),
-        content_type=row[10],
-        created_at=row[11],
-        updated_at=row[12],
-        seen=row[13],
-        published_at=row[14],
-        message_size=row[15],
-        redriven_at=row[16],
-        redrives=row[17],
-    )
+_entry = entry_from_row
 
 
 def _purge_quarantine_name(filters: dict[str, Any]) -> str:

@@ -58,10 +58,11 @@ from replaysafe.ledger.base import (
     TransactionalLedger,
     check_fence,
     decide_claim,
+    entry_from_row,
     merge_quarantine,
     unknown_entry,
 )
-from replaysafe.quarantine import EffectRisk, QuarantineReason
+from replaysafe.quarantine import QuarantineReason
 
 T = TypeVar("T")
 
@@ -964,27 +965,7 @@ def _record_from_row(row: tuple[Any, ...]) -> Record:
     )
 
 
-def _entry_from_row(row: tuple[Any, ...]) -> QuarantineEntry:
-    return QuarantineEntry(
-        id=row[0],
-        scope=row[1],
-        reason=QuarantineReason(row[2]),
-        operation_id=row[3],
-        fingerprint=row[4],
-        risk=EffectRisk(row[5]),
-        attempts=row[6],
-        first_detail=row[7],
-        last_detail=row[8],
-        message=None if row[9] is None else bytes(row[9]),
-        content_type=row[10],
-        created_at=row[11],
-        updated_at=row[12],
-        seen=row[13],
-        published_at=row[14],
-        message_size=row[15],
-        redriven_at=row[16],
-        redrives=row[17],
-    )
+_entry_from_row = entry_from_row
 
 
 __all__ = [
