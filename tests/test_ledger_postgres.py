@@ -1191,6 +1191,31 @@ async def test_write_calls_from_inside_the_ledgers_own_transaction_are_refused(
         await ledger.close()
 
 
+async def test_a_dead_connection_inside_a_transaction_is_ledger_unavailable(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    """The caller's own SQL errors come back as psycopg's; a connection killed under a statement
+    of the transaction is the ledger's LedgerUnavailable (one error tree at the driver edge)."""
+    import psycopg
+
+    ledger = await make(pg_dsn, pg_schema)
+    try:
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            async with ledger.transaction() as tx:
+                await tx.execute("SELECT * FROM no_such_table_here")
+        with pytest.raises(LedgerUnavailable, match="transaction statement") as raised:
+            async with ledger.transaction() as tx:
+                (pid,) = (await tx.fetchall("SELECT pg_backend_pid()"))[0]
+                async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as k:
+                    await k.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                await tx.execute("SELECT 1")
+        assert "retry" in str(raised.value)
+        async with ledger.transaction() as tx:  # the pool replaced the dead connection
+            assert await tx.fetchall("SELECT 1") == [(1,)]
+    finally:
+        await ledger.close()
+
+
 async def test_a_transaction_of_another_ledger_is_refused(pg_dsn: str, pg_schema: str) -> None:
     a = await make(pg_dsn, pg_schema)
     b = PostgresLedger(pg_dsn, schema=pg_schema, table_prefix="rs_")

@@ -1001,8 +1001,17 @@ async def test_connections_killed_while_calls_run_never_leak_a_redis_exception(
         assert outcomes["ok"] > 0
         if not driver_retries:  # without retries the cuts must have surfaced, mapped
             assert outcomes["unavailable"] >= 1
-        # and the ledger is healthy afterwards
-        assert isinstance(await led.claim(OpKey("kill", "after"), "fp", "w", 30.0), Acquired)
+        # and the ledger is healthy afterwards: without driver retries a connection killed by
+        # the last round can still sit in the pool and fail one call (mapped, as above); the
+        # caller's retry then gets a fresh connection
+        after = None
+        for _ in range(3):
+            try:
+                after = await led.claim(OpKey("kill", "after"), "fp", "w", 30.0)
+                break
+            except LedgerUnavailable:
+                continue
+        assert isinstance(after, Acquired)
     if client is not None:
         await client.aclose()
 

@@ -146,6 +146,47 @@ async def test_two_ledgers_on_one_file_share_tokens_and_fencing(tmp_path: Path) 
         assert (await a.complete(second)).state is State.COMPLETED
 
 
+async def test_idle_waits_out_open_transactions_and_leaves_the_file_unlocked(
+    tmp_path: Path,
+) -> None:
+    """Inside ``idle()`` this process holds no SQLite lock (another process can write) and its own
+    calls wait: the chaos harness stops a process there so it stalls only itself."""
+    path = tmp_path / "shared.db"
+    # busy_timeout 0: a write that meets the lock fails at once instead of waiting for it
+    async with (
+        SQLiteLedger(path, busy_timeout=0) as mine,
+        SQLiteLedger(path, busy_timeout=0) as other,
+    ):
+        in_tx, end_tx, in_idle, end_idle = (asyncio.Event() for _ in range(4))
+
+        async def transaction() -> None:
+            async with mine.transaction():
+                in_tx.set()
+                await end_tx.wait()
+
+        async def idle() -> None:
+            async with mine.idle():
+                in_idle.set()
+                await end_idle.wait()
+
+        tx_task = asyncio.create_task(transaction())
+        await in_tx.wait()
+        with pytest.raises(LedgerUnavailable):  # the open transaction holds the write lock
+            await other.claim(KEY, "fp", "other", 5.0)
+        idle_task = asyncio.create_task(idle())
+        await asyncio.sleep(0.05)
+        assert not in_idle.is_set()  # waits for the transaction to end
+        end_tx.set()
+        await asyncio.wait_for(in_idle.wait(), 5)
+        await acquire(other, OpKey("orders", "other"), 5.0, owner="other")  # the file is free
+        mine_claim = asyncio.create_task(mine.claim(KEY, "fp", "mine", 5.0))
+        await asyncio.sleep(0.05)
+        assert not mine_claim.done()  # this ledger's own calls wait for the block to end
+        end_idle.set()
+        assert isinstance(await asyncio.wait_for(mine_claim, 5), Acquired)
+        await asyncio.gather(tx_task, idle_task)
+
+
 async def test_many_coroutines_on_one_loop_acquire_each_operation_once(tmp_path: Path) -> None:
     keys = [OpKey("race", f"op-{i}") for i in range(20)]
     async with SQLiteLedger(tmp_path / "ledger.db", synchronous="NORMAL") as ledger:

@@ -25,6 +25,12 @@ Rules every backend keeps (``replaysafe.testing.contracts.LedgerContract`` check
   excepted: there is nothing to conflict with), and never changes the record.
 - Quarantine entries are durable and idempotent per message (same reason, operation and payload
   give one entry, with ``seen`` counting repeats).
+
+Handler control flags live in the ledger too, because it is the one durable store every worker of
+an app shares: ``set_paused(handler, True)`` pauses a handler for every worker (each one stops
+fetching that handler's source at its next control check and lets in-flight work settle), and
+``set_paused(handler, False)`` resumes it. Flags are keyed by handler name (the ledger scope) and
+survive restarts of workers and of the ledger's server as its records do.
 """
 
 from __future__ import annotations
@@ -37,11 +43,14 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, ClassVar, Self
 
-from replaysafe.errors import LeaseLost, LedgerError
+from replaysafe.errors import ConfigurationError, LeaseLost, LedgerError
 from replaysafe.quarantine import EffectRisk, QuarantineReason
 
 #: quarantined message copies are capped so one huge poison message cannot bloat the ledger
 MAX_QUARANTINE_COPY = 64 * 1024
+#: longest handler name, pause reason and pause author the ledger stores (UTF-8 bytes)
+MAX_HANDLER_NAME = 255
+MAX_PAUSE_TEXT = 1000
 
 
 class State(StrEnum):
@@ -74,6 +83,8 @@ class Record:
     result: str | None
     last_error: str | None
     created_at: float
+    #: the last change of state or holder (claim, completion, release, quarantine, redrive); an
+    #: ``extend`` moves only ``lease_until``, so for an in-flight record this is its claim time
     updated_at: float
     completed_at: float | None = None
 
@@ -214,7 +225,8 @@ class LedgerSummary:
     #: in-flight records whose lease has expired: crashed or stalled holders, outcome unknown
     #: until a redelivery claims them again (the open ambiguity the ledger can see)
     expired_leases: int
-    #: claim time of the oldest in-flight record
+    #: claim time of the oldest in-flight record (``updated_at``, which an extend leaves alone:
+    #: a handler kept alive by its heartbeat still shows how long it has been running)
     oldest_in_flight_at: float | None
     #: operations with the most attempts (retried or recovered the most), most first
     hot_operations: list[tuple[OpKey, int]]
@@ -223,6 +235,19 @@ class LedgerSummary:
     completed_last_hour: int
     #: storage used by the ledger's records, where the backend can measure it
     approx_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PauseState:
+    """A paused handler, as the ledger records it (``Ledger.paused``)."""
+
+    handler: str
+    #: why it was paused (free text from the operator; may be empty)
+    reason: str
+    #: who paused it (free text: a user, a tool; may be empty)
+    by: str
+    #: when it was paused, by the ledger's clock (POSIX seconds)
+    since: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +375,22 @@ class Ledger(ABC):
         """Delete up to ``limit`` COMPLETED records completed before ``older_than`` (POSIX seconds).
         Returns how many were deleted. Only completed records are forgotten: in-flight, released
         and quarantined ones stay."""
+
+    @abstractmethod
+    async def set_paused(
+        self, handler: str, paused: bool, *, reason: str = "", by: str = ""
+    ) -> None:
+        """Durably pause (``paused=True``) or resume (``paused=False``) ``handler`` for every
+        worker sharing this ledger. Pausing a paused handler replaces its ``reason``, ``by`` and
+        ``since``; resuming a handler that is not paused does nothing. Durable when it returns.
+        Moves no boundary and touches no operation record. ``handler`` must pass
+        :func:`check_handler_name`; ``reason`` and ``by`` are truncated to
+        :data:`MAX_PAUSE_TEXT` UTF-8 bytes (see :func:`pause_text`)."""
+
+    @abstractmethod
+    async def paused(self) -> dict[str, PauseState]:
+        """Every paused handler, by name (empty when none is). One cheap read: workers call it
+        about once a second. Raises ``LedgerUnavailable`` like every other read."""
 
     async def durability(self) -> Durability:
         """Whether this ledger's storage can back a claim (backends say what they know)."""
@@ -501,6 +542,32 @@ def check_fence(existing: Record | None, claim: Claim) -> Record:
 
 def lease_expired(record: Record, now: float) -> bool:
     return record.state is State.IN_FLIGHT and (record.lease_until or 0.0) <= now
+
+
+def check_handler_name(handler: object) -> str:
+    """``handler`` if it can name a handler in the ledger's control flags, else
+    ``ConfigurationError``: a non-empty string of at most :data:`MAX_HANDLER_NAME` UTF-8 bytes
+    without control characters (every backend stores exactly this)."""
+    if (
+        not isinstance(handler, str)
+        or not handler
+        or len(handler.encode("utf-8", "surrogatepass")) > MAX_HANDLER_NAME
+        or any(ord(ch) < 32 or 0x7F <= ord(ch) < 0xA0 or 0xD800 <= ord(ch) < 0xE000
+               for ch in handler)
+    ):  # fmt: skip
+        raise ConfigurationError(
+            f"handler name {handler!r} cannot be paused or resumed: use the handler's registered "
+            f"name (1-{MAX_HANDLER_NAME} bytes, no control characters); "
+            "`replaysafe handler list MODULE:APP` shows them"
+        )
+    return handler
+
+
+def pause_text(text: str) -> str:
+    """``text`` cut to at most :data:`MAX_PAUSE_TEXT` UTF-8 bytes (never inside a character),
+    with lone surrogates replaced so that every store can encode it."""
+    raw = text.encode("utf-8", "replace")[:MAX_PAUSE_TEXT]
+    return raw.decode("utf-8", "ignore")
 
 
 def unknown_entry(entry_id: str) -> LedgerError:

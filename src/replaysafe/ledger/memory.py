@@ -19,13 +19,16 @@ from replaysafe.ledger.base import (
     Ledger,
     LedgerSummary,
     OpKey,
+    PauseState,
     QuarantineEntry,
     QuarantineRequest,
     Record,
     State,
     check_fence,
+    check_handler_name,
     decide_claim,
     merge_quarantine,
+    pause_text,
     unknown_entry,
 )
 from replaysafe.quarantine import QuarantineReason
@@ -36,6 +39,7 @@ class MemoryLedger(Ledger):
         self._clock = clock
         self._records: dict[OpKey, Record] = {}
         self._quarantine: dict[str, QuarantineEntry] = {}
+        self._paused: dict[str, PauseState] = {}
         self._last_token = 0
 
     def now(self) -> float:
@@ -62,7 +66,8 @@ class MemoryLedger(Ledger):
     async def extend(self, claim: Claim, lease: float) -> Claim:
         rec = check_fence(self._records.get(claim.key), claim)
         until = self.now() + lease
-        self._records[claim.key] = replace(rec, lease_until=until, updated_at=self.now())
+        # updated_at stays the claim time (the summary's oldest in-flight age)
+        self._records[claim.key] = replace(rec, lease_until=until)
         return replace(claim, lease_until=until)
 
     async def complete(self, claim: Claim, result: str | None = None) -> Record:
@@ -174,6 +179,20 @@ class MemoryLedger(Ledger):
         for k in doomed:
             del self._records[k]
         return len(doomed)
+
+    async def set_paused(
+        self, handler: str, paused: bool, *, reason: str = "", by: str = ""
+    ) -> None:
+        check_handler_name(handler)
+        if paused:
+            self._paused[handler] = PauseState(
+                handler, pause_text(reason), pause_text(by), self.now()
+            )
+        else:
+            self._paused.pop(handler, None)
+
+    async def paused(self) -> dict[str, PauseState]:
+        return dict(self._paused)
 
     async def durability(self) -> Durability:
         return Durability(

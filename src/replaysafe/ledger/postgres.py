@@ -57,6 +57,7 @@ from replaysafe.errors import (
     LedgerUnavailable,
     MissingExtra,
 )
+from replaysafe.ledger._fast import new_acquired, new_claim, new_record
 from replaysafe.ledger.base import (
     Acquired,
     Claim,
@@ -64,6 +65,7 @@ from replaysafe.ledger.base import (
     ClaimRequest,
     LedgerSummary,
     OpKey,
+    PauseState,
     QuarantineEntry,
     QuarantineRequest,
     Record,
@@ -71,8 +73,10 @@ from replaysafe.ledger.base import (
     Transaction,
     TransactionalLedger,
     check_fence,
+    check_handler_name,
     decide_claim,
     entry_from_row,
+    pause_text,
     unknown_entry,
 )
 from replaysafe.quarantine import QuarantineReason
@@ -84,7 +88,7 @@ if TYPE_CHECKING:  # the driver is an optional extra: imported lazily at run tim
 log = logging.getLogger("replaysafe.ledger.postgres")
 
 #: the version :meth:`PostgresLedger.migrate` brings a schema to (see ``_MIGRATIONS``)
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 
 #: schema names: lower case, so they never need quoting rules explained; 63 bytes is PostgreSQL's
 #: identifier limit. ``pg_`` is reserved for system schemas.
@@ -278,6 +282,16 @@ _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
             ON {ops} (attempts DESC, scope COLLATE "C", operation_id COLLATE "C")
             WHERE attempts > 1""",
     ),
+    3: (
+        # handler control: one row per paused handler (no row: running), read by every worker
+        # about once a second (a handful of rows: a sequential scan is the cheapest plan)
+        """CREATE TABLE IF NOT EXISTS {paused} (
+            handler   text        PRIMARY KEY,
+            reason    text        NOT NULL,
+            paused_by text        NOT NULL,
+            since     timestamptz NOT NULL
+        )""",
+    ),
 }
 
 _OBJECTS: Final = {  # object key -> table suffix, for names and for "what was created"
@@ -289,6 +303,7 @@ _OBJECTS: Final = {  # object key -> table suffix, for names and for "what was c
     "q_by_time": "quarantine_by_time",
     "q_by_reason": "quarantine_by_reason",
     "hot_idx": "operations_hot",
+    "paused": "paused",
 }
 
 _INDEXES: Final = frozenset({"purge_idx", "q_by_time", "q_by_reason", "hot_idx"})
@@ -339,6 +354,33 @@ FROM req r LEFT JOIN {ops} e ON e.scope = r.scope AND e.operation_id = r.operati
 WHERE NOT EXISTS (SELECT 1 FROM ins i WHERE i.scope = r.scope AND i.operation_id = r.operation_id)
 """
 
+# What an acquired claim returns: what the caller does not already know. The requester knows the
+# key, fingerprint and owner, and the state (in_flight), result and completed_at (NULL) of a
+# row it just claimed; the other record columns come back as typed NULLs, so every row of the
+# statement keeps one layout (ord, written, the 13 record columns, recovered, db_now) and a
+# refused row still carries its whole record. Fewer columns: less for the server to produce and
+# send, less for the client to parse (the record is rebuilt only where it is needed).
+_ACQUIRED_RETURNING: Final = (
+    "o.scope, o.operation_id, o.token, date_part('epoch', o.lease_until) AS lease_until, "
+    "o.attempts, o.last_error, date_part('epoch', o.created_at) AS created_at, "
+    "date_part('epoch', o.updated_at) AS updated_at"
+)
+_ACQUIRED_COLUMNS: Final = (
+    "NULL::text, NULL::text, NULL::text, NULL::text, i.token, NULL::text, i.lease_until, "
+    "i.attempts, NULL::text, i.last_error, i.created_at, i.updated_at, NULL::float8"
+)
+# The same for a completed item of complete_many: with the token current, the key,
+# fingerprint, owner and attempts are the claim's (only a claim, which draws a new token,
+# rewrites them), the state is completed, the result is the caller's and the lease NULL.
+_COMPLETED_RETURNING: Final = (
+    "o.last_error, date_part('epoch', o.created_at) AS created_at, "
+    "date_part('epoch', o.updated_at) AS updated_at"
+)
+_COMPLETED_COLUMNS: Final = (
+    "NULL::text, NULL::text, NULL::text, NULL::text, NULL::int8, NULL::text, NULL::float8, "
+    "NULL::int4, NULL::text, u.last_error, u.created_at, u.updated_at, u.updated_at"
+)
+
 # fenced writes name the claim's key with their own parameters, so a statement can also carry an
 # entry's (scope, op) without the two being confused
 _FENCE: Final = (
@@ -380,8 +422,7 @@ WHERE NOT EXISTS (SELECT 1 FROM upd u WHERE u.ord = r.ord)
 """
 
 _EXTEND: Final = """
-UPDATE {ops} SET lease_until = clock_timestamp() + %(lease)s::float8 * interval '1 second',
-                 updated_at = statement_timestamp()
+UPDATE {ops} SET lease_until = clock_timestamp() + %(lease)s::float8 * interval '1 second'
 WHERE {fence}
 RETURNING date_part('epoch', lease_until)"""
 
@@ -514,6 +555,18 @@ SELECT date_part('epoch', statement_timestamp()),
        pg_total_relation_size({ops_lit}::regclass) + pg_total_relation_size({q_lit}::regclass)"""
 
 
+# Handler control (``replaysafe handler pause|resume``): the pause time is the database clock.
+_PAUSE: Final = """
+INSERT INTO {paused} (handler, reason, paused_by, since)
+VALUES (%(handler)s, %(reason)s, %(by)s, statement_timestamp())
+ON CONFLICT (handler) DO UPDATE SET
+    reason = excluded.reason, paused_by = excluded.paused_by, since = excluded.since"""
+_RESUME: Final = "DELETE FROM {paused} WHERE handler = %(handler)s"
+_LIST_PAUSED: Final = (
+    "SELECT handler, reason, paused_by, date_part('epoch', since) FROM {paused} ORDER BY handler"
+)
+
+
 # ---------------------------------------------------------------------- value types
 
 
@@ -553,7 +606,8 @@ class PostgresTransaction(Transaction):
 
     Valid only inside its ``async with ledger.transaction()`` block. Statements use psycopg's
     placeholders (``%s`` or ``%(name)s``). Errors of the caller's own SQL propagate unchanged
-    (``psycopg.errors.UniqueViolation`` …) so a handler can react to them; the block then rolls
+    (``psycopg.errors.UniqueViolation`` …) so a handler can react to them (a dead connection is
+    ``LedgerUnavailable``, as everywhere in the ledger); the block then rolls
     back when the exception leaves it. After such an error PostgreSQL refuses further statements in
     the same transaction until it is rolled back: let the exception leave the block.
     """
@@ -572,9 +626,19 @@ class PostgresTransaction(Transaction):
     async def execute(
         self, sql: str, params: Sequence[Any] | dict[str, Any] = ()
     ) -> AsyncCursor[Any]:
-        """Run one statement; returns the psycopg cursor (``rowcount``, ``fetchall()`` …)."""
+        """Run one statement; returns the psycopg cursor (``rowcount``, ``fetchall()`` …).
+
+        The caller's own SQL errors propagate unchanged; a connection that died under the
+        statement (server restart, ``pg_terminate_backend``, network) raises
+        ``LedgerUnavailable``: the transaction is gone, nothing of it committed."""
         self._check_open()
-        return await self._conn.execute(sql, params or None)
+        psycopg, _ = _driver()
+        try:
+            return await self._conn.execute(sql, params or None)
+        except psycopg.Error as exc:
+            if self._conn.broken or self._conn.closed:
+                raise self._ledger._unavailable("transaction statement", exc) from exc
+            raise
 
     async def fetchall(
         self, sql: str, params: Sequence[Any] | dict[str, Any] = ()
@@ -602,11 +666,11 @@ class PostgresLedger(TransactionalLedger):
     """The replay ledger in PostgreSQL. See the module docstring for the design.
 
     ``dsn`` is a libpq connection string or URL. ``schema`` and ``table_prefix`` name where the
-    ledger lives (validated; tables ``<prefix>operations``, ``<prefix>quarantine``, sequence
-    ``<prefix>token_seq``, ``<prefix>schema_version``). The pool holds ``min_size`` to ``max_size``
-    connections; ``connect_timeout`` bounds opening one, ``acquire_timeout`` bounds waiting for a
-    free one. Connections run in autocommit: every ledger call is one statement, one round trip,
-    one commit.
+    ledger lives (validated; tables ``<prefix>operations``, ``<prefix>quarantine``,
+    ``<prefix>paused``, sequence ``<prefix>token_seq``, ``<prefix>schema_version``). The pool
+    holds ``min_size`` to ``max_size`` connections; ``connect_timeout`` bounds opening one,
+    ``acquire_timeout`` bounds waiting for a free one. Connections run in autocommit: every
+    ledger call is one statement, one round trip, one commit.
 
     The schema is created by :meth:`migrate` (or ``replaysafe ledger migrate``); with
     ``auto_migrate=True`` :meth:`open` runs it. Without it, ``open`` refuses a missing or older
@@ -817,6 +881,7 @@ class PostgresLedger(TransactionalLedger):
             "q_by_time",
             "q_by_reason",
             "hot_idx",
+            "paused",
         ):
             qualified = f'"{self._schema}"."{self._names[key]}"'  # validated identifiers
             cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (qualified,))
@@ -905,15 +970,18 @@ class PostgresLedger(TransactionalLedger):
             "token": [c.token for c, _ in items],
             "result": [r for _, r in items],
         }
-        rows = await self._fetch("complete_many", self._sql("complete_many"), params)
+        rows = await self._fetch("complete_many", self._sql("complete_many"), params, binary=True)
         rows.sort(key=_ORD)  # updated rows and refused rows come from two branches
         if all(row[1] for row in rows):  # the common case: every claim was current
-            return [_record(row, 2) for row in rows]
+            return [
+                _completed_record(c, result, row)
+                for (c, result), row in zip(items, rows, strict=True)
+            ]
         out: list[Record | LeaseLost] = []
         done: dict[OpKey, Record] = {}
-        for (claim, _), row in zip(items, rows, strict=True):
+        for (claim, result), row in zip(items, rows, strict=True):
             if row[1]:
-                rec = _record(row, 2)
+                rec = _completed_record(claim, result, row)
                 done[claim.key] = rec
                 out.append(rec)
             else:
@@ -1063,6 +1131,24 @@ class PostgresLedger(TransactionalLedger):
             approx_bytes=int(size),
         )
 
+    async def set_paused(
+        self, handler: str, paused: bool, *, reason: str = "", by: str = ""
+    ) -> None:
+        """Pause (upsert a row in ``<prefix>paused``, ``since`` = database now) or resume (delete
+        it) ``handler``: one autocommit statement, durable when this returns."""
+        self._guard("set_paused")
+        check_handler_name(handler)
+        if paused:
+            params = {"handler": handler, "reason": pause_text(reason), "by": pause_text(by)}
+            await self._rowcount("set_paused", self._sql("pause"), params)
+        else:
+            await self._rowcount("set_paused", self._sql("resume"), {"handler": handler})
+
+    async def paused(self) -> dict[str, PauseState]:
+        """The paused handlers: one statement over a table with a row per paused handler."""
+        rows = await self._fetch("paused", self._sql("list_paused"), {})
+        return {h: PauseState(h, r, b, float(t)) for h, r, b, t in rows}
+
     async def purge(self, older_than: float, *, limit: int = 10_000) -> int:
         """Forget up to ``limit`` COMPLETED records completed before ``older_than`` (POSIX
         seconds, compared with the database's ``completed_at``), oldest first.
@@ -1206,31 +1292,37 @@ class PostgresLedger(TransactionalLedger):
                 results = await self._claim_round([r for _, r in send])
                 for (idx, r), (outcome, row, db_now) in zip(send, results, strict=True):
                     out[idx] = outcome
-                    known[r.key] = (_record_or_none(row, 2), db_now)
+                    known[r.key] = (
+                        _acquired_record(r, row) if row[1] else _record_or_none(row, 2),
+                        db_now,
+                    )
             pending = later
         return [o for o in out if o is not None]
 
     async def _claim_round(
         self, requests: list[ClaimRequest]
     ) -> list[tuple[ClaimOutcome, tuple[Any, ...], float]]:
-        """One statement for distinct keys; per request ``(outcome, row, database now)`` where
-        ``row[2:15]`` is the record after the claim (the row is kept raw: building a Record for
-        every acquired claim would cost more than the statement's own parsing)."""
+        """One statement for distinct keys; per request ``(outcome, row, database now)``. For a
+        refused claim ``row[2:15]`` is the record; an acquired claim's row carries only what the
+        request does not say (see ``_ACQUIRED_COLUMNS``; ``_acquired_record`` rebuilds the record
+        where it is needed). The row is kept raw: building a Record for every acquired claim
+        would cost more than the statement's own parsing."""
         results: list[tuple[ClaimOutcome, tuple[Any, ...], float] | None] = [None] * len(requests)
         todo = list(range(len(requests)))
         for _ in range(CLAIM_RACE_RETRIES):
             batch = [requests[i] for i in todo]
-            rows = await self._fetch("claim", *self._claim_statement(batch))
+            rows = await self._fetch("claim", *self._claim_statement(batch), binary=True)
             retry: list[int] = []
             for row in rows:
                 i = todo[row[0] - 1]
                 r = requests[i]
                 if row[1]:  # written: this claim holds the operation now
-                    # row: ord, written, scope, op, fp, state, token(6), owner, lease_until(8),
-                    # attempts(9), result, last_error, created_at, updated_at(13), completed_at,
-                    # recovered(15), db_now
-                    claim = Claim(r.key, r.fingerprint, row[6], r.owner, row[8], row[9], row[15])
-                    results[i] = (Acquired(claim), row, row[13])
+                    # row: ord, written, -, -, -, -, token(6), -, lease_until(8), attempts(9), -,
+                    # last_error(11), created_at(12), updated_at(13), -, recovered(15), -
+                    claim = new_claim(
+                        r.key, r.fingerprint, row[6], r.owner, row[8], row[9], row[15]
+                    )
+                    results[i] = (new_acquired(claim), row, row[13])
                     continue
                 existing = _record_or_none(row, 2)
                 db_now = float(row[16])
@@ -1291,23 +1383,30 @@ class PostgresLedger(TransactionalLedger):
             current = None
         return _fence_error(current, claim)
 
-    async def _fetch(self, action: str, query: bytes, params: Any) -> list[tuple[Any, ...]]:
-        """One statement on a pooled autocommit connection; all rows."""
-        rows: list[tuple[Any, ...]] = await self._statement(action, query, params, True)
+    async def _fetch(
+        self, action: str, query: bytes, params: Any, *, binary: bool = False
+    ) -> list[tuple[Any, ...]]:
+        """One statement on a pooled autocommit connection; all rows. ``binary`` asks for
+        results in binary format (the claim and complete_many statements: their text, bigint,
+        integer, float8 and boolean columns load to the same Python values, with less work on
+        both sides than printing and parsing text)."""
+        rows: list[tuple[Any, ...]] = await self._statement(action, query, params, True, binary)
         return rows
 
     async def _rowcount(self, action: str, query: bytes, params: Any) -> int:
         count: int = await self._statement(action, query, params, False)
         return count
 
-    async def _statement(self, action: str, query: bytes, params: Any, rows: bool) -> Any:
+    async def _statement(
+        self, action: str, query: bytes, params: Any, rows: bool, binary: bool = False
+    ) -> Any:
         pool = await self._ensure_ready()
         psycopg, _ = _driver()
         used: AsyncConnection[Any] | None = None
         try:
             async with pool.connection(timeout=self._acquire_timeout) as conn:
                 used = conn
-                cur = await conn.execute(query, params)
+                cur = await conn.execute(query, params, binary=binary)
                 return await cur.fetchall() if rows else cur.rowcount
         except psycopg.Error as exc:
             if used is not None and used.broken:
@@ -1493,29 +1592,28 @@ class PostgresLedger(TransactionalLedger):
         if self._q:
             return
         rec_o = _rec("o")
-        rec_ret = _rec("o", named=True)
         texts = {
             "claim_one": _CLAIM.format(
                 req=_REQ_ONE,
                 ops="{ops}",
                 seq_lit="{seq_lit}",
-                ins_cols=rec_ret,
-                i_cols=", ".join(f"i.{n}" for n in _REC_NAMES),
+                ins_cols=_ACQUIRED_RETURNING,
+                i_cols=_ACQUIRED_COLUMNS,
                 e_cols=_rec("e"),
             ),
             "claim_many": _CLAIM.format(
                 req=_REQ_MANY,
                 ops="{ops}",
                 seq_lit="{seq_lit}",
-                ins_cols=rec_ret,
-                i_cols=", ".join(f"i.{n}" for n in _REC_NAMES),
+                ins_cols=_ACQUIRED_RETURNING,
+                i_cols=_ACQUIRED_COLUMNS,
                 e_cols=_rec("e"),
             ),
             "complete": _COMPLETE.format(ops="{ops}", fence=_FENCE, rec=rec_o),
             "complete_many": _COMPLETE_MANY.format(
                 ops="{ops}",
-                upd_cols=rec_ret,
-                u_cols=", ".join(f"u.{n}" for n in _REC_NAMES),
+                upd_cols=_COMPLETED_RETURNING,
+                u_cols=_COMPLETED_COLUMNS,
                 e_cols=_rec("e"),
             ),
             "extend": _EXTEND.format(ops="{ops}", fence=_FENCE),
@@ -1531,6 +1629,9 @@ class PostgresLedger(TransactionalLedger):
             "list_all": _LIST_ALL.format(entry=_ENTRY_COLUMNS, q="{q}"),
             "list_reason": _LIST_REASON.format(entry=_ENTRY_COLUMNS, q="{q}"),
             "purge": _PURGE,
+            "pause": _PAUSE,
+            "resume": _RESUME,
+            "list_paused": _LIST_PAUSED,
         }
         for used in itertools.product((False, True), repeat=len(_PURGE_QUARANTINE_FILTERS)):
             chosen = [f for f, on in zip(_PURGE_QUARANTINE_FILTERS, used, strict=True) if on]
@@ -1642,6 +1743,24 @@ def _record(row: Sequence[Any], o: int = 0) -> Record:
         row[o + 11],
         row[o + 12],
     )
+
+
+def _acquired_record(r: ClaimRequest, row: Sequence[Any]) -> Record:
+    """The record an acquired claim left: the request's key, fingerprint and owner, the row's
+    token, lease, attempts, last_error and times (the columns of ``_ACQUIRED_COLUMNS``)."""
+    return Record(
+        r.key, r.fingerprint, State.IN_FLIGHT, row[6], r.owner, row[8], row[9], None, row[11],
+        row[12], row[13], None,
+    )  # fmt: skip
+
+
+def _completed_record(claim: Claim, result: str | None, row: Sequence[Any]) -> Record:
+    """The record a current ``claim`` completed with ``result``: the row of complete_many carries
+    only last_error, created_at, updated_at and completed_at (``_COMPLETED_COLUMNS``)."""
+    return new_record(
+        claim.key, claim.fingerprint, State.COMPLETED, claim.token, claim.owner, None,
+        claim.attempt, result, row[11], row[12], row[13], row[14],
+    )  # fmt: skip
 
 
 def _record_or_none(row: Sequence[Any] | None, o: int = 0) -> Record | None:

@@ -42,6 +42,7 @@ from typing import Any, Final, TypeVar
 
 from replaysafe.clock import SYSTEM_CLOCK, Clock
 from replaysafe.errors import ConfigurationError, LeaseLost, LedgerError, LedgerUnavailable
+from replaysafe.ledger._fast import new_record
 from replaysafe.ledger.base import (
     Acquired,
     Claim,
@@ -50,6 +51,7 @@ from replaysafe.ledger.base import (
     Durability,
     LedgerSummary,
     OpKey,
+    PauseState,
     QuarantineEntry,
     QuarantineRequest,
     Record,
@@ -57,21 +59,29 @@ from replaysafe.ledger.base import (
     Transaction,
     TransactionalLedger,
     check_fence,
+    check_handler_name,
     decide_claim,
     entry_from_row,
     merge_quarantine,
+    pause_text,
     unknown_entry,
 )
 from replaysafe.quarantine import QuarantineReason
 
 T = TypeVar("T")
 
+
+def _noop() -> None:
+    return None
+
+
 #: accepted values of ``PRAGMA synchronous`` (anything else is refused, never interpolated)
 SYNCHRONOUS_MODES: Final = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 
 #: 2: quarantine entries keep ``published_at``, ``message_size``, ``redriven_at``, ``redrives``;
-#: index of retried operations for :meth:`SQLiteLedger.summary`
-SCHEMA_VERSION: Final = 2
+#: index of retried operations for :meth:`SQLiteLedger.summary`.
+#: 3: ``replaysafe_paused``, the handlers paused by ``replaysafe handler pause``.
+SCHEMA_VERSION: Final = 3
 
 _RECORD_COLUMNS = (
     "scope, operation_id, fingerprint, state, token, owner, lease_until, attempts, result, "
@@ -141,6 +151,14 @@ _SCHEMA: Final = (
     )""",
     f"""INSERT OR IGNORE INTO replaysafe_meta (id, last_token, schema_version)
         VALUES (1, 0, {SCHEMA_VERSION})""",
+    # Version 3: one row per paused handler (no row: running). Created IF NOT EXISTS on every
+    # open, so an older file gains it before _upgrade moves its version.
+    """CREATE TABLE IF NOT EXISTS replaysafe_paused (
+        handler   TEXT PRIMARY KEY,
+        reason    TEXT NOT NULL,
+        paused_by TEXT NOT NULL,
+        since     REAL NOT NULL
+    ) WITHOUT ROWID""",
 )
 
 #: Columns a version-1 file lacks, added by ``ALTER TABLE`` when the file is opened (SQLite has no
@@ -164,7 +182,22 @@ _SAVE_RECORD = f"""
         attempts = excluded.attempts, result = excluded.result,
         last_error = excluded.last_error, created_at = excluded.created_at,
         updated_at = excluded.updated_at, completed_at = excluded.completed_at"""
+#: The batch paths' narrow write of an EFFECTED operation: the row was read (and fenced) in the
+#: same ``BEGIN IMMEDIATE`` transaction, so only the columns that change are written.
+_COMPLETE_RECORD = f"""
+    UPDATE replaysafe_operations
+    SET state = '{State.COMPLETED.value}', result = ?, lease_until = NULL, updated_at = ?,
+        completed_at = ?
+    WHERE scope = ? AND operation_id = ?"""
+#: keys one batched read binds at most (far below SQLite's host-parameter limit)
+_READ_CHUNK: Final = 256
 _SELECT_ENTRY = f"SELECT {_ENTRY_COLUMNS} FROM replaysafe_quarantine WHERE id = ?"
+_PAUSE = """
+    INSERT INTO replaysafe_paused (handler, reason, paused_by, since) VALUES (?, ?, ?, ?)
+    ON CONFLICT (handler) DO UPDATE SET
+        reason = excluded.reason, paused_by = excluded.paused_by, since = excluded.since"""
+_RESUME = "DELETE FROM replaysafe_paused WHERE handler = ?"
+_LIST_PAUSED = "SELECT handler, reason, paused_by, since FROM replaysafe_paused ORDER BY handler"
 _SAVE_ENTRY = f"""
     INSERT INTO replaysafe_quarantine ({_ENTRY_COLUMNS})
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
@@ -432,6 +465,33 @@ class SQLiteLedger(TransactionalLedger):
 
         return await self._write(delete)
 
+    async def set_paused(
+        self, handler: str, paused: bool, *, reason: str = "", by: str = ""
+    ) -> None:
+        """Pause or resume ``handler`` for every process sharing the file: one row in
+        ``replaysafe_paused`` written (or deleted) in one fsynced ``BEGIN IMMEDIATE``
+        transaction, so it is durable when this returns."""
+        check_handler_name(handler)
+        if paused:
+            row = (handler, pause_text(reason), pause_text(by), self._clock.now())
+
+            def write(conn: sqlite3.Connection) -> None:
+                conn.execute(_PAUSE, row)
+        else:
+
+            def write(conn: sqlite3.Connection) -> None:
+                conn.execute(_RESUME, (handler,))
+
+        await self._write(write)
+
+    async def paused(self) -> dict[str, PauseState]:
+        """The paused handlers (one indexed read of a table with a row per paused handler)."""
+
+        def rows(conn: sqlite3.Connection) -> dict[str, PauseState]:
+            return {h: PauseState(h, r, b, t) for h, r, b, t in conn.execute(_LIST_PAUSED)}
+
+        return await self._read(rows)
+
     async def summary(self, *, top: int = 10) -> LedgerSummary:
         """Counts for ``replaysafe inspect``, read in one snapshot (a read transaction: writers
         are not blocked). Leases and the last hour are judged by the injected clock;
@@ -553,6 +613,23 @@ class SQLiteLedger(TransactionalLedger):
                 await self._run(self._close_job)
             finally:
                 self._executor.shutdown(wait=False)
+
+    @asynccontextmanager
+    async def idle(self) -> AsyncIterator[None]:
+        """Hold the ledger idle: inside the block no statement or transaction of *this* ledger
+        object runs, and every job queued before it has finished, so this process holds no SQLite
+        lock on the file. Other calls wait until the block exits.
+
+        For fault injection: a process stopped (``SIGSTOP``) inside the block stalls only itself.
+        Stopped while one of its transactions holds the write lock, it would stall every process
+        sharing the file until it resumes — a real hazard of a shared SQLite ledger (see
+        docs/ledger-sqlite.md), but not the fault a stalled-holder test means to inject."""
+        self._guard_reentry("idle")
+        async with self._lock:
+            self._check_open()
+            # a rollback queued by a cancelled caller may still run: wait for the thread to drain
+            await self._run(_noop)
+            yield
 
     # ------------------------------------------------------------------ event-loop side
 
@@ -771,20 +848,28 @@ class SQLiteLedger(TransactionalLedger):
     def _claim_rows(
         self, requests: list[ClaimRequest], conn: sqlite3.Connection
     ) -> list[ClaimOutcome]:
+        """``decide_claim`` for each request in order, on the records read in one batched
+        statement; a key repeated in the batch sees the record its earlier copy decided. The
+        writes go out in one ``executemany``, in request order."""
         now = self._clock.now()
         (last_token,) = conn.execute("SELECT last_token FROM replaysafe_meta").fetchone()
         issued = last_token
+        current = _load_many(conn, [r.key for r in requests])
         outcomes: list[ClaimOutcome] = []
+        writes: list[tuple[Any, ...]] = []
         for r in requests:
-            existing = self._load(conn, r.key)
+            k = (r.key.scope, r.key.operation_id)
             outcome, rec = decide_claim(
-                existing, r.key, r.fingerprint, r.owner, r.lease, now, issued + 1
+                current.get(k), r.key, r.fingerprint, r.owner, r.lease, now, issued + 1
             )
             if isinstance(outcome, Acquired):
                 issued += 1
             if rec is not None:
-                self._save(conn, rec)
+                current[k] = rec
+                writes.append(_record_params(rec))
             outcomes.append(outcome)
+        if writes:
+            conn.executemany(_SAVE_RECORD, writes)
         if issued != last_token:
             conn.execute("UPDATE replaysafe_meta SET last_token = ?", (issued,))
         return outcomes
@@ -792,32 +877,43 @@ class SQLiteLedger(TransactionalLedger):
     def _extend_rows(self, claim: Claim, lease: float, conn: sqlite3.Connection) -> Claim:
         rec = check_fence(self._load(conn, claim.key), claim)
         now = self._clock.now()
-        self._save(conn, replace(rec, lease_until=now + lease, updated_at=now))
+        # updated_at stays the claim time (the summary's oldest in-flight age)
+        self._save(conn, replace(rec, lease_until=now + lease))
         return replace(claim, lease_until=now + lease)
 
     def _complete_rows(self, claim: Claim, result: str | None, conn: sqlite3.Connection) -> Record:
-        rec = check_fence(self._load(conn, claim.key), claim)
-        now = self._clock.now()
-        done = replace(
-            rec,
-            state=State.COMPLETED,
-            result=result,
-            lease_until=None,
-            updated_at=now,
-            completed_at=now,
-        )
-        self._save(conn, done)
+        (done,) = self._complete_many_rows([(claim, result)], conn)
+        if isinstance(done, LeaseLost):
+            raise done
         return done
 
     def _complete_many_rows(
         self, items: list[tuple[Claim, str | None]], conn: sqlite3.Connection
     ) -> list[Record | LeaseLost]:
+        """Fence each claim against the records read in one batched statement, in order (a claim
+        repeated in the batch finds its earlier copy's COMPLETED record: ``LeaseLost``); a stale
+        claim yields its ``LeaseLost`` in place and writes nothing. The writes go out in one
+        ``executemany``."""
+        now = self._clock.now()
+        current = _load_many(conn, [claim.key for claim, _ in items])
         out: list[Record | LeaseLost] = []
+        writes: list[tuple[Any, ...]] = []
         for claim, result in items:
+            k = (claim.key.scope, claim.key.operation_id)
             try:
-                out.append(self._complete_rows(claim, result, conn))
-            except LeaseLost as exc:  # raised by check_fence before any write for this item
+                rec = check_fence(current.get(k), claim)
+            except LeaseLost as exc:
                 out.append(exc)
+                continue
+            done = new_record(
+                rec.key, rec.fingerprint, State.COMPLETED, rec.token, rec.owner, None,
+                rec.attempts, result, rec.last_error, rec.created_at, now, now,
+            )  # fmt: skip
+            current[k] = done
+            writes.append((result, now, now, k[0], k[1]))
+            out.append(done)
+        if writes:
+            conn.executemany(_COMPLETE_RECORD, writes)
         return out
 
     def _release_rows(self, claim: Claim, error: str | None, conn: sqlite3.Connection) -> None:
@@ -878,30 +974,15 @@ class SQLiteLedger(TransactionalLedger):
 
     @staticmethod
     def _save(conn: sqlite3.Connection, rec: Record) -> None:
-        conn.execute(
-            _SAVE_RECORD,
-            (
-                rec.key.scope,
-                rec.key.operation_id,
-                rec.fingerprint,
-                rec.state.value,
-                rec.token,
-                rec.owner,
-                rec.lease_until,
-                rec.attempts,
-                rec.result,
-                rec.last_error,
-                rec.created_at,
-                rec.updated_at,
-                rec.completed_at,
-            ),
-        )
+        conn.execute(_SAVE_RECORD, _record_params(rec))
 
 
 def _upgrade(conn: sqlite3.Connection) -> None:
     """Bring a file of an older schema version to :data:`SCHEMA_VERSION`, inside the caller's
     ``BEGIN IMMEDIATE`` (so concurrent openers take turns and the later ones find it done).
-    Idempotent: each column is added only if ``PRAGMA table_info`` does not list it."""
+    Idempotent: each column is added only if ``PRAGMA table_info`` does not list it. New tables
+    (version 3's ``replaysafe_paused``) come from the ``CREATE … IF NOT EXISTS`` statements that
+    run before this."""
     present = {row[1] for row in conn.execute("PRAGMA table_info(replaysafe_quarantine)")}
     for name, definition in _ADDED_QUARANTINE_COLUMNS:
         if name not in present:
@@ -949,20 +1030,69 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
 
 
 def _record_from_row(row: tuple[Any, ...]) -> Record:
-    return Record(
-        key=OpKey(row[0], row[1]),
-        fingerprint=row[2],
-        state=State(row[3]),
-        token=row[4],
-        owner=row[5],
-        lease_until=row[6],
-        attempts=row[7],
-        result=row[8],
-        last_error=row[9],
-        created_at=row[10],
-        updated_at=row[11],
-        completed_at=row[12],
+    state = _STATES.get(row[3])
+    return new_record(
+        OpKey(row[0], row[1]),
+        row[2],
+        State(row[3]) if state is None else state,  # an unknown value raises as before
+        row[4], row[5], row[6], row[7], row[8], row[9], row[10], row[11], row[12],
+    )  # fmt: skip
+
+
+#: ``State`` by stored value (the enum's own lookup costs more than the rest of a row)
+_STATES: Final = {s.value: s for s in State}
+
+
+def _record_params(rec: Record) -> tuple[Any, ...]:
+    """``rec`` as the parameters of ``_SAVE_RECORD`` (the order of ``_RECORD_COLUMNS``)."""
+    return (
+        rec.key.scope,
+        rec.key.operation_id,
+        rec.fingerprint,
+        rec.state.value,
+        rec.token,
+        rec.owner,
+        rec.lease_until,
+        rec.attempts,
+        rec.result,
+        rec.last_error,
+        rec.created_at,
+        rec.updated_at,
+        rec.completed_at,
     )
+
+
+def _select_many_sql(n: int) -> str:
+    return (
+        f"SELECT {_RECORD_COLUMNS} FROM replaysafe_operations "
+        f"WHERE scope = ? AND operation_id IN ({', '.join('?' * n)})"
+    )
+
+
+#: the batched read for 1, 2, 4 … ``_READ_CHUNK`` keys: a batch is padded to the next size (with
+#: a repeated key), so a handful of statements stay prepared in the connection's cache
+_SELECT_MANY: Final = {1 << i: _select_many_sql(1 << i) for i in range(_READ_CHUNK.bit_length())}
+
+
+def _load_many(conn: sqlite3.Connection, keys: list[OpKey]) -> dict[tuple[str, str], Record]:
+    """The stored records of ``keys`` by ``(scope, operation_id)`` (a key without a record is
+    absent), read with one indexed statement per scope and ``_READ_CHUNK`` keys. The ids are bound
+    as parameters, exactly as the single-row statements bind them, so a key matches here if and
+    only if ``_SELECT_RECORD`` would find it."""
+    by_scope: dict[str, list[str]] = {}
+    for key in keys:
+        by_scope.setdefault(key.scope, []).append(key.operation_id)
+    found: dict[tuple[str, str], Record] = {}
+    for scope, ids in by_scope.items():
+        distinct = list(dict.fromkeys(ids))
+        for start in range(0, len(distinct), _READ_CHUNK):
+            chunk = distinct[start : start + _READ_CHUNK]
+            size = 1 << (len(chunk) - 1).bit_length()
+            params = [scope, *chunk]
+            params += [chunk[-1]] * (size - len(chunk))
+            for row in conn.execute(_SELECT_MANY[size], params):
+                found[(row[0], row[1])] = _record_from_row(row)
+    return found
 
 
 _entry_from_row = entry_from_row
