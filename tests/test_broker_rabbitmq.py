@@ -967,3 +967,125 @@ async def test_end_to_end_at_least_once_shows_the_duplicate(rabbit: Rabbit, tmp_
         assert per[op.split(":")[1]] >= 2, op
     assert probe.duplicates() >= 11  # the crashed one and the 10 copied ones
     print(f"\nALO e2e: effects={len(probe.effects)} duplicated subjects={probe.duplicates()}")
+
+
+# --------------------------------------------------------------------------- coalesced acks
+
+
+def _spy_acks(d: Delivery, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
+    """Record every basic.ack frame sent on ``d``'s channel: (delivery tag, multiple)."""
+    assert isinstance(d, RabbitMQDelivery)
+    channel = d.message.channel
+    frames: list[tuple[int, bool]] = []
+    real_ack = channel.basic_ack
+
+    async def spy(delivery_tag: int, multiple: bool = False, wait: bool = True) -> None:
+        frames.append((delivery_tag, multiple))
+        await real_ack(delivery_tag=delivery_tag, multiple=multiple, wait=wait)
+
+    monkeypatch.setattr(channel, "basic_ack", spy)
+    return frames
+
+
+def _by_tag(ds: list[Delivery]) -> list[RabbitMQDelivery]:
+    out = [d for d in ds if isinstance(d, RabbitMQDelivery)]
+    assert len(out) == len(ds)
+    return sorted(out, key=lambda d: d.message.delivery_tag or 0)
+
+
+async def test_the_acks_of_one_tick_go_out_as_one_multiple_ack(
+    rabbit: Rabbit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    b = rabbit.broker()
+    sub = await b.subscribe(rabbit.source, rabbit.group, prefetch=16)
+    await b.publish(rabbit.source, [env(f"m{i}") for i in range(6)])
+    ds = _by_tag([await recv(sub) for _ in range(6)])
+    frames = _spy_acks(ds[0], monkeypatch)
+    await asyncio.gather(*(d.ack() for d in ds))
+    assert frames == [(ds[-1].message.delivery_tag, True)]
+    assert b.in_flight() == 0
+    await nothing(sub, 1.0)
+    assert (await b.queue_depths(rabbit.source, rabbit.group))[rabbit.topology.queue] == 0
+
+
+async def test_coalesced_acks_never_swallow_a_requeue_or_a_reject(
+    rabbit: Rabbit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    b = rabbit.broker()
+    sub = await b.subscribe(rabbit.source, rabbit.group, prefetch=16)
+    await b.publish(rabbit.source, [env(f"m{i}") for i in range(6)])
+    ds = _by_tag([await recv(sub) for _ in range(6)])
+    frames = _spy_acks(ds[0], monkeypatch)
+    requeued, rejected = ds[2], ds[4]
+    # the others are acked (and flushed) while these two are still being handled
+    await asyncio.gather(*(d.ack() for d in ds if d not in (requeued, rejected)))
+    # the run below the first unsettled tag went out as one multiple ack, the rest alone
+    assert frames[0] == (ds[1].message.delivery_tag, True), frames
+    assert len(frames) == 3, frames
+    await requeued.nack()
+    await rejected.reject("bad input")
+    # a multiple ack that had covered them would have acked them (and made these settles
+    # unknown delivery tags): the requeued copy must come back, the rejected one be dead-lettered
+    again = await recv(sub)  # only the requeued one comes back, on a channel still open
+    assert (op_of(again), again.redelivered) == (op_of(requeued), True)
+    await again.ack()
+    await nothing(sub, 1.0)
+    depths = await b.queue_depths(rabbit.source, rabbit.group)
+    assert depths[rabbit.topology.queue] == 0
+    assert depths[rabbit.topology.dead_letter_queue] == 1  # the reject, not acked away
+    assert b.in_flight() == 0
+
+
+async def test_an_ack_not_yet_written_when_the_subscription_is_abandoned_is_never_sent(
+    rabbit: Rabbit,
+) -> None:
+    b = rabbit.broker()
+    sub = await b.subscribe(rabbit.source, rabbit.group)
+    await b.publish(rabbit.source, [env("unflushed")])
+    d = await recv(sub)
+    ack = asyncio.ensure_future(d.ack())
+    await asyncio.sleep(0)  # the ack is in the book; its flush is still a loop tick away
+    assert not ack.done()
+    await sub.close(abandon=True)  # as a crash: the channel goes first
+    async with asyncio.timeout(RECEIVE):
+        await ack  # the waiter is released, not left hanging
+    other = await b.subscribe(rabbit.source, rabbit.group)
+    again = await recv(other)  # never acked: RabbitMQ gives it back
+    assert (op_of(again), again.redelivered) == ("unflushed", True)
+    await again.ack()
+    await nothing(other, 1.0)
+
+
+async def test_a_batch_cancelled_while_it_lingers_for_a_burst_takes_nothing(
+    rabbit: Rabbit,
+) -> None:
+    b = rabbit.broker()
+    sub = await b.subscribe(rabbit.source, rabbit.group, prefetch=8)
+    await b.publish(rabbit.source, [env(f"m{i}") for i in range(3)])
+    await until(lambda: sub._buffer.qsize() == 3, seconds=RECEIVE, what="3 buffered")  # type: ignore[attr-defined]
+    fetch = asyncio.ensure_future(sub.next_batch(10))
+    await asyncio.sleep(0)  # inside next_batch, lingering for more of the burst
+    assert not fetch.done()
+    fetch.cancel()
+    await asyncio.wait({fetch})
+    assert fetch.cancelled()
+    batch = await sub.next_batch(10)  # nothing was taken by the cancelled call
+    assert sorted(op_of(d) for d in batch) == ["m0", "m1", "m2"]
+    for d in batch:
+        await d.ack()
+    assert b.in_flight() == 0
+
+
+async def test_queue_depths_leaves_no_channel_open(rabbit: Rabbit) -> None:
+    """Each missing retry band answers the passive declare with a 404 that closes the channel;
+    aio-pika's robust channel then reopens itself unless closed by us. That leaked ~18 channels
+    per call, and the chaos harness (which polls the depth every 0.2 s) reached RabbitMQ's
+    channel_max after about 110 calls."""
+    b = rabbit.broker()
+    await b.declare(rabbit.source, [rabbit.group])
+    for _ in range(5):
+        await b.queue_depths(rabbit.source, rabbit.group)
+    await asyncio.sleep(1.0)  # a robust channel reopens in the background
+    conn = await b._connection("publish")
+    channels = conn._RobustConnection__channels  # type: ignore[attr-defined]
+    assert [c for c in channels if not c.is_closed] == []

@@ -104,6 +104,19 @@ class Delivery(ABC):
     async def ack(self) -> None:
         """Complete at the broker (boundary COMPLETED): delete / ack / mark offset done."""
 
+    async def ack_confirmed(self) -> None:
+        """``ack()``, returning only once the broker holds the completion, so that no crash from
+        now on brings this copy back. At-most-once needs it: its effect runs *after* the
+        completion, and a completion still in flight when the process dies would redeliver the
+        message and run the effect twice. Raises ``BrokerError`` when the completion cannot be
+        confirmed (the caller must then not run the effect: the message may come back).
+
+        The default is ``ack()``: for adapters whose ``ack()`` returns once the broker has it
+        (memory; RabbitMQ: the ack frame is written to the connection; SQS: the delete is
+        answered). Kafka overrides it: its ``ack()`` only marks the offset done, and the commit
+        that covers it follows."""
+        await self.ack()
+
     @abstractmethod
     async def nack(self, delay: float | None = None) -> None:
         """Ask for redelivery, after ``delay`` seconds where the broker can wait."""

@@ -40,8 +40,11 @@ values as ``""``, a repeated header name keeps its last value), key and the reco
 Threading: librdkafka's consumer is driven from ONE dedicated thread per subscription (every call
 is serialized on it, so rebalance callbacks can commit synchronously from inside ``consume``);
 records are fetched by a background task into a buffer, so a cancelled ``__anext__`` never loses
-one. ``confluent_kafka.aio`` is not used: its ``AIOConsumer`` drops the records of a cancelled
-``consume`` await and its ``AIOProducer`` refuses headers in batch mode.
+one. Work is per batch where Kafka allows it: one ``consume(num_messages=...)`` fills the buffer,
+a fetched batch is tracked and handed out under one lock, and the acks of a batch ride on one
+commit (at most one commit request is queued at a time). ``confluent_kafka.aio`` is not used:
+its ``AIOConsumer`` drops the records of a cancelled ``consume`` await and its ``AIOProducer``
+refuses headers in batch mode.
 """
 
 from __future__ import annotations
@@ -140,6 +143,13 @@ _LOCKED_CONSUMER_KEYS = {
 }
 _SCHEMES = {"kafka": "PLAINTEXT", "kafka+ssl": "SSL"}
 _MAX_FETCH = 500
+
+
+#: seconds before a seek refused for the partition's state is tried again
+_SEEK_RETRY = 0.2
+#: seconds a refused seek is retried before the consumer is failed (as before the retry existed:
+#: the worker subscribes again from the committed offset) when no revoke arrives to drop it
+_SEEK_PATIENCE = 15.0
 
 
 def _driver() -> ModuleType:
@@ -251,6 +261,18 @@ class OffsetTracker:
     def revoke(self, tp: TP) -> None:
         self._parts.pop(tp, None)
 
+    def generation(self, tp: TP) -> int | None:
+        part = self._parts.get(tp)
+        return None if part is None else part.generation
+
+    def commit_covers(self, tp: TP, offset: int, generation: int | None) -> bool | None:
+        """True once a commit of ``generation`` covers ``offset``; False while it may still
+        come; None when it never will here (revoked, or a newer generation)."""
+        part = self._parts.get(tp)
+        if part is None or generation is None or part.generation != generation:
+            return None
+        return part.committed is not None and part.committed > offset
+
     def assigned(self) -> list[TP]:
         return list(self._parts)
 
@@ -323,7 +345,13 @@ class OffsetTracker:
 
     def committed(self, tp: TP, position: int, generation: int) -> None:
         part = self._parts.get(tp)
-        if part is not None and part.generation == generation:
+        # answers may come out of order (an asynchronous commit answered after a later
+        # synchronous one): a committed position only moves forward
+        if (
+            part is not None
+            and part.generation == generation
+            and (part.committed is None or position > part.committed)
+        ):
             part.committed = position
 
 
@@ -350,17 +378,33 @@ class _KafkaDelivery(Delivery):
     )
 
     def __init__(
-        self, sub: _KafkaSubscription, msg: Message, tp: TP, offset: int, token: int, attempt: int
+        self,
+        sub: _KafkaSubscription,
+        msg: Message,
+        tp: TP,
+        offset: int,
+        token: int,
+        attempt: int,
+        received_at: float,
     ) -> None:
         raw = msg.headers() or []
         headers: dict[str, str] = {}
+        content_type = None
         for name, value in raw.items() if isinstance(raw, dict) else raw:
-            headers[name] = _decode(value)  # a repeated name: the last value wins (Java's habit)
+            # a repeated name: the last value wins (Java's habit)
+            text = headers[name] = (
+                value.decode("utf-8", "surrogateescape") if type(value) is bytes else _decode(value)
+            )
+            if content_type is None and name.lower() == "content-type":
+                content_type = text
         ts_type, ts_ms = msg.timestamp()
         self.body = msg.value() or b""
         self.headers = headers
-        self.content_type = next(
-            (v for k, v in headers.items() if k.lower() == "content-type"), None
+        # the first name (in arrival order) that spells content-type, with its last value
+        self.content_type = (
+            None
+            if content_type is None
+            else next(v for k, v in headers.items() if k.lower() == "content-type")
         )
         key = msg.key()
         self.key = None if key is None else _decode(key)
@@ -368,7 +412,7 @@ class _KafkaDelivery(Delivery):
         self.delivery_id = f"{tp[0]}/{tp[1]}@{offset}"
         self.attempt = attempt
         self.redelivered = attempt > 1
-        self.received_at = sub.clock.now()
+        self.received_at = received_at
         self.settle_deadline = None  # no timer: the record waits for us until the group moves
         self.tp = tp
         self.offset = offset
@@ -390,6 +434,23 @@ class _KafkaDelivery(Delivery):
         """Mark the offset done (COMPLETED once a commit covers it -- see the module docstring)."""
         if self._settle():
             self._sub._settled_done(self)
+
+    async def ack_confirmed(self) -> None:
+        """``ack()``, then wait until a commit that covers this record is answered (at most the
+        broker's ``request_timeout``). Raises ``BrokerUnavailable`` when the partition was
+        revoked first, the subscription closed, or no commit was answered in time: the record
+        may then be read again by the group, so the caller must not run an effect it has to
+        run at most once. Also raised when the delivery was already settled."""
+        sub = self._sub
+        if self._settled:
+            raise BrokerUnavailable(
+                f"KafkaBroker: {self.delivery_id} was already settled, so this ack cannot be "
+                "confirmed; do not run an at-most-once effect for it"
+            )
+        with sub._lock:
+            generation = sub._tracker.generation(self.tp)
+        await self.ack()
+        await sub._wait_committed(self, generation)
 
     async def nack(self, delay: float | None = None) -> None:
         """Rewind the partition to this offset after ``delay`` seconds (paused meanwhile): this
@@ -427,6 +488,8 @@ class _Fetched:
 class _Rewind:
     offset: int
     resume_at: float
+    #: when a seek of this rewind was first refused for the partition's state (None: never)
+    refused_since: float | None = None
 
 
 # --------------------------------------------------------------------------- subscription
@@ -452,6 +515,10 @@ class _KafkaSubscription(Subscription):
         self._lock = threading.Lock()
         self._tracker = OffsetTracker()
         self._commit_queued = False
+        #: asynchronous commits sent and not yet answered: (tp, position) -> generation
+        self._commits_out: dict[tuple[TP, int], int] = {}
+        #: set (and replaced) on the loop whenever commits were answered or partitions left
+        self._commit_progress = asyncio.Event()
         # the rest is touched on the event loop only
         self._buffer: deque[_Fetched] = deque()
         self._out: dict[TP, set[_KafkaDelivery]] = {}
@@ -462,6 +529,7 @@ class _KafkaSubscription(Subscription):
         self._held: set[TP] = set()
         self._saturated_since: float | None = None
         self._changed = asyncio.Event()
+        self._notify_queued = False
         self._assigned = asyncio.Event()
         self._fetcher: asyncio.Task[None] | None = None
         self._commit_timer: asyncio.TimerHandle | None = None
@@ -479,6 +547,16 @@ class _KafkaSubscription(Subscription):
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def _notify_soon(self) -> None:
+        """``_notify`` once at the end of this loop tick, however many settles asked for it."""
+        if not self._notify_queued:
+            self._notify_queued = True
+            self._loop.call_soon(self._notify_queued_now)
+
+    def _notify_queued_now(self) -> None:
+        self._notify_queued = False
+        self._notify()
 
     async def _wait(self, within: float | None = None) -> None:
         changed = self._changed  # captured before the caller looks again (no lost wake-up)
@@ -522,7 +600,8 @@ class _KafkaSubscription(Subscription):
     async def _start(self) -> None:
         b = self.broker
         try:
-            consumer: Consumer = await self._call(b._ck.Consumer, b._consumer_conf(self.group))
+            conf = {**b._consumer_conf(self.group), "on_commit": self._on_commit_cb}
+            consumer: Consumer = await self._call(b._ck.Consumer, conf)
         except b._ck.KafkaException as exc:
             await self._shutdown()
             raise ConfigurationError(
@@ -620,7 +699,8 @@ class _KafkaSubscription(Subscription):
         return [self.broker._ck.TopicPartition(*tp) for tp in sorted(tps)]
 
     def _accept(self, msgs: list[Message]) -> None:
-        added = False
+        """Track and buffer one fetched batch (one lock for all of it)."""
+        good: list[tuple[Message, TP, int]] = []
         for m in msgs:
             err = m.error()
             if err is not None:
@@ -629,13 +709,19 @@ class _KafkaSubscription(Subscription):
             topic, partition, offset = m.topic(), m.partition(), m.offset()
             if topic is None or partition is None or offset is None:
                 continue
-            tp = (topic, partition)
-            with self._lock:
-                token = self._tracker.track(tp, offset)
-            if token is None:
-                continue  # revoked or rewinding: it comes back after the seek / from the owner
-            self._buffer.append(_Fetched(m, tp, offset, token))
-            added = True
+            good.append((m, (topic, partition), offset))
+        if not good:
+            return
+        added = False
+        buffer = self._buffer
+        with self._lock:
+            track = self._tracker.track
+            for m, tp, offset in good:
+                token = track(tp, offset)
+                if token is None:
+                    continue  # revoked or rewinding: it comes back after the seek / from the owner
+                buffer.append(_Fetched(m, tp, offset, token))
+                added = True
         if added:
             self._notify()
 
@@ -670,6 +756,22 @@ class _KafkaSubscription(Subscription):
             try:
                 await self._call(self._seek_resume, tp, rw.offset, tp in self._paused)
             except Exception as exc:
+                err = _kafka_error(exc)
+                since = rw.refused_since if rw.refused_since is not None else now
+                if (
+                    err is not None
+                    and err.code() == self.broker._ck.KafkaError._STATE
+                    and now - since < _SEEK_PATIENCE
+                ):
+                    # librdkafka already dropped the partition (a session timeout, say, after
+                    # a SIGSTOP) and the revoke callback has not run yet: keep the rewind
+                    # pending (the partition stays frozen, nothing past rw.offset is
+                    # committed); the revoke drops it, or a later seek succeeds
+                    self._log_once(
+                        "seek-state", "%s: cannot seek %s yet (%s); retrying", self, tp, err
+                    )
+                    self._rewinds[tp] = _Rewind(rw.offset, now + _SEEK_RETRY, since)
+                    continue
                 # never guess a position: without the seek the records after rw.offset would
                 # look like a gap and the commit could pass them
                 self._fail(exc)
@@ -689,43 +791,59 @@ class _KafkaSubscription(Subscription):
 
     # ------------------------------------------------------------------ handing out
 
-    def _take(self) -> _KafkaDelivery | None:
-        while self._buffer:
-            f = self._buffer.popleft()
-            with self._lock:
-                ok = self._tracker.valid(f.tp, f.offset, f.token)
-            if not ok:
-                continue
-            attempt = self.broker._seen(self.group, f.tp, f.offset)
-            d = _KafkaDelivery(self, f.msg, f.tp, f.offset, f.token, attempt)
-            self._out.setdefault(f.tp, set()).add(d)
-            self._unsettled += 1
-            self._notify()  # the fetcher may have room again
-            return d
-        return None
+    def _take(self, limit: int) -> list[_KafkaDelivery]:
+        """Up to ``limit`` deliveries from the buffer, skipping records a rewind or a revoke made
+        stale: one lock and one wake-up of the fetcher for the whole batch."""
+        buffer = self._buffer
+        if limit <= 0 or not buffer:
+            return []
+        picked: list[_Fetched] = []
+        with self._lock:
+            valid = self._tracker.valid
+            while buffer and len(picked) < limit:
+                f = buffer.popleft()
+                if valid(f.tp, f.offset, f.token):
+                    picked.append(f)
+        if not picked:
+            return []
+        now = self.clock.now()
+        seen = self.broker._seen
+        group = self.group
+        outs = self._out
+        out: list[_KafkaDelivery] = []
+        for f in picked:
+            d = _KafkaDelivery(
+                self, f.msg, f.tp, f.offset, f.token, seen(group, f.tp, f.offset), now
+            )
+            handed = outs.get(f.tp)
+            if handed is None:
+                handed = outs[f.tp] = set()
+            handed.add(d)
+            out.append(d)
+        self._unsettled += len(out)
+        self._notify()  # the fetcher may have room again
+        return out
 
     async def __anext__(self) -> Delivery:
         """The next record. Waits for a fetch, and while ``prefetch`` deliveries are unsettled.
         Cancelling it loses nothing (records wait in the buffer). ``StopAsyncIteration`` once
         closed; ``BrokerUnavailable`` when the consumer failed."""
+        return (await self._next(1))[0]
+
+    async def _next(self, max_items: int) -> list[_KafkaDelivery]:
         while True:
             if self._closed:
                 raise StopAsyncIteration
             if self._failure is not None:
                 raise self._failure
-            if self._unsettled < self._prefetch and (d := self._take()) is not None:
-                return d
+            room = min(max_items, self._prefetch - self._unsettled)
+            if room > 0 and (got := self._take(room)):
+                return got
             await self._wait()
 
     async def next_batch(self, max_items: int) -> list[Delivery]:
         """One record (waiting for it), plus every other buffered one, within ``prefetch``."""
-        batch: list[Delivery] = [await self.__anext__()]
-        while len(batch) < max_items and self._unsettled < self._prefetch:
-            d = self._take()
-            if d is None:
-                break
-            batch.append(d)
-        return batch
+        return list(await self._next(max(1, max_items)))
 
     # ------------------------------------------------------------------ settling
 
@@ -739,9 +857,13 @@ class _KafkaSubscription(Subscription):
         self._release(d)
         with self._lock:
             counted = self._tracker.done(d.tp, d.offset, d.token)
-        if counted and not self._closed:
-            self._request_commit()
-        self._notify()
+            # the acks of one batch ride on one commit: only the first queues it
+            commit = counted and not self._closed and not self._commit_queued
+            if commit:
+                self._commit_queued = True
+        if commit:
+            self._schedule_commit()
+        self._notify_soon()
 
     def _settled_rewind(self, d: _KafkaDelivery, delay: float) -> None:
         self._release(d)
@@ -765,6 +887,9 @@ class _KafkaSubscription(Subscription):
             if self._commit_queued:
                 return
             self._commit_queued = True
+        self._schedule_commit()
+
+    def _schedule_commit(self) -> None:
         wait = self._last_commit + self.broker.commit_interval - time.monotonic()
         if wait > 0:
             self._commit_timer = self._loop.call_later(wait, self._submit_commit)
@@ -782,11 +907,96 @@ class _KafkaSubscription(Subscription):
         fut.add_done_callback(self._commit_done)
 
     def _commit_job(self) -> bool:  # consumer thread
+        """Send the done positions as an asynchronous commit: the consumer thread does not wait
+        for the coordinator's answer (a synchronous commit held it for a round trip, during
+        which no record was fetched). ``_on_commit_cb`` takes the answer; a refusal is retried.
+        A position already sent and not yet answered is not sent again."""
         with self._lock:
             self._commit_queued = False
-            batch = self._tracker.to_commit()
-        # no abandon check: a commit requested before a crash may still land, as on a real crash
-        return self._commit(batch) if batch else True
+            batch = [b for b in self._tracker.to_commit() if (b[0], b[1]) not in self._commits_out]
+            for tp, pos, gen in batch:
+                self._commits_out[(tp, pos)] = gen
+        if not batch:
+            return True
+        consumer = self._consumer
+        ck = self.broker._ck
+        try:
+            if consumer is None:
+                raise RuntimeError("the consumer is closed")
+            # no abandon check: a commit requested before a crash may still land, as on a crash
+            consumer.commit(
+                offsets=[ck.TopicPartition(tp[0], tp[1], pos) for tp, pos, _ in batch],
+                asynchronous=True,
+            )
+        except Exception as exc:
+            with self._lock:
+                for tp, pos, _ in batch:
+                    self._commits_out.pop((tp, pos), None)
+            log.warning("%s: commit of %s failed: %s (retried)", self, batch, exc)
+            return False
+        return True
+
+    def _on_commit_cb(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """librdkafka's answer to a commit (consumer thread, served from ``consume``). Only
+        answers to ``_commit_job``'s asynchronous commits move the tracker here; the synchronous
+        ones (revoke, close) are handled where they are made."""
+        try:
+            committed: list[tuple[TP, int]] = []
+            refused: dict[TP, Any] = {}
+            with self._lock:
+                for p in partitions:
+                    tp = (p.topic, p.partition)
+                    gen = self._commits_out.pop((tp, p.offset), None)
+                    if gen is None:
+                        continue
+                    if err is None and p.error is None:
+                        self._tracker.committed(tp, p.offset, gen)
+                        committed.append((tp, p.offset))
+                    else:
+                        refused[tp] = p.error or err
+            if committed:
+                self._soon(self.broker._forget, self.group, committed)
+            self._soon(self._commits_moved)
+            if refused:
+                # a rebalance in progress or a lost coordinator: try again shortly (a revoke in
+                # the meantime drops the partition and its pending commit with it)
+                log.warning("%s: commit refused for %s (retried)", self, refused)
+                self._soon(self._retry_commit_later)
+        except Exception:  # an exception here would surface from consume(): log it instead
+            log.exception("%s: on_commit failed", self)
+
+    def _commits_moved(self) -> None:
+        """Wake every ``_wait_committed`` (on the loop)."""
+        moved, self._commit_progress = self._commit_progress, asyncio.Event()
+        moved.set()
+
+    async def _wait_committed(self, d: _KafkaDelivery, generation: int | None) -> None:
+        deadline = self._loop.time() + self.broker.request_timeout
+        while True:
+            moved = self._commit_progress
+            with self._lock:
+                covered = self._tracker.commit_covers(d.tp, d.offset, generation)
+            if covered:
+                return
+            left = deadline - self._loop.time()
+            if covered is None or self._closed or left <= 0:
+                why = (
+                    "the partition was revoked first" if covered is None
+                    else "the subscription closed" if self._closed
+                    else f"no commit answered within {self.broker.request_timeout:.0f}s"
+                )  # fmt: skip
+                raise BrokerUnavailable(
+                    f"KafkaBroker: the completion of {d.delivery_id} is not confirmed ({why}); "
+                    "the group may read the record again, so do not run an at-most-once effect "
+                    "for it"
+                )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await moved.wait()
+
+    def _retry_commit_later(self) -> None:
+        if not self._closed:
+            self._loop.call_later(0.5, self._retry_commit)
 
     def _commit_done(self, fut: asyncio.Future[bool]) -> None:
         if not fut.cancelled() and (exc := fut.exception()) is not None:
@@ -821,6 +1031,7 @@ class _KafkaSubscription(Subscription):
                     committed.append((tp, pos))
         if committed:
             self._soon(self.broker._forget, self.group, committed)
+        self._soon(self._commits_moved)
         if errors:
             log.warning("%s: commit refused for %s (retried)", self, errors)
         return not errors
@@ -870,6 +1081,7 @@ class _KafkaSubscription(Subscription):
                     self._tracker.revoke(tp)
             log.info("%s: %s %s", self, "lost" if lost else "revoked", [p for _, p in tps])
             self._soon(self._notify)
+            self._soon(self._commits_moved)
         except Exception:
             log.exception("%s: on_revoke failed", self)
 
@@ -914,6 +1126,7 @@ class _KafkaSubscription(Subscription):
         self._closed = True
         self._abandoned = abandon
         self._notify()
+        self._commits_moved()
         if self._commit_timer is not None:
             self._commit_timer.cancel()
             self._commit_timer = None
@@ -1328,9 +1541,10 @@ class KafkaBroker(Broker):
 
     async def _admin(self, fn: Callable[[Any], T]) -> T:
         def run() -> T:
-            admin = self._ck.admin.AdminClient(
-                {k: v for k, v in self._common.items() if k not in ("logger",)}
-            )
+            # log_level 4: a short-lived admin client logs its teardown ("purging unserved
+            # events") at level 6, once per probe
+            conf = {k: v for k, v in self._common.items() if k not in ("logger",)}
+            admin = self._ck.admin.AdminClient({**conf, "log_level": 4})
             return fn(admin)
 
         try:
@@ -1465,43 +1679,67 @@ class KafkaBroker(Broker):
         await self._admin(delete)
 
     async def committed(self, topic: str, group: str) -> dict[int, int | None]:
-        """The group's committed offset per partition (None where it committed nothing)."""
+        """The group's committed offset per partition (None where it committed nothing).
+
+        Read with the admin API (OffsetFetch), not with a consumer that carries the group's id:
+        such a consumer is a group member as far as some brokers are concerned (against Tansu it
+        stalled the group's assignment), so this probe is safe while the group is consuming."""
         ck = self._ck
         timeout = self.request_timeout
 
-        def fetch() -> dict[int, int | None]:
-            c = ck.Consumer({**self._consumer_base, "group.id": group})
-            try:
-                meta = c.list_topics(topic, timeout=timeout).topics[topic]
-                tps = [ck.TopicPartition(topic, p) for p in sorted(meta.partitions)]
-                got = c.committed(tps, timeout=timeout)
-                return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in got}
-            finally:
-                c.close()
+        def fetch(admin: Any) -> dict[int, int | None]:
+            meta = admin.list_topics(topic, timeout=timeout).topics[topic]
+            if meta.error is not None:
+                raise ck.KafkaException(meta.error)
+            tps = [ck.TopicPartition(topic, p) for p in sorted(meta.partitions)]
+            request = ck.ConsumerGroupTopicPartitions(group, tps)
+            [future] = admin.list_consumer_group_offsets([request]).values()
+            got = future.result(timeout)
+            out: dict[int, int | None] = {p: None for p in sorted(meta.partitions)}
+            for tp in got.topic_partitions:
+                out[tp.partition] = tp.offset if tp.offset >= 0 else None
+            return out
 
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, fetch)
-        except Exception as exc:
-            raise BrokerUnavailable(
-                f"KafkaBroker: cannot read the offsets of {group!r} on {topic!r} from "
-                f"{self._display}: {exc}"
-            ) from exc
+        return await self._admin(fetch)
 
     async def lag(self, topic: str, group: str) -> dict[int, int]:
-        """Records per partition the group has not committed yet (end offset - committed)."""
+        """Records per partition the group has not committed yet (end offset - committed).
+
+        A read-only probe: offsets through the admin API, the end of each partition read with a
+        group-less ``assign`` (it never joins the group). The end is found by *reading* from the
+        reported high watermark - 1 to the last record: some brokers (Tansu, seen with
+        confluent-kafka 2.16) report the base offset of the last record batch + 1 as the high
+        watermark, which undercounts by the size of that batch."""
         ck = self._ck
         timeout = self.request_timeout
         committed = await self.committed(topic, group)
 
         def ends() -> dict[int, int]:
-            c = ck.Consumer({**self._consumer_base, "group.id": f"rs-lag-{uuid.uuid4().hex}"})
+            c = ck.Consumer(
+                {
+                    **self._consumer_base,
+                    "group.id": f"rs-lag-{uuid.uuid4().hex}",
+                    "enable.auto.commit": False,
+                }
+            )
             try:
                 out = {}
                 for p in committed:
-                    low, high = c.get_watermark_offsets(
-                        ck.TopicPartition(topic, p), timeout=timeout
-                    )
-                    out[p] = high - (committed[p] if committed[p] is not None else low)
+                    tp = ck.TopicPartition(topic, p)
+                    low, high = c.get_watermark_offsets(tp, timeout=timeout)
+                    end = high
+                    if high > low:
+                        c.assign([ck.TopicPartition(topic, p, high - 1)])
+                        deadline = time.monotonic() + timeout
+                        while time.monotonic() < deadline:
+                            msgs = c.consume(500, 0.3)
+                            got = [m.offset() for m in msgs if m.error() is None]
+                            if not got:
+                                break
+                            end = max(end, max(got) + 1)
+                        c.unassign()
+                    start = committed[p] if committed[p] is not None else low
+                    out[p] = max(0, end - start)
                 return out
             finally:
                 c.close()

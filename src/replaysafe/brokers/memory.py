@@ -199,6 +199,29 @@ class _MemoryDelivery(Delivery):
             self._group.ack(self)
             self._group.notify()
 
+    async def ack_confirmed(self) -> None:
+        """``ack()``; raises ``BrokerUnavailable`` when this copy was no longer the current one
+        (its settle was ignored, or raced another receipt) or, on an offset destination, when the
+        commit did not cover it within about 5 s (earlier records still unfinished)."""
+        if not self._settle():
+            raise BrokerUnavailable(
+                f"memory broker: {self.delivery_id} was already settled, so this ack cannot be "
+                "confirmed; do not run an at-most-once effect for it"
+            )
+        counted = self._group.ack(self)
+        self._group.notify()
+        for _ in range(5000) if counted else ():
+            covered = self._group.covered(self)
+            if covered:
+                return
+            if covered is False:
+                break
+            await asyncio.sleep(0.001)  # real time: the broker's clock may be a test's fake one
+        raise BrokerUnavailable(
+            f"memory broker: the completion of {self.delivery_id} is not confirmed (a stale "
+            "copy, or no commit covered it); do not run an at-most-once effect for it"
+        )
+
     async def nack(self, delay: float | None = None) -> None:
         """Redeliver after ``delay`` seconds on the broker's clock (at once for None or <= 0)."""
         if self._settle():
@@ -290,7 +313,15 @@ class _Group(ABC):
         """The earliest future time at which ``take`` may find something new for ``sub``."""
 
     @abstractmethod
-    def ack(self, d: _MemoryDelivery) -> None: ...
+    def ack(self, d: _MemoryDelivery) -> bool:
+        """Complete ``d``; True when ``d`` was the current copy (its completion holds), False
+        when the settle of a stale copy was ignored or, SQS-like, raced another receipt."""
+
+    def covered(self, d: _MemoryDelivery) -> bool | None:
+        """After a counted ack: True once no crash can bring ``d`` back, False when it will come
+        back anyway, None while that is not decided yet (an offset group's commit waits for the
+        earlier records)."""
+        return True
 
     @abstractmethod
     def nack(self, d: _MemoryDelivery, delay: float) -> None: ...
@@ -433,10 +464,12 @@ class _NackGroup(_QueueGroup):
         st = self.items[d.message.seq]
         return st if st.holder is d and st.state == _HELD else None
 
-    def ack(self, d: _MemoryDelivery) -> None:
-        if (st := self._current(d)) is not None:
-            st.state, st.holder = _DONE, None
-            st.gen += 1
+    def ack(self, d: _MemoryDelivery) -> bool:
+        if (st := self._current(d)) is None:
+            return False
+        st.state, st.holder = _DONE, None
+        st.gen += 1
+        return True
 
     def nack(self, d: _MemoryDelivery, delay: float) -> None:
         if (st := self._current(d)) is None:
@@ -491,13 +524,15 @@ class _VisibilityGroup(_QueueGroup):
         st = self.items[d.message.seq]
         return st if st.holder is d and st.state not in (_DONE, _DEAD) else None
 
-    def ack(self, d: _MemoryDelivery) -> None:
+    def ack(self, d: _MemoryDelivery) -> bool:
         # SQS deletes with any receipt of the message, even one whose visibility expired and was
         # received again elsewhere: the late ack wins and the other copy's work becomes a duplicate
+        latest = self._latest(d) is not None
         st = self.items[d.message.seq]
         if st.state not in (_DONE, _DEAD):
             st.state, st.holder = _DONE, None
             st.gen += 1
+        return latest
 
     def nack(self, d: _MemoryDelivery, delay: float) -> None:
         # ChangeMessageVisibility: only the latest receipt may move the timer
@@ -646,11 +681,20 @@ class _OffsetGroup(_Group):
         while ps.committed < len(ps.records) and ps.records[ps.committed].done:
             ps.committed += 1
 
-    def ack(self, d: _MemoryDelivery) -> None:
-        if (cur := self._current(d)) is not None:
-            ps, rec = cur
-            rec.done, rec.holder = True, None
-            self._commit(ps)
+    def ack(self, d: _MemoryDelivery) -> bool:
+        if (cur := self._current(d)) is None:
+            return False
+        ps, rec = cur
+        rec.done, rec.holder = True, None
+        self._commit(ps)
+        return True
+
+    def covered(self, d: _MemoryDelivery) -> bool | None:
+        ps = self.parts[d.message.partition]
+        if ps.committed > d.message.offset:
+            return True
+        # rewound meanwhile (an earlier record was nacked): it comes back
+        return None if ps.records[d.message.offset].done else False
 
     def nack(self, d: _MemoryDelivery, delay: float) -> None:
         if (cur := self._current(d)) is None:

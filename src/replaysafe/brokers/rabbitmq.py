@@ -34,8 +34,17 @@ delivery like any other: nothing here raises on a bad message; the runtime decid
 
 Semantics:
 
-- ``ack`` = ``basic.ack`` (COMPLETED). An ack on a channel that has died is *not* an error: RabbitMQ
-  already requeued the message and will redeliver it; the ledger answers the copy. It is logged.
+- ``ack`` = ``basic.ack`` (COMPLETED), coalesced: the acks of one loop tick (a batch) go out on
+  the next tick as ONE ``basic.ack(multiple=True)`` for the highest tag below which every tag of
+  the channel is acked or already settled by its own frame; acked tags above a still-unsettled one
+  go out one by one in the same flush. A nack or reject is never covered by a multiple ack (its
+  tag stops the run until its own frame is queued). ``ack()`` returns once the covering frame is
+  written. An ack on a channel that has died is *not* an error: RabbitMQ already requeued the
+  message and will redeliver it; the ledger answers the copy. It is logged. Acks not yet written
+  when the channel closes (or when the subscription is abandoned) are never sent.
+- Prefetch: ``subscribe(prefetch=n)`` hands out at most ``n`` unsettled deliveries and asks
+  RabbitMQ for ``basic.qos(2n)``, so the next batch is already buffered while one runs;
+  ``next_batch`` lets a burst of deliveries grow the batch for a couple of loop ticks.
 - ``nack()`` / ``nack(0)`` = ``basic.reject(requeue=True)``: redelivered at once with
   ``redelivered=True``. (``basic.reject`` rather than ``basic.nack``: from RabbitMQ 4.3 only a
   reject counts as a failed delivery in ``x-delivery-count`` / ``delivery-limit``.)
@@ -59,7 +68,11 @@ Semantics:
 - Connection loss: both connections (one publishing, one consuming, so that flow control on
   publishers never stalls acks) reconnect on their own (aio-pika robust connections) and
   subscriptions resume consuming. Deliveries of a dead channel are requeued by RabbitMQ; those
-  still buffered are dropped and come back.
+  still buffered are dropped and come back. A subscription consumes on the aiormq channel
+  underneath its robust channel (aio-pika's consumer would build an ``IncomingMessage`` and a
+  second task per delivery) and consumes again when that channel reopens (``reopen_callbacks``,
+  after the queue is declared again); ``RabbitMQDelivery.message`` builds the aio-pika view on
+  first use.
 - ``publish`` waits for publisher confirms with ``mandatory=True``: unroutable (no queue bound) is a
   plain :class:`~replaysafe.errors.BrokerError`, nothing stored; no confirm within
   ``confirm_timeout``, a broker nack, or a connection lost after sending is
@@ -72,6 +85,8 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -113,7 +128,7 @@ if TYPE_CHECKING:
         AbstractRobustConnection,
         AbstractRobustQueue,
     )
-    from aiormq.abc import AbstractChannel
+    from aiormq.abc import AbstractChannel, DeliveredMessage
 
 __all__ = [
     "ATTEMPTS_HEADER",
@@ -146,6 +161,12 @@ MAX_DELAY = 86_400.0
 RETRY_BANDS: tuple[int, ...] = tuple(2**k for k in range(math.ceil(math.log2(MAX_DELAY)) + 1))
 
 _PERSISTENT = 2
+#: basic.qos is this many times ``prefetch``: ``prefetch`` deliveries handed out and unsettled,
+#: the rest buffered, so the next batch is already here when one completes
+_QOS_FACTOR = 2
+#: how long ``next_batch`` lets a burst of deliveries grow its batch (see there)
+_LINGER_TICKS = 2
+_LINGER_SECONDS = 0.005
 _MAX_NAME_BYTES = 255
 QueueType = Literal["quorum", "classic"]
 
@@ -274,29 +295,54 @@ class RabbitMQDelivery(Delivery):
     """One AMQP delivery. Settling twice is harmless; a settle on a dead channel is logged, not
     raised (RabbitMQ requeued the message when the channel died)."""
 
-    def __init__(self, sub: _RabbitSubscription, message: AbstractIncomingMessage) -> None:
-        raw = dict(message.headers or {})
+    def __init__(
+        self,
+        sub: _RabbitSubscription,
+        message: DeliveredMessage,
+        book: _AckBook | None = None,
+    ) -> None:
+        props = message.header.properties
+        frame: Any = message.delivery  # a Basic.Deliver: this adapter only consumes
+        raw = dict(props.headers or {})
         #: the headers exactly as RabbitMQ delivered them (x-death, x-delivery-count, …)
         self.amqp_headers: Mapping[str, Any] = raw
         self.body = bytes(message.body)
-        self.headers = {k: _text(v) for k, v in raw.items() if not _is_transport(k)}
-        self.content_type = message.content_type
+        self.headers = {
+            k: v if type(v) is str else _text(v)
+            for k, v in raw.items()
+            if k not in _TRANSPORT_HEADERS and not k.startswith(_TRANSPORT_PREFIXES)
+        }
+        self.content_type = props.content_type
         key = raw.get(KEY_HEADER)
         self.key = _text(key) if key is not None else None
-        self.broker_timestamp = _epoch(message.timestamp)
-        self.delivery_id = f"{sub.topology.queue}#{message.consumer_tag}:{message.delivery_tag}"
+        self.broker_timestamp = _epoch(props.timestamp)
+        #: the delivery tag on the channel that carried it
+        self.tag: int = frame.delivery_tag or 0
+        self.delivery_id = f"{sub.topology.queue}#{frame.consumer_tag}:{self.tag}"
         prior = _count(raw.get(ATTEMPTS_HEADER)) or 0
         # quorum queues count returns (x-delivery-count); classic queues only know "redelivered",
         # which makes the attempt a lower bound there (and wherever the header is missing)
         returns = _count(raw.get("x-delivery-count")) if sub.broker.queue_type == "quorum" else None
-        self.attempt = prior + max(returns or 0, 1 if message.redelivered else 0) + 1
+        self.attempt = prior + max(returns or 0, 1 if frame.redelivered else 0) + 1
         # a copy that came back through a retry queue is a new AMQP message but a redelivery
-        self.redelivered = bool(message.redelivered) or prior > 0
+        self.redelivered = bool(frame.redelivered) or prior > 0
         self.received_at = sub.broker.clock.now()
         self.settle_deadline = None
-        self.message = message
+        self._delivered = message
+        self._message: AbstractIncomingMessage | None = None
         self._sub = sub
         self._settled = False
+        #: the delivery tags of the channel that carried it (None: acked alone, uncoalesced)
+        self._book = book
+
+    @property
+    def message(self) -> AbstractIncomingMessage:
+        """The delivery as aio-pika's ``IncomingMessage`` (properties, settle methods, the channel
+        that carried it). Built on first use: the consume path reads the frame itself, an
+        ``IncomingMessage`` costs ~13 us per message."""
+        if self._message is None:
+            self._message = _driver().IncomingMessage(self._delivered, no_ack=False)
+        return self._message
 
     @property
     def settled(self) -> bool:
@@ -312,14 +358,38 @@ class RabbitMQDelivery(Delivery):
     def _done(self) -> None:
         # counted in flight until RabbitMQ has the settle (or the copy), not merely asked for it
         self._sub._unsettled.discard(self)
+        self._sub._room.set()
 
     async def ack(self) -> None:
-        """``basic.ack`` (boundary COMPLETED). On a dead channel: logged; the message comes back."""
+        """``basic.ack`` (boundary COMPLETED), coalesced: returns once an ack frame that covers
+        this delivery is written (a ``multiple=True`` ack for a contiguous run of acked tags,
+        see :class:`_AckBook`). On a dead channel: logged; the message comes back."""
         if self._begin():
             try:
-                await _settle_quietly(self, "ack", lambda m: m.ack())
+                await self._sub._ack(self)
             finally:
                 self._done()
+
+    async def ack_confirmed(self) -> None:
+        """``ack()``, raising ``BrokerUnavailable`` when no ack frame covering this delivery
+        could be written (the channel closed first: RabbitMQ requeues the message), or when the
+        delivery was already settled. AMQP 0-9-1 does not confirm acks: a frame written just
+        before the connection dies can still be lost, a window of one socket write."""
+        if not self._begin():
+            raise BrokerUnavailable(
+                f"RabbitMQ: {self.delivery_id} was already settled, so this ack cannot be "
+                "confirmed; do not run an at-most-once effect for it"
+            )
+        try:
+            written = await self._sub._ack(self)
+        finally:
+            self._done()
+        if not written:
+            raise BrokerUnavailable(
+                f"RabbitMQ: the ack of {self.delivery_id} was not written (the channel closed "
+                "first), so RabbitMQ requeues the message; do not run an at-most-once effect for "
+                "it"
+            )
 
     async def nack(self, delay: float | None = None) -> None:
         """Redeliver: at once (``basic.reject(requeue=True)``) for None/0, else through the retry
@@ -362,9 +432,9 @@ class RabbitMQDelivery(Delivery):
 
 async def _settle_quietly(
     d: RabbitMQDelivery, what: str, send: Callable[[AbstractIncomingMessage], Awaitable[Any]]
-) -> None:
+) -> bool:
     """Send one settle frame for ``d``, unless its subscription is closing its channel; a dead
-    channel is logged, not raised."""
+    channel is logged, not raised. True when the frame was written."""
     if d._sub._channel_closing:
         # Never a frame after our own channel.close: RabbitMQ answers a frame on a channel it has
         # closed with a *connection* error (504 "expected 'channel.open'"), killing every other
@@ -374,10 +444,11 @@ async def _settle_quietly(
             what,
             d.delivery_id,
         )
-        return
+        return False
     aiormq = _driver_aiormq()
     try:
         await send(d.message)
+        return True
     except (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError, OSError) as exc:
         # ChannelInvalidStateError is a RuntimeError. The channel is gone: RabbitMQ has requeued
         # the message and will redeliver it; a crash-equivalent, not an error of the caller's.
@@ -389,6 +460,11 @@ async def _settle_quietly(
             type(exc).__name__,
             exc,
         )
+        return False
+    finally:
+        # its own frame is queued (or the channel is gone): a later multiple ack may pass it
+        if d._book is not None:
+            d._book.settled_alone(d.tag)
 
 
 def _driver_aiormq() -> ModuleType:
@@ -397,6 +473,77 @@ def _driver_aiormq() -> ModuleType:
     except ImportError as exc:
         raise MissingExtra("rabbitmq", "aio-pika") from exc
     return aiormq
+
+
+# --------------------------------------------------------------------------- ack coalescing
+
+
+class _AckBook:
+    """The delivery tags one channel gave its subscription, until each one's settle frame is
+    queued: what a ``basic.ack(multiple=True)`` may cover.
+
+    A multiple ack of tag N settles *every* unsettled tag <= N on the channel, so it is only sent
+    for the top of a run of tags that are all acked (or already settled by their own frame):
+    the run starts at the lowest live tag and stops before the first tag that is neither. A
+    nack or reject is never swallowed: its tag is live (it stops the run) until its own frame is
+    queued, and frames leave in the order they are queued. Acked tags above the run go out one
+    by one in the same flush, so a slow delivery never holds its neighbours' acks (they would
+    keep their prefetch credit). Tags are per channel: a reconnect starts a new book, and the
+    acks of a dead channel are never sent (RabbitMQ requeued those messages).
+    """
+
+    __slots__ = ("acked", "channel", "live", "tags")
+
+    def __init__(self, channel: AbstractChannel) -> None:
+        self.channel = channel
+        #: tags in ascending order; settled ones are dropped lazily from the front
+        self.tags: deque[int] = deque()
+        #: tags without a queued settle frame (acked-but-unsent ones included)
+        self.live: set[int] = set()
+        #: acked, not yet sent: tag -> the future its ``ack()`` awaits
+        #: acked tag -> resolved True once its frame (or a multiple one covering it) is written,
+        #: False when it never will be (the channel closed first)
+        self.acked: dict[int, asyncio.Future[bool]] = {}
+
+    def receive(self, tag: int) -> None:
+        if self.tags and tag < self.tags[-1]:  # never seen from one consumer; kept sorted anyway
+            self.tags = deque(sorted((*self.tags, tag)))
+        else:
+            self.tags.append(tag)
+        self.live.add(tag)
+
+    def settled_alone(self, tag: int) -> None:
+        """``tag``'s own frame (nack, reject, single ack) is queued, or it never will be."""
+        self.live.discard(tag)
+        fut = self.acked.pop(tag, None)
+        if fut is not None and not fut.done():
+            fut.set_result(False)  # not by the coalesced frame: unconfirmed for its waiter
+
+    def take(
+        self,
+    ) -> tuple[int | None, list[asyncio.Future[bool]], list[int], list[asyncio.Future[bool]]]:
+        """Everything acked since the last call: ``(top, covered, singles, single_waiters)``:
+        a multiple ack of ``top`` settles the futures in ``covered``; ``singles`` need a frame
+        each. The taken tags are no longer live."""
+        tags, live, acked = self.tags, self.live, self.acked
+        top: int | None = None
+        covered: list[asyncio.Future[bool]] = []
+        while tags:
+            tag = tags[0]
+            if tag not in live:
+                tags.popleft()
+            elif tag in acked:
+                tags.popleft()
+                live.discard(tag)
+                covered.append(acked.pop(tag))
+                top = tag
+            else:
+                break
+        singles = list(acked)
+        waiters = list(acked.values())
+        live.difference_update(singles)
+        acked.clear()
+        return top, covered, singles, waiters
 
 
 # --------------------------------------------------------------------------- subscription
@@ -412,45 +559,187 @@ class _RabbitSubscription(Subscription):
         self.topology = topology
         self.group = group
         self.prefetch = prefetch
-        self._buffer: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
+        self._buffer: asyncio.Queue[DeliveredMessage | None] = asyncio.Queue()
         self._unsettled: set[RabbitMQDelivery] = set()
         self._held: set[asyncio.Task[None]] = set()
+        #: set when a delivery settles: room to hand out another within ``prefetch``
+        self._room = asyncio.Event()
+        #: set when a message is buffered (or on close): ``next_batch`` waits on it
+        self._arrived = asyncio.Event()
         self._channel: AbstractRobustChannel | None = None
         self._queue: AbstractRobustQueue | None = None
+        #: the consumer tag, on the channel (underneath the robust one) that consumes now
         self._tag: str | None = None
+        self._underlay: AbstractChannel | None = None
         self._closed = False
         #: set right before channel.close: from then on no settle frame may be sent on it
         self._channel_closing = False
+        #: the ack book of the channel delivering now, and every book with acks still to send
+        self._book: _AckBook | None = None
+        self._books: list[_AckBook] = []
+        self._flusher: asyncio.Future[None] | None = None
+        #: closed as a crash: no ack that is not on the wire yet may go out any more
+        self._abandoned = False
 
     async def _open(self, connection: AbstractRobustConnection) -> None:
         channel = await connection.channel(publisher_confirms=False)
         self._channel = channel
-        await channel.set_qos(prefetch_count=self.prefetch)
+        # twice the deliveries handed out: the next batch is already here when one completes
+        await channel.set_qos(prefetch_count=self.prefetch * _QOS_FACTOR)
         # declared (not just referenced) on this channel so that a reconnect re-declares it
         self._queue = await channel.declare_queue(
             self.topology.queue, durable=True, arguments=self.broker._queue_args(self.topology)
         )
-        self._tag = await self._queue.consume(self._on_message, no_ack=False)
+        # consumed on the aiormq channel underneath: aio-pika's own consumer would wrap every
+        # delivery in an IncomingMessage (~13 us) and one more task. A reconnect (or a channel the
+        # server closed) re-declares the queue and then calls reopen_callbacks: consume again.
+        channel.reopen_callbacks.add(self._reconsume)
+        await self._consume_on(await channel.get_underlay_channel())
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _consume_on(self, underlay: AbstractChannel) -> None:
+        ok = await underlay.basic_consume(self.topology.queue, self._on_message, no_ack=False)
+        self._tag = ok.consumer_tag
+        self._underlay = underlay
+
+    async def _reconsume(self, channel: object) -> None:
+        if self._closed or self._channel is None:
+            return
+        aiormq = _driver_aiormq()
+        try:
+            await self._consume_on(await self._channel.get_underlay_channel())
+        except (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError, OSError) as exc:
+            log.error(
+                "%s: could not consume again after the channel reopened (%s: %s); close this "
+                "subscription and subscribe again",
+                self,
+                type(exc).__name__,
+                self.broker._scrub(str(exc)),
+            )
+
+    async def _on_message(self, message: DeliveredMessage) -> None:
+        self._track(message)  # even after close: an unsettled tag must stop a multiple ack
         if not self._closed:
             self._buffer.put_nowait(message)
+            self._arrived.set()
 
-    def _wrap(self, message: AbstractIncomingMessage) -> RabbitMQDelivery | None:
+    def _track(self, message: DeliveredMessage) -> None:
+        tag = message.delivery_tag
+        channel = message.channel
+        if channel.is_closed:
+            return  # RabbitMQ requeued it with the channel; _wrap drops it
+        book = self._book
+        if book is None or book.channel is not channel:
+            # a new channel (first open or a reconnect): its tags start again at 1
+            book = self._book = _AckBook(channel)
+            self._books = [b for b in self._books if b.acked]
+            self._books.append(book)
+        if tag:
+            book.receive(tag)
+
+    async def _ack(self, d: RabbitMQDelivery) -> bool:
+        """Ack ``d`` through its channel's book: sent on the next loop tick, together with every
+        other ack of that tick (one ``multiple=True`` frame for a contiguous run). True once a
+        frame covering it is written; False when the channel closed first."""
+        book = d._book
+        tag = d.tag
+        if book is None or tag not in book.live or tag in book.acked:
+            return await _settle_quietly(d, "ack", lambda m: m.ack())
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        book.acked[tag] = fut
+        if book is not self._book and book not in self._books:
+            self._books.append(book)  # an older channel's: the flush finds it dead, drops it
+        if self._flusher is None:
+            self._flusher = asyncio.ensure_future(self._flush_acks())
+        return await fut
+
+    async def _flush_acks(self) -> None:
         try:
-            channel = message.channel  # raises once the channel that carried it is closed
-        except RuntimeError:
-            channel = None
-        if channel is None or not getattr(channel.connection, "is_opened", True):
+            while True:
+                await asyncio.sleep(0)  # the other acks of this tick (the batch) join
+                books = [b for b in self._books if b.acked]
+                if not books:
+                    return
+                for book in books:
+                    await self._send_acks(book)
+                self._books = [b for b in self._books if b is self._book or b.acked]
+        finally:
+            self._flusher = None
+
+    async def _send_acks(self, book: _AckBook) -> None:
+        top, covered, singles, waiters = book.take()
+        aiormq = _driver_aiormq()
+        covered_sent = False
+        singles_sent = 0
+        try:
+            for tag, multiple in (
+                *(((top, True),) if top is not None else ()),
+                *((t, False) for t in singles),
+            ):
+                # checked right before each frame: never a frame after our own channel.close
+                # (see _settle_quietly), never a tag of a dead channel on another one
+                if self._channel_closing or self._abandoned or book.channel.is_closed:
+                    break
+                await book.channel.basic_ack(delivery_tag=tag, multiple=multiple)
+                if multiple:
+                    covered_sent = True
+                else:
+                    singles_sent += 1
+        except (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError, OSError) as exc:
+            log.warning(
+                "acks not delivered to RabbitMQ (%s: %s) on %s; the channel is closed, so the "
+                "broker requeued those messages and will redeliver them (the ledger answers "
+                "the copies)",
+                type(exc).__name__,
+                exc,
+                self.topology.queue,
+            )
+        finally:
+            missed = (0 if covered_sent else len(covered)) + len(waiters) - singles_sent
+            if missed > 0:
+                log.warning(
+                    "%d acks on %s not sent: the channel closed (or is closing) first, so "
+                    "RabbitMQ requeues those messages and will redeliver them",
+                    missed,
+                    self.topology.queue,
+                )
+            for fut in covered:
+                if not fut.done():
+                    fut.set_result(covered_sent)
+            for i, fut in enumerate(waiters):  # singles go out in order
+                if not fut.done():
+                    fut.set_result(i < singles_sent)
+
+    def _drop_acks(self) -> None:
+        """Abandon acks not yet sent (they stay unacked: RabbitMQ requeues them) and wake their
+        waiters."""
+        for book in self._books:
+            for fut in book.acked.values():
+                if not fut.done():
+                    fut.set_result(False)
+            book.acked.clear()
+
+    def _wrap(self, message: DeliveredMessage) -> RabbitMQDelivery | None:
+        channel = message.channel
+        if channel.is_closed or not getattr(channel.connection, "is_opened", True):
             # RabbitMQ requeues it when the channel dies; the copy on the new channel follows
             return None
-        d = RabbitMQDelivery(self, message)
+        book = self._book
+        if book is not None and (
+            book.channel is not channel or message.delivery_tag not in book.live
+        ):
+            book = None
+        d = RabbitMQDelivery(self, message, book)
         self._unsettled.add(d)
         return d
 
     async def __anext__(self) -> Delivery:
         """The next delivery. Cancelling a pending call loses nothing (the buffer keeps it)."""
         while True:
+            if self._closed:
+                raise StopAsyncIteration
+            while len(self._unsettled) >= self.prefetch and not self._closed:
+                self._room.clear()
+                await self._room.wait()
             if self._closed:
                 raise StopAsyncIteration
             message = await self._buffer.get()
@@ -462,17 +751,59 @@ class _RabbitSubscription(Subscription):
                 return d
 
     async def next_batch(self, max_items: int) -> list[Delivery]:
-        """One delivery (waiting for it) plus what is already buffered, up to ``max_items``."""
-        batch: list[Delivery] = [await self.__anext__()]
-        while len(batch) < max_items and not self._buffer.empty():
-            message = self._buffer.get_nowait()
-            if message is _CLOSED:
-                self._buffer.put_nowait(_CLOSED)
-                break
-            d = self._wrap(message)
-            if d is not None:
-                batch.append(d)
-        return batch
+        """One delivery (waiting for it) plus what else arrives while RabbitMQ is still sending,
+        up to ``max_items`` and within ``prefetch`` unsettled.
+
+        A prefetch window's worth of messages arrives as a burst spread over several loop ticks
+        (each frame goes through aiormq and aio-pika tasks before it is buffered), so taking only
+        what is buffered at the first delivery gives batches of 2-7. The batch keeps growing
+        while the buffer does: it is taken after ``_LINGER_TICKS`` ticks without a new message,
+        or after ``_LINGER_SECONDS``; an idle queue costs two loop ticks, not a timer. Nothing
+        is taken before the last wait: a cancelled call loses nothing (the buffer keeps it)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._ready()
+            deadline = loop.time() + _LINGER_SECONDS
+            idle = 0
+            while (
+                idle < _LINGER_TICKS
+                and self._buffer.qsize() < max_items
+                and not self._closed
+                and loop.time() < deadline
+            ):
+                before = self._buffer.qsize()
+                await asyncio.sleep(0)
+                idle = idle + 1 if self._buffer.qsize() == before else 0
+            # from here on no await: the batch is handed out whole or not at all
+            batch: list[Delivery] = []
+            room = min(max_items, self.prefetch - len(self._unsettled))
+            while len(batch) < room and not self._buffer.empty():
+                message = self._buffer.get_nowait()
+                if message is _CLOSED:
+                    self._buffer.put_nowait(_CLOSED)
+                    break
+                d = self._wrap(message)
+                if d is not None:
+                    batch.append(d)
+            if batch:
+                return batch
+            if self._closed:
+                raise StopAsyncIteration
+
+    async def _ready(self) -> None:
+        """Wait (taking nothing) until a message is buffered and one more may be handed out
+        within ``prefetch``. ``StopAsyncIteration`` once closed."""
+        while True:
+            if self._closed:
+                raise StopAsyncIteration
+            if len(self._unsettled) >= self.prefetch:
+                self._room.clear()
+                await self._room.wait()
+            elif self._buffer.empty():
+                self._arrived.clear()
+                await self._arrived.wait()
+            else:
+                return
 
     async def _delay(self, d: RabbitMQDelivery, seconds: float) -> bool:
         """Delayed redelivery of ``d``; True when the original is held here (fallback)."""
@@ -499,7 +830,7 @@ class _RabbitSubscription(Subscription):
             task.add_done_callback(self._held.discard)
             return True
         # the copy is confirmed: acking the original now can only duplicate, never lose
-        await _settle_quietly(d, "ack after delayed copy", lambda m: m.ack())
+        await self._ack(d)
         return False
 
     async def _requeue_later(self, d: RabbitMQDelivery, seconds: float) -> None:
@@ -521,6 +852,9 @@ class _RabbitSubscription(Subscription):
         if self._closed:
             return
         self._closed = True
+        self._abandoned = abandon
+        self._room.set()
+        self._arrived.set()
         self._buffer.put_nowait(_CLOSED)
         self.broker._subs.discard(self)
         for task in list(self._held):
@@ -529,20 +863,32 @@ class _RabbitSubscription(Subscription):
         gone = (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError, OSError, TimeoutError)
         # bounded: a robust channel waits for a reconnect before any call, and the server may be
         # gone for good; RabbitMQ requeues whatever this does not get to settle
+        flusher = self._flusher
+        if abandon and flusher is not None:
+            # as a crash: acks not yet written stay unacked and their messages come back
+            flusher.cancel()
+            await asyncio.wait({flusher})
         with contextlib.suppress(*gone):
             async with asyncio.timeout(self.broker.connect_timeout):
-                if not abandon and self._queue is not None and self._tag is not None:
+                if not abandon and self._underlay is not None and self._tag is not None:
                     with contextlib.suppress(*gone):
-                        await self._queue.cancel(self._tag)
+                        await self._underlay.basic_cancel(self._tag)
+                    if self._flusher is not None:  # acks already made are sent, not redelivered
+                        await asyncio.wait({self._flusher})
                     while not self._buffer.empty():
                         message = self._buffer.get_nowait()
-                        if message is not _CLOSED:
+                        if message is not _CLOSED and message.delivery_tag:
                             with contextlib.suppress(*gone):
-                                await message.nack(requeue=True)
+                                await message.channel.basic_nack(
+                                    delivery_tag=message.delivery_tag, requeue=True
+                                )
                     self._buffer.put_nowait(_CLOSED)
                 if self._channel is not None:
+                    self._channel.reopen_callbacks.discard(self._reconsume)
                     self._channel_closing = True
+                    self._drop_acks()
                     await self._channel.close()
+        self._drop_acks()
 
     def __repr__(self) -> str:
         return (
@@ -774,7 +1120,8 @@ class RabbitMQBroker(Broker):
                     self._url,
                     timeout=self.connect_timeout,
                     reconnect_interval=self.reconnect_interval,
-                    client_properties={"connection_name": f"replaysafe {role}"},
+                    # the pid tells an operator (and the chaos nemesis) whose connection it is
+                    client_properties={"connection_name": f"replaysafe {role} pid={os.getpid()}"},
                 )
         except aiormq.exceptions.ProbableAuthenticationError as exc:
             raise ConfigurationError(
@@ -961,8 +1308,14 @@ class RabbitMQBroker(Broker):
                     try:
                         q = await channel.declare_queue(name, passive=True, robust=False)
                     except aiormq.exceptions.ChannelNotFoundEntity:
-                        # the 404 closed the channel; open another for the next name
-                        channel = None
+                        # the 404 closed the channel; open another for the next name. Close
+                        # ours too: a robust channel the server closed reopens itself, and
+                        # each probe of a missing queue leaked one (channel_max after ~110 calls)
+                        dead, channel = channel, None
+                        with contextlib.suppress(
+                            aiormq.exceptions.AMQPError, RuntimeError, OSError
+                        ):
+                            await dead.close()
                         continue
                     result = q.declaration_result
                     out[name] = int(result.message_count or 0)
@@ -1150,8 +1503,10 @@ class RabbitMQBroker(Broker):
     # ---------------------------------------------------------------- subscribe / close
 
     async def subscribe(self, source: str, group: str, *, prefetch: int = 16) -> Subscription:
-        """Consume ``group``'s queue on ``source`` (declared first, with its dead-letter queue),
-        with ``basic.qos(prefetch)``: at most ``prefetch`` deliveries unacked at a time."""
+        """Consume ``group``'s queue on ``source`` (declared first, with its dead-letter queue).
+        At most ``prefetch`` deliveries are handed out and unsettled at a time; RabbitMQ may hold
+        as many again in this consumer's buffer (``basic.qos(2 * prefetch)``), which a crash
+        returns to the queue like the rest."""
         if self._closed:
             raise BrokerUnavailable("RabbitMQBroker is closed; create a new one to subscribe")
         if prefetch < 1:

@@ -95,6 +95,10 @@ MAX_ATTRIBUTES: Final = 10
 MAX_VISIBILITY: Final = 43_200
 MAX_WAIT_TIME: Final = 20
 FIFO_DEDUP_WINDOW: Final = 300.0
+
+#: seconds before a copy's visibility deadline after which its delete no longer confirms the
+#: completion (``SQSDelivery.ack_confirmed``): the receive clock starts after SQS started the timer
+CONFIRM_MARGIN: Final = 0.5
 DEFAULT_MAX_MESSAGE_BYTES: Final = 1_048_576
 
 CONTENT_TYPE: Final = "content-type"
@@ -384,6 +388,8 @@ class SQSDelivery(Delivery):
         self._raw_attributes = raw_attributes
         self._system_attributes = dict(attributes)
         self._settled = False
+        #: why SQS refused to delete this receipt (set by the delete batch), else None
+        self._delete_refused: str | None = None
 
     @property
     def settled(self) -> bool:
@@ -405,6 +411,30 @@ class SQSDelivery(Delivery):
         visibility expires. Either way the delivery counts as settled."""
         if self._settle():
             await self._broker._delete(self._queue, self)
+
+    async def ack_confirmed(self) -> None:
+        """``ack()``, raising ``BrokerUnavailable`` unless the delete is known to have removed
+        the message: SQS refused it for this receipt, or it was answered after this copy's
+        visibility timeout (less ``CONFIRM_MARGIN`` seconds) ran out. SQS may then have handed
+        the message to another consumer, and AWS documents that a delete with an older receipt
+        handle "succeeds" without deleting the message. Also raised when the delivery was
+        already settled; the mapped error when the delete call itself failed."""
+        if not self._settle():
+            raise BrokerUnavailable(
+                f"SQS: {self.delivery_id} was already settled, so this ack cannot be confirmed; "
+                "do not run an at-most-once effect for it"
+            )
+        await self._broker._delete(self._queue, self)
+        if self._delete_refused is not None:
+            why = f"SQS refused the delete ({self._delete_refused})"
+        elif self._broker._clock.now() > self.settle_deadline - CONFIRM_MARGIN:
+            why = "the delete was answered after this copy's visibility timeout ran out"
+        else:
+            return
+        raise BrokerUnavailable(
+            f"SQS: the completion of {self.delivery_id} is not confirmed: {why}; another "
+            "consumer may have the message, so do not run an at-most-once effect for it"
+        )
 
     async def nack(self, delay: float | None = None) -> None:
         """Make the message visible again after ``delay`` seconds (at once for None/0; rounded
@@ -705,6 +735,7 @@ class _DeleteBatcher:
             for failure in response.get("Failed") or []:
                 d, _ = batch[int(failure["Id"])]
                 self._broker._delete_failures += 1
+                d._delete_refused = f"{failure.get('Code')}: {failure.get('Message')}"
                 # the message stays in the queue and comes back; the ledger answers the copy
                 log.warning(
                     "SQS refused to delete %s (%s: %s); it will be delivered again and the "

@@ -40,7 +40,7 @@ import pytest
 from replaysafe.brokers.base import Broker, Capabilities, Delivery, RedeliveryKind, Subscription
 from replaysafe.clock import Clock
 from replaysafe.envelope import RESERVED_HEADERS, Envelope, decode_wire
-from replaysafe.errors import CapabilityError, PublishAmbiguous
+from replaysafe.errors import BrokerError, CapabilityError, PublishAmbiguous
 from replaysafe.failpoints import FAILPOINTS, PUBLISH_AFTER_ACCEPT, Failpoints
 from replaysafe.testing import FakeClock
 
@@ -300,6 +300,23 @@ class BrokerContract:
             await c.publish(c.envelope("ack"))
             d = await c.receive(a)
             await d.ack()
+            await a.close(abandon=True)
+            b = await c.subscribe(group)
+            await c.expect_nothing(b, advance=c.past(d))
+
+    async def test_ack_confirmed_holds_through_a_crash(self) -> None:
+        """``ack_confirmed()`` returns once the broker holds the completion, so a crash right
+        after it never brings the message back: at-most-once runs its effect on that promise.
+        A second call has nothing left to confirm and raises."""
+        async with self.case() as c:
+            group = c.group()
+            a = await c.subscribe(group)
+            await c.publish(c.envelope("ack-confirmed"))
+            d = await c.receive(a)
+            await d.ack_confirmed()
+            assert d.settled
+            with pytest.raises(BrokerError):
+                await d.ack_confirmed()
             await a.close(abandon=True)
             b = await c.subscribe(group)
             await c.expect_nothing(b, advance=c.past(d))

