@@ -98,6 +98,9 @@ class Harness:
             elapsed += step
             for _ in range(20):
                 await asyncio.sleep(0)
+            # a ledger on a thread (SQLite) does real I/O: give it real time too, or fake time
+            # runs ahead of a loaded disk and every lease looks expired by the time it returns
+            await asyncio.sleep(0.001)
 
     async def drain(self, *, seconds: float = 120.0) -> None:
         await self.run_until(lambda: self.depth() == 0, seconds=seconds)

@@ -945,3 +945,46 @@ class TestProperties:
         assert back.value == value
         assert back.fingerprint == env.fingerprint
         assert back.operation_id == OP
+
+
+# =========================================================================== deferred fingerprint
+
+
+class TestDeferredFingerprint:
+    """``decode_wire(check_fingerprint=False)`` (the runtime outside effectively-once) skips the
+    header check and computes the fingerprint only when it is read, from the payload bytes."""
+
+    def test_unchecked_decode_ignores_the_header_and_fingerprints_on_demand(self) -> None:
+        body = b'{"b": [1, 2], "a": "\xc3\xab"}'
+        headers = {HEADER_OPERATION_ID: OP, HEADER_FINGERPRINT: "sha256:" + "0" * 64}
+        with refused(FingerprintMismatch, R.FINGERPRINT_MISMATCH, "omit the header"):
+            decode_wire(body, headers)
+        env = decode_wire(body, headers, check_fingerprint=False)
+        assert env._fingerprint is None  # not computed by the decode
+        env.value["a"] = "mutated by a handler"  # the fingerprint covers the bytes, not this
+        assert env.fingerprint == fingerprint({"a": "ë", "b": [1, 2]})
+        assert env._fingerprint == env.fingerprint  # computed once, then kept
+
+    @pytest.mark.parametrize(
+        ("body", "ctype"), [(b"caf\xc3\xa9", TEXT), (b"\x00\xffraw", BYTES)], ids=["text", "bytes"]
+    )
+    def test_unchecked_non_json_fingerprints_the_bytes(self, body: bytes, ctype: str) -> None:
+        env = decode_wire(
+            body, {HEADER_OPERATION_ID: OP}, content_type=ctype, check_fingerprint=False
+        )
+        assert env.fingerprint == fingerprint_bytes(body)
+
+    def test_unchecked_decode_still_refuses_a_lone_surrogate(self) -> None:
+        with refused(MalformedPayload, R.MALFORMED_PAYLOAD, "send valid Unicode text"):
+            decode_wire(b'{"a": "\\ud800"}', {HEADER_OPERATION_ID: OP}, check_fingerprint=False)
+
+    def test_envelope_stays_immutable_comparable_and_picklable(self) -> None:
+        env = Envelope.of(OP, {"a": 1}, key="k", headers={"h": "v"}, published_at=5.0)
+        lazy = Envelope(OP, env.payload, {"a": 1}, None, JSON, "k", {"h": "v"}, 5.0)
+        assert lazy == env  # equality reads the deferred fingerprint
+        assert "fingerprint='sha256:" in repr(lazy)
+        with pytest.raises(AttributeError, match="cannot assign"):
+            env.operation_id = "other"
+        back = pickle.loads(pickle.dumps(env))
+        assert back == env and back.fingerprint == env.fingerprint
+        assert Envelope(OP, b"{}", {}, None).headers == {}

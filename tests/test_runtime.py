@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -342,6 +343,28 @@ async def test_deadline_cuts_a_hung_handler_and_the_operation_is_retried() -> No
     assert calls == 2 and h.probe.per_subject() == {"order-1": 1}
 
 
+async def test_a_keyed_handler_cut_at_every_deadline_is_quarantined_outcome_unknown() -> None:
+    """A keyed effect is retried after a cut (the key makes the re-run safe), but the cut
+    cancelled the handler wherever it was, maybe after its request left: when the budget runs
+    out, the quarantine must say the effect may have happened, not that it was released
+    cleanly."""
+    h = Harness()
+
+    async def always_hangs(ctx: Context) -> None:
+        await asyncio.Event().wait()
+
+    h.handler(EO, effect=Effect.keyed("payments"), lease=5, timeout=2, retry=FAST_RETRY)(
+        always_hangs
+    )
+    await h.publish(order(1))
+    h.start()
+    await h.drain()
+    await h.stop()
+    [entry] = await h.ledger.quarantined()
+    assert entry.reason is QuarantineReason.MAX_ATTEMPTS and entry.attempts == 4
+    assert entry.risk is EffectRisk.OUTCOME_UNKNOWN
+
+
 async def test_zombie_whose_lease_was_taken_over_is_fenced() -> None:
     h = Harness()
     gate = asyncio.Event()
@@ -584,3 +607,51 @@ async def test_retry_budget_by_elapsed_time_since_first_publish() -> None:
     assert entry.reason is QuarantineReason.MAX_ATTEMPTS
     assert 1 < entry.attempts < 100  # stopped by time, long before the attempt budget
     assert "since the first publish" in entry.last_detail
+
+
+async def test_a_worker_stalled_past_its_lease_never_starts_the_effect() -> None:
+    """A stall between the claim and the handler (GC, SIGSTOP) outlives the lease; the broker
+    redelivers and another worker takes the operation over. When the stalled worker resumes it
+    must not start the effect on its dead lease: the downstream here cannot dedupe, so a start
+    would be a second charge."""
+    h = Harness(mode=RedeliveryKind.VISIBILITY_TIMEOUT, honour_keys=False)
+    charging(h, guarantee=EO, effect=Effect.keyed("payments"), lease=5)
+    h.failpoints.enable(fp.BEFORE_EFFECT, "sleep", seconds=30, when=once_for("charge:order-1"))
+    await h.publish(order(1), order(2))
+    h.start(workers=2)
+    await h.drain()
+    await h.run_until(lambda: h.total(o.LEASE_LOST) >= 1, seconds=60)
+    await h.stop()
+    assert h.failpoints.fired[fp.BEFORE_EFFECT] == 1
+    assert h.probe.per_subject() == {"order-1": 1, "order-2": 1}
+    rec = await h.ledger.get(OpKey("charge", "charge:order-1"))
+    assert rec is not None and rec.state is State.COMPLETED and rec.attempts == 2
+
+
+async def test_a_stall_past_the_lease_before_a_transactional_effect_extends_and_applies(
+    tmp_path: Path,
+) -> None:
+    """Nobody took the operation over during the stall: the lease is extended (its token is still
+    current) and the effect runs. With SQLite the extension must happen before the handler's
+    transaction opens: that transaction holds the ledger's only connection."""
+    from replaysafe.ledger.sqlite import SQLiteLedger
+    from replaysafe.testing import FakeClock
+
+    clock = FakeClock()
+    ledger = SQLiteLedger(tmp_path / "ledger.db", clock=clock, synchronous="NORMAL")
+    h = Harness(ledger=ledger, clock=clock)
+    applied: list[str] = []
+
+    async def book(ctx: Context) -> None:
+        assert ctx.tx is not None
+        applied.append(ctx.operation_id)
+
+    h.handler(EO, effect=Effect.transactional(), lease=5)(book)
+    h.failpoints.enable(fp.BEFORE_EFFECT, "sleep", seconds=30, when=once_for("charge:order-1"))
+    await h.publish(order(1))
+    h.start()
+    await h.drain(seconds=90)
+    await h.stop()
+    await ledger.close()
+    assert applied == ["charge:order-1"]
+    assert h.total(o.LEASE_LOST) == 0

@@ -23,12 +23,13 @@ before any parser sees them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
 import unicodedata
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import FrozenInstanceError, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -143,6 +144,12 @@ def validate_operation_id(value: object) -> str:
 # --------------------------------------------------------------------------- canonical JSON
 
 
+#: one encoder for every call: ``json.dumps`` with options builds a new one each time
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+
+
 def canonical_json(value: Any) -> bytes:
     """The canonical encoding of a JSON value (sorted keys, compact, UTF-8).
 
@@ -150,9 +157,7 @@ def canonical_json(value: Any) -> bytes:
     keys, objects of other types).
     """
     try:
-        text = json.dumps(
-            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        )
+        text = _CANONICAL.encode(value)
     except (TypeError, ValueError) as exc:
         raise MalformedPayload(
             f"payload cannot be encoded as canonical JSON: {exc}; send JSON-native values only"
@@ -199,28 +204,37 @@ def decode_json(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
             f"payload is not valid UTF-8: {exc}; encode JSON bodies as UTF-8"
         ) from exc
     _check_depth(text, limits.max_depth)
-    max_int = 2 ** (limits.max_int_bits - 1) - 1
+    decode: Callable[[str], Any]
+    if _risky_numbers(limits.max_int_bits).search(text) is None:
+        # no number that could break a limit: ints and floats parse in C, no hook per literal
+        decode = _FAST_JSON.decode
+    else:
+        decode = _checked_decoder(limits.max_int_bits).decode
+    try:
+        return decode(text)
+    except _Reject as rej:
+        raise rej.error from None
+    except RecursionError:
+        raise LimitExceeded(
+            f"payload nests deeper than {limits.max_depth} levels; flatten the structure"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise MalformedPayload(
+            f"payload is not valid JSON: {exc}; fix the producer's encoder"
+        ) from exc
 
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in items:
-            if k in out:
-                raise _Reject(
-                    MalformedPayload(
-                        f"duplicate JSON key {k!r}: parsers disagree on which value wins; "
-                        "send each key once"
-                    )
-                )
-            out[k] = v
-        return out
+
+@functools.lru_cache(maxsize=8)
+def _checked_decoder(max_int_bits: int) -> json.JSONDecoder:
+    """The slow path: every number literal through a hook that enforces the limits."""
+    max_int = 2 ** (max_int_bits - 1) - 1
 
     def parse_int(s: str) -> int:
         # bound the digit count before int() so a huge literal costs nothing
         if len(s.lstrip("-")) > 40 or not -max_int - 1 <= int(s) <= max_int:
             raise _Reject(
                 LimitExceeded(
-                    f"integer {s[:30]}… does not fit in {limits.max_int_bits} bits; "
-                    "send it as a string"
+                    f"integer {s[:30]}… does not fit in {max_int_bits} bits; send it as a string"
                 )
             )
         return int(s)
@@ -233,27 +247,50 @@ def decode_json(body: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
             )
         return f
 
-    def parse_constant(s: str) -> Any:
-        raise _Reject(MalformedPayload(f"{s} is not valid JSON; send finite numbers only"))
+    return json.JSONDecoder(
+        object_pairs_hook=_unique_pairs,
+        parse_int=parse_int,
+        parse_float=parse_float,
+        parse_constant=_no_constant,
+    )
 
-    try:
-        return json.loads(
-            text,
-            object_pairs_hook=pairs,
-            parse_int=parse_int,
-            parse_float=parse_float,
-            parse_constant=parse_constant,
+
+def _duplicate_key(items: list[tuple[str, Any]]) -> _Reject:
+    seen: set[str] = set()
+    for k, _ in items:
+        if k in seen:
+            break
+        seen.add(k)
+    return _Reject(
+        MalformedPayload(
+            f"duplicate JSON key {k!r}: parsers disagree on which value wins; send each key once"
         )
-    except _Reject as rej:
-        raise rej.error from None
-    except RecursionError:
-        raise LimitExceeded(
-            f"payload nests deeper than {limits.max_depth} levels; flatten the structure"
-        ) from None
-    except json.JSONDecodeError as exc:
-        raise MalformedPayload(
-            f"payload is not valid JSON: {exc}; fix the producer's encoder"
-        ) from exc
+    )
+
+
+def _unique_pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(items)
+    if len(out) != len(items):
+        raise _duplicate_key(items)
+    return out
+
+
+def _no_constant(s: str) -> Any:
+    raise _Reject(MalformedPayload(f"{s} is not valid JSON; send finite numbers only"))
+
+
+#: built once: ``json.loads`` with hooks builds a decoder per call
+_FAST_JSON = json.JSONDecoder(object_pairs_hook=_unique_pairs, parse_constant=_no_constant)
+
+
+@functools.lru_cache(maxsize=8)
+def _risky_numbers(max_int_bits: int) -> re.Pattern[str]:
+    """Text that may hold a number outside the limits: a digit run as long as the largest
+    allowed integer (shorter integers always fit), or an exponent (a float can only overflow to
+    infinity with one, or with more digits than that). Matches inside strings only cost the
+    slow, hooked parse; they never skip a check."""
+    digits = len(str(2 ** (max_int_bits - 1) - 1))
+    return re.compile(rf"[0-9]{{{digits},}}|[eE][-+]?[0-9]")
 
 
 # an unterminated string runs to the end of the text: every match attempt then succeeds without
@@ -310,23 +347,125 @@ def _content_type_base(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip().lower()
 
 
-@dataclass(frozen=True, slots=True)
 class Envelope:
-    """One transport-independent copy of an operation.
+    """One transport-independent copy of an operation (immutable).
 
     ``payload`` holds the encoded body bytes; ``value`` the decoded payload (JSON value, ``str``
     for text, ``bytes`` otherwise). Build envelopes with :meth:`of` on the producer side; the
     runtime builds them with :func:`decode_wire` on the consumer side.
+
+    ``fingerprint`` is the SHA-256 of the canonical payload (see the module docstring). Passing
+    ``None`` to the constructor defers it: it is computed from ``payload`` (never from ``value``,
+    which a handler may have mutated) the first time it is read, so a consumer that never needs
+    it (at-least-once, at-most-once) never pays for the canonical encoding.
     """
+
+    __slots__ = (
+        "_fingerprint",
+        "content_type",
+        "headers",
+        "key",
+        "operation_id",
+        "payload",
+        "published_at",
+        "value",
+    )
+    __match_args__ = (
+        "operation_id",
+        "payload",
+        "value",
+        "fingerprint",
+        "content_type",
+        "key",
+        "headers",
+        "published_at",
+    )
 
     operation_id: str
     payload: bytes
     value: Any
-    fingerprint: str
-    content_type: str = JSON
-    key: str | None = None
-    headers: Mapping[str, str] = field(default_factory=dict)
-    published_at: float | None = None
+    content_type: str
+    key: str | None
+    headers: Mapping[str, str]
+    published_at: float | None
+    _fingerprint: str | None
+
+    def __init__(
+        self,
+        operation_id: str,
+        payload: bytes,
+        value: Any,
+        fingerprint: str | None,
+        content_type: str = JSON,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        published_at: float | None = None,
+    ) -> None:
+        # through the slot descriptors: a frozen __setattr__ refuses every assignment
+        _SET_OPERATION_ID(self, operation_id)
+        _SET_PAYLOAD(self, payload)
+        _SET_VALUE(self, value)
+        _SET_FINGERPRINT(self, fingerprint)
+        _SET_CONTENT_TYPE(self, content_type)
+        _SET_KEY(self, key)
+        _SET_HEADERS(self, {} if headers is None else headers)
+        _SET_PUBLISHED_AT(self, published_at)
+
+    @property
+    def fingerprint(self) -> str:
+        """``sha256:<hex>`` of the canonical payload (computed on first use when deferred)."""
+        fp = self._fingerprint
+        if fp is None:
+            fp = payload_fingerprint(self.payload, self.content_type)
+            _SET_FINGERPRINT(self, fp)
+        return fp
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (
+            self.operation_id,
+            self.payload,
+            self.value,
+            self.fingerprint,
+            self.content_type,
+            self.key,
+            self.headers,
+            self.published_at,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, Envelope)
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        names = self.__match_args__
+        inner = ", ".join(f"{n}={v!r}" for n, v in zip(names, self._fields(), strict=True))
+        return f"{type(self).__name__}({inner})"
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            type(self),
+            (
+                self.operation_id,
+                self.payload,
+                self.value,
+                self._fingerprint,
+                self.content_type,
+                self.key,
+                self.headers,
+                self.published_at,
+            ),
+        )
 
     @classmethod
     def of(
@@ -369,12 +508,36 @@ class Envelope:
             self.operation_id,
             self.payload,
             self.value,
-            self.fingerprint,
+            self._fingerprint,
             self.content_type,
             self.key,
             self.headers,
             ts,
         )
+
+
+_SET_OPERATION_ID: Callable[[Envelope, Any], None] = Envelope.__dict__["operation_id"].__set__
+_SET_PAYLOAD: Callable[[Envelope, Any], None] = Envelope.__dict__["payload"].__set__
+_SET_VALUE: Callable[[Envelope, Any], None] = Envelope.__dict__["value"].__set__
+_SET_FINGERPRINT: Callable[[Envelope, Any], None] = Envelope.__dict__["_fingerprint"].__set__
+_SET_CONTENT_TYPE: Callable[[Envelope, Any], None] = Envelope.__dict__["content_type"].__set__
+_SET_KEY: Callable[[Envelope, Any], None] = Envelope.__dict__["key"].__set__
+_SET_HEADERS: Callable[[Envelope, Any], None] = Envelope.__dict__["headers"].__set__
+_SET_PUBLISHED_AT: Callable[[Envelope, Any], None] = Envelope.__dict__["published_at"].__set__
+
+
+def payload_fingerprint(payload: bytes, content_type: str = JSON) -> str:
+    """The fingerprint of a body as it travels: over the canonical JSON for JSON content, over
+    the bytes as they are otherwise. Raises ``MalformedPayload`` for JSON it cannot parse."""
+    if _content_type_base(content_type) != JSON:
+        return fingerprint_bytes(payload)
+    try:
+        value = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MalformedPayload(
+            f"payload is not valid JSON: {exc}; fix the producer's encoder"
+        ) from exc
+    return fingerprint_bytes(canonical_json(value))
 
 
 def decode_wire(
@@ -386,19 +549,26 @@ def decode_wire(
     broker_timestamp: float | None = None,
     key_extractor: KeyExtractor | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    check_fingerprint: bool = True,
 ) -> Envelope:
     """Build an ``Envelope`` from a broker message, enforcing ``limits``.
 
     The operation id comes from ``rs-operation-id``, else from ``key_extractor(value)``; the publish
     time from ``rs-published-at``, else ``broker_timestamp``, else unknown (``None``). Raises a
     ``BadInput`` subclass; never a driver or parser exception.
+
+    ``check_fingerprint`` (default) computes the payload fingerprint now and refuses a
+    disagreeing ``rs-fingerprint`` header (``FingerprintMismatch``). The runtime turns it off
+    where nothing compares fingerprints (at-least-once, at-most-once: no ledger): the header is
+    then not checked and ``Envelope.fingerprint`` is computed only if something reads it (a
+    quarantine record). Every other check runs either way.
     """
     if len(headers) > limits.max_headers:
         raise LimitExceeded(
             f"message carries {len(headers)} headers, over the limit of {limits.max_headers}; "
             "send fewer headers or move data into the payload"
         )
-    chars = sum(len(k) + len(v) for k, v in headers.items())
+    chars = sum(map(len, headers)) + sum(map(len, headers.values()))
     # a UTF-8 character is at most 4 bytes: only encode when the cheap bound is not enough
     header_bytes = (
         chars
@@ -419,9 +589,12 @@ def decode_wire(
             "store large data elsewhere and send a reference"
         )
     # header names are case-insensitive on the wire (AMQP/HTTP habits differ between clients)
-    header_ctype = next((v for k, v in headers.items() if k.lower() == "content-type"), None)
-    ctype = content_type or header_ctype or JSON
-    base = _content_type_base(ctype)
+    ctype = (
+        content_type
+        or next((v for k, v in headers.items() if k.lower() == "content-type"), None)
+        or JSON
+    )
+    base = JSON if ctype == JSON else _content_type_base(ctype)
     if base not in limits.allowed_content_types:
         raise UnsupportedContentType(
             f"content type {base!r} is not allowed (allowed: "
@@ -429,9 +602,11 @@ def decode_wire(
             "formats are never decoded; send application/json"
         )
     value: Any
+    canonical: bytes | None
     if base == JSON:
         value = decode_json(body, limits)
-        canonical = canonical_json(value)
+        # the canonical form also refuses what JSON escapes can smuggle in (lone surrogates)
+        canonical = canonical_json(value) if check_fingerprint or b"\\u" in body else None
     elif base == TEXT:
         try:
             value = body.decode("utf-8")
@@ -444,8 +619,8 @@ def decode_wire(
     else:
         value = body
         canonical = body
-    fp = fingerprint_bytes(canonical)
-    sent_fp = headers.get(HEADER_FINGERPRINT)
+    fp = fingerprint_bytes(canonical) if check_fingerprint and canonical is not None else None
+    sent_fp = headers.get(HEADER_FINGERPRINT) if check_fingerprint else None
     if sent_fp is not None and sent_fp != fp:
         raise FingerprintMismatch(
             f"{HEADER_FINGERPRINT} {sent_fp[:80]!r} does not match the payload ({fp}); "

@@ -16,6 +16,7 @@ has to catch a driver's exception type::
     │   ├── LimitExceeded           depth, integer size, header count/size
     │   ├── FingerprintMismatch     rs-fingerprint header disagrees with the payload
     │   └── MalformedHeader         an rs-* header cannot be parsed
+    ├── OutcomeUnknown              raised BY a handler: it cannot tell whether its effect happened
     ├── LedgerError
     │   ├── LeaseLost               a stale fencing token was refused: do not complete at the broker
     │   └── LedgerUnavailable       the ledger cannot be reached: no effect may start
@@ -97,6 +98,29 @@ class FingerprintMismatch(BadInput):
 
 class MalformedHeader(BadInput):
     reason = QuarantineReason.MALFORMED_HEADER
+
+
+class OutcomeUnknown(ReplaysafeError):
+    """Raise it from a handler that cannot tell whether its downstream applied the effect: the
+    request was sent but the answer never came (a timeout after sending, a connection lost before
+    the reply). Wrap the driver's error: ``raise OutcomeUnknown("payments-api timed out") from
+    exc``.
+
+    What the runtime does with it depends on the handler's guarantee and effect
+    (:attr:`replaysafe.Effect.reruns_when_unknown`):
+
+    - effectively-once with a ``keyed`` or ``transactional`` effect: retried like any retryable
+      error under the retry budget (the idempotency key, or the rolled-back transaction, makes
+      the re-run safe);
+    - effectively-once with an ``unkeyed`` effect: quarantined at once as ``outcome_unknown``
+      with risk ``outcome_unknown`` (never blindly re-run), unless the effect opted into
+      ``on_unknown="retry"`` (then retried: at-least-once at that downstream);
+    - at-least-once: retried (that guarantee accepts duplicates); at-most-once: completed
+      already, never retried.
+
+    Every case is counted in ``replaysafe_outcome_unknown_total``; a quarantine that follows one
+    (retry budget spent, or the policy does not retry it) records risk ``outcome_unknown``.
+    """
 
 
 class LedgerError(ReplaysafeError):

@@ -3,7 +3,8 @@
 The runtime calls ``await failpoints.hit(NAME, ctx)`` at each boundary. Nothing is enabled by
 default and the disabled path is one dict lookup. Tests, the demo and the chaos harness enable them
 programmatically, or through the ``REPLAYSAFE_FAILPOINTS`` environment variable for worker
-processes (``"after_effect_before_ledger=exit;before_effect=sleep:2"``).
+processes (``"after_effect_before_ledger=sigkill;before_effect=sleep:2"``: ``name=action[:seconds]``
+joined by ``;``, with the actions ``kill``, ``exit``, ``sigkill``, ``sleep:S`` and ``pause``).
 
 It lives beside the runtime rather than under ``chaos/`` because the runtime calls it on every
 message; the chaos harness only decides what to enable.
@@ -12,18 +13,25 @@ Actions:
 
 - ``kill``: raise :class:`~replaysafe.errors.SimulatedCrash` — the current worker dies in-process
   with nothing settled, released or completed.
-- ``exit``: ``os._exit(137)`` — the whole OS process dies at once (as under SIGKILL).
+- ``exit``: ``os._exit(137)`` — the whole OS process dies at once, without cleanup, with exit
+  status 137 (what a shell reports for SIGKILL); no signal is involved.
+- ``sigkill``: ``os.kill(os.getpid(), SIGKILL)`` — the process really receives SIGKILL, as from the
+  OOM killer or ``kill -9``: its parent sees it killed by signal 9 (``returncode == -9``). POSIX
+  only.
 - ``raise``: raise the given exception.
 - ``sleep``: sleep on the clock (tail latency, lease overrun).
 - ``pause``: wait until :meth:`Failpoints.resume` (a stalled process).
+- ``call``: await ``fn(ctx)`` (code only): a fault that needs the event loop, e.g. stopping the
+  process only once its ledger holds no lock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -53,9 +61,13 @@ NAMES = frozenset(
     }
 )
 
-ActionKind = Literal["kill", "exit", "raise", "sleep", "pause"]
+ActionKind = Literal["kill", "exit", "sigkill", "raise", "sleep", "pause", "call"]
+#: the actions ``REPLAYSAFE_FAILPOINTS`` accepts (``raise`` needs an exception object: code only)
+ENV_ACTIONS = ("kill", "exit", "sigkill", "sleep", "pause")
 #: decides per hit whether the failpoint fires; receives the hit's context (operation_id, attempt…)
 Predicate = Callable[[Mapping[str, Any]], bool]
+#: the ``call`` action: awaited with the hit's context
+Action = Callable[[Mapping[str, Any]], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -65,6 +77,7 @@ class _Armed:
     times: int | None
     error: BaseException | None = None
     seconds: float = 0.0
+    fn: Action | None = None
     resume: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -85,6 +98,7 @@ class Failpoints:
         times: int | None = None,
         error: BaseException | None = None,
         seconds: float = 0.0,
+        fn: Action | None = None,
     ) -> None:
         """Arm ``name``. ``when`` filters hits; ``times`` bounds how often it fires."""
         if name not in NAMES:
@@ -93,7 +107,9 @@ class Failpoints:
             )
         if action == "raise" and error is None:
             raise ConfigurationError("failpoint action 'raise' needs error=<exception>")
-        self._armed[name] = _Armed(action, when, times, error, seconds)
+        if action == "call" and fn is None:
+            raise ConfigurationError("failpoint action 'call' needs fn=<async callable>")
+        self._armed[name] = _Armed(action, when, times, error, seconds, fn)
 
     def disable(self, name: str | None = None) -> None:
         """Disarm one failpoint, or all of them."""
@@ -110,14 +126,16 @@ class Failpoints:
             armed.resume.set()
 
     def enable_from_env(self, value: str | None = None) -> None:
-        """Arm failpoints from ``REPLAYSAFE_FAILPOINTS`` (``name=action[:seconds]`` joined by ;)."""
+        """Arm failpoints from ``REPLAYSAFE_FAILPOINTS`` (``name=action[:seconds]`` joined by ;,
+        actions :data:`ENV_ACTIONS`)."""
         spec = os.environ.get("REPLAYSAFE_FAILPOINTS", "") if value is None else value
         for item in filter(None, (p.strip() for p in spec.split(";"))):
             name, _, action = item.partition("=")
             kind, _, arg = action.partition(":")
-            if kind not in ("kill", "exit", "sleep", "pause"):
+            if kind not in ENV_ACTIONS:
                 raise ConfigurationError(
-                    f"REPLAYSAFE_FAILPOINTS: {item!r} needs an action kill|exit|sleep:S|pause"
+                    f"REPLAYSAFE_FAILPOINTS: {item!r} needs an action "
+                    "kill|exit|sigkill|sleep:S|pause"
                 )
             self.enable(name.strip(), kind, seconds=float(arg or 0))  # type: ignore[arg-type]
 
@@ -137,6 +155,9 @@ class Failpoints:
             raise SimulatedCrash(name)
         if armed.kind == "exit":
             os._exit(137)
+        if armed.kind == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+            os._exit(137)  # pragma: no cover - SIGKILL cannot be caught; never reached
         if armed.kind == "raise":
             assert armed.error is not None
             raise armed.error
@@ -145,6 +166,9 @@ class Failpoints:
             await (sleep(armed.seconds) if callable(sleep) else asyncio.sleep(armed.seconds))
         elif armed.kind == "pause":
             await armed.resume.wait()
+        elif armed.kind == "call":
+            assert armed.fn is not None
+            await armed.fn(ctx or {})
 
 
 #: the process-wide registry the runtime uses unless an app is given its own

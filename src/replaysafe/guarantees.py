@@ -74,6 +74,17 @@ class Effect:
             raise ValueError(f"on_unknown must be 'quarantine' or 'retry', not {on_unknown!r}")
         return cls("unkeyed", name, on_unknown)
 
+    @property
+    def reruns_when_unknown(self) -> bool:
+        """Whether an attempt whose outcome is unknown (a crash or lost lease mid-effect, a cut
+        deadline, a handler raising :class:`~replaysafe.errors.OutcomeUnknown`) may be run again.
+
+        True for ``transactional`` (an unfinished transaction rolled back) and ``keyed`` (the
+        re-run carries the same idempotency key) effects, and for ``unkeyed`` ones that opted into
+        ``on_unknown="retry"``; False for a plain ``unkeyed`` effect, which is quarantined as
+        ``outcome_unknown`` instead of being re-run blindly."""
+        return self.kind != "unkeyed" or self.on_unknown == "retry"
+
     def describe(self) -> str:
         if self.kind == "transactional":
             return f"transactional({self.name})"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 # ---- counters (labels in brackets)
@@ -29,6 +29,7 @@ OUTBOX_PUBLISHED = "replaysafe_outbox_published_total"  # [destination] rows a r
 OUTBOX_PUBLISH_FAILED = "replaysafe_outbox_publish_failed_total"  # [destination] batches given up
 OUTBOX_BLOCKED = "replaysafe_outbox_blocked_total"  # [destination] rows that no longer decode
 REDELIVERIES = "replaysafe_redeliveries_total"  # [handler] deliveries with attempt > 1
+OUTCOME_UNKNOWN = "replaysafe_outcome_unknown_total"  # [handler] handler raised OutcomeUnknown
 # ---- histograms
 AMBIGUITY_WINDOW = "replaysafe_ambiguity_window_seconds"  # [handler] EFFECTED -> COMPLETED
 HANDLER_SECONDS = "replaysafe_handler_seconds"  # [handler]
@@ -43,6 +44,7 @@ REDELIVERED_KEYS = "replaysafe_redelivered_keys"  # [handler] hot operation keys
 # ---- gauges (Stats.set)
 OUTBOX_PENDING = "replaysafe_outbox_pending"  # [] committed outbox rows not yet published
 OUTBOX_PUBLISH_LAG = "replaysafe_outbox_publish_lag_seconds"  # [] age of the oldest pending row
+HANDLER_PAUSED = "replaysafe_handler_paused"  # [handler] 1 while paused (handler pause CLI)
 
 # delivery outcomes (label values of DELIVERIES)
 APPLIED = "applied"
@@ -54,6 +56,8 @@ RETRIED = "retried"
 FAILED = "failed"
 LEASE_LOST_OUTCOME = "lease_lost"
 UNAVAILABLE = "ledger_unavailable"
+#: at-most-once: the broker did not confirm the completion, so the effect was not run
+UNCONFIRMED = "completion_unconfirmed"
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -63,6 +67,9 @@ BUCKETS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
     120.0, 300.0, 900.0, 3600.0,
 )  # fmt: skip
+
+
+_NBUCKETS = len(BUCKETS)
 
 
 @dataclass(slots=True)
@@ -77,9 +84,10 @@ class Summary:
     def add(self, value: float) -> None:
         self.count += 1
         self.total += value
-        self.max = max(self.max, value)
+        if value > self.max:
+            self.max = value
         i = bisect.bisect_left(BUCKETS, value)
-        if i < len(BUCKETS):
+        if i < _NBUCKETS:
             self.buckets[i] += 1
 
     def merge(self, other: Summary) -> None:
@@ -131,7 +139,20 @@ class Stats:
     def observe(self, name: str, value: float, **labels: str) -> None:
         key = (name, tuple(sorted(labels.items())))
         with self._lock:
-            self.summaries.setdefault(key, Summary()).add(value)
+            summary = self.summaries.get(key)
+            if summary is None:
+                summary = self.summaries[key] = Summary()
+            summary.add(value)
+
+    def observe_many(self, name: str, values: Iterable[float], **labels: str) -> None:
+        """``observe`` each of ``values`` (one key and one lock for a whole fetched batch)."""
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            summary = self.summaries.get(key)
+            if summary is None:
+                summary = self.summaries[key] = Summary()
+            for value in values:
+                summary.add(value)
 
     def set(self, name: str, value: float, **labels: str) -> None:
         """Set a gauge to ``value``."""
