@@ -12,7 +12,6 @@ does not duplicate; every run valid (its fault hit).
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -101,6 +100,33 @@ async def test_sink_fences_stale_tokens_per_operation(sink: EffectSink) -> None:
     await call_sink(sink.url, run="r", operation_id="op", body=b"{}", token=6)
     await call_sink(sink.url, run="r", operation_id="other", body=b"{}", token=1)
     assert [a.outcome for a in sink.attempts("r")] == ["applied", "fenced", "applied", "applied"]
+
+
+async def test_sink_times_an_attempt_from_its_request_not_its_connect(sink: EffectSink) -> None:
+    """A holder stopped between connect and send (SIGSTOP) has shown the sink nothing; an older
+    holder's call that lands meanwhile is the only execution in flight there. Timing from the
+    accept would report the two as overlapping (seen as a flaky SQS pause_beyond_lease cell)."""
+    import asyncio
+
+    sink.configure("r", keyed=True)
+    host, _, port = sink.url.removeprefix("http://").partition(":")
+    reader, early = await asyncio.open_connection(host, int(port))  # connected, then "stopped"
+    await asyncio.sleep(0.05)
+    await call_sink(sink.url, run="r", operation_id="op", body=b"{}", idempotency_key="op", token=1)
+    await asyncio.sleep(0.05)
+    early.write(  # the newer holder resumes and sends on the connection it opened first
+        b"POST /effect HTTP/1.1\r\nContent-Length: 2\r\nX-Chaos-Run: r\r\n"
+        b"X-Operation-Id: op\r\nIdempotency-Key: op\r\nX-Fence-Token: 2\r\n\r\n{}"
+    )
+    assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+    early.close()
+    first, second = sink.attempts("r")
+    assert (first.outcome, second.outcome) == ("applied", "replayed")
+    assert second.started >= first.ended
+    assert check(
+        guarantee="effectively-once", effect="keyed", fault="none", history=[],
+        attempts=[first, second], quarantine=[], completed=[], fault_hits=0,
+    ).overlaps == 0  # fmt: skip
 
 
 async def test_sink_runs_are_isolated(sink: EffectSink) -> None:
@@ -224,16 +250,25 @@ def test_pass_bar_and_contrast_bar() -> None:
     assert len(contrast_bar([alo, amo, alo_keyed])) == 3
     alo.duplicates, amo.lost, alo_keyed.duplicates = 1, 1, 0
     assert contrast_bar([alo, amo, alo_keyed]) == []
+    # DESIGN's sentences hold in every cell: at-most-once never duplicates, at-least-once never
+    # loses (nor completes at the broker what it never applied)
+    amo.duplicates, alo.lost, alo.acked_unapplied = 2, 1, 3
+    assert pass_bar(amo) == [
+        "at-most-once/unkeyed/crash_after_effect: duplicates = 2, at-most-once must never duplicate"
+    ]
+    assert pass_bar(alo) == [
+        "at-least-once/unkeyed/crash_after_effect: lost = 1, at-least-once must never lose",
+        "at-least-once/unkeyed/crash_after_effect: acked_unapplied = 3, at-least-once must never "
+        "lose",
+    ]
 
 
 # --------------------------------------------------------------------------- the matrix
 
 
-def assert_bar(
-    results: list[RunResult], broker: str, without: frozenset[tuple[str, str, str]] = frozenset()
-) -> None:
+def assert_bar(results: list[RunResult], broker: str) -> None:
     cells = {(r.guarantee, r.effect, r.fault) for r in results}
-    assert cells == set(default_cells(broker, "sqlite")) - without
+    assert cells == set(default_cells(broker, "sqlite"))
     problems = [p for r in results for p in pass_bar(r)] + contrast_bar(results)
     # where the right answer is "set aside, never applied", effectively-once must quarantine
     # every target (applying a stale or reused operation once would still pass the counters)
@@ -243,6 +278,22 @@ def assert_bar(
             if r.quarantined < targets:
                 problems.append(f"{r.effect}/{r.fault}: {r.quarantined} quarantined, "
                                 f"{targets} targets")  # fmt: skip
+        # a poison that kills its process takes (almost) nobody with it: the neighbours in flight
+        # at each kill come back as suspects and run alone (Kafka cannot tell a replay after a
+        # crash from a first delivery, so there the neighbours can still reach the budget).
+        # One neighbour too many was seen once, on memory in a loaded CI run (5 for 4 targets;
+        # not yet explained): one is tolerated, a churn of neighbours (54-124 for 20 before
+        # isolation) is not
+        if (
+            r.guarantee == "effectively-once"
+            and r.fault == "poison"
+            and r.effect != "unkeyed"
+            and broker != "kafka"
+        ):
+            targets = len(pick_targets(r.ops, SEED, r.fault))
+            if not targets <= r.quarantined <= targets + 1:
+                problems.append(f"{r.effect}/poison: {r.quarantined} quarantined, {targets} "
+                                "poison targets")  # fmt: skip
     table = "\n".join(f"{r.as_json()} silent={r.silent_duplicates}" for r in results)
     assert problems == [], f"{problems}\n{table}"
 
@@ -282,18 +333,13 @@ async def test_small_matrix_sqs(sqs_endpoint: str, tmp_path: Path) -> None:
     assert_bar(m.runs, "sqs")
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)
 async def test_small_matrix_kafka(kafka_bootstrap: str, tmp_path: Path) -> None:
-    config = small("kafka", kafka_bootstrap, tmp_path)
-    # OPEN (issue 6): effectively-once/keyed/pause_beyond_lease on Kafka reported lost=20 in a
-    # clean CI run (acked_unapplied=0, fenced=8) while passing in earlier runs: the harness decides
-    # a Kafka run is over from the sink and ledger only (no broker probe), and a SIGSTOPped member
-    # stalls the group until its session times out. Until that is diagnosed the cell runs only in
-    # the slow full matrix (`pytest -m slow tests/test_chaos.py`), so it is not silently dropped.
-    held_back = frozenset({("effectively-once", "keyed", "pause_beyond_lease")})
-    cells = [c for c in config.cells if c not in held_back]
-    m = await run_matrix(replace(config, cells=cells))
-    assert_bar(m.runs, "kafka", without=held_back)
+    # every poison crash costs Kafka a rebalance (a worker restart, the dead member's session
+    # timeout, Tansu's join wait: about 7 s idle, more under load), and a poison record takes
+    # max_attempts of them: that cell alone needs about 90 s idle, so it gets more than 90 s
+    m = await run_matrix(small("kafka", kafka_bootstrap, tmp_path, run_timeout=240.0))
+    assert_bar(m.runs, "kafka")
 
 
 @pytest.mark.timeout(240)
@@ -306,6 +352,20 @@ async def test_ledger_restart_postgres_memory_broker(pg_dsn: str, tmp_path: Path
     m = await run_matrix(cfg)
     problems = [p for r in m.runs for p in pass_bar(r)]
     assert problems == [], f"{problems}\n" + "\n".join(str(r.as_json()) for r in m.runs)
+
+
+@pytest.mark.timeout(240)
+async def test_ledger_restart_redis_memory_broker(redis_url: str, tmp_path: Path) -> None:
+    """CLIENT KILL of the run's own Redis ledger connections (matched by client name) while
+    workers run: keyed and unkeyed effects (Redis is not transactional)."""
+    eo = "effectively-once"
+    cells = [(eo, e, "ledger_restart") for e in ("keyed", "unkeyed")]
+    cfg = ChaosConfig(broker="memory", ledger="redis", ledger_url=redis_url, ops=100, workers=2,
+                      parallel=2, seed=SEED, workdir=str(tmp_path), cells=cells)  # fmt: skip
+    m = await run_matrix(cfg)
+    problems = [p for r in m.runs for p in pass_bar(r)]
+    assert problems == [], f"{problems}\n" + "\n".join(str(r.as_json()) for r in m.runs)
+    assert all(r.fault_hits > 0 for r in m.runs)
 
 
 def test_applicable_leaves_out_what_cannot_happen() -> None:
@@ -347,7 +407,9 @@ def test_cli_chaos_refuses_unknown_names() -> None:
 
 # --------------------------------------------------------------------------- the full matrix
 
-FULL_OPS = 10_000
+#: operations per run: memory 10,000; real brokers 500 (10,000-12,000 over their 20-24 cells, see
+#: the Makefile's chaos target for why not 10,000 per run there)
+FULL_OPS = {"memory": 10_000, "rabbitmq": 500, "sqs": 500, "kafka": 500}
 
 
 @pytest.mark.slow
@@ -360,7 +422,7 @@ async def test_full_matrix(broker: str, request: pytest.FixtureRequest, tmp_path
         "sqs": lambda: request.getfixturevalue("sqs_endpoint"),
         "kafka": lambda: request.getfixturevalue("kafka_bootstrap"),
     }[broker]()
-    cfg = small(broker, url, tmp_path, ops=FULL_OPS, parallel=2, run_timeout=1800.0)
+    cfg = small(broker, url, tmp_path, ops=FULL_OPS[broker], parallel=2, run_timeout=1800.0)
     m = await run_matrix(cfg)
     assert_bar(m.runs, broker)
 
@@ -381,3 +443,28 @@ def test_html_report_embeds_the_three_charts(tmp_path: Path) -> None:
     assert page.count("data:image/png;base64,") == 3
     assert "Ambiguity window" in page and "duplicate chain" in page
     assert json.loads((tmp_path / "r.json").read_text()) == m.as_json()
+
+
+async def test_supervisor_never_signals_a_marker_still_being_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pause marker read before its writer filled it shows pid 0: ``kill(0, SIGCONT)`` would
+    resume every stopped worker of the process group early. A complete, due marker is resumed."""
+    import asyncio
+    import os
+    import time
+
+    from replaysafe.chaos import procs
+
+    markers = tmp_path / "hits" / "pause_beyond_lease"
+    markers.mkdir(parents=True)
+    (markers / "op-1#0").write_text("")  # created by mark_once, not written yet
+    (markers / "op-2#0").write_text(f"4242 {time.time() - 10}\n")  # due
+    sent: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    pool = procs.Pool(tmp_path / "spec.json", tmp_path, str(tmp_path), pause=1.0)
+    task = asyncio.create_task(pool.supervise())
+    await asyncio.sleep(0.3)
+    pool.stopping = True
+    await task
+    assert [pid for pid, _ in sent] == [4242]

@@ -4,6 +4,7 @@ at the sink, write the JSON (and the HTML report)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 
@@ -30,7 +31,9 @@ def _names(value: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:
               default="memory", show_default=True)  # fmt: skip
 @click.option("--broker-url", default=None,
               help="amqp://… (RabbitMQ), http://127.0.0.1:PORT (an SQS-compatible server) or "
-                   "host:port (Kafka bootstrap). Passwords are never printed.")  # fmt: skip
+                   "host:port (Kafka bootstrap). Passwords are never printed. Without it: the "
+                   "local RabbitMQ on 5672; for SQS and Kafka a throwaway moto / Tansu server "
+                   "is started on a free loopback port and stopped afterwards.")  # fmt: skip
 @click.option("--ledger", type=click.Choice(["sqlite", "postgres", "redis"]), default="sqlite",
               show_default=True)  # fmt: skip
 @click.option("--ledger-url", default=None, help="PostgreSQL DSN or Redis URL.")
@@ -104,7 +107,15 @@ def chaos_command(
         click.echo(json.dumps(r.as_json()), err=True)  # type: ignore[attr-defined]
 
     try:
-        matrix = asyncio.run(run_matrix(cfg, progress=progress))
+        with contextlib.ExitStack() as stack:
+            if broker_url is None and broker in ("sqs", "kafka"):
+                from replaysafe.testing.servers import local_kafka, local_sqs
+
+                cfg.broker_url = stack.enter_context(
+                    local_sqs() if broker == "sqs" else local_kafka()
+                )
+                click.echo(f"started a throwaway {broker} server at {cfg.broker_url}", err=True)
+            matrix = asyncio.run(run_matrix(cfg, progress=progress))
     except ConfigurationError as exc:
         raise click.ClickException(str(exc)) from exc
     from replaysafe.chaos.report import write_html, write_json

@@ -11,11 +11,17 @@ killed: the harness counts the markers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import math
 import os
+import re
+import shutil
 import signal
+import subprocess
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +37,7 @@ from replaysafe.brokers.base import (
 )
 from replaysafe.chaos.sink import EffectOutcomeUnknown, call_sink
 from replaysafe.envelope import HEADER_FINGERPRINT, HEADER_OPERATION_ID, Envelope
+from replaysafe.errors import OutcomeUnknown
 from replaysafe.failpoints import Failpoints
 from replaysafe.guarantees import Effect, Guarantee
 from replaysafe.ledger.base import Ledger
@@ -46,6 +53,8 @@ WORKER_FAILPOINT = {
     "crash_after_claim": fp.AFTER_CLAIM,
     "poison": fp.BEFORE_EFFECT,
     "pause_beyond_lease": fp.BEFORE_EFFECT,
+    # at-least-once: after_effect_before_ledger (see _arm_broker_restart())
+    "broker_restart": fp.AFTER_LEDGER_BEFORE_ACK,
 }
 
 
@@ -95,12 +104,10 @@ class RunSpec:
 def mark_once(state_dir: str, fault: str, op: str, limit: int = 1) -> bool:
     """Create one hit marker for ``(fault, op)`` unless ``limit`` exist already (atomic across
     processes: O_EXCL). True when this call may fire."""
-    d = Path(state_dir) / "hits" / fault
-    d.mkdir(parents=True, exist_ok=True)
-    safe = op.replace("/", "%2F")
+    (Path(state_dir) / "hits" / fault).mkdir(parents=True, exist_ok=True)
     for n in range(limit):
         try:
-            fd = os.open(d / f"{safe}#{n}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(_marker(state_dir, fault, op, n), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             continue
         os.write(fd, f"{os.getpid()} {time.time()}\n".encode())
@@ -109,13 +116,30 @@ def mark_once(state_dir: str, fault: str, op: str, limit: int = 1) -> bool:
     return False
 
 
+def _marker(state_dir: str, fault: str, op: str, n: int) -> Path:
+    return Path(state_dir) / "hits" / fault / f"{op.replace('/', '%2F')}#{n}"
+
+
+def restamp(state_dir: str, fault: str, op: str, at: float) -> None:
+    """Move the first hit marker of ``(fault, op)`` to ``at`` (a fault that fires later than its
+    marker, e.g. a stop that waits for its turn). Replaced whole (write, then rename), so the
+    supervisor, which reads markers while workers write them, never sees a half-written one."""
+    path = _marker(state_dir, fault, op, 0)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(f"{os.getpid()} {at}\n")
+    os.replace(tmp, path)
+
+
 def hits(state_dir: str, fault: str) -> list[tuple[str, int, float]]:
-    """The markers of ``fault``: (operation, pid, time) per hit."""
+    """The markers of ``fault``: (operation, pid, time) per hit. A marker read while
+    :func:`mark_once` is still writing it shows pid 0 and time 0."""
     d = Path(state_dir) / "hits" / fault
     out: list[tuple[str, int, float]] = []
     if not d.is_dir():
         return out
     for f in sorted(d.iterdir()):
+        if f.name.startswith("."):  # restamp()'s file before its rename
+            continue
         pid, _, at = f.read_text().strip().partition(" ")
         out.append((f.name.rsplit("#", 1)[0].replace("%2F", "/"), int(pid or 0), float(at or 0)))
     return out
@@ -182,8 +206,14 @@ class _RecordedDelivery(Delivery):
         return self._inner.settled
 
     async def ack(self) -> None:
+        await self._completing(self._inner.ack)
+
+    async def ack_confirmed(self) -> None:
+        await self._completing(self._inner.ack_confirmed)
+
+    async def _completing(self, settle: Callable[[], Awaitable[None]]) -> None:
         already = self._inner.settled
-        await self._inner.ack()
+        await settle()
         if not already:
             # recorded after the broker has it: a crash in between undercounts, never invents
             self._rec.write("completed", self._op, self.headers.get(HEADER_FINGERPRINT))
@@ -257,8 +287,8 @@ def build_app(spec: RunSpec, broker: Broker, ledger: Ledger, failpoints: Failpoi
     Keyed effects send the operation id as ``Idempotency-Key`` under every guarantee (the
     downstream dedupes, whatever the runtime does); every call carries the claim's fencing token
     when there is one (effectively-once). An unkeyed effect under effectively-once declares an
-    unknown outcome at the sink (response lost) non-retryable: re-running it could charge twice,
-    so it is quarantined instead.
+    unknown outcome at the sink (response lost) is raised as :class:`~replaysafe.OutcomeUnknown`:
+    the runtime quarantines it (risk ``outcome_unknown``) instead of re-running it.
     """
     app = App(
         f"chaos-{spec.run}",
@@ -268,8 +298,6 @@ def build_app(spec: RunSpec, broker: Broker, ledger: Ledger, failpoints: Failpoi
         failpoints=failpoints,
     )
     give_up: tuple[type[BaseException], ...] = (Rejected,)
-    if spec.effect == "unkeyed" and spec.guarantee == Guarantee.EFFECTIVELY_ONCE.value:
-        give_up = (Rejected, EffectOutcomeUnknown)
     redrive_targets = set(spec.targets) if spec.fault == "redrive_applied" else set()
     slow_targets = set(spec.targets) if spec.fault == "visibility_overlap" else set()
     slowed: set[str] = set()
@@ -312,15 +340,20 @@ def build_app(spec: RunSpec, broker: Broker, ledger: Ledger, failpoints: Failpoi
             )  # fmt: skip
             return None
         key = (ctx.idempotency_key or op) if spec.effect == "keyed" else None
-        return await call_sink(
-            spec.sink_url,
-            run=spec.run,
-            operation_id=op,
-            body=ctx.envelope.payload,
-            idempotency_key=key,
-            token=ctx.token,
-            wait=max(30.0, spec.slow * 4),
-        )
+        try:
+            return await call_sink(
+                spec.sink_url,
+                run=spec.run,
+                operation_id=op,
+                body=ctx.envelope.payload,
+                idempotency_key=key,
+                token=ctx.token,
+                wait=max(30.0, spec.slow * 4),
+            )
+        except EffectOutcomeUnknown as exc:
+            # the runtime decides by guarantee and effect: a keyed call is retried, an unkeyed
+            # one under effectively-once is quarantined outcome_unknown (never re-run blindly)
+            raise OutcomeUnknown(f"the sink's answer for {op} was lost: {exc}") from exc
 
     return app
 
@@ -350,13 +383,16 @@ async def create_effects_table(ledger: Ledger, kind: str, schema: str | None = N
         )
 
 
-def arm(spec: RunSpec, failpoints: Failpoints) -> None:
+def arm(spec: RunSpec, failpoints: Failpoints, ledger: Ledger | None = None) -> None:
     """Arm the worker-side failpoint of ``spec.fault`` for its target operations.
 
     Each firing first leaves a marker (the hit count survives the process it kills). Crashes fire
     once per operation; ``poison`` fires on every attempt (bounded), so the operation can only
     end in quarantine; a pause stops the process itself (``SIGSTOP``, ended by the harness's
-    ``SIGCONT``) or, in-process, sleeps without heartbeats.
+    ``SIGCONT``) or, in-process, sleeps without heartbeats. With a SQLite ``ledger`` the process
+    stops only while that ledger is idle: stopped inside one of its transactions it would hold
+    the file's write lock and stall every other worker, so nobody could take over (measured:
+    the other worker fetched nothing for the whole pause, and 0-2 of 4 pauses hit their window).
     """
     point = WORKER_FAILPOINT.get(spec.fault)
     if point is None:
@@ -374,14 +410,106 @@ def arm(spec: RunSpec, failpoints: Failpoints) -> None:
 
     def when(ctx: Mapping[str, Any]) -> bool:
         op = ctx.get("operation_id")
-        if op not in targets or not mark_once(spec.state_dir, fault, str(op), limit):
-            return False
-        if fault == "pause_beyond_lease" and not spec.in_process:
-            os.kill(os.getpid(), signal.SIGSTOP)  # the harness sends SIGCONT after the pause
-            return False
-        return True
+        return op in targets and mark_once(spec.state_dir, fault, str(op), limit)
 
-    if fault == "pause_beyond_lease":
+    async def stop_self(ctx: Mapping[str, Any]) -> None:
+        from replaysafe.ledger.sqlite import SQLiteLedger
+
+        # one stopped worker at a time: two overlapping stops (two workers) left nobody to take
+        # either operation over. The process waits here, heartbeats running, until no other is
+        # stopped, and the marker gets the time the stop really starts (the window is judged
+        # from it); a wait past the handler's deadline cuts the handler, and that target is
+        # then never stopped (it is not counted as a hit)
+        op = str(ctx.get("operation_id"))
+        # not stopped yet: the supervisor resumes a stop `pause` after its marker, so until the
+        # stop starts the marker says never
+        restamp(spec.state_dir, fault, op, math.inf)
+        turn = Path(spec.state_dir) / "stopped"
+        give_up = time.monotonic() + 3 * spec.pause  # a holder that died stopped frees nobody
+        fd = -1
+        while fd < 0:
+            try:
+                fd = os.open(turn, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if time.monotonic() > give_up:
+                    break
+                await asyncio.sleep(0.05)
+        try:
+            restamp(spec.state_dir, fault, op, time.time())
+            held = ledger.idle() if isinstance(ledger, SQLiteLedger) else contextlib.nullcontext()
+            async with held:
+                os.kill(os.getpid(), signal.SIGSTOP)  # the harness sends SIGCONT after the pause
+        finally:
+            if fd >= 0:
+                os.close(fd)
+                os.unlink(turn)
+
+    if fault == "broker_restart":
+        _arm_broker_restart(spec, failpoints, targets, eo)
+        return
+    if fault == "pause_beyond_lease" and not spec.in_process:
+        failpoints.enable(point, "call", when=when, fn=stop_self)
+    elif fault == "pause_beyond_lease":
         failpoints.enable(point, "sleep", when=when, seconds=spec.pause)
     else:
         failpoints.enable(point, "kill" if spec.in_process else "exit", when=when)
+
+
+#: how long a worker waits at the failpoint for the server to close its connection
+BROKER_RESTART_WAIT = 4.0
+
+
+def _arm_broker_restart(spec: RunSpec, failpoints: Failpoints, targets: set[str], eo: bool) -> None:
+    """``broker_restart`` (RabbitMQ): after the effect is recorded and before the ack, the
+    server closes this worker's consumer connection (``rabbitmqctl close_connection``, matched
+    by the pid in the connection name), so the ack that follows goes to a dead channel. The
+    broker requeues every delivery the connection held unacked; the worker reconnects. Each
+    closed connection is a hit."""
+    point = fp.AFTER_LEDGER_BEFORE_ACK if eo else fp.AFTER_EFFECT_BEFORE_LEDGER
+
+    def close_own(op: str) -> None:
+        try:
+            if close_rabbitmq_connections({os.getpid()}, f"chaos broker_restart {op}"):
+                mark_once(spec.state_dir, "broker_restart", op)
+        except Exception as exc:  # reported through the hit count (an unhit fault is invalid)
+            print(f"broker_restart: {exc!r}", flush=True)
+
+    def when(ctx: Mapping[str, Any]) -> bool:
+        op = ctx.get("operation_id")
+        if op not in targets or not mark_once(spec.state_dir, "broker_restart-armed", str(op)):
+            return False
+        # the close runs beside the loop (rabbitmqctl takes ~1 s per call); the failpoint's
+        # sleep holds the ack back until the connection is gone
+        threading.Thread(target=close_own, args=(str(op),), daemon=True).start()
+        return True
+
+    failpoints.enable(point, "sleep", when=when, seconds=BROKER_RESTART_WAIT)
+
+
+def close_rabbitmq_connections(pids: set[int], reason: str) -> int:
+    """Ask the local RabbitMQ server to close the replaysafe consumer connections of ``pids``
+    (blocking: it runs ``rabbitmqctl``). Returns how many it closed."""
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None:
+        raise RuntimeError("broker_restart needs rabbitmqctl (the local RabbitMQ server's CLI)")
+    # one line per connection: the connection's Erlang pid (what close_connection takes), a
+    # tab, its client properties as an Erlang term
+    listing = _ctl(ctl, "list_connections", "pid", "client_properties", "-q",
+                   "--no-table-headers")  # fmt: skip
+    wanted = {f"replaysafe consume pid={p}" for p in pids}
+    closed = 0
+    for line in listing.splitlines():
+        conn, _, props = line.partition("\t")
+        m = re.search(r'"connection_name","([^"]*)"', props)
+        if m and m.group(1) in wanted:
+            with contextlib.suppress(RuntimeError):  # gone on its own meanwhile
+                _ctl(ctl, "close_connection", conn.strip(), reason)
+                closed += 1
+    return closed
+
+
+def _ctl(*argv: str) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv[0]} {argv[1]} failed ({done.returncode}): {done.stderr[:300]}")
+    return done.stdout

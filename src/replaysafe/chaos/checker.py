@@ -198,6 +198,14 @@ def pass_bar(r: RunResult) -> list[str]:
     where = f"{r.guarantee}/{r.effect}/{r.fault}"
     if not r.valid:
         out.append(f"{where}: invalid (the fault never hit its window)")
+    # DESIGN's sentences: at-most-once loses but never duplicates, at-least-once duplicates but
+    # never loses
+    if r.guarantee == "at-most-once" and r.duplicates:
+        out.append(f"{where}: duplicates = {r.duplicates}, at-most-once must never duplicate")
+    if r.guarantee == "at-least-once":
+        for name in ("lost", "acked_unapplied"):
+            if getattr(r, name):
+                out.append(f"{where}: {name} = {getattr(r, name)}, at-least-once must never lose")
     if r.guarantee == "effectively-once":
         if r.effect in ("keyed", "transactional"):
             for name in ("lost", "duplicates", "acked_unapplied", "unexpected", "overlaps"):

@@ -91,14 +91,14 @@ def applicable(fault: str, *, broker: str, ledger: str, effect: str, guarantee: 
         return "a transactional effect is effectively-once by definition"
     if effect == "transactional" and ledger == "redis":
         return "Redis is not a transactional ledger"
-    if fault == "ledger_restart" and ledger != "postgres":
+    if fault == "ledger_restart" and ledger == "sqlite":
+        return "SQLite has no server connection to cut"
+    if fault == "broker_restart" and broker != "rabbitmq":
         return (
-            "implemented for PostgreSQL (pg_terminate_backend of the run's own connections); "
-            "SQLite has no server, and killing Redis clients safely needs a client name the "
-            "Redis ledger does not set"
+            "a RabbitMQ fault (the server closes the workers' connections: unacked deliveries "
+            "are requeued); SQS has no connection to cut, and restarting moto or Tansu (memory "
+            "storage) would wipe the messages themselves"
         )
-    if fault == "broker_restart":
-        return "not implemented yet (planned: RabbitMQ connection closed after the effect)"
     if fault == "rebalance" and broker not in ("kafka", "memory"):
         return "consumer-group rebalances are a Kafka (offset) fault"
     if fault == "visibility_overlap" and broker not in ("sqs", "memory"):
@@ -220,7 +220,11 @@ async def open_ledger(cfg: ChaosConfig, run: str, rundir: Path) -> tuple[Ledger,
     if cfg.ledger == "redis":
         from replaysafe.ledger.redis import RedisLedger
 
-        url = cfg.ledger_url or "redis://127.0.0.1:6379/0"
+        base = cfg.ledger_url or "redis://127.0.0.1:6379/0"
+        # the run's connections carry its name (a URL option overrides the ledger's default
+        # client name): ledger_restart kills exactly those
+        sep = "&" if "?" in base else "?"
+        url = f"{base}{sep}client_name={_app_name(run)}"
         prefix = f"rs-chaos:{run}:{uuid.uuid4().hex[:6]}:"
         return RedisLedger(url, prefix=prefix), {"kind": "redis", "url": url, "prefix": prefix}
     raise ConfigurationError(f"unknown ledger {cfg.ledger!r}; use one of {', '.join(LEDGERS)}")
@@ -231,25 +235,49 @@ def _app_name(run: str) -> str:
 
 
 async def ledger_nemesis(spec: RunSpec, kills: int = 5, every: float = 0.3) -> None:
-    """``ledger_restart`` on PostgreSQL: terminate the run's ledger connections (and only
-    those: matched by ``application_name``) ``kills`` times while the run works. A kill that
-    terminated at least one backend is a hit."""
-    import psycopg
-
-    dsn = spec.ledger["dsn"]
+    """``ledger_restart``: cut the run's ledger connections (and only those: PostgreSQL matches
+    them by ``application_name`` and terminates their backends; Redis by client name, ``CLIENT
+    KILL ID``) ``kills`` times while the run works. A kill that cut at least one connection is a
+    hit."""
     name = _app_name(spec.run)
     for k in range(kills):
         await asyncio.sleep(every)
-        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-            cur = await conn.execute(
-                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND application_name = %s "
-                "AND pid <> pg_backend_pid()",
-                (name,),
-            )
-            row = await cur.fetchone()
-        if row and row[0]:
+        if spec.ledger["kind"] == "redis":
+            killed = await _kill_redis_clients(spec.ledger["url"], name)
+        else:
+            killed = await _kill_pg_backends(spec.ledger["dsn"], name)
+        if killed:
             mark_once(spec.state_dir, spec.fault, f"kill-{k}")
+
+
+async def _kill_pg_backends(dsn: str, name: str) -> int:
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = %s "
+            "AND pid <> pg_backend_pid()",
+            (name,),
+        )
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def _kill_redis_clients(url: str, name: str) -> int:
+    from redis.asyncio import Redis
+
+    # the nemesis's own connection must not carry the run's name
+    plain = url.split("?", 1)[0]
+    client = Redis.from_url(plain, client_name="rs-chaos-nemesis")
+    try:
+        killed = 0
+        for c in await client.client_list():
+            if c.get("name") == name:
+                killed += int(await client.client_kill_filter(_id=c["id"]))
+        return killed
+    finally:
+        await client.aclose()
 
 
 def ledger_from_spec(conf: dict[str, Any]) -> Ledger:
@@ -493,7 +521,7 @@ async def _produce_through_outbox(
 
 
 @dataclass(slots=True)
-class _Ctx:
+class RunContext:
     cfg: ChaosConfig
     sink: EffectSink
     spec: RunSpec
@@ -512,6 +540,11 @@ async def run_cell(
     _mkdirs(str(rundir))
     targets = [] if fault == "none" else pick_targets(cfg.ops, cfg.seed, fault)
     lease = cfg.lease
+    if fault == "visibility_overlap" and cfg.broker == "sqs":
+        # SQS visibility is whole seconds: the lease (and the handler deadline, 0.8 x lease) must
+        # outlast the 1 s visibility by enough that the copy is fetched while the first execution
+        # still runs; at 1.5 s the copy had 0.2 s to be picked up and a loaded machine missed it
+        lease = max(lease, 4 * SQS_OVERLAP_VISIBILITY)
     spec = RunSpec(
         run=run,
         guarantee=guarantee,
@@ -543,7 +576,7 @@ async def run_cell(
     ledger, spec.ledger = await open_ledger(cfg, run, rundir)
     spec.broker = broker_conf(cfg, fault)
     history: list[Published] = []
-    ctx = _Ctx(cfg, sink, spec, ledger, history, rundir)
+    ctx = RunContext(cfg, sink, spec, ledger, history, rundir)
     try:
         if effect == "transactional":
             await create_effects_table(ledger, spec.ledger["kind"], spec.ledger.get("schema"))
@@ -656,7 +689,7 @@ def ambiguity_windows(
     return out
 
 
-async def _resolved(ctx: _Ctx) -> tuple[int, int]:
+async def _resolved(ctx: RunContext) -> tuple[int, int]:
     """(unresolved confirmed operations, activity counter) for the quiet-and-done wait."""
     attempts = (
         await _effect_rows(
@@ -674,7 +707,7 @@ async def _resolved(ctx: _Ctx) -> tuple[int, int]:
 
 
 async def wait_settled(
-    ctx: _Ctx,
+    ctx: RunContext,
     *,
     depth: Callable[[], Awaitable[int]] | None = None,
     authoritative: bool = False,
@@ -725,7 +758,7 @@ def _record_count(record_dir: str) -> int:
     return sum(f.stat().st_size for f in d.glob("*.jsonl")) if d.is_dir() else 0
 
 
-async def second_phase(ctx: _Ctx, publisher: Broker, app: App) -> bool:
+async def second_phase(ctx: RunContext, publisher: Broker, app: App) -> bool:
     """Faults that act after the first drain. Returns True when something was published."""
     spec = ctx.spec
     if spec.fault == "key_reuse":
@@ -761,7 +794,7 @@ async def second_phase(ctx: _Ctx, publisher: Broker, app: App) -> bool:
 # --------------------------------------------------------------------------- memory broker
 
 
-async def _memory_run(ctx: _Ctx) -> None:
+async def _memory_run(ctx: RunContext) -> None:
     from replaysafe.brokers.memory import MemoryBroker
 
     spec = ctx.spec
@@ -892,8 +925,10 @@ async def run_matrix(
 #: redrive, horizon) are effect-independent there and run with the keyed effect
 PROCESS_FAULTS = frozenset(
     {"crash_after_effect", "crash_after_claim", "pause_beyond_lease", "visibility_overlap",
-     "rebalance", "poison", "response_lost"}
+     "rebalance", "poison", "response_lost", "broker_restart"}
 )  # fmt: skip
+#: the visibility timeout (s) of an SQS queue in a visibility_overlap run: the smallest whole value
+SQS_OVERLAP_VISIBILITY = 1
 #: Kafka: every worker restart costs a group rejoin, so fewer cells still
 KAFKA_FAULTS = frozenset({"crash_after_effect", "pause_beyond_lease", "rebalance"})
 

@@ -24,14 +24,17 @@ from replaysafe.failpoints import Failpoints
 
 if TYPE_CHECKING:
     from replaysafe.brokers.base import Broker
-    from replaysafe.chaos.harness import _Ctx
+    from replaysafe.chaos.harness import RunContext
 
 #: restarts allowed per run at least (a crash loop must end); scaled with the targets
 MAX_RESTARTS = 200
 
 
 class Pool:
-    """The run's worker processes."""
+    """The run's worker processes: ``python -m MODULE SPEC.json`` each (``module``: the chaos
+    worker by default; the demo runs its own)."""
+
+    module = "replaysafe.chaos.worker"
 
     def __init__(self, spec_path: Path, logdir: Path, state_dir: str, pause: float) -> None:
         self.spec_path = spec_path
@@ -53,7 +56,7 @@ class Pool:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("REPLAYSAFE_FAILPOINTS", None)  # the spec arms exactly the run's fault
         return subprocess.Popen(
-            [sys.executable, "-m", "replaysafe.chaos.worker", str(self.spec_path)],
+            [sys.executable, "-m", self.module, str(self.spec_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -73,6 +76,10 @@ class Pool:
             if self.pause:
                 now = time.time()
                 for _, pid, at in hits(self.state_dir, "pause_beyond_lease"):
+                    if pid <= 0:
+                        # a marker still being written: kill(0, ...) would signal this whole
+                        # process group, resuming every stopped worker early
+                        continue
                     # one process may be paused more than once (several target operations)
                     if (pid, at) not in self._continued and now - at >= self.pause:
                         self._continued.add((pid, at))
@@ -100,18 +107,24 @@ class Pool:
             log.close()
 
 
-async def _setup(ctx: _Ctx, admin: Broker) -> None:
+async def _setup(ctx: RunContext, admin: Broker) -> None:
     spec, kind = ctx.spec, ctx.spec.broker["kind"]
     if kind == "rabbitmq":
         await admin.declare(spec.source, [spec.group])  # type: ignore[attr-defined]
     elif kind == "sqs":
-        vis = 1 if spec.fault == "visibility_overlap" else max(1, math.ceil(spec.lease))
+        from replaysafe.chaos.harness import SQS_OVERLAP_VISIBILITY
+
+        vis = (
+            SQS_OVERLAP_VISIBILITY
+            if spec.fault == "visibility_overlap"
+            else max(1, math.ceil(spec.lease))
+        )
         await admin.create_queue(spec.source, visibility_timeout=vis)  # type: ignore[attr-defined]
     elif kind == "kafka":
         await admin.create_topic(spec.source, partitions=2)  # type: ignore[attr-defined]
 
 
-async def _teardown(ctx: _Ctx, admin: Broker) -> None:
+async def _teardown(ctx: RunContext, admin: Broker) -> None:
     spec, kind = ctx.spec, ctx.spec.broker["kind"]
     with contextlib.suppress(Exception):
         if kind == "rabbitmq":
@@ -122,10 +135,11 @@ async def _teardown(ctx: _Ctx, admin: Broker) -> None:
             await admin.delete_topic(spec.source)  # type: ignore[attr-defined]
 
 
-async def broker_depth(ctx: _Ctx, admin: Broker) -> int:
+async def broker_depth(ctx: RunContext, admin: Broker) -> int:
     """Messages the broker still holds for the run's group and has not handed to a consumer:
     RabbitMQ ready messages in the main queue and its retry bands (not the dead-letter queue),
-    SQS visible + in flight + delayed; 0 for Kafka (see below)."""
+    SQS visible + in flight + delayed, Kafka records past the group's committed offsets (read
+    through the admin API, which does not touch the group's membership)."""
     spec, kind = ctx.spec, ctx.spec.broker["kind"]
     if kind == "rabbitmq":
         depths = await admin.queue_depths(spec.source, spec.group)  # type: ignore[attr-defined]
@@ -133,10 +147,8 @@ async def broker_depth(ctx: _Ctx, admin: Broker) -> int:
     if kind == "sqs":
         d = await admin.approximate_depth(spec.source)  # type: ignore[attr-defined]
         return int(d["visible"] + d["in_flight"] + d["delayed"])
-    # Kafka: no probe. Reading the group's committed offsets opens a consumer with the group's
-    # id, and against Tansu that stalled the group's assignment for the whole run; the run
-    # settles on the ground truth alone (every confirmed operation resolved, then quiet).
-    return 0
+    lag = await admin.lag(spec.source, spec.group)  # type: ignore[attr-defined]
+    return int(sum(lag.values()))
 
 
 def broker_options(kind: str, url: str) -> dict[str, Any]:
@@ -154,7 +166,7 @@ def broker_options(kind: str, url: str) -> dict[str, Any]:
     return {}
 
 
-async def process_run(ctx: _Ctx) -> None:
+async def process_run(ctx: RunContext) -> None:
     from replaysafe.chaos.harness import (
         broker_from_conf,
         envelopes_for,
@@ -191,15 +203,13 @@ async def process_run(ctx: _Ctx) -> None:
         async def depth() -> int:
             return await broker_depth(ctx, admin)
 
-        # a Kafka member that died is only replaced after the session timeout and a rejoin
-        quiet = 15.0 if kind == "kafka" else None
-        await wait_settled(ctx, depth=depth, quiet=quiet)
+        await wait_settled(ctx, depth=depth)
         if nemesis is not None:
             async with asyncio.timeout(60):
                 await nemesis
         app = build_app(spec, admin, ctx.ledger, Failpoints())
         if await second_phase(ctx, admin, app):
-            await wait_settled(ctx, depth=depth, quiet=quiet)
+            await wait_settled(ctx, depth=depth)
     finally:
         if nemesis is not None:
             nemesis.cancel()

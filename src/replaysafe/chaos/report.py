@@ -90,25 +90,44 @@ def _window_png(plt: Any, runs: list[RunResult]) -> str | None:
 
 def _chain_png(plt: Any, runs: list[RunResult]) -> str | None:
     """One duplicated operation under at-least-once beside the same operation's attempts under
-    effectively-once (same fault, same seed: the same operation was hit)."""
+    effectively-once (same fault, same seed: the same operation was hit). One row per attempt at
+    the sink, labelled with its outcome, fencing token and worker pid; time in milliseconds from
+    the operation's first attempt. Blue: the first effect; red: an effect beyond the first (a
+    duplicate charge); grey: no effect (answered from the key, fenced, refused)."""
     alo = next((r for r in runs if r.guarantee == "at-least-once" and r.duplicate_chain), None)
     if alo is None:
         return None
     op = alo.duplicate_chain[0].op
     eo = next((r for r in runs if r.guarantee == "effectively-once" and r.fault == alo.fault), None)
     eo_chain = [a for a in (eo.attempts_of(op) if eo is not None else [])]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 2.5), sharey=True)
-    for ax, title, chain in (
-        (axes[0], f"at-least-once / {alo.effect} / {alo.fault}", alo.duplicate_chain),
-        (axes[1], f"effectively-once / {eo.effect if eo else '-'} / {alo.fault}", eo_chain),
-    ):
-        t0 = min((a.started for a in chain), default=0.0)
+    panels = (
+        (f"at-least-once / {alo.effect} / {alo.fault}", alo.duplicate_chain),
+        (f"effectively-once / {eo.effect if eo else '-'} / {alo.fault}", eo_chain),
+    )
+    rows = max(len(chain) for _, chain in panels) or 1
+    fig, axes = plt.subplots(1, 2, figsize=(11, 1.2 + 0.45 * rows))
+    for ax, (title, chain) in zip(axes, panels, strict=True):
+        ax.set_title(f"{title}\n{op}: {len(chain)} attempt(s) at the sink", fontsize=9)
+        ax.set_xlabel("ms since the first attempt")
+        if not chain:
+            ax.set_yticks([])
+            continue
+        t0 = min(a.started for a in chain)
+        span = max(max(a.ended for a in chain) - t0, 0.001) * 1000
+        effects = 0
+        labels = []
         for n, a in enumerate(chain):
-            ax.barh(n, max(a.ended - a.started, 0.002), left=a.started - t0,
-                    color="tab:red" if a.effect and n else "tab:blue")  # fmt: skip
-            ax.text(a.ended - t0, n, f" {a.outcome} token={a.token}", va="center", fontsize=7)
-        ax.set_title(f"{title}\n{op}", fontsize=8)
-        ax.set_xlabel("seconds")
+            if a.effect:
+                effects += 1
+            color = "tab:grey" if not a.effect else "tab:blue" if effects == 1 else "tab:red"
+            width = max((a.ended - a.started) * 1000, span / 150)  # a short call stays visible
+            ax.barh(n, width, left=(a.started - t0) * 1000, color=color, height=0.6)
+            token = "no token" if a.token is None else f"token {a.token}"
+            labels.append(f"#{n + 1} {a.outcome}, {token}, pid {a.pid}")
+        ax.set_yticks(range(len(chain)), labels, fontsize=7)
+        ax.set_ylim(rows - 0.5, -0.5)  # first attempt on top
+        ax.set_xlim(-span * 0.02, span * 1.05)
+    fig.tight_layout()
     data = _png(fig)
     plt.close(fig)
     return data

@@ -260,7 +260,6 @@ class EffectSink:
                 writer.close()
 
     async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        started = time.time()
         request_line = (await reader.readline()).decode("latin-1").strip()
         headers: dict[str, str] = {}
         while True:
@@ -269,6 +268,11 @@ class EffectSink:
                 break
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
+        # an execution is in flight at the sink from the moment its request arrives, not from the
+        # TCP accept: a caller stopped between connect and send has shown the sink nothing (no
+        # operation, no token), and an older holder's call that lands meanwhile is, to the sink,
+        # the only one in flight
+        started = time.time()
         length = int(headers.get("content-length", "0"))
         if length > MAX_BODY or not request_line.startswith("POST /effect "):
             await _respond(writer, 400, {"error": "POST /effect with a small JSON body"})

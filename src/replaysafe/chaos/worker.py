@@ -32,7 +32,7 @@ async def main(spec_path: str) -> None:
     broker = broker_from_conf(spec.broker, spec, failpoints)
     ledger = ledger_from_spec(spec.ledger)
     app = build_app(spec, RecordingBroker(broker, spec.record_dir), ledger, failpoints)
-    arm(spec, failpoints)
+    arm(spec, failpoints, ledger)
     worker = app.worker()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
