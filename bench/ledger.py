@@ -6,7 +6,8 @@ For every backend, at batch 1 (``claim`` + ``complete``) and batch 100 (``claim_
   ledger   the replaysafe ledger
   raw      the same statements issued directly with the driver, no replaysafe in the loop:
            PostgreSQL - the ledger's own INSERT … ON CONFLICT / UPDATE statements through psycopg,
-                        on the ledger's own pool;
+                        on the ledger's own pool, with the ledger's result formats (binary for
+                        the claims and complete_many) and plain Python lists as the arrays;
            Redis      - the ledger's own Lua scripts through EVALSHA, with the ledger's own KEYS
                         and packed ARGV (one claim and one complete script call per step);
            SQLite     - the ledger's own statements (BEGIN IMMEDIATE, read, upsert, token bump,
@@ -158,7 +159,8 @@ def ledger_steps(ledger: Ledger, batch: int) -> Callable[[str], Step]:
 
 
 def pg_raw_steps(ledger: Any, batch: int) -> Callable[[str], Step]:
-    """The ledger's statements through psycopg on the ledger's own pool."""
+    """The ledger's statements through psycopg on the ledger's own pool, with the ledger's result
+    formats (binary for the claims and complete_many, text for the single complete)."""
     pool = ledger._pool
     claim_one, complete_one = ledger._sql("claim_one"), ledger._sql("complete")
     claim_many, complete_many = ledger._sql("claim_many"), ledger._sql("complete_many")
@@ -171,7 +173,7 @@ def pg_raw_steps(ledger: Any, batch: int) -> Callable[[str], Step]:
                 op = f"op-{next(ids)}"
                 params = {"scope": scope, "op": op, "fp": FP, "owner": OWNER, "lease": LEASE}
                 async with pool.connection() as conn:
-                    cur = await conn.execute(claim_one, params)
+                    cur = await conn.execute(claim_one, params, binary=True)
                     row = await cur.fetchone()
                 assert row[1], row  # written: acquired
                 params = {"f_scope": scope, "f_op": op, "f_token": row[6], "result": RESULT}
@@ -192,18 +194,18 @@ def pg_raw_steps(ledger: Any, batch: int) -> Callable[[str], Step]:
                 "lease": [LEASE] * batch,
             }
             async with pool.connection() as conn:
-                cur = await conn.execute(claim_many, params)
+                cur = await conn.execute(claim_many, params, binary=True)
                 rows = await cur.fetchall()
-            tokens = {r[3]: r[6] for r in rows if r[1]}
+            tokens = {r[0]: r[6] for r in rows if r[1]}  # ord -> token (all acquired)
             assert len(tokens) == batch
             params = {
                 "scope": scopes,
                 "op": ops,
-                "token": [tokens[op] for op in ops],
+                "token": [tokens[i] for i in range(1, batch + 1)],
                 "result": [RESULT] * batch,
             }
             async with pool.connection() as conn:
-                cur = await conn.execute(complete_many, params)
+                cur = await conn.execute(complete_many, params, binary=True)
                 assert sum(1 for r in await cur.fetchall() if r[1]) == batch
 
         return many
@@ -303,7 +305,7 @@ def redis_raw_steps(ledger: Any, batch: int, scripts: dict[str, Any]) -> Callabl
             done = await client.evalsha(
                 complete_sha, batch + 1, completed_key, *keys, retention_ms, blob
             )
-            assert all(type(item[0]) is int for item in done[1:]), done
+            assert all(type(item) is int for item in done[1:]), done  # completed: created_at
 
         return step
 

@@ -36,6 +36,10 @@ async def ledger_report(app: App, top: int = 10) -> dict[str, Any]:
             for k, n in s.hot_operations
         ],
         "quarantined_by_reason": s.quarantined_by_reason,
+        "paused_handlers": {
+            n: {"since": p.since, "by": p.by, "reason": p.reason}
+            for n, p in (await app.ledger.paused()).items()
+        },
         "completed_last_hour": s.completed_last_hour,
         "approx_bytes": s.approx_bytes,
         "projected_rows_at_horizon": round(projected_rows),
@@ -106,6 +110,8 @@ def inspect_command(target: str, operation_id: str | None, top: int, as_json: bo
     table.add_row("oldest in flight", "-" if age is None else f"{age:.1f}s")
     for reason, n in sorted(doc["quarantined_by_reason"].items()):
         table.add_row(f"quarantined: {reason}", str(n))
+    for name, p in sorted(doc["paused_handlers"].items()):
+        table.add_row(f"paused: {name} (since {_when(p['since'])})", p["reason"] or "-")
     table.add_row("completed in the last hour", str(doc["completed_last_hour"]))
     table.add_row("size now", "-" if doc["approx_bytes"] is None else f"{doc['approx_bytes']} B")
     table.add_row(f"projected rows over the {doc['horizon_seconds'] / 86400:g}-day horizon",

@@ -17,8 +17,9 @@ from replaysafe.errors import ReplaysafeError
 DEMO_BROKERS = {
     "memory": "memory",
     "rabbitmq": "amqp://guest:guest@127.0.0.1:5672/",
-    "sqs": "sqs+http://test:test@127.0.0.1:5000/us-east-1",
-    "kafka": "kafka://127.0.0.1:9092",
+    # a throwaway moto / Tansu server on a free loopback port, stopped afterwards
+    "sqs": "sqs",
+    "kafka": "kafka",
 }
 #: --ledger names and their local defaults
 DEMO_LEDGERS = {
@@ -63,7 +64,8 @@ def main() -> None:
 @click.option(
     "--url",
     default=None,
-    help="Broker URL (defaults: the local RabbitMQ, moto on :5000, Kafka on :9092).",
+    help="Broker URL (defaults: the local RabbitMQ on 5672; for sqs and kafka a throwaway moto / "
+    "Tansu server on a free loopback port).",
 )
 @click.option("--ledger", type=click.Choice(sorted(DEMO_LEDGERS)), default="sqlite",
               show_default=True, help="Where the replay ledger lives.")  # fmt: skip
@@ -142,6 +144,10 @@ main.add_command(simulate_command)
 from replaysafe._cli_chaos import chaos_command  # noqa: E402
 
 main.add_command(chaos_command)
+
+from replaysafe._cli_handler import handler_group  # noqa: E402
+
+main.add_command(handler_group)
 
 
 def _flag(label: str, n: int) -> str:
