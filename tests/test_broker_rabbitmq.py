@@ -60,6 +60,7 @@ from replaysafe.errors import (
 )
 from replaysafe.testing import EffectProbe
 from replaysafe.testing.contracts.broker import BrokerCase, BrokerContract
+from replaysafe.testing.netcut import CutRelay
 
 from .conftest import free_port
 
@@ -220,91 +221,14 @@ async def until(cond: Callable[[], Any], *, seconds: float, what: str) -> None:
         await asyncio.sleep(0.1)
 
 
-class TcpProxy:
-    """A loopback TCP proxy in front of RabbitMQ, for faults on the wire.
-
-    ``hold_replies()`` stops forwarding server->client bytes (they queue in the proxy: the server
-    has accepted what it was sent, the client hears nothing); ``release()`` forwards them;
-    ``cut()`` closes every proxied connection at once (a network failure).
-    """
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self.listen_port = free_port()
-        self._replies = asyncio.Event()
-        self._replies.set()
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._server: asyncio.Server | None = None
-        self.connections = 0
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.listen_port)
-
-    def url(self, base: str) -> str:
-        parts = urlsplit(base)
-        auth = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
-        netloc = f"{auth}127.0.0.1:{self.listen_port}"
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            up_r, up_w = await asyncio.open_connection(self.host, self.port)
-        except OSError:
-            writer.close()
-            return
-        self._writers.update((writer, up_w))
-        a = asyncio.ensure_future(self._pipe(reader, up_w, hold=False))
-        b = asyncio.ensure_future(self._pipe(up_r, writer, hold=True))
-        self._tasks.update((a, b))
-        await asyncio.wait({a, b}, return_when=asyncio.FIRST_COMPLETED)
-        for w in (writer, up_w):
-            w.close()
-            self._writers.discard(w)
-
-    async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, hold: bool
-    ) -> None:
-        with contextlib.suppress(OSError, asyncio.CancelledError):
-            while data := await reader.read(65536):
-                if hold:
-                    await self._replies.wait()
-                writer.write(data)
-                await writer.drain()
-
-    def hold_replies(self) -> None:
-        self._replies.clear()
-
-    def release(self) -> None:
-        self._replies.set()
-
-    async def cut(self) -> None:
-        for w in list(self._writers):
-            w.close()
-        self._writers.clear()
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
-
-    async def stop(self) -> None:
-        self.release()
-        await self.cut()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-
 @pytest.fixture
-async def proxy(amqp_url: str) -> AsyncIterator[TcpProxy]:
-    parts = urlsplit(amqp_url)
-    p = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
+async def proxy(amqp_url: str) -> AsyncIterator[CutRelay]:
+    p = CutRelay.for_url(amqp_url)
     await p.start()
     try:
         yield p
     finally:
-        await p.stop()
+        await p.close()
 
 
 async def raw_get(url: str, queue: str) -> Any:
@@ -510,7 +434,7 @@ async def test_plain_client_message_arrives_as_a_delivery(rabbit: Rabbit) -> Non
 
 
 async def test_confirm_that_never_comes_is_ambiguous_and_the_message_may_exist(
-    rabbit: Rabbit, proxy: TcpProxy
+    rabbit: Rabbit, proxy: CutRelay
 ) -> None:
     direct = rabbit.broker()
     await direct.declare(rabbit.source, [rabbit.group])
@@ -527,7 +451,7 @@ async def test_confirm_that_never_comes_is_ambiguous_and_the_message_may_exist(
 
 
 async def test_connection_lost_after_send_is_ambiguous_and_the_publisher_reconnects(
-    rabbit: Rabbit, proxy: TcpProxy
+    rabbit: Rabbit, proxy: CutRelay
 ) -> None:
     via = rabbit.broker(proxy.url(rabbit.url), confirm_timeout=20.0, reconnect_interval=0.2)
     await via.declare(rabbit.source, [rabbit.group])
@@ -536,7 +460,7 @@ async def test_connection_lost_after_send_is_ambiguous_and_the_publisher_reconne
     pending = asyncio.ensure_future(via.publish(rabbit.source, [env("cut")]))
     await asyncio.sleep(0.5)
     assert not pending.done()
-    await proxy.cut()
+    proxy.cut()
     proxy.release()
     with pytest.raises(PublishAmbiguous):
         async with asyncio.timeout(RECEIVE):
@@ -586,12 +510,12 @@ async def test_channel_closed_after_the_effect_and_before_the_ack_redelivers(
     await nothing(sub, 1.0)
 
 
-async def test_consumer_survives_connection_loss(rabbit: Rabbit, proxy: TcpProxy) -> None:
+async def test_consumer_survives_connection_loss(rabbit: Rabbit, proxy: CutRelay) -> None:
     b = rabbit.broker(proxy.url(rabbit.url), reconnect_interval=0.2)
     sub = await b.subscribe(rabbit.source, rabbit.group, prefetch=4)
     await b.publish(rabbit.source, [env("held"), env("buffered")])
     held = await recv(sub)
-    await proxy.cut()
+    proxy.cut()
     await held.ack()  # the connection is gone: logged, not raised
     got = {}
     async with asyncio.timeout(RECEIVE * 2):
@@ -606,7 +530,7 @@ async def test_consumer_survives_connection_loss(rabbit: Rabbit, proxy: TcpProxy
 
 
 async def test_a_settle_racing_a_close_never_kills_the_shared_connection(
-    rabbit: Rabbit, proxy: TcpProxy
+    rabbit: Rabbit, proxy: CutRelay
 ) -> None:
     # A frame on a channel RabbitMQ has closed is a *connection* error (504 "expected
     # 'channel.open'"): one late ack from a dying worker would take down every subscription on

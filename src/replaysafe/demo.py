@@ -23,8 +23,9 @@ failpoint (nothing settled, released or flushed), the provider is the chaos
 effectively-once, unkeyed otherwise), and each broker's own fault joins in (:data:`BROKER_FAULTS`):
 
 - RabbitMQ ``channel_closed_before_ack``: after the charge (effectively-once: after the ledger
-  recorded it) the worker holds its ack back while the server closes the worker's own connection
-  (``rabbitmqctl close_connection``); the server requeues what the connection held unacked;
+  recorded it) the worker's connections to the server are cut (a loopback relay in the worker,
+  :class:`~replaysafe.chaos.netcut.CutRelay`) while it holds its ack back; the server requeues
+  what the connections held unacked, as after a restart or a network failure;
 - SQS ``visibility_expired_mid_handler``: the queue's visibility timeout is shorter than the
   provider's answer for the target's first charge and nothing extends it, so SQS hands out another
   copy while the first handler still runs;
@@ -62,6 +63,7 @@ from replaysafe.app import App, Context, RetryPolicy
 from replaysafe.brokers import broker_from_url
 from replaysafe.brokers.base import Broker, RedeliveryKind
 from replaysafe.brokers.memory import MemoryBroker
+from replaysafe.brokers.rabbitmq import AMQP_PORT
 from replaysafe.chaos.procs import Pool
 from replaysafe.envelope import Envelope, operation_id
 from replaysafe.errors import ConfigurationError, PublishAmbiguous, SimulatedCrash
@@ -73,6 +75,7 @@ from replaysafe.ledger.sqlite import SQLiteLedger
 from replaysafe.observe import Stats
 from replaysafe.producer import Producer
 from replaysafe.testing import EffectProbe
+from replaysafe.testing.netcut import CutRelay
 
 if TYPE_CHECKING:
     from replaysafe.chaos.app import RunSpec
@@ -732,8 +735,8 @@ def _process_fault_hits(
 
     - a crash: the worker left its marker at the failpoint (a charge already made, or not yet)
       and that process then died of SIGKILL;
-    - ``channel_closed_before_ack``: the server closed the worker's connection while the worker
-      held its ack back (the marker is only left then);
+    - ``channel_closed_before_ack``: the worker's connections were cut while it held its ack
+      back (the marker is only left when a connection was cut);
     - ``visibility_expired_mid_handler``: the target's first charge ended after the visibility
       timeout of its first delivery, and (unless at-most-once already deleted the message)
       another copy was delivered in between;
@@ -791,6 +794,7 @@ def _arm_worker(
     kills: Mapping[str, set[str]],
     close: set[str],
     failpoints: Failpoints,
+    relay: CutRelay | None,
     before_kill: Callable[[], None] = lambda: None,
 ) -> None:
     """Arm a demo worker process's faults; each fires once per order across every process (the
@@ -800,9 +804,9 @@ def _arm_worker(
     the process sends itself SIGKILL: nothing is settled, released or flushed.
 
     ``close`` (RabbitMQ): after the charge (effectively-once: after the ledger recorded it) and
-    before the ack, the worker has the server close its own consumer connection and waits for
-    that (``rabbitmqctl``, blocking: the ack cannot go out meanwhile), then for
-    :data:`CLOSE_SETTLE` seconds so that it reads the server's close before it acks."""
+    before the ack, every connection between the worker and the server is cut (``relay``, the
+    worker's :class:`~replaysafe.chaos.netcut.CutRelay`); the worker then waits
+    :data:`CLOSE_SETTLE` seconds so that it reads the reset before it acks."""
     from replaysafe.chaos.app import mark_once
 
     eo = spec.guarantee == Guarantee.EFFECTIVELY_ONCE.value
@@ -824,25 +828,23 @@ def _arm_worker(
                     os.kill(os.getpid(), signal.SIGKILL)
                     os._exit(137)  # pragma: no cover - SIGKILL cannot be caught; never reached
             if op in closing and mark_once(spec.state_dir, f"{spec.fault}-armed", op):
-                _close_own_connection(spec.state_dir, spec.fault, op)
+                _cut_own_connections(relay, spec.state_dir, spec.fault, op)
                 return True  # the failpoint's sleep: the close is read before the ack
             return False
 
         failpoints.enable(point, "sleep", when=when, seconds=CLOSE_SETTLE)
 
 
-def _close_own_connection(state_dir: str, fault: str, op: str) -> None:
-    """Have RabbitMQ close this process's consumer connection (``rabbitmqctl``, blocking). The hit
-    marker is left only when the server closed it; ``FAULT-tried`` once the attempt is over."""
-    from replaysafe.chaos.app import close_rabbitmq_connections, mark_once
+def _cut_own_connections(relay: CutRelay | None, state_dir: str, fault: str, op: str) -> None:
+    """Cut this process's connections to RabbitMQ. The hit marker is left only when a connection
+    was cut; ``FAULT-tried`` once the attempt is over."""
+    from replaysafe.chaos.app import mark_once
 
     try:
-        if close_rabbitmq_connections({os.getpid()}, f"replaysafe demo: {op}"):
+        if relay is not None and relay.cut():
             mark_once(state_dir, fault, op)
-        else:
-            print(f"{fault}: {op}: no connection of this process to close", flush=True)
-    except Exception as exc:  # reported through the hit count (an unhit fault shows as 0)
-        print(f"{fault}: {op}: {exc!r}", flush=True)
+        else:  # reported through the hit count (an unhit fault shows as 0)
+            print(f"{fault}: {op}: no connection of this process to cut", flush=True)
     finally:
         mark_once(state_dir, f"{fault}-tried", op)
 
@@ -858,18 +860,25 @@ async def _worker_main(spec_path: str) -> None:
     doc = _load(spec_path)
     spec = RunSpec(**doc["run"])
     failpoints = Failpoints()
-    broker = broker_from_url(spec.broker["url"], failpoints=failpoints, **spec.broker["options"])
+    close = set(spec.targets) if spec.fault == "channel_closed_before_ack" else set()
+    url = spec.broker["url"]
+    relay: CutRelay | None = None
+    if close:
+        # the fault cuts this worker's connections: they all go through its own relay
+        relay = CutRelay.for_url(url, default_port=AMQP_PORT)
+        await relay.start()
+        url = relay.url(url)
+    broker = broker_from_url(url, failpoints=failpoints, **spec.broker["options"])
     ledger = ledger_from_spec(spec.ledger)
     app = chaos_app(spec, RecordingBroker(broker, spec.record_dir), ledger, failpoints)
     kills = {name: set(ops) for name, ops in doc["kills"].items()}
-    close = set(spec.targets) if spec.fault == "channel_closed_before_ack" else set()
     stats: list[Stats] = []
 
     def write_counters() -> None:
         if stats:
             _write_counters(spec.state_dir, stats[0])
 
-    _arm_worker(spec, kills, close, failpoints, before_kill=write_counters)
+    _arm_worker(spec, kills, close, failpoints, relay, before_kill=write_counters)
     worker = app.worker()
     stats.append(worker.stats)
     loop = asyncio.get_running_loop()
@@ -885,6 +894,8 @@ async def _worker_main(spec_path: str) -> None:
             await broker.close()
         with contextlib.suppress(Exception):
             await ledger.close()
+        if relay is not None:
+            await relay.close()
 
 
 async def _every(seconds: float, call: Callable[[], None]) -> None:

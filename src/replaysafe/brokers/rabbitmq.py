@@ -145,6 +145,9 @@ log = logging.getLogger("replaysafe.brokers.rabbitmq")
 
 #: the ordering key of the envelope (AMQP has no key of its own; the routing key is rewritten on
 #: the retry hop, a header survives it)
+#: the AMQP port a URL without one means
+AMQP_PORT = 5672
+
 KEY_HEADER = "x-replaysafe-key"
 #: deliveries a message had before it went through a retry queue (a retry copy is a new message
 #: to RabbitMQ, whose x-delivery-count starts again at 0)

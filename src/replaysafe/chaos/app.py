@@ -15,11 +15,7 @@ import contextlib
 import json
 import math
 import os
-import re
-import shutil
 import signal
-import subprocess
-import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,6 +37,7 @@ from replaysafe.errors import OutcomeUnknown
 from replaysafe.failpoints import Failpoints
 from replaysafe.guarantees import Effect, Guarantee
 from replaysafe.ledger.base import Ledger
+from replaysafe.testing.netcut import CutRelay
 
 SOURCE_PREFIX = "chaos"
 HANDLER = "apply"
@@ -383,7 +380,12 @@ async def create_effects_table(ledger: Ledger, kind: str, schema: str | None = N
         )
 
 
-def arm(spec: RunSpec, failpoints: Failpoints, ledger: Ledger | None = None) -> None:
+def arm(
+    spec: RunSpec,
+    failpoints: Failpoints,
+    ledger: Ledger | None = None,
+    relay: CutRelay | None = None,
+) -> None:
     """Arm the worker-side failpoint of ``spec.fault`` for its target operations.
 
     Each firing first leaves a marker (the hit count survives the process it kills). Crashes fire
@@ -445,7 +447,7 @@ def arm(spec: RunSpec, failpoints: Failpoints, ledger: Ledger | None = None) -> 
                 os.unlink(turn)
 
     if fault == "broker_restart":
-        _arm_broker_restart(spec, failpoints, targets, eo)
+        _arm_broker_restart(spec, failpoints, targets, eo, relay)
         return
     if fault == "pause_beyond_lease" and not spec.in_process:
         failpoints.enable(point, "call", when=when, fn=stop_self)
@@ -455,61 +457,31 @@ def arm(spec: RunSpec, failpoints: Failpoints, ledger: Ledger | None = None) -> 
         failpoints.enable(point, "kill" if spec.in_process else "exit", when=when)
 
 
-#: how long a worker waits at the failpoint for the server to close its connection
-BROKER_RESTART_WAIT = 4.0
+#: how long a worker holds its ack back after the cut: long enough for the client to read the
+#: reset of its socket, so the ack goes to a channel it knows is dead
+BROKER_RESTART_WAIT = 1.0
 
 
-def _arm_broker_restart(spec: RunSpec, failpoints: Failpoints, targets: set[str], eo: bool) -> None:
-    """``broker_restart`` (RabbitMQ): after the effect is recorded and before the ack, the
-    server closes this worker's consumer connection (``rabbitmqctl close_connection``, matched
-    by the pid in the connection name), so the ack that follows goes to a dead channel. The
-    broker requeues every delivery the connection held unacked; the worker reconnects. Each
-    closed connection is a hit."""
+def _arm_broker_restart(
+    spec: RunSpec, failpoints: Failpoints, targets: set[str], eo: bool, relay: CutRelay | None
+) -> None:
+    """``broker_restart`` (RabbitMQ): after the effect is recorded and before the ack, every
+    connection between this worker and the server is cut (the worker's :class:`CutRelay`), so
+    the ack that follows goes to a dead channel. The server requeues every delivery the
+    connection held unacked; the worker reconnects through the relay. Each cut that dropped a
+    connection is a hit."""
     point = fp.AFTER_LEDGER_BEFORE_ACK if eo else fp.AFTER_EFFECT_BEFORE_LEDGER
-
-    def close_own(op: str) -> None:
-        try:
-            if close_rabbitmq_connections({os.getpid()}, f"chaos broker_restart {op}"):
-                mark_once(spec.state_dir, "broker_restart", op)
-        except Exception as exc:  # reported through the hit count (an unhit fault is invalid)
-            print(f"broker_restart: {exc!r}", flush=True)
+    if relay is None:
+        raise RuntimeError("broker_restart needs the worker's broker connections on a CutRelay")
 
     def when(ctx: Mapping[str, Any]) -> bool:
         op = ctx.get("operation_id")
         if op not in targets or not mark_once(spec.state_dir, "broker_restart-armed", str(op)):
             return False
-        # the close runs beside the loop (rabbitmqctl takes ~1 s per call); the failpoint's
-        # sleep holds the ack back until the connection is gone
-        threading.Thread(target=close_own, args=(str(op),), daemon=True).start()
-        return True
+        if relay.cut():
+            mark_once(spec.state_dir, "broker_restart", str(op))
+        else:  # reported through the hit count (an unhit fault is invalid)
+            print(f"broker_restart: {op}: no connection to cut", flush=True)
+        return True  # the failpoint's sleep: the reset is read before the ack
 
     failpoints.enable(point, "sleep", when=when, seconds=BROKER_RESTART_WAIT)
-
-
-def close_rabbitmq_connections(pids: set[int], reason: str) -> int:
-    """Ask the local RabbitMQ server to close the replaysafe consumer connections of ``pids``
-    (blocking: it runs ``rabbitmqctl``). Returns how many it closed."""
-    ctl = shutil.which("rabbitmqctl")
-    if ctl is None:
-        raise RuntimeError("broker_restart needs rabbitmqctl (the local RabbitMQ server's CLI)")
-    # one line per connection: the connection's Erlang pid (what close_connection takes), a
-    # tab, its client properties as an Erlang term
-    listing = _ctl(ctl, "list_connections", "pid", "client_properties", "-q",
-                   "--no-table-headers")  # fmt: skip
-    wanted = {f"replaysafe consume pid={p}" for p in pids}
-    closed = 0
-    for line in listing.splitlines():
-        conn, _, props = line.partition("\t")
-        m = re.search(r'"connection_name","([^"]*)"', props)
-        if m and m.group(1) in wanted:
-            with contextlib.suppress(RuntimeError):  # gone on its own meanwhile
-                _ctl(ctl, "close_connection", conn.strip(), reason)
-                closed += 1
-    return closed
-
-
-def _ctl(*argv: str) -> str:
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{argv[0]} {argv[1]} failed ({done.returncode}): {done.stderr[:300]}")
-    return done.stdout

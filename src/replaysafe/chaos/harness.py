@@ -95,9 +95,9 @@ def applicable(fault: str, *, broker: str, ledger: str, effect: str, guarantee: 
         return "SQLite has no server connection to cut"
     if fault == "broker_restart" and broker != "rabbitmq":
         return (
-            "a RabbitMQ fault (the server closes the workers' connections: unacked deliveries "
-            "are requeued); SQS has no connection to cut, and restarting moto or Tansu (memory "
-            "storage) would wipe the messages themselves"
+            "a RabbitMQ fault (the workers' connections to the server are cut: unacked "
+            "deliveries are requeued); SQS has no connection to cut, and restarting moto or "
+            "Tansu (memory storage) would wipe the messages themselves"
         )
     if fault == "rebalance" and broker not in ("kafka", "memory"):
         return "consumer-group rebalances are a Kafka (offset) fault"

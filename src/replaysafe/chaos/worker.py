@@ -16,8 +16,10 @@ import signal
 import sys
 from pathlib import Path
 
+from replaysafe.brokers.rabbitmq import AMQP_PORT
 from replaysafe.chaos.app import RecordingBroker, RunSpec, arm, build_app
 from replaysafe.failpoints import Failpoints
+from replaysafe.testing.netcut import CutRelay
 
 
 def load_spec(path: str) -> RunSpec:
@@ -25,14 +27,21 @@ def load_spec(path: str) -> RunSpec:
 
 
 async def main(spec_path: str) -> None:
-    from replaysafe.chaos.harness import broker_from_conf, ledger_from_spec
+    from replaysafe.chaos.harness import broker_from_conf, ledger_from_spec, normalise_broker_url
 
     spec = load_spec(spec_path)
     failpoints = Failpoints()
+    relay: CutRelay | None = None
+    if spec.fault == "broker_restart":
+        # the fault cuts this worker's connections: they all go through its own relay
+        url = normalise_broker_url(spec.broker["kind"], spec.broker.get("url"))
+        relay = CutRelay.for_url(url, default_port=AMQP_PORT)
+        await relay.start()
+        spec.broker = {**spec.broker, "url": relay.url(url)}
     broker = broker_from_conf(spec.broker, spec, failpoints)
     ledger = ledger_from_spec(spec.ledger)
     app = build_app(spec, RecordingBroker(broker, spec.record_dir), ledger, failpoints)
-    arm(spec, failpoints, ledger)
+    arm(spec, failpoints, ledger, relay)
     worker = app.worker()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -44,6 +53,8 @@ async def main(spec_path: str) -> None:
             await broker.close()
         with contextlib.suppress(Exception):
             await ledger.close()
+        if relay is not None:
+            await relay.close()
 
 
 if __name__ == "__main__":
