@@ -182,6 +182,19 @@ def test_checker_lost_needs_a_confirmed_publish_and_no_quarantine() -> None:
     assert run(flags=[Flag("a", "max_attempts", "released_cleanly", 1)]).lost == 0
 
 
+def test_checker_names_the_lost_operations_and_the_bar_shows_the_evidence() -> None:
+    r = run(history=[Published("b", FP1, True), Published("a", FP1, True)])
+    assert r.lost_ops == ["a", "b"]
+    r.evidence = ["settle: quiet 4.5s, 2 unresolved"]
+    assert pass_bar(r) == [
+        "effectively-once/keyed/crash_after_effect: lost = 2, must be 0",
+        "effectively-once/keyed/crash_after_effect: settle: quiet 4.5s, 2 unresolved",
+    ]
+    ok = run(attempts=[att("a", 0, 1)])
+    ok.evidence = ["settle: settled"]
+    assert pass_bar(ok) == []  # evidence alone is no failure
+
+
 def test_checker_duplicates_are_effects_beyond_the_first() -> None:
     r = run(attempts=[att("a", 0, 1), att("a", 2, 3), att("a", 4, 5, "replayed")])
     assert r.duplicates == 1

@@ -91,6 +91,10 @@ class RunResult:
     windows: list[float] = field(default_factory=list)
     #: every attempt of the run (for the report's timelines)
     attempts: list[Attempt] = field(default_factory=list)
+    #: the operations counted in ``lost`` (sorted)
+    lost_ops: list[str] = field(default_factory=list)
+    #: lines that explain a failing count (set by the harness: settle ends, record traces)
+    evidence: list[str] = field(default_factory=list)
 
     def attempts_of(self, op: str) -> list[Attempt]:
         return [a for a in self.attempts if a.op == op]
@@ -147,7 +151,8 @@ def check(
             flagged_at[f.op] = min(flagged_at.get(f.op, f.at), f.at)
 
     r = RunResult(guarantee, effect, fault, ops=len(first_fp))
-    r.lost = sum(1 for op in confirmed if op not in effects and op not in quarantined_ops)
+    r.lost_ops = sorted(op for op in confirmed if op not in effects and op not in quarantined_ops)
+    r.lost = len(r.lost_ops)
     r.duplicates = sum(len(v) - 1 for v in effects.values() if len(v) > 1)
     done_at_broker = {op for op, _ in completed}
     r.acked_unapplied = sum(
@@ -217,6 +222,8 @@ def pass_bar(r: RunResult) -> list[str]:
                     out.append(f"{where}: {name} = {getattr(r, name)}, must be 0")
             if r.silent_duplicates:
                 out.append(f"{where}: {r.silent_duplicates} duplicate(s) not flagged first")
+    if out and r.evidence:
+        out.extend(f"{where}: {line}" for line in r.evidence)
     return out
 
 

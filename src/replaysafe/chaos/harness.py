@@ -528,6 +528,8 @@ class RunContext:
     ledger: Ledger
     history: list[Published]
     rundir: Path
+    #: how each settle wait ended (evidence when a run reports losses: did it end unsettled?)
+    settles: list[str] = field(default_factory=list)
 
 
 async def run_cell(
@@ -608,7 +610,22 @@ async def run_cell(
     )
     result.windows = ambiguity_windows(attempts, completed)
     result.seconds = time.monotonic() - started
+    result.evidence = _evidence(ctx, result, records)
     return result
+
+
+def _evidence(ctx: RunContext, r: RunResult, records: list[dict[str, Any]]) -> list[str]:
+    """For a run that lost operations: how its settle waits ended and what the broker records
+    show of (up to 5 of) the lost ones, so that a failure in CI explains itself."""
+    if not r.lost_ops:
+        return []
+    t0 = min((p.at for p in ctx.history), default=0.0)
+    out = [f"settle: {'; '.join(ctx.settles) or 'none'}"]
+    for op in r.lost_ops[:5]:
+        seen = [f"{e['e']}@{e['t'] - t0:.2f}s/pid{e['pid']}" for e in records if e.get("op") == op]
+        published = [f"{p.at - t0:.2f}s" for p in ctx.history if p.op == op and p.confirmed]
+        out.append(f"lost {op}: published {published}, records {seen or 'none'}")
+    return out
 
 
 def _mkdirs(path: str) -> None:
@@ -742,14 +759,19 @@ async def wait_settled(
         log.debug("chaos run %s: unresolved=%d held=%d idle=%.1f", ctx.spec.run, unresolved,
                   held, idle)  # fmt: skip
         if held == 0 and authoritative and idle >= quiet:
+            ctx.settles.append(f"settled ({unresolved} unresolved)")
             return
         if (
             held == 0
             and not authoritative
             and ((unresolved == 0 and idle >= quiet) or idle >= quiet * 3)
         ):
+            ctx.settles.append(
+                "settled" if unresolved == 0 else f"quiet {idle:.1f}s, {unresolved} unresolved"
+            )
             return
         await asyncio.sleep(0.2)
+    ctx.settles.append(f"timed out after {ctx.cfg.run_timeout:.0f}s")
     log.warning("chaos run %s did not settle within %.0fs", ctx.spec.run, ctx.cfg.run_timeout)
 
 
