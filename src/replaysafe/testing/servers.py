@@ -15,8 +15,8 @@ A server that cannot start raises :class:`ServerUnavailable` naming what to inst
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -92,14 +92,24 @@ def _serve(what: str, argv: list[str], port: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def local_sqs() -> Iterator[str]:
-    """A moto server (SQS API) on a free loopback port; yields its endpoint URL."""
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    if not Path(exe).exists():
+    """A moto server (SQS API) on a free loopback port; yields its endpoint URL. It runs with
+    its SQS queue operations serialised (:mod:`replaysafe.testing._moto_server`: unpatched,
+    moto drops or re-delivers messages when requests race)."""
+    if importlib.util.find_spec("moto.server") is None or importlib.util.find_spec("flask") is None:
         raise ServerUnavailable(
-            "SQS (moto): moto_server is not installed; pip install 'moto[server]'"
+            "SQS (moto): moto's server is not installed; pip install 'moto[server]'"
         )
     port = free_port()
-    with _serve("SQS (moto)", [exe, "-H", "127.0.0.1", "-p", str(port)], port):
+    argv = [
+        sys.executable,
+        "-m",
+        "replaysafe.testing._moto_server",
+        "-H",
+        "127.0.0.1",
+        "-p",
+        str(port),
+    ]
+    with _serve("SQS (moto)", argv, port):
         yield f"http://127.0.0.1:{port}"
 
 
