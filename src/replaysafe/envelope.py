@@ -452,20 +452,24 @@ class Envelope:
     def __delattr__(self, name: str) -> None:
         raise FrozenInstanceError(f"cannot delete field {name!r}")
 
-    def __reduce__(self) -> tuple[Any, ...]:
+    def _args(
+        self,
+    ) -> tuple[str, bytes, Any, str | None, str, str | None, Mapping[str, str], float | None]:
+        """The constructor's arguments, in order, the fingerprint left deferred if it still is
+        (pickling and copies rebuild from these; ``_fields`` computes it, for equality)."""
         return (
-            type(self),
-            (
-                self.operation_id,
-                self.payload,
-                self.value,
-                self._fingerprint,
-                self.content_type,
-                self.key,
-                self.headers,
-                self.published_at,
-            ),
+            self.operation_id,
+            self.payload,
+            self.value,
+            self._fingerprint,
+            self.content_type,
+            self.key,
+            self.headers,
+            self.published_at,
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), self._args())
 
     @classmethod
     def of(
@@ -504,16 +508,7 @@ class Envelope:
         """The same envelope stamped with its first publish time (kept by retries)."""
         if self.published_at is not None:
             return self
-        return Envelope(
-            self.operation_id,
-            self.payload,
-            self.value,
-            self._fingerprint,
-            self.content_type,
-            self.key,
-            self.headers,
-            ts,
-        )
+        return Envelope(*self._args()[:-1], ts)
 
 
 _SET_OPERATION_ID: Callable[[Envelope, Any], None] = Envelope.__dict__["operation_id"].__set__
