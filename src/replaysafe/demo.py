@@ -24,7 +24,7 @@ effectively-once, unkeyed otherwise), and each broker's own fault joins in (:dat
 
 - RabbitMQ ``channel_closed_before_ack``: after the charge (effectively-once: after the ledger
   recorded it) the worker's connections to the server are cut (a loopback relay in the worker,
-  :class:`~replaysafe.chaos.netcut.CutRelay`) while it holds its ack back; the server requeues
+  :class:`~replaysafe.testing.netcut.CutRelay`) while it holds its ack back; the server requeues
   what the connections held unacked, as after a restart or a network failure;
 - SQS ``visibility_expired_mid_handler``: the queue's visibility timeout is shorter than the
   provider's answer for the target's first charge and nothing extends it, so SQS hands out another
@@ -63,7 +63,6 @@ from replaysafe.app import App, Context, RetryPolicy
 from replaysafe.brokers import broker_from_url
 from replaysafe.brokers.base import Broker, RedeliveryKind
 from replaysafe.brokers.memory import MemoryBroker
-from replaysafe.brokers.rabbitmq import AMQP_PORT
 from replaysafe.chaos.procs import Pool
 from replaysafe.envelope import Envelope, operation_id
 from replaysafe.errors import ConfigurationError, PublishAmbiguous, SimulatedCrash
@@ -109,7 +108,6 @@ PROCESS_LEASE = 1.5
 #: handlers per worker process at a time (as in memory: a crash takes exactly its own order)
 PROCESS_CONCURRENCY = 1
 #: RabbitMQ: how long a worker waits after its connection was closed before it acks
-CLOSE_SETTLE = 0.5
 #: SQS: the queue's visibility timeout, and how long the provider holds the target's first charge
 SQS_VISIBILITY = 2
 SQS_SLOW = 3.5
@@ -805,9 +803,10 @@ def _arm_worker(
 
     ``close`` (RabbitMQ): after the charge (effectively-once: after the ledger recorded it) and
     before the ack, every connection between the worker and the server is cut (``relay``, the
-    worker's :class:`~replaysafe.chaos.netcut.CutRelay`); the worker then waits
-    :data:`CLOSE_SETTLE` seconds so that it reads the reset before it acks."""
-    from replaysafe.chaos.app import mark_once
+    worker's :class:`~replaysafe.testing.netcut.CutRelay`); the worker then waits
+    :data:`~replaysafe.chaos.app.BROKER_RESTART_WAIT` seconds so that it reads the reset
+    before it acks."""
+    from replaysafe.chaos.app import BROKER_RESTART_WAIT, cut_own_connections, mark_once
 
     eo = spec.guarantee == Guarantee.EFFECTIVELY_ONCE.value
     close_point = fp.AFTER_LEDGER_BEFORE_ACK if eo else fp.AFTER_EFFECT_BEFORE_LEDGER
@@ -828,32 +827,21 @@ def _arm_worker(
                     os.kill(os.getpid(), signal.SIGKILL)
                     os._exit(137)  # pragma: no cover - SIGKILL cannot be caught; never reached
             if op in closing and mark_once(spec.state_dir, f"{spec.fault}-armed", op):
-                _cut_own_connections(relay, spec.state_dir, spec.fault, op)
+                try:
+                    cut_own_connections(relay, spec.state_dir, spec.fault, op)
+                finally:
+                    mark_once(spec.state_dir, f"{spec.fault}-tried", op)
                 return True  # the failpoint's sleep: the close is read before the ack
             return False
 
-        failpoints.enable(point, "sleep", when=when, seconds=CLOSE_SETTLE)
-
-
-def _cut_own_connections(relay: CutRelay | None, state_dir: str, fault: str, op: str) -> None:
-    """Cut this process's connections to RabbitMQ. The hit marker is left only when a connection
-    was cut; ``FAULT-tried`` once the attempt is over."""
-    from replaysafe.chaos.app import mark_once
-
-    try:
-        if relay is not None and relay.cut():
-            mark_once(state_dir, fault, op)
-        else:  # reported through the hit count (an unhit fault shows as 0)
-            print(f"{fault}: {op}: no connection of this process to cut", flush=True)
-    finally:
-        mark_once(state_dir, f"{fault}-tried", op)
+        failpoints.enable(point, "sleep", when=when, seconds=BROKER_RESTART_WAIT)
 
 
 async def _worker_main(spec_path: str) -> None:
     """One demo worker process: the chaos app (charges at the provider) on the real broker and
     ledger, every delivery and completion journaled, the demo's faults armed. SIGTERM/SIGINT
     stop it gracefully (drain, settle what finished)."""
-    from replaysafe.chaos.app import RecordingBroker, RunSpec
+    from replaysafe.chaos.app import RecordingBroker, RunSpec, close_quietly, relayed
     from replaysafe.chaos.app import build_app as chaos_app
     from replaysafe.chaos.harness import ledger_from_spec
 
@@ -865,9 +853,7 @@ async def _worker_main(spec_path: str) -> None:
     relay: CutRelay | None = None
     if close:
         # the fault cuts this worker's connections: they all go through its own relay
-        relay = CutRelay.for_url(url, default_port=AMQP_PORT)
-        await relay.start()
-        url = relay.url(url)
+        relay, url = await relayed(url)
     broker = broker_from_url(url, failpoints=failpoints, **spec.broker["options"])
     ledger = ledger_from_spec(spec.ledger)
     app = chaos_app(spec, RecordingBroker(broker, spec.record_dir), ledger, failpoints)
@@ -890,12 +876,7 @@ async def _worker_main(spec_path: str) -> None:
     finally:
         writer.cancel()
         write_counters()
-        with contextlib.suppress(Exception):
-            await broker.close()
-        with contextlib.suppress(Exception):
-            await ledger.close()
-        if relay is not None:
-            await relay.close()
+        await close_quietly(broker, ledger, relay)
 
 
 async def _every(seconds: float, call: Callable[[], None]) -> None:

@@ -31,6 +31,7 @@ from replaysafe.brokers.base import (
     SourceFacts,
     Subscription,
 )
+from replaysafe.brokers.rabbitmq import AMQP_PORT
 from replaysafe.chaos.sink import EffectOutcomeUnknown, call_sink
 from replaysafe.envelope import HEADER_FINGERPRINT, HEADER_OPERATION_ID, Envelope
 from replaysafe.errors import OutcomeUnknown
@@ -462,6 +463,33 @@ def arm(
 BROKER_RESTART_WAIT = 1.0
 
 
+async def relayed(url: str) -> tuple[CutRelay, str]:
+    """A started :class:`CutRelay` toward the RabbitMQ ``url`` and the URL that goes through it:
+    a worker whose connections a fault will cut opens them all on that URL."""
+    relay = CutRelay.for_url(url, default_port=AMQP_PORT)
+    await relay.start()
+    return relay, relay.url(url)
+
+
+def cut_own_connections(relay: CutRelay | None, state_dir: str, fault: str, op: str) -> bool:
+    """Cut every connection of this worker's ``relay``; leave ``fault``'s hit marker for ``op``
+    only when a connection was cut (an unhit fault then shows as 0 hits, never as a false one)."""
+    if relay is not None and relay.cut():
+        mark_once(state_dir, fault, op)
+        return True
+    print(f"{fault}: {op}: no connection of this process to cut", flush=True)
+    return False
+
+
+async def close_quietly(*resources: Any) -> None:
+    """Close a worker process's broker, ledger, relay (``None`` skipped), each even when an
+    earlier close failed: at the end of a process nothing more can be done about a failure."""
+    for resource in resources:
+        if resource is not None:
+            with contextlib.suppress(Exception):
+                await resource.close()
+
+
 def _arm_broker_restart(
     spec: RunSpec, failpoints: Failpoints, targets: set[str], eo: bool, relay: CutRelay | None
 ) -> None:
@@ -478,10 +506,7 @@ def _arm_broker_restart(
         op = ctx.get("operation_id")
         if op not in targets or not mark_once(spec.state_dir, "broker_restart-armed", str(op)):
             return False
-        if relay.cut():
-            mark_once(spec.state_dir, "broker_restart", str(op))
-        else:  # reported through the hit count (an unhit fault is invalid)
-            print(f"broker_restart: {op}: no connection to cut", flush=True)
+        cut_own_connections(relay, spec.state_dir, "broker_restart", str(op))
         return True  # the failpoint's sleep: the reset is read before the ack
 
     failpoints.enable(point, "sleep", when=when, seconds=BROKER_RESTART_WAIT)

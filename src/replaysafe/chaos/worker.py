@@ -10,14 +10,12 @@ end of the run.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
 from pathlib import Path
 
-from replaysafe.brokers.rabbitmq import AMQP_PORT
-from replaysafe.chaos.app import RecordingBroker, RunSpec, arm, build_app
+from replaysafe.chaos.app import RecordingBroker, RunSpec, arm, build_app, close_quietly, relayed
 from replaysafe.failpoints import Failpoints
 from replaysafe.testing.netcut import CutRelay
 
@@ -34,10 +32,10 @@ async def main(spec_path: str) -> None:
     relay: CutRelay | None = None
     if spec.fault == "broker_restart":
         # the fault cuts this worker's connections: they all go through its own relay
-        url = normalise_broker_url(spec.broker["kind"], spec.broker.get("url"))
-        relay = CutRelay.for_url(url, default_port=AMQP_PORT)
-        await relay.start()
-        spec.broker = {**spec.broker, "url": relay.url(url)}
+        relay, url = await relayed(
+            normalise_broker_url(spec.broker["kind"], spec.broker.get("url"))
+        )
+        spec.broker = {**spec.broker, "url": url}
     broker = broker_from_conf(spec.broker, spec, failpoints)
     ledger = ledger_from_spec(spec.ledger)
     app = build_app(spec, RecordingBroker(broker, spec.record_dir), ledger, failpoints)
@@ -49,12 +47,7 @@ async def main(spec_path: str) -> None:
     try:
         await worker.run(drain_timeout=5.0)
     finally:
-        with contextlib.suppress(Exception):
-            await broker.close()
-        with contextlib.suppress(Exception):
-            await ledger.close()
-        if relay is not None:
-            await relay.close()
+        await close_quietly(broker, ledger, relay)
 
 
 if __name__ == "__main__":
