@@ -40,6 +40,7 @@ from replaysafe.envelope import (
     fingerprint_bytes,
     format_time,
     operation_id,
+    payload_fingerprint,
     validate_operation_id,
 )
 from replaysafe.errors import (
@@ -752,6 +753,66 @@ class TestWireFingerprint:
         assert decode_wire(body, ok, content_type=TEXT).value == "hello"
         with refused(FingerprintMismatch, R.FINGERPRINT_MISMATCH, "omit the header"):
             decode_wire(b"hellO", ok, content_type=TEXT)
+
+
+class TestPayloadFingerprint:
+    """issue 13 item 3: one fingerprint of (body, content type), the same default content type
+    everywhere. A plain client sends no content type; the runtime decoded such a body as JSON and
+    fingerprinted the canonical form while redrive hashed the raw bytes."""
+
+    @pytest.mark.parametrize(
+        "ctype", [None, "", JSON, "application/json; charset=utf-8", "Application/JSON"]
+    )
+    def test_json_and_no_content_type_fingerprint_the_canonical_form(
+        self, ctype: str | None
+    ) -> None:
+        body = b'{ "b": [1, 2],\n  "a": "\\u00eb" }'
+        want = fingerprint({"a": "ë", "b": [1, 2]})
+        assert payload_fingerprint(body, ctype) == want
+        assert decode_wire(body, wire(), content_type=ctype).fingerprint == want
+        assert (
+            decode_wire(body, wire(), content_type=ctype, check_fingerprint=False).fingerprint
+            == want
+        )
+
+    @pytest.mark.parametrize("ctype", [TEXT, "text/plain; charset=utf-8", BYTES])
+    def test_other_content_types_fingerprint_the_bytes(self, ctype: str) -> None:
+        body = b'{ "a": 1 }'
+        assert payload_fingerprint(body, ctype) == fingerprint_bytes(body)
+        assert decode_wire(body, wire(), content_type=ctype).fingerprint == fingerprint_bytes(body)
+
+    @given(
+        st.recursive(
+            st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5),
+            lambda inner: (
+                st.lists(inner, max_size=3)
+                | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+            ),
+            max_leaves=8,
+        ),
+        st.sampled_from([None, JSON, "application/json; charset=utf-8"]),
+        st.booleans(),
+    )
+    @settings(max_examples=200, deadline=None)
+    def test_equals_the_runtime_decode_for_any_json(
+        self, value: Any, ctype: str | None, pretty: bool
+    ) -> None:
+        body = json.dumps(value, indent=2 if pretty else None, ensure_ascii=pretty).encode()
+        assert (
+            payload_fingerprint(body, ctype)
+            == decode_wire(body, wire(), content_type=ctype).fingerprint
+        )
+
+    @pytest.mark.parametrize(
+        ("body", "next_step"),
+        [(b"{oops", "fix the producer's encoder"), (b"[" * 100_000, "fix the producer's encoder"),
+         (b'{"a":1,"a":2}', "send each key once"), (b"[NaN]", "send finite numbers only"),
+         (b"\xff", "fix the producer's encoder")],
+        ids=["syntax", "deep", "duplicate-key", "nan", "utf-8"],
+    )  # fmt: skip
+    def test_unparseable_json_is_malformed(self, body: bytes, next_step: str) -> None:
+        with refused(MalformedPayload, R.MALFORMED_PAYLOAD, next_step):
+            payload_fingerprint(body, None)
 
 
 class TestWirePublishedAt:

@@ -343,7 +343,11 @@ def parse_time(value: str) -> float:
     return dt.timestamp()
 
 
-def _content_type_base(content_type: str) -> str:
+def content_type_base(content_type: str | None) -> str:
+    """The media type that decides decoding and fingerprinting: parameters dropped, lower case;
+    a missing or empty content type is the wire format's default, ``application/json``."""
+    if not content_type or content_type == JSON:
+        return JSON
     return content_type.split(";", 1)[0].strip().lower()
 
 
@@ -521,18 +525,35 @@ _SET_HEADERS: Callable[[Envelope, Any], None] = Envelope.__dict__["headers"].__s
 _SET_PUBLISHED_AT: Callable[[Envelope, Any], None] = Envelope.__dict__["published_at"].__set__
 
 
-def payload_fingerprint(payload: bytes, content_type: str = JSON) -> str:
-    """The fingerprint of a body as it travels: over the canonical JSON for JSON content, over
-    the bytes as they are otherwise. Raises ``MalformedPayload`` for JSON it cannot parse."""
-    if _content_type_base(content_type) != JSON:
+def payload_fingerprint(payload: bytes, content_type: str | None = None) -> str:
+    """THE fingerprint of a body as it travels, given the content type it travelled with.
+
+    The one definition every component uses: the runtime (through :func:`decode_wire` and
+    ``Envelope.fingerprint``), quarantine entries, redrive's check of a stored copy and the outbox
+    (through :func:`decode_wire`). A missing or empty ``content_type`` means ``application/json``,
+    the wire format's default, exactly as :func:`decode_wire` reads it: plain aio-pika,
+    confluent-kafka and SQS producers send no content type. The canonical form is
+    :func:`canonical_payload`'s. Raises ``MalformedPayload`` for a JSON body it cannot parse. No
+    size or depth limit is applied here: the body already passed them when it was decoded.
+    """
+    base = content_type_base(content_type)
+    if base != JSON:
         return fingerprint_bytes(payload)
     try:
-        value = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        value = _FAST_JSON.decode(payload.decode("utf-8"))
+    except _Reject as rej:
+        raise rej.error from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise MalformedPayload(
             f"payload is not valid JSON: {exc}; fix the producer's encoder"
         ) from exc
-    return fingerprint_bytes(canonical_json(value))
+    return fingerprint_bytes(canonical_payload(payload, base, value))
+
+
+def canonical_payload(body: bytes, base: str, value: Any) -> bytes:
+    """What the fingerprint covers: the canonical JSON of the decoded ``value`` for JSON content
+    (``base`` as :func:`content_type_base` returns it), the body bytes as they are otherwise."""
+    return canonical_json(value) if base == JSON else body
 
 
 def decode_wire(
@@ -589,7 +610,7 @@ def decode_wire(
         or next((v for k, v in headers.items() if k.lower() == "content-type"), None)
         or JSON
     )
-    base = JSON if ctype == JSON else _content_type_base(ctype)
+    base = content_type_base(ctype)
     if base not in limits.allowed_content_types:
         raise UnsupportedContentType(
             f"content type {base!r} is not allowed (allowed: "
@@ -601,7 +622,9 @@ def decode_wire(
     if base == JSON:
         value = decode_json(body, limits)
         # the canonical form also refuses what JSON escapes can smuggle in (lone surrogates)
-        canonical = canonical_json(value) if check_fingerprint or b"\\u" in body else None
+        canonical = (
+            canonical_payload(body, base, value) if check_fingerprint or b"\\u" in body else None
+        )
     elif base == TEXT:
         try:
             value = body.decode("utf-8")

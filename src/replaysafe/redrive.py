@@ -19,7 +19,8 @@ import logging
 from dataclasses import dataclass
 
 from replaysafe.app import App
-from replaysafe.envelope import Envelope, fingerprint_bytes
+from replaysafe.envelope import JSON, Envelope, payload_fingerprint
+from replaysafe.errors import BadInput
 from replaysafe.ledger.base import QuarantineEntry
 from replaysafe.quarantine import QuarantineReason
 
@@ -49,15 +50,12 @@ def _refusal(app: App, entry: QuarantineEntry, force: bool) -> str | None:
         return "the entry has no decodable message (bad input): fix the producer and resend"
     if entry.truncated:
         return f"only the first {len(entry.message)} of {entry.message_size} bytes were kept"
-    if entry.content_type is None or entry.content_type.split(";")[0].strip() != "application/json":
-        body_fp = fingerprint_bytes(entry.message)
-    else:
-        from replaysafe.envelope import canonical_json, decode_json
-
-        try:
-            body_fp = fingerprint_bytes(canonical_json(decode_json(entry.message)))
-        except Exception:
-            body_fp = ""
+    try:
+        # the runtime's own fingerprint of the copy: a body that came without a content type was
+        # decoded (and fingerprinted) as JSON, the wire format's default
+        body_fp = payload_fingerprint(entry.message, entry.content_type)
+    except BadInput:
+        body_fp = None
     if body_fp != entry.fingerprint:
         return "the stored copy differs from the original (redacted?): it cannot be republished"
     if force:
@@ -95,7 +93,7 @@ async def redrive(
         await app.ledger.redrive(entry.id)
         env = Envelope(
             entry.operation_id, entry.message, None, entry.fingerprint,
-            entry.content_type or "application/json", None, {}, published_at,
+            entry.content_type or JSON, None, {}, published_at,
         )  # fmt: skip
         await app.broker.publish(spec.source, [env])
         log.warning("redrove %s (%s, %s) to %s%s", entry.id, entry.operation_id,

@@ -1243,7 +1243,9 @@ class Worker:
             attempts=attempts,
             detail=detail[:2000],
             message=self.app.redact(delivery.body) if self.app.redact else delivery.body,
-            content_type=delivery.content_type,
+            # the content type the body was decoded (and fingerprinted) as: redrive checks the
+            # copy against the fingerprint with it (a plain client's missing one means JSON)
+            content_type=env.content_type if env else delivery.content_type,
             identity="" if env else _transport_identity(delivery),
             published_at=env.published_at if env else delivery.broker_timestamp,
         )
