@@ -39,6 +39,7 @@ from replaysafe.errors import (
     LimitExceeded,
     MalformedHeader,
     MalformedPayload,
+    OperationIdMismatch,
     PayloadTooLarge,
     UnsupportedContentType,
 )
@@ -556,6 +557,26 @@ def canonical_payload(body: bytes, base: str, value: Any) -> bytes:
     return canonical_json(value) if base == JSON else body
 
 
+def _derive_operation_id(key_extractor: KeyExtractor, value: Any, base: str) -> str:
+    """The operation id ``key_extractor`` derives from the decoded ``value`` (validated)."""
+    try:
+        derived = key_extractor(value)
+    except Exception as exc:
+        # the extractor is user code written for one payload shape: say which shape it got
+        raise InvalidOperationId(
+            f"the key extractor could not derive an operation id from the payload (content "
+            f"type {base}, so it received a {type(value).__name__}): {exc!r}; make it accept "
+            "what this content type decodes to (JSON: the decoded value, text/plain: str, "
+            "other types: bytes) or fix the producer's content type"
+        ) from exc
+    if derived is None or derived == ():
+        raise InvalidOperationId(
+            f"the key extractor returned {derived!r}; return a str or a tuple "
+            "(namespace, part, ...) of business fields"
+        )
+    return validate_operation_id(operation_id(*derived) if isinstance(derived, tuple) else derived)
+
+
 def decode_wire(
     body: bytes,
     headers: Mapping[str, str],
@@ -569,9 +590,12 @@ def decode_wire(
 ) -> Envelope:
     """Build an ``Envelope`` from a broker message, enforcing ``limits``.
 
-    The operation id comes from ``rs-operation-id``, else from ``key_extractor(value)``; the publish
-    time from ``rs-published-at``, else ``broker_timestamp``, else unknown (``None``). Raises a
-    ``BadInput`` subclass; never a driver or parser exception.
+    The operation id: with a ``key_extractor``, what it derives from the decoded value (a JSON
+    value for JSON content, ``str`` for ``text/plain``, ``bytes`` otherwise); an
+    ``rs-operation-id`` header that names another id is refused (``OperationIdMismatch``) so that
+    one operation can never run under two ids. Without an extractor, the header (required). The
+    publish time from ``rs-published-at``, else ``broker_timestamp``, else unknown (``None``).
+    Raises a ``BadInput`` subclass; never a driver or parser exception.
 
     ``check_fingerprint`` (default) computes the payload fingerprint now and refuses a
     disagreeing ``rs-fingerprint`` header (``FingerprintMismatch``). The runtime turns it off
@@ -646,26 +670,23 @@ def decode_wire(
             "canonical JSON (see replaysafe.envelope) or omit the header"
         )
     raw_op = headers.get(HEADER_OPERATION_ID)
-    if raw_op is None and key_extractor is not None:
-        try:
-            derived = key_extractor(value)
-        except Exception as exc:
-            raise InvalidOperationId(
-                f"the key extractor could not derive an operation id: {exc!r}; make it accept "
-                "this payload or set the rs-operation-id header at the producer"
-            ) from exc
-        if derived is None or derived == ():
-            raise InvalidOperationId(
-                f"the key extractor returned {derived!r}; return a str or a tuple "
-                "(namespace, part, ...) of business fields"
+    if key_extractor is not None:
+        # a declared extractor decides the identity; the header may only agree with it
+        op = _derive_operation_id(key_extractor, value, base)
+        if raw_op is not None and raw_op != op:
+            raise OperationIdMismatch(
+                f"the {HEADER_OPERATION_ID} header {raw_op[:80]!r} disagrees with the operation "
+                f"id {op[:80]!r} that the handler's key extractor derives from the payload; the "
+                "extractor decides, so the message was not applied: fix the producer's header "
+                "(or drop it) and resend"
             )
-        raw_op = operation_id(*derived) if isinstance(derived, tuple) else derived
-    if raw_op is None:
+    elif raw_op is None:
         raise InvalidOperationId(
             f"message has no {HEADER_OPERATION_ID} header and the handler has no key extractor; "
             "set the header at the producer or declare key=..."
         )
-    op = validate_operation_id(raw_op)
+    else:
+        op = validate_operation_id(raw_op)
     sent_at = headers.get(HEADER_PUBLISHED_AT)
     published_at = parse_time(sent_at) if sent_at is not None else broker_timestamp
     user_headers = {

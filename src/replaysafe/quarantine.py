@@ -11,6 +11,8 @@ from enum import StrEnum
 class QuarantineReason(StrEnum):
     # bad input (decided before any effect)
     INVALID_OPERATION_ID = "invalid_operation_id"
+    #: the rs-operation-id header disagrees with the handler's key extractor
+    OPERATION_ID_MISMATCH = "operation_id_mismatch"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     MALFORMED_PAYLOAD = "malformed_payload"
     UNSUPPORTED_CONTENT_TYPE = "unsupported_content_type"

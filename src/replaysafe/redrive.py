@@ -28,7 +28,8 @@ log = logging.getLogger("replaysafe.redrive")
 
 #: reasons whose messages are refused again as they are: redriving the same bytes cannot help
 NOT_REDRIVABLE = frozenset({
-    QuarantineReason.INVALID_OPERATION_ID, QuarantineReason.PAYLOAD_TOO_LARGE,
+    QuarantineReason.INVALID_OPERATION_ID, QuarantineReason.OPERATION_ID_MISMATCH,
+    QuarantineReason.PAYLOAD_TOO_LARGE,
     QuarantineReason.MALFORMED_PAYLOAD, QuarantineReason.UNSUPPORTED_CONTENT_TYPE,
     QuarantineReason.LIMIT_EXCEEDED, QuarantineReason.FINGERPRINT_MISMATCH,
     QuarantineReason.MALFORMED_HEADER, QuarantineReason.KEY_REUSE_CONFLICT,
