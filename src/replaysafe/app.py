@@ -172,7 +172,8 @@ class App:
         #: ahead would let an old operation look new to the horizon check
         self.max_clock_skew = max_clock_skew
         #: applied to a message body before its copy is stored in quarantine (strip card numbers,
-        #: personal data); a redacted copy can be inspected but not redriven
+        #: personal data), and to the detail and operation id a quarantine stores or logs; a
+        #: redacted copy can be inspected but not redriven (see quarantine.disclose)
         self.redact = redact
         #: OpenTelemetry spans per boundary when opentelemetry-api is installed (extra ``otel``)
         #: and a tracer provider is configured (``tracer_provider`` or the global one)
