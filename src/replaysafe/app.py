@@ -19,7 +19,7 @@ from replaysafe.envelope import DEFAULT_LIMITS, Envelope, KeyExtractor, Limits
 from replaysafe.errors import ConfigurationError
 from replaysafe.failpoints import FAILPOINTS, Failpoints
 from replaysafe.guarantees import Effect, Guarantee
-from replaysafe.ledger.base import Ledger, Transaction
+from replaysafe.ledger.base import MAX_HANDLER_NAME, Ledger, Transaction, check_handler_name
 
 if TYPE_CHECKING:
     from replaysafe.brokers.base import Delivery
@@ -250,6 +250,15 @@ class App:
 
         def register(fn: HandlerFn) -> HandlerFn:
             hname: str = name or str(getattr(fn, "__name__", source))
+            try:
+                # the name is the ledger scope, the group suffix, a metric label and a log word
+                check_handler_name(hname)
+            except ConfigurationError:
+                raise ConfigurationError(
+                    f"handler name {hname[:80]!r} cannot be registered: a handler name is 1-"
+                    f"{MAX_HANDLER_NAME} UTF-8 bytes without control characters (newlines "
+                    "included); pass name='...' to App.handler"
+                ) from None
             if hname in self.handlers:
                 raise ConfigurationError(f"handler {hname!r} is registered twice; name one")
             self.handlers[hname] = HandlerSpec(
