@@ -17,6 +17,7 @@ import pytest
 from replaysafe import Context, Effect, Envelope, Guarantee, QuarantineReason, RetryPolicy
 from replaysafe import observe as o
 from replaysafe.observe.prometheus import render
+from replaysafe.redrive import redrive
 
 from .runtime_harness import Harness
 
@@ -84,6 +85,10 @@ async def test_a_failing_redaction_hook_stores_no_copy_and_still_quarantines(
         # the hook failed on the detail too: withheld, never stored unredacted
         assert e.first_detail.startswith("(detail withheld"), e.first_detail
     assert h.total(o.RETRIES) == 0 and h.depth() == 0  # completed at the broker, once
+    results = await redrive(h.app, entries)
+    assert not any(r.redriven for r in results)
+    kept_none = [r for r in results if "no copy of the message was kept" in r.detail]
+    assert len(kept_none) == 1  # the decoded one; the bad input is refused as bad input
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 3 and all("redaction hook raised ValueError" in m for m in errors)
     for r in caplog.records:

@@ -5,7 +5,8 @@ body, typed by ``content-type`` (default ``application/json``). Metadata travels
 native headers:
 
 - ``rs-operation-id``: the stable business identity of the operation (required unless the handler
-  has a key extractor that derives it from the payload).
+  has a key extractor that derives it from the payload; where it has one, the extractor decides
+  and a header naming another id is refused as ``operation_id_mismatch``).
 - ``rs-published-at``: RFC 3339 UTC time of the *first* publish of the operation; a retry of the
   same operation keeps it. Falls back to the broker's own timestamp when absent.
 - ``rs-fingerprint`` (optional): ``sha256:<hex>`` of the canonical payload; the consumer recomputes
@@ -14,7 +15,9 @@ native headers:
 Canonical payload (what the fingerprint covers): for JSON, the UTF-8 encoding of the value with
 object keys sorted, no insignificant whitespace and non-ASCII characters kept as UTF-8
 (``json.dumps(v, sort_keys=True, separators=(",", ":"), ensure_ascii=False)``); for any other
-allowed content type, the body bytes as they are.
+allowed content type, the body bytes as they are. A message without a content type is JSON
+(:func:`payload_fingerprint` is the one definition). docs/wire-format.md says it all for
+producers in other languages.
 
 Decoding enforces the limits of DESIGN §5 and raises a :class:`~replaysafe.errors.BadInput`
 subclass whose ``reason`` is the quarantine reason. The size cap is checked on the raw bytes

@@ -89,17 +89,19 @@ def disclose(
         message = _through(redact, body)
     except Exception as exc:
         message, error = None, type(exc).__name__
-    shown = _text(redact, detail)
+    shown = redact_text(redact, detail)
     if shown is None:
         shown = "(detail withheld: the redaction hook failed on it)"
     if error is not None:
         shown += f"; the redaction hook raised {error} on the body: no copy of it was stored"
-    op = None if operation_id is None else _text(redact, operation_id)
+    op = None if operation_id is None else redact_text(redact, operation_id)
     return Disclosure(message, shown, op, error)
 
 
-def _text(redact: Redactor, text: str) -> str | None:
-    """``text`` through the bytes hook as UTF-8; None when the hook fails on it."""
+def redact_text(redact: Redactor, text: str) -> str | None:
+    """``text`` through the bytes hook as UTF-8; None when the hook fails on it (withhold the
+    text then). For any text about a message that leaves the process (a log line, a stored
+    error)."""
     try:
         return _through(redact, text.encode("utf-8", "replace")).decode("utf-8", "replace")
     except Exception:

@@ -22,7 +22,7 @@ from replaysafe.app import App
 from replaysafe.envelope import JSON, Envelope, payload_fingerprint
 from replaysafe.errors import BadInput
 from replaysafe.ledger.base import QuarantineEntry
-from replaysafe.quarantine import QuarantineReason
+from replaysafe.quarantine import QuarantineReason, redact_text
 
 log = logging.getLogger("replaysafe.redrive")
 
@@ -47,8 +47,10 @@ class RedriveResult:
 def _refusal(app: App, entry: QuarantineEntry, force: bool) -> str | None:
     if entry.scope not in app.handlers:
         return f"no handler {entry.scope!r} in this app: it cannot say where to publish the copy"
-    if entry.operation_id is None or entry.fingerprint is None or entry.message is None:
+    if entry.operation_id is None or entry.fingerprint is None:
         return "the entry has no decodable message (bad input): fix the producer and resend"
+    if entry.message is None:
+        return "no copy of the message was kept (the redaction hook failed): resend it"
     if entry.truncated:
         return f"only the first {len(entry.message)} of {entry.message_size} bytes were kept"
     try:
@@ -73,6 +75,14 @@ def _refusal(app: App, entry: QuarantineEntry, force: bool) -> str | None:
     return None
 
 
+def _logged(app: App, operation_id: str | None) -> str | None:
+    """The operation id as a log line may show it: through the app's redaction hook (the id is
+    derived from business fields), withheld when the hook fails on it."""
+    if operation_id is None or app.redact is None:
+        return operation_id
+    return redact_text(app.redact, operation_id) or "(withheld)"
+
+
 async def redrive(
     app: App, entries: list[QuarantineEntry], *, force: bool = False
 ) -> list[RedriveResult]:
@@ -81,7 +91,8 @@ async def redrive(
     for entry in entries:
         why = _refusal(app, entry, force)
         if why is not None:
-            log.warning("redrive refused for %s (%s): %s", entry.id, entry.operation_id, why)
+            op = _logged(app, entry.operation_id)
+            log.warning("redrive refused for %s (%s): %s", entry.id, op, why)
             results.append(RedriveResult(entry.id, entry.operation_id, False, why))
             continue
         assert entry.operation_id and entry.fingerprint and entry.message is not None
@@ -97,7 +108,7 @@ async def redrive(
             entry.content_type or JSON, None, {}, published_at,
         )  # fmt: skip
         await app.broker.publish(spec.source, [env])
-        log.warning("redrove %s (%s, %s) to %s%s", entry.id, entry.operation_id,
+        log.warning("redrove %s (%s, %s) to %s%s", entry.id, _logged(app, entry.operation_id),
                     entry.reason.value, spec.source, " (forced)" if force else "")  # fmt: skip
         results.append(
             RedriveResult(entry.id, entry.operation_id, True, f"published to {spec.source}")
