@@ -215,8 +215,10 @@ class App:
         """Register ``fn(ctx)`` for messages on ``source``.
 
         ``guarantee`` is required. ``effect`` is required for effectively-once (it decides where
-        replay stops hurting). ``key`` derives the operation id from the payload when the message
-        has no ``rs-operation-id`` header (return a string, or a tuple for ``operation_id(*t)``).
+        replay stops hurting). ``key`` derives the operation id from the payload (return a string,
+        or a tuple for ``operation_id(*t)``); it gets the decoded body (JSON value, ``str`` for
+        text/plain, ``bytes`` otherwise) and decides: an ``rs-operation-id`` header naming another
+        id is quarantined as ``operation_id_mismatch`` (docs/wire-format.md).
         ``timeout`` defaults to 80% of ``lease``: the handler's deadline fits inside the first
         lease; set it longer to rely on lease extension. ``example`` is a sample payload that
         ``explain`` feeds to ``key`` to check that it is deterministic. ``extend_visibility=False``
