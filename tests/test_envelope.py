@@ -40,6 +40,7 @@ from replaysafe.envelope import (
     fingerprint_bytes,
     format_time,
     operation_id,
+    payload_fingerprint,
     validate_operation_id,
 )
 from replaysafe.errors import (
@@ -49,6 +50,7 @@ from replaysafe.errors import (
     LimitExceeded,
     MalformedHeader,
     MalformedPayload,
+    OperationIdMismatch,
     PayloadTooLarge,
     UnsupportedContentType,
 )
@@ -136,6 +138,20 @@ class TestOperationId:
             assert operation_id(*a) != operation_id(*b)
         else:
             assert operation_id(*a) == operation_id(*b)
+
+    def test_an_int_part_and_its_decimal_text_are_one_operation(self) -> None:
+        # issue 13 item 9c, decided: an operation id is text on the wire, so a part is its text.
+        # A producer in another language (or a plain client setting rs-operation-id by hand)
+        # derives the id from the same business field by formatting it; a Python int and the
+        # JSON string "42" of that field must name the same operation, not two.
+        assert operation_id("a", 42) == operation_id("a", "42") == "a:42"
+        assert operation_id("a", -7) == "a:-7"
+        # the same id from the header and from the extractor: accepted, no mismatch
+        env = decode_wire(b'{"id": 42}', wire("a:42"), key_extractor=lambda v: ("a", v["id"]))
+        assert env.operation_id == "a:42"
+        # what still tells 42 from "42" apart is the payload: the fingerprint differs, so the two
+        # bodies under one id are a key-reuse conflict, never two applications
+        assert fingerprint({"id": 42}) != fingerprint({"id": "42"})
 
     def test_needs_at_least_one_business_part(self) -> None:
         with refused(
@@ -649,11 +665,70 @@ class TestWireOperationId:
     def test_from_header(self) -> None:
         assert decode_wire(b"{}", wire()).operation_id == OP
 
-    def test_header_wins_over_the_key_extractor(self) -> None:
-        def extractor(value: Any) -> str:
-            raise AssertionError("the extractor must not run when the header is present")
+    def test_a_header_that_agrees_with_the_key_extractor_is_accepted(self) -> None:
+        env = decode_wire(
+            b'{"order":"order-91827"}',
+            wire(),
+            key_extractor=lambda v: ("capture-payment", v["order"]),
+        )
+        assert env.operation_id == OP
 
-        assert decode_wire(b"{}", wire(), key_extractor=extractor).operation_id == OP
+    @pytest.mark.parametrize(
+        ("header", "body"),
+        [("job:45", b'{"id": 9016}'), ("custom:9017", b'{"id": 9017}')],
+        ids=["other-operation", "other-namespace"],
+    )
+    def test_a_header_that_disagrees_with_the_key_extractor_is_refused(
+        self, header: str, body: bytes
+    ) -> None:
+        # issue 13 item 15: the header used to win unchecked, applying one message under another
+        # operation's id (which then refused the real one as a key-reuse conflict)
+        with refused(
+            OperationIdMismatch, R.OPERATION_ID_MISMATCH, "fix the producer's header"
+        ) as info:
+            decode_wire(body, wire(header), key_extractor=lambda v: ("job", v["id"]))
+        assert header in str(info.value) and "the extractor decides" in str(info.value)
+
+    def test_an_invalid_header_is_refused_even_when_the_extractor_decides(self) -> None:
+        with refused(OperationIdMismatch, R.OPERATION_ID_MISMATCH, "fix the producer's header"):
+            decode_wire(b'{"id": 1}', wire("job:1\x00"), key_extractor=lambda v: ("job", v["id"]))
+
+    @pytest.mark.parametrize(
+        ("ctype", "body", "received"),
+        [
+            (None, b'{"id": 7}', {"id": 7}),
+            (JSON, b"[7]", [7]),
+            (JSON, b'"7"', "7"),
+            (JSON, b"7", 7),
+            (TEXT, b"7", "7"),
+            ("text/plain; charset=utf-8", "\u00e9".encode(), "\u00e9"),
+            (BYTES, b"\x007", b"\x007"),
+        ],
+        ids=["json-default", "json-list", "json-str", "json-int", "text", "text-param", "bytes"],
+    )
+    def test_what_the_extractor_receives_per_content_type(
+        self, ctype: str | None, body: bytes, received: Any
+    ) -> None:
+        seen: list[Any] = []
+
+        def extractor(value: Any) -> str:
+            seen.append(value)
+            return "op-1"
+
+        decode_wire(body, {}, content_type=ctype, key_extractor=extractor)
+        assert seen == [received] and type(seen[0]) is type(received)
+
+    def test_an_extractor_failure_names_the_content_type_and_the_python_type(self) -> None:
+        # issue 13 item 9b: a text/plain body reaches a dict-minded extractor as a str
+        with refused(
+            InvalidOperationId, R.INVALID_OPERATION_ID, "fix the producer's content type"
+        ) as info:
+            decode_wire(b'{"id": 3}', {}, content_type=TEXT, key_extractor=lambda v: v["id"])
+        msg = str(info.value)
+        assert "content type text/plain" in msg and "received a str" in msg, msg
+        assert "text/plain: str" in msg  # and says what each content type decodes to
+        with refused(InvalidOperationId, R.INVALID_OPERATION_ID, "received a bytes"):
+            decode_wire(b"\x00", {}, content_type=BYTES, key_extractor=lambda v: v["id"])
 
     def test_extractor_returning_a_string(self) -> None:
         seen: list[Any] = []
@@ -696,9 +771,7 @@ class TestWireOperationId:
             decode_wire(b"{}", {}, key_extractor=lambda v: derived)
 
     def test_extractor_that_raises(self) -> None:
-        with refused(
-            InvalidOperationId, R.INVALID_OPERATION_ID, "set the rs-operation-id header"
-        ) as info:
+        with refused(InvalidOperationId, R.INVALID_OPERATION_ID, "make it accept") as info:
             decode_wire(b'{"other":1}', {}, key_extractor=lambda v: v["order"])
         assert "KeyError" in str(info.value)
         assert isinstance(info.value.__cause__, KeyError)
@@ -752,6 +825,66 @@ class TestWireFingerprint:
         assert decode_wire(body, ok, content_type=TEXT).value == "hello"
         with refused(FingerprintMismatch, R.FINGERPRINT_MISMATCH, "omit the header"):
             decode_wire(b"hellO", ok, content_type=TEXT)
+
+
+class TestPayloadFingerprint:
+    """issue 13 item 3: one fingerprint of (body, content type), the same default content type
+    everywhere. A plain client sends no content type; the runtime decoded such a body as JSON and
+    fingerprinted the canonical form while redrive hashed the raw bytes."""
+
+    @pytest.mark.parametrize(
+        "ctype", [None, "", JSON, "application/json; charset=utf-8", "Application/JSON"]
+    )
+    def test_json_and_no_content_type_fingerprint_the_canonical_form(
+        self, ctype: str | None
+    ) -> None:
+        body = b'{ "b": [1, 2],\n  "a": "\\u00eb" }'
+        want = fingerprint({"a": "ë", "b": [1, 2]})
+        assert payload_fingerprint(body, ctype) == want
+        assert decode_wire(body, wire(), content_type=ctype).fingerprint == want
+        assert (
+            decode_wire(body, wire(), content_type=ctype, check_fingerprint=False).fingerprint
+            == want
+        )
+
+    @pytest.mark.parametrize("ctype", [TEXT, "text/plain; charset=utf-8", BYTES])
+    def test_other_content_types_fingerprint_the_bytes(self, ctype: str) -> None:
+        body = b'{ "a": 1 }'
+        assert payload_fingerprint(body, ctype) == fingerprint_bytes(body)
+        assert decode_wire(body, wire(), content_type=ctype).fingerprint == fingerprint_bytes(body)
+
+    @given(
+        st.recursive(
+            st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5),
+            lambda inner: (
+                st.lists(inner, max_size=3)
+                | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+            ),
+            max_leaves=8,
+        ),
+        st.sampled_from([None, JSON, "application/json; charset=utf-8"]),
+        st.booleans(),
+    )
+    @settings(max_examples=200, deadline=None)
+    def test_equals_the_runtime_decode_for_any_json(
+        self, value: Any, ctype: str | None, pretty: bool
+    ) -> None:
+        body = json.dumps(value, indent=2 if pretty else None, ensure_ascii=pretty).encode()
+        assert (
+            payload_fingerprint(body, ctype)
+            == decode_wire(body, wire(), content_type=ctype).fingerprint
+        )
+
+    @pytest.mark.parametrize(
+        ("body", "next_step"),
+        [(b"{oops", "fix the producer's encoder"), (b"[" * 100_000, "fix the producer's encoder"),
+         (b'{"a":1,"a":2}', "send each key once"), (b"[NaN]", "send finite numbers only"),
+         (b"\xff", "fix the producer's encoder")],
+        ids=["syntax", "deep", "duplicate-key", "nan", "utf-8"],
+    )  # fmt: skip
+    def test_unparseable_json_is_malformed(self, body: bytes, next_step: str) -> None:
+        with refused(MalformedPayload, R.MALFORMED_PAYLOAD, next_step):
+            payload_fingerprint(body, None)
 
 
 class TestWirePublishedAt:

@@ -52,8 +52,13 @@ async def test_duplicate_hits_and_ambiguity_window_under_injected_redelivery() -
     assert _value(text, "replaysafe_deliveries_total", outcome="applied") == 3
     assert _value(text, "replaysafe_deliveries_total", outcome="duplicate") == 3
     assert _value(text, "replaysafe_replay_horizon_seconds") == 7 * 86_400
-    hot = re.findall(r'replaysafe_redelivered_keys\{.*key="([^"]+)".*\} (\S+)', text)
+    # hot keys: counts by rank; the keys themselves (operation ids) never become label values
+    # (issue 13 item 16b), they are named in process (Stats.top) and by `inspect --top`
+    hot = re.findall(r'replaysafe_redelivered_keys\{.*rank="(\d+)".*\} (\S+)', text)
     assert len(hot) >= 3 and all(float(n) >= 1 for _, n in hot)
+    assert "order-" not in text and "key=" not in text
+    named = [k for w in h.workers for k, _ in w.stats.top(o.REDELIVERED_KEYS, handler="charge")]
+    assert len(named) >= 3 and all(k.startswith("charge:order-") for k in named)
 
 
 async def test_open_ambiguity_is_visible_while_completion_is_pending() -> None:

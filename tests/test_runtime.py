@@ -293,6 +293,59 @@ async def test_key_extractor_derives_the_operation_id_for_plain_clients() -> Non
     assert await h.ledger.get(OpKey("charge", "charge:order-7")) is not None
 
 
+def _jobs(h: Harness) -> None:
+    async def job(ctx: Context) -> str:
+        return await h.probe.apply(str(ctx.payload["id"]), None, ctx.idempotency_key)
+
+    h.app.handler("orders", guarantee=EO, effect=Effect.keyed("jobs"), lease=5,
+                  key=lambda p: ("job", p["id"]))(job)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("header", "body", "then", "applied", "never"),
+    [
+        # a header naming ANOTHER message's operation: applied as job:45 before, and the real
+        # message 45 was then refused as a key-reuse conflict and never applied
+        ("job:45", b'{"id": 9016}', b'{"id": 45}', {"45": 1}, "job:9016"),
+        # a header in another namespace: applied as custom:9017, then the plain copy applied
+        # 9017 a second time under job:9017
+        ("custom:9017", b'{"id": 9017}', b'{"id": 9017}', {"9017": 1}, "custom:9017"),
+    ],
+    ids=["other-operation", "other-namespace"],
+)
+async def test_an_operation_id_header_that_disagrees_with_the_key_extractor_is_quarantined(
+    header: str, body: bytes, then: bytes, applied: dict[str, int], never: str
+) -> None:
+    # issue 13 item 15: where a handler declares a key extractor, the extractor decides; a
+    # disagreeing rs-operation-id header is quarantined before any effect, never applied
+    h = Harness()
+    _jobs(h)
+    await h.publish_raw(body, {"rs-operation-id": header})
+    await h.publish_raw(then, {})
+    h.start()
+    await h.drain()
+    await h.stop()
+    assert h.probe.per_subject() == applied  # each real operation once, the mismatch never
+    [entry] = await h.ledger.quarantined()
+    assert entry.reason is QuarantineReason.OPERATION_ID_MISMATCH
+    assert header in entry.first_detail and entry.attempts == 1
+    assert await h.ledger.get(OpKey("job", never)) is None  # decided before any claim
+    assert h.total("replaysafe_quarantined_total", reason="key_reuse_conflict") == 0
+
+
+async def test_an_operation_id_header_that_agrees_with_the_key_extractor_is_applied() -> None:
+    h = Harness()
+    _jobs(h)
+    await h.publish_raw(b'{"id": 42}', {"rs-operation-id": "job:42"})
+    await h.publish_raw(b'{"id": 42}', {})  # the same operation from a plain client
+    h.start()
+    await h.drain()
+    await h.stop()
+    assert h.probe.per_subject() == {"42": 1}
+    assert await h.ledger.quarantined() == []
+    assert h.total("replaysafe_duplicate_hits_total", cause="completed") == 1
+
+
 async def test_delivery_beyond_the_replay_horizon_is_refused() -> None:
     h = Harness(horizon=3600)
     charging(h, guarantee=EO, effect=Effect.keyed("payments"), lease=5)

@@ -19,7 +19,7 @@ from replaysafe.envelope import DEFAULT_LIMITS, Envelope, KeyExtractor, Limits
 from replaysafe.errors import ConfigurationError
 from replaysafe.failpoints import FAILPOINTS, Failpoints
 from replaysafe.guarantees import Effect, Guarantee
-from replaysafe.ledger.base import Ledger, Transaction
+from replaysafe.ledger.base import MAX_HANDLER_NAME, Ledger, Transaction, check_handler_name
 
 if TYPE_CHECKING:
     from replaysafe.brokers.base import Delivery
@@ -172,7 +172,8 @@ class App:
         #: ahead would let an old operation look new to the horizon check
         self.max_clock_skew = max_clock_skew
         #: applied to a message body before its copy is stored in quarantine (strip card numbers,
-        #: personal data); a redacted copy can be inspected but not redriven
+        #: personal data), and to the detail and operation id a quarantine stores or logs; a
+        #: redacted copy can be inspected but not redriven (see quarantine.disclose)
         self.redact = redact
         #: OpenTelemetry spans per boundary when opentelemetry-api is installed (extra ``otel``)
         #: and a tracer provider is configured (``tracer_provider`` or the global one)
@@ -214,8 +215,10 @@ class App:
         """Register ``fn(ctx)`` for messages on ``source``.
 
         ``guarantee`` is required. ``effect`` is required for effectively-once (it decides where
-        replay stops hurting). ``key`` derives the operation id from the payload when the message
-        has no ``rs-operation-id`` header (return a string, or a tuple for ``operation_id(*t)``).
+        replay stops hurting). ``key`` derives the operation id from the payload (return a string,
+        or a tuple for ``operation_id(*t)``); it gets the decoded body (JSON value, ``str`` for
+        text/plain, ``bytes`` otherwise) and decides: an ``rs-operation-id`` header naming another
+        id is quarantined as ``operation_id_mismatch`` (docs/wire-format.md).
         ``timeout`` defaults to 80% of ``lease``: the handler's deadline fits inside the first
         lease; set it longer to rely on lease extension. ``example`` is a sample payload that
         ``explain`` feeds to ``key`` to check that it is deterministic. ``extend_visibility=False``
@@ -249,6 +252,15 @@ class App:
 
         def register(fn: HandlerFn) -> HandlerFn:
             hname: str = name or str(getattr(fn, "__name__", source))
+            try:
+                # the name is the ledger scope, the group suffix, a metric label and a log word
+                check_handler_name(hname)
+            except ConfigurationError:
+                raise ConfigurationError(
+                    f"handler name {hname[:80]!r} cannot be registered: a handler name is 1-"
+                    f"{MAX_HANDLER_NAME} UTF-8 bytes without control characters (newlines "
+                    "included); pass name='...' to App.handler"
+                ) from None
             if hname in self.handlers:
                 raise ConfigurationError(f"handler {hname!r} is registered twice; name one")
             self.handlers[hname] = HandlerSpec(

@@ -5,7 +5,8 @@ body, typed by ``content-type`` (default ``application/json``). Metadata travels
 native headers:
 
 - ``rs-operation-id``: the stable business identity of the operation (required unless the handler
-  has a key extractor that derives it from the payload).
+  has a key extractor that derives it from the payload; where it has one, the extractor decides
+  and a header naming another id is refused as ``operation_id_mismatch``).
 - ``rs-published-at``: RFC 3339 UTC time of the *first* publish of the operation; a retry of the
   same operation keeps it. Falls back to the broker's own timestamp when absent.
 - ``rs-fingerprint`` (optional): ``sha256:<hex>`` of the canonical payload; the consumer recomputes
@@ -14,7 +15,9 @@ native headers:
 Canonical payload (what the fingerprint covers): for JSON, the UTF-8 encoding of the value with
 object keys sorted, no insignificant whitespace and non-ASCII characters kept as UTF-8
 (``json.dumps(v, sort_keys=True, separators=(",", ":"), ensure_ascii=False)``); for any other
-allowed content type, the body bytes as they are.
+allowed content type, the body bytes as they are. A message without a content type is JSON
+(:func:`payload_fingerprint` is the one definition). docs/wire-format.md says it all for
+producers in other languages.
 
 Decoding enforces the limits of DESIGN §5 and raises a :class:`~replaysafe.errors.BadInput`
 subclass whose ``reason`` is the quarantine reason. The size cap is checked on the raw bytes
@@ -39,6 +42,7 @@ from replaysafe.errors import (
     LimitExceeded,
     MalformedHeader,
     MalformedPayload,
+    OperationIdMismatch,
     PayloadTooLarge,
     UnsupportedContentType,
 )
@@ -343,7 +347,11 @@ def parse_time(value: str) -> float:
     return dt.timestamp()
 
 
-def _content_type_base(content_type: str) -> str:
+def content_type_base(content_type: str | None) -> str:
+    """The media type that decides decoding and fingerprinting: parameters dropped, lower case;
+    a missing or empty content type is the wire format's default, ``application/json``."""
+    if not content_type or content_type == JSON:
+        return JSON
     return content_type.split(";", 1)[0].strip().lower()
 
 
@@ -521,18 +529,55 @@ _SET_HEADERS: Callable[[Envelope, Any], None] = Envelope.__dict__["headers"].__s
 _SET_PUBLISHED_AT: Callable[[Envelope, Any], None] = Envelope.__dict__["published_at"].__set__
 
 
-def payload_fingerprint(payload: bytes, content_type: str = JSON) -> str:
-    """The fingerprint of a body as it travels: over the canonical JSON for JSON content, over
-    the bytes as they are otherwise. Raises ``MalformedPayload`` for JSON it cannot parse."""
-    if _content_type_base(content_type) != JSON:
+def payload_fingerprint(payload: bytes, content_type: str | None = None) -> str:
+    """THE fingerprint of a body as it travels, given the content type it travelled with.
+
+    The one definition every component uses: the runtime (through :func:`decode_wire` and
+    ``Envelope.fingerprint``), quarantine entries, redrive's check of a stored copy and the outbox
+    (through :func:`decode_wire`). A missing or empty ``content_type`` means ``application/json``,
+    the wire format's default, exactly as :func:`decode_wire` reads it: plain aio-pika,
+    confluent-kafka and SQS producers send no content type. The canonical form is
+    :func:`canonical_payload`'s. Raises ``MalformedPayload`` for a JSON body it cannot parse. No
+    size or depth limit is applied here: the body already passed them when it was decoded.
+    """
+    base = content_type_base(content_type)
+    if base != JSON:
         return fingerprint_bytes(payload)
     try:
-        value = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        value = _FAST_JSON.decode(payload.decode("utf-8"))
+    except _Reject as rej:
+        raise rej.error from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise MalformedPayload(
             f"payload is not valid JSON: {exc}; fix the producer's encoder"
         ) from exc
-    return fingerprint_bytes(canonical_json(value))
+    return fingerprint_bytes(canonical_payload(payload, base, value))
+
+
+def canonical_payload(body: bytes, base: str, value: Any) -> bytes:
+    """What the fingerprint covers: the canonical JSON of the decoded ``value`` for JSON content
+    (``base`` as :func:`content_type_base` returns it), the body bytes as they are otherwise."""
+    return canonical_json(value) if base == JSON else body
+
+
+def _derive_operation_id(key_extractor: KeyExtractor, value: Any, base: str) -> str:
+    """The operation id ``key_extractor`` derives from the decoded ``value`` (validated)."""
+    try:
+        derived = key_extractor(value)
+    except Exception as exc:
+        # the extractor is user code written for one payload shape: say which shape it got
+        raise InvalidOperationId(
+            f"the key extractor could not derive an operation id from the payload (content "
+            f"type {base}, so it received a {type(value).__name__}): {exc!r}; make it accept "
+            "what this content type decodes to (JSON: the decoded value, text/plain: str, "
+            "other types: bytes) or fix the producer's content type"
+        ) from exc
+    if derived is None or derived == ():
+        raise InvalidOperationId(
+            f"the key extractor returned {derived!r}; return a str or a tuple "
+            "(namespace, part, ...) of business fields"
+        )
+    return validate_operation_id(operation_id(*derived) if isinstance(derived, tuple) else derived)
 
 
 def decode_wire(
@@ -548,9 +593,12 @@ def decode_wire(
 ) -> Envelope:
     """Build an ``Envelope`` from a broker message, enforcing ``limits``.
 
-    The operation id comes from ``rs-operation-id``, else from ``key_extractor(value)``; the publish
-    time from ``rs-published-at``, else ``broker_timestamp``, else unknown (``None``). Raises a
-    ``BadInput`` subclass; never a driver or parser exception.
+    The operation id: with a ``key_extractor``, what it derives from the decoded value (a JSON
+    value for JSON content, ``str`` for ``text/plain``, ``bytes`` otherwise); an
+    ``rs-operation-id`` header that names another id is refused (``OperationIdMismatch``) so that
+    one operation can never run under two ids. Without an extractor, the header (required). The
+    publish time from ``rs-published-at``, else ``broker_timestamp``, else unknown (``None``).
+    Raises a ``BadInput`` subclass; never a driver or parser exception.
 
     ``check_fingerprint`` (default) computes the payload fingerprint now and refuses a
     disagreeing ``rs-fingerprint`` header (``FingerprintMismatch``). The runtime turns it off
@@ -589,7 +637,7 @@ def decode_wire(
         or next((v for k, v in headers.items() if k.lower() == "content-type"), None)
         or JSON
     )
-    base = JSON if ctype == JSON else _content_type_base(ctype)
+    base = content_type_base(ctype)
     if base not in limits.allowed_content_types:
         raise UnsupportedContentType(
             f"content type {base!r} is not allowed (allowed: "
@@ -601,7 +649,9 @@ def decode_wire(
     if base == JSON:
         value = decode_json(body, limits)
         # the canonical form also refuses what JSON escapes can smuggle in (lone surrogates)
-        canonical = canonical_json(value) if check_fingerprint or b"\\u" in body else None
+        canonical = (
+            canonical_payload(body, base, value) if check_fingerprint or b"\\u" in body else None
+        )
     elif base == TEXT:
         try:
             value = body.decode("utf-8")
@@ -623,26 +673,23 @@ def decode_wire(
             "canonical JSON (see replaysafe.envelope) or omit the header"
         )
     raw_op = headers.get(HEADER_OPERATION_ID)
-    if raw_op is None and key_extractor is not None:
-        try:
-            derived = key_extractor(value)
-        except Exception as exc:
-            raise InvalidOperationId(
-                f"the key extractor could not derive an operation id: {exc!r}; make it accept "
-                "this payload or set the rs-operation-id header at the producer"
-            ) from exc
-        if derived is None or derived == ():
-            raise InvalidOperationId(
-                f"the key extractor returned {derived!r}; return a str or a tuple "
-                "(namespace, part, ...) of business fields"
+    if key_extractor is not None:
+        # a declared extractor decides the identity; the header may only agree with it
+        op = _derive_operation_id(key_extractor, value, base)
+        if raw_op is not None and raw_op != op:
+            raise OperationIdMismatch(
+                f"the {HEADER_OPERATION_ID} header {raw_op[:80]!r} disagrees with the operation "
+                f"id {op[:80]!r} that the handler's key extractor derives from the payload; the "
+                "extractor decides, so the message was not applied: fix the producer's header "
+                "(or drop it) and resend"
             )
-        raw_op = operation_id(*derived) if isinstance(derived, tuple) else derived
-    if raw_op is None:
+    elif raw_op is None:
         raise InvalidOperationId(
             f"message has no {HEADER_OPERATION_ID} header and the handler has no key extractor; "
             "set the header at the producer or declare key=..."
         )
-    op = validate_operation_id(raw_op)
+    else:
+        op = validate_operation_id(raw_op)
     sent_at = headers.get(HEADER_PUBLISHED_AT)
     published_at = parse_time(sent_at) if sent_at is not None else broker_timestamp
     user_headers = {

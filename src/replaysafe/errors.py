@@ -10,6 +10,7 @@ has to catch a driver's exception type::
     │   └── MissingExtra            an optional dependency is not installed (names the extra)
     ├── BadInput                    a message was refused before any effect (has .reason)
     │   ├── InvalidOperationId
+    │   ├── OperationIdMismatch     rs-operation-id disagrees with the handler's key extractor
     │   ├── PayloadTooLarge
     │   ├── MalformedPayload
     │   ├── UnsupportedContentType
@@ -74,6 +75,13 @@ class BadInput(ReplaysafeError):
 
 class InvalidOperationId(BadInput):
     reason = QuarantineReason.INVALID_OPERATION_ID
+
+
+class OperationIdMismatch(BadInput):
+    """The ``rs-operation-id`` header names another operation than the handler's key extractor
+    derives from the payload: the extractor decides, and the message is refused."""
+
+    reason = QuarantineReason.OPERATION_ID_MISMATCH
 
 
 class PayloadTooLarge(BadInput):

@@ -15,7 +15,7 @@ from replaysafe import observe as o
 from replaysafe.brokers.base import Publisher
 from replaysafe.clock import SYSTEM_CLOCK, Clock
 from replaysafe.envelope import Envelope
-from replaysafe.errors import PublishAmbiguous
+from replaysafe.errors import ConfigurationError, PublishAmbiguous
 from replaysafe.guarantees import Guarantee
 
 
@@ -49,8 +49,11 @@ class Producer:
         self.clock = clock
         self.stats = stats or o.Stats()
 
-    async def publish(self, destination: str, envelopes: Sequence[Envelope]) -> PublishResult:
-        """Publish ``envelopes``, stamping their first publish time once.
+    async def publish(
+        self, destination: str, envelopes: Envelope | Sequence[Envelope]
+    ) -> PublishResult:
+        """Publish ``envelopes`` (one envelope, or a sequence of them), stamping their first
+        publish time once.
 
         At-most-once: one call; an ambiguous outcome is counted and given up (may lose).
         Otherwise: retried with the same envelopes up to ``max_attempts`` calls; if every call
@@ -58,7 +61,14 @@ class Producer:
         and retry later with the same id).
         """
         now = self.clock.now()
-        stamped = [e.with_published_at(now) for e in envelopes]
+        batch = [envelopes] if isinstance(envelopes, Envelope) else list(envelopes)
+        for env in batch:
+            if not isinstance(env, Envelope):
+                raise ConfigurationError(
+                    f"publish() takes an Envelope or a sequence of them, got "
+                    f"{type(env).__name__}; build them with Envelope.of(operation_id, payload)"
+                )
+        stamped = [e.with_published_at(now) for e in batch]
         ambiguous = 0
         attempts = 0
         while True:

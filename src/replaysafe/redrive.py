@@ -19,15 +19,17 @@ import logging
 from dataclasses import dataclass
 
 from replaysafe.app import App
-from replaysafe.envelope import Envelope, fingerprint_bytes
+from replaysafe.envelope import JSON, Envelope, payload_fingerprint
+from replaysafe.errors import BadInput
 from replaysafe.ledger.base import QuarantineEntry
-from replaysafe.quarantine import QuarantineReason
+from replaysafe.quarantine import QuarantineReason, redact_text
 
 log = logging.getLogger("replaysafe.redrive")
 
 #: reasons whose messages are refused again as they are: redriving the same bytes cannot help
 NOT_REDRIVABLE = frozenset({
-    QuarantineReason.INVALID_OPERATION_ID, QuarantineReason.PAYLOAD_TOO_LARGE,
+    QuarantineReason.INVALID_OPERATION_ID, QuarantineReason.OPERATION_ID_MISMATCH,
+    QuarantineReason.PAYLOAD_TOO_LARGE,
     QuarantineReason.MALFORMED_PAYLOAD, QuarantineReason.UNSUPPORTED_CONTENT_TYPE,
     QuarantineReason.LIMIT_EXCEEDED, QuarantineReason.FINGERPRINT_MISMATCH,
     QuarantineReason.MALFORMED_HEADER, QuarantineReason.KEY_REUSE_CONFLICT,
@@ -45,19 +47,18 @@ class RedriveResult:
 def _refusal(app: App, entry: QuarantineEntry, force: bool) -> str | None:
     if entry.scope not in app.handlers:
         return f"no handler {entry.scope!r} in this app: it cannot say where to publish the copy"
-    if entry.operation_id is None or entry.fingerprint is None or entry.message is None:
+    if entry.operation_id is None or entry.fingerprint is None:
         return "the entry has no decodable message (bad input): fix the producer and resend"
+    if entry.message is None:
+        return "no copy of the message was kept (the redaction hook failed): resend it"
     if entry.truncated:
         return f"only the first {len(entry.message)} of {entry.message_size} bytes were kept"
-    if entry.content_type is None or entry.content_type.split(";")[0].strip() != "application/json":
-        body_fp = fingerprint_bytes(entry.message)
-    else:
-        from replaysafe.envelope import canonical_json, decode_json
-
-        try:
-            body_fp = fingerprint_bytes(canonical_json(decode_json(entry.message)))
-        except Exception:
-            body_fp = ""
+    try:
+        # the runtime's own fingerprint of the copy: a body that came without a content type was
+        # decoded (and fingerprinted) as JSON, the wire format's default
+        body_fp = payload_fingerprint(entry.message, entry.content_type)
+    except BadInput:
+        body_fp = None
     if body_fp != entry.fingerprint:
         return "the stored copy differs from the original (redacted?): it cannot be republished"
     if force:
@@ -74,6 +75,14 @@ def _refusal(app: App, entry: QuarantineEntry, force: bool) -> str | None:
     return None
 
 
+def _logged(app: App, operation_id: str | None) -> str | None:
+    """The operation id as a log line may show it: through the app's redaction hook (the id is
+    derived from business fields), withheld when the hook fails on it."""
+    if operation_id is None or app.redact is None:
+        return operation_id
+    return redact_text(app.redact, operation_id) or "(withheld)"
+
+
 async def redrive(
     app: App, entries: list[QuarantineEntry], *, force: bool = False
 ) -> list[RedriveResult]:
@@ -82,7 +91,8 @@ async def redrive(
     for entry in entries:
         why = _refusal(app, entry, force)
         if why is not None:
-            log.warning("redrive refused for %s (%s): %s", entry.id, entry.operation_id, why)
+            op = _logged(app, entry.operation_id)
+            log.warning("redrive refused for %s (%s): %s", entry.id, op, why)
             results.append(RedriveResult(entry.id, entry.operation_id, False, why))
             continue
         assert entry.operation_id and entry.fingerprint and entry.message is not None
@@ -95,10 +105,10 @@ async def redrive(
         await app.ledger.redrive(entry.id)
         env = Envelope(
             entry.operation_id, entry.message, None, entry.fingerprint,
-            entry.content_type or "application/json", None, {}, published_at,
+            entry.content_type or JSON, None, {}, published_at,
         )  # fmt: skip
         await app.broker.publish(spec.source, [env])
-        log.warning("redrove %s (%s, %s) to %s%s", entry.id, entry.operation_id,
+        log.warning("redrove %s (%s, %s) to %s%s", entry.id, _logged(app, entry.operation_id),
                     entry.reason.value, spec.source, " (forced)" if force else "")  # fmt: skip
         results.append(
             RedriveResult(entry.id, entry.operation_id, True, f"published to {spec.source}")

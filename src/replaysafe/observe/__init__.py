@@ -40,7 +40,8 @@ OPEN_AMBIGUITY = "replaysafe_open_ambiguity"  # [handler] effects done, completi
 OPEN_AMBIGUITY_AGE = "replaysafe_open_ambiguity_oldest_seconds"  # [handler]
 HORIZON_SECONDS = "replaysafe_replay_horizon_seconds"  # [] the ledger's retention
 # ---- top-k (Stats.hit)
-REDELIVERED_KEYS = "replaysafe_redelivered_keys"  # [handler] hot operation keys
+#: [handler] hot operation keys; exported by rank only, never with the key (an operation id)
+REDELIVERED_KEYS = "replaysafe_redelivered_keys"
 # ---- gauges (Stats.set)
 OUTBOX_PENDING = "replaysafe_outbox_pending"  # [] committed outbox rows not yet published
 OUTBOX_PUBLISH_LAG = "replaysafe_outbox_publish_lag_seconds"  # [] age of the oldest pending row

@@ -4,7 +4,8 @@ Without the package, or with ``App(tracing=False)``, the runtime gets :data:`NO_
 one attribute check per span site. Span names (one place):
 
 - ``replaysafe.delivery``: one delivery through the pipeline (DELIVERED → settled), with the
-  handler, guarantee, operation id and attempt as attributes;
+  handler, guarantee, the transport's delivery id and attempt as attributes (no operation id:
+  ids are derived from business fields, and spans leave the process unredacted);
 - ``replaysafe.claim``: the ledger claim of a fetched batch;
 - ``replaysafe.effect``: the handler (EFFECTED for keyed/unkeyed effects);
 - ``replaysafe.ledger.complete``: recording the effect in the ledger;

@@ -90,13 +90,19 @@ class StatsCollector:
                 gfamily.add_metric(_values(labels, names), value)
             yield gfamily
         for name, tseries in sorted(tops.items()):
-            names = [*_label_names(tseries), "key"]
+            # the keys are operation ids, often derived from business fields (an e-mail, an
+            # account): they never become label values (a TSDB keeps them, beyond any redaction,
+            # and each new one is a new series). Exported: the count of the rank-th hottest key,
+            # so an alert can say "one key came back 40 times"; `replaysafe inspect --top` (the
+            # ledger's hot operations) and Stats.top() in process name them.
+            names = [*_label_names(tseries), "rank"]
             tfamily = GaugeMetricFamily(
-                name, f"{name}: top keys (approximate counts)", labels=names
-            )
+                name, f"{name}: approximate counts of the top keys by rank (keys not exported)",
+                labels=names,
+            )  # fmt: skip
             for labels, top in tseries.items():
-                for key, n in top:
-                    tfamily.add_metric([*_values(labels, names[:-1]), key], float(n))
+                for rank, (_, n) in enumerate(top, 1):
+                    tfamily.add_metric([*_values(labels, names[:-1]), str(rank)], float(n))
             yield tfamily
 
 

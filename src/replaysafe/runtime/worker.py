@@ -72,7 +72,7 @@ from replaysafe.ledger.base import (
     TransactionalLedger,
 )
 from replaysafe.observe import otel
-from replaysafe.quarantine import EffectRisk, QuarantineReason
+from replaysafe.quarantine import EffectRisk, QuarantineReason, disclose
 from replaysafe.runtime._isolation import SuspectLock
 
 log = logging.getLogger("replaysafe.runtime")
@@ -100,14 +100,17 @@ class _Cut(Exception):
         super().__init__(why)
 
 
-def _transport_identity(delivery: Delivery) -> str:
+def _transport_identity(delivery: Delivery, *, withheld: bool = False) -> str:
     """What the transport says about an undecodable message, stable across its redeliveries
-    (broker-added headers such as delivery counts are left out on purpose)."""
+    (broker-added headers such as delivery counts are left out on purpose). ``withheld``: no
+    copy of the body is stored (the redaction hook failed), so the entry id, which hashes the
+    copy, gets the body's digest here instead: two different bodies stay two entries."""
     raw_op = delivery.headers.get(HEADER_OPERATION_ID, "")
     ctype = delivery.content_type or delivery.headers.get("content-type", "")
     names = ",".join(sorted(k for k in delivery.headers if not k.lower().startswith("x-")))
     digest = hashlib.sha256(names.encode()).hexdigest()
-    return f"{raw_op[:512]}\x00{ctype[:200]}\x00{digest}"
+    body = f"\x00{hashlib.sha256(delivery.body).hexdigest()}" if withheld else ""
+    return f"{raw_op[:512]}\x00{ctype[:200]}\x00{digest}{body}"
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
@@ -1233,23 +1236,31 @@ class Worker:
         attempts: int = 0,
         risk: EffectRisk = EffectRisk.NEVER_CLAIMED,
     ) -> None:
-        """Record the quarantine durably, then complete the original at the broker."""
+        """Record the quarantine durably, then complete the original at the broker.
+
+        What is written down (the body copy, the detail, the operation id in the log line)
+        passes through the app's redaction hook first (``quarantine.disclose``); a hook that
+        fails keeps no copy of the body and never stops the quarantine."""
+        op = env.operation_id if env else None
+        shown = disclose(self.app.redact, delivery.body, detail, op)
         request = QuarantineRequest(
             scope=spec.scope,
             reason=reason,
-            operation_id=env.operation_id if env else None,
+            operation_id=op,
             fingerprint=env.fingerprint if env else None,
             risk=risk,
             attempts=attempts,
-            detail=detail[:2000],
-            message=self.app.redact(delivery.body) if self.app.redact else delivery.body,
-            content_type=delivery.content_type,
-            identity="" if env else _transport_identity(delivery),
+            detail=shown.detail[:2000],
+            message=shown.message,
+            # the content type the body was decoded (and fingerprinted) as: redrive checks the
+            # copy against the fingerprint with it (a plain client's missing one means JSON)
+            content_type=env.content_type if env else delivery.content_type,
+            identity="" if env else _transport_identity(delivery, withheld=shown.message is None),
             published_at=env.published_at if env else delivery.broker_timestamp,
         )
         try:
             with self._tracing.span(otel.QUARANTINE, handler=spec.name, reason=reason.value):
-                await self.app.ledger.quarantine(request, claim)
+                entry = await self.app.ledger.quarantine(request, claim)
         except LeaseLost:
             self.stats.inc(o.LEASE_LOST, handler=spec.name)
             await delivery.nack(delay=spec.lease)
@@ -1258,12 +1269,26 @@ class Worker:
             self.stats.inc(o.LEDGER_UNAVAILABLE, handler=spec.name)
             await delivery.nack(delay=LEDGER_RETRY_DELAY)
             return
+        if shown.hook_error is not None:
+            log.error(
+                "%s: the app's redaction hook raised %s on a message body: quarantine entry %s "
+                "keeps no copy of it; fix the hook (App(redact=...))",
+                spec.name,
+                shown.hook_error,
+                entry.id,
+            )
+        # the entry id is what `replaysafe quarantine show` takes; the transport's delivery id
+        # only where no operation id is known (bad input)
+        about = f"delivery {delivery.delivery_id}" if op is None else "operation withheld"
+        if shown.operation_id is not None:
+            about = f"operation {shown.operation_id}"
         log.warning(
-            "%s: quarantined %s as %s: %s",
+            "%s: quarantined entry %s (%s) as %s: %s",
             spec.name,
-            env.operation_id if env else delivery.delivery_id,
+            entry.id,
+            about,
             reason.value,
-            detail,
+            shown.detail,
         )
         self.stats.inc(o.QUARANTINED, handler=spec.name, reason=reason.value)
         self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.QUARANTINE)
