@@ -1,4 +1,5 @@
-"""Public test kit: a fake clock and the conformance suites every backend passes."""
+"""Public test kit: a fake clock, a fake downstream, a bounded worker run, and the conformance
+suites every backend passes."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import asyncio
 import heapq
 import itertools
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from replaysafe.runtime.worker import Worker
 
 
 class FakeClock:
@@ -123,4 +127,29 @@ class EffectProbe:
         return {s for s in subjects if seen[s] == 0}
 
 
-__all__ = ["EffectProbe", "FakeClock", "KeyReuse"]
+async def run_until_settled(
+    worker: Worker, copies: int, *, timeout: float = 60.0, drain_timeout: float = 5.0
+) -> None:
+    """Run ``worker`` until it has completed ``copies`` deliveries at the broker (applied,
+    answered from the ledger as duplicates, or quarantined), then stop it gracefully. For tests
+    and examples, which must end by themselves; a service runs until SIGTERM (``replaysafe
+    run``). Raises ``TimeoutError`` when ``timeout`` seconds pass first (the worker is stopped and
+    drained all the same), and what ``worker.run()`` raised if it ended on its own."""
+    from replaysafe import observe as o
+
+    finished = (o.APPLIED, o.DUPLICATE, o.QUARANTINE)
+
+    def settled() -> int:
+        return sum(worker.stats.total(o.DELIVERIES, outcome=outcome) for outcome in finished)
+
+    run = asyncio.create_task(worker.run(drain_timeout=drain_timeout))
+    try:
+        async with asyncio.timeout(timeout):
+            while settled() < copies and not run.done():
+                await asyncio.sleep(0.02)
+    finally:
+        worker.stop()
+        await run
+
+
+__all__ = ["EffectProbe", "FakeClock", "KeyReuse", "run_until_settled"]
