@@ -54,6 +54,7 @@ class FakePayments:
 
 
 payments = FakePayments()
+# --8<-- [start:app]
 app = App(
     NAME,
     broker=KafkaBroker(KAFKA_BOOTSTRAP),
@@ -74,6 +75,9 @@ async def capture_payment(ctx: Context) -> str:
     return await payments.charge(
         order["order_id"], order["amount"], idempotency_key=ctx.idempotency_key
     )
+
+
+# --8<-- [end:app]
 
 
 async def main() -> None:

@@ -62,6 +62,7 @@ async def ship_order(ctx: Context) -> None:
         print(f"warehouse: shipped {ctx.payload['order_id']} (key {ctx.idempotency_key})")
 
 
+# --8<-- [start:publish]
 async def publish_plain(orders: list[str]) -> None:
     """The producer: plain aio-pika, as any AMQP client in any language would publish."""
     connection = await aio_pika.connect(RABBITMQ_URL)
@@ -77,6 +78,9 @@ async def publish_plain(orders: list[str]) -> None:
             )
             await exchange.publish(message, routing_key="", mandatory=True)
     print(f"producer: published {orders} to exchange {SOURCE!r}")
+
+
+# --8<-- [end:publish]
 
 
 async def main() -> None:

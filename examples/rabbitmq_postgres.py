@@ -45,6 +45,7 @@ ledger = PostgresLedger(POSTGRES_DSN, schema=NAME)
 app = App(NAME, broker=RabbitMQBroker(RABBITMQ_URL), ledger=ledger)
 
 
+# --8<-- [start:handler]
 @app.handler(
     SOURCE,
     guarantee=Guarantee.EFFECTIVELY_ONCE,
@@ -60,7 +61,11 @@ async def capture_payment(ctx: Context) -> None:
     )
 
 
+# --8<-- [end:handler]
+
+
 async def main() -> None:
+    # --8<-- [start:setup]
     report = await ledger.migrate()  # idempotent: creates or upgrades the ledger schema
     print("ledger:", report.describe().splitlines()[0])
     async with ledger.transaction() as tx:  # the business table lives beside the ledger
@@ -70,6 +75,7 @@ async def main() -> None:
         )
     for t in await declare_topology(app):  # exchange + one queue per group, before publishing
         print(f"declared: exchange {t.source!r} -> queue {t.names['queue']!r}")
+    # --8<-- [end:setup]
 
     orders = [{"order_id": f"order-{i}", "amount": 100 * i} for i in (1, 2, 3)]
     envelopes = [Envelope.of(operation_id("capture-payment", o["order_id"]), o) for o in orders]

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import uuid
 from pathlib import Path
 
@@ -137,8 +138,8 @@ def test_every_example_is_run() -> None:
 # ---------------------------------------------------------------------------- README quotes
 
 #: ``<!-- example: examples/FILE.py -->`` (the whole file) or ``…FILE.py#REGION -->`` (the lines
-#: between ``# --8<-- [start:REGION]`` and ``# --8<-- [end:REGION]`` in the file), followed by a
-#: fenced python block that must equal it
+#: between ``# --8<-- [start:REGION]`` and ``# --8<-- [end:REGION]`` in the file, dedented),
+#: followed by a fenced python block that must equal it
 QUOTE = re.compile(r"<!-- example: (?P<path>[\w/.]+?)(?:#(?P<region>[\w-]+))? -->\n```python\n"
                    r"(?P<code>.*?)```\n", re.S)  # fmt: skip
 REGION = re.compile(r"^ *# --8<-- \[(?:start|end):[\w-]+\]\n", re.M)
@@ -150,7 +151,8 @@ def quoted(path: str, region: str | None) -> str:
         start = re.search(rf"^ *# --8<-- \[start:{region}\]\n", text, re.M)
         end = re.search(rf"^ *# --8<-- \[end:{region}\]\n", text, re.M)
         assert start and end, f"{path} has no region {region!r}"
-        text = text[start.end() : end.start()]
+        # a region is quoted dedented, without the blank lines around it
+        text = textwrap.dedent(text[start.end() : end.start()]).strip("\n") + "\n"
     return REGION.sub("", text)  # nested region markers are not quoted
 
 
