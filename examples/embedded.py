@@ -25,7 +25,6 @@ from replaysafe import (
     MemoryBroker,
     Producer,
     SQLiteLedger,
-    observe,
     operation_id,
 )
 from replaysafe.testing import run_until_settled
@@ -83,11 +82,12 @@ async def main() -> None:
 async def consume(copies: int) -> None:
     """Run a worker until it settled ``copies`` deliveries, then stop it (a service runs
     ``replaysafe run examples.embedded:app`` until SIGTERM instead)."""
-    worker = app.worker()
-    await run_until_settled(worker, copies, timeout=30)
-    applied = worker.stats.total(observe.DELIVERIES, outcome=observe.APPLIED)
-    answered = worker.stats.total(observe.DELIVERIES, outcome=observe.DUPLICATE)
-    print(f"worker: {applied} applied, {answered} answered from the ledger ({copies} settled)")
+    async with asyncio.timeout(30):
+        settled = await run_until_settled(app.worker(), copies)
+    print(
+        f"worker: {settled.applied} applied, {settled.duplicates} answered from the ledger "
+        f"({copies} settled)"
+    )
 
 
 if __name__ == "__main__":

@@ -3,10 +3,11 @@
 The topology step creates the topic (``replaysafe topology declare examples.kafka_redis:app``);
 a new consumer group starts from the earliest offset, so orders published before the first
 worker are consumed too. The handler calls a payments API with the operation id as its
-idempotency key (a fake one here, which honours keys as real ones do). The producer retries one
-order (the SAME operation id) and a second worker answers that copy from the Redis ledger: three
-charges for three orders. The ledger's durability is Redis's: run Redis with appendonly (see
-docs/ledger-redis.md), or a restart forgets what was done.
+idempotency key (a fake one here, the test kit's ``EffectProbe``, which honours keys as real
+payments APIs do). The producer retries one order (the SAME operation id) and a second worker
+answers that copy from the Redis ledger: three charges for three orders. The ledger is as
+durable as Redis is: run Redis with appendonly (see docs/ledger-redis.md), or a Redis restart
+forgets what was done.
 
 Run, with Kafka and Redis on the machine (pip install 'replaysafe[kafka,redis]'):
     python examples/kafka_redis.py
@@ -29,10 +30,9 @@ from replaysafe import (
     Producer,
     RedisLedger,
     declare_topology,
-    observe,
     operation_id,
 )
-from replaysafe.testing import run_until_settled
+from replaysafe.testing import EffectProbe, run_until_settled
 
 KAFKA_BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092")
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -40,21 +40,8 @@ NAME = os.environ.get("EXAMPLE_NAME", "shop")
 TOPIC = f"{NAME}.payments"
 
 
-class FakePayments:
-    """A payments API that honours idempotency keys: a known key returns the first charge."""
-
-    def __init__(self) -> None:
-        self.charges: dict[str, str] = {}  # idempotency key -> order id
-
-    async def charge(self, order_id: str, amount: int, *, idempotency_key: str) -> str:
-        if idempotency_key not in self.charges:
-            self.charges[idempotency_key] = order_id
-            print(f"payments-api: charged {order_id} {amount} (key {idempotency_key})")
-        return f"charge:{idempotency_key}"
-
-
-payments = FakePayments()
 # --8<-- [start:app]
+payments = EffectProbe(honour_keys=True)  # a fake payments API: it honours idempotency keys
 app = App(
     NAME,
     broker=KafkaBroker(KAFKA_BOOTSTRAP),
@@ -72,7 +59,7 @@ app = App(
 async def capture_payment(ctx: Context) -> str:
     assert ctx.idempotency_key is not None  # keyed effects always get one: the operation id
     order = ctx.payload
-    return await payments.charge(
+    return await payments.apply(
         order["order_id"], order["amount"], idempotency_key=ctx.idempotency_key
     )
 
@@ -94,7 +81,9 @@ async def main() -> None:
     await consume(copies=3)
     await producer.publish(TOPIC, envelopes[1:2])  # a producer retry: the same operation id
     await consume(copies=1)
-    print(f"payments-api: {len(payments.charges)} charges for {len(orders)} orders")
+    for _, order_id, amount in payments.effects:
+        print(f"payments-api: charged {order_id} {amount}")
+    print(f"payments-api: {len(payments.effects)} charges for {len(orders)} orders")
     await app.broker.close()
     await app.ledger.close()
 
@@ -102,11 +91,12 @@ async def main() -> None:
 async def consume(copies: int) -> None:
     """Run a worker until it settled ``copies`` deliveries, then stop it (a service runs
     ``replaysafe run examples.kafka_redis:app`` until SIGTERM instead)."""
-    worker = app.worker()
-    await run_until_settled(worker, copies, timeout=90)
-    applied = worker.stats.total(observe.DELIVERIES, outcome=observe.APPLIED)
-    answered = worker.stats.total(observe.DELIVERIES, outcome=observe.DUPLICATE)
-    print(f"worker: {applied} applied, {answered} answered from the ledger ({copies} settled)")
+    async with asyncio.timeout(90):
+        settled = await run_until_settled(app.worker(), copies)
+    print(
+        f"worker: {settled.applied} applied, {settled.duplicates} answered from the ledger "
+        f"({copies} settled)"
+    )
 
 
 if __name__ == "__main__":

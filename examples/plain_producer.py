@@ -35,7 +35,6 @@ from replaysafe import (
     RabbitMQBroker,
     SQLiteLedger,
     declare_topology,
-    observe,
 )
 from replaysafe.testing import run_until_settled
 
@@ -98,11 +97,12 @@ async def main() -> None:
 async def consume(copies: int) -> None:
     """Run a worker until it settled ``copies`` deliveries, then stop it (a service runs
     ``replaysafe run examples.plain_producer:app`` until SIGTERM instead)."""
-    worker = app.worker()
-    await run_until_settled(worker, copies, timeout=60)
-    applied = worker.stats.total(observe.DELIVERIES, outcome=observe.APPLIED)
-    answered = worker.stats.total(observe.DELIVERIES, outcome=observe.DUPLICATE)
-    print(f"worker: {applied} applied, {answered} answered from the ledger ({copies} settled)")
+    async with asyncio.timeout(60):
+        settled = await run_until_settled(app.worker(), copies)
+    print(
+        f"worker: {settled.applied} applied, {settled.duplicates} answered from the ledger "
+        f"({copies} settled)"
+    )
 
 
 if __name__ == "__main__":

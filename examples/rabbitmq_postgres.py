@@ -29,7 +29,6 @@ from replaysafe import (
     Producer,
     RabbitMQBroker,
     declare_topology,
-    observe,
     operation_id,
 )
 from replaysafe.testing import run_until_settled
@@ -99,11 +98,12 @@ async def main() -> None:
 async def consume(copies: int) -> None:
     """Run a worker until it settled ``copies`` deliveries, then stop it (a service runs
     ``replaysafe run examples.rabbitmq_postgres:app`` until SIGTERM instead)."""
-    worker = app.worker()
-    await run_until_settled(worker, copies, timeout=60)
-    applied = worker.stats.total(observe.DELIVERIES, outcome=observe.APPLIED)
-    answered = worker.stats.total(observe.DELIVERIES, outcome=observe.DUPLICATE)
-    print(f"worker: {applied} applied, {answered} answered from the ledger ({copies} settled)")
+    async with asyncio.timeout(60):
+        settled = await run_until_settled(app.worker(), copies)
+    print(
+        f"worker: {settled.applied} applied, {settled.duplicates} answered from the ledger "
+        f"({copies} settled)"
+    )
 
 
 if __name__ == "__main__":

@@ -81,13 +81,15 @@ async def test_declare_lets_a_plain_producer_publish_before_any_worker(
     app = make_app(source, amqp_url, tmp_path / "ledger.db", applied)
     try:
         # 2 messages, a copy for each of the 2 groups
-        await run_until_settled(app.worker(), copies=4, timeout=30)
+        async with asyncio.timeout(30):
+            settled = await run_until_settled(app.worker(), copies=4)
     finally:
         assert isinstance(app.broker, RabbitMQBroker)
         await app.broker.delete(source, GROUPS)
         await app.broker.close()
         await app.ledger.close()
     assert sorted(applied) == ["capture:o-1", "capture:o-2", "receipt:o-1", "receipt:o-2"]
+    assert settled.applied == 4 and settled.total == 4
 
 
 def test_show_names_the_rabbitmq_topology_without_a_server(tmp_path: Path) -> None:

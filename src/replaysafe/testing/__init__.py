@@ -7,6 +7,7 @@ import asyncio
 import heapq
 import itertools
 from collections import Counter
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -127,29 +128,43 @@ class EffectProbe:
         return {s for s in subjects if seen[s] == 0}
 
 
-async def run_until_settled(
-    worker: Worker, copies: int, *, timeout: float = 60.0, drain_timeout: float = 5.0
-) -> None:
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What a worker completed at the broker, by outcome (``replaysafe_deliveries_total``)."""
+
+    applied: int
+    #: answered from the ledger without running the handler
+    duplicates: int
+    quarantined: int
+
+    @property
+    def total(self) -> int:
+        return self.applied + self.duplicates + self.quarantined
+
+
+async def run_until_settled(worker: Worker, copies: int, *, drain_timeout: float = 5.0) -> Settled:
     """Run ``worker`` until it has completed ``copies`` deliveries at the broker (applied,
-    answered from the ledger as duplicates, or quarantined), then stop it gracefully. For tests
-    and examples, which must end by themselves; a service runs until SIGTERM (``replaysafe
-    run``). Raises ``TimeoutError`` when ``timeout`` seconds pass first (the worker is stopped and
-    drained all the same), and what ``worker.run()`` raised if it ended on its own."""
+    answered from the ledger, or quarantined), then stop it gracefully and say how they ended.
+    For tests and examples, which must end by themselves (bound it with ``asyncio.timeout``: on
+    expiry the worker is still stopped and drained); a service runs until SIGTERM (``replaysafe
+    run``). Raises what ``worker.run()`` raised if it ended on its own."""
     from replaysafe import observe as o
 
-    finished = (o.APPLIED, o.DUPLICATE, o.QUARANTINE)
+    def settled() -> Settled:
+        def total(outcome: str) -> int:
+            return worker.stats.total(o.DELIVERIES, outcome=outcome)
 
-    def settled() -> int:
-        return sum(worker.stats.total(o.DELIVERIES, outcome=outcome) for outcome in finished)
+        return Settled(total(o.APPLIED), total(o.DUPLICATE), total(o.QUARANTINE))
 
     run = asyncio.create_task(worker.run(drain_timeout=drain_timeout))
     try:
-        async with asyncio.timeout(timeout):
-            while settled() < copies and not run.done():
-                await asyncio.sleep(0.02)
+        # the counters have no change notification: poll them
+        while settled().total < copies and not run.done():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
     finally:
         worker.stop()
         await run
+    return settled()
 
 
-__all__ = ["EffectProbe", "FakeClock", "KeyReuse", "run_until_settled"]
+__all__ = ["EffectProbe", "FakeClock", "KeyReuse", "Settled", "run_until_settled"]
