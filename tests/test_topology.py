@@ -48,46 +48,51 @@ async def test_declare_lets_a_plain_producer_publish_before_any_worker(
     source = f"rs-test-topology-{uuid.uuid4().hex[:8]}"
     env = {"TOPOLOGY_SOURCE": source, "TOPOLOGY_AMQP": amqp_url,
            "TOPOLOGY_LEDGER": str(tmp_path / "ledger.db")}  # fmt: skip
-    conn = await aio_pika.connect(amqp_url)
     try:
-        channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
-        # the exchange exists (as replaysafe declares it) but no worker ever declared a queue:
-        # the broker returns the message as unroutable, nothing is stored
-        exchange = await channel.declare_exchange(
-            source, aio_pika.ExchangeType.FANOUT, durable=True
-        )
+        conn = await aio_pika.connect(amqp_url)
+        try:
+            channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
+            # the exchange exists (as replaysafe declares it) but no worker ever declared a queue:
+            # the broker returns the message as unroutable, nothing is stored
+            exchange = await channel.declare_exchange(
+                source, aio_pika.ExchangeType.FANOUT, durable=True
+            )
 
-        async def publish(order_id: str) -> None:
-            # a plain client: no rs-* headers, no message id; the key extractor derives the id
-            body = json.dumps({"order_id": order_id}).encode()
-            await exchange.publish(aio_pika.Message(body), routing_key="", mandatory=True)
+            async def publish(order_id: str) -> None:
+                # a plain client: no rs-* headers, no message id; the key extractor derives the id
+                body = json.dumps({"order_id": order_id}).encode()
+                await exchange.publish(aio_pika.Message(body), routing_key="", mandatory=True)
 
-        with pytest.raises(DeliveryError, match="NO_ROUTE"):
-            await publish("o-0")
+            with pytest.raises(DeliveryError, match="NO_ROUTE"):
+                await publish("o-0")
 
-        declared = await asyncio.to_thread(cli, "declare", "tests.apps.topology_app:app", env=env)
-        assert declared.returncode == 0, declared.stderr
-        assert "Traceback" not in declared.stderr
-        for group in GROUPS:
-            assert f"queue              {source}/{group}\n" in declared.stdout, declared.stdout
-        assert f"exchange           {source}   <- producers publish here" in declared.stdout
+            declared = await asyncio.to_thread(
+                cli, "declare", "tests.apps.topology_app:app", env=env
+            )
+            assert declared.returncode == 0, declared.stderr
+            assert "Traceback" not in declared.stderr
+            for group in GROUPS:
+                assert f"queue              {source}/{group}\n" in declared.stdout, declared.stdout
+            assert f"exchange           {source}   <- producers publish here" in declared.stdout
 
-        for order_id in ("o-1", "o-2"):
-            await publish(order_id)  # mandatory: raises on NO_ROUTE
-    finally:
-        await conn.close()
+            for order_id in ("o-1", "o-2"):
+                await publish(order_id)  # mandatory: raises on NO_ROUTE
+        finally:
+            await conn.close()
 
-    applied: list[str] = []
-    app = make_app(source, amqp_url, tmp_path / "ledger.db", applied)
-    try:
-        # 2 messages, a copy for each of the 2 groups
-        async with asyncio.timeout(30):
-            settled = await run_until_settled(app.worker(), copies=4)
-    finally:
-        assert isinstance(app.broker, RabbitMQBroker)
-        await app.broker.delete(source, GROUPS)
-        await app.broker.close()
-        await app.ledger.close()
+        applied: list[str] = []
+        app = make_app(source, amqp_url, tmp_path / "ledger.db", applied)
+        try:
+            # 2 messages, a copy for each of the 2 groups
+            async with asyncio.timeout(30):
+                settled = await run_until_settled(app.worker(), copies=4)
+        finally:
+            await app.broker.close()
+            await app.ledger.close()
+    finally:  # whatever failed, the exchange and queues go
+        cleanup = RabbitMQBroker(amqp_url)
+        await cleanup.delete(source, GROUPS)
+        await cleanup.close()
     assert sorted(applied) == ["capture:o-1", "capture:o-2", "receipt:o-1", "receipt:o-2"]
     assert settled.applied == 4 and settled.total == 4
 
