@@ -26,8 +26,8 @@ test: install-test
 
 ## ruff + mypy --strict on src
 lint: install-test
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/mypy
 
 ## benchmarks: ratios measured side by side in one run, JSON in bench/results/

@@ -1,7 +1,15 @@
 """replaysafe: business-level exactly-once effects on top of at-least-once brokers.
 
 The public API is what ``__all__`` lists; everything else is private and may change.
+
+The backends that need a driver (``RabbitMQBroker``, ``SQSBroker``, ``KafkaBroker``,
+``PostgresLedger``, ``RedisLedger``, the outbox stores and ``Relay``) are importable from here but
+loaded on first use (module ``__getattr__``): ``import replaysafe`` imports no driver, and each
+backend names its extra when its driver is missing.
 """
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from replaysafe.app import App, Context, HandlerSpec, RetryPolicy
 from replaysafe.brokers import (
@@ -60,6 +68,42 @@ from replaysafe.ledger import (
 from replaysafe.producer import Producer
 from replaysafe.quarantine import EffectRisk, QuarantineReason
 from replaysafe.runtime import Worker
+from replaysafe.topology import HandlerTopology, declare_topology, show_topology
+
+if TYPE_CHECKING:
+    from replaysafe.brokers.kafka import KafkaBroker
+    from replaysafe.brokers.rabbitmq import RabbitMQBroker
+    from replaysafe.brokers.sqs import SQSBroker
+    from replaysafe.ledger.postgres import PostgresLedger
+    from replaysafe.ledger.redis import RedisLedger
+    from replaysafe.outbox import PostgresOutboxStore, Relay, SQLiteOutboxStore
+
+#: public name -> the module that defines it, imported on first access
+_LAZY = {
+    "KafkaBroker": "replaysafe.brokers.kafka",
+    "PostgresLedger": "replaysafe.ledger.postgres",
+    "PostgresOutboxStore": "replaysafe.outbox",
+    "RabbitMQBroker": "replaysafe.brokers.rabbitmq",
+    "RedisLedger": "replaysafe.ledger.redis",
+    "Relay": "replaysafe.outbox",
+    "SQLiteOutboxStore": "replaysafe.outbox",
+    "SQSBroker": "replaysafe.brokers.sqs",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """A backend class from :data:`_LAZY`, imported now and cached in the module."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'replaysafe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __version__ = "0.1.0"
 
@@ -87,8 +131,10 @@ __all__ = [
     "FingerprintMismatch",
     "Guarantee",
     "HandlerSpec",
+    "HandlerTopology",
     "InFlight",
     "InvalidOperationId",
+    "KafkaBroker",
     "LeaseLost",
     "Ledger",
     "LedgerError",
@@ -103,16 +149,23 @@ __all__ = [
     "OpKey",
     "OutcomeUnknown",
     "PayloadTooLarge",
+    "PostgresLedger",
+    "PostgresOutboxStore",
     "Producer",
     "PublishAmbiguous",
     "Publisher",
     "QuarantineReason",
     "Quarantined",
+    "RabbitMQBroker",
     "Record",
     "RedeliveryKind",
+    "RedisLedger",
+    "Relay",
     "ReplaysafeError",
     "RetryPolicy",
     "SQLiteLedger",
+    "SQLiteOutboxStore",
+    "SQSBroker",
     "SettleGranularity",
     "SimulatedCrash",
     "State",
@@ -124,6 +177,8 @@ __all__ = [
     "UnsupportedContentType",
     "Worker",
     "canonical_json",
+    "declare_topology",
     "fingerprint",
     "operation_id",
+    "show_topology",
 ]

@@ -149,6 +149,10 @@ from replaysafe._cli_handler import handler_group  # noqa: E402
 
 main.add_command(handler_group)
 
+from replaysafe._cli_topology import topology_group  # noqa: E402
+
+main.add_command(topology_group)
+
 
 def _flag(label: str, n: int) -> str:
     return f"[red]{label}[/]" if n else label

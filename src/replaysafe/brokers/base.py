@@ -191,6 +191,14 @@ class Broker(Publisher, Subscriber):
         exchange and a queue per group, an SQS queue (with ``visibility_timeout``), a Kafka topic
         (with ``partitions``). Idempotent. Options a broker has no use for are ignored."""
 
+    async def declared_names(self, source: str, group: str) -> dict[str, str]:
+        """What :meth:`prepare_source` and ``subscribe`` declare for consumer ``group`` on
+        ``source``, as label -> name, for operators (``replaysafe topology show``). The first
+        entry is where a producer publishes (RabbitMQ: the exchange; SQS: the queue; Kafka: the
+        topic). Names only the server knows (an SQS queue URL) are read from it; nothing is
+        created."""
+        return {"destination": source, "group": group}
+
     async def drop_source(self, source: str, groups: Sequence[str] = ()) -> None:
         """Delete what :meth:`prepare_source` created, messages included (tests, demos)."""
 

@@ -1582,8 +1582,14 @@ class KafkaBroker(Broker):
         visibility_timeout: float | None = None,
         partitions: int | None = None,
     ) -> None:
-        """Create the topic (groups start from the earliest offset when they first join)."""
-        await self.create_topic(source, partitions or 1)
+        """Create the topic (groups start from the earliest offset when they first join).
+        Without ``partitions`` an existing topic is kept whatever its partition count (a new one
+        gets 1); with it, an existing topic must have that count."""
+        await self.create_topic(source, partitions or 1, keep_partitions=partitions is None)
+
+    async def declared_names(self, source: str, group: str) -> dict[str, str]:
+        """The topic (publish there) and the consumer group id the subscription joins."""
+        return {"topic": source, "group id": self._consumer_conf(group)["group.id"]}
 
     async def create_topic(
         self,
@@ -1592,9 +1598,11 @@ class KafkaBroker(Broker):
         *,
         replication_factor: int = 1,
         config: Mapping[str, str] | None = None,
+        keep_partitions: bool = False,
     ) -> None:
-        """Create topic ``name``. Creating an existing topic with the same partition count is a
-        no-op; with a different one it raises ``ConfigurationError``."""
+        """Create topic ``name``. Creating an existing topic with the same partition count (or
+        any count, with ``keep_partitions``) is a no-op; with a different one it raises
+        ``ConfigurationError``."""
         _check_name("topic", name)
         if partitions < 1:
             raise ConfigurationError(f"partitions must be >= 1, got {partitions}")
@@ -1615,7 +1623,7 @@ class KafkaBroker(Broker):
                 if err is None or err.code() != ck.KafkaError.TOPIC_ALREADY_EXISTS:
                     raise
                 meta = admin.list_topics(name, timeout=timeout).topics[name]
-                if len(meta.partitions) != partitions:
+                if not keep_partitions and len(meta.partitions) != partitions:
                     raise ConfigurationError(
                         f"KafkaBroker: topic {name!r} already exists with "
                         f"{len(meta.partitions)} partitions, not {partitions}; use another name "

@@ -1223,6 +1223,16 @@ class RabbitMQBroker(Broker):
         """The exchange and a queue (with its dead-letter queue) per group: see :meth:`declare`."""
         await self.declare(source, groups)
 
+    async def declared_names(self, source: str, group: str) -> dict[str, str]:
+        """The fanout exchange (publish there, any routing key), the group's queue bound to it
+        and its dead-letter queue: names only, nothing is read from the server."""
+        topo = Topology.of(source, group)
+        return {
+            "exchange": topo.exchange,
+            "queue": topo.queue,
+            "dead-letter queue": topo.dead_letter_queue,
+        }
+
     async def declare(self, source: str, groups: Iterable[str] = ()) -> None:
         """Declare ``source``'s exchange and, for each group, its queue (bound to the exchange)
         and dead-letter queue. Idempotent; call it before publishing so that messages published

