@@ -20,7 +20,13 @@ from replaysafe import observe as o
 from replaysafe.brokers.base import RedeliveryKind
 from replaysafe.brokers.memory import MemoryBroker
 from replaysafe.cli import main as cli_main
-from replaysafe.errors import ConfigurationError, LedgerError, LedgerUnavailable, MissingExtra
+from replaysafe.errors import (
+    ConfigurationError,
+    LedgerDataError,
+    LedgerError,
+    LedgerUnavailable,
+    MissingExtra,
+)
 from replaysafe.ledger import postgres as pg_module
 from replaysafe.ledger.base import (
     Acquired,
@@ -1228,6 +1234,51 @@ async def test_a_transaction_of_another_ledger_is_refused(pg_dsn: str, pg_schema
     finally:
         await a.close()
         await b.close()
+
+
+# ---------------------------------------------------------------------- data errors
+
+
+async def test_data_the_server_refuses_is_a_data_error_not_an_outage(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    ledger = await make(pg_dsn, pg_schema)
+    try:
+        # a number beyond the column (integer): the server's DataError
+        huge = QuarantineRequest("orders", QuarantineReason.MAX_ATTEMPTS, "op-1", attempts=2**31)
+        with pytest.raises(LedgerDataError, match="refused this call's data"):
+            await ledger.quarantine(huge)
+        # a lone surrogate has no UTF-8 form: the driver refuses to send it (was a bare
+        # UnicodeEncodeError, outside the error tree)
+        with pytest.raises(LedgerDataError, match="UnicodeEncodeError"):
+            await ledger.get(OpKey("orders", "op-\udcff"))
+        assert await ledger.quarantined() == []
+        # the ledger is fine: the next call works
+        assert isinstance(await ledger.claim(KEY, "fp", "w1", 5.0), Acquired)
+    finally:
+        await ledger.close()
+
+
+async def test_a_deferred_constraint_failing_at_commit_is_a_data_error(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    """The commit of a transactional handler's block fails on its own rows: that is data (it
+    was rolled back), not "may or may not have committed"."""
+    ledger = await make(pg_dsn, pg_schema)
+    async with admin(scoped_dsn(pg_dsn, pg_schema)) as conn:
+        await conn.execute(
+            "CREATE TABLE deferred_effects (op text UNIQUE DEFERRABLE INITIALLY DEFERRED)"
+        )
+    try:
+        claim = await acquire(ledger, KEY, 5.0)
+        with pytest.raises(LedgerDataError, match="commit"):
+            async with ledger.transaction() as tx:
+                await tx.execute("INSERT INTO deferred_effects VALUES ('a'), ('a')")
+                await ledger.complete_in(tx, claim, "done")
+        record = await must_get(ledger, KEY)
+        assert (record.state, record.token) == (State.IN_FLIGHT, claim.token)  # rolled back
+    finally:
+        await ledger.close()
 
 
 @pytest.mark.parametrize("module", ["psycopg", "psycopg_pool"])

@@ -25,12 +25,25 @@ from hypothesis import strategies as st
 from redis.asyncio.connection import Connection, ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoPermissionError, RedisError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import (
+    DataError,
+    NoPermissionError,
+    OutOfMemoryError,
+    RedisError,
+    ResponseError,
+)
 
 from replaysafe import Context, Effect, Envelope, Guarantee, RetryPolicy, observe
 from replaysafe import failpoints as fp
 from replaysafe.clock import SystemClock
-from replaysafe.errors import ConfigurationError, LeaseLost, LedgerError, LedgerUnavailable
+from replaysafe.errors import (
+    ConfigurationError,
+    LeaseLost,
+    LedgerDataError,
+    LedgerError,
+    LedgerUnavailable,
+)
 from replaysafe.ledger.base import (
     Acquired,
     AlreadyDone,
@@ -798,6 +811,47 @@ async def test_persistence_report_with_config_disabled_is_unknown(
     assert (report.known, report.can_back_claims) == (False, False)
     assert "unknown" in report.sentence
     assert assess_persistence(None) == report
+
+
+# ---------------------------------------------------------------------- data errors
+
+
+async def test_a_script_failing_on_stored_data_is_a_data_error_not_an_outage(
+    ledger: RedisLedger, admin: aioredis.Redis, redis_prefix: str
+) -> None:
+    entry = await ledger.quarantine(
+        QuarantineRequest("orders", QuarantineReason.MALFORMED_PAYLOAD, message=b"{")
+    )
+    # a value the ledger did not write, where its redrive script counts (HINCRBY fails on it)
+    await admin.hset(redis_prefix + "q:" + entry.id, "redrives", "not a number")
+    with pytest.raises(LedgerDataError, match="refused this call's data") as raised:
+        await ledger.redrive(entry.id)
+    assert not isinstance(raised.value, LedgerUnavailable)
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (ResponseError("user_script:7: attempt to compare nil with number script: ab, on "
+                       "@user_script:7."), LedgerDataError),
+        (ResponseError("hash value is not an integer script: ab, on @user_script:3."),
+         LedgerDataError),
+        (DataError("Invalid input of type: 'dict'"), LedgerDataError),
+        # the server's state, even when raised inside a script: an outage, retried
+        (ResponseError("MISCONF Redis is configured to save RDB snapshots script: ab, on "
+                       "@user_script:3."), LedgerUnavailable),
+        (OutOfMemoryError("command not allowed when used memory > 'maxmemory'. script: ab, on "
+                          "@user_script:3."), LedgerUnavailable),
+        (ResponseError("BUSY Redis is busy running a script"), LedgerUnavailable),
+        (RedisConnectionError("Connection refused"), LedgerUnavailable),
+    ],
+)  # fmt: skip
+def test_errors_are_data_errors_only_when_the_data_caused_them(
+    error: Exception, expected: type[Exception]
+) -> None:
+    led = RedisLedger("redis://127.0.0.1:1/0")
+    mapped = led._unavailable(error, "claim", sent=True)
+    assert type(mapped) is expected, mapped
 
 
 # ---------------------------------------------------------------------- dropped connections

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from replaysafe.errors import ConfigurationError, LedgerError, LedgerUnavailable
+from replaysafe.errors import ConfigurationError, LedgerDataError, LedgerError, LedgerUnavailable
 from replaysafe.ledger import sqlite as sqlite_module
 from replaysafe.ledger.base import (
     Acquired,
@@ -324,6 +324,31 @@ async def test_purge_is_one_bounded_statement_on_the_index(tmp_path: Path) -> No
 
 
 # ---------------------------------------------------------------------- failures map to our errors
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        # an int beyond 64 bits: the driver cannot bind it (OverflowError)
+        lambda led: led.quarantine(
+            QuarantineRequest("orders", QuarantineReason.MAX_ATTEMPTS, "op-1", attempts=2**64)
+        ),
+        # a lone surrogate has no UTF-8 form (a bare UnicodeEncodeError before)
+        lambda led: led.claim(OpKey("orders", "op-\udcff"), "fp", "w", 5.0),
+        # a violated constraint (IntegrityError): the one-row meta table gets a second row
+        lambda led: led.run_job(
+            lambda conn: conn.execute("INSERT INTO replaysafe_meta VALUES (2, 0, 0)"), write=True
+        ),
+    ],
+    ids=["int-overflow", "lone-surrogate", "constraint"],
+)
+async def test_data_sqlite_refuses_is_a_data_error_not_an_outage(tmp_path: Path, call: Any) -> None:
+    async with SQLiteLedger(tmp_path / "ledger.db") as ledger:
+        with pytest.raises(LedgerDataError, match="refused this call's data") as raised:
+            await call(ledger)
+        assert not isinstance(raised.value, LedgerUnavailable)
+        assert (await ledger.summary()).by_state == {}  # nothing written
+        assert isinstance(await ledger.claim(KEY, "fp", "w", 5.0), Acquired)
 
 
 async def test_a_locked_database_is_ledger_unavailable_not_a_sqlite_error(tmp_path: Path) -> None:

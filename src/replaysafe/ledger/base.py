@@ -36,12 +36,13 @@ survive restarts of workers and of the ledger's server as its records do.
 from __future__ import annotations
 
 import hashlib
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Final, Self, overload
 
 from replaysafe.errors import ConfigurationError, LeaseLost, LedgerError
 from replaysafe.quarantine import EffectRisk, QuarantineReason
@@ -186,6 +187,16 @@ class QuarantineRequest:
 
     def capped_message(self) -> bytes | None:
         return None if self.message is None else self.message[:MAX_QUARANTINE_COPY]
+
+    def storable(self) -> QuarantineRequest:
+        """This request with its free text (``detail``, ``content_type``) made storable by
+        :func:`storable_text`: what every backend writes. ``identity`` is only hashed into
+        :meth:`entry_id` (never stored) and the message is stored as bytes, so both stay as
+        they are; so does the entry id."""
+        detail, ctype = storable_text(self.detail), storable_text(self.content_type)
+        if detail is self.detail and ctype is self.content_type:
+            return self
+        return replace(self, detail=detail, content_type=ctype)
 
 
 @dataclass(frozen=True, slots=True)
@@ -563,10 +574,46 @@ def check_handler_name(handler: object) -> str:
     return handler
 
 
+#: what no store can hold in a text column: NUL (PostgreSQL refuses it, SQLite's SQL functions
+#: stop at it) and lone surrogates (no UTF-8 encoding: the drivers raise before sending)
+_UNSTORABLE: Final = re.compile("[\x00\ud800-\udfff]")
+
+
+def _escape_unstorable(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:
+        # surrogateescape's stand-in for a byte that was not UTF-8: show the byte itself
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+@overload
+def storable_text(text: str) -> str: ...
+@overload
+def storable_text(text: None) -> None: ...
+
+
+def storable_text(text: str | None) -> str | None:
+    """``text`` as every ledger stores free text that comes from outside (content types,
+    details, error texts, pause reasons): unchanged unless it holds a NUL or a lone surrogate,
+    each of which becomes a backslash escape (``\\x00``; ``\\xff`` for a byte that was not
+    UTF-8 and reached Python as a ``surrogateescape`` surrogate; ``\\ud800`` for any other lone
+    surrogate). None stays None.
+
+    One-way on purpose: the stored text is what an operator reads (``quarantine show``,
+    ``inspect``), identical on every backend, and valid in every store's text columns. Keys
+    (scope, operation id), fingerprints, owners and results are never escaped (an escape could
+    make two keys one): a backend that cannot hold one verbatim refuses it with
+    ``LedgerDataError``."""
+    if text is None or (text.isascii() and "\x00" not in text):  # the common case: no regex
+        return text
+    return _UNSTORABLE.sub(_escape_unstorable, text)
+
+
 def pause_text(text: str) -> str:
-    """``text`` cut to at most :data:`MAX_PAUSE_TEXT` UTF-8 bytes (never inside a character),
-    with lone surrogates replaced so that every store can encode it."""
-    raw = text.encode("utf-8", "replace")[:MAX_PAUSE_TEXT]
+    """``text`` made storable (:func:`storable_text`) and cut to at most
+    :data:`MAX_PAUSE_TEXT` UTF-8 bytes (never inside a character)."""
+    raw = storable_text(text).encode("utf-8")[:MAX_PAUSE_TEXT]
     return raw.decode("utf-8", "ignore")
 
 

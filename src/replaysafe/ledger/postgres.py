@@ -53,6 +53,7 @@ from urllib.parse import urlsplit, urlunsplit
 from replaysafe.errors import (
     ConfigurationError,
     LeaseLost,
+    LedgerDataError,
     LedgerError,
     LedgerUnavailable,
     MissingExtra,
@@ -77,6 +78,7 @@ from replaysafe.ledger.base import (
     decide_claim,
     entry_from_row,
     pause_text,
+    storable_text,
     unknown_entry,
 )
 from replaysafe.quarantine import QuarantineReason
@@ -994,7 +996,7 @@ class PostgresLedger(TransactionalLedger):
         """Give the operation back (no effect happened); the next claim gets it at once."""
         self._guard("release")
         rows = await self._fetch(
-            "release", self._sql("release"), self._fence_params(claim, error=error)
+            "release", self._sql("release"), self._fence_params(claim, error=storable_text(error))
         )
         if not rows:
             raise await self._lease_lost(claim)
@@ -1006,6 +1008,7 @@ class PostgresLedger(TransactionalLedger):
         QUARANTINED under fencing, in one transaction: committed (durable) before this returns,
         so the caller may then complete at the broker."""
         self._guard("quarantine")
+        request = request.storable()
         entry_params = {
             "id": request.entry_id(),
             "scope": request.scope,
@@ -1216,7 +1219,8 @@ class PostgresLedger(TransactionalLedger):
             try:
                 await conn.execute("COMMIT")
             except psycopg.Error as exc:
-                raise self._unavailable(
+                # a deferred constraint of the block's own rows fails here: data, rolled back
+                raise self._error(
                     "commit",
                     exc,
                     "the transaction may or may not have committed; the next claim of the "
@@ -1251,8 +1255,8 @@ class PostgresLedger(TransactionalLedger):
                     self._sql("get"), {"scope": claim.key.scope, "op": claim.key.operation_id}
                 )
                 raise _fence_error(_record_or_none(await cur.fetchone()), claim)
-        except psycopg.Error as exc:
-            raise self._unavailable("complete_in", exc) from exc
+        except (psycopg.Error, UnicodeEncodeError) as exc:
+            raise self._error("complete_in", exc) from exc
 
     # ------------------------------------------------------------------ claims
 
@@ -1408,10 +1412,10 @@ class PostgresLedger(TransactionalLedger):
                 used = conn
                 cur = await conn.execute(query, params, binary=binary)
                 return await cur.fetchall() if rows else cur.rowcount
-        except psycopg.Error as exc:
+        except (psycopg.Error, UnicodeEncodeError) as exc:
             if used is not None and used.broken:
                 await self._flush_dead_connections(pool)
-            raise self._unavailable(action, exc) from exc
+            raise self._error(action, exc) from exc
         except _pool_timeout() as exc:
             raise self._pool_exhausted() from exc
 
@@ -1670,6 +1674,22 @@ class PostgresLedger(TransactionalLedger):
         for secret in self._secret_words:
             text = text.replace(secret, "***")
         return text
+
+    def _error(self, action: str, exc: BaseException, hint: str | None = None) -> LedgerError:
+        """A failed statement's error in the replaysafe tree: ``LedgerDataError`` when the server
+        (or the driver, while encoding a parameter) refused this call's data — a NUL byte or a
+        lone surrogate in a key or result, a number out of range, a violated constraint — which a
+        retry cannot change; else :meth:`_unavailable`."""
+        psycopg, _ = _driver()
+        if not isinstance(exc, UnicodeEncodeError | psycopg.DataError | psycopg.IntegrityError):
+            return self._unavailable(action, exc, hint)
+        detail = self._scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        return LedgerDataError(
+            f"PostgreSQL ledger {action} on {self._redacted} refused this call's data "
+            f"({type(exc).__name__}: {detail}); the statement wrote nothing and a retry fails the "
+            "same way: set the message aside (quarantine or dead-letter it) and fix what "
+            "produced the value"
+        )
 
     def _unavailable(
         self, action: str, exc: BaseException, hint: str | None = None

@@ -70,6 +70,7 @@ import hashlib
 import heapq
 import json
 import math
+import re
 import struct
 import time
 from collections.abc import Mapping, Sequence
@@ -81,6 +82,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from replaysafe.errors import (
     ConfigurationError,
     LeaseLost,
+    LedgerDataError,
     LedgerError,
     LedgerUnavailable,
     MissingExtra,
@@ -105,6 +107,7 @@ from replaysafe.ledger.base import (
     check_fence,
     check_handler_name,
     pause_text,
+    storable_text,
     unknown_entry,
 )
 from replaysafe.quarantine import EffectRisk, QuarantineReason
@@ -113,6 +116,13 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 __all__ = ["RedisLedger", "RedisPersistence", "assess_persistence"]
+
+#: how Redis words an error raised inside a Lua script (7.x: "user_script:12: …" or "… on
+#: @user_script:12."; 6.x: "Error running script …"), as opposed to a reply about its own state
+_LUA_ERROR: Final = re.compile(r"user_script:\d+|Error running script")
+#: an error code redis-py keeps in the message (it strips only the codes it maps to a class, ERR
+#: among them): MISCONF, NOREPLICAS, BUSY … say the server cannot write now, whatever the data
+_STATE_CODE: Final = re.compile(r"[A-Z]{2,} ")
 
 #: the name the ledger's connections carry in ``CLIENT LIST`` unless the URL sets ``client_name``
 CLIENT_NAME: Final = "replaysafe-ledger"
@@ -948,7 +958,7 @@ class RedisLedger(Ledger):
         reply = await self._eval(
             _SCRIPTS["release"],
             [self.key_for(claim.key)],
-            [str(claim.token), "0" if error is None else "1", _b(error or "")],
+            [str(claim.token), "0" if error is None else "1", _b(storable_text(error or ""))],
             what="release",
         )
         self._fence(claim, reply)
@@ -959,6 +969,7 @@ class RedisLedger(Ledger):
         """Record the entry (idempotent per ``request.entry_id()``) and, with ``claim``, move the
         record to QUARANTINED under fencing, in one script. Durable before the caller completes at
         the broker only as far as the server's persistence is (see :meth:`persistence_report`)."""
+        request = request.storable()
         eid = request.entry_id()
         fields: list[bytes | str] = ["scope", _b(request.scope), "reason", request.reason.value]
         for name, value in (
@@ -1524,6 +1535,21 @@ class RedisLedger(Ledger):
             )
         if isinstance(exc, e.ResponseError) and "replaysafe bug" in str(exc):
             return LedgerError(f"{where}; nothing was written; please report this replaysafe bug")
+        if isinstance(exc, e.DataError) or (
+            type(exc) is e.ResponseError  # not OOM, READONLY, NOPERM …: the server's state
+            and _LUA_ERROR.search(str(exc)) is not None
+            and _STATE_CODE.match(str(exc)) is None
+        ):
+            # a value redis-py cannot send, or a ledger script that failed on this call's data:
+            # the server is up and a retry fails the same way
+            done = "nothing was sent" if isinstance(exc, e.DataError) else (
+                "Redis does not roll a failed script back: its writes before the failure stay"
+            )  # fmt: skip
+            return LedgerDataError(
+                f"{where}; the ledger refused this call's data ({done}); a retry fails the same "
+                "way: set the message aside (quarantine or dead-letter it) and report the value "
+                "if it looks ordinary"
+            )
         if isinstance(exc, e.AuthenticationError | e.AuthorizationError | e.NoPermissionError):
             hint = (
                 "check the URL's username and password and the user's ACL (the ledger needs "

@@ -41,7 +41,13 @@ from functools import partial
 from typing import Any, Final, TypeVar
 
 from replaysafe.clock import SYSTEM_CLOCK, Clock
-from replaysafe.errors import ConfigurationError, LeaseLost, LedgerError, LedgerUnavailable
+from replaysafe.errors import (
+    ConfigurationError,
+    LeaseLost,
+    LedgerDataError,
+    LedgerError,
+    LedgerUnavailable,
+)
 from replaysafe.ledger._fast import new_record
 from replaysafe.ledger.base import (
     Acquired,
@@ -64,6 +70,7 @@ from replaysafe.ledger.base import (
     entry_from_row,
     merge_quarantine,
     pause_text,
+    storable_text,
     unknown_entry,
 )
 from replaysafe.quarantine import QuarantineReason
@@ -74,6 +81,18 @@ T = TypeVar("T")
 def _noop() -> None:
     return None
 
+
+#: errors caused by the data of a call, not by the file or the disk (a retry cannot help): a
+#: violated constraint, a value SQLite or the driver cannot bind (a str with a lone surrogate has
+#: no UTF-8 form; an int beyond 64 bits), a value of a type it cannot store
+_DATA_ERRORS: Final = (
+    sqlite3.IntegrityError,
+    sqlite3.DataError,
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+    UnicodeEncodeError,
+    OverflowError,
+)
 
 #: accepted values of ``PRAGMA synchronous`` (anything else is refused, never interpolated)
 SYNCHRONOUS_MODES: Final = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
@@ -688,8 +707,8 @@ class SQLiteLedger(TransactionalLedger):
                 self._rollback_quietly(conn)
                 raise
             return out
-        except sqlite3.Error as exc:
-            raise self._unavailable(exc) from exc
+        except (sqlite3.Error, *_DATA_ERRORS) as exc:
+            raise self._error(exc) from exc
 
     def _in_tx(
         self, tx: SQLiteTransaction, fn: Callable[[sqlite3.Connection], T], map_errors: bool
@@ -704,8 +723,8 @@ class SQLiteLedger(TransactionalLedger):
             return fn(conn)
         try:
             return fn(conn)
-        except sqlite3.Error as exc:
-            raise self._unavailable(exc) from exc
+        except (sqlite3.Error, *_DATA_ERRORS) as exc:
+            raise self._error(exc) from exc
 
     def _tx_execute(
         self, tx: SQLiteTransaction, sql: str, params: Sequence[Any] | dict[str, Any]
@@ -741,7 +760,7 @@ class SQLiteLedger(TransactionalLedger):
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback_quietly(conn)
-            raise self._unavailable(exc) from exc
+            raise self._error(exc) from exc  # a deferred constraint fails here: data
 
     def _rollback_job(self, generation: int | None) -> str | None:
         """Roll back; never raises (the caller is already propagating the real error)."""
@@ -827,6 +846,18 @@ class SQLiteLedger(TransactionalLedger):
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+
+    def _error(self, exc: BaseException) -> LedgerError:
+        """A failed call's error in the replaysafe tree: ``LedgerDataError`` when SQLite (or the
+        driver, while binding) refused this call's data, which a retry cannot change; else
+        ``LedgerUnavailable`` (I/O, a busy lock, a broken file: worth a retry)."""
+        if isinstance(exc, sqlite3.Error) and not isinstance(exc, _DATA_ERRORS):
+            return self._unavailable(exc)
+        return LedgerDataError(
+            f"SQLite ledger {self._path!r} refused this call's data ({type(exc).__name__}: "
+            f"{exc}); nothing of the call was written and a retry fails the same way: set the "
+            "message aside (quarantine or dead-letter it) and fix what produced the value"
+        )
 
     def _unavailable(self, exc: sqlite3.Error) -> LedgerUnavailable:
         if isinstance(exc, sqlite3.OperationalError) and _is_busy(exc):
@@ -924,7 +955,7 @@ class SQLiteLedger(TransactionalLedger):
                 rec,
                 state=State.RELEASED,
                 lease_until=None,
-                last_error=error,
+                last_error=storable_text(error),
                 updated_at=self._clock.now(),
             ),
         )
@@ -932,6 +963,7 @@ class SQLiteLedger(TransactionalLedger):
     def _quarantine_rows(
         self, request: QuarantineRequest, claim: Claim | None, conn: sqlite3.Connection
     ) -> QuarantineEntry:
+        request = request.storable()
         now = self._clock.now()
         if claim is not None:
             # fence first: a stale claim raises before anything is written
