@@ -32,13 +32,14 @@ from replaysafe.ledger.base import (
     Acquired,
     AlreadyDone,
     ClaimRequest,
+    DurabilityLevel,
     InFlight,
     Ledger,
     OpKey,
     QuarantineRequest,
     State,
 )
-from replaysafe.ledger.postgres import PostgresLedger, redact_dsn
+from replaysafe.ledger.postgres import PostgresLedger, assess_postgres, redact_dsn
 from replaysafe.quarantine import QuarantineReason
 from replaysafe.testing import EffectProbe, FakeClock
 from replaysafe.testing.contracts.ledger import TransactionalLedgerContract, acquire, must_get
@@ -1234,6 +1235,106 @@ async def test_a_transaction_of_another_ledger_is_refused(pg_dsn: str, pg_schema
     finally:
         await a.close()
         await b.close()
+
+
+# ---------------------------------------------------------------------- durability (explain)
+
+
+async def _findings(ledger: PostgresLedger) -> dict[str, Any]:
+    from replaysafe.explain import explain
+
+    app = App("durability", broker=MemoryBroker(), ledger=ledger)
+
+    async def charge(ctx: Context) -> None:
+        return None
+
+    app.handler("payments", guarantee=Guarantee.EFFECTIVELY_ONCE,
+                effect=Effect.keyed("payments-api"))(charge)  # fmt: skip
+    [handler] = (await explain(app)).handlers
+    return {f.id: f for f in handler.findings if f.id in ("RS110", "RS111", "RS118")}
+
+
+async def test_durability_reads_what_the_ledgers_own_connections_use(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    """The server default (synchronous_commit=on, fsync on) backs a claim; a ledger whose DSN
+    turns synchronous_commit off for its sessions can lose the last commits in a crash, though
+    every other session of the same server still runs with it on."""
+    durable = PostgresLedger(pg_dsn, schema=pg_schema)  # no schema needed to read settings
+    lossy = PostgresLedger(make_conninfo(pg_dsn, options="-c synchronous_commit=off"),
+                           schema=pg_schema)  # fmt: skip
+    try:
+        d = await durable.durability()
+        assert (d.level, d.durable) == (DurabilityLevel.DURABLE, True)
+        assert "synchronous_commit=on" in d.setting and "fsync=on" in d.setting
+        assert await _findings(durable) == {}
+        l_ = await lossy.durability()
+        assert (l_.level, l_.durable) == (DurabilityLevel.LOSES_RECENT, False)
+        assert "synchronous_commit=off" in l_.setting
+        async with admin(pg_dsn) as conn:  # the server's own default is untouched
+            assert await scalar(conn, "SHOW synchronous_commit") == "on"
+        findings = await _findings(lossy)
+        assert list(findings) == ["RS118"]
+        assert findings["RS118"].severity == "warning"
+        assert "synchronous_commit=off" in findings["RS118"].message
+    finally:
+        await durable.close()
+        await lossy.close()
+
+
+async def test_durability_follows_the_ledger_roles_own_setting(pg_dsn: str) -> None:
+    role = f"rs_dur_{uuid.uuid4().hex[:10]}"
+    async with admin(pg_dsn) as conn:
+        await conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        try:
+            await conn.execute(
+                sql.SQL("ALTER ROLE {} SET synchronous_commit = off").format(sql.Identifier(role))
+            )
+            ledger = PostgresLedger(make_conninfo(pg_dsn, user=role))
+            try:
+                assert (await ledger.durability()).level is DurabilityLevel.LOSES_RECENT
+            finally:
+                await ledger.close()
+            await conn.execute(
+                sql.SQL("ALTER ROLE {} SET synchronous_commit = local").format(sql.Identifier(role))
+            )
+            ledger = PostgresLedger(make_conninfo(pg_dsn, user=role))
+            try:
+                d = await ledger.durability()
+                assert d.level is DurabilityLevel.DURABLE
+                assert "synchronous_commit=local" in d.setting
+            finally:
+                await ledger.close()
+        finally:
+            await conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+_ON = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on",
+       "synchronous_standby_names": "", "wal_writer_delay": "200ms"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("changes", "level", "words"),
+    [
+        ({}, DurabilityLevel.DURABLE, "flushed to the WAL on disk"),
+        ({"synchronous_commit": "local"}, DurabilityLevel.DURABLE, "asynchronous"),
+        ({"synchronous_standby_names": "FIRST 1 (replica_a)"}, DurabilityLevel.DURABLE,
+         "flushed by a synchronous standby"),
+        ({"synchronous_standby_names": "replica_a", "synchronous_commit": "remote_apply"},
+         DurabilityLevel.DURABLE, "applied by a synchronous standby"),
+        ({"synchronous_standby_names": "replica_a", "synchronous_commit": "local"},
+         DurabilityLevel.DURABLE, "asynchronous"),
+        ({"synchronous_commit": "off"}, DurabilityLevel.LOSES_RECENT, "3 x 200ms"),
+        ({"fsync": "off"}, DurabilityLevel.NOT_DURABLE, "fsync=off"),
+        ({"full_page_writes": "off"}, DurabilityLevel.NOT_DURABLE, "torn"),
+        ({"fsync": "off", "synchronous_commit": "off"}, DurabilityLevel.NOT_DURABLE, "fsync"),
+    ],
+)  # fmt: skip
+def test_assess_postgres(changes: dict[str, str], level: DurabilityLevel, words: str) -> None:
+    """fsync and full_page_writes are server-wide (no session can change them): judged here."""
+    d = assess_postgres("pg", {**_ON, **changes})
+    assert (d.level, d.durable) == (level, level is DurabilityLevel.DURABLE)
+    assert words in d.detail
 
 
 # ---------------------------------------------------------------------- data errors

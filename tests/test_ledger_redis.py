@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.asyncio.connection import Connection, ConnectionPool
@@ -34,8 +36,9 @@ from redis.exceptions import (
     ResponseError,
 )
 
-from replaysafe import Context, Effect, Envelope, Guarantee, RetryPolicy, observe
+from replaysafe import App, Context, Effect, Envelope, Guarantee, MemoryBroker, RetryPolicy, observe
 from replaysafe import failpoints as fp
+from replaysafe.cli import main as cli_main
 from replaysafe.clock import SystemClock
 from replaysafe.errors import (
     ConfigurationError,
@@ -49,6 +52,7 @@ from replaysafe.ledger.base import (
     AlreadyDone,
     Claim,
     ClaimRequest,
+    DurabilityLevel,
     InFlight,
     Ledger,
     OpKey,
@@ -70,7 +74,10 @@ from replaysafe.ledger.redis import (
 from replaysafe.quarantine import QuarantineReason
 from replaysafe.testing import FakeClock
 from replaysafe.testing.contracts.ledger import LedgerContract, acquire, must_get
+from replaysafe.testing.servers import ServerUnavailable, free_port, local_redis
 
+from .apps.explain_ledger import ENV as EXPLAIN_LEDGER
+from .conftest import unavailable
 from .runtime_harness import Harness
 
 KEY = OpKey("orders", "op-1")
@@ -811,6 +818,145 @@ async def test_persistence_report_with_config_disabled_is_unknown(
     assert (report.known, report.can_back_claims) == (False, False)
     assert "unknown" in report.sentence
     assert assess_persistence(None) == report
+
+
+# ---------------------------------------------------------------------- durability (explain)
+
+#: CONFIG SET values per case; each test sets all four, so nothing leaks between tests
+_NOEVICT = {"maxmemory-policy": "noeviction"}
+_DURABILITY_CASES = [
+    ("no persistence", {"appendonly": "no", "save": "", "appendfsync": "everysec"},
+     DurabilityLevel.NOT_DURABLE, "RS110", 1),
+    ("rdb snapshots only", {"appendonly": "no", "save": "3600 1", "appendfsync": "everysec"},
+     DurabilityLevel.NOT_DURABLE, "RS110", 1),
+    ("aof fsynced every second", {"appendonly": "yes", "save": "", "appendfsync": "everysec"},
+     DurabilityLevel.LOSES_RECENT, "RS118", 0),
+    ("aof fsynced by the os", {"appendonly": "yes", "save": "", "appendfsync": "no"},
+     DurabilityLevel.LOSES_RECENT, "RS118", 0),
+    ("aof fsynced on every write", {"appendonly": "yes", "save": "", "appendfsync": "always"},
+     DurabilityLevel.DURABLE, None, 0),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def private_redis() -> Iterator[str]:
+    """A redis-server of this module's own: CONFIG SET on the shared Redis would change the
+    persistence every other test (and engineer) sees."""
+    try:
+        with local_redis() as url:
+            yield url
+    except ServerUnavailable as exc:
+        unavailable("Redis (private redis-server)", str(exc))
+
+
+def configure(url: str, settings: dict[str, str]) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        for name, value in {**_NOEVICT, **settings}.items():
+            client.config_set(name, value)
+        for name, value in {**_NOEVICT, **settings}.items():  # read back: the server took it
+            assert client.config_get(name)[name] == value, name
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("settings", "level", "finding", "strict_exit"),
+    [c[1:] for c in _DURABILITY_CASES],
+    ids=[c[0] for c in _DURABILITY_CASES],
+)
+def test_explain_judges_the_live_server_persistence(
+    private_redis: str,
+    settings: dict[str, str],
+    level: DurabilityLevel,
+    finding: str | None,
+    strict_exit: int,
+) -> None:
+    """``durability()`` reads the server as it is configured now; ``replaysafe explain
+    --strict`` fails (exit 1, RS110) on a Redis that forgets claims on restart, warns (RS118)
+    where a machine crash can lose the last second, and says nothing where every write is
+    fsynced."""
+    configure(private_redis, settings)
+
+    async def read() -> Any:
+        async with RedisLedger(private_redis, prefix="rs-durability:") as led:
+            return await led.durability()
+
+    durability = asyncio.run(read())
+    assert durability.level is level
+    assert durability.durable is (level is DurabilityLevel.DURABLE)
+    assert f"appendonly={settings['appendonly']}" in durability.setting
+    assert f"appendfsync={settings['appendfsync']}" in durability.setting
+    result = CliRunner().invoke(
+        cli_main,
+        ["explain", "tests.apps.explain_ledger:app", "--json", "--strict"],
+        env={EXPLAIN_LEDGER: private_redis},
+    )
+    assert result.exit_code == strict_exit, result.output
+    [handler] = json.loads(result.output)["handlers"]
+    found = {f["id"]: f for f in handler["findings"]}
+    durability_ids = {"RS110", "RS111", "RS118"} & set(found)
+    assert durability_ids == ({finding} if finding else set()), handler["findings"]
+    if finding is not None:
+        assert found[finding]["severity"] == ("error" if finding == "RS110" else "warning")
+        assert f"appendfsync={settings['appendfsync']}" in found[finding]["message"]
+
+
+def test_explain_strict_fails_on_the_shared_redis_without_persistence(redis_url: str) -> None:
+    """The local test Redis (appendonly no, no snapshots) is what issue 13 saw: explain used to
+    warn RS111 "does not say" and --strict passed."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        config = {n: client.config_get(n)[n] for n in ("appendonly", "save")}
+    finally:
+        client.close()
+    assert config == {"appendonly": "no", "save": ""}, (
+        f"the shared test Redis should run without persistence (see tests/conftest.py), got "
+        f"{config}"
+    )
+    result = CliRunner().invoke(
+        cli_main,
+        ["explain", "tests.apps.explain_ledger:app", "--strict"],
+        env={EXPLAIN_LEDGER: redis_url},
+    )
+    assert result.exit_code == 1, result.output
+    assert "ERROR RS110" in result.output and "RS111" not in result.output
+    assert "appendonly=no" in result.output
+
+
+async def test_durability_is_unknown_where_config_is_not_permitted(
+    redis_url: str, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    monkeypatch.setattr(client, "config_get", fake_config(NoPermissionError("NOPERM config")))
+    async with RedisLedger(redis_url, prefix=redis_prefix, client=client) as led:
+        durability = await led.durability()
+    await client.aclose()
+    assert (durability.level, durability.durable) == (DurabilityLevel.UNKNOWN, None)
+    assert "not permitted" in durability.setting
+
+
+async def test_explain_of_an_unreachable_redis_says_unknown_instead_of_failing() -> None:
+    from replaysafe.explain import explain
+
+    app = App("down", broker=MemoryBroker(),
+              ledger=RedisLedger(f"redis://127.0.0.1:{free_port()}/0?socket_connect_timeout=1",
+                                 prefix="rs-down:"))  # fmt: skip
+    app.handler("payments", guarantee=Guarantee.EFFECTIVELY_ONCE,
+                effect=Effect.keyed("payments-api"))(_noop)  # fmt: skip
+    [handler] = (await explain(app)).handlers
+    [rs111] = [f for f in handler.findings if f.id == "RS111"]
+    assert "could not be asked" in rs111.message
+    assert not {"RS110", "RS118"} & {f.id for f in handler.findings}
+    await app.ledger.close()
+
+
+async def _noop(ctx: Context) -> None:
+    return None
 
 
 # ---------------------------------------------------------------------- data errors

@@ -20,6 +20,7 @@ from replaysafe.ledger import sqlite as sqlite_module
 from replaysafe.ledger.base import (
     Acquired,
     ClaimRequest,
+    DurabilityLevel,
     InFlight,
     Ledger,
     OpKey,
@@ -297,6 +298,56 @@ async def test_pragmas_are_wal_and_the_chosen_synchronous(
         assert await tx.fetchall("PRAGMA journal_mode") == [("wal",)]
     with sqlite3.connect(path) as conn:  # WAL is a property of the file: it stays
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+@pytest.mark.parametrize(
+    ("synchronous", "level", "finding"),
+    [
+        ("FULL", DurabilityLevel.DURABLE, None),
+        ("EXTRA", DurabilityLevel.DURABLE, None),
+        ("NORMAL", DurabilityLevel.LOSES_RECENT, "RS118"),
+        ("OFF", DurabilityLevel.NOT_DURABLE, "RS110"),
+    ],
+)
+async def test_durability_is_read_from_the_ledgers_connection(
+    tmp_path: Path, synchronous: str, level: DurabilityLevel, finding: str | None
+) -> None:
+    ledger = SQLiteLedger(tmp_path / "ledger.db", synchronous=synchronous)
+    try:
+        d = await ledger.durability()
+        assert (d.level, d.durable) == (level, level is DurabilityLevel.DURABLE)
+        assert d.setting == f"journal_mode=wal, synchronous={synchronous}"
+        assert {f.id for f in await _durability_findings(ledger)} == ({finding} - {None})
+        # what the connection uses, not what the constructor was told: change it underneath
+        await ledger.run_job(lambda conn: conn.execute("PRAGMA synchronous=NORMAL"), write=False)
+        assert (await ledger.durability()).level is DurabilityLevel.LOSES_RECENT
+    finally:
+        await ledger.close()
+
+
+async def test_an_in_memory_database_cannot_back_a_claim() -> None:
+    async with SQLiteLedger(":memory:") as ledger:
+        d = await ledger.durability()
+        assert (d.level, d.setting) == (
+            DurabilityLevel.NOT_DURABLE,
+            "journal_mode=memory, synchronous=FULL",
+        )
+        [rs110] = await _durability_findings(ledger)
+        assert (rs110.id, rs110.severity) == ("RS110", "error")
+
+
+async def _durability_findings(ledger: SQLiteLedger) -> list[Any]:
+    from replaysafe import App, Context, Effect, Guarantee, MemoryBroker
+    from replaysafe.explain import explain
+
+    async def charge(ctx: Context) -> None:
+        return None
+
+    app = App("durability", broker=MemoryBroker(), ledger=ledger)
+    app.handler("payments", guarantee=Guarantee.EFFECTIVELY_ONCE,
+                effect=Effect.keyed("payments-api"))(charge)  # fmt: skip
+    [handler] = (await explain(app)).handlers
+    return [f for f in handler.findings if f.id in ("RS110", "RS111", "RS118")]
 
 
 @pytest.mark.parametrize("synchronous", ["ALWAYS", "", "FULL; DROP TABLE x", "2"])

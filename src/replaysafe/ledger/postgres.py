@@ -64,6 +64,8 @@ from replaysafe.ledger.base import (
     Claim,
     ClaimOutcome,
     ClaimRequest,
+    Durability,
+    DurabilityLevel,
     LedgerSummary,
     OpKey,
     PauseState,
@@ -567,6 +569,14 @@ _RESUME: Final = "DELETE FROM {paused} WHERE handler = %(handler)s"
 _LIST_PAUSED: Final = (
     "SELECT handler, reason, paused_by, date_part('epoch', since) FROM {paused} ORDER BY handler"
 )
+
+
+#: what decides whether a returned commit survives a crash, as the session running the ledger's
+#: statements sees it (server configuration, ALTER DATABASE/ROLE ... SET and the DSN's options)
+_DURABILITY: Final = b"""
+SELECT current_setting('fsync'), current_setting('synchronous_commit'),
+       current_setting('full_page_writes'), current_setting('synchronous_standby_names'),
+       current_setting('wal_writer_delay')"""
 
 
 # ---------------------------------------------------------------------- value types
@@ -1152,6 +1162,32 @@ class PostgresLedger(TransactionalLedger):
         rows = await self._fetch("paused", self._sql("list_paused"), {})
         return {h: PauseState(h, r, b, float(t)) for h, r, b, t in rows}
 
+    async def durability(self) -> Durability:
+        """Read ``fsync``, ``synchronous_commit``, ``full_page_writes``,
+        ``synchronous_standby_names`` and ``wal_writer_delay`` on one of the ledger's own pooled
+        connections (so the DSN's ``options``, ``ALTER ROLE/DATABASE … SET`` and the server's
+        configuration all count, as they do for every ledger statement) and judge them with
+        :func:`assess_postgres`. Needs the server, not the schema. Raises
+        ``LedgerUnavailable`` when the server cannot be reached."""
+        self._guard("durability")
+        pool = await self._ensure_pool()
+        psycopg, _ = _driver()
+        try:
+            async with pool.connection(timeout=self._acquire_timeout) as conn:
+                cur = await conn.execute(_DURABILITY)
+                row = await cur.fetchone()
+        except psycopg.Error as exc:
+            raise self._unavailable("durability", exc) from exc
+        except _pool_timeout() as exc:
+            raise self._pool_exhausted() from exc
+        assert row is not None  # one SELECT without FROM: always one row
+        names = ("fsync", "synchronous_commit", "full_page_writes", "synchronous_standby_names",
+                 "wal_writer_delay")  # fmt: skip
+        return assess_postgres(
+            f"{self._redacted} (schema {self._schema})",
+            dict(zip(names, (str(v) for v in row), strict=True)),
+        )
+
     async def purge(self, older_than: float, *, limit: int = 10_000) -> int:
         """Forget up to ``limit`` COMPLETED records completed before ``older_than`` (POSIX
         seconds, compared with the database's ``completed_at``), oldest first.
@@ -1727,6 +1763,53 @@ class PostgresLedger(TransactionalLedger):
 # ---------------------------------------------------------------------- helpers
 
 
+def assess_postgres(store: str, settings: dict[str, str]) -> Durability:
+    """Judge the settings :meth:`PostgresLedger.durability` reads (``current_setting`` values by
+    name) for the ledger's claims and completions."""
+    fsync, commit = settings["fsync"], settings["synchronous_commit"]
+    pages, standbys = settings["full_page_writes"], settings["synchronous_standby_names"].strip()
+    setting = (
+        f"fsync={fsync}, synchronous_commit={commit}, full_page_writes={pages}, "
+        f"synchronous_standby_names={standbys!r}"
+    )
+    if fsync != "on":
+        return Durability.of(
+            DurabilityLevel.NOT_DURABLE, store, setting,
+            "PostgreSQL does not fsync (fsync=off): an OS crash or power loss can lose any commit "
+            "and corrupt the cluster beyond recovery; turn fsync on",
+        )  # fmt: skip
+    if pages != "on":
+        return Durability.of(
+            DurabilityLevel.NOT_DURABLE, store, setting,
+            "full_page_writes=off: a page torn by power loss cannot be repaired from the WAL, so "
+            "a machine crash can corrupt ledger rows (safe only on a filesystem that writes "
+            "pages atomically); turn full_page_writes on",
+        )  # fmt: skip
+    if commit == "off":
+        delay = settings.get("wal_writer_delay", "200ms")
+        return Durability.of(
+            DurabilityLevel.LOSES_RECENT, store, setting,
+            "a commit returns before its WAL is flushed (synchronous_commit=off): a crash of the "
+            f"server or its machine can lose the last claims and completions (up to 3 x "
+            f"wal_writer_delay = 3 x {delay}); set synchronous_commit to on (or local) for the "
+            "ledger's role or DSN",
+        )  # fmt: skip
+    if standbys and commit in ("on", "remote_write", "remote_apply"):
+        waits = {"on": "flushed", "remote_write": "written", "remote_apply": "applied"}[commit]
+        return Durability.of(
+            DurabilityLevel.DURABLE, store, setting,
+            "every commit is flushed to the primary's WAL and "
+            f"{waits} by a synchronous standby before it returns: it survives a crash of the "
+            "ledger's machine and a failover to that standby",
+        )  # fmt: skip
+    return Durability.of(
+        DurabilityLevel.DURABLE, store, setting,
+        "every commit is flushed to the WAL on disk before it returns: it survives a crash of "
+        "the server or its machine; standbys (if any) are asynchronous, so a failover can lose "
+        "the latest commits",
+    )  # fmt: skip
+
+
 def _driver() -> tuple[Any, Any]:
     """``(psycopg, psycopg_pool)``, imported on first use; ``MissingExtra`` names the extra."""
     try:
@@ -1824,5 +1907,6 @@ __all__ = [
     "MigrationReport",
     "PostgresLedger",
     "PostgresTransaction",
+    "assess_postgres",
     "redact_dsn",
 ]

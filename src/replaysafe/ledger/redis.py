@@ -94,6 +94,8 @@ from replaysafe.ledger.base import (
     ClaimOutcome,
     ClaimRequest,
     Conflict,
+    Durability,
+    DurabilityLevel,
     InFlight,
     Ledger,
     LedgerSummary,
@@ -542,6 +544,18 @@ class RedisPersistence:
     maxmemory_policy: str | None
     can_back_claims: bool
     sentence: str
+    #: the verdict as :meth:`RedisLedger.durability` reports it (``explain``: RS110/RS118/RS111)
+    level: DurabilityLevel = DurabilityLevel.UNKNOWN
+
+    @property
+    def setting(self) -> str:
+        """The settings read, as ``name=value`` pairs (or why none could be read)."""
+        if not self.known:
+            return "CONFIG GET not permitted"
+        return (
+            f"appendonly={self.appendonly}, appendfsync={self.appendfsync}, save={self.save!r}, "
+            f"maxmemory-policy={self.maxmemory_policy}"
+        )
 
     @property
     def known(self) -> bool:
@@ -552,9 +566,11 @@ def assess_persistence(config: Mapping[str, str] | None) -> RedisPersistence:
     """Judge Redis persistence settings (``CONFIG GET`` values by name; ``None`` when unknown).
 
     Only ``appendonly yes`` with ``appendfsync always`` writes every claim to disk before Redis
-    replies; ``everysec`` may lose about the last second on power loss; without AOF everything
-    since the last RDB snapshot (or everything, with no snapshots) is lost on restart. Any
-    ``maxmemory-policy`` other than ``noeviction`` may evict records under memory pressure.
+    replies (``DURABLE``); ``everysec`` may lose about the last second on power loss, ``no``
+    about the last 30 s (``LOSES_RECENT``); without AOF everything since the last RDB snapshot
+    (or everything, with no snapshots) is lost on restart (``NOT_DURABLE``). Any
+    ``maxmemory-policy`` other than ``noeviction`` may evict records under memory pressure
+    (``NOT_DURABLE``).
     """
     if config is None or "appendonly" not in config:
         return RedisPersistence(
@@ -572,8 +588,9 @@ def assess_persistence(config: Mapping[str, str] | None) -> RedisPersistence:
     save = config.get("save")
     policy = config.get("maxmemory-policy")
     durable = False
+    level = DurabilityLevel.NOT_DURABLE
     if aof == "yes" and fsync == "always":
-        durable = True
+        durable, level = True, DurabilityLevel.DURABLE
         sentence = (
             "Redis appends every write to its AOF and fsyncs it before replying (appendonly yes, "
             "appendfsync always): a claim or completion that returned survives a crash or power "
@@ -581,6 +598,7 @@ def assess_persistence(config: Mapping[str, str] | None) -> RedisPersistence:
             "latest writes)."
         )
     elif aof == "yes":
+        level = DurabilityLevel.LOSES_RECENT
         how, window = {
             "everysec": ("once a second", "about the last second"),
             "no": ("when the OS flushes it", "the last ~30 seconds"),
@@ -605,13 +623,13 @@ def assess_persistence(config: Mapping[str, str] | None) -> RedisPersistence:
             "new again; set appendonly yes and appendfsync always."
         )
     if policy is not None and policy.lower() != "noeviction":
-        durable = False
+        durable, level = False, DurabilityLevel.NOT_DURABLE
         sentence += (
             f" maxmemory-policy {policy} may evict ledger records under memory pressure (an "
             "evicted completion makes its operation new again); set it to noeviction."
         )
     return RedisPersistence(
-        config.get("appendonly"), config.get("appendfsync"), save, policy, durable, sentence
+        config.get("appendonly"), config.get("appendfsync"), save, policy, durable, sentence, level
     )
 
 
@@ -1335,6 +1353,17 @@ class RedisLedger(Ledger):
                 if k is not None:
                     config[_s(k)] = "" if v is None else _s(v)
         return assess_persistence(config)
+
+    async def durability(self) -> Durability:
+        """The server's persistence settings, read live (:meth:`persistence_report`), as the
+        ledger's durability: ``appendfsync always`` durable, ``everysec``/``no`` loses recent
+        writes on a machine crash, RDB-only or no persistence (or an evicting
+        ``maxmemory-policy``) not durable, ``CONFIG`` not permitted unknown."""
+        report = await self.persistence_report()
+        return Durability.of(
+            report.level, f"redis {self._display} prefix {self._prefix!r}", report.setting,
+            report.sentence,
+        )  # fmt: skip
 
     async def close(self) -> None:
         """Close the connection pool (only when the ledger created it). Idempotent."""

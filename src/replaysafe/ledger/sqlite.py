@@ -55,6 +55,7 @@ from replaysafe.ledger.base import (
     ClaimOutcome,
     ClaimRequest,
     Durability,
+    DurabilityLevel,
     LedgerSummary,
     OpKey,
     PauseState,
@@ -96,6 +97,9 @@ _DATA_ERRORS: Final = (
 
 #: accepted values of ``PRAGMA synchronous`` (anything else is refused, never interpolated)
 SYNCHRONOUS_MODES: Final = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
+
+#: ``PRAGMA synchronous`` answers with a number
+_SYNCHRONOUS_NAMES: Final = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
 
 #: 2: quarantine entries keep ``published_at``, ``message_size``, ``redriven_at``, ``redrives``;
 #: index of retried operations for :meth:`SQLiteLedger.summary`.
@@ -362,17 +366,19 @@ class SQLiteLedger(TransactionalLedger):
         return self._path
 
     async def durability(self) -> Durability:
-        """FULL/EXTRA fsync the WAL on every commit; NORMAL may lose the last commits on power
-        loss (not on a process crash); OFF may lose or corrupt them."""
-        level = self._synchronous
-        durable = level in ("FULL", "EXTRA")
-        detail = (
-            "every commit is fsynced before claim/complete return"
-            if durable
-            else "commits survive a process crash but the last ones may be lost on power loss or "
-            "an OS crash; use synchronous='FULL'"
-        )
-        return Durability(f"sqlite:{self._path}", durable, f"synchronous={level}", detail)
+        """What the ledger's own connection uses, read from it (``PRAGMA journal_mode`` and
+        ``PRAGMA synchronous``): WAL with FULL/EXTRA fsyncs every commit (durable); WAL with
+        NORMAL survives a process crash but a machine crash can roll back the latest commits
+        (loses recent); OFF syncs nothing, and a ``:memory:`` database (or journal MEMORY/OFF)
+        dies with the process or can be corrupted by a crash (not durable)."""
+
+        def pragmas(conn: sqlite3.Connection) -> tuple[str, str]:
+            (journal,) = conn.execute("PRAGMA journal_mode").fetchone()
+            (sync,) = conn.execute("PRAGMA synchronous").fetchone()
+            return str(journal).lower(), _SYNCHRONOUS_NAMES.get(int(sync), str(sync))
+
+        journal, sync = await self._read(pragmas)
+        return assess_sqlite(f"sqlite:{self._path}", journal, sync)
 
     def now(self) -> float:
         return self._clock.now()
@@ -1009,6 +1015,42 @@ class SQLiteLedger(TransactionalLedger):
         conn.execute(_SAVE_RECORD, _record_params(rec))
 
 
+def assess_sqlite(store: str, journal_mode: str, synchronous: str) -> Durability:
+    """Judge a connection's ``journal_mode`` (lower case) and ``synchronous`` (OFF, NORMAL, FULL,
+    EXTRA) for :meth:`SQLiteLedger.durability`."""
+    setting = f"journal_mode={journal_mode}, synchronous={synchronous}"
+    if journal_mode in ("memory", "off"):  # ":memory:" databases report "memory"
+        return Durability.of(
+            DurabilityLevel.NOT_DURABLE, store, setting,
+            "the database lives in memory, or writes without a journal: a crash of the process "
+            "loses (or corrupts) every claim and completion; use a file on a local disk in WAL "
+            "mode with synchronous='FULL'",
+        )  # fmt: skip
+    if synchronous == "OFF":
+        return Durability.of(
+            DurabilityLevel.NOT_DURABLE, store, setting,
+            "SQLite never fsyncs: a crash of the machine can lose any commit or corrupt the file; "
+            "use synchronous='FULL'",
+        )  # fmt: skip
+    if synchronous in ("FULL", "EXTRA"):
+        return Durability.of(
+            DurabilityLevel.DURABLE, store, setting,
+            "every commit is fsynced before claim/complete return",
+        )  # fmt: skip
+    if journal_mode == "wal":  # NORMAL
+        return Durability.of(
+            DurabilityLevel.LOSES_RECENT, store, setting,
+            "the WAL is fsynced only at checkpoints: a process crash loses nothing, but power "
+            "loss or an OS crash can roll back the latest commits (those the OS had not written "
+            "back yet); use synchronous='FULL'",
+        )  # fmt: skip
+    return Durability.of(
+        DurabilityLevel.NOT_DURABLE, store, setting,
+        "a rollback journal with synchronous=NORMAL can be corrupted by power loss at the wrong "
+        "moment; use WAL with synchronous='FULL'",
+    )  # fmt: skip
+
+
 def _upgrade(conn: sqlite3.Connection) -> None:
     """Bring a file of an older schema version to :data:`SCHEMA_VERSION`, inside the caller's
     ``BEGIN IMMEDIATE`` (so concurrent openers take turns and the later ones find it done).
@@ -1138,4 +1180,5 @@ __all__ = [
     "SQLiteLedger",
     "SQLiteResult",
     "SQLiteTransaction",
+    "assess_sqlite",
 ]
