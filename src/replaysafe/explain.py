@@ -34,8 +34,8 @@ RS114    warning   retry budget can outlive the replay horizon
 RS115    info      no publish time from a plain producer on this broker: horizon unchecked
 RS116    warning   delivery limit at or below the retry budget (the broker gives up first)
 RS117    info      broker retention unknown or unbounded (compare it with the horizon)
-RS118    warning   ledger storage can lose its most recent claims in a crash (about the last
-                   second) under effectively-once
+RS118    warning   ledger storage can lose its latest claims in a crash (appendfsync
+                   everysec, synchronous_commit=off …) under effectively-once
 =======  ========  =====================================================================
 """
 
