@@ -1360,6 +1360,41 @@ async def test_data_the_server_refuses_is_a_data_error_not_an_outage(
         await ledger.close()
 
 
+async def test_a_nul_in_the_content_type_is_quarantined_not_nacked_forever(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    """Issue 13 item 14 end to end: plain-client messages whose content type holds a NUL or a
+    byte that is not UTF-8 are quarantined with the content type escaped and completed; the
+    worker never reports the ledger down and the good message next to them is applied once."""
+    from .runtime_harness import Harness
+
+    ledger = await make(pg_dsn, pg_schema)
+    h = Harness(ledger=ledger)
+
+    @h.handler(Guarantee.EFFECTIVELY_ONCE, effect=Effect.keyed("payments"))
+    async def charge(ctx: Context) -> None:
+        await h.probe.apply(ctx.payload["order"], ctx.payload["amount"], ctx.idempotency_key)
+
+    body = b'{"order": "o-1", "amount": 10}'
+    try:
+        for ctype in ("application/json\x00", "application/\udcffjson"):
+            await h.publish_raw(body, {"rs-operation-id": "charge:o-1", "content-type": ctype})
+        await h.publish(Envelope.of("charge:o-2", {"order": "o-2", "amount": 10}))
+        h.start()
+        await h.drain(seconds=60)
+        await h.stop()
+        assert h.probe.per_subject() == {"o-2": 1}
+        assert h.total(o.LEDGER_UNAVAILABLE) == 0
+        entries = await ledger.quarantined()
+        assert sorted(e.content_type or "" for e in entries) == [
+            "application/\\xffjson",
+            "application/json\\x00",
+        ]
+        assert all(e.message == body for e in entries)
+    finally:
+        await ledger.close()
+
+
 async def test_a_deferred_constraint_failing_at_commit_is_a_data_error(
     pg_dsn: str, pg_schema: str
 ) -> None:
