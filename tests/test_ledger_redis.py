@@ -858,6 +858,15 @@ def configure(url: str, settings: dict[str, str]) -> None:
             client.config_set(name, value)
         for name, value in {**_NOEVICT, **settings}.items():  # read back: the server took it
             assert client.config_get(name)[name] == value, name
+        # turning AOF on writes the initial AOF in the background; until it is written Redis
+        # refuses to shut down on SIGTERM ("Writing initial AOF, can't exit"): wait for it
+        for _ in range(200):  # bounded: 200 x 50 ms
+            info = client.info("persistence")
+            if not (info["aof_rewrite_in_progress"] or info["aof_rewrite_scheduled"]):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"the initial AOF was not written within 10 s: {info}")
     finally:
         client.close()
 
