@@ -15,7 +15,7 @@ from replaysafe import App, Context, Effect, Guarantee, MemoryBroker, MemoryLedg
 from replaysafe.brokers.base import Capabilities, RedeliveryKind, SettleGranularity, SourceFacts
 from replaysafe.cli import main
 from replaysafe.explain import explain, explain_handler
-from replaysafe.ledger.base import Durability
+from replaysafe.ledger.base import Durability, DurabilityLevel
 
 EO, ALO, AMO = Guarantee.EFFECTIVELY_ONCE, Guarantee.AT_LEAST_ONCE, Guarantee.AT_MOST_ONCE
 DAY = 86_400.0
@@ -27,7 +27,11 @@ KAFKA = Capabilities(
     RedeliveryKind.OFFSET_REWIND, SettleGranularity.CUMULATIVE_OFFSET, False, True, False
 )
 DURABLE = Durability("sqlite:x.db", True, "synchronous=FULL", "fsynced")
-FLAKY = Durability("redis://h", False, "appendfsync=everysec", "may lose 1 s of claims")
+# built the way a backend of the first version built it: durable=False alone means not durable
+FORGETFUL = Durability("redis://h", False, "appendonly=no", "a restart forgets every claim")
+LOSSY = Durability.of(
+    DurabilityLevel.LOSES_RECENT, "redis://h", "appendfsync=everysec", "may lose 1 s of claims"
+)
 UNKNOWN = Durability("custom", None, "unknown", "?")
 BOUNDED = SourceFacts(broker="rabbitmq", retention=3 * DAY)
 
@@ -92,8 +96,10 @@ CASES: list[tuple[str, dict[str, Any], bool, str]] = [
       "facts": SourceFacts("sqs", retention=DAY, visibility_timeout=30)}, False, "RS108"),
     ("p99 beyond lease", {"guarantee": EO, "lease": 10, "p99": 15}, True, "RS109"),
     ("p99 within lease", {"guarantee": EO, "lease": 30, "p99": 15}, False, "RS109"),
-    ("ledger cannot back the claim", {"guarantee": EO, "durability": FLAKY}, True, "RS110"),
+    ("ledger cannot back the claim", {"guarantee": EO, "durability": FORGETFUL}, True, "RS110"),
     ("ledger fsyncs", {"guarantee": EO}, False, "RS110"),
+    ("ledger loses recent claims is no error", {"guarantee": EO, "durability": LOSSY}, False,
+     "RS110"),
     ("ledger durability unknown", {"guarantee": EO, "durability": UNKNOWN}, True, "RS111"),
     ("ledger durability known", {"guarantee": EO}, False, "RS111"),
     ("delivery limit without dlx",
@@ -125,6 +131,11 @@ CASES: list[tuple[str, dict[str, Any], bool, str]] = [
                                             dead_letter="d")}, False, "RS116"),
     ("unknown retention", {"guarantee": EO, "facts": SourceFacts("memory")}, True, "RS117"),
     ("known retention", {"guarantee": EO}, False, "RS117"),
+    ("ledger loses recent claims", {"guarantee": EO, "durability": LOSSY}, True, "RS118"),
+    ("ledger fsyncs every claim", {"guarantee": EO}, False, "RS118"),
+    ("forgetful ledger is an error, not a warning", {"guarantee": EO, "durability": FORGETFUL},
+     False, "RS118"),
+    ("at-least-once claims nothing", {"guarantee": ALO, "durability": LOSSY}, False, "RS118"),
 ]  # fmt: skip
 
 
@@ -141,7 +152,7 @@ def test_finding_table(name: str, config: dict[str, Any], expected: bool, findin
 def test_every_finding_id_is_covered_both_ways() -> None:
     triggered = {c[3] for c in CASES if c[2]}
     untriggered = {c[3] for c in CASES if not c[2]}
-    assert triggered == untriggered == {f"RS{n}" for n in range(101, 118)}
+    assert triggered == untriggered == {f"RS{n}" for n in range(101, 119)}
 
 
 @pytest.mark.parametrize(
@@ -171,6 +182,17 @@ async def test_transactional_boundary_is_the_commit(tmp_path: Any) -> None:
     [h] = report.handlers
     assert h.boundary == f"the ledger transaction's commit (sqlite:{tmp_path / 'l.db'})"
     assert "RS110" not in ids(h)
+
+
+def test_durability_levels_and_the_durable_flag_agree() -> None:
+    assert [FORGETFUL.level, UNKNOWN.level, DURABLE.level] == [
+        DurabilityLevel.NOT_DURABLE,
+        DurabilityLevel.UNKNOWN,
+        DurabilityLevel.DURABLE,
+    ]
+    assert LOSSY.durable is False  # a reader of the first version sees "may not survive"
+    with pytest.raises(ValueError, match="durable=False"):
+        Durability("x", True, "s", "d", DurabilityLevel.LOSES_RECENT)
 
 
 async def test_memory_ledger_cannot_back_effectively_once() -> None:

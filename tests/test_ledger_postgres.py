@@ -20,19 +20,26 @@ from replaysafe import observe as o
 from replaysafe.brokers.base import RedeliveryKind
 from replaysafe.brokers.memory import MemoryBroker
 from replaysafe.cli import main as cli_main
-from replaysafe.errors import ConfigurationError, LedgerError, LedgerUnavailable, MissingExtra
+from replaysafe.errors import (
+    ConfigurationError,
+    LedgerDataError,
+    LedgerError,
+    LedgerUnavailable,
+    MissingExtra,
+)
 from replaysafe.ledger import postgres as pg_module
 from replaysafe.ledger.base import (
     Acquired,
     AlreadyDone,
     ClaimRequest,
+    DurabilityLevel,
     InFlight,
     Ledger,
     OpKey,
     QuarantineRequest,
     State,
 )
-from replaysafe.ledger.postgres import PostgresLedger, redact_dsn
+from replaysafe.ledger.postgres import PostgresLedger, assess_postgres, redact_dsn
 from replaysafe.quarantine import QuarantineReason
 from replaysafe.testing import EffectProbe, FakeClock
 from replaysafe.testing.contracts.ledger import TransactionalLedgerContract, acquire, must_get
@@ -1228,6 +1235,186 @@ async def test_a_transaction_of_another_ledger_is_refused(pg_dsn: str, pg_schema
     finally:
         await a.close()
         await b.close()
+
+
+# ---------------------------------------------------------------------- durability (explain)
+
+
+async def _findings(ledger: PostgresLedger) -> dict[str, Any]:
+    from replaysafe.explain import explain
+
+    app = App("durability", broker=MemoryBroker(), ledger=ledger)
+
+    async def charge(ctx: Context) -> None:
+        return None
+
+    app.handler("payments", guarantee=Guarantee.EFFECTIVELY_ONCE,
+                effect=Effect.keyed("payments-api"))(charge)  # fmt: skip
+    [handler] = (await explain(app)).handlers
+    return {f.id: f for f in handler.findings if f.id in ("RS110", "RS111", "RS118")}
+
+
+async def test_durability_reads_what_the_ledgers_own_connections_use(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    """The server default (synchronous_commit=on, fsync on) backs a claim; a ledger whose DSN
+    turns synchronous_commit off for its sessions can lose the last commits in a crash, though
+    every other session of the same server still runs with it on."""
+    durable = PostgresLedger(pg_dsn, schema=pg_schema)  # no schema needed to read settings
+    lossy = PostgresLedger(make_conninfo(pg_dsn, options="-c synchronous_commit=off"),
+                           schema=pg_schema)  # fmt: skip
+    try:
+        d = await durable.durability()
+        assert (d.level, d.durable) == (DurabilityLevel.DURABLE, True)
+        assert "synchronous_commit=on" in d.setting and "fsync=on" in d.setting
+        assert await _findings(durable) == {}
+        l_ = await lossy.durability()
+        assert (l_.level, l_.durable) == (DurabilityLevel.LOSES_RECENT, False)
+        assert "synchronous_commit=off" in l_.setting
+        async with admin(pg_dsn) as conn:  # the server's own default is untouched
+            assert await scalar(conn, "SHOW synchronous_commit") == "on"
+        findings = await _findings(lossy)
+        assert list(findings) == ["RS118"]
+        assert findings["RS118"].severity == "warning"
+        assert "synchronous_commit=off" in findings["RS118"].message
+    finally:
+        await durable.close()
+        await lossy.close()
+
+
+async def test_durability_follows_the_ledger_roles_own_setting(pg_dsn: str) -> None:
+    role = f"rs_dur_{uuid.uuid4().hex[:10]}"
+    async with admin(pg_dsn) as conn:
+        await conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        try:
+            await conn.execute(
+                sql.SQL("ALTER ROLE {} SET synchronous_commit = off").format(sql.Identifier(role))
+            )
+            ledger = PostgresLedger(make_conninfo(pg_dsn, user=role))
+            try:
+                assert (await ledger.durability()).level is DurabilityLevel.LOSES_RECENT
+            finally:
+                await ledger.close()
+            await conn.execute(
+                sql.SQL("ALTER ROLE {} SET synchronous_commit = local").format(sql.Identifier(role))
+            )
+            ledger = PostgresLedger(make_conninfo(pg_dsn, user=role))
+            try:
+                d = await ledger.durability()
+                assert d.level is DurabilityLevel.DURABLE
+                assert "synchronous_commit=local" in d.setting
+            finally:
+                await ledger.close()
+        finally:
+            await conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+_ON = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on",
+       "synchronous_standby_names": "", "wal_writer_delay": "200ms"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("changes", "level", "words"),
+    [
+        ({}, DurabilityLevel.DURABLE, "flushed to the WAL on disk"),
+        ({"synchronous_commit": "local"}, DurabilityLevel.DURABLE, "asynchronous"),
+        ({"synchronous_standby_names": "FIRST 1 (replica_a)"}, DurabilityLevel.DURABLE,
+         "flushed by a synchronous standby"),
+        ({"synchronous_standby_names": "replica_a", "synchronous_commit": "remote_apply"},
+         DurabilityLevel.DURABLE, "applied by a synchronous standby"),
+        ({"synchronous_standby_names": "replica_a", "synchronous_commit": "local"},
+         DurabilityLevel.DURABLE, "asynchronous"),
+        ({"synchronous_commit": "off"}, DurabilityLevel.LOSES_RECENT, "3 x 200ms"),
+        ({"fsync": "off"}, DurabilityLevel.NOT_DURABLE, "fsync=off"),
+        ({"full_page_writes": "off"}, DurabilityLevel.NOT_DURABLE, "torn"),
+        ({"fsync": "off", "synchronous_commit": "off"}, DurabilityLevel.NOT_DURABLE, "fsync"),
+    ],
+)  # fmt: skip
+def test_assess_postgres(changes: dict[str, str], level: DurabilityLevel, words: str) -> None:
+    """fsync and full_page_writes are server-wide (no session can change them): judged here."""
+    d = assess_postgres("pg", {**_ON, **changes})
+    assert (d.level, d.durable) == (level, level is DurabilityLevel.DURABLE)
+    assert words in d.detail
+
+
+# ---------------------------------------------------------------------- data errors
+
+
+async def test_data_the_server_refuses_is_a_data_error_not_an_outage(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    ledger = await make(pg_dsn, pg_schema)
+    try:
+        # a number beyond the column (integer): the server's DataError
+        huge = QuarantineRequest("orders", QuarantineReason.MAX_ATTEMPTS, "op-1", attempts=2**31)
+        with pytest.raises(LedgerDataError, match="refused this call's data"):
+            await ledger.quarantine(huge)
+        # a lone surrogate has no UTF-8 form: the driver refuses to send it (was a bare
+        # UnicodeEncodeError, outside the error tree)
+        with pytest.raises(LedgerDataError, match="UnicodeEncodeError"):
+            await ledger.get(OpKey("orders", "op-\udcff"))
+        assert await ledger.quarantined() == []
+        # the ledger is fine: the next call works
+        assert isinstance(await ledger.claim(KEY, "fp", "w1", 5.0), Acquired)
+    finally:
+        await ledger.close()
+
+
+async def test_a_nul_in_the_content_type_is_quarantined_not_nacked_forever(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    """Issue 13 item 14 end to end: plain-client messages whose content type holds a NUL or a
+    byte that is not UTF-8 are quarantined with the content type escaped and completed; the
+    worker never reports the ledger down and the good message next to them is applied once."""
+    from .runtime_harness import Harness
+
+    ledger = await make(pg_dsn, pg_schema)
+    h = Harness(ledger=ledger)
+
+    @h.handler(Guarantee.EFFECTIVELY_ONCE, effect=Effect.keyed("payments"))
+    async def charge(ctx: Context) -> None:
+        await h.probe.apply(ctx.payload["order"], ctx.payload["amount"], ctx.idempotency_key)
+
+    body = b'{"order": "o-1", "amount": 10}'
+    try:
+        for ctype in ("application/json\x00", "application/\udcffjson"):
+            await h.publish_raw(body, {"rs-operation-id": "charge:o-1", "content-type": ctype})
+        await h.publish(Envelope.of("charge:o-2", {"order": "o-2", "amount": 10}))
+        h.start()
+        await h.drain(seconds=60)
+        await h.stop()
+        assert h.probe.per_subject() == {"o-2": 1}
+        assert h.total(o.LEDGER_UNAVAILABLE) == 0
+        entries = await ledger.quarantined()
+        assert sorted(e.content_type or "" for e in entries) == [
+            "application/\\xffjson",
+            "application/json\\x00",
+        ]
+        assert all(e.message == body for e in entries)
+    finally:
+        await ledger.close()
+
+
+async def test_a_deferred_constraint_failing_at_commit_is_a_data_error(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    """The commit of a transactional handler's block fails on its own rows: that is data (it
+    was rolled back), not "may or may not have committed"."""
+    ledger = await make(pg_dsn, pg_schema)
+    async with admin(scoped_dsn(pg_dsn, pg_schema)) as conn:
+        await conn.execute(
+            "CREATE TABLE deferred_effects (op text UNIQUE DEFERRABLE INITIALLY DEFERRED)"
+        )
+    try:
+        claim = await acquire(ledger, KEY, 5.0)
+        with pytest.raises(LedgerDataError, match="commit"):
+            async with ledger.transaction() as tx:
+                await tx.execute("INSERT INTO deferred_effects VALUES ('a'), ('a')")
+                await ledger.complete_in(tx, claim, "done")
+        record = await must_get(ledger, KEY)
+        assert (record.state, record.token) == (State.IN_FLIGHT, claim.token)  # rolled back
+    finally:
+        await ledger.close()
 
 
 @pytest.mark.parametrize("module", ["psycopg", "psycopg_pool"])

@@ -9,33 +9,50 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.asyncio.connection import Connection, ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoPermissionError, RedisError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import (
+    DataError,
+    NoPermissionError,
+    OutOfMemoryError,
+    RedisError,
+    ResponseError,
+)
 
-from replaysafe import Context, Effect, Envelope, Guarantee, RetryPolicy, observe
+from replaysafe import App, Context, Effect, Envelope, Guarantee, MemoryBroker, RetryPolicy, observe
 from replaysafe import failpoints as fp
+from replaysafe.cli import main as cli_main
 from replaysafe.clock import SystemClock
-from replaysafe.errors import ConfigurationError, LeaseLost, LedgerError, LedgerUnavailable
+from replaysafe.errors import (
+    ConfigurationError,
+    LeaseLost,
+    LedgerDataError,
+    LedgerError,
+    LedgerUnavailable,
+)
 from replaysafe.ledger.base import (
     Acquired,
     AlreadyDone,
     Claim,
     ClaimRequest,
+    DurabilityLevel,
     InFlight,
     Ledger,
     OpKey,
@@ -57,7 +74,10 @@ from replaysafe.ledger.redis import (
 from replaysafe.quarantine import QuarantineReason
 from replaysafe.testing import FakeClock
 from replaysafe.testing.contracts.ledger import LedgerContract, acquire, must_get
+from replaysafe.testing.servers import ServerUnavailable, free_port, local_redis
 
+from .apps.explain_ledger import ENV as EXPLAIN_LEDGER
+from .conftest import unavailable
 from .runtime_harness import Harness
 
 KEY = OpKey("orders", "op-1")
@@ -798,6 +818,195 @@ async def test_persistence_report_with_config_disabled_is_unknown(
     assert (report.known, report.can_back_claims) == (False, False)
     assert "unknown" in report.sentence
     assert assess_persistence(None) == report
+
+
+# ---------------------------------------------------------------------- durability (explain)
+
+#: CONFIG SET values per case; each test sets all four, so nothing leaks between tests
+_NOEVICT = {"maxmemory-policy": "noeviction"}
+_DURABILITY_CASES = [
+    ("no persistence", {"appendonly": "no", "save": "", "appendfsync": "everysec"},
+     DurabilityLevel.NOT_DURABLE, "RS110", 1),
+    ("rdb snapshots only", {"appendonly": "no", "save": "3600 1", "appendfsync": "everysec"},
+     DurabilityLevel.NOT_DURABLE, "RS110", 1),
+    ("aof fsynced every second", {"appendonly": "yes", "save": "", "appendfsync": "everysec"},
+     DurabilityLevel.LOSES_RECENT, "RS118", 0),
+    ("aof fsynced by the os", {"appendonly": "yes", "save": "", "appendfsync": "no"},
+     DurabilityLevel.LOSES_RECENT, "RS118", 0),
+    ("aof fsynced on every write", {"appendonly": "yes", "save": "", "appendfsync": "always"},
+     DurabilityLevel.DURABLE, None, 0),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def private_redis() -> Iterator[str]:
+    """A redis-server of this module's own: CONFIG SET on the shared Redis would change the
+    persistence every other test (and engineer) sees."""
+    try:
+        with local_redis() as url:
+            yield url
+    except ServerUnavailable as exc:
+        unavailable("Redis (private redis-server)", str(exc))
+
+
+def configure(url: str, settings: dict[str, str]) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        for name, value in {**_NOEVICT, **settings}.items():
+            client.config_set(name, value)
+        for name, value in {**_NOEVICT, **settings}.items():  # read back: the server took it
+            assert client.config_get(name)[name] == value, name
+        # turning AOF on writes the initial AOF in the background; until it is written Redis
+        # refuses to shut down on SIGTERM ("Writing initial AOF, can't exit"): wait for it
+        for _ in range(200):  # bounded: 200 x 50 ms
+            info = client.info("persistence")
+            if not (info["aof_rewrite_in_progress"] or info["aof_rewrite_scheduled"]):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"the initial AOF was not written within 10 s: {info}")
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("settings", "level", "finding", "strict_exit"),
+    [c[1:] for c in _DURABILITY_CASES],
+    ids=[c[0] for c in _DURABILITY_CASES],
+)
+def test_explain_judges_the_live_server_persistence(
+    private_redis: str,
+    settings: dict[str, str],
+    level: DurabilityLevel,
+    finding: str | None,
+    strict_exit: int,
+) -> None:
+    """``durability()`` reads the server as it is configured now; ``replaysafe explain
+    --strict`` fails (exit 1, RS110) on a Redis that forgets claims on restart, warns (RS118)
+    where a machine crash can lose the last second, and says nothing where every write is
+    fsynced."""
+    configure(private_redis, settings)
+
+    async def read() -> Any:
+        async with RedisLedger(private_redis, prefix="rs-durability:") as led:
+            return await led.durability()
+
+    durability = asyncio.run(read())
+    assert durability.level is level
+    assert durability.durable is (level is DurabilityLevel.DURABLE)
+    assert f"appendonly={settings['appendonly']}" in durability.setting
+    assert f"appendfsync={settings['appendfsync']}" in durability.setting
+    result = CliRunner().invoke(
+        cli_main,
+        ["explain", "tests.apps.explain_ledger:app", "--json", "--strict"],
+        env={EXPLAIN_LEDGER: private_redis},
+    )
+    assert result.exit_code == strict_exit, result.output
+    [handler] = json.loads(result.output)["handlers"]
+    found = {f["id"]: f for f in handler["findings"]}
+    durability_ids = {"RS110", "RS111", "RS118"} & set(found)
+    assert durability_ids == ({finding} if finding else set()), handler["findings"]
+    if finding is not None:
+        assert found[finding]["severity"] == ("error" if finding == "RS110" else "warning")
+        assert f"appendfsync={settings['appendfsync']}" in found[finding]["message"]
+
+
+def test_explain_strict_fails_on_the_shared_redis_without_persistence(redis_url: str) -> None:
+    """The local test Redis (appendonly no, no snapshots) is what issue 13 saw: explain used to
+    warn RS111 "does not say" and --strict passed."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        config = {n: client.config_get(n)[n] for n in ("appendonly", "save")}
+    finally:
+        client.close()
+    assert config == {"appendonly": "no", "save": ""}, (
+        f"the shared test Redis should run without persistence (see tests/conftest.py), got "
+        f"{config}"
+    )
+    result = CliRunner().invoke(
+        cli_main,
+        ["explain", "tests.apps.explain_ledger:app", "--strict"],
+        env={EXPLAIN_LEDGER: redis_url},
+    )
+    assert result.exit_code == 1, result.output
+    assert "ERROR RS110" in result.output and "RS111" not in result.output
+    assert "appendonly=no" in result.output
+
+
+async def test_durability_is_unknown_where_config_is_not_permitted(
+    redis_url: str, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    monkeypatch.setattr(client, "config_get", fake_config(NoPermissionError("NOPERM config")))
+    async with RedisLedger(redis_url, prefix=redis_prefix, client=client) as led:
+        durability = await led.durability()
+    await client.aclose()
+    assert (durability.level, durability.durable) == (DurabilityLevel.UNKNOWN, None)
+    assert "not permitted" in durability.setting
+
+
+async def test_explain_of_an_unreachable_redis_says_unknown_instead_of_failing() -> None:
+    from replaysafe.explain import explain
+
+    app = App("down", broker=MemoryBroker(),
+              ledger=RedisLedger(f"redis://127.0.0.1:{free_port()}/0?socket_connect_timeout=1",
+                                 prefix="rs-down:"))  # fmt: skip
+    app.handler("payments", guarantee=Guarantee.EFFECTIVELY_ONCE,
+                effect=Effect.keyed("payments-api"))(_noop)  # fmt: skip
+    [handler] = (await explain(app)).handlers
+    [rs111] = [f for f in handler.findings if f.id == "RS111"]
+    assert "could not be asked" in rs111.message
+    assert not {"RS110", "RS118"} & {f.id for f in handler.findings}
+    await app.ledger.close()
+
+
+async def _noop(ctx: Context) -> None:
+    return None
+
+
+# ---------------------------------------------------------------------- data errors
+
+
+async def test_a_script_failing_on_stored_data_is_a_data_error_not_an_outage(
+    ledger: RedisLedger, admin: aioredis.Redis, redis_prefix: str
+) -> None:
+    entry = await ledger.quarantine(
+        QuarantineRequest("orders", QuarantineReason.MALFORMED_PAYLOAD, message=b"{")
+    )
+    # a value the ledger did not write, where its redrive script counts (HINCRBY fails on it)
+    await admin.hset(redis_prefix + "q:" + entry.id, "redrives", "not a number")
+    with pytest.raises(LedgerDataError, match="refused this call's data") as raised:
+        await ledger.redrive(entry.id)
+    assert not isinstance(raised.value, LedgerUnavailable)
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (ResponseError("user_script:7: attempt to compare nil with number script: ab, on "
+                       "@user_script:7."), LedgerDataError),
+        (ResponseError("hash value is not an integer script: ab, on @user_script:3."),
+         LedgerDataError),
+        (DataError("Invalid input of type: 'dict'"), LedgerDataError),
+        # the server's state, even when raised inside a script: an outage, retried
+        (ResponseError("MISCONF Redis is configured to save RDB snapshots script: ab, on "
+                       "@user_script:3."), LedgerUnavailable),
+        (OutOfMemoryError("command not allowed when used memory > 'maxmemory'. script: ab, on "
+                          "@user_script:3."), LedgerUnavailable),
+        (ResponseError("BUSY Redis is busy running a script"), LedgerUnavailable),
+        (RedisConnectionError("Connection refused"), LedgerUnavailable),
+    ],
+)  # fmt: skip
+def test_errors_are_data_errors_only_when_the_data_caused_them(
+    error: Exception, expected: type[Exception]
+) -> None:
+    led = RedisLedger("redis://127.0.0.1:1/0")
+    mapped = led._unavailable(error, "claim", sent=True)
+    assert type(mapped) is expected, mapped
 
 
 # ---------------------------------------------------------------------- dropped connections

@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 
-from replaysafe.errors import ConfigurationError, LedgerError, LedgerUnavailable
+from replaysafe.errors import ConfigurationError, LedgerDataError, LedgerError, LedgerUnavailable
 from replaysafe.ledger import sqlite as sqlite_module
 from replaysafe.ledger.base import (
     Acquired,
     ClaimRequest,
+    DurabilityLevel,
     InFlight,
     Ledger,
     OpKey,
@@ -299,6 +300,56 @@ async def test_pragmas_are_wal_and_the_chosen_synchronous(
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
+@pytest.mark.parametrize(
+    ("synchronous", "level", "finding"),
+    [
+        ("FULL", DurabilityLevel.DURABLE, None),
+        ("EXTRA", DurabilityLevel.DURABLE, None),
+        ("NORMAL", DurabilityLevel.LOSES_RECENT, "RS118"),
+        ("OFF", DurabilityLevel.NOT_DURABLE, "RS110"),
+    ],
+)
+async def test_durability_is_read_from_the_ledgers_connection(
+    tmp_path: Path, synchronous: str, level: DurabilityLevel, finding: str | None
+) -> None:
+    ledger = SQLiteLedger(tmp_path / "ledger.db", synchronous=synchronous)
+    try:
+        d = await ledger.durability()
+        assert (d.level, d.durable) == (level, level is DurabilityLevel.DURABLE)
+        assert d.setting == f"journal_mode=wal, synchronous={synchronous}"
+        assert {f.id for f in await _durability_findings(ledger)} == ({finding} - {None})
+        # what the connection uses, not what the constructor was told: change it underneath
+        await ledger.run_job(lambda conn: conn.execute("PRAGMA synchronous=NORMAL"), write=False)
+        assert (await ledger.durability()).level is DurabilityLevel.LOSES_RECENT
+    finally:
+        await ledger.close()
+
+
+async def test_an_in_memory_database_cannot_back_a_claim() -> None:
+    async with SQLiteLedger(":memory:") as ledger:
+        d = await ledger.durability()
+        assert (d.level, d.setting) == (
+            DurabilityLevel.NOT_DURABLE,
+            "journal_mode=memory, synchronous=FULL",
+        )
+        [rs110] = await _durability_findings(ledger)
+        assert (rs110.id, rs110.severity) == ("RS110", "error")
+
+
+async def _durability_findings(ledger: SQLiteLedger) -> list[Any]:
+    from replaysafe import App, Context, Effect, Guarantee, MemoryBroker
+    from replaysafe.explain import explain
+
+    async def charge(ctx: Context) -> None:
+        return None
+
+    app = App("durability", broker=MemoryBroker(), ledger=ledger)
+    app.handler("payments", guarantee=Guarantee.EFFECTIVELY_ONCE,
+                effect=Effect.keyed("payments-api"))(charge)  # fmt: skip
+    [handler] = (await explain(app)).handlers
+    return [f for f in handler.findings if f.id in ("RS110", "RS111", "RS118")]
+
+
 @pytest.mark.parametrize("synchronous", ["ALWAYS", "", "FULL; DROP TABLE x", "2"])
 def test_invalid_synchronous_is_a_configuration_error(tmp_path: Path, synchronous: str) -> None:
     with pytest.raises(ConfigurationError, match="synchronous"):
@@ -324,6 +375,31 @@ async def test_purge_is_one_bounded_statement_on_the_index(tmp_path: Path) -> No
 
 
 # ---------------------------------------------------------------------- failures map to our errors
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        # an int beyond 64 bits: the driver cannot bind it (OverflowError)
+        lambda led: led.quarantine(
+            QuarantineRequest("orders", QuarantineReason.MAX_ATTEMPTS, "op-1", attempts=2**64)
+        ),
+        # a lone surrogate has no UTF-8 form (a bare UnicodeEncodeError before)
+        lambda led: led.claim(OpKey("orders", "op-\udcff"), "fp", "w", 5.0),
+        # a violated constraint (IntegrityError): the one-row meta table gets a second row
+        lambda led: led.run_job(
+            lambda conn: conn.execute("INSERT INTO replaysafe_meta VALUES (2, 0, 0)"), write=True
+        ),
+    ],
+    ids=["int-overflow", "lone-surrogate", "constraint"],
+)
+async def test_data_sqlite_refuses_is_a_data_error_not_an_outage(tmp_path: Path, call: Any) -> None:
+    async with SQLiteLedger(tmp_path / "ledger.db") as ledger:
+        with pytest.raises(LedgerDataError, match="refused this call's data") as raised:
+            await call(ledger)
+        assert not isinstance(raised.value, LedgerUnavailable)
+        assert (await ledger.summary()).by_state == {}  # nothing written
+        assert isinstance(await ledger.claim(KEY, "fp", "w", 5.0), Acquired)
 
 
 async def test_a_locked_database_is_ledger_unavailable_not_a_sqlite_error(tmp_path: Path) -> None:

@@ -20,7 +20,8 @@ has to catch a driver's exception type::
     ├── OutcomeUnknown              raised BY a handler: it cannot tell whether its effect happened
     ├── LedgerError
     │   ├── LeaseLost               a stale fencing token was refused: do not complete at the broker
-    │   └── LedgerUnavailable       the ledger cannot be reached: no effect may start
+    │   ├── LedgerUnavailable       the ledger cannot be reached: no effect may start
+    │   └── LedgerDataError         the ledger is up but refused this call's data: not an outage
     └── BrokerError
         ├── PublishAmbiguous        the publish outcome is unknown: retry with the SAME operation id
         └── BrokerUnavailable
@@ -144,6 +145,19 @@ class LeaseLost(LedgerError):
 class LedgerUnavailable(LedgerError):
     """The ledger cannot be reached. No effect may start without a confirmed claim; the runtime
     pauses consumption and retries."""
+
+
+class LedgerDataError(LedgerError):
+    """The ledger is reachable but refused the *data* of one call: a value its store cannot hold
+    verbatim (a NUL byte or a lone surrogate in an operation id, scope or result on PostgreSQL or
+    SQLite), a number out of a column's range, a violated constraint. Retrying the same call fails
+    the same way, so it is never an outage: do not pause consumption or count the ledger as down
+    for it. Set the message aside instead (quarantine it without the offending value, or
+    dead-letter it) and fix whatever produced the value.
+
+    Text that reaches a ledger from outside (content types, details, error texts, pause reasons)
+    never causes it: every backend stores such text escaped
+    (:func:`replaysafe.ledger.base.storable_text`)."""
 
 
 class BrokerError(ReplaysafeError):

@@ -25,7 +25,8 @@ RS107    error     replay horizon shorter than DLQ retention or the redrive wind
 RS108    error     handler deadline or observed p99 longer than a visibility timeout that
                    cannot be extended
 RS109    warning   observed handler p99 longer than the lease (relies on every heartbeat)
-RS110    error     ledger storage cannot back the claim under effectively-once
+RS110    error     ledger storage cannot back the claim under effectively-once (a crash or
+                   restart loses claims wholesale, or can corrupt the store)
 RS111    warning   ledger durability unknown under effectively-once
 RS112    error     broker delivery limit without a dead-letter target (silent drop)
 RS113    error     consumer auto-commit (completion before the effect)
@@ -33,6 +34,8 @@ RS114    warning   retry budget can outlive the replay horizon
 RS115    info      no publish time from a plain producer on this broker: horizon unchecked
 RS116    warning   delivery limit at or below the retry budget (the broker gives up first)
 RS117    info      broker retention unknown or unbounded (compare it with the horizon)
+RS118    warning   ledger storage can lose its latest claims in a crash (appendfsync
+                   everysec, synchronous_commit=off …) under effectively-once
 =======  ========  =====================================================================
 """
 
@@ -46,8 +49,9 @@ from typing import Any, Literal
 from replaysafe.app import App, HandlerSpec
 from replaysafe.brokers.base import Capabilities, RedeliveryKind, SourceFacts
 from replaysafe.envelope import operation_id as make_operation_id
+from replaysafe.errors import LedgerUnavailable
 from replaysafe.guarantees import Guarantee
-from replaysafe.ledger.base import Durability
+from replaysafe.ledger.base import Durability, DurabilityLevel
 
 Severity = Literal["error", "warning", "info"]
 
@@ -228,12 +232,19 @@ def explain_handler(
             find(Finding("RS102", "warning", f"effectively-once with unkeyed {eff.name}: crashes "
                          "mid-effect end in outcome_unknown quarantine; give the downstream an "
                          "idempotency key to recover automatically"))  # fmt: skip
-        if durability.durable is False:
+        if durability.level is DurabilityLevel.NOT_DURABLE:
             find(Finding("RS110", "error", f"the ledger cannot back the claim: "
                          f"{durability.setting}: {durability.detail}"))  # fmt: skip
-        elif durability.durable is None:
+        elif durability.level is DurabilityLevel.LOSES_RECENT:
+            find(Finding("RS118", "warning", f"the ledger ({durability.store}) can lose its most "
+                         f"recent claims and completions in a crash: {durability.setting}: "
+                         f"{durability.detail}. A lost completion makes its operation new again "
+                         "(re-run: harmless at a keyed downstream, a duplicate at an unkeyed "
+                         "one); a lost claim lets a second worker start it"))  # fmt: skip
+        elif durability.level is DurabilityLevel.UNKNOWN:
             find(Finding("RS111", "warning", f"the ledger ({durability.store}) does not say "
-                         "whether a returned claim survives a crash"))  # fmt: skip
+                         "whether a returned claim survives a crash: "
+                         f"{durability.detail}"))  # fmt: skip
 
     # horizons against the broker's memory
     if g is Guarantee.EFFECTIVELY_ONCE:
@@ -304,7 +315,11 @@ def explain_handler(
 async def explain(app: App, *, p99: dict[str, float] | None = None) -> Report:
     """The report for every handler of ``app``. ``p99`` maps handler names to observed p99
     latency in seconds (from metrics), when known."""
-    durability = await app.ledger.durability()
+    try:
+        durability = await app.ledger.durability()
+    except LedgerUnavailable as exc:  # a design review without the server still gets its report
+        durability = Durability(type(app.ledger).__name__, None, "unknown",
+                                f"it could not be asked ({exc})")  # fmt: skip
     handlers = []
     for spec in app.handlers.values():
         caps = app.broker.capabilities(spec.source)

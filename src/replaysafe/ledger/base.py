@@ -36,12 +36,13 @@ survive restarts of workers and of the ledger's server as its records do.
 from __future__ import annotations
 
 import hashlib
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Final, Self, overload
 
 from replaysafe.errors import ConfigurationError, LeaseLost, LedgerError
 from replaysafe.quarantine import EffectRisk, QuarantineReason
@@ -187,6 +188,16 @@ class QuarantineRequest:
     def capped_message(self) -> bytes | None:
         return None if self.message is None else self.message[:MAX_QUARANTINE_COPY]
 
+    def storable(self) -> QuarantineRequest:
+        """This request with its free text (``detail``, ``content_type``) made storable by
+        :func:`storable_text`: what every backend writes. ``identity`` is only hashed into
+        :meth:`entry_id` (never stored) and the message is stored as bytes, so both stay as
+        they are; so does the entry id."""
+        detail, ctype = storable_text(self.detail), storable_text(self.content_type)
+        if detail is self.detail and ctype is self.content_type:
+            return self
+        return replace(self, detail=detail, content_type=ctype)
+
 
 @dataclass(frozen=True, slots=True)
 class QuarantineEntry:
@@ -250,10 +261,40 @@ class PauseState:
     since: float
 
 
+class DurabilityLevel(StrEnum):
+    """How much a crash can take from a ledger's store (what ``explain`` judges a ledger by)."""
+
+    #: a claim or completion that returned survives a crash or power loss of the ledger's machine
+    DURABLE = "durable"
+    #: a crash (of the machine; for some stores of the server process) can lose the most recent
+    #: claims and completions, from about the last second up to the OS's write-back delay
+    #: (typically 30 s), but nothing older and without corrupting the store
+    LOSES_RECENT = "loses_recent"
+    #: a crash or restart can lose claims wholesale (everything, or everything since the last
+    #: snapshot) or corrupt the store
+    NOT_DURABLE = "not_durable"
+    #: the ledger cannot tell (the server does not let it read its settings)
+    UNKNOWN = "unknown"
+
+
+#: ``Durability.durable`` for each level (True only when a machine crash loses nothing)
+_DURABLE_FLAG: dict[DurabilityLevel, bool | None] = {
+    DurabilityLevel.DURABLE: True,
+    DurabilityLevel.LOSES_RECENT: False,
+    DurabilityLevel.NOT_DURABLE: False,
+    DurabilityLevel.UNKNOWN: None,
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Durability:
     """Whether a ledger's storage can back a claim: once ``claim`` returned, does the claim
-    survive a crash of the ledger's process or machine? For ``explain``."""
+    survive a crash of the ledger's process or machine? For ``explain``.
+
+    Backends read it from the live server or connection (:meth:`Ledger.durability`). ``level``
+    is the verdict; ``durable`` is kept for readers of the first version (True only for
+    ``DURABLE``; a value built with ``durable`` alone gets the level it implies: True ->
+    ``DURABLE``, False -> ``NOT_DURABLE``, None -> ``UNKNOWN``)."""
 
     store: str
     #: True: survives a machine crash; False: it may not; None: unknown
@@ -261,6 +302,28 @@ class Durability:
     #: the setting that decides it (``synchronous=FULL``, ``appendfsync=always`` …)
     setting: str
     detail: str
+    level: DurabilityLevel | None = None
+
+    def __post_init__(self) -> None:
+        if self.level is None:
+            level = (
+                DurabilityLevel.UNKNOWN
+                if self.durable is None
+                else DurabilityLevel.DURABLE
+                if self.durable
+                else DurabilityLevel.NOT_DURABLE
+            )
+            object.__setattr__(self, "level", level)  # frozen: set once, while being built
+        elif _DURABLE_FLAG[self.level] is not self.durable:
+            raise ValueError(
+                f"Durability level {self.level.value} means durable={_DURABLE_FLAG[self.level]}, "
+                f"not {self.durable}; build it with Durability.of(level, ...)"
+            )
+
+    @classmethod
+    def of(cls, level: DurabilityLevel, store: str, setting: str, detail: str) -> Durability:
+        """The value for ``level`` (``durable`` set to match)."""
+        return cls(store, _DURABLE_FLAG[level], setting, detail, level)
 
 
 class Transaction(ABC):
@@ -393,8 +456,11 @@ class Ledger(ABC):
         about once a second. Raises ``LedgerUnavailable`` like every other read."""
 
     async def durability(self) -> Durability:
-        """Whether this ledger's storage can back a claim (backends say what they know)."""
-        return Durability(type(self).__name__, None, "unknown", "the backend does not say")
+        """Whether this ledger's storage can back a claim, read from the live store where the
+        backend can (``explain``: RS110 not durable, RS118 loses recent, RS111 unknown)."""
+        return Durability(
+            type(self).__name__, None, "unknown", "this backend has no durability() of its own"
+        )
 
     @abstractmethod
     def now(self) -> float:
@@ -563,10 +629,46 @@ def check_handler_name(handler: object) -> str:
     return handler
 
 
+#: what no store can hold in a text column: NUL (PostgreSQL refuses it, SQLite's SQL functions
+#: stop at it) and lone surrogates (no UTF-8 encoding: the drivers raise before sending)
+_UNSTORABLE: Final = re.compile("[\x00\ud800-\udfff]")
+
+
+def _escape_unstorable(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:
+        # surrogateescape's stand-in for a byte that was not UTF-8: show the byte itself
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+@overload
+def storable_text(text: str) -> str: ...
+@overload
+def storable_text(text: None) -> None: ...
+
+
+def storable_text(text: str | None) -> str | None:
+    """``text`` as every ledger stores free text that comes from outside (content types,
+    details, error texts, pause reasons): unchanged unless it holds a NUL or a lone surrogate,
+    each of which becomes a backslash escape (``\\x00``; ``\\xff`` for a byte that was not
+    UTF-8 and reached Python as a ``surrogateescape`` surrogate; ``\\ud800`` for any other lone
+    surrogate). None stays None.
+
+    One-way on purpose: the stored text is what an operator reads (``quarantine show``,
+    ``inspect``), identical on every backend, and valid in every store's text columns. Keys
+    (scope, operation id), fingerprints, owners and results are never escaped (an escape could
+    make two keys one): a backend that cannot hold one verbatim refuses it with
+    ``LedgerDataError``."""
+    if text is None or (text.isascii() and "\x00" not in text):  # the common case: no regex
+        return text
+    return _UNSTORABLE.sub(_escape_unstorable, text)
+
+
 def pause_text(text: str) -> str:
-    """``text`` cut to at most :data:`MAX_PAUSE_TEXT` UTF-8 bytes (never inside a character),
-    with lone surrogates replaced so that every store can encode it."""
-    raw = text.encode("utf-8", "replace")[:MAX_PAUSE_TEXT]
+    """``text`` made storable (:func:`storable_text`) and cut to at most
+    :data:`MAX_PAUSE_TEXT` UTF-8 bytes (never inside a character)."""
+    raw = storable_text(text).encode("utf-8")[:MAX_PAUSE_TEXT]
     return raw.decode("utf-8", "ignore")
 
 

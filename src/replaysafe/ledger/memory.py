@@ -29,6 +29,7 @@ from replaysafe.ledger.base import (
     decide_claim,
     merge_quarantine,
     pause_text,
+    storable_text,
     unknown_entry,
 )
 from replaysafe.quarantine import QuarantineReason
@@ -87,12 +88,17 @@ class MemoryLedger(Ledger):
     async def release(self, claim: Claim, error: str | None = None) -> None:
         rec = check_fence(self._records.get(claim.key), claim)
         self._records[claim.key] = replace(
-            rec, state=State.RELEASED, lease_until=None, last_error=error, updated_at=self.now()
+            rec,
+            state=State.RELEASED,
+            lease_until=None,
+            last_error=storable_text(error),
+            updated_at=self.now(),
         )
 
     async def quarantine(
         self, request: QuarantineRequest, claim: Claim | None = None
     ) -> QuarantineEntry:
+        request = request.storable()  # what every backend stores: the same text here
         now = self.now()
         if claim is not None:
             rec = check_fence(self._records.get(claim.key), claim)

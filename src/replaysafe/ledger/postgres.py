@@ -53,6 +53,7 @@ from urllib.parse import urlsplit, urlunsplit
 from replaysafe.errors import (
     ConfigurationError,
     LeaseLost,
+    LedgerDataError,
     LedgerError,
     LedgerUnavailable,
     MissingExtra,
@@ -63,6 +64,8 @@ from replaysafe.ledger.base import (
     Claim,
     ClaimOutcome,
     ClaimRequest,
+    Durability,
+    DurabilityLevel,
     LedgerSummary,
     OpKey,
     PauseState,
@@ -77,6 +80,7 @@ from replaysafe.ledger.base import (
     decide_claim,
     entry_from_row,
     pause_text,
+    storable_text,
     unknown_entry,
 )
 from replaysafe.quarantine import QuarantineReason
@@ -567,6 +571,14 @@ _LIST_PAUSED: Final = (
 )
 
 
+#: what decides whether a returned commit survives a crash, as the session running the ledger's
+#: statements sees it (server configuration, ALTER DATABASE/ROLE ... SET and the DSN's options)
+_DURABILITY: Final = b"""
+SELECT current_setting('fsync'), current_setting('synchronous_commit'),
+       current_setting('full_page_writes'), current_setting('synchronous_standby_names'),
+       current_setting('wal_writer_delay')"""
+
+
 # ---------------------------------------------------------------------- value types
 
 
@@ -994,7 +1006,7 @@ class PostgresLedger(TransactionalLedger):
         """Give the operation back (no effect happened); the next claim gets it at once."""
         self._guard("release")
         rows = await self._fetch(
-            "release", self._sql("release"), self._fence_params(claim, error=error)
+            "release", self._sql("release"), self._fence_params(claim, error=storable_text(error))
         )
         if not rows:
             raise await self._lease_lost(claim)
@@ -1006,6 +1018,7 @@ class PostgresLedger(TransactionalLedger):
         QUARANTINED under fencing, in one transaction: committed (durable) before this returns,
         so the caller may then complete at the broker."""
         self._guard("quarantine")
+        request = request.storable()
         entry_params = {
             "id": request.entry_id(),
             "scope": request.scope,
@@ -1149,6 +1162,32 @@ class PostgresLedger(TransactionalLedger):
         rows = await self._fetch("paused", self._sql("list_paused"), {})
         return {h: PauseState(h, r, b, float(t)) for h, r, b, t in rows}
 
+    async def durability(self) -> Durability:
+        """Read ``fsync``, ``synchronous_commit``, ``full_page_writes``,
+        ``synchronous_standby_names`` and ``wal_writer_delay`` on one of the ledger's own pooled
+        connections (so the DSN's ``options``, ``ALTER ROLE/DATABASE … SET`` and the server's
+        configuration all count, as they do for every ledger statement) and judge them with
+        :func:`assess_postgres`. Needs the server, not the schema. Raises
+        ``LedgerUnavailable`` when the server cannot be reached."""
+        self._guard("durability")
+        pool = await self._ensure_pool()
+        psycopg, _ = _driver()
+        try:
+            async with pool.connection(timeout=self._acquire_timeout) as conn:
+                cur = await conn.execute(_DURABILITY)
+                row = await cur.fetchone()
+        except psycopg.Error as exc:
+            raise self._unavailable("durability", exc) from exc
+        except _pool_timeout() as exc:
+            raise self._pool_exhausted() from exc
+        assert row is not None  # one SELECT without FROM: always one row
+        names = ("fsync", "synchronous_commit", "full_page_writes", "synchronous_standby_names",
+                 "wal_writer_delay")  # fmt: skip
+        return assess_postgres(
+            f"{self._redacted} (schema {self._schema})",
+            dict(zip(names, (str(v) for v in row), strict=True)),
+        )
+
     async def purge(self, older_than: float, *, limit: int = 10_000) -> int:
         """Forget up to ``limit`` COMPLETED records completed before ``older_than`` (POSIX
         seconds, compared with the database's ``completed_at``), oldest first.
@@ -1216,7 +1255,8 @@ class PostgresLedger(TransactionalLedger):
             try:
                 await conn.execute("COMMIT")
             except psycopg.Error as exc:
-                raise self._unavailable(
+                # a deferred constraint of the block's own rows fails here: data, rolled back
+                raise self._error(
                     "commit",
                     exc,
                     "the transaction may or may not have committed; the next claim of the "
@@ -1251,8 +1291,8 @@ class PostgresLedger(TransactionalLedger):
                     self._sql("get"), {"scope": claim.key.scope, "op": claim.key.operation_id}
                 )
                 raise _fence_error(_record_or_none(await cur.fetchone()), claim)
-        except psycopg.Error as exc:
-            raise self._unavailable("complete_in", exc) from exc
+        except (psycopg.Error, UnicodeEncodeError) as exc:
+            raise self._error("complete_in", exc) from exc
 
     # ------------------------------------------------------------------ claims
 
@@ -1408,10 +1448,10 @@ class PostgresLedger(TransactionalLedger):
                 used = conn
                 cur = await conn.execute(query, params, binary=binary)
                 return await cur.fetchall() if rows else cur.rowcount
-        except psycopg.Error as exc:
+        except (psycopg.Error, UnicodeEncodeError) as exc:
             if used is not None and used.broken:
                 await self._flush_dead_connections(pool)
-            raise self._unavailable(action, exc) from exc
+            raise self._error(action, exc) from exc
         except _pool_timeout() as exc:
             raise self._pool_exhausted() from exc
 
@@ -1671,6 +1711,22 @@ class PostgresLedger(TransactionalLedger):
             text = text.replace(secret, "***")
         return text
 
+    def _error(self, action: str, exc: BaseException, hint: str | None = None) -> LedgerError:
+        """A failed statement's error in the replaysafe tree: ``LedgerDataError`` when the server
+        (or the driver, while encoding a parameter) refused this call's data — a NUL byte or a
+        lone surrogate in a key or result, a number out of range, a violated constraint — which a
+        retry cannot change; else :meth:`_unavailable`."""
+        psycopg, _ = _driver()
+        if not isinstance(exc, UnicodeEncodeError | psycopg.DataError | psycopg.IntegrityError):
+            return self._unavailable(action, exc, hint)
+        detail = self._scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        return LedgerDataError(
+            f"PostgreSQL ledger {action} on {self._redacted} refused this call's data "
+            f"({type(exc).__name__}: {detail}); the statement wrote nothing and a retry fails the "
+            "same way: set the message aside (quarantine or dead-letter it) and fix what "
+            "produced the value"
+        )
+
     def _unavailable(
         self, action: str, exc: BaseException, hint: str | None = None
     ) -> LedgerUnavailable:
@@ -1705,6 +1761,53 @@ class PostgresLedger(TransactionalLedger):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def assess_postgres(store: str, settings: dict[str, str]) -> Durability:
+    """Judge the settings :meth:`PostgresLedger.durability` reads (``current_setting`` values by
+    name) for the ledger's claims and completions."""
+    fsync, commit = settings["fsync"], settings["synchronous_commit"]
+    pages, standbys = settings["full_page_writes"], settings["synchronous_standby_names"].strip()
+    setting = (
+        f"fsync={fsync}, synchronous_commit={commit}, full_page_writes={pages}, "
+        f"synchronous_standby_names={standbys!r}"
+    )
+    if fsync != "on":
+        return Durability.of(
+            DurabilityLevel.NOT_DURABLE, store, setting,
+            "PostgreSQL does not fsync (fsync=off): an OS crash or power loss can lose any commit "
+            "and corrupt the cluster beyond recovery; turn fsync on",
+        )  # fmt: skip
+    if pages != "on":
+        return Durability.of(
+            DurabilityLevel.NOT_DURABLE, store, setting,
+            "full_page_writes=off: a page torn by power loss cannot be repaired from the WAL, so "
+            "a machine crash can corrupt ledger rows (safe only on a filesystem that writes "
+            "pages atomically); turn full_page_writes on",
+        )  # fmt: skip
+    if commit == "off":
+        delay = settings.get("wal_writer_delay", "200ms")
+        return Durability.of(
+            DurabilityLevel.LOSES_RECENT, store, setting,
+            "a commit returns before its WAL is flushed (synchronous_commit=off): a crash of the "
+            f"server or its machine can lose the last claims and completions (up to 3 x "
+            f"wal_writer_delay = 3 x {delay}); set synchronous_commit to on (or local) for the "
+            "ledger's role or DSN",
+        )  # fmt: skip
+    if standbys and commit in ("on", "remote_write", "remote_apply"):
+        waits = {"on": "flushed", "remote_write": "written", "remote_apply": "applied"}[commit]
+        return Durability.of(
+            DurabilityLevel.DURABLE, store, setting,
+            "every commit is flushed to the primary's WAL and "
+            f"{waits} by a synchronous standby before it returns: it survives a crash of the "
+            "ledger's machine and a failover to that standby",
+        )  # fmt: skip
+    return Durability.of(
+        DurabilityLevel.DURABLE, store, setting,
+        "every commit is flushed to the WAL on disk before it returns: it survives a crash of "
+        "the server or its machine; standbys (if any) are asynchronous, so a failover can lose "
+        "the latest commits",
+    )  # fmt: skip
 
 
 def _driver() -> tuple[Any, Any]:
@@ -1804,5 +1907,6 @@ __all__ = [
     "MigrationReport",
     "PostgresLedger",
     "PostgresTransaction",
+    "assess_postgres",
     "redact_dsn",
 ]

