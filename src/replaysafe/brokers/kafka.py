@@ -70,6 +70,7 @@ from replaysafe.brokers.base import (
     Broker,
     Capabilities,
     Delivery,
+    GroupState,
     RedeliveryKind,
     SettleGranularity,
     SourceFacts,
@@ -1750,6 +1751,65 @@ class KafkaBroker(Broker):
             raise BrokerUnavailable(
                 f"KafkaBroker: cannot read the end offsets of {topic!r} from {self._display}: {exc}"
             ) from exc
+
+    # ---------------------------------------------------------------- groups (start-up check)
+
+    def group_name(self, source: str, group: str) -> str:
+        """Topic and consumer group id: a group reads the whole topic from its own offsets."""
+        return f"topic {source!r}, group id {group!r}"
+
+    async def group_state(self, source: str, group: str) -> GroupState:
+        """The group's lag on ``source`` (:meth:`lag`, summed over partitions) and its members
+        (``DescribeConsumerGroups``). ``exists`` is False while the group has neither committed
+        offsets nor members (its first member starts at ``auto_offset_reset``)."""
+        members = await self._members([group])
+        committed = await self.committed(source, group)
+        lag = sum((await self.lag(source, group)).values())
+        known = group in members or any(v is not None for v in committed.values())
+        return GroupState(
+            source, group, self.group_name(source, group), lag, members.get(group, 0), known
+        )
+
+    async def stray_groups(self, source: str, prefix: str) -> list[GroupState]:
+        """Consumer groups whose id starts with ``prefix`` that committed offsets on ``source``
+        (``ListConsumerGroups``, then each one's offsets, members and lag)."""
+        timeout = self.request_timeout
+
+        def listed(admin: Any) -> list[str]:
+            result = admin.list_consumer_groups(request_timeout=timeout).result(timeout)
+            return sorted(g.group_id for g in result.valid if g.group_id.startswith(prefix))
+
+        out = []
+        for group in await self._admin(listed):
+            committed = await self.committed(source, group)
+            if all(v is None for v in committed.values()):
+                continue  # never read this topic
+            lag = sum((await self.lag(source, group)).values())
+            members = (await self._members([group])).get(group, 0)
+            out.append(
+                GroupState(source, group, self.group_name(source, group), lag, members, True)
+            )
+        return out
+
+    async def _members(self, groups: list[str]) -> dict[str, int]:
+        """Live members per group (``DescribeConsumerGroups``); a group without any is left out."""
+        timeout = self.request_timeout
+
+        def describe(admin: Any) -> dict[str, int]:
+            futures = admin.describe_consumer_groups(groups, request_timeout=timeout)
+            out = {}
+            for group, future in futures.items():
+                n = len(future.result(timeout).members or [])
+                if n:
+                    out[group] = n
+            return out
+
+        return await self._admin(describe)
+
+    async def check(self) -> None:
+        """The cluster answers a metadata request (``BrokerUnavailable`` otherwise)."""
+        timeout = self.request_timeout
+        await self._admin(lambda admin: admin.list_topics(timeout=timeout))
 
     # ---------------------------------------------------------------- close
 
