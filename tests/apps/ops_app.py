@@ -6,7 +6,8 @@ Environment: ``OPS_BROKER`` (``memory`` or an ``amqp://`` URL), ``OPS_LEDGER`` (
 ``OPS_PREFIX`` (Redis key prefix), ``OPS_SOURCE`` (the destination), ``OPS_APP`` (the app name),
 ``OPS_HANDLERS`` (comma-separated ``name:effect`` pairs, effect ``keyed`` or ``unkeyed``;
 default ``work:keyed``), ``OPS_DIR`` (where each handler run leaves a marker) and
-``OPS_SECONDS`` (how long each handler run takes; default 0).
+``OPS_SECONDS`` (how long each handler run takes; default 0); ``OPS_MANAGEMENT`` (the RabbitMQ
+management API URL, when not on the AMQP host's port 15672).
 
 A handler appends ``<operation id>`` to ``OPS_DIR/started`` when it starts and to
 ``OPS_DIR/done`` when it finishes, so a test knows what is in flight.
@@ -38,9 +39,13 @@ def _ledger_opts(spec: str) -> dict[str, Any]:
 
 
 _spec = os.environ["OPS_LEDGER"]
+_url = os.environ.get("OPS_BROKER", "memory")
+_broker_opts: dict[str, Any] = {"connect_timeout": 3.0} if _url.startswith("amqp") else {}
+if "OPS_MANAGEMENT" in os.environ:
+    _broker_opts["management_url"] = os.environ["OPS_MANAGEMENT"]
 app = App(
     os.environ.get("OPS_APP", "ops"),
-    broker=broker_from_url(os.environ.get("OPS_BROKER", "memory")),
+    broker=broker_from_url(_url, **_broker_opts),
     ledger=ledger_from_url(_spec, **_ledger_opts(_spec)),
 )
 

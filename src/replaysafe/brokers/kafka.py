@@ -1762,13 +1762,11 @@ class KafkaBroker(Broker):
         """The group's lag on ``source`` (:meth:`lag`, summed over partitions) and its members
         (``DescribeConsumerGroups``). ``exists`` is False while the group has neither committed
         offsets nor members (its first member starts at ``auto_offset_reset``)."""
-        members = await self._members([group])
+        members = (await self._members([group])).get(group, 0)
         committed = await self.committed(source, group)
         lag = sum((await self.lag(source, group)).values())
-        known = group in members or any(v is not None for v in committed.values())
-        return GroupState(
-            source, group, self.group_name(source, group), lag, members.get(group, 0), known
-        )
+        known = members != 0 or any(v is not None for v in committed.values())
+        return GroupState(source, group, self.group_name(source, group), lag, members, known)
 
     async def stray_groups(self, source: str, prefix: str) -> list[GroupState]:
         """Consumer groups whose id starts with ``prefix`` that committed offsets on ``source``
@@ -1791,17 +1789,21 @@ class KafkaBroker(Broker):
             )
         return out
 
-    async def _members(self, groups: list[str]) -> dict[str, int]:
-        """Live members per group (``DescribeConsumerGroups``); a group without any is left out."""
+    async def _members(self, groups: list[str]) -> dict[str, int | None]:
+        """Live members per group (``DescribeConsumerGroups``): 0 for an empty or unknown group,
+        None where a group in another state lists no member (some brokers, Tansu among them,
+        report a consuming group as STABLE without its members: unknown, not zero)."""
+        ck = self._ck
         timeout = self.request_timeout
+        idle = {ck.ConsumerGroupState.EMPTY, ck.ConsumerGroupState.DEAD}
 
-        def describe(admin: Any) -> dict[str, int]:
+        def describe(admin: Any) -> dict[str, int | None]:
             futures = admin.describe_consumer_groups(groups, request_timeout=timeout)
-            out = {}
+            out: dict[str, int | None] = {}
             for group, future in futures.items():
-                n = len(future.result(timeout).members or [])
-                if n:
-                    out[group] = n
+                desc = future.result(timeout)
+                n = len(desc.members or [])
+                out[group] = n if n or desc.state in idle else None
             return out
 
         return await self._admin(describe)
