@@ -1379,41 +1379,37 @@ class RabbitMQBroker(Broker):
         return GroupState(source, group, queue, messages=found[0], consumers=found[1], exists=True)
 
     async def stray_groups(self, source: str, prefix: str) -> list[GroupState]:
-        """Queues bound to ``source``'s exchange whose group starts with ``prefix``, through the
-        management HTTP API (AMQP 0-9-1 cannot list queues or bindings): ``management_url``, by
-        default ``http://<host>:15672`` with the AMQP URL's credentials. Empty, with a debug log
-        line, when the API cannot be reached (the plugin is off, or the port is closed)."""
+        """Queues bound to ``source``'s exchange whose group starts with ``prefix``. AMQP 0-9-1
+        cannot list bindings: they are read from the management HTTP API (``management_url``,
+        by default ``http://<host>:15672`` with the AMQP URL's credentials); the counts then
+        come from a passive ``queue.declare`` each (the API's own counts lag by its statistics
+        interval, 5 s by default). Empty, with a debug log line, when the API cannot be reached
+        (the plugin is off, or the port is closed)."""
         url = self._management_url
         if not url:
             return []
         parts = urlsplit(self._url)
-        vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
-        base = f"{url.rstrip('/')}/api"
+        vhost = quote(unquote(parts.path[1:]) if len(parts.path) > 1 else "/", safe="")
         auth = (unquote(parts.username or "guest"), unquote(parts.password or "guest"))
-        head = f"{_escape(source)}/{_escape(prefix)}"
-
-        def fetch(path: str) -> Any:
-            return _management_get(f"{base}/{path}", auth, self.connect_timeout)
-
+        bindings_url = (
+            f"{url.rstrip('/')}/api/exchanges/{vhost}/{quote(source, safe='')}/bindings/source"
+        )
         try:
             bindings = await asyncio.to_thread(
-                fetch, f"exchanges/{quote(vhost, safe='')}/{quote(source, safe='')}/bindings/source"
+                _management_get, bindings_url, auth, self.connect_timeout
             )
-            names = sorted({b["destination"] for b in bindings
+            head = f"{_escape(source)}/{_escape(prefix)}"
+            names = sorted({str(b["destination"]) for b in bindings
                             if b.get("destination_type") == "queue"
                             and str(b.get("destination", "")).startswith(head)})  # fmt: skip
-            found = []
-            for name in names:
-                q = await asyncio.to_thread(
-                    fetch, f"queues/{quote(vhost, safe='')}/{quote(name, safe='')}"
-                )
-                group = _unescape(name[len(_escape(source)) + 1 :])
-                ready, consumers = int(q.get("messages_ready", 0)), int(q.get("consumers", 0))
-                found.append(GroupState(source, group, name, ready, consumers, exists=True))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.debug("RabbitMQ management API at %s: %s", url, self._scrub(str(exc)))
             return []
-        return found
+        found = await self._passive(f"the queues bound to {source!r}", names)
+        return [
+            GroupState(source, _unescape(name[len(_escape(source)) + 1 :]), name, n, c, True)
+            for name, (n, c) in sorted(found.items())
+        ]
 
     async def check(self) -> None:
         """Both connections are open, or ``BrokerUnavailable`` (a robust connection that is
