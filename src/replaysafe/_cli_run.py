@@ -23,7 +23,7 @@ import click
 from replaysafe.app import App
 from replaysafe.errors import ConfigurationError, ReplaysafeError
 from replaysafe.runtime.health import MAX_LEDGER_OUTAGE, Health
-from replaysafe.runtime.preflight import STARTUP_TIMEOUT, Preflight, preflight
+from replaysafe.runtime.preflight import STARTUP_TIMEOUT, Preflight, one_line, preflight
 
 if TYPE_CHECKING:
     from replaysafe.runtime.worker import Worker
@@ -62,11 +62,6 @@ def load_app(target: str) -> App:
     if fresh:
         _imported.add(app)
     return app
-
-
-def one_line(exc: BaseException) -> str:
-    """An error as one paragraph: its message with line breaks folded (never a traceback)."""
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _say(text: str) -> None:

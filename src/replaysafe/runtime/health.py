@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from replaysafe.guarantees import Guarantee
+from replaysafe.runtime.preflight import one_line
 
 if TYPE_CHECKING:
     from replaysafe.app import App, HandlerSpec
@@ -39,11 +40,6 @@ PROBE_TIMEOUT = 5.0
 MAX_LEDGER_OUTAGE = 300.0
 #: how often a continuing outage is logged again (seconds)
 OUTAGE_LOG_EVERY = 30.0
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class Health:
@@ -136,7 +132,7 @@ class Health:
         except TimeoutError:
             return f"no answer within {self.probe_timeout:g}s"
         except Exception as exc:
-            return _one_line(exc)
+            return one_line(exc)
         return ""
 
     async def watch(self) -> float:

@@ -70,10 +70,10 @@ class Preflight:
     warnings: list[QueueWarning] = field(default_factory=list)
 
 
-def _text(exc: BaseException) -> str:
-    """An error's message on one line (a paragraph, not a traceback)."""
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
+def one_line(exc: BaseException) -> str:
+    """An error as one paragraph: its message with line breaks folded (never a traceback; the
+    type's name when it has no message). For start-up errors, /readyz and CLI errors."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 async def _bounded(what: str, aw: Awaitable[T], within: float) -> T:
@@ -161,7 +161,7 @@ async def preflight(
     problems = []
     for what, result in (("the ledger", ledger_result), ("the broker", broker_result)):
         if isinstance(result, ReplaysafeError | OSError):
-            problems.append(f"{what} is not usable: {_text(result)}")
+            problems.append(f"{what} is not usable: {one_line(result)}")
         elif isinstance(result, BaseException):
             raise result
     if problems:
