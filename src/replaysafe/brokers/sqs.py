@@ -1031,9 +1031,12 @@ class SQSBroker(Broker):
         return GroupState(source, group, queue.url, messages=messages, exists=True)
 
     async def check(self) -> None:
-        """One ``ListQueues`` (at most one result): the endpoint answers and the credentials
-        are accepted, or ``BrokerUnavailable`` / ``ConfigurationError``."""
-        await self._call("metadata", "list_queues", "ListQueues", None, MaxResults=1)
+        """One ``GetQueueAttributes`` on a queue this broker already looked up (a worker's role
+        need not be allowed ``ListQueues``): the endpoint answers and the credentials are
+        accepted, or ``BrokerUnavailable`` / ``ConfigurationError``. Nothing to ask before the
+        first queue was looked up (:meth:`group_state` and ``subscribe`` do that)."""
+        for queue in list(self._queues.values())[:1]:
+            await self._attributes(queue.name, queue.url, "QueueArn")
 
     async def _attributes(self, name: str, url: str, *attributes: str) -> dict[str, str]:
         response = await self._call(

@@ -3,7 +3,8 @@ lasts too long, and what a stop cut.
 
 :class:`Health` probes the ledger (``Ledger.paused()``, the read every worker makes about once a
 second anyway) and the broker (``Broker.check()``) every ``interval`` seconds, each bounded by
-``probe_timeout``. ``ready()`` answers ``/readyz``: ready while both answered their last probe and
+``probe_timeout`` (the broker only every fifth time: a Kafka probe builds an admin client).
+``ready()`` answers ``/readyz``: ready while both answered their last probe and
 the worker is not holding consumption paused for a ledger outage. The worker's own
 pause-and-probe (no fetch while the ledger is down) is unchanged; this only makes it visible, and
 after ``max_ledger_outage`` seconds without a ledger :meth:`Health.watch` returns, so that the
@@ -32,8 +33,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("replaysafe.runtime")
 
-#: seconds between two readiness probes
+#: seconds between two readiness probes of the ledger
 HEALTH_INTERVAL = 1.0
+#: the broker is probed every this many ledger probes (a Kafka probe builds an admin client)
+BROKER_EVERY = 5
 #: how long one probe may take before it counts as failed
 PROBE_TIMEOUT = 5.0
 #: default of ``replaysafe run --max-ledger-outage`` (seconds; 0 never exits)
@@ -96,12 +99,15 @@ class Health:
     def ready(self) -> bool:
         return self.status()[0]
 
-    async def probe(self) -> None:
-        """Probe the ledger and the broker once (at the same time) and update the state."""
-        ledger, broker = await asyncio.gather(
-            self._one(self.app.ledger.paused()), self._one(self.app.broker.check())
-        )
-        self.broker_error = broker
+    async def probe(self, *, broker: bool = True) -> None:
+        """Probe the ledger (and, with ``broker``, the broker at the same time) once and update
+        the state."""
+        checks = [self._one(self.app.ledger.paused())]
+        if broker:
+            checks.append(self._one(self.app.broker.check()))
+        ledger, *rest = await asyncio.gather(*checks)
+        if rest:
+            self.broker_error = rest[0]
         now = time.monotonic()
         if ledger:
             if self.ledger_down_since is None:
@@ -137,9 +143,12 @@ class Health:
 
     async def watch(self) -> float:
         """Probe every ``interval`` seconds; return the outage's length once the ledger has been
-        unreachable for longer than ``max_ledger_outage`` (never, when that is None)."""
+        unreachable for longer than ``max_ledger_outage`` (never, when that is None). The
+        broker is probed every ``BROKER_EVERY`` rounds."""
+        tick = 0
         while True:
-            await self.probe()
+            await self.probe(broker=tick % BROKER_EVERY == 0)
+            tick += 1
             limit = self.max_ledger_outage
             if limit is not None and self.outage() > limit:
                 return self.outage()
