@@ -87,7 +87,7 @@ async def test_preflight_names_every_handlers_group_and_refuses_a_dead_ledger() 
     with pytest.raises(ConfigurationError) as raised:
         await preflight(shop(Refused(), Down()), [], "w1")
     text = str(raised.value)
-    assert "shop cannot start: the ledger is not usable: the ledger is down" in text
+    assert text.startswith("the ledger is not usable: the ledger is down")
     assert "Also, the broker is not usable: cannot connect" in text
     assert "\n" not in text and "Nothing was consumed" in text
 
@@ -250,6 +250,19 @@ async def test_health_reports_each_component_and_times_an_outage() -> None:
     ledger.down = True
     outage = await asyncio.wait_for(health.watch(), 10)  # returns once past the limit
     assert outage > 0.2
+
+
+async def test_readiness_waits_for_the_worker_to_resume_after_an_outage() -> None:
+    import time
+    from types import SimpleNamespace
+
+    worker = SimpleNamespace(ledger_paused=True, ledger_down_since=time.monotonic() - 12)
+    health = Health(shop(), worker)  # type: ignore[arg-type]
+    await health.probe()  # the ledger answers again, but the worker has not resumed yet
+    ready, body = health.status()
+    assert not ready and "worker: consumption paused for 12s until its own ledger probe" in body
+    worker.ledger_paused, worker.ledger_down_since = False, None
+    assert health.ready()
 
 
 def test_metrics_server_serves_healthz_readyz_and_metrics() -> None:

@@ -166,7 +166,7 @@ async def serve(
             _say(f"{app.name}: {signals[0].name} while starting; nothing was consumed")
             return 128 + signals[0]
         except ReplaysafeError as exc:
-            _say(one_line(exc))
+            _say(f"{app.name} cannot start: {one_line(exc)}")
             return EXIT_START_FAILED
         for w in checked.warnings:
             log.warning("%s %s", w.id, w.message)
@@ -217,7 +217,7 @@ async def _run(
         try:
             await running
         except ReplaysafeError as exc:  # subscribe refused, configuration, …
-            _say(f"{app.name} stopped: {one_line(exc)}")
+            _say(f"{app.name} cannot run: {one_line(exc)}")
             return EXIT_START_FAILED
     finally:
         watch.cancel()

@@ -91,9 +91,12 @@ class Health:
             else:
                 lines.append(f"{what}: reachable")
         worker = self.worker
+        since = None if worker is None else worker.ledger_down_since
         if worker is not None and worker.ledger_paused:
             ready = False
-            lines.append("worker: consumption paused until its own ledger probe succeeds")
+            paused = "" if since is None else f" for {time.monotonic() - since:.0f}s"
+            lines.append(f"worker: consumption paused{paused} until its own ledger probe "
+                         "succeeds")  # fmt: skip
         return ready, "\n".join(lines) + "\n"
 
     def ready(self) -> bool:

@@ -166,8 +166,8 @@ async def preflight(
             raise result
     if problems:
         raise ConfigurationError(
-            f"{app.name} cannot start: {' Also, '.join(problems)}. Nothing was consumed; fix "
-            "this and start the worker again."
+            f"{' Also, '.join(problems)}. Nothing was consumed; fix this and start the worker "
+            "again."
         )
     assert isinstance(broker_result, dict)
     strays = await stray_groups(app, specs)

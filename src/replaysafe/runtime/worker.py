@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import random
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -1113,7 +1114,7 @@ class Worker:
                 raise done
             return
 
-    #: loop time at which consumption paused for a ledger outage (None while it runs)
+    #: ``time.monotonic()`` when consumption paused for a ledger outage (None while it runs)
     ledger_down_since: float | None = None
 
     @property
@@ -1127,7 +1128,7 @@ class Worker:
         if not self._ledger_ok.is_set():
             return
         self._ledger_ok.clear()
-        self.ledger_down_since = asyncio.get_running_loop().time()
+        self.ledger_down_since = time.monotonic()
         self._probe = asyncio.create_task(self._probe_ledger())
 
     async def _probe_ledger(self) -> None:
