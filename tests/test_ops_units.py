@@ -137,6 +137,24 @@ async def test_memory_broker_group_state_and_strays() -> None:
     await sub.close()
 
 
+async def test_rabbitmq_without_a_management_api_finds_no_strays_and_says_why(
+    amqp_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from replaysafe.brokers.rabbitmq import RabbitMQBroker
+
+    closed = RabbitMQBroker(amqp_url, management_url=f"http://127.0.0.1:{free_port()}")
+    off = RabbitMQBroker(amqp_url, management_url="")
+    try:
+        with caplog.at_level("DEBUG", logger="replaysafe.brokers.rabbitmq"):
+            assert await closed.stray_groups("orders", "shop.") == []
+        assert "management API at http://127.0.0.1:" in caplog.text
+        assert await off.stray_groups("orders", "shop.") == []
+        assert off.group_name("a/b", "shop.x") == "a%2Fb/shop.x"
+    finally:
+        await closed.close()
+        await off.close()
+
+
 async def test_explain_names_queues_and_reports_rs122_and_rs123() -> None:
     broker = MemoryBroker()
     await broker.publish("orders", [Envelope.of("o:1", {})])

@@ -1395,8 +1395,9 @@ class RabbitMQBroker(Broker):
             f"{url.rstrip('/')}/api/exchanges/{vhost}/{quote(source, safe='')}/bindings/source"
         )
         try:
+            # short: an unreachable API must not hold up a start (its thread outlives a cancel)
             bindings = await asyncio.to_thread(
-                _management_get, bindings_url, auth, self.connect_timeout
+                _management_get, bindings_url, auth, min(self.connect_timeout, 2.0)
             )
             head = f"{_escape(source)}/{_escape(prefix)}"
             names = sorted({str(b["destination"]) for b in bindings
