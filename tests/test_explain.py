@@ -207,7 +207,15 @@ def test_cli_json_and_strict() -> None:
     assert ok.exit_code == 0, ok.output
     doc = json.loads(ok.output)
     [h] = doc["handlers"]
-    assert set(h) == {"name", "guarantee", "boundary", "statement", "findings"}
+    assert set(h) == {
+        "name",
+        "guarantee",
+        "queue",
+        "queue_state",
+        "boundary",
+        "statement",
+        "findings",
+    }
     assert h["boundary"] == "payments-api" and h["guarantee"] == "effectively-once"
     # an at-least-once handler passes --strict (no error), the verdict says replay hurts
     alo = runner.invoke(main, ["explain", "replaysafe.examples.payments:at_least_once", "--json"])

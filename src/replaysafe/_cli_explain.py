@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import click
 from rich.console import Console
 
-from replaysafe._cli_run import load_app
+from replaysafe._cli_run import load_app, run_app
 from replaysafe.explain import Report, explain
 
 _COLOR = {"error": "red", "warning": "yellow", "info": "cyan"}
@@ -43,7 +42,7 @@ def explain_command(target: str, as_json: bool, strict: bool, p99: tuple[str, ..
             observed[name] = float(value)
         except ValueError:
             raise click.BadParameter(f"--p99 wants HANDLER=SECONDS, got {item!r}") from None
-    report = asyncio.run(explain(app, p99=observed))
+    report = run_app(app, explain(app, p99=observed))
     if as_json:
         click.echo(json.dumps(report.as_json(), indent=2))
     else:

@@ -8,7 +8,6 @@ again once it is resumed. A restarted worker starts paused if its handler is pau
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import json
 import socket
@@ -19,9 +18,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from replaysafe._cli_run import load_app
+from replaysafe._cli_run import load_app, run_app
 from replaysafe.app import App
-from replaysafe.errors import ReplaysafeError
 from replaysafe.ledger.base import PauseState
 from replaysafe.runtime.worker import CONTROL_INTERVAL
 
@@ -46,13 +44,6 @@ def _known(app: App, handler: str) -> None:
             f"{', '.join(sorted(app.handlers)) or 'none'}",
             param_hint="HANDLER",
         )
-
-
-def _run(coro: Any) -> Any:
-    try:
-        return asyncio.run(coro)
-    except ReplaysafeError as exc:
-        raise click.ClickException(str(exc)) from exc
 
 
 def handler_rows(app: App, flags: dict[str, PauseState]) -> list[dict[str, Any]]:
@@ -89,7 +80,7 @@ def pause_command(target: str, handler: str, reason: str, by: str | None) -> Non
     """Stop every worker from fetching HANDLER's source; in-flight work settles normally."""
     app = load_app(target)
     _known(app, handler)
-    _run(app.ledger.set_paused(handler, True, reason=reason, by=by or _operator()))
+    run_app(app, app.ledger.set_paused(handler, True, reason=reason, by=by or _operator()))
     source = app.handlers[handler].source
     click.echo(
         f"paused {handler}: every worker stops fetching from {source} at its next control check "
@@ -112,7 +103,7 @@ def resume_command(target: str, handler: str) -> None:
         await app.ledger.set_paused(handler, False)
         return was
 
-    was_paused = _run(go())
+    was_paused = run_app(app, go())
     if was_paused:
         click.echo(f"resumed {handler}: workers fetch again at their next control check")
     else:
@@ -125,7 +116,7 @@ def resume_command(target: str, handler: str) -> None:
 def list_command(target: str, as_json: bool) -> None:
     """Every handler of the app: running or paused (since when, by whom, why)."""
     app = load_app(target)
-    rows = handler_rows(app, _run(app.ledger.paused()))
+    rows = handler_rows(app, run_app(app, app.ledger.paused()))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

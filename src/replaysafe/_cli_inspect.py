@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -11,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from replaysafe._cli_quarantine import _when, entry_json
-from replaysafe._cli_run import load_app
+from replaysafe._cli_run import load_app, run_app
 from replaysafe.app import App
 from replaysafe.ledger.base import OpKey
 
@@ -80,7 +79,7 @@ def inspect_command(target: str, operation_id: str | None, top: int, as_json: bo
     operation's boundary timestamps and attempts."""
     app = load_app(target)
     if operation_id is not None:
-        doc = asyncio.run(operation_report(app, operation_id))
+        doc = run_app(app, operation_report(app, operation_id))
         if as_json:
             click.echo(json.dumps(doc, indent=2))
             return
@@ -96,7 +95,7 @@ def inspect_command(target: str, operation_id: str | None, top: int, as_json: bo
             for q in h["quarantine"]:
                 console.print(f"  quarantined: {q['reason']} ({q['risk']}), entry {q['id']}")
         return
-    doc = asyncio.run(ledger_report(app, top))
+    doc = run_app(app, ledger_report(app, top))
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return

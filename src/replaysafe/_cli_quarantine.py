@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -11,7 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from replaysafe._cli_run import load_app
+from replaysafe._cli_run import load_app, run_app
 from replaysafe.app import App
 from replaysafe.ledger.base import QuarantineEntry
 from replaysafe.quarantine import QuarantineReason
@@ -64,7 +63,7 @@ def list_command(target: str, reason: str | None, limit: int, as_json: bool) -> 
     """Quarantine entries, oldest first."""
     app = load_app(target)
     why = QuarantineReason(reason) if reason else None
-    entries = asyncio.run(app.ledger.quarantined(reason=why, limit=limit))
+    entries = run_app(app, app.ledger.quarantined(reason=why, limit=limit))
     if as_json:
         click.echo(json.dumps([entry_json(e) for e in entries], indent=2))
         return
@@ -86,7 +85,7 @@ def list_command(target: str, reason: str | None, limit: int, as_json: bool) -> 
 def show_command(target: str, entry_id: str) -> None:
     """One entry in full, with its (size-capped, possibly redacted) message copy."""
     app = load_app(target)
-    [entry] = asyncio.run(_entries(app, (entry_id,), None))
+    [entry] = run_app(app, _entries(app, (entry_id,), None))
     click.echo(json.dumps(entry_json(entry, with_message=True), indent=2))
 
 
@@ -106,7 +105,7 @@ def redrive_command(target: str, ids: tuple[str, ...], reason: str | None, force
     async def go() -> list[Any]:
         return await redrive(app, await _entries(app, ids, reason), force=force)
 
-    results = asyncio.run(go())
+    results = run_app(app, go())
     for r in results:
         mark = "redriven" if r.redriven else "REFUSED"
         click.echo(f"{mark} {r.entry_id} {r.operation_id or '-'}: {r.detail}")
@@ -132,5 +131,5 @@ def purge_command(
     app = load_app(target)
     cutoff = app.clock.now() - older_than if older_than is not None else None
     why = QuarantineReason(reason) if reason else None
-    n = asyncio.run(app.ledger.purge_quarantine(list(ids) or None, reason=why, older_than=cutoff))
+    n = run_app(app, app.ledger.purge_quarantine(list(ids) or None, reason=why, older_than=cutoff))
     click.echo(f"purged {n} quarantine entries")

@@ -36,6 +36,9 @@ RS116    warning   delivery limit at or below the retry budget (the broker gives
 RS117    info      broker retention unknown or unbounded (compare it with the horizon)
 RS118    warning   ledger storage can lose its latest claims in a crash (appendfsync
                    everysec, synchronous_commit=off …) under effectively-once
+RS122    warning   the handler's queue/group holds messages and has no consumer
+RS123    warning   another group on the handler's source, named like the app's groups, holds
+                   messages and has no consumer (a renamed or removed handler's group)
 =======  ========  =====================================================================
 """
 
@@ -47,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from replaysafe.app import App, HandlerSpec
-from replaysafe.brokers.base import Capabilities, RedeliveryKind, SourceFacts
+from replaysafe.brokers.base import Capabilities, GroupState, RedeliveryKind, SourceFacts
 from replaysafe.envelope import operation_id as make_operation_id
 from replaysafe.errors import LedgerUnavailable
 from replaysafe.guarantees import Guarantee
@@ -71,11 +74,20 @@ class HandlerStatement:
     boundary: str | None
     statement: list[str] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
+    #: the queue/group the handler reads, as the broker names it (``Broker.group_name``)
+    queue: str | None = None
+    #: what the broker said about it when asked (None when it could not be asked)
+    queue_state: GroupState | None = None
 
     def as_json(self) -> dict[str, Any]:
+        q = self.queue_state
         return {
             "name": self.name,
             "guarantee": self.guarantee.value,
+            "queue": self.queue,
+            "queue_state": None
+            if q is None
+            else {"messages": q.messages, "consumers": q.consumers, "exists": q.exists},
             "boundary": self.boundary,
             "statement": list(self.statement),
             "findings": [
@@ -328,4 +340,41 @@ async def explain(app: App, *, p99: dict[str, float] | None = None) -> Report:
             facts = await asyncio.wait_for(app.broker.describe(spec.source), timeout=10)
         handlers.append(explain_handler(app, spec, caps, facts, durability,
                                         (p99 or {}).get(spec.name)))  # fmt: skip
+    await _name_queues(app, handlers)
     return Report(handlers)
+
+
+_ORDER = {"error": 0, "warning": 1, "info": 2}
+
+
+async def _name_queues(app: App, statements: list[HandlerStatement]) -> None:
+    """Name each handler's queue/group as the broker does (a statement line and ``queue`` in
+    JSON) and add RS122/RS123 from the broker's counts (``runtime.preflight.queue_warnings``, the
+    same judgement ``replaysafe run`` logs at start-up)."""
+    from replaysafe.runtime.preflight import queue_warnings, stray_groups
+
+    specs = list(app.handlers.values())
+    states: dict[str, GroupState] = {}
+    for spec in specs:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(10):
+                states[spec.name] = await app.broker.group_state(spec.source, spec.group)
+    warnings = queue_warnings(app, states, await stray_groups(app, specs))
+    for h in statements:
+        spec = app.handlers[h.name]
+        state = h.queue_state = states.get(h.name)
+        h.queue = state.name if state else app.broker.group_name(spec.source, spec.group)
+        if state is None:
+            now = "the broker could not be asked how many messages wait there"
+        elif state.exists is False:
+            now = "it does not exist yet (the first worker creates it)"
+        else:
+            counts = [f"{state.messages} message(s) waiting" if state.messages is not None
+                      else "the broker does not say how many messages wait",
+                      f"{state.consumers} consumer(s)" if state.consumers is not None
+                      else "it cannot count consumers"]  # fmt: skip
+            now = ", ".join(counts)
+        h.statement.insert(1, f"queue: group {spec.group!r} reads {h.queue}; now {now}.")
+        h.findings.extend(Finding(w.id, "warning", w.message)
+                          for w in warnings if h.name in w.handlers)  # fmt: skip
+        h.findings.sort(key=lambda f: (_ORDER[f.severity], f.id))

@@ -75,6 +75,32 @@ class SourceFacts:
     notes: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class GroupState:
+    """What a broker can say, right now, about the queue (or group) one consumer group reads:
+    for ``replaysafe run``'s start line and start-up check, and for ``explain``. ``None`` means
+    the broker cannot tell."""
+
+    source: str
+    group: str
+    #: the name the broker really uses: the RabbitMQ queue, the SQS queue URL, the Kafka topic
+    #: and group id (renaming a handler renames its group, and with it this, where groups are
+    #: real)
+    name: str
+    #: messages waiting for the group: ready (not delivered) on RabbitMQ, visible on SQS, the
+    #: group's lag on Kafka
+    messages: int | None = None
+    #: consumers attached now (RabbitMQ consumers, Kafka group members; SQS cannot tell)
+    consumers: int | None = None
+    #: False when the queue or group does not exist (yet): the first subscribe declares it
+    exists: bool | None = None
+
+    @property
+    def unread(self) -> bool:
+        """Messages wait and nobody consumes them (where the broker can tell both)."""
+        return bool(self.messages) and self.consumers == 0
+
+
 class Delivery(ABC):
     """One transport copy of a message, handed to the runtime.
 
@@ -178,6 +204,29 @@ class Broker(Publisher, Subscriber):
     async def describe(self, source: str) -> SourceFacts:
         """Facts about ``source`` for ``explain`` (adapters read queue/topic attributes)."""
         return SourceFacts(broker=type(self).__name__)
+
+    def group_name(self, source: str, group: str) -> str:
+        """The name the broker gives the queue (or group) that ``group`` reads on ``source``, as
+        an operator would look it up (no I/O). The default names the pair."""
+        return f"{source} (group {group})"
+
+    async def group_state(self, source: str, group: str) -> GroupState:
+        """Messages waiting for ``group`` on ``source`` and the consumers attached now, as far as
+        the broker can tell (one cheap admin request; moves no boundary, settles nothing).
+        Raises ``BrokerUnavailable`` / ``ConfigurationError`` when the broker cannot be reached
+        or refuses the credentials: ``replaysafe run`` calls it at start-up as its broker probe.
+        The default knows nothing."""
+        return GroupState(source, group, self.group_name(source, group))
+
+    async def stray_groups(self, source: str, prefix: str) -> list[GroupState]:
+        """Other groups reading ``source`` whose group name starts with ``prefix`` (an app's
+        ``"<app name>."``): a handler renamed or removed leaves its group behind, with the
+        messages published since. Empty where the broker cannot list them (the default)."""
+        return []
+
+    async def check(self) -> None:
+        """Raise ``BrokerUnavailable`` when the broker cannot be reached now (readiness probe;
+        cheap, no side effect). The default (an in-process broker) is always reachable."""
 
     async def prepare_source(
         self,

@@ -70,6 +70,7 @@ from replaysafe.brokers.base import (
     Broker,
     Capabilities,
     Delivery,
+    GroupState,
     RedeliveryKind,
     SettleGranularity,
     SourceFacts,
@@ -1758,6 +1759,67 @@ class KafkaBroker(Broker):
             raise BrokerUnavailable(
                 f"KafkaBroker: cannot read the end offsets of {topic!r} from {self._display}: {exc}"
             ) from exc
+
+    # ---------------------------------------------------------------- groups (start-up check)
+
+    def group_name(self, source: str, group: str) -> str:
+        """Topic and consumer group id: a group reads the whole topic from its own offsets."""
+        return f"topic {source!r}, group id {group!r}"
+
+    async def group_state(self, source: str, group: str) -> GroupState:
+        """The group's lag on ``source`` (:meth:`lag`, summed over partitions) and its members
+        (``DescribeConsumerGroups``). ``exists`` is False while the group has neither committed
+        offsets nor members (its first member starts at ``auto_offset_reset``)."""
+        members = (await self._members([group])).get(group, 0)
+        committed = await self.committed(source, group)
+        lag = sum((await self.lag(source, group)).values())
+        known = members != 0 or any(v is not None for v in committed.values())
+        return GroupState(source, group, self.group_name(source, group), lag, members, known)
+
+    async def stray_groups(self, source: str, prefix: str) -> list[GroupState]:
+        """Consumer groups whose id starts with ``prefix`` that committed offsets on ``source``
+        (``ListConsumerGroups``, then each one's offsets, members and lag)."""
+        timeout = self.request_timeout
+
+        def listed(admin: Any) -> list[str]:
+            result = admin.list_consumer_groups(request_timeout=timeout).result(timeout)
+            return sorted(g.group_id for g in result.valid if g.group_id.startswith(prefix))
+
+        out = []
+        for group in await self._admin(listed):
+            committed = await self.committed(source, group)
+            if all(v is None for v in committed.values()):
+                continue  # never read this topic
+            lag = sum((await self.lag(source, group)).values())
+            members = (await self._members([group])).get(group, 0)
+            out.append(
+                GroupState(source, group, self.group_name(source, group), lag, members, True)
+            )
+        return out
+
+    async def _members(self, groups: list[str]) -> dict[str, int | None]:
+        """Live members per group (``DescribeConsumerGroups``): 0 for an empty or unknown group,
+        None where a group in another state lists no member (some brokers, Tansu among them,
+        report a consuming group as STABLE without its members: unknown, not zero)."""
+        ck = self._ck
+        timeout = self.request_timeout
+        idle = {ck.ConsumerGroupState.EMPTY, ck.ConsumerGroupState.DEAD}
+
+        def describe(admin: Any) -> dict[str, int | None]:
+            futures = admin.describe_consumer_groups(groups, request_timeout=timeout)
+            out: dict[str, int | None] = {}
+            for group, future in futures.items():
+                desc = future.result(timeout)
+                n = len(desc.members or [])
+                out[group] = n if n or desc.state in idle else None
+            return out
+
+        return await self._admin(describe)
+
+    async def check(self) -> None:
+        """The cluster answers a metadata request (``BrokerUnavailable`` otherwise)."""
+        timeout = self.request_timeout
+        await self._admin(lambda admin: admin.list_topics(timeout=timeout))
 
     # ---------------------------------------------------------------- close
 

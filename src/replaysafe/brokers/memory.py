@@ -50,6 +50,7 @@ from replaysafe.brokers.base import (
     Broker,
     Capabilities,
     Delivery,
+    GroupState,
     RedeliveryKind,
     SettleGranularity,
     SourceFacts,
@@ -935,6 +936,27 @@ class MemoryBroker(Broker):
             visibility_timeout=vis if config.mode is RedeliveryKind.VISIBILITY_TIMEOUT else None,
             notes=("messages live only as long as the process",),
         )
+
+    def group_name(self, source: str, group: str) -> str:
+        return f"{source}/{group}"
+
+    async def group_state(self, source: str, group: str) -> GroupState:
+        """Messages the group has neither completed nor out with a consumer, and its live
+        subscriptions. A group that does not exist yet would read the whole history."""
+        name = self.group_name(source, group)
+        dest = self._dests.get(source)
+        grp = dest.groups.get(group) if dest is not None else None
+        if grp is None:
+            waiting = len(dest.log) if dest is not None else 0
+            return GroupState(source, group, name, messages=waiting, consumers=0, exists=False)
+        now = self._clock.now()
+        waiting = grp.depth(now) - grp.in_flight(now)
+        return GroupState(source, group, name, waiting, len(grp.subs), exists=True)
+
+    async def stray_groups(self, source: str, prefix: str) -> list[GroupState]:
+        dest = self._dests.get(source)
+        names = sorted(g for g in (dest.groups if dest is not None else {}) if g.startswith(prefix))
+        return [await self.group_state(source, g) for g in names]
 
     # ---------------------------------------------------------------- publish / subscribe
 

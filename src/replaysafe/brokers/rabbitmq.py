@@ -82,23 +82,28 @@ Semantics:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import logging
 import math
 import os
+import re
+import urllib.request
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from replaysafe._redact import redact as redact_url
 from replaysafe.brokers.base import (
     Broker,
     Capabilities,
     Delivery,
+    GroupState,
     RedeliveryKind,
     SettleGranularity,
     SourceFacts,
@@ -188,6 +193,18 @@ def _driver() -> ModuleType:
 def _escape(part: str) -> str:
     # '/' separates the parts of a queue name and '%' escapes: both are escaped inside a part
     return part.replace("%", "%25").replace("/", "%2F")
+
+
+def _unescape(part: str) -> str:
+    return re.sub("%(25|2F)", lambda m: "%" if m.group(1) == "25" else "/", part)
+
+
+def _management_get(url: str, auth: tuple[str, str], timeout: float) -> Any:
+    """One GET on the RabbitMQ management HTTP API; the decoded JSON."""
+    token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+    request = urllib.request.Request(url, headers={"Authorization": f"Basic {token}"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
 
 
 def _check_name(what: str, name: object) -> str:
@@ -912,7 +929,9 @@ class RabbitMQBroker(Broker):
     ``connect_timeout`` bounds connecting and declaring (then ``BrokerUnavailable``);
     ``reconnect_interval`` is the pause between reconnection attempts. ``delivery_limit`` sets the
     quorum ``x-delivery-limit`` (None: the server's default, unlimited on 3.x, 20 on 4.x); past it
-    RabbitMQ moves the message to the group's dead-letter queue.
+    RabbitMQ moves the message to the group's dead-letter queue. ``management_url`` is the
+    management HTTP API (default ``http://<AMQP host>:15672``, ``""`` for none), used only to list
+    the queues bound to a source (:meth:`stray_groups`): AMQP itself cannot.
 
     ``failpoints`` (default: the process-wide registry) is hit around each envelope's publish:
     ``PUBLISH_BEFORE_ACCEPT`` before it is sent, ``PUBLISH_AFTER_ACCEPT`` right after its confirm.
@@ -930,6 +949,7 @@ class RabbitMQBroker(Broker):
         connect_timeout: float = 10.0,
         reconnect_interval: float = 1.0,
         delivery_limit: int | None = None,
+        management_url: str | None = None,
     ) -> None:
         _driver()
         scheme = urlsplit(url).scheme if isinstance(url, str) else ""
@@ -955,6 +975,12 @@ class RabbitMQBroker(Broker):
             )
         self._url = url
         self._password = urlsplit(url).password or ""
+        if management_url is None:  # the management plugin's default port on the AMQP host
+            host = urlsplit(url).hostname or "127.0.0.1"
+            web = "https" if scheme == "amqps" else "http"
+            management_url = f"{web}://{'[' + host + ']' if ':' in host else host}:15672"
+        #: the management HTTP API :meth:`stray_groups` lists queues through ("" disables it)
+        self._management_url = management_url
         self.url = redact_url(url)
         self._clock = clock
         self._failpoints = FAILPOINTS if failpoints is None else failpoints
@@ -1308,14 +1334,23 @@ class RabbitMQBroker(Broker):
     async def queue_depths(self, source: str, group: str) -> dict[str, int]:
         """Ready (not unacked) messages per queue of ``group``: main, dead-letter and each retry
         band that exists. For tests and operators; one passive declare per queue."""
-        aiormq = _driver_aiormq()
         topo = Topology.of(source, group)
+        found = await self._passive(
+            f"the queues of {topo.queue!r}",
+            [topo.queue, topo.dead_letter_queue, *topo.retry_queues],
+        )
+        return {name: messages for name, (messages, _) in found.items()}
+
+    async def _passive(self, what: str, names: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """``(ready messages, consumers)`` of each queue of ``names`` that exists (a passive
+        declare each; a missing queue is left out)."""
+        aiormq = _driver_aiormq()
         conn = await self._connection("publish")
-        out: dict[str, int] = {}
+        out: dict[str, tuple[int, int]] = {}
         channel: AbstractRobustChannel | None = None
         try:
             async with asyncio.timeout(self.connect_timeout * 3):
-                for name in (topo.queue, topo.dead_letter_queue, *topo.retry_queues):
+                for name in names:
                     if channel is None:
                         channel = await conn.channel(publisher_confirms=False)
                     try:
@@ -1331,14 +1366,72 @@ class RabbitMQBroker(Broker):
                             await dead.close()
                         continue
                     result = q.declaration_result
-                    out[name] = int(result.message_count or 0)
+                    out[name] = (int(result.message_count or 0), int(result.consumer_count or 0))
         except (aiormq.exceptions.AMQPError, OSError, TimeoutError, RuntimeError) as exc:
-            raise self._declare_error(f"the queues of {topo.queue!r}", exc) from None
+            raise self._declare_error(what, exc) from None
         finally:
             if channel is not None:
                 with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError, OSError):
                     await channel.close()
         return out
+
+    def group_name(self, source: str, group: str) -> str:
+        """The group's queue (``<source>/<group>``, escaped: see :class:`Topology`)."""
+        return Topology.of(source, group).queue
+
+    async def group_state(self, source: str, group: str) -> GroupState:
+        """Ready messages and consumers of the group's queue (a passive ``queue.declare``);
+        ``exists=False`` until a subscribe or :meth:`declare` created it."""
+        queue = Topology.of(source, group).queue
+        found = (await self._passive(f"queue {queue!r}", [queue])).get(queue)
+        if found is None:
+            return GroupState(source, group, queue, messages=0, consumers=0, exists=False)
+        return GroupState(source, group, queue, messages=found[0], consumers=found[1], exists=True)
+
+    async def stray_groups(self, source: str, prefix: str) -> list[GroupState]:
+        """Queues bound to ``source``'s exchange whose group starts with ``prefix``. AMQP 0-9-1
+        cannot list bindings: they are read from the management HTTP API (``management_url``,
+        by default ``http://<host>:15672`` with the AMQP URL's credentials); the counts then
+        come from a passive ``queue.declare`` each (the API's own counts lag by its statistics
+        interval, 5 s by default). Empty, with a debug log line, when the API cannot be reached
+        (the plugin is off, or the port is closed)."""
+        url = self._management_url
+        if not url:
+            return []
+        parts = urlsplit(self._url)
+        vhost = quote(unquote(parts.path[1:]) if len(parts.path) > 1 else "/", safe="")
+        auth = (unquote(parts.username or "guest"), unquote(parts.password or "guest"))
+        bindings_url = (
+            f"{url.rstrip('/')}/api/exchanges/{vhost}/{quote(source, safe='')}/bindings/source"
+        )
+        try:
+            # short: an unreachable API must not hold up a start (its thread outlives a cancel)
+            bindings = await asyncio.to_thread(
+                _management_get, bindings_url, auth, min(self.connect_timeout, 2.0)
+            )
+            head = f"{_escape(source)}/{_escape(prefix)}"
+            names = sorted({str(b["destination"]) for b in bindings
+                            if b.get("destination_type") == "queue"
+                            and str(b.get("destination", "")).startswith(head)})  # fmt: skip
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.debug("RabbitMQ management API at %s: %s", url, self._scrub(str(exc)))
+            return []
+        found = await self._passive(f"the queues bound to {source!r}", names)
+        return [
+            GroupState(source, _unescape(name[len(_escape(source)) + 1 :]), name, n, c, True)
+            for name, (n, c) in sorted(found.items())
+        ]
+
+    async def check(self) -> None:
+        """Both connections are open, or ``BrokerUnavailable`` (a robust connection that is
+        reconnecting counts as unreachable). Opens them if needed; no other I/O."""
+        for role in ("publish", "consume"):
+            conn = await self._connection(role)
+            if conn.is_closed or not conn.connected.is_set():
+                raise BrokerUnavailable(
+                    f"the {role} connection to RabbitMQ at {self.url} is down (reconnecting "
+                    f"every {self.reconnect_interval:g}s); check the server and the network"
+                )
 
     # ---------------------------------------------------------------- publish
 

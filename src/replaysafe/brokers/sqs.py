@@ -55,6 +55,7 @@ from replaysafe.brokers.base import (
     Broker,
     Capabilities,
     Delivery,
+    GroupState,
     RedeliveryKind,
     SettleGranularity,
     SourceFacts,
@@ -1013,6 +1014,29 @@ class SQSBroker(Broker):
             broker_timestamps=True,
             notes=tuple(notes),
         )
+
+    def group_name(self, source: str, group: str) -> str:
+        """The queue's URL once it was looked up, else its name: SQS has no consumer groups, so
+        every group (handler) on ``source`` reads this one queue, whatever its name."""
+        cached = self._queues.get(source)
+        return cached.url if cached is not None else source
+
+    async def group_state(self, source: str, group: str) -> GroupState:
+        """``ApproximateNumberOfMessages`` (visible) of the queue, by its URL. SQS cannot say
+        how many consumers poll it (``consumers`` is None), and the count is approximate. A
+        missing queue raises ``ConfigurationError`` (subscribe would too: nothing creates it)."""
+        queue = await self._queue(source)
+        attrs = await self._attributes(queue.name, queue.url, "ApproximateNumberOfMessages")
+        messages = int(attrs.get("ApproximateNumberOfMessages", 0))
+        return GroupState(source, group, queue.url, messages=messages, exists=True)
+
+    async def check(self) -> None:
+        """One ``GetQueueAttributes`` on a queue this broker already looked up (a worker's role
+        need not be allowed ``ListQueues``): the endpoint answers and the credentials are
+        accepted, or ``BrokerUnavailable`` / ``ConfigurationError``. Nothing to ask before the
+        first queue was looked up (:meth:`group_state` and ``subscribe`` do that)."""
+        for queue in list(self._queues.values())[:1]:
+            await self._attributes(queue.name, queue.url, "QueueArn")
 
     async def _attributes(self, name: str, url: str, *attributes: str) -> dict[str, str]:
         response = await self._call(

@@ -54,6 +54,12 @@ MAX_HANDLER_NAME = 255
 MAX_PAUSE_TEXT = 1000
 
 
+#: the ledger scope of :meth:`Ledger.probe`'s own operations (never a handler's: a handler name
+#: has no spaces in practice, and the runtime never claims in this scope)
+PROBE_SCOPE = "replaysafe probe"
+PROBE_FINGERPRINT = hashlib.sha256(b"replaysafe probe").hexdigest()
+
+
 class State(StrEnum):
     IN_FLIGHT = "in_flight"
     RELEASED = "released"
@@ -454,6 +460,21 @@ class Ledger(ABC):
     async def paused(self) -> dict[str, PauseState]:
         """Every paused handler, by name (empty when none is). One cheap read: workers call it
         about once a second. Raises ``LedgerUnavailable`` like every other read."""
+
+    async def probe(self, owner: str) -> None:
+        """Prove, before a worker consumes anything, that this ledger is reachable, its schema
+        is the one this replaysafe expects and the worker may read and write what it needs:
+        reads the control flags and the quarantine, then claims and completes one operation of
+        its own (scope :data:`PROBE_SCOPE`, id ``startup:<owner>``: a COMPLETED record, purged
+        with the horizon like any other). Raises what the failing call raises
+        (``LedgerUnavailable`` when unreachable, ``ConfigurationError`` for an unmigrated
+        schema, …). Moves no boundary of any real operation."""
+        await self.paused()
+        await self.quarantined(limit=1)
+        key = OpKey(PROBE_SCOPE, f"startup:{owner}")
+        outcome = await self.claim(key, PROBE_FINGERPRINT, owner, 30.0)
+        if isinstance(outcome, Acquired):
+            await self.complete(outcome.claim)
 
     async def durability(self) -> Durability:
         """Whether this ledger's storage can back a claim, read from the live store where the

@@ -1739,6 +1739,13 @@ class PostgresLedger(TransactionalLedger):
                     f"the ledger tables are missing in schema {self._schema!r}; run `replaysafe "
                     f"ledger migrate --schema {self._schema}` against this database"
                 )
+            elif isinstance(exc, psycopg.errors.InsufficientPrivilege):
+                hint = (
+                    f"the role lacks privileges on the ledger: GRANT USAGE ON SCHEMA "
+                    f"{self._schema}, SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "
+                    f"{self._schema} and USAGE ON ALL SEQUENCES IN SCHEMA {self._schema} to it "
+                    "(or connect as the role that ran `replaysafe ledger migrate`)"
+                )
             elif isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
                 hint = (
                     "the connection failed or was closed (server restart, failover, network, "

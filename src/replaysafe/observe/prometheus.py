@@ -7,21 +7,24 @@ path never touches prometheus-client.
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from replaysafe.errors import MissingExtra
 from replaysafe.observe import BUCKETS, Labels, Stats, Summary
 
 try:  # the extra is optional; importing this module without it names the extra to install
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry, make_wsgi_app
     from prometheus_client.core import (
         CounterMetricFamily,
         GaugeMetricFamily,
         HistogramMetricFamily,
         Metric,
     )
-    from prometheus_client.exposition import generate_latest
+    from prometheus_client.exposition import ThreadingWSGIServer, generate_latest
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise MissingExtra("metrics", "prometheus_client") from exc
 
@@ -117,6 +120,53 @@ def render(source: StatsSource) -> str:
     return generate_latest(registry_for(source)).decode("utf-8")
 
 
-def serve(port: int, source: StatsSource, addr: str = "127.0.0.1") -> Any:
-    """Expose ``/metrics`` on ``addr:port`` in a background thread; returns the server."""
-    return start_http_server(port, addr=addr, registry=registry_for(source))
+#: ``() -> (ready, body)`` for ``/readyz`` (``replaysafe.runtime.health.Health.status``)
+Readiness = Callable[[], tuple[bool, str]]
+
+
+class _Quiet(WSGIRequestHandler):
+    """No access log line per scrape or probe on stderr."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _routes(metrics: Any, readiness: Readiness | None) -> Any:
+    """``/healthz`` (the process answers: 200), ``/readyz`` (``readiness``: 200 or 503 with a
+    short text body saying what is not reachable), anything else ``/metrics``."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/healthz":
+            status, body = "200 OK", "alive\n"
+        elif path == "/readyz" and readiness is not None:
+            ready, body = readiness()
+            status = "200 OK" if ready else "503 Service Unavailable"
+        else:
+            result: list[bytes] = metrics(environ, start_response)
+            return result
+        data = body.encode()
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
+                                ("Content-Length", str(len(data)))])  # fmt: skip
+        return [data]
+
+    return app
+
+
+def serve(
+    port: int, source: StatsSource, addr: str = "127.0.0.1", readiness: Readiness | None = None
+) -> Any:
+    """Serve ``/metrics`` (Prometheus text format), ``/healthz`` and, with ``readiness``,
+    ``/readyz`` on ``addr:port`` (``0.0.0.0`` or ``::`` for every interface) from a daemon
+    thread; returns the server (``shutdown()`` stops it). Raises ``OSError`` when the address
+    cannot be bound."""
+    family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+    class Server(ThreadingWSGIServer):
+        address_family = family
+
+    app = _routes(make_wsgi_app(registry_for(source)), readiness)
+    httpd = make_server(addr, port, app, Server, handler_class=_Quiet)
+    thread = threading.Thread(target=httpd.serve_forever, name="replaysafe-metrics", daemon=True)
+    thread.start()
+    return httpd

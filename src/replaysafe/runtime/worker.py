@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import random
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +75,7 @@ from replaysafe.ledger.base import (
 from replaysafe.observe import otel
 from replaysafe.quarantine import EffectRisk, QuarantineReason, disclose
 from replaysafe.runtime._isolation import SuspectLock
+from replaysafe.runtime.health import CutRun, StopReport
 
 log = logging.getLogger("replaysafe.runtime")
 #: one delivery's next step in a batch, run when the batch runs
@@ -87,6 +89,8 @@ MAX_RESULT_BYTES = 16 * 1024
 FETCH_LINGER = 0.002
 #: delay before retrying when the ledger is unavailable (no effect without a confirmed claim)
 LEDGER_RETRY_DELAY = 1.0
+#: longest wait between two probes of a ledger that is down (the probe backs off up to it)
+LEDGER_PROBE_MAX_DELAY = 5.0
 #: how often (seconds, app clock) a worker reads the handler control flags (pause/resume) from
 #: the ledger; ``Worker(control_interval=…)`` changes it
 CONTROL_INTERVAL = 1.0
@@ -357,12 +361,25 @@ class Worker:
                     spec.source,
                 )
 
+    #: set by ``stop(now=True)``: the stop does not wait for the drain
+    _forced: bool = False
+    _forced_event: asyncio.Event | None = None
+    #: how the last ``run()`` ended (what a stop cut); None before it returned
+    stop_report: StopReport | None = None
+
     async def run(self, *, drain_timeout: float = 30.0) -> None:
         """Consume until :meth:`stop` (then drain in-flight work for up to ``drain_timeout``
-        seconds and settle what finished) or until a simulated crash (then raise it)."""
+        seconds and settle what finished) or until a simulated crash (then raise it).
+
+        Work still running when the drain timeout passes (or at once after ``stop(now=True)``)
+        is cancelled, unsettled: the broker delivers it again and its claim expires with its
+        lease. :attr:`stop_report` then says what was cut."""
         if self._started:
             raise ConfigurationError("a Worker runs once; create a new one with app.worker()")
         self._started = True
+        self._forced_event = asyncio.Event()
+        if self._forced:
+            self._forced_event.set()
         self._validate()
         for spec in self.specs:
             self._subs.append(
@@ -388,8 +405,15 @@ class Worker:
         for t in loops:
             t.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=drain_timeout)
+        report = StopReport()
+        pending = await self._drain(drain_timeout)
+        if pending:
+            # cut: what was running is reported before the cancel unwinds it
+            report.forced = self._forced
+            report.timed_out = not self._forced
+            report.batches = len(pending)
+            report.cut = [CutRun(ex.spec.name, ex.claim is not None)
+                          for ex in self._running.values()]  # fmt: skip
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -398,12 +422,48 @@ class Worker:
             t.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         for sub in self._subs:
-            await sub.close()
+            # a forced stop does not wait for the broker: unsettled work is left to it, as
+            # after a crash (requeue, visibility timeout, rewind to the committed offset)
+            await sub.close(abandon=self._forced)
+        self.stop_report = report
         if self._crash is not None:
             raise self._crash
 
-    def stop(self) -> None:
-        """Ask the worker to stop fetching and drain (safe to call from a signal handler)."""
+    async def _drain(self, seconds: float) -> set[asyncio.Task[None]]:
+        """Wait up to ``seconds`` for the fetched batches to settle, less if
+        ``stop(now=True)`` comes meanwhile; returns the batches still running."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        pending = set(self._tasks)
+        forced = self._forced_event
+        assert forced is not None
+        while pending and not forced.is_set():
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            waiter = asyncio.ensure_future(forced.wait())
+            try:
+                done, _ = await asyncio.wait(
+                    {*pending, waiter}, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                waiter.cancel()
+            pending -= done
+        return pending
+
+    @property
+    def in_flight(self) -> int:
+        """Handler runs in progress now (what a stop would wait for)."""
+        return len(self._running)
+
+    def stop(self, *, now: bool = False) -> None:
+        """Ask the worker to stop fetching and drain (safe to call from a signal handler).
+        ``now=True`` (a second Ctrl-C) does not wait for the drain: running handlers are
+        cancelled and left unsettled, as :meth:`run` describes."""
+        if now:
+            self._forced = True
+            if self._forced_event is not None:
+                self._forced_event.set()
         self._stopping.set()
 
     async def _die(self, loops: list[asyncio.Task[None]]) -> None:
@@ -1057,15 +1117,27 @@ class Worker:
                 raise done
             return
 
+    #: ``time.monotonic()`` when consumption paused for a ledger outage (None while it runs)
+    ledger_down_since: float | None = None
+
+    @property
+    def ledger_paused(self) -> bool:
+        """Consumption is paused because the ledger did not answer (see ``_ledger_down``)."""
+        return not self._ledger_ok.is_set()
+
     def _ledger_down(self) -> None:
         """Pause fetching on every handler until the ledger answers again: no effect may start
         without a confirmed claim, and fetching only to nack would churn the broker."""
         if not self._ledger_ok.is_set():
             return
         self._ledger_ok.clear()
+        self.ledger_down_since = time.monotonic()
         self._probe = asyncio.create_task(self._probe_ledger())
 
     async def _probe_ledger(self) -> None:
+        """Read the ledger every second, backing off to LEDGER_PROBE_MAX_DELAY, until it
+        answers; then resume fetching. Short enough a back-off that a ledger back after a long
+        outage is used within seconds (``replaysafe run``'s /readyz waits for it)."""
         delay = LEDGER_RETRY_DELAY
         probe = OpKey("replaysafe", "ledger-probe")
         while True:
@@ -1073,9 +1145,10 @@ class Worker:
             try:
                 await self.app.ledger.get(probe)
             except LedgerUnavailable:
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, LEDGER_PROBE_MAX_DELAY)
                 continue
             log.warning("ledger reachable again; resuming consumption")
+            self.ledger_down_since = None
             self._ledger_ok.set()
             return
 
