@@ -100,6 +100,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from replaysafe._redact import redact as redact_url
+from replaysafe.brokers import _amqp_decode
 from replaysafe.brokers.base import (
     Broker,
     Capabilities,
@@ -110,7 +111,7 @@ from replaysafe.brokers.base import (
     Subscription,
 )
 from replaysafe.clock import SYSTEM_CLOCK, Clock
-from replaysafe.envelope import HEADER_OPERATION_ID, Envelope
+from replaysafe.envelope import HEADER_MALFORMED_TRANSPORT, HEADER_OPERATION_ID, Envelope
 from replaysafe.errors import (
     BrokerError,
     BrokerUnavailable,
@@ -184,6 +185,9 @@ def _driver() -> ModuleType:
         import aio_pika
     except ImportError as exc:
         raise MissingExtra("rabbitmq", "aio-pika") from exc
+    # a property the client cannot decode must not kill the consuming connection (it would
+    # wedge the queue): decoded tolerantly, the delivery is marked and quarantined
+    _amqp_decode.install()
     return aio_pika
 
 
@@ -268,6 +272,17 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def _undecodable_text(found: Sequence[str]) -> str:
+    listed = "; ".join(found)
+    if len(listed) > 1000:
+        listed = listed[:1000] + "…"
+    return (
+        f"RabbitMQ delivered AMQP metadata the client could not decode: {listed}. Fix the "
+        "producer: AMQP short strings (content type, message id, type, app id, header names, "
+        "routing key) must be UTF-8 and the timestamp seconds since 1970"
+    )
+
+
 def _is_transport(name: str) -> bool:
     return name in _TRANSPORT_HEADERS or name.startswith(_TRANSPORT_PREFIXES)
 
@@ -320,6 +335,11 @@ class RabbitMQDelivery(Delivery):
             for k, v in raw.items()
             if k not in _TRANSPORT_HEADERS and not k.startswith(_TRANSPORT_PREFIXES)
         }
+        #: what the client could not decode in this message's frames (empty: everything)
+        self.undecodable = (*_amqp_decode.undecodable(frame), *_amqp_decode.undecodable(props))
+        if self.undecodable:
+            # decode_wire refuses it (malformed_transport_header): nothing of it is guessed
+            self.headers[HEADER_MALFORMED_TRANSPORT] = _undecodable_text(self.undecodable)
         self.content_type = props.content_type
         key = raw.get(KEY_HEADER)
         self.key = _text(key) if key is not None else None
@@ -1579,6 +1599,9 @@ class RabbitMQBroker(Broker):
             k: v for k, v in d.amqp_headers.items() if not _is_transport(k) or k == KEY_HEADER
         }
         headers[ATTEMPTS_HEADER] = d.attempt
+        if d.undecodable:
+            # the copy's properties are clean; it must be refused the same way as the original
+            headers[HEADER_MALFORMED_TRANSPORT] = d.headers[HEADER_MALFORMED_TRANSPORT]
         props = self._properties(
             content_type=m.content_type,
             content_encoding=m.content_encoding,
