@@ -14,7 +14,6 @@ import asyncio
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,8 @@ from replaysafe.envelope import HEADER_OPERATION_ID
 from replaysafe.errors import BrokerUnavailable
 from replaysafe.testing.netcut import CutRelay
 
+from .broker_fixtures import rabbit_source
+
 ROOT = Path(__file__).resolve().parent.parent
 #: SIGKILLs right after ack_confirmed() returned (issue 13 asks for 200; ~20-40 s here)
 ROUNDS = 200
@@ -37,14 +38,8 @@ RECEIVE = 15.0
 
 @pytest.fixture
 async def source(amqp_url: str) -> AsyncIterator[tuple[RabbitMQBroker, str, str]]:
-    broker = RabbitMQBroker(amqp_url, failpoints=Failpoints())
-    name, group = f"rs-ackc-{uuid.uuid4().hex[:10]}", "g"
-    await broker.declare(name, [group])
-    try:
-        yield broker, name, group
-    finally:
-        await broker.delete(name, [group])
-        await broker.close()
+    async with rabbit_source(amqp_url, "rs-ackc", ["g"]) as (broker, name):
+        yield broker, name, "g"
 
 
 def _envelopes(n: int) -> list[Envelope]:

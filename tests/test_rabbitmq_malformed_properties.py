@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -30,6 +29,9 @@ from replaysafe.brokers.rabbitmq import RabbitMQBroker, Topology
 from replaysafe.envelope import HEADER_MALFORMED_TRANSPORT, Envelope, decode_wire
 from replaysafe.errors import MalformedTransportHeader
 from replaysafe.testing.netcut import CutRelay
+
+from .broker_fixtures import rabbit_source
+from .test_broker_rabbitmq import until
 
 RECEIVE = 30.0
 
@@ -116,14 +118,8 @@ BAD: list[tuple[str, dict[str, Any], bytes | None, str | Raw, str]] = [
 
 @pytest.fixture
 async def source(amqp_url: str) -> AsyncIterator[tuple[RabbitMQBroker, str, str]]:
-    broker = RabbitMQBroker(amqp_url, failpoints=Failpoints())
-    name, group = f"rs-malformed-{uuid.uuid4().hex[:10]}", "g"
-    await broker.declare(name, [group])
-    try:
-        yield broker, name, group
-    finally:
-        await broker.delete(name, [group])
-        await broker.close()
+    async with rabbit_source(amqp_url, "rs-malformed", ["g"]) as (broker, name):
+        yield broker, name, "g"
 
 
 async def _consumers(url: str, queue: str) -> int:
@@ -178,7 +174,7 @@ async def test_a_malformed_property_is_quarantined_and_the_queue_keeps_flowing(
             await send({"headers": {"rs-operation-id": f"good-{i}"}}, json.dumps({"i": i}).encode())
 
         await good(0)
-        await _until(lambda: applied == ["good-0"], lambda: "the first good message applied")
+        await until(lambda: applied == ["good-0"], seconds=RECEIVE, what="good-0 applied")
         connections = relay.connections  # the worker's publish and consume connections
         for i, (_, props, entries, routing_key, _) in enumerate(BAD, start=1):
             # a distinct rs-operation-id each: a quarantine is keyed by what the transport says
@@ -194,7 +190,11 @@ async def test_a_malformed_property_is_quarantined_and_the_queue_keeps_flowing(
             return len(applied) == len(BAD) + 1 and len(entries) == len(BAD)
 
         progress: list[int] = []
-        await _until(done, lambda: f"applied, quarantined, connections: {progress}")
+        try:
+            await until(done, seconds=RECEIVE, what="all applied or quarantined")
+        except BaseException:
+            print(f"\napplied, quarantined, connections through the relay: {progress}")
+            raise
         assert sorted(applied) == sorted(f"good-{i}" for i in range(len(BAD) + 1))
         entries = await ledger.quarantined(limit=100)
         assert {e.reason for e in entries} == {QuarantineReason.MALFORMED_TRANSPORT_HEADER}
@@ -215,19 +215,6 @@ async def test_a_malformed_property_is_quarantined_and_the_queue_keeps_flowing(
         await broker.close()
         await ledger.close()
         await relay.close()
-
-
-async def _until(cond: Callable[[], Any], what: Callable[[], str]) -> None:
-    deadline = time.monotonic() + RECEIVE
-    while True:
-        value = cond()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {RECEIVE}s: {what()}")
-        await asyncio.sleep(0.1)
 
 
 # --------------------------------------------------------------------------- the decoder alone

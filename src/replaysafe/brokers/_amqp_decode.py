@@ -112,12 +112,17 @@ def _timestamp(data: bytes) -> tuple[int, None, str]:
     return 8, None, why
 
 
+def _end(data: bytes, what: str) -> int:
+    """Where a length-prefixed table or array ends (its 4-byte length included)."""
+    end: int = 4 + struct.unpack(">I", data[:4])[0]
+    if end > len(data):
+        raise ValueError(f"field {what} longer than its frame")
+    return end
+
+
 def _table(data: bytes, depth: int) -> tuple[int, dict[str, Any], list[str]]:
     """A field table read entry by entry: (bytes used, entries, findings)."""
-    (length,) = struct.unpack(">I", data[:4])
-    end = 4 + length
-    if end > len(data):
-        raise ValueError("field table longer than its frame")
+    end = _end(data, "table")
     out: dict[str, Any] = {}
     found: list[str] = []
     offset = 4
@@ -138,10 +143,7 @@ def _table(data: bytes, depth: int) -> tuple[int, dict[str, Any], list[str]]:
 
 
 def _array(data: bytes, depth: int) -> tuple[int, list[Any], list[str]]:
-    (length,) = struct.unpack(">I", data[:4])
-    end = 4 + length
-    if end > len(data):
-        raise ValueError("field array longer than its frame")
+    end = _end(data, "array")
     out: list[Any] = []
     found: list[str] = []
     offset = 4
