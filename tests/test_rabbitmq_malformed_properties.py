@@ -255,6 +255,28 @@ def test_the_tolerant_decoder_keeps_what_it_can_and_says_what_it_could_not(
         assert getattr(props, name) == value
 
 
+def test_a_deliver_frame_with_a_bad_routing_key_decodes_and_a_broken_one_still_raises() -> None:
+    from pamqp import commands, exceptions, frame
+
+    RabbitMQBroker()
+    args = shortstr(b"ctag") + struct.pack(">Q", 7) + b"\x01" + shortstr(b"ex")
+    method = struct.pack(">I", commands.Basic.Deliver.index)
+    payload = method + args + shortstr(b"\xff\xfe")
+    raw = struct.pack(">BHI", 1, 1, len(payload)) + payload + b"\xce"
+    _, _, deliver = frame.unmarshal(raw)
+    assert isinstance(deliver, commands.Basic.Deliver)
+    assert (deliver.consumer_tag, deliver.delivery_tag, deliver.redelivered) == ("ctag", 7, True)
+    assert deliver.routing_key == "\ufffd\ufffd"
+    assert _amqp_decode.undecodable(deliver) == (
+        "routing_key: 2 bytes that are not UTF-8 (b'\\xff\\xfe')",
+    )
+    # a frame cut short is not a matter of text: refused as before
+    payload = method + args + b"\x05\xff"
+    raw = struct.pack(">BHI", 1, 1, len(payload)) + payload + b"\xce"
+    with pytest.raises(exceptions.UnmarshalingException):
+        frame.unmarshal(raw)
+
+
 def test_a_frame_that_decodes_is_untouched() -> None:
     from pamqp import commands, frame, header
 

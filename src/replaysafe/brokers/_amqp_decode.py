@@ -230,27 +230,36 @@ def _tolerant_method(original: Callable[[Any, bytes], None]) -> Callable[[Any, b
         try:
             original(self, data)
             return
+        except _BAD as exc:
+            refused = exc
+        try:
+            found = _method_fields(self, data)
         except _BAD:
-            pass
-        from pamqp import decode
-
-        found: list[str] = []
-        offset, bitset = 0, False
-        for name in self.__slots__:
-            kind = self.amqp_type(name)
-            value: Any
-            if bitset and (kind != "bit" or offset == 8):
-                data, offset, bitset = data[1:], 0, False
-            if kind == "shortstr":
-                used, value, bad = _shortstr(data)
-                if bad is not None:
-                    found.append(f"{name}: {bad}")
-            else:
-                used, value = decode.by_type(data, kind, offset)
-            if kind == "bit":
-                offset, bitset, used = offset + 1, True, 0
-            setattr(self, name, value)
-            data = data[used:]
+            raise refused from None  # not a matter of text: the frame is broken, as before
         setattr(self, _ATTR, tuple(found))
 
     return unmarshal
+
+
+def _method_fields(frame: Any, data: bytes) -> list[str]:
+    """pamqp's ``Frame.unmarshal`` loop with short strings read by :func:`_shortstr`."""
+    from pamqp import decode
+
+    found: list[str] = []
+    offset, bitset = 0, False
+    for name in frame.__slots__:
+        kind = frame.amqp_type(name)
+        value: Any
+        if bitset and (kind != "bit" or offset == 8):
+            data, offset, bitset = data[1:], 0, False
+        if kind == "shortstr":
+            used, value, bad = _shortstr(data)
+            if bad is not None:
+                found.append(f"{name}: {bad}")
+        else:
+            used, value = decode.by_type(data, kind, offset)
+        if kind == "bit":
+            offset, bitset, used = offset + 1, True, 0
+        setattr(frame, name, value)
+        data = data[used:]
+    return found
