@@ -25,6 +25,7 @@ from replaysafe.envelope import (
     BYTES,
     DEFAULT_LIMITS,
     HEADER_FINGERPRINT,
+    HEADER_MALFORMED_TRANSPORT,
     HEADER_OPERATION_ID,
     HEADER_PUBLISHED_AT,
     JSON,
@@ -939,7 +940,9 @@ class TestWireHeaders:
         env = decode_wire(b"{}", headers, key="order-91827")
         assert dict(env.headers) == {"traceparent": "00-abc-def-01", "tenant": "acme"}
         assert env.key == "order-91827"
-        assert {HEADER_OPERATION_ID, HEADER_FINGERPRINT, HEADER_PUBLISHED_AT} == RESERVED_HEADERS
+        assert {
+            HEADER_OPERATION_ID, HEADER_FINGERPRINT, HEADER_PUBLISHED_AT, HEADER_MALFORMED_TRANSPORT
+        } == RESERVED_HEADERS  # fmt: skip
 
 
 # =========================================================================== Envelope

@@ -11,6 +11,9 @@ native headers:
   same operation keeps it. Falls back to the broker's own timestamp when absent.
 - ``rs-fingerprint`` (optional): ``sha256:<hex>`` of the canonical payload; the consumer recomputes
   and compares.
+- ``rs-malformed-transport-header`` is never sent by a producer: a broker adapter sets it on a
+  delivery whose transport metadata it could not decode (saying what), and decoding refuses such
+  a message (``malformed_transport_header``). A producer that sends it gets the same refusal.
 
 Canonical payload (what the fingerprint covers): for JSON, the UTF-8 encoding of the value with
 object keys sorted, no insignificant whitespace and non-ASCII characters kept as UTF-8
@@ -42,6 +45,7 @@ from replaysafe.errors import (
     LimitExceeded,
     MalformedHeader,
     MalformedPayload,
+    MalformedTransportHeader,
     OperationIdMismatch,
     PayloadTooLarge,
     UnsupportedContentType,
@@ -50,7 +54,12 @@ from replaysafe.errors import (
 HEADER_OPERATION_ID = "rs-operation-id"
 HEADER_PUBLISHED_AT = "rs-published-at"
 HEADER_FINGERPRINT = "rs-fingerprint"
-RESERVED_HEADERS = frozenset({HEADER_OPERATION_ID, HEADER_PUBLISHED_AT, HEADER_FINGERPRINT})
+#: set by a broker adapter (never by a producer) on a delivery whose transport metadata could not
+#: be decoded; its value says what. Decoding refuses such a delivery (see decode_wire)
+HEADER_MALFORMED_TRANSPORT = "rs-malformed-transport-header"
+RESERVED_HEADERS = frozenset(
+    {HEADER_OPERATION_ID, HEADER_PUBLISHED_AT, HEADER_FINGERPRINT, HEADER_MALFORMED_TRANSPORT}
+)
 
 JSON = "application/json"
 TEXT = "text/plain"
@@ -605,7 +614,16 @@ def decode_wire(
     where nothing compares fingerprints (at-least-once, at-most-once: no ledger): the header is
     then not checked and ``Envelope.fingerprint`` is computed only if something reads it (a
     quarantine record). Every other check runs either way.
+
+    A delivery the adapter marked with ``rs-malformed-transport-header`` is refused first
+    (``MalformedTransportHeader``): nothing of it is trusted.
     """
+    undecodable = headers.get(HEADER_MALFORMED_TRANSPORT)
+    if undecodable is not None:
+        raise MalformedTransportHeader(
+            f"transport metadata could not be decoded, so nothing of the message is trusted: "
+            f"{undecodable[:1500]}"
+        )
     if len(headers) > limits.max_headers:
         raise LimitExceeded(
             f"message carries {len(headers)} headers, over the limit of {limits.max_headers}; "

@@ -16,7 +16,8 @@ has to catch a driver's exception type::
     │   ├── UnsupportedContentType
     │   ├── LimitExceeded           depth, integer size, header count/size
     │   ├── FingerprintMismatch     rs-fingerprint header disagrees with the payload
-    │   └── MalformedHeader         an rs-* header cannot be parsed
+    │   ├── MalformedHeader         an rs-* header cannot be parsed
+    │   └── MalformedTransportHeader  the broker's own metadata (AMQP properties) cannot be decoded
     ├── OutcomeUnknown              raised BY a handler: it cannot tell whether its effect happened
     ├── LedgerError
     │   ├── LeaseLost               a stale fencing token was refused: do not complete at the broker
@@ -107,6 +108,14 @@ class FingerprintMismatch(BadInput):
 
 class MalformedHeader(BadInput):
     reason = QuarantineReason.MALFORMED_HEADER
+
+
+class MalformedTransportHeader(BadInput):
+    """The broker adapter could not decode the message's transport metadata (e.g. an AMQP
+    property that is not UTF-8, or a timestamp that is not a time); the adapter marks such a
+    delivery with the header ``rs-malformed-transport-header`` and decoding refuses it."""
+
+    reason = QuarantineReason.MALFORMED_TRANSPORT_HEADER
 
 
 class OutcomeUnknown(ReplaysafeError):

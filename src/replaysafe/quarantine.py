@@ -22,6 +22,9 @@ class QuarantineReason(StrEnum):
     LIMIT_EXCEEDED = "limit_exceeded"
     FINGERPRINT_MISMATCH = "fingerprint_mismatch"
     MALFORMED_HEADER = "malformed_header"
+    #: the broker delivered metadata its client could not decode (an AMQP property that is not
+    #: UTF-8, a timestamp that is not a time ...): refused, never guessed
+    MALFORMED_TRANSPORT_HEADER = "malformed_transport_header"
     # identity and time
     KEY_REUSE_CONFLICT = "key_reuse_conflict"
     BEYOND_HORIZON = "beyond_horizon"

@@ -138,9 +138,9 @@ class Delivery(ABC):
         confirmed (the caller must then not run the effect: the message may come back).
 
         The default is ``ack()``: for adapters whose ``ack()`` returns once the broker has it
-        (memory; RabbitMQ: the ack frame is written to the connection; SQS: the delete is
-        answered). Kafka overrides it: its ``ack()`` only marks the offset done, and the commit
-        that covers it follows."""
+        (memory; SQS: the delete is answered). Kafka overrides it: its ``ack()`` only marks the
+        offset done, and the commit that covers it follows. RabbitMQ overrides it: a written ack
+        frame is not a processed one, so a synchronous round trip on the channel follows it."""
         await self.ack()
 
     @abstractmethod

@@ -42,6 +42,11 @@ Semantics:
   written. An ack on a channel that has died is *not* an error: RabbitMQ already requeued the
   message and will redeliver it; the ledger answers the copy. It is logged. Acks not yet written
   when the channel closes (or when the subscription is abandoned) are never sent.
+- ``ack_confirmed`` (at-most-once) = the ack, then ONE ``basic.qos`` round trip on the same
+  channel shared by the confirmations of a loop tick: RabbitMQ answers it only after it has
+  processed the frames before it, so a crash of this process after it returns cannot bring the
+  message back (a written frame alone could still be in a buffer, a proxy or the broker's
+  channel mailbox, which a dying connection discards).
 - Prefetch: ``subscribe(prefetch=n)`` hands out at most ``n`` unsettled deliveries and asks
   RabbitMQ for ``basic.qos(2n)``, so the next batch is already buffered while one runs;
   ``next_batch`` lets a burst of deliveries grow the batch for a couple of loop ticks.
@@ -99,6 +104,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, unquote, urlsplit
 
 from replaysafe._redact import redact as redact_url
+from replaysafe.brokers import _amqp_decode
 from replaysafe.brokers.base import (
     Broker,
     Capabilities,
@@ -110,7 +116,7 @@ from replaysafe.brokers.base import (
     Subscription,
 )
 from replaysafe.clock import SYSTEM_CLOCK, Clock
-from replaysafe.envelope import HEADER_OPERATION_ID, Envelope
+from replaysafe.envelope import HEADER_MALFORMED_TRANSPORT, HEADER_OPERATION_ID, Envelope
 from replaysafe.errors import (
     BrokerError,
     BrokerUnavailable,
@@ -184,6 +190,9 @@ def _driver() -> ModuleType:
         import aio_pika
     except ImportError as exc:
         raise MissingExtra("rabbitmq", "aio-pika") from exc
+    # a property the client cannot decode must not kill the consuming connection (it would
+    # wedge the queue): decoded tolerantly, the delivery is marked and quarantined
+    _amqp_decode.install()
     return aio_pika
 
 
@@ -280,6 +289,17 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def _undecodable_text(found: Sequence[str]) -> str:
+    listed = "; ".join(found)
+    if len(listed) > 1000:
+        listed = listed[:1000] + "…"
+    return (
+        f"RabbitMQ delivered AMQP metadata the client could not decode: {listed}. Fix the "
+        "producer: AMQP short strings (content type, message id, type, app id, header names, "
+        "routing key) must be UTF-8 and the timestamp seconds since 1970"
+    )
+
+
 def _is_transport(name: str) -> bool:
     return name in _TRANSPORT_HEADERS or name.startswith(_TRANSPORT_PREFIXES)
 
@@ -332,6 +352,11 @@ class RabbitMQDelivery(Delivery):
             for k, v in raw.items()
             if k not in _TRANSPORT_HEADERS and not k.startswith(_TRANSPORT_PREFIXES)
         }
+        #: what the client could not decode in this message's frames (empty: everything)
+        self.undecodable = (*_amqp_decode.undecodable(frame), *_amqp_decode.undecodable(props))
+        if self.undecodable:
+            # decode_wire refuses it (malformed_transport_header): nothing of it is guessed
+            self.headers[HEADER_MALFORMED_TRANSPORT] = _undecodable_text(self.undecodable)
         self.content_type = props.content_type
         key = raw.get(KEY_HEADER)
         self.key = _text(key) if key is not None else None
@@ -391,17 +416,31 @@ class RabbitMQDelivery(Delivery):
                 self._done()
 
     async def ack_confirmed(self) -> None:
-        """``ack()``, raising ``BrokerUnavailable`` when no ack frame covering this delivery
+        """``ack()``, returning only once RabbitMQ has *processed* the ack, so that no crash of
+        this process from then on brings the message back.
+
+        AMQP 0-9-1 does not confirm acks, and a written frame is not a processed one: it can
+        still sit in a socket buffer or a proxy, or queued in the broker's channel process, which
+        a dying connection stops without reading the rest of its mailbox. So after the ack frame
+        the subscription sends one synchronous method on the same channel (``basic.qos`` with
+        the prefetch it already has); RabbitMQ answers it only after it has processed every
+        frame sent before it, the ack included, and has passed the ack on to the queue. The
+        round trip is shared by every ``ack_confirmed()`` of one loop tick (a batch costs one).
+
+        Raises ``BrokerUnavailable`` when the delivery was already settled, when no ack frame
         could be written (the channel closed first: RabbitMQ requeues the message), or when the
-        delivery was already settled. AMQP 0-9-1 does not confirm acks: a frame written just
-        before the connection dies can still be lost, a window of one socket write."""
+        round trip was not answered (the channel closed after the ack was sent: the message may
+        come back or be gone). What is left: a RabbitMQ crash or leader change right after the
+        answer can bring the message back (see docs/broker-rabbitmq.md)."""
         if not self._begin():
             raise BrokerUnavailable(
                 f"RabbitMQ: {self.delivery_id} was already settled, so this ack cannot be "
                 "confirmed; do not run an at-most-once effect for it"
             )
+        confirmed = False
         try:
             written = await self._sub._ack(self)
+            confirmed = written and await self._sub._barrier(self._delivered.channel)
         finally:
             self._done()
         if not written:
@@ -409,6 +448,12 @@ class RabbitMQDelivery(Delivery):
                 f"RabbitMQ: the ack of {self.delivery_id} was not written (the channel closed "
                 "first), so RabbitMQ requeues the message; do not run an at-most-once effect for "
                 "it"
+            )
+        if not confirmed:
+            raise BrokerUnavailable(
+                f"RabbitMQ: the ack of {self.delivery_id} was sent, but the channel closed before "
+                "RabbitMQ confirmed it had processed it; the message may come back or be gone, "
+                "so do not run an at-most-once effect for it"
             )
 
     async def nack(self, delay: float | None = None) -> None:
@@ -600,6 +645,9 @@ class _RabbitSubscription(Subscription):
         self._flusher: asyncio.Future[None] | None = None
         #: closed as a crash: no ack that is not on the wire yet may go out any more
         self._abandoned = False
+        #: per channel, the round trip that the next ``_barrier`` callers share (not sent yet)
+        self._barriers: dict[AbstractChannel, asyncio.Future[bool]] = {}
+        self._barrier_tasks: set[asyncio.Task[None]] = set()
 
     async def _open(self, connection: AbstractRobustConnection) -> None:
         channel = await connection.channel(publisher_confirms=False)
@@ -728,6 +776,63 @@ class _RabbitSubscription(Subscription):
             for i, fut in enumerate(waiters):  # singles go out in order
                 if not fut.done():
                     fut.set_result(i < singles_sent)
+
+    async def _barrier(self, channel: AbstractChannel) -> bool:
+        """One synchronous round trip on ``channel`` after the caller's ack frame was written:
+        True once RabbitMQ answered it, which it does only after processing every frame sent
+        before it on that channel; False when the channel closed (or is closing) first.
+
+        Coalesced: the callers of one loop tick (the ``ack_confirmed()`` calls of a batch, whose
+        acks went out in one flush) share one round trip. A caller that comes after the shared
+        one was sent waits for the next: its ack may have been written after it."""
+        fut = self._barriers.get(channel)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            self._barriers[channel] = fut
+            task = asyncio.ensure_future(self._send_barrier(channel, fut))
+            self._barrier_tasks.add(task)
+            task.add_done_callback(self._barrier_tasks.discard)
+        # shielded: one caller cancelled must not cancel the round trip the others wait for
+        return await asyncio.shield(fut)
+
+    async def _send_barrier(self, channel: AbstractChannel, fut: asyncio.Future[bool]) -> None:
+        aiormq = _driver_aiormq()
+        answered = False
+        try:
+            await asyncio.sleep(0)  # the other callers of this tick join
+            if self._barriers.get(channel) is fut:
+                del self._barriers[channel]  # later callers start the next one
+            # never a frame after our own channel.close (see _settle_quietly)
+            if self._channel_closing or self._abandoned or channel.is_closed:
+                return
+            # basic.qos with the prefetch the channel already has: answered by the channel
+            # process itself, in order, with no other effect (global=False only sets the
+            # prefetch of consumers created later, and it is the same value)
+            await channel.basic_qos(
+                prefetch_count=self.prefetch * _QOS_FACTOR, timeout=self.broker.confirm_timeout
+            )
+            answered = True
+        except (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError, OSError) as exc:
+            log.warning(
+                "RabbitMQ did not confirm the acks sent on %s (%s: %s): the channel closed, so "
+                "those messages may come back or be gone",
+                self.topology.queue,
+                type(exc).__name__,
+                exc,
+            )
+        except TimeoutError:
+            # aiormq closes a channel whose call timed out: RabbitMQ requeues what it held
+            log.warning(
+                "RabbitMQ did not confirm the acks sent on %s within %.0fs; the channel is "
+                "closed, so those messages may come back or be gone",
+                self.topology.queue,
+                self.broker.confirm_timeout,
+            )
+        finally:
+            if self._barriers.get(channel) is fut:
+                del self._barriers[channel]
+            if not fut.done():
+                fut.set_result(answered)
 
     def _drop_acks(self) -> None:
         """Abandon acks not yet sent (they stay unacked: RabbitMQ requeues them) and wake their
@@ -888,6 +993,11 @@ class _RabbitSubscription(Subscription):
             # as a crash: acks not yet written stay unacked and their messages come back
             flusher.cancel()
             await asyncio.wait({flusher})
+        if abandon and self._barrier_tasks:
+            # as a crash: an ack not yet confirmed stays unconfirmed for its waiter
+            for task in list(self._barrier_tasks):
+                task.cancel()
+            await asyncio.wait(list(self._barrier_tasks))
         with contextlib.suppress(*gone):
             async with asyncio.timeout(self.broker.connect_timeout):
                 if not abandon and self._underlay is not None and self._tag is not None:
@@ -895,6 +1005,8 @@ class _RabbitSubscription(Subscription):
                         await self._underlay.basic_cancel(self._tag)
                     if self._flusher is not None:  # acks already made are sent, not redelivered
                         await asyncio.wait({self._flusher})
+                    while self._barrier_tasks:  # and the confirmations asked for are answered
+                        await asyncio.wait(list(self._barrier_tasks))
                     while not self._buffer.empty():
                         message = self._buffer.get_nowait()
                         if message is not _CLOSED and message.delivery_tag:
@@ -1590,6 +1702,9 @@ class RabbitMQBroker(Broker):
             k: v for k, v in d.amqp_headers.items() if not _is_transport(k) or k == KEY_HEADER
         }
         headers[ATTEMPTS_HEADER] = d.attempt
+        if d.undecodable:
+            # the copy's properties are clean; it must be refused the same way as the original
+            headers[HEADER_MALFORMED_TRANSPORT] = d.headers[HEADER_MALFORMED_TRANSPORT]
         props = self._properties(
             content_type=m.content_type,
             content_encoding=m.content_encoding,

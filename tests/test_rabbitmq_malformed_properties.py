@@ -1,0 +1,299 @@
+"""A message whose AMQP metadata the client cannot decode (issue 13 item 13).
+
+RabbitMQ passes properties and routing keys through as the producer wrote them. pamqp refuses a
+short string that is not UTF-8 and a timestamp past year 9999 (a producer stamping microseconds
+is enough), aiormq's reader dies with the connection, the robust connection reconnects, RabbitMQ
+delivers the same message first again: the queue was wedged, nothing behind it delivered, nothing
+logged as a bad message. Now the frame is decoded tolerantly, the delivery is marked and the
+runtime quarantines it as ``malformed_transport_header``.
+
+The producer here is aiormq with pamqp's encoder patched (:func:`raw_encoder`) so that it writes
+the given bytes as they are, as a producer in another language may.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from replaysafe import App, Context, Effect, Failpoints, Guarantee, QuarantineReason, SQLiteLedger
+from replaysafe.brokers import _amqp_decode
+from replaysafe.brokers.rabbitmq import RabbitMQBroker, Topology
+from replaysafe.envelope import HEADER_MALFORMED_TRANSPORT, Envelope, decode_wire
+from replaysafe.errors import MalformedTransportHeader
+from replaysafe.testing.netcut import CutRelay
+
+from .broker_fixtures import rabbit_source
+from .test_broker_rabbitmq import until
+
+RECEIVE = 30.0
+
+
+def shortstr(raw: bytes) -> bytes:
+    return struct.pack("B", len(raw)) + raw
+
+
+def table(*entries: bytes) -> bytes:
+    body = b"".join(entries)
+    return struct.pack(">I", len(body)) + body
+
+
+def text_entry(key: str, value: str) -> bytes:
+    raw = value.encode()
+    return shortstr(key.encode()) + b"S" + struct.pack(">I", len(raw)) + raw
+
+
+def nested(depth: int) -> bytes:
+    inner = table()
+    for _ in range(depth):
+        inner = table(shortstr(b"n") + b"F" + inner)
+    return inner
+
+
+class Raw(bytes):
+    """A property value pamqp's patched encoder writes as these exact bytes (its length
+    prefix included), whatever the property's type."""
+
+
+@pytest.fixture
+def raw_encoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pamqp writes a :class:`Raw` value as it is: for short strings, timestamps and tables.
+    Every other value is encoded as before (normal code never passes ``Raw``)."""
+    from pamqp import encode
+
+    for kind in ("shortstr", "timestamp", "table"):
+        real = encode.METHODS[kind]
+
+        def patched(value: Any, real: Callable[[Any], bytes] = real) -> bytes:
+            return bytes(value) if isinstance(value, Raw) else real(value)
+
+        monkeypatch.setitem(encode.METHODS, kind, patched)
+
+
+#: (name, properties (a Raw value is sent as its bytes), header table entries sent raw after an
+#: rs-operation-id entry (None: headers are just the rs-operation-id), routing key, what the
+#: quarantine says). Unfixed, each one killed the consuming connection in a loop (measured on
+#: RabbitMQ 3.10.8) and nothing behind it was delivered.
+BAD: list[tuple[str, dict[str, Any], bytes | None, str | Raw, str]] = [
+    ("timestamp 2**63-1", {"timestamp": Raw(struct.pack(">Q", 2**63 - 1))}, None, "",
+     "property timestamp: 9223372036854775807 is not a time"),
+    ("timestamp in microseconds", {"timestamp": Raw(struct.pack(">Q", 1_700_000_000_000_000))},
+     None, "", "property timestamp: 1700000000000000 is not a time"),
+    ("content_type \\xff\\xfe", {"content_type": Raw(shortstr(b"\xff\xfe"))}, None, "",
+     "property content_type: 2 bytes that are not UTF-8"),
+    ("content_encoding", {"content_encoding": Raw(shortstr(b"gz\xffip"))}, None, "",
+     "property content_encoding: 5 bytes that are not UTF-8"),
+    ("message_id", {"message_id": Raw(shortstr(b"id-\xc3\x28"))}, None, "",
+     "property message_id: 5 bytes that are not UTF-8"),
+    ("correlation_id", {"correlation_id": Raw(shortstr(b"\xff"))}, None, "",
+     "property correlation_id: 1 bytes that are not UTF-8"),
+    ("reply_to", {"reply_to": Raw(shortstr(b"\xfe"))}, None, "",
+     "property reply_to: 1 bytes that are not UTF-8"),
+    ("type", {"message_type": Raw(shortstr(b"t\xff"))}, None, "",
+     "property message_type: 2 bytes that are not UTF-8"),
+    ("app_id", {"app_id": Raw(shortstr(b"\xffapp"))}, None, "",
+     "property app_id: 4 bytes that are not UTF-8"),
+    ("header name", {}, shortstr(b"k\xff") + b"b\x01", "",
+     "a header name of 2 bytes that are not UTF-8"),
+    ("header timestamp", {}, shortstr(b"t") + b"T" + b"\xff" * 8, "",
+     "header 't': 18446744073709551615 is not a time"),
+    ("nested header name", {}, shortstr(b"n") + b"F" + table(shortstr(b"\xfe") + b"b\x01"), "",
+     "header 'n': a header name of 1 bytes"),
+    ("array item timestamp", {},
+     shortstr(b"a") + b"A" + struct.pack(">I", 9) + b"T" + struct.pack(">Q", 2**64 - 2), "",
+     "header 'a': item 0: 18446744073709551614 is not a time"),
+    ("headers nested 600 deep", {}, shortstr(b"n") + b"F" + nested(599), "",
+     "nested deeper than 32 levels"),
+    ("routing key", {}, None, Raw(shortstr(b"\xff\xfe")),
+     "routing_key: 2 bytes that are not UTF-8"),
+]  # fmt: skip
+
+
+@pytest.fixture
+async def source(amqp_url: str) -> AsyncIterator[tuple[RabbitMQBroker, str, str]]:
+    async with rabbit_source(amqp_url, "rs-malformed", ["g"]) as (broker, name):
+        yield broker, name, "g"
+
+
+async def _consumers(url: str, queue: str) -> int:
+    import aio_pika
+
+    conn = await aio_pika.connect(url)
+    try:
+        channel = await conn.channel()
+        q = await channel.declare_queue(queue, passive=True)
+        return int(q.declaration_result.consumer_count or 0)
+    finally:
+        await conn.close()
+
+
+@pytest.mark.usefixtures("raw_encoder")
+async def test_a_malformed_property_is_quarantined_and_the_queue_keeps_flowing(
+    amqp_url: str, source: tuple[RabbitMQBroker, str, str], tmp_path: Path
+) -> None:
+    import aiormq
+
+    admin, name, group = source
+    # the worker's connections go through a relay, which counts every connection it accepts:
+    # a reader killed by an undecodable frame would reconnect
+    relay = CutRelay.for_url(amqp_url)
+    await relay.start()
+    failpoints = Failpoints()
+    broker = RabbitMQBroker(relay.url(amqp_url), failpoints=failpoints)
+    ledger = SQLiteLedger(tmp_path / "ledger.db")
+    app = App("malformed", broker=broker, ledger=ledger, failpoints=failpoints)
+    applied: list[str] = []
+
+    @app.handler(name, guarantee=Guarantee.EFFECTIVELY_ONCE, effect=Effect.keyed("probe"),
+                 group=group, lease=5.0, concurrency=4)  # fmt: skip
+    async def work(ctx: Context) -> None:
+        applied.append(ctx.operation_id)
+
+    worker = app.worker()
+    running = asyncio.ensure_future(worker.run(drain_timeout=5))
+    producer = await aiormq.connect(amqp_url)
+    try:
+        channel = await producer.channel()
+
+        async def send(props: dict[str, Any], body: bytes, routing_key: str | Raw = "") -> None:
+            props.setdefault("message_id", f"m-{uuid.uuid4().hex[:8]}")
+            ok = await channel.basic_publish(
+                body, exchange=name, routing_key=routing_key,  # type: ignore[arg-type]
+                properties=aiormq.spec.Basic.Properties(**props),
+            )  # fmt: skip
+            assert isinstance(ok, aiormq.spec.Basic.Ack)  # RabbitMQ stored it as it was
+
+        async def good(i: int) -> None:
+            await send({"headers": {"rs-operation-id": f"good-{i}"}}, json.dumps({"i": i}).encode())
+
+        await good(0)
+        await until(lambda: applied == ["good-0"], seconds=RECEIVE, what="good-0 applied")
+        connections = relay.connections  # the worker's publish and consume connections
+        for i, (_, props, entries, routing_key, _) in enumerate(BAD, start=1):
+            # a distinct rs-operation-id each: a quarantine is keyed by what the transport says
+            op = f"bad-{i}"
+            headers = {"rs-operation-id": op} if entries is None else Raw(
+                table(text_entry("rs-operation-id", op) + entries))  # fmt: skip
+            await send({**props, "headers": headers}, b'{"id": 1}', routing_key)
+            await good(i)
+
+        async def done() -> bool:
+            entries = await ledger.quarantined(limit=100)
+            progress[:] = [len(applied), len(entries), relay.connections]
+            return len(applied) == len(BAD) + 1 and len(entries) == len(BAD)
+
+        progress: list[int] = []
+        try:
+            await until(done, seconds=RECEIVE, what="all applied or quarantined")
+        except BaseException:
+            print(f"\napplied, quarantined, connections through the relay: {progress}")
+            raise
+        assert sorted(applied) == sorted(f"good-{i}" for i in range(len(BAD) + 1))
+        entries = await ledger.quarantined(limit=100)
+        assert {e.reason for e in entries} == {QuarantineReason.MALFORMED_TRANSPORT_HEADER}
+        assert all(e.attempts == 1 and e.seen == 1 for e in entries), entries
+        details = [e.first_detail for e in entries]
+        for label, _, _, _, says in BAD:
+            assert sum(says in d for d in details) == 1, (label, says, details)
+        # the consumer stayed connected throughout: no reconnect, one consumer on the queue
+        assert relay.connections == connections
+        assert await _consumers(amqp_url, Topology.of(name, group).queue) == 1
+        depths = await admin.queue_depths(name, group)
+        assert depths[Topology.of(name, group).queue] == 0
+        assert depths[Topology.of(name, group).dead_letter_queue] == 0
+    finally:
+        worker.stop()
+        await asyncio.wait_for(running, 30)
+        await producer.close()
+        await broker.close()
+        await ledger.close()
+        await relay.close()
+
+
+# --------------------------------------------------------------------------- the decoder alone
+
+
+def _header_frame(properties: bytes, flags: int) -> bytes:
+    payload = struct.pack(">HHQ", 60, 0, 5) + struct.pack(">H", flags) + properties
+    return struct.pack(">BHI", 2, 1, len(payload)) + payload + b"\xce"
+
+
+@pytest.mark.parametrize(
+    ("flags", "properties", "says", "kept"),
+    [
+        # content_type (0x8000) then headers (0x2000): the headers are still read
+        (0xA000, shortstr(b"\xff") + table(text_entry("rs-operation-id", "x")),
+         "property content_type: 1 bytes", {"headers": {"rs-operation-id": "x"}}),
+        # an unknown field type ends the table (its length is known): what came before stays
+        (0x2000, table(text_entry("a", "1") + shortstr(b"z") + b"Z\x00\x00\x00\x01"),
+         "header 'z': Unknown type", {"headers": {"a": "1"}}),
+        # a table longer than its frame: the properties after it are not read
+        (0x2040, struct.pack(">I", 999) + b"\x00", "property headers: field table longer",
+         {"headers": None, "timestamp": None}),
+    ],
+)  # fmt: skip
+def test_the_tolerant_decoder_keeps_what_it_can_and_says_what_it_could_not(
+    flags: int, properties: bytes, says: str, kept: dict[str, Any]
+) -> None:
+    """Malformations RabbitMQ 3.10.8 itself refuses at publish (so the end-to-end test cannot
+    send them) still never raise out of the decoder."""
+    from pamqp import frame
+
+    RabbitMQBroker()  # installs the tolerant decoder
+    _, _, header = frame.unmarshal(_header_frame(properties, flags))
+    props: Any = header.properties  # type: ignore[union-attr]
+    found = _amqp_decode.undecodable(props)
+    assert len(found) == 1 and says in found[0], found
+    for name, value in kept.items():
+        assert getattr(props, name) == value
+
+
+def test_a_deliver_frame_with_a_bad_routing_key_decodes_and_a_broken_one_still_raises() -> None:
+    from pamqp import commands, exceptions, frame
+
+    RabbitMQBroker()
+    args = shortstr(b"ctag") + struct.pack(">Q", 7) + b"\x01" + shortstr(b"ex")
+    method = struct.pack(">I", commands.Basic.Deliver.index)
+    payload = method + args + shortstr(b"\xff\xfe")
+    raw = struct.pack(">BHI", 1, 1, len(payload)) + payload + b"\xce"
+    _, _, deliver = frame.unmarshal(raw)
+    assert isinstance(deliver, commands.Basic.Deliver)
+    assert (deliver.consumer_tag, deliver.delivery_tag, deliver.redelivered) == ("ctag", 7, True)
+    assert deliver.routing_key == "\ufffd\ufffd"
+    assert _amqp_decode.undecodable(deliver) == (
+        "routing_key: 2 bytes that are not UTF-8 (b'\\xff\\xfe')",
+    )
+    # a frame cut short is not a matter of text: refused as before
+    payload = method + args + b"\x05\xff"
+    raw = struct.pack(">BHI", 1, 1, len(payload)) + payload + b"\xce"
+    with pytest.raises(exceptions.UnmarshalingException):
+        frame.unmarshal(raw)
+
+
+def test_a_frame_that_decodes_is_untouched() -> None:
+    from pamqp import commands, frame, header
+
+    RabbitMQBroker()
+    props = commands.Basic.Properties(content_type="application/json", headers={"a": 1})
+    raw = frame.marshal(header.ContentHeader(body_size=3, properties=props), 1)
+    _, _, decoded = frame.unmarshal(raw)
+    assert decoded.properties == props  # type: ignore[union-attr]
+    assert _amqp_decode.undecodable(decoded.properties) == ()  # type: ignore[union-attr]
+
+
+def test_decoding_refuses_a_delivery_marked_undecodable() -> None:
+    body = b'{"id": 1}'
+    with pytest.raises(MalformedTransportHeader, match="timestamp") as refused:
+        decode_wire(body, {HEADER_MALFORMED_TRANSPORT: "property timestamp: ...",
+                           "rs-operation-id": "x"})  # fmt: skip
+    assert refused.value.reason is QuarantineReason.MALFORMED_TRANSPORT_HEADER
+    # producers cannot set it: it is reserved
+    with pytest.raises(ValueError, match="reserved"):
+        Envelope.of("x", {}, headers={HEADER_MALFORMED_TRANSPORT: "no"})
