@@ -8,6 +8,8 @@ start-up, never on the first message.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -122,6 +124,29 @@ class HandlerSpec:
     def scope(self) -> str:
         """The ledger scope of this handler's operations."""
         return self.name
+
+
+def _is_async_callable(fn: object) -> bool:
+    """True when calling ``fn(ctx)`` returns an awaitable by construction: an ``async def``
+    function or method, a ``functools.partial`` of one, a decorator's wrapper whose
+    ``__wrapped__`` chain ends at one (``functools.wraps`` copies ``__wrapped__``, not the
+    coroutine flag), or an object whose class defines ``async def __call__``. A plain ``def``, a
+    lambda, a sync ``__call__`` or a class are not."""
+    for _ in range(100):  # a __wrapped__ chain is short; a cycle must not hang registration
+        if inspect.iscoroutinefunction(fn):
+            return True
+        if isinstance(fn, functools.partial):
+            fn = fn.func
+            continue
+        wrapped = getattr(fn, "__wrapped__", None)
+        if wrapped is not None:
+            fn = wrapped
+            continue
+        if isinstance(fn, type) or inspect.isfunction(fn) or inspect.ismethod(fn):
+            return False
+        # the class's __call__ (an instance attribute is not what calling the object runs)
+        return inspect.iscoroutinefunction(getattr(type(fn), "__call__", None))  # noqa: B004
+    return False
 
 
 def _coerce_guarantee(value: object) -> Guarantee:
@@ -249,6 +274,16 @@ class App:
 
         def register(fn: HandlerFn) -> HandlerFn:
             hname: str = name or str(getattr(fn, "__name__", source))
+            if not _is_async_callable(fn):
+                # a plain def would run its effect, then fail on the await: counted as a failed
+                # attempt, and the retry would run the effect again
+                raise ConfigurationError(
+                    f"handler {hname!r} ({fn!r}) is not a coroutine function; replaysafe awaits "
+                    f"every handler. Write it as `async def {hname}(ctx): ...` and call "
+                    "blocking code inside it with `await asyncio.to_thread(...)`. A "
+                    "functools.partial, a decorated function or a callable object is accepted "
+                    "when what it calls is an `async def` (sync handlers are not supported yet)"
+                )
             if hname in self.handlers:
                 raise ConfigurationError(f"handler {hname!r} is registered twice; name one")
             self.handlers[hname] = HandlerSpec(
