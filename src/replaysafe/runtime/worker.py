@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from types import CoroutineType
 from typing import Any, Generic, TypeVar
 
 from replaysafe import failpoints as fp
@@ -117,13 +119,34 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
 
 
 def _encode_result(value: Any) -> str | None:
+    """The handler's result as stored in the ledger, or None when it is not stored (None, too
+    large, or it cannot be encoded). Never raises: the effect is done when this runs, and a result
+    that cannot be stored must not turn into a failed attempt (a retry would run the effect
+    again)."""
     if value is None:
         return None
     try:
         text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-    except (TypeError, ValueError):
+    except Exception:  # TypeError, ValueError, a __str__ that raises, RecursionError
         return None
     return text if len(text.encode()) <= MAX_RESULT_BYTES else None
+
+
+class _NotAwaitable(OutcomeUnknown):
+    """The handler returned something that cannot be awaited: it ran as a plain function, so its
+    body (and its effect) already ran. An unknown outcome: registration refuses plain ``def``
+    handlers, but a wrapper can still return a non-awaitable at run time."""
+
+
+def _awaitable(out: Any, spec: HandlerSpec) -> Any:
+    """``out`` (what calling the handler returned) when it can be awaited; else ``_NotAwaitable``
+    (and no ``TypeError`` from the ``await``, which would read as a clean failure)."""
+    if type(out) is CoroutineType or inspect.isawaitable(out):
+        return out
+    raise _NotAwaitable(
+        f"handler {spec.name!r} returned {type(out).__name__}, not an awaitable: its body ran as "
+        "a plain function (its effect may be done); write it as `async def`"
+    )
 
 
 @dataclass(slots=True)
@@ -870,6 +893,11 @@ class Worker:
         await self.app.failpoints.hit(fp.BEFORE_EFFECT, ctx)
         try:
             await self._run_handler(spec, Context(env, delivery, spec.name, attempt), None)
+        except _NotAwaitable as exc:
+            # the body ran as a plain function: the effect is done, so complete it (a nack
+            # would run it again because of our own failure to await it)
+            log.warning("%s: %s; completing %s", spec.name, exc, env.operation_id)
+            self.stats.inc(o.HANDLER_ERRORS, handler=spec.name)
         except Exception as exc:
             await self._handler_failed(spec, delivery, env, None, attempt, exc)
             return
@@ -1006,11 +1034,24 @@ class Worker:
                     await self._handler_failed(spec, delivery, env, claim, claim.attempt, exc)
                     return False
                 await app.failpoints.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, ctx)
-                if not self._tracing.enabled:
-                    await self._complete(claim, _encode_result(result))
-                else:
-                    with self._tracing.span(otel.LEDGER_COMPLETE, handler=spec.name):
+                try:
+                    if not self._tracing.enabled:
                         await self._complete(claim, _encode_result(result))
+                    else:
+                        with self._tracing.span(otel.LEDGER_COMPLETE, handler=spec.name):
+                            await self._complete(claim, _encode_result(result))
+                except (LeaseLost, LedgerUnavailable):
+                    raise
+                except Exception:
+                    # our own failure after the effect (a ledger bug, a tracing hook): as when
+                    # the ledger is down, never release (a retry would run the effect again)
+                    # and never ack; the lease runs out and a recovered claim decides (a keyed
+                    # effect re-runs under its key, an unkeyed one is quarantined)
+                    log.exception("%s: recording the effect of %s failed; leaving it to its "
+                                  "lease", spec.name, env.operation_id)  # fmt: skip
+                    self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.FAILED)
+                    await delivery.nack(delay=spec.lease)
+                    return False
         except LeaseLost as exc:
             # someone else owns the operation now: never complete this copy at the broker
             log.warning("%s: %s", spec.name, exc)
@@ -1109,21 +1150,37 @@ class Worker:
         self._running[task] = ex
         if min(first_beat, ex.deadline) < self._keeper_wake:
             self._kick.set()
+        result: Any = None
+        returned = False
         try:
             if not self._tracing.enabled:
-                return await spec.fn(ctx)
+                return await _awaitable(spec.fn(ctx), spec)
             with self._tracing.span(otel.EFFECT, handler=spec.name,
                                        operation_id=ctx.operation_id, attempt=ctx.attempt,
                                        token=ctx.token):  # fmt: skip
-                return await spec.fn(ctx)
+                result = await _awaitable(spec.fn(ctx), spec)
+                returned = True
+            return result
         except asyncio.CancelledError:
             # the keeper's cancel becomes the cut; any other cancel (shutdown, crash) goes on
             if ex.cut is not None and task.uncancel() == 0:
                 raise ex.cut from None
             raise
+        except Exception:
+            if not returned:
+                raise
+            # the span's end (a tracing hook) failed after the handler returned: the effect is
+            # done, and our bookkeeping must not turn it into a failed attempt (a retry would
+            # run the effect again)
+            log.exception("%s: tracing failed after the handler returned; the result stands",
+                          spec.name)  # fmt: skip
+            return result
         finally:
             del self._running[task]
-            self.stats.observe(o.HANDLER_SECONDS, clock.now() - started, handler=spec.name)
+            try:
+                self.stats.observe(o.HANDLER_SECONDS, clock.now() - started, handler=spec.name)
+            except Exception:  # a metrics hook must not decide the outcome either
+                log.exception("%s: recording the handler's duration failed", spec.name)
 
     async def _revalidate(self, spec: HandlerSpec, claim: Claim) -> Claim:
         """The lease ran out between the claim and the handler (the worker stalled: GC, SIGSTOP,
