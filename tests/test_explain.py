@@ -125,6 +125,11 @@ CASES: list[tuple[str, dict[str, Any], bool, str]] = [
                                             dead_letter="d")}, False, "RS116"),
     ("unknown retention", {"guarantee": EO, "facts": SourceFacts("memory")}, True, "RS117"),
     ("known retention", {"guarantee": EO}, False, "RS117"),
+    ("eo unkeyed: which failures retry", {"guarantee": EO, "effect": Effect.unkeyed("smtp")},
+     True, "RS119"),
+    ("alo unkeyed: which failures retry", {"guarantee": ALO}, True, "RS119"),
+    ("eo keyed retries every failure", {"guarantee": EO}, False, "RS119"),
+    ("amo never retries", {"guarantee": AMO}, False, "RS119"),
 ]  # fmt: skip
 
 
@@ -141,7 +146,22 @@ def test_finding_table(name: str, config: dict[str, Any], expected: bool, findin
 def test_every_finding_id_is_covered_both_ways() -> None:
     triggered = {c[3] for c in CASES if c[2]}
     untriggered = {c[3] for c in CASES if not c[2]}
-    assert triggered == untriggered == {f"RS{n}" for n in range(101, 118)}
+    assert triggered == untriggered == {f"RS{n}" for n in range(101, 118)} | {"RS119"}
+
+
+def test_the_unkeyed_failure_rule_in_force_is_stated() -> None:
+    """RS119 says which handler failures an unkeyed effect retries (issue 13, item 10)."""
+
+    def rule(guarantee: Guarantee, effect: Effect | None = None) -> str:
+        [finding] = [f for f in run(guarantee, effect=effect).findings if f.id == "RS119"]
+        assert finding.severity == "info"
+        return finding.message
+
+    eo = rule(EO, Effect.unkeyed("smtp", not_applied_on=(ConnectionRefusedError,)))
+    assert "(EffectNotApplied, ConnectionRefusedError)" in eo
+    assert "quarantined as outcome_unknown" in eo and "never re-run" in eo
+    assert "at-least-once at smtp" in rule(EO, Effect.unkeyed("smtp", on_unknown="retry"))
+    assert "every handler failure is retried" in rule(ALO)
 
 
 @pytest.mark.parametrize(

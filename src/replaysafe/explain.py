@@ -33,6 +33,7 @@ RS114    warning   retry budget can outlive the replay horizon
 RS115    info      no publish time from a plain producer on this broker: horizon unchecked
 RS116    warning   delivery limit at or below the retry budget (the broker gives up first)
 RS117    info      broker retention unknown or unbounded (compare it with the horizon)
+RS119    info      which handler failures an unkeyed effect retries (the rule in force)
 =======  ========  =====================================================================
 """
 
@@ -46,7 +47,7 @@ from typing import Any, Literal
 from replaysafe.app import App, HandlerSpec
 from replaysafe.brokers.base import Capabilities, RedeliveryKind, SourceFacts
 from replaysafe.envelope import operation_id as make_operation_id
-from replaysafe.guarantees import Guarantee
+from replaysafe.guarantees import Effect, Guarantee
 from replaysafe.ledger.base import Durability
 
 Severity = Literal["error", "warning", "info"]
@@ -121,6 +122,24 @@ def _key_is_deterministic(spec: HandlerSpec) -> bool | None:
         return False
     norm = [make_operation_id(*x) if isinstance(x, tuple) else x for x in (a, b)]
     return norm[0] == norm[1]
+
+
+def _unkeyed_failure_rule(g: Guarantee, eff: Effect) -> str:
+    """RS119: what a handler failure does to an unkeyed effect under ``g``."""
+    name = eff.name
+    if g is Guarantee.AT_LEAST_ONCE:
+        return (f"unkeyed {name} under at-least-once: every handler failure is retried under the "
+                "retry budget, also one raised after the request left, which applies the effect "
+                f"at {name} again (duplicates are this guarantee's sentence)")  # fmt: skip
+    if eff.on_unknown == "retry":
+        return (f"unkeyed {name} with on_unknown='retry': every handler failure is retried, also "
+                f"one raised after the request left (at-least-once at {name})")  # fmt: skip
+    proof = "EffectNotApplied" + "".join(f", {t.__name__}" for t in eff.not_applied_on)
+    return (f"unkeyed {name}: a handler failure is retried only when it proves the effect did not "
+            f"happen ({proof}); any other exception is read as an unknown outcome and "
+            "quarantined as outcome_unknown on that attempt, never re-run; raise "
+            "EffectNotApplied, or list exception types in Effect.unkeyed(..., not_applied_on=...), "
+            "where the request certainly never left")  # fmt: skip
 
 
 def explain_handler(
@@ -234,6 +253,11 @@ def explain_handler(
         elif durability.durable is None:
             find(Finding("RS111", "warning", f"the ledger ({durability.store}) does not say "
                          "whether a returned claim survives a crash"))  # fmt: skip
+
+    # failures of an unkeyed effect: which ones are retried (info: every rule here is what the
+    # guarantee promises; the finding says which one is in force and how to change it)
+    if eff.kind == "unkeyed" and g is not Guarantee.AT_MOST_ONCE:
+        find(Finding("RS119", "info", _unkeyed_failure_rule(g, eff)))
 
     # horizons against the broker's memory
     if g is Guarantee.EFFECTIVELY_ONCE:

@@ -112,6 +112,19 @@ def _transport_identity(delivery: Delivery) -> str:
     return f"{raw_op[:512]}\x00{ctype[:200]}\x00{digest}"
 
 
+def _evidence(exc: BaseException) -> str:
+    """``exc`` as quarantine evidence: its type (qualified unless built in) and message."""
+    cls = type(exc)
+    name = cls.__qualname__
+    if cls.__module__ != "builtins":
+        name = f"{cls.__module__}.{name}"
+    try:
+        text = str(exc)
+    except Exception:  # a broken __str__ must not lose the quarantine
+        text = "<its message could not be read>"
+    return f"{name}: {text}" if text else name
+
+
 def _retrieve(task: asyncio.Task[Any]) -> None:
     """Mark a task's exception as seen (a batch that ended early does not await the rest)."""
     if not task.cancelled():
@@ -1208,8 +1221,16 @@ class Worker:
     ) -> None:
         self.stats.inc(o.HANDLER_ERRORS, handler=spec.name)
         cut = isinstance(exc, _Cut)
-        # the handler itself says its effect may have happened (a timeout after sending)
-        told = isinstance(exc, OutcomeUnknown)
+        # the handler itself says its effect may have happened (a timeout after sending); under
+        # effectively-once an unkeyed effect's failure reads the same unless the handler proves
+        # the effect did not happen (EffectNotApplied, the effect's not_applied_on): a plain
+        # exception after the request left must not be retried into a second effect
+        told = isinstance(exc, OutcomeUnknown) or (
+            claim is not None
+            and spec.effect.kind == "unkeyed"
+            and not cut
+            and not spec.effect.not_applied(exc)
+        )
         if told:
             self.stats.inc(o.OUTCOME_UNKNOWN, handler=spec.name)
         # a handler cut at its deadline (or when an extension failed) was cancelled wherever it
@@ -1217,13 +1238,15 @@ class Worker:
         risk = EffectRisk.OUTCOME_UNKNOWN if told or cut else EffectRisk.RELEASED_CLEANLY
         unknown = (cut or told) and not spec.effect.reruns_when_unknown
         if claim is not None and unknown:
-            # the handler was cancelled mid-effect on a downstream that cannot deduplicate
+            # the handler failed mid-effect on a downstream that cannot deduplicate
             await self._quarantine(
                 spec,
                 delivery,
                 env,
                 QuarantineReason.OUTCOME_UNKNOWN,
-                f"{exc}; the effect on {spec.effect.name} may have happened",
+                f"attempt {attempt} failed with {_evidence(exc)}; the effect on "
+                f"{spec.effect.name} may have happened (an unkeyed effect is retried only after "
+                "EffectNotApplied or an exception its not_applied_on lists)",
                 claim=claim,
                 attempts=attempt,
                 risk=EffectRisk.OUTCOME_UNKNOWN,
