@@ -130,6 +130,11 @@ CASES: list[tuple[str, dict[str, Any], bool, str]] = [
     ("alo unkeyed: which failures retry", {"guarantee": ALO}, True, "RS119"),
     ("eo keyed retries every failure", {"guarantee": EO}, False, "RS119"),
     ("amo never retries", {"guarantee": AMO}, False, "RS119"),
+    ("deadline shorter than the lease", {"guarantee": EO, "lease": 10, "timeout": 8}, True,
+     "RS120"),
+    ("default deadline", {"guarantee": EO, "lease": 10}, False, "RS120"),
+    ("deadline equal to the lease", {"guarantee": ALO, "lease": 10, "timeout": 10}, False,
+     "RS120"),
 ]  # fmt: skip
 
 
@@ -146,7 +151,7 @@ def test_finding_table(name: str, config: dict[str, Any], expected: bool, findin
 def test_every_finding_id_is_covered_both_ways() -> None:
     triggered = {c[3] for c in CASES if c[2]}
     untriggered = {c[3] for c in CASES if not c[2]}
-    assert triggered == untriggered == {f"RS{n}" for n in range(101, 118)} | {"RS119"}
+    assert triggered == untriggered == {f"RS{n}" for n in range(101, 118)} | {"RS119", "RS120"}
 
 
 def test_the_unkeyed_failure_rule_in_force_is_stated() -> None:

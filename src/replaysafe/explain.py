@@ -34,6 +34,7 @@ RS115    info      no publish time from a plain producer on this broker: horizon
 RS116    warning   delivery limit at or below the retry budget (the broker gives up first)
 RS117    info      broker retention unknown or unbounded (compare it with the horizon)
 RS119    info      which handler failures an unkeyed effect retries (the rule in force)
+RS120    warning   handler deadline shorter than its lease: a slow run is cut, lease alive
 =======  ========  =====================================================================
 """
 
@@ -295,6 +296,9 @@ def explain_handler(
             find(Finding("RS108", "error", f"the handler may run {_span(worst)} (deadline or "
                          f"observed p99) but the visibility timeout is {_span(vis)} and cannot "
                          "be extended: the message is redelivered while it runs"))  # fmt: skip
+    short_deadline = spec.short_deadline()
+    if short_deadline is not None:
+        find(Finding("RS120", "warning", short_deadline))
     if p99 is not None and g is Guarantee.EFFECTIVELY_ONCE and p99 > spec.lease:
         find(Finding("RS109", "warning", f"observed p99 {_span(p99)} exceeds the lease "
                      f"{_span(spec.lease)}: every such run depends on a heartbeat succeeding; "
