@@ -112,6 +112,19 @@ def _transport_identity(delivery: Delivery) -> str:
     return f"{raw_op[:512]}\x00{ctype[:200]}\x00{digest}"
 
 
+def _marks_start(spec: HandlerSpec) -> bool:
+    """Whether the handler's claims record when its effect starts (``Ledger.mark_started``): an
+    unkeyed effect under effectively-once that quarantines unknown outcomes, whose recovered
+    claim is re-run only when the previous attempt provably never started. Nowhere else: a keyed
+    or transactional effect re-runs anyway, at-least-once keeps no claim."""
+    eff = spec.effect
+    return (
+        spec.guarantee is Guarantee.EFFECTIVELY_ONCE
+        and eff.kind == "unkeyed"
+        and eff.on_unknown == "quarantine"
+    )
+
+
 def _evidence(exc: BaseException) -> str:
     """``exc`` as quarantine evidence: its type (qualified unless built in) and message."""
     cls = type(exc)
@@ -303,6 +316,8 @@ class Worker:
         #: source -> the broker can extend its visibility (capabilities are fixed: asked once)
         self._extendable: dict[str, bool] = {}
         self._completer = _Coalescer(app.ledger.complete_many)
+        #: unkeyed effects: "about to start" marks, one mark_started per batch of handlers
+        self._starter = _Coalescer(app.ledger.mark_started)
         #: recovered claims run alone in this process (see runtime._isolation)
         self._suspects = SuspectLock()
         self._ledger_ok = asyncio.Event()
@@ -824,15 +839,16 @@ class Worker:
                 fresh.append((delivery, env))
         if not fresh:
             return steps
+        marks = _marks_start(spec)
         requests = [
             ClaimRequest(
-                OpKey(spec.scope, env.operation_id), env.fingerprint, self.owner, spec.lease
+                OpKey(spec.scope, env.operation_id), env.fingerprint, self.owner, spec.lease, marks
             )
             for _, env in fresh
         ]
         try:
             with self._tracing.span(otel.CLAIM, handler=spec.name, batch=len(requests)):
-                if len(requests) == 1:
+                if len(requests) == 1 and not marks:  # claim() does not carry marks_start
                     r = requests[0]
                     outcomes: list[ClaimOutcome] = [
                         await ledger.claim(r.key, r.fingerprint, r.owner, r.lease)
@@ -964,6 +980,9 @@ class Worker:
         app = self.app
         ctx = self._ctx(spec, env, claim.attempt)
         await app.failpoints.hit(fp.AFTER_CLAIM, ctx)
+        # a recovered claim whose previous holder may have started its effect (an unkeyed
+        # effect's claim knows when it never did: mark_started was not recorded)
+        unknown = claim.recovered and claim.previous_started
         if claim.attempt > spec.retry.max_attempts:
             self.stats.inc(o.RETRY_BUDGET_EXHAUSTED, handler=spec.name)
             await self._quarantine(
@@ -974,21 +993,21 @@ class Worker:
                 f"claimed {claim.attempt} times, budget {spec.retry.max_attempts}",
                 claim=claim,
                 attempts=claim.attempt,
-                risk=EffectRisk.OUTCOME_UNKNOWN if claim.recovered else EffectRisk.RELEASED_CLEANLY,
+                risk=EffectRisk.OUTCOME_UNKNOWN if unknown else EffectRisk.RELEASED_CLEANLY,
             )
             return
-        if (
-            claim.recovered
-            and spec.effect.kind == "unkeyed"
-            and spec.effect.on_unknown == "quarantine"
-        ):
+        if claim.recovered and not claim.previous_started:
+            log.info("%s: the previous attempt on %s never started its effect; running it again",
+                     spec.name, env.operation_id)  # fmt: skip
+        if unknown and spec.effect.kind == "unkeyed" and spec.effect.on_unknown == "quarantine":
             await self._quarantine(
                 spec,
                 delivery,
                 env,
                 QuarantineReason.OUTCOME_UNKNOWN,
-                f"a previous attempt on {spec.effect.name} (which cannot deduplicate) lost its "
-                "lease without completing; its effect may or may not have happened",
+                f"attempt {claim.attempt - 1} on {spec.effect.name} (which cannot deduplicate) "
+                "lost its lease without completing after its effect was marked started (or "
+                "before marks were recorded); its effect may or may not have happened",
                 claim=claim,
                 attempts=claim.attempt,
                 risk=EffectRisk.OUTCOME_UNKNOWN,
@@ -1024,6 +1043,8 @@ class Worker:
                 # before any transaction opens: a SQLite transaction holds the ledger's only
                 # connection, and an extension from inside it would wait for itself
                 claim = await self._revalidate(spec, claim)
+            if _marks_start(spec) and not await self._mark_started(spec, delivery, env, claim):
+                return False
             if spec.effect.kind == "transactional":
                 assert isinstance(ledger, TransactionalLedger)
                 try:
@@ -1090,6 +1111,28 @@ class Worker:
         return True
 
     # ------------------------------------------------------------------ helpers
+
+    async def _mark_started(
+        self, spec: HandlerSpec, delivery: Delivery, env: Envelope, claim: Claim
+    ) -> bool:
+        """Record that the effect is about to start (unkeyed effects), in the coalesced
+        ``mark_started`` of the handlers starting now: one ledger round trip per batch. True when
+        the effect may start. A stale claim raises ``LeaseLost`` (the caller leaves the copy to
+        the broker); a ledger that cannot record it means the effect does not start: the copy is
+        nacked past the lease, and the recovered claim learns that it never started."""
+        try:
+            marked = await self._starter.submit(claim)
+        except LedgerUnavailable as exc:
+            log.warning("%s: ledger unavailable before the effect of %s: %s; the effect was not "
+                        "started", spec.name, env.operation_id, exc)  # fmt: skip
+            self.stats.inc(o.LEDGER_UNAVAILABLE, handler=spec.name)
+            self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.UNAVAILABLE)
+            self._ledger_down()
+            await delivery.nack(delay=spec.lease)
+            return False
+        if isinstance(marked, LeaseLost):
+            raise marked
+        return True
 
     async def _complete(self, claim: Claim, result: str | None) -> None:
         """Record EFFECTED through the coalescing ``complete_many``; retry a briefly unavailable
