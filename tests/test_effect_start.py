@@ -35,6 +35,7 @@ from replaysafe.ledger.base import Claim, ClaimOutcome, ClaimRequest, Ledger
 from replaysafe.testing import FakeClock
 
 from .runtime_harness import Harness
+from .test_runtime import once_for
 
 EO, ALO = Guarantee.EFFECTIVELY_ONCE, Guarantee.AT_LEAST_ONCE
 RETRY = RetryPolicy(max_attempts=3, base_delay=0.1, max_delay=0.3)
@@ -42,18 +43,6 @@ RETRY = RetryPolicy(max_attempts=3, base_delay=0.1, max_delay=0.3)
 
 def order(i: int) -> Envelope:
     return Envelope.of(f"charge:order-{i}", {"order": f"order-{i}", "amount": 10})
-
-
-def once_for(op: str) -> Any:
-    fired: set[str] = set()
-
-    def when(ctx: Any) -> bool:
-        if ctx.get("operation_id") == op and op not in fired:
-            fired.add(op)
-            return True
-        return False
-
-    return when
 
 
 class CountingLedger(MemoryLedger):
@@ -126,6 +115,28 @@ async def test_a_claim_killed_after_its_effect_started_stays_outcome_unknown() -
     [entry] = await h.ledger.quarantined()
     assert (entry.reason, entry.risk) == (QuarantineReason.OUTCOME_UNKNOWN,
                                           EffectRisk.OUTCOME_UNKNOWN)  # fmt: skip
+
+
+async def test_a_started_effect_is_not_forgotten_when_the_next_attempt_dies_early() -> None:
+    """Attempt 1 starts its effect and dies; attempt 2 takes over and dies right after its claim
+    (before it could quarantine). Attempt 3 must not read attempt 2's "never started" alone: the
+    chaos harness found exactly this as a silent second charge."""
+    h = Harness(honour_keys=False)
+    runs = charging(h, guarantee=EO, effect=Effect.unkeyed("smtp"))
+    op = "charge:order-1"
+
+    def on(attempt: int) -> Any:
+        return lambda ctx: ctx.get("operation_id") == op and ctx.get("attempt") == attempt
+
+    h.failpoints.enable(fp.AFTER_EFFECT_BEFORE_LEDGER, "kill", when=on(1))
+    h.failpoints.enable(fp.AFTER_CLAIM, "kill", when=on(2))
+    await run(h, order(1))
+    assert h.crashes == 2
+    assert runs == [op] and h.probe.per_subject() == {"order-1": 1}
+    [entry] = await h.ledger.quarantined()
+    assert (entry.reason, entry.risk, entry.attempts) == (
+        QuarantineReason.OUTCOME_UNKNOWN, EffectRisk.OUTCOME_UNKNOWN, 3
+    )  # fmt: skip
 
 
 async def test_a_batch_marks_its_effects_in_one_round_trip() -> None:

@@ -27,7 +27,9 @@ Rules every backend keeps (``replaysafe.testing.contracts.LedgerContract`` check
   over an expired lease reports ``previous_started=False`` only when the previous holder's claim
   was made that way and never marked: its effect cannot have started. Any other takeover reports
   ``True`` (conservative: a record written before this existed, or by a holder that does not
-  mark, may have started its effect).
+  mark, may have started its effect), and the fact sticks: the new attempt is recorded as "may
+  have started" even when it marks, so a later takeover never forgets an earlier attempt whose
+  effect may have happened.
 - The same operation with a different fingerprint is a ``Conflict`` on every path (first claim
   excepted: there is nothing to conflict with), and never changes the record.
 - Quarantine entries are durable and idempotent per message (same reason, operation and payload
@@ -511,6 +513,7 @@ def decide_claim(
     if existing.state is State.IN_FLIGHT and not lease_expired(existing, now):
         return InFlight(existing), None
     recovered = existing.state is State.IN_FLIGHT  # lease expired without complete or release
+    started = previous_started(existing)
     attempt = existing.attempts + 1
     rec = Record(
         key,
@@ -524,10 +527,11 @@ def decide_claim(
         existing.last_error,
         existing.created_at,
         now,
-        unstarted_attempt=attempt if marks_start else None,
+        # a takeover of an attempt that may have started stays "may have started" whatever this
+        # attempt does: the effect of that earlier attempt is still unknown
+        unstarted_attempt=attempt if marks_start and not (recovered and started) else None,
     )
-    claim = Claim(key, fingerprint, next_token, owner, now + lease, attempt, recovered,
-                  previous_started(existing))  # fmt: skip
+    claim = Claim(key, fingerprint, next_token, owner, now + lease, attempt, recovered, started)
     return Acquired(claim), rec
 
 

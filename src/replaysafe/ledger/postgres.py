@@ -339,8 +339,9 @@ _REQ_MANY: Final = """
 # row lock was taken (the takeover check itself uses the same fresh clock). The lease length is
 # recovered on the conflict path as excluded.lease_until - excluded.created_at. A request's
 # marks_start travels as the insert's unstarted_attempt (1 or NULL); a takeover writes its own
-# attempt there instead, and records in previous_started whether the holder it took over had
-# marked its effect started (ledger.base.previous_started).
+# attempt there instead (NULL when it took over an attempt that may have started: that stays
+# unknown), and records in previous_started whether the holder it took over had marked its
+# effect started (ledger.base.previous_started, decide_claim).
 _CLAIM: Final = """
 WITH req AS ({req}),
 ins AS (
@@ -359,6 +360,8 @@ ins AS (
         attempts = o.attempts + 1,
         recovered = (o.state = 'in_flight'),
         unstarted_attempt = CASE WHEN excluded.unstarted_attempt IS NOT NULL
+                                      AND (o.state <> 'in_flight'
+                                           OR o.unstarted_attempt IS NOT DISTINCT FROM o.attempts)
                                  THEN o.attempts + 1 END,
         previous_started = (o.state <> 'in_flight'
                             OR o.unstarted_attempt IS DISTINCT FROM o.attempts),
@@ -929,26 +932,17 @@ class PostgresLedger(TransactionalLedger):
             found = await cur.fetchone()
             if found is not None and found[0]:
                 names.append(self.table(key))
-        if self.table("ops") in names:
+        # columns added to an existing table by a later version, as "column <table>.<name>"
+        for key, added in (("ops", _V4_OPERATION_COLUMNS), ("q", _V2_QUARANTINE_COLUMNS)):
+            if self.table(key) not in names:
+                continue
             cur = await conn.execute(
                 """SELECT attname FROM pg_attribute
                    WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped""",
-                (f'"{self._schema}"."{self._names["ops"]}"',),
+                (f'"{self._schema}"."{self._names[key]}"',),
             )
             present = {row[0] for row in await cur.fetchall()}
-            names += [
-                f"column {self.table('ops')}.{c}" for c in _V4_OPERATION_COLUMNS if c in present
-            ]
-        if self.table("q") in names:
-            cur = await conn.execute(
-                """SELECT attname FROM pg_attribute
-                   WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped""",
-                (f'"{self._schema}"."{self._names["q"]}"',),
-            )
-            present = {row[0] for row in await cur.fetchall()}
-            names += [
-                f"column {self.table('q')}.{c}" for c in _V2_QUARANTINE_COLUMNS if c in present
-            ]
+            names += [f"column {self.table(key)}.{c}" for c in added if c in present]
         return names
 
     # ------------------------------------------------------------------ ledger API

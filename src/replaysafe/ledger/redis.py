@@ -256,7 +256,8 @@ local ok, err = pcall(function()
       local attempts = (tonumber(cur[4]) or 0) + 1
       redis.call('HSET', key, 'state', 'in_flight', 'token', num(last), 'owner', owner,
         'lease_until', lease_until, 'attempts', num(attempts), 'updated_at', snow)
-      if marks == 1 then
+      -- a takeover of an attempt that may have started stays "may have started" (decide_claim)
+      if marks == 1 and (recovered == 0 or previous_started == 0) then
         redis.call('HSET', key, 'unstarted_attempt', num(attempts))
         redis.call('HDEL', key, 'result', 'completed_at')
       else

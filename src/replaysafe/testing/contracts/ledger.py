@@ -900,14 +900,41 @@ class LedgerContract:
         # never marked and never declared: it may have started (conservative)
         assert (c.claim.recovered, c.claim.previous_started) == (True, True)
         assert d.claim.recovered is False
-        # the takeover's own attempt: not started until it marks (when it declared marks_start)
-        assert (await must_get(ledger, started)).unstarted_attempt == 2
+        # the takeover's own attempt is "not started" only when nothing before it may have
+        # started and it declared marks_start
+        assert (await must_get(ledger, started)).unstarted_attempt is None
         assert (await must_get(ledger, unstarted)).unstarted_attempt is None
-        # and the new holder's mark is read back by the next takeover
-        await ledger.mark_started([a.claim])
+        e = await ledger.claim_many(
+            [ClaimRequest(unstarted, FP, "w3", self.lease, True)]
+        )  # not expired: in flight
+        assert isinstance(e[0], InFlight)
+
+    async def test_an_attempt_that_may_have_started_is_never_forgotten(
+        self, ledger: Ledger, clock: FakeClock
+    ) -> None:
+        """Attempt 1 marked its effect started and died; attempt 2 took over and died before
+        marking (before it could even quarantine). Attempt 3 must still learn that an earlier
+        effect may have happened: reading only attempt 2 would re-run a charge that happened."""
+        first = await self._claim_marking(ledger, KEY)
+        await ledger.mark_started([first])
         await self.expire(clock)
-        again = await ledger.claim(started, FP, "w3", self.lease)
-        assert isinstance(again, Acquired) and again.claim.previous_started is True
+        second = await self._claim_marking(ledger, KEY, owner="w2")
+        assert (second.recovered, second.previous_started) == (True, True)
+        await self.expire(clock)
+        [third] = await ledger.claim_many([ClaimRequest(KEY, FP, "w3", self.lease, True)])
+        assert isinstance(third, Acquired)
+        assert (third.claim.attempt, third.claim.recovered, third.claim.previous_started) == (
+            3, True, True
+        )  # fmt: skip
+        # while a chain of attempts that never started stays re-runnable
+        other = OpKey("orders", "never-started")
+        await self._claim_marking(ledger, other)
+        await self.expire(clock)
+        again = await self._claim_marking(ledger, other, owner="w2")
+        await self.expire(clock)
+        [last] = await ledger.claim_many([ClaimRequest(other, FP, "w3", self.lease, True)])
+        assert isinstance(last, Acquired) and again.previous_started is False
+        assert (last.claim.attempt, last.claim.previous_started) == (3, False)
 
     async def test_mark_started_is_fenced_per_claim(self, ledger: Ledger, clock: FakeClock) -> None:
         old = await self._claim_marking(ledger, KEY)
