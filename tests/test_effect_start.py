@@ -224,3 +224,33 @@ async def test_the_default_mark_started_checks_the_fence_only() -> None:
     await ledger.complete(claim)
     [lost] = await Ledger.mark_started(ledger, [claim])
     assert isinstance(lost, LeaseLost)
+
+
+async def test_a_mark_whose_waiter_was_cancelled_before_it_went_out_is_not_written() -> None:
+    """A handler cancelled while it waits for its mark (a drain timeout, a stop) never starts:
+    its mark is left out of the batch if the batch has not gone out yet, so that a later
+    takeover re-runs it instead of quarantining it."""
+    import asyncio
+
+    from replaysafe.runtime.worker import _Coalescer
+
+    sent: list[list[str]] = []
+
+    async def many(items: Sequence[str]) -> list[str]:
+        sent.append(list(items))
+        return list(items)
+
+    starter: _Coalescer[str, str] = _Coalescer(many, drop_cancelled=True)
+    kept = asyncio.ensure_future(starter.submit("kept"))
+    dropped = asyncio.ensure_future(starter.submit("dropped"))
+    await asyncio.sleep(0)  # both queued; the flush waits one tick for more
+    dropped.cancel()
+    assert await kept == "kept"
+    assert sent == [["kept"]]
+    # the default (completions) still sends a cancelled caller's item
+    completer: _Coalescer[str, str] = _Coalescer(many)
+    gone = asyncio.ensure_future(completer.submit("done anyway"))
+    await asyncio.sleep(0)
+    gone.cancel()
+    await asyncio.sleep(0.01)
+    assert sent[-1] == ["done anyway"]

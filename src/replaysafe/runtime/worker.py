@@ -242,9 +242,18 @@ class _Coalescer(Generic[T, R]):
     flight goes out together in the next one (one ledger round trip per batch, not per message).
     """
 
-    def __init__(self, many: Callable[[Sequence[T]], Awaitable[Sequence[R]]], limit: int = 500):
+    def __init__(
+        self,
+        many: Callable[[Sequence[T]], Awaitable[Sequence[R]]],
+        limit: int = 500,
+        *,
+        drop_cancelled: bool = False,
+    ):
         self._many = many
         self._limit = limit
+        #: leave out the items whose caller was cancelled before their batch went out (a mark
+        #: of an effect that will never start); by default they still go out (a completion)
+        self._drop_cancelled = drop_cancelled
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -261,6 +270,10 @@ class _Coalescer(Generic[T, R]):
         await asyncio.sleep(0)  # let the other handlers that finished this tick join the batch
         while self._queue:
             batch, self._queue = self._queue[: self._limit], self._queue[self._limit :]
+            if self._drop_cancelled:
+                batch = [(item, fut) for item, fut in batch if not fut.cancelled()]
+                if not batch:
+                    continue
             try:
                 results = await self._many([item for item, _ in batch])
             except BaseException as exc:
@@ -317,7 +330,7 @@ class Worker:
         self._extendable: dict[str, bool] = {}
         self._completer = _Coalescer(app.ledger.complete_many)
         #: unkeyed effects: "about to start" marks, one mark_started per batch of handlers
-        self._starter = _Coalescer(app.ledger.mark_started)
+        self._starter = _Coalescer(app.ledger.mark_started, drop_cancelled=True)
         #: recovered claims run alone in this process (see runtime._isolation)
         self._suspects = SuspectLock()
         self._ledger_ok = asyncio.Event()
