@@ -136,6 +136,16 @@ CASES: list[tuple[str, dict[str, Any], bool, str]] = [
     ("forgetful ledger is an error, not a warning", {"guarantee": EO, "durability": FORGETFUL},
      False, "RS118"),
     ("at-least-once claims nothing", {"guarantee": ALO, "durability": LOSSY}, False, "RS118"),
+    ("eo unkeyed: which failures retry", {"guarantee": EO, "effect": Effect.unkeyed("smtp")},
+     True, "RS119"),
+    ("alo unkeyed: which failures retry", {"guarantee": ALO}, True, "RS119"),
+    ("eo keyed retries every failure", {"guarantee": EO}, False, "RS119"),
+    ("amo never retries", {"guarantee": AMO}, False, "RS119"),
+    ("deadline shorter than the lease", {"guarantee": EO, "lease": 10, "timeout": 8}, True,
+     "RS120"),
+    ("default deadline", {"guarantee": EO, "lease": 10}, False, "RS120"),
+    ("deadline equal to the lease", {"guarantee": ALO, "lease": 10, "timeout": 10}, False,
+     "RS120"),
 ]  # fmt: skip
 
 
@@ -152,7 +162,22 @@ def test_finding_table(name: str, config: dict[str, Any], expected: bool, findin
 def test_every_finding_id_is_covered_both_ways() -> None:
     triggered = {c[3] for c in CASES if c[2]}
     untriggered = {c[3] for c in CASES if not c[2]}
-    assert triggered == untriggered == {f"RS{n}" for n in range(101, 119)}
+    assert triggered == untriggered == {f"RS{n}" for n in range(101, 121)}
+
+
+def test_the_unkeyed_failure_rule_in_force_is_stated() -> None:
+    """RS119 says which handler failures an unkeyed effect retries (issue 13, item 10)."""
+
+    def rule(guarantee: Guarantee, effect: Effect | None = None) -> str:
+        [finding] = [f for f in run(guarantee, effect=effect).findings if f.id == "RS119"]
+        assert finding.severity == "info"
+        return finding.message
+
+    eo = rule(EO, Effect.unkeyed("smtp", not_applied_on=(ConnectionRefusedError,)))
+    assert "(EffectNotApplied, ConnectionRefusedError)" in eo
+    assert "quarantined as outcome_unknown" in eo and "never re-run" in eo
+    assert "at-least-once at smtp" in rule(EO, Effect.unkeyed("smtp", on_unknown="retry"))
+    assert "every handler failure is retried" in rule(ALO)
 
 
 @pytest.mark.parametrize(

@@ -800,21 +800,37 @@ async def test_migrate_upgrades_a_version_1_schema_in_place_keeping_its_rows(
     pg_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The previous release: schema version 1 made by exactly its migration (migration 1 is
-    # never edited; changes go into new steps), used by the ledger calls version 1 had.
+    # never edited; changes go into new steps), holding the rows version 1's calls wrote
+    # (written here column for column: this release's statements need the newer columns).
     with monkeypatch.context() as pinned:
         pinned.setattr(pg_module, "SCHEMA_VERSION", 1)
         pinned.setattr(pg_module, "_MIGRATIONS", {1: pg_module._MIGRATIONS[1]})
         old = await make(pg_dsn, pg_schema)
-        try:
-            done = await old.complete(await acquire(old, OpKey("orders", "done"), 30.0), "r1")
-            for _ in range(2):
-                await old.release(await acquire(old, POISON, 30.0), "transient")
-            poisoned = await acquire(old, POISON, 30.0)  # attempt 3
-        finally:
-            await old.close()
+        await old.close()
     ops = sql.Identifier(pg_schema, "rs_operations")
     q = sql.Identifier(pg_schema, "rs_quarantine")
+    seq = sql.Literal(f'"{pg_schema}"."rs_token_seq"')
     async with admin(pg_dsn) as conn:
+        # a completed operation; one claimed 3 times (2 releases); one whose holder died in
+        # flight (its lease ran out): version 1 kept no record of whether its effect started
+        await conn.execute(
+            sql.SQL(
+                """INSERT INTO {ops} (scope, operation_id, fingerprint, state, token, owner,
+                    lease_until, attempts, recovered, result, last_error, created_at,
+                    updated_at, completed_at)
+                VALUES ('orders', 'done', 'fp-a', 'completed', nextval({seq}), 'w1', NULL, 1,
+                        false, 'r1', NULL, now(), now(), now()),
+                       ('orders', 'poison', 'fp-a', 'in_flight', nextval({seq}), 'w1',
+                        now() + interval '30 seconds', 3, false, NULL, 'transient', now(),
+                        now(), NULL),
+                       ('orders', 'stuck', 'fp-a', 'in_flight', nextval({seq}), 'w1',
+                        now() - interval '1 second', 1, false, NULL, NULL, now(), now(), NULL)"""
+            ).format(ops=ops, seq=seq)
+        )
+        poisoned_token = await scalar(
+            conn,
+            sql.SQL("SELECT token FROM {} WHERE operation_id = 'poison'").format(ops),
+        )
         columns = await conn.execute(
             "SELECT column_name FROM information_schema.columns "
             "WHERE table_schema = %s AND table_name = 'rs_quarantine'",
@@ -858,11 +874,24 @@ async def test_migrate_upgrades_a_version_1_schema_in_place_keeping_its_rows(
     assert f"created {pg_schema}.rs_operations_hot" in text, text
     for column in ("published_at", "message_size", "redriven_at", "redrives"):
         assert f"created column {pg_schema}.rs_quarantine.{column}" in text, text
+    for column in ("unstarted_attempt", "previous_started"):
+        assert f"created column {pg_schema}.rs_operations.{column}" in text, text
 
     ledger = PostgresLedger(scoped_dsn(pg_dsn, pg_schema), schema=pg_schema)
     try:
         await ledger.open()
-        assert await ledger.get(OpKey("orders", "done")) == done
+        done = await ledger.get(OpKey("orders", "done"))
+        assert done is not None
+        assert (done.state, done.result, done.attempts, done.unstarted_attempt) == (
+            State.COMPLETED, "r1", 1, None
+        )  # fmt: skip
+        # a row from before version 4 cannot say its effect never started: conservative
+        [stuck] = await ledger.claim_many(
+            [ClaimRequest(OpKey("orders", "stuck"), "fp-a", "w2", 30.0, marks_start=True)]
+        )
+        assert isinstance(stuck, Acquired)
+        assert (stuck.claim.recovered, stuck.claim.previous_started) == (True, True)
+        await ledger.complete(stuck.claim)
         entry = await ledger.quarantine_entry(V1_ENTRY_ID)
         assert entry is not None
         assert (entry.reason, entry.operation_id, entry.attempts, entry.seen) == (
@@ -875,12 +904,12 @@ async def test_migrate_upgrades_a_version_1_schema_in_place_keeping_its_rows(
         assert (entry.message, entry.message_size, entry.truncated) == (b"x" * 100, 100, False)
         assert (entry.published_at, entry.redriven_at, entry.redrives) == (None, None, 0)
         summary = await ledger.summary()
-        assert summary.by_state == {"completed": 1, "quarantined": 1}
-        assert summary.hot_operations == [(POISON, 3)]
+        assert summary.by_state == {"completed": 2, "quarantined": 1}
+        assert summary.hot_operations == [(POISON, 3), (OpKey("orders", "stuck"), 2)]
         assert (await ledger.redrive(V1_ENTRY_ID)).redrives == 1
         again = await acquire(ledger, POISON, 30.0)
         assert (again.attempt, again.recovered) == (1, False)
-        assert again.token > poisoned.token
+        assert again.token > poisoned_token
         fresh = await ledger.quarantine(
             QuarantineRequest("orders", QuarantineReason.MALFORMED_PAYLOAD, message=b"y" * 10,
                               published_at=1_789_999_000.25)

@@ -623,6 +623,31 @@ async def test_a_version_1_file_is_upgraded_in_place_keeping_its_rows(tmp_path: 
     assert schema_version(path) == SCHEMA_VERSION
 
 
+async def test_an_in_flight_row_from_before_version_4_reads_as_maybe_started(
+    tmp_path: Path,
+) -> None:
+    """Version 4 records whether an unkeyed effect started (``mark_started``). A row written
+    before it cannot say: a claim taking it over must read it as "may have started"."""
+    clock = FakeClock()
+    path = tmp_path / "ledger.db"
+    write_v1_file(path, clock)
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute(
+            "INSERT INTO replaysafe_operations VALUES "
+            "('orders', 'stuck', 'fp-a', 'in_flight', 5, 'w1', ?, 1, NULL, NULL, ?, ?, NULL)",
+            (clock.now() - 1, clock.now() - 10, clock.now() - 10),
+        )
+    async with SQLiteLedger(path, clock=clock) as ledger:
+        [outcome] = await ledger.claim_many(
+            [ClaimRequest(OpKey("orders", "stuck"), "fp-a", "w2", 5.0, marks_start=True)]
+        )
+        assert isinstance(outcome, Acquired)
+        assert (outcome.claim.recovered, outcome.claim.previous_started) == (True, True)
+        # and it stays so for the next takeover, whatever this attempt does
+        assert (await must_get(ledger, OpKey("orders", "stuck"))).unstarted_attempt is None
+    assert schema_version(path) == SCHEMA_VERSION == 4
+
+
 async def test_a_newer_file_is_refused_before_anything_is_changed(tmp_path: Path) -> None:
     path = tmp_path / "ledger.db"
     write_v1_file(path, FakeClock())

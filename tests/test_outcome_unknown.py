@@ -1,4 +1,6 @@
-"""A handler that cannot tell whether its downstream applied the effect raises OutcomeUnknown.
+"""A handler that cannot tell whether its downstream applied the effect raises OutcomeUnknown;
+under effectively-once an unkeyed effect reads ANY exception that way unless the handler proves
+the effect did not happen (EffectNotApplied, the effect's not_applied_on: issue 13, item 10).
 
 Keyed and transactional effects are retried (the key, or the rolled-back transaction, makes the
 re-run safe); an unkeyed effect is quarantined as outcome_unknown, never blindly re-run, unless
@@ -11,9 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from replaysafe import (
+    ConfigurationError,
     Context,
     Effect,
+    EffectNotApplied,
     EffectRisk,
     Envelope,
     Guarantee,
@@ -174,3 +180,119 @@ def test_reruns_when_unknown_follows_the_effect() -> None:
     assert Effect.transactional().reruns_when_unknown
     assert not Effect.unkeyed("smtp").reruns_when_unknown
     assert Effect.unkeyed("smtp", on_unknown="retry").reruns_when_unknown
+
+
+# ---------------------------------------------------------------- item 10: unkeyed, plain errors
+
+
+def failing(h: Harness, *errors: BaseException) -> tuple[list[str], Any]:
+    """A charge that sends (the effect happens, unless the error says it cannot have) and then
+    raises ``errors[n]`` on its n-th run, succeeding once they are used up."""
+    runs: list[str] = []
+
+    async def charge(ctx: Context) -> str:
+        runs.append(ctx.operation_id)
+        n = len(runs) - 1
+        error = errors[n] if n < len(errors) else None
+        if isinstance(error, ConnectionRefusedError | EffectNotApplied):
+            raise error  # refused before anything was sent
+        fx = await h.probe.apply(ctx.payload["order"], 10, ctx.idempotency_key)
+        if error is not None:
+            raise error  # the request left, then the connection dropped
+        return fx
+
+    return runs, charge
+
+
+async def test_unkeyed_plain_exception_is_an_unknown_outcome_quarantined_never_rerun() -> None:
+    """A disconnect after sending used to count as a clean failure and be retried: a silent
+    second charge. It is quarantined with the exception as evidence."""
+    h = Harness(honour_keys=False)
+    runs, charge = failing(h, ConnectionResetError("peer reset the connection after the send"))
+    h.handler(EO, effect=Effect.unkeyed("smtp"), lease=5, retry=RETRY)(charge)
+    await run(h, order(1))
+    assert runs == ["charge:order-1"]
+    assert h.probe.per_subject() == {"order-1": 1}
+    [entry] = await h.ledger.quarantined()
+    assert (entry.reason, entry.risk, entry.attempts) == (
+        QuarantineReason.OUTCOME_UNKNOWN, EffectRisk.OUTCOME_UNKNOWN, 1
+    )  # fmt: skip
+    assert "attempt 1 failed with ConnectionResetError: peer reset" in entry.first_detail
+    assert h.total(o.OUTCOME_UNKNOWN) == 1 and h.total(o.RETRIES) == 0
+
+
+async def test_unkeyed_effect_not_applied_is_retried_and_applied_once() -> None:
+    h = Harness(honour_keys=False)
+    refused = EffectNotApplied("smtp refused the connection")
+    runs, charge = failing(h, refused, refused)
+    h.handler(EO, effect=Effect.unkeyed("smtp"), lease=5, retry=RETRY)(charge)
+    await run(h, order(1))
+    assert runs == ["charge:order-1"] * 3
+    assert h.probe.per_subject() == {"order-1": 1}
+    assert await h.ledger.quarantined() == []
+    assert h.total(o.RETRIES) == 2 and h.total(o.OUTCOME_UNKNOWN) == 0
+    rec = await h.ledger.get(OpKey("charge", "charge:order-1"))
+    assert rec is not None and rec.state is State.COMPLETED and rec.attempts == 3
+
+
+async def test_unkeyed_not_applied_on_lists_what_proves_no_effect() -> None:
+    h = Harness(honour_keys=False)
+    effect = Effect.unkeyed("smtp", not_applied_on=(ConnectionRefusedError,))
+    runs, charge = failing(h, ConnectionRefusedError("nothing listens"), TimeoutError("no reply"))
+    h.handler(EO, effect=effect, lease=5, retry=RETRY)(charge)
+    await run(h, order(1))
+    # refused: retried; the timeout after the send is not on the list: quarantined, not re-run
+    assert runs == ["charge:order-1"] * 2
+    assert h.probe.per_subject() == {"order-1": 1}
+    [entry] = await h.ledger.quarantined()
+    assert entry.reason is QuarantineReason.OUTCOME_UNKNOWN and entry.attempts == 2
+    assert "TimeoutError: no reply" in entry.first_detail
+
+
+async def test_a_budget_spent_on_effect_not_applied_is_released_cleanly() -> None:
+    h = Harness(honour_keys=False)
+    runs, charge = failing(h, *[EffectNotApplied("down")] * 9)
+    h.handler(EO, effect=Effect.unkeyed("smtp"), lease=5, retry=RETRY)(charge)
+    await run(h, order(1))
+    assert len(runs) == RETRY.max_attempts and h.probe.effects == []
+    [entry] = await h.ledger.quarantined()
+    assert (entry.reason, entry.risk) == (QuarantineReason.MAX_ATTEMPTS,
+                                          EffectRisk.RELEASED_CLEANLY)  # fmt: skip
+
+
+async def test_unkeyed_opted_into_retry_reruns_a_plain_exception() -> None:
+    h = Harness(honour_keys=False)
+    runs, charge = failing(h, ConnectionResetError("after the send"))
+    effect = Effect.unkeyed("smtp", on_unknown="retry")
+    h.handler(EO, effect=effect, lease=5, retry=RETRY)(charge)
+    await run(h, order(1))
+    assert runs == ["charge:order-1"] * 2
+    assert h.probe.per_subject() == {"order-1": 2}  # at-least-once at smtp, as declared
+
+
+async def test_at_least_once_unkeyed_retries_a_plain_exception() -> None:
+    h = Harness(honour_keys=False)
+    runs, charge = failing(h, ConnectionResetError("after the send"))
+    h.handler(Guarantee.AT_LEAST_ONCE, lease=5, retry=RETRY)(charge)
+    await run(h, order(1))
+    assert runs == ["charge:order-1"] * 2
+    assert h.probe.per_subject() == {"order-1": 2}  # its sentence: may duplicate
+
+
+async def test_keyed_effect_retries_a_plain_exception() -> None:
+    h = Harness()
+    runs, charge = failing(h, ConnectionResetError("after the send"))
+    h.handler(EO, effect=Effect.keyed("payments"), lease=5, retry=RETRY)(charge)
+    await run(h, order(1))
+    assert runs == ["charge:order-1"] * 2
+    assert h.probe.per_subject() == {"order-1": 1}  # the key answered the re-run
+
+
+def test_not_applied_on_takes_exception_classes() -> None:
+    assert Effect.unkeyed("s", not_applied_on=OSError).not_applied_on == (OSError,)
+    effect = Effect.unkeyed("s", not_applied_on=(ConnectionRefusedError,))
+    assert effect.not_applied(ConnectionRefusedError()) and effect.not_applied(EffectNotApplied())
+    assert not effect.not_applied(ConnectionResetError())
+    for bad in (("OSError",), (OSError, 3), [OSError]):
+        with pytest.raises(ConfigurationError, match="tuple of exception classes"):
+            Effect.unkeyed("s", not_applied_on=bad)  # type: ignore[arg-type]

@@ -31,7 +31,7 @@ EXPECTED = {
     "InvalidOperationId", "PayloadTooLarge", "MalformedPayload", "MalformedHeader",
     "UnsupportedContentType", "LimitExceeded", "FingerprintMismatch", "LedgerError", "LeaseLost",
     "LedgerUnavailable", "BrokerError", "PublishAmbiguous", "BrokerUnavailable", "SimulatedCrash",
-    "OutcomeUnknown",
+    "OutcomeUnknown", "EffectNotApplied",
 }  # fmt: skip
 
 

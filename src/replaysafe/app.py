@@ -8,6 +8,9 @@ start-up, never on the first message.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +28,16 @@ if TYPE_CHECKING:
     from replaysafe.brokers.base import Delivery
     from replaysafe.runtime.worker import Worker
 
+log = logging.getLogger("replaysafe.app")
+
 DAY = 86_400.0
+#: the default handler deadline, in leases. The keeper extends the lease every third of it while
+#: the handler runs, so the lease carries a healthy slow handler for as long as it runs; the
+#: deadline only has to cut a hung one. Ten leases: the lease is the author's own measure of how
+#: long one run may take (RS109 wants it above the p99), so a run ten times longer is hung, and
+#: the bound scales with it (lease=3: 30 s; the default lease=30: 5 min). What a hung handler
+#: costs until then: one concurrency slot and its operation held in flight.
+DEADLINE_LEASES = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +135,61 @@ class HandlerSpec:
         """The ledger scope of this handler's operations."""
         return self.name
 
+    def short_deadline(self) -> str | None:
+        """What to say about a deadline shorter than the lease, or None when it is not.
+
+        Such a deadline ends before the first lease would: the lease's extension never gets to
+        carry a slow handler, and one slower than ``timeout`` is cut though its lease is alive.
+        The warning names what a cut does to this handler's guarantee and effect (``App.handler``
+        logs it at registration; ``explain`` reports it as RS120)."""
+        if self.timeout >= self.lease:
+            return None
+        g, eff = self.guarantee, self.effect
+        if g is Guarantee.AT_MOST_ONCE:
+            then = "it is cancelled after the broker completed it: the operation is lost"
+        elif g is Guarantee.AT_LEAST_ONCE:
+            then = "it is cancelled and retried: a second effect if the first one happened"
+        elif eff.kind == "transactional":
+            then = "it is cancelled, its transaction rolled back and the operation retried"
+        elif eff.kind == "keyed":
+            then = (f"it is cancelled and retried under its key at {eff.name}; every cut spends "
+                    "an attempt of the retry budget")  # fmt: skip
+        elif eff.on_unknown == "retry":
+            then = f"it is cancelled and re-run: a second effect at {eff.name} if one happened"
+        else:
+            then = ("it is cancelled mid-effect and quarantined as outcome_unknown, on the "
+                    "first attempt too, never re-run")  # fmt: skip
+        return (
+            f"handler {self.name!r}: its deadline ({self.timeout:g}s) is shorter than its lease "
+            f"({self.lease:g}s), so lease extension never carries it: a run slower than "
+            f"{self.timeout:g}s is cut though its lease is alive, and then {then}. Leave "
+            f"timeout= unset (default {DEADLINE_LEASES} leases: "
+            f"{DEADLINE_LEASES * self.lease:g}s) or set it above the slowest healthy run"
+        )
+
+
+def _is_async_callable(fn: object) -> bool:
+    """True when calling ``fn(ctx)`` returns an awaitable by construction: an ``async def``
+    function or method, a ``functools.partial`` of one, a decorator's wrapper whose
+    ``__wrapped__`` chain ends at one (``functools.wraps`` copies ``__wrapped__``, not the
+    coroutine flag), or an object whose class defines ``async def __call__``. A plain ``def``, a
+    lambda, a sync ``__call__`` or a class are not."""
+    for _ in range(100):  # a __wrapped__ chain is short; a cycle must not hang registration
+        if inspect.iscoroutinefunction(fn):
+            return True
+        if isinstance(fn, functools.partial):
+            fn = fn.func
+            continue
+        wrapped = getattr(fn, "__wrapped__", None)
+        if wrapped is not None:
+            fn = wrapped
+            continue
+        if isinstance(fn, type) or inspect.isfunction(fn) or inspect.ismethod(fn):
+            return False
+        # the class's __call__ (an instance attribute is not what calling the object runs)
+        return inspect.iscoroutinefunction(getattr(type(fn), "__call__", None))  # noqa: B004
+    return False
+
 
 def _coerce_guarantee(value: object) -> Guarantee:
     if isinstance(value, Guarantee):
@@ -219,8 +286,11 @@ class App:
         or a tuple for ``operation_id(*t)``); it gets the decoded body (JSON value, ``str`` for
         text/plain, ``bytes`` otherwise) and decides: an ``rs-operation-id`` header naming another
         id is quarantined as ``operation_id_mismatch`` (docs/wire-format.md).
-        ``timeout`` defaults to 80% of ``lease``: the handler's deadline fits inside the first
-        lease; set it longer to rely on lease extension. ``example`` is a sample payload that
+        ``timeout`` is the handler's deadline: a run still going after it is cut (cancelled).
+        It defaults to :data:`DEADLINE_LEASES` leases (10: 300 s with the default lease), since
+        the lease is extended every ``lease / 3`` while the handler runs and only a hung handler
+        needs cutting; a deadline set shorter than the lease is logged as a warning (see
+        :meth:`HandlerSpec.short_deadline`). ``example`` is a sample payload that
         ``explain`` feeds to ``key`` to check that it is deterministic. ``extend_visibility=False``
         leaves the broker's visibility timer alone (the message is redelivered while a slow
         handler runs; only the ledger lease stops a second run under effectively-once).
@@ -248,7 +318,9 @@ class App:
                     "needs a ledger in the same database (SQLiteLedger, PostgresLedger)"
                 )
         eff = effect or Effect.unkeyed(source)
-        to = timeout if timeout is not None else lease * 0.8
+        to = timeout if timeout is not None else lease * DEADLINE_LEASES
+        if to <= 0:
+            raise ConfigurationError("timeout must be positive seconds (the handler's deadline)")
 
         def register(fn: HandlerFn) -> HandlerFn:
             hname: str = name or str(getattr(fn, "__name__", source))
@@ -261,9 +333,19 @@ class App:
                     f"{MAX_HANDLER_NAME} UTF-8 bytes without control characters (newlines "
                     "included); pass name='...' to App.handler"
                 ) from None
+            if not _is_async_callable(fn):
+                # a plain def would run its effect, then fail on the await: counted as a failed
+                # attempt, and the retry would run the effect again
+                raise ConfigurationError(
+                    f"handler {hname!r} ({fn!r}) is not a coroutine function; replaysafe awaits "
+                    f"every handler. Write it as `async def {hname}(ctx): ...` and call "
+                    "blocking code inside it with `await asyncio.to_thread(...)`. A "
+                    "functools.partial, a decorated function or a callable object is accepted "
+                    "when what it calls is an `async def` (sync handlers are not supported yet)"
+                )
             if hname in self.handlers:
                 raise ConfigurationError(f"handler {hname!r} is registered twice; name one")
-            self.handlers[hname] = HandlerSpec(
+            spec = self.handlers[hname] = HandlerSpec(
                 name=hname,
                 source=source,
                 group=group or f"{self.name}.{hname}",
@@ -280,6 +362,9 @@ class App:
                 example=example,
                 extend_visibility=extend_visibility,
             )
+            short = spec.short_deadline()
+            if short is not None:
+                log.warning("%s", short)
             return fn
 
         return register

@@ -19,6 +19,7 @@ has to catch a driver's exception type::
     │   ├── MalformedHeader         an rs-* header cannot be parsed
     │   └── MalformedTransportHeader  the broker's own metadata (AMQP properties) cannot be decoded
     ├── OutcomeUnknown              raised BY a handler: it cannot tell whether its effect happened
+    ├── EffectNotApplied            raised BY a handler: its effect certainly did not happen
     ├── LedgerError
     │   ├── LeaseLost               a stale fencing token was refused: do not complete at the broker
     │   ├── LedgerUnavailable       the ledger cannot be reached: no effect may start
@@ -138,6 +139,20 @@ class OutcomeUnknown(ReplaysafeError):
 
     Every case is counted in ``replaysafe_outcome_unknown_total``; a quarantine that follows one
     (retry budget spent, or the policy does not retry it) records risk ``outcome_unknown``.
+    """
+
+
+class EffectNotApplied(ReplaysafeError):
+    """Raise it from a handler whose effect certainly did not happen: the request never left
+    (connection refused, DNS failure, a validation error before sending) or the downstream
+    refused it without applying anything. Wrap the driver's error: ``raise
+    EffectNotApplied("smtp refused the connection") from exc``.
+
+    It matters for an ``unkeyed`` effect under effectively-once, where any other exception is
+    read as an unknown outcome (the request may have left before the failure) and quarantined as
+    ``outcome_unknown``: ``EffectNotApplied`` (or an exception type the effect lists in
+    ``Effect.unkeyed(..., not_applied_on=(...))``) is a clean failure instead, released and
+    retried under the retry budget. Everywhere else it is an ordinary retryable error.
     """
 
 

@@ -36,6 +36,8 @@ RS116    warning   delivery limit at or below the retry budget (the broker gives
 RS117    info      broker retention unknown or unbounded (compare it with the horizon)
 RS118    warning   ledger storage can lose its latest claims in a crash (appendfsync
                    everysec, synchronous_commit=off …) under effectively-once
+RS119    info      which handler failures an unkeyed effect retries (the rule in force)
+RS120    warning   handler deadline shorter than its lease: a slow run is cut, lease alive
 RS122    warning   the handler's queue/group holds messages and has no consumer
 RS123    warning   another group on the handler's source, named like the app's groups, holds
                    messages and has no consumer (a renamed or removed handler's group)
@@ -55,6 +57,8 @@ from replaysafe.envelope import operation_id as make_operation_id
 from replaysafe.errors import LedgerUnavailable
 from replaysafe.guarantees import Guarantee
 from replaysafe.ledger.base import Durability, DurabilityLevel
+from replaysafe.guarantees import Effect, Guarantee
+from replaysafe.ledger.base import Durability
 
 Severity = Literal["error", "warning", "info"]
 
@@ -137,6 +141,24 @@ def _key_is_deterministic(spec: HandlerSpec) -> bool | None:
         return False
     norm = [make_operation_id(*x) if isinstance(x, tuple) else x for x in (a, b)]
     return norm[0] == norm[1]
+
+
+def _unkeyed_failure_rule(g: Guarantee, eff: Effect) -> str:
+    """RS119: what a handler failure does to an unkeyed effect under ``g``."""
+    name = eff.name
+    if g is Guarantee.AT_LEAST_ONCE:
+        return (f"unkeyed {name} under at-least-once: every handler failure is retried under the "
+                "retry budget, also one raised after the request left, which applies the effect "
+                f"at {name} again (duplicates are this guarantee's sentence)")  # fmt: skip
+    if eff.on_unknown == "retry":
+        return (f"unkeyed {name} with on_unknown='retry': every handler failure is retried, also "
+                f"one raised after the request left (at-least-once at {name})")  # fmt: skip
+    proof = "EffectNotApplied" + "".join(f", {t.__name__}" for t in eff.not_applied_on)
+    return (f"unkeyed {name}: a handler failure is retried only when it proves the effect did not "
+            f"happen ({proof}); any other exception is read as an unknown outcome and "
+            "quarantined as outcome_unknown on that attempt, never re-run; raise "
+            "EffectNotApplied, or list exception types in Effect.unkeyed(..., not_applied_on=...), "
+            "where the request certainly never left")  # fmt: skip
 
 
 def explain_handler(
@@ -258,6 +280,11 @@ def explain_handler(
                          "whether a returned claim survives a crash: "
                          f"{durability.detail}"))  # fmt: skip
 
+    # failures of an unkeyed effect: which ones are retried (info: every rule here is what the
+    # guarantee promises; the finding says which one is in force and how to change it)
+    if eff.kind == "unkeyed" and g is not Guarantee.AT_MOST_ONCE:
+        find(Finding("RS119", "info", _unkeyed_failure_rule(g, eff)))
+
     # horizons against the broker's memory
     if g is Guarantee.EFFECTIVELY_ONCE:
         if facts.retention is None:
@@ -294,6 +321,9 @@ def explain_handler(
             find(Finding("RS108", "error", f"the handler may run {_span(worst)} (deadline or "
                          f"observed p99) but the visibility timeout is {_span(vis)} and cannot "
                          "be extended: the message is redelivered while it runs"))  # fmt: skip
+    short_deadline = spec.short_deadline()
+    if short_deadline is not None:
+        find(Finding("RS120", "warning", short_deadline))
     if p99 is not None and g is Guarantee.EFFECTIVELY_ONCE and p99 > spec.lease:
         find(Finding("RS109", "warning", f"observed p99 {_span(p99)} exceeds the lease "
                      f"{_span(spec.lease)}: every such run depends on a heartbeat succeeding; "

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
 
+from replaysafe.errors import ConfigurationError, EffectNotApplied
+
 
 class Guarantee(StrEnum):
     """What a handler promises about its business effect, on every broker alike.
@@ -52,6 +54,8 @@ class Effect:
     kind: EffectKind
     name: str
     on_unknown: OnUnknown = "quarantine"
+    #: unkeyed only: exception types that prove the effect did not happen (see :meth:`unkeyed`)
+    not_applied_on: tuple[type[BaseException], ...] = ()
 
     @classmethod
     def transactional(cls, name: str = "ledger database") -> Effect:
@@ -66,13 +70,35 @@ class Effect:
         return cls("keyed", name)
 
     @classmethod
-    def unkeyed(cls, name: str, *, on_unknown: OnUnknown = "quarantine") -> Effect:
-        """The downstream ``name`` cannot deduplicate. After a crash or a lost lease the outcome
-        is unknown: by default the operation is quarantined as ``outcome_unknown``; with
-        ``on_unknown="retry"`` it is re-run and the guarantee is at-least-once at ``name``."""
+    def unkeyed(
+        cls,
+        name: str,
+        *,
+        on_unknown: OnUnknown = "quarantine",
+        not_applied_on: tuple[type[BaseException], ...] = (),
+    ) -> Effect:
+        """The downstream ``name`` cannot deduplicate. After a crash, a lost lease, a cut
+        deadline or an exception from the handler, the outcome is unknown (the request may have
+        left before the failure): by default the operation is quarantined as
+        ``outcome_unknown``; with ``on_unknown="retry"`` it is re-run and the guarantee is
+        at-least-once at ``name``.
+
+        An exception is a clean failure (released and retried under the retry budget) only when
+        it proves the effect did not happen: :class:`~replaysafe.errors.EffectNotApplied`, or an
+        instance of a type in ``not_applied_on`` (e.g. ``(ConnectionRefusedError,)``: nothing
+        was sent). List only types that are raised before anything can reach the downstream."""
         if on_unknown not in ("quarantine", "retry"):
             raise ValueError(f"on_unknown must be 'quarantine' or 'retry', not {on_unknown!r}")
-        return cls("unkeyed", name, on_unknown)
+        if isinstance(not_applied_on, type):
+            not_applied_on = (not_applied_on,)
+        if not isinstance(not_applied_on, tuple) or not all(
+            isinstance(t, type) and issubclass(t, Exception) for t in not_applied_on
+        ):
+            raise ConfigurationError(
+                f"not_applied_on must be a tuple of exception classes (e.g. "
+                f"(ConnectionRefusedError,)), not {not_applied_on!r}"
+            )
+        return cls("unkeyed", name, on_unknown, not_applied_on)
 
     @property
     def reruns_when_unknown(self) -> bool:
@@ -85,9 +111,16 @@ class Effect:
         ``outcome_unknown`` instead of being re-run blindly."""
         return self.kind != "unkeyed" or self.on_unknown == "retry"
 
+    def not_applied(self, exc: BaseException) -> bool:
+        """Whether ``exc``, raised by the handler, proves that its effect did not happen:
+        :class:`~replaysafe.errors.EffectNotApplied`, or a type listed in ``not_applied_on``."""
+        return isinstance(exc, (EffectNotApplied, *self.not_applied_on))
+
     def describe(self) -> str:
         if self.kind == "transactional":
             return f"transactional({self.name})"
         if self.kind == "keyed":
             return f"keyed({self.name})"
-        return f"unkeyed({self.name}, on_unknown={self.on_unknown})"
+        listed = ", ".join(t.__name__ for t in self.not_applied_on)
+        extra = f", not_applied_on=({listed})" if listed else ""
+        return f"unkeyed({self.name}, on_unknown={self.on_unknown}{extra})"

@@ -276,7 +276,8 @@ def effect_of(spec: RunSpec) -> Effect:
         return Effect.transactional()
     if spec.effect == "keyed":
         return Effect.keyed("effect-sink")
-    return Effect.unkeyed("effect-sink")
+    # Rejected is raised before the sink is called: proof that nothing was applied
+    return Effect.unkeyed("effect-sink", not_applied_on=(Rejected,))
 
 
 def build_app(spec: RunSpec, broker: Broker, ledger: Ledger, failpoints: Failpoints) -> App:

@@ -543,9 +543,10 @@ async def run_cell(
     targets = [] if fault == "none" else pick_targets(cfg.ops, cfg.seed, fault)
     lease = cfg.lease
     if fault == "visibility_overlap" and cfg.broker == "sqs":
-        # SQS visibility is whole seconds: the lease (and the handler deadline, 0.8 x lease) must
-        # outlast the 1 s visibility by enough that the copy is fetched while the first execution
-        # still runs; at 1.5 s the copy had 0.2 s to be picked up and a loaded machine missed it
+        # SQS visibility is whole seconds: the lease (and the slow first execution, 1.5 leases)
+        # must outlast the 1 s visibility by enough that the copy is fetched while the first
+        # execution still runs; at 1.5 s the copy had 0.2 s to be picked up and a loaded machine
+        # missed it
         lease = max(lease, 4 * SQS_OVERLAP_VISIBILITY)
     spec = RunSpec(
         run=run,

@@ -60,16 +60,18 @@ def slot_maker(cls: type[_T]) -> Callable[..., _T]:
     return ns["make"]  # type: ignore[no-any-return]
 
 
-#: ``Claim(key, fingerprint, token, owner, lease_until, attempt, recovered)``
-new_claim: Final[Callable[[OpKey, str, int, str, float, int, bool], Claim]] = slot_maker(Claim)
+#: ``Claim(key, fingerprint, token, owner, lease_until, attempt, recovered, previous_started)``
+new_claim: Final[Callable[[OpKey, str, int, str, float, int, bool, bool], Claim]] = slot_maker(
+    Claim
+)
 #: ``Acquired(claim)``
 new_acquired: Final[Callable[[Claim], Acquired]] = slot_maker(Acquired)
 #: ``Record(key, fingerprint, state, token, owner, lease_until, attempts, result, last_error,
-#: created_at, updated_at, completed_at)``
+#: created_at, updated_at, completed_at, unstarted_attempt)``
 new_record: Final[
     Callable[
         [OpKey, str, State, int, str | None, float | None, int, str | None, str | None, float,
-         float, float | None],
+         float, float | None, int | None],
         Record,
     ]
 ] = slot_maker(Record)  # fmt: skip

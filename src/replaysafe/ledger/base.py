@@ -21,6 +21,15 @@ Rules every backend keeps (``replaysafe.testing.contracts.LedgerContract`` check
   complete: its token is still current, which is what fencing is for.
 - ``attempts`` is incremented by every successful claim, *before* the handler runs, so an operation
   that kills its worker every time still reaches its retry limit.
+- A claim made with ``ClaimRequest.marks_start`` (unkeyed effects, whose holder calls
+  ``mark_started`` right before the effect) records its attempt as *not started*
+  (``Record.unstarted_attempt``) until ``mark_started`` clears it, under fencing. A claim that takes
+  over an expired lease reports ``previous_started=False`` only when the previous holder's claim
+  was made that way and never marked: its effect cannot have started. Any other takeover reports
+  ``True`` (conservative: a record written before this existed, or by a holder that does not
+  mark, may have started its effect), and the fact sticks: the new attempt is recorded as "may
+  have started" even when it marks, so a later takeover never forgets an earlier attempt whose
+  effect may have happened.
 - The same operation with a different fingerprint is a ``Conflict`` on every path (first claim
   excepted: there is nothing to conflict with), and never changes the record.
 - Quarantine entries are durable and idempotent per message (same reason, operation and payload
@@ -94,6 +103,10 @@ class Record:
     #: ``extend`` moves only ``lease_until``, so for an in-flight record this is its claim time
     updated_at: float
     completed_at: float | None = None
+    #: the attempt number of a claim made with ``marks_start`` whose ``mark_started`` has not
+    #: been recorded (while it equals ``attempts`` on an in-flight record, its holder has not
+    #: started the effect); None when no such claim is pending
+    unstarted_attempt: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +122,11 @@ class Claim:
     #: True when this claim took over an expired lease: the previous attempt may or may not have
     #: produced its effect (outcome unknown)
     recovered: bool = False
+    #: for a recovered claim: False only when the ledger knows that the previous holder never
+    #: started its effect (it claimed with ``marks_start`` and never called ``mark_started``);
+    #: True otherwise, conservatively (also for records older than this field). Not meaningful
+    #: when ``recovered`` is False.
+    previous_started: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +170,10 @@ class ClaimRequest:
     fingerprint: str
     owner: str
     lease: float
+    #: the holder will call :meth:`Ledger.mark_started` right before its effect starts (unkeyed
+    #: effects): until it does, the attempt is recorded as not started, so a claim that takes it
+    #: over after a crash learns ``previous_started=False``. Honoured by ``claim_many`` only.
+    marks_start: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,7 +388,31 @@ class Ledger(ABC):
         on success. Moves no boundary; it decides whether the handler may run."""
 
     async def claim_many(self, requests: Sequence[ClaimRequest]) -> list[ClaimOutcome]:
+        """``claim`` for each request in order. The built-in backends override it with one round
+        trip per batch and record ``marks_start``; this default ignores ``marks_start`` (its
+        claims then report ``previous_started=True`` when recovered, which is safe)."""
         return [await self.claim(r.key, r.fingerprint, r.owner, r.lease) for r in requests]
+
+    async def mark_started(self, claims: Sequence[Claim]) -> list[Claim | LeaseLost]:
+        """Record durably, for each claim, that its effect is about to start (unkeyed effects,
+        right before the handler runs): a claim that later takes the operation over learns
+        ``previous_started=True``. Fenced: a claim whose token is no longer current yields its
+        ``LeaseLost`` in place (and the caller must not start that effect); the others are
+        returned as given. Moves no boundary. Built-in backends write the whole batch in one
+        round trip.
+
+        This default only checks each fence (a backend that does not record ``marks_start`` has
+        nothing to clear). A backend that records ``marks_start`` MUST override it, or a recovered
+        claim would read an effect that started as one that never did."""
+        out: list[Claim | LeaseLost] = []
+        for claim in claims:
+            try:
+                check_fence(await self.get(claim.key), claim)
+            except LeaseLost as exc:
+                out.append(exc)
+                continue
+            out.append(claim)
+        return out
 
     @abstractmethod
     async def extend(self, claim: Claim, lease: float) -> Claim:
@@ -520,12 +566,14 @@ def decide_claim(
     lease: float,
     now: float,
     next_token: int,
+    marks_start: bool = False,
 ) -> tuple[ClaimOutcome, Record | None]:
     """The claim transition as a pure function: ``(outcome, record to write or None)``.
 
     Backends that can read-decide-write atomically (memory under a lock, SQLite under
     ``BEGIN IMMEDIATE``) share this one implementation of the state machine. ``next_token`` is only
-    used (and must only be consumed) when the outcome is ``Acquired``.
+    used (and must only be consumed) when the outcome is ``Acquired``. ``marks_start``: see
+    :attr:`ClaimRequest.marks_start`.
     """
     if existing is None:
         rec = Record(
@@ -540,6 +588,7 @@ def decide_claim(
             None,
             now,
             now,
+            unstarted_attempt=1 if marks_start else None,
         )
         return Acquired(Claim(key, fingerprint, next_token, owner, now + lease, 1)), rec
     if existing.fingerprint != fingerprint:
@@ -551,6 +600,7 @@ def decide_claim(
     if existing.state is State.IN_FLIGHT and not lease_expired(existing, now):
         return InFlight(existing), None
     recovered = existing.state is State.IN_FLIGHT  # lease expired without complete or release
+    started = previous_started(existing)
     attempt = existing.attempts + 1
     rec = Record(
         key,
@@ -564,9 +614,22 @@ def decide_claim(
         existing.last_error,
         existing.created_at,
         now,
+        # a takeover of an attempt that may have started stays "may have started" whatever this
+        # attempt does: the effect of that earlier attempt is still unknown
+        unstarted_attempt=attempt if marks_start and not (recovered and started) else None,
     )
-    claim = Claim(key, fingerprint, next_token, owner, now + lease, attempt, recovered)
+    claim = Claim(key, fingerprint, next_token, owner, now + lease, attempt, recovered, started)
     return Acquired(claim), rec
+
+
+def previous_started(existing: Record) -> bool:
+    """For a claim taking over ``existing``: False only when ``existing`` is in flight and its
+    holder claimed with ``marks_start`` and never marked the effect started."""
+    return not (
+        existing.state is State.IN_FLIGHT
+        and existing.unstarted_attempt is not None
+        and existing.unstarted_attempt == existing.attempts
+    )
 
 
 def entry_from_row(row: Sequence[Any]) -> QuarantineEntry:

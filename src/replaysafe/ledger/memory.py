@@ -11,10 +11,12 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from replaysafe.clock import SYSTEM_CLOCK, Clock
+from replaysafe.errors import LeaseLost
 from replaysafe.ledger.base import (
     Acquired,
     Claim,
     ClaimOutcome,
+    ClaimRequest,
     Durability,
     Ledger,
     LedgerSummary,
@@ -49,20 +51,40 @@ class MemoryLedger(Ledger):
     # No awaits between read and write below: on one event loop each method is atomic.
 
     async def claim(self, key: OpKey, fingerprint: str, owner: str, lease: float) -> ClaimOutcome:
+        return self._claim(ClaimRequest(key, fingerprint, owner, lease))
+
+    async def claim_many(self, requests: Sequence[ClaimRequest]) -> list[ClaimOutcome]:
+        return [self._claim(r) for r in requests]
+
+    def _claim(self, r: ClaimRequest) -> ClaimOutcome:
         outcome, rec = decide_claim(
-            self._records.get(key),
-            key,
-            fingerprint,
-            owner,
-            lease,
+            self._records.get(r.key),
+            r.key,
+            r.fingerprint,
+            r.owner,
+            r.lease,
             self.now(),
             self._last_token + 1,
+            r.marks_start,
         )
         if isinstance(outcome, Acquired):
             self._last_token += 1
         if rec is not None:
-            self._records[key] = rec
+            self._records[r.key] = rec
         return outcome
+
+    async def mark_started(self, claims: Sequence[Claim]) -> list[Claim | LeaseLost]:
+        out: list[Claim | LeaseLost] = []
+        for claim in claims:
+            try:
+                rec = check_fence(self._records.get(claim.key), claim)
+            except LeaseLost as exc:
+                out.append(exc)
+                continue
+            if rec.unstarted_attempt is not None:
+                self._records[claim.key] = replace(rec, unstarted_attempt=None)
+            out.append(claim)
+        return out
 
     async def extend(self, claim: Claim, lease: float) -> Claim:
         rec = check_fence(self._records.get(claim.key), claim)
@@ -136,7 +158,7 @@ class MemoryLedger(Ledger):
             rec = self._records.get(key)
             if rec is not None and rec.state is State.QUARANTINED:
                 self._records[key] = replace(rec, state=State.RELEASED, attempts=0,
-                                             updated_at=now)  # fmt: skip
+                                             updated_at=now, unstarted_attempt=None)  # fmt: skip
         entry = replace(entry, redriven_at=now, redrives=entry.redrives + 1, updated_at=now)
         self._quarantine[entry_id] = entry
         return entry

@@ -92,7 +92,7 @@ if TYPE_CHECKING:  # the driver is an optional extra: imported lazily at run tim
 log = logging.getLogger("replaysafe.ledger.postgres")
 
 #: the version :meth:`PostgresLedger.migrate` brings a schema to (see ``_MIGRATIONS``)
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 
 #: schema names: lower case, so they never need quoting rules explained; 63 bytes is PostgreSQL's
 #: identifier limit. ``pg_`` is reserved for system schemas.
@@ -179,6 +179,7 @@ _REC_COLUMNS: Final = (
     "date_part('epoch', {a}.created_at)",
     "date_part('epoch', {a}.updated_at)",
     "date_part('epoch', {a}.completed_at)",
+    "unstarted_attempt",
 )
 _REC_NAMES: Final = (
     "scope",
@@ -194,6 +195,7 @@ _REC_NAMES: Final = (
     "created_at",
     "updated_at",
     "completed_at",
+    "unstarted_attempt",
 )
 
 
@@ -216,6 +218,8 @@ _ENTRY_COLUMNS: Final = (
 
 #: quarantine columns added by version 2 (reported by ``migrate`` when it adds them)
 _V2_QUARANTINE_COLUMNS: Final = ("published_at", "message_size", "redriven_at", "redrives")
+#: operation columns added by version 4 (reported by ``migrate`` when it adds them)
+_V4_OPERATION_COLUMNS: Final = ("unstarted_attempt", "previous_started")
 
 _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
     1: (
@@ -296,6 +300,16 @@ _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
             since     timestamptz NOT NULL
         )""",
     ),
+    4: (
+        # mark_started: `unstarted_attempt` is the attempt of a claim made with marks_start whose
+        # effect has not been marked started (NULL: none pending; older rows are NULL, which a
+        # recovering claim reads as "may have started"); `previous_started` is what the current
+        # claim learned about the holder it took over (RETURNING sees only the new row, as with
+        # `recovered`). Nullable / constant default: added without rewriting the table.
+        """ALTER TABLE {ops}
+            ADD COLUMN IF NOT EXISTS unstarted_attempt integer,
+            ADD COLUMN IF NOT EXISTS previous_started  boolean NOT NULL DEFAULT true""",
+    ),
 }
 
 _OBJECTS: Final = {  # object key -> table suffix, for names and for "what was created"
@@ -317,24 +331,30 @@ _INDEXES: Final = frozenset({"purge_idx", "q_by_time", "q_by_reason", "hot_idx"}
 # than the whole statement at batch 100.
 _REQ_ONE: Final = """
     SELECT %(scope)s::text AS scope, %(op)s::text AS operation_id, %(fp)s::text AS fingerprint,
-           %(owner)s::text AS owner, %(lease)s::float8 AS lease, 1::bigint AS ord"""
+           %(owner)s::text AS owner, %(lease)s::float8 AS lease, %(marks)s::boolean AS marks,
+           1::bigint AS ord"""
 _REQ_MANY: Final = """
     SELECT * FROM unnest(%(scope)b::text[], %(op)b::text[], %(fp)b::text[], %(owner)b::text[],
-                         %(lease)b::float8[])
-        WITH ORDINALITY AS r(scope, operation_id, fingerprint, owner, lease, ord)"""
+                         %(lease)b::float8[], %(marks)b::bool[])
+        WITH ORDINALITY AS r(scope, operation_id, fingerprint, owner, lease, marks, ord)"""
 
 # The claim: write when a takeover is allowed, else read the row as it was. The insert path's
 # lease starts at statement_timestamp(); a takeover's lease starts at clock_timestamp() after the
 # row lock was taken (the takeover check itself uses the same fresh clock). The lease length is
-# recovered on the conflict path as excluded.lease_until - excluded.created_at.
+# recovered on the conflict path as excluded.lease_until - excluded.created_at. A request's
+# marks_start travels as the insert's unstarted_attempt (1 or NULL); a takeover writes its own
+# attempt there instead (NULL when it took over an attempt that may have started: that stays
+# unknown), and records in previous_started whether the holder it took over had marked its
+# effect started (ledger.base.previous_started, decide_claim).
 _CLAIM: Final = """
 WITH req AS ({req}),
 ins AS (
     INSERT INTO {ops} AS o (scope, operation_id, fingerprint, state, token, owner, lease_until,
-                            attempts, recovered, created_at, updated_at)
+                            attempts, recovered, created_at, updated_at, unstarted_attempt,
+                            previous_started)
     SELECT r.scope, r.operation_id, r.fingerprint, 'in_flight', nextval({seq_lit}), r.owner,
            statement_timestamp() + r.lease * interval '1 second', 1, false,
-           statement_timestamp(), statement_timestamp()
+           statement_timestamp(), statement_timestamp(), CASE WHEN r.marks THEN 1 END, true
     FROM req r ORDER BY r.ord
     ON CONFLICT (scope, operation_id) DO UPDATE SET
         state = 'in_flight',
@@ -343,17 +363,23 @@ ins AS (
         lease_until = clock_timestamp() + (excluded.lease_until - excluded.created_at),
         attempts = o.attempts + 1,
         recovered = (o.state = 'in_flight'),
+        unstarted_attempt = CASE WHEN excluded.unstarted_attempt IS NOT NULL
+                                      AND (o.state <> 'in_flight'
+                                           OR o.unstarted_attempt IS NOT DISTINCT FROM o.attempts)
+                                 THEN o.attempts + 1 END,
+        previous_started = (o.state <> 'in_flight'
+                            OR o.unstarted_attempt IS DISTINCT FROM o.attempts),
         result = NULL,
         completed_at = NULL,
         updated_at = statement_timestamp()
     WHERE o.fingerprint = excluded.fingerprint
       AND (o.state = 'released' OR (o.state = 'in_flight' AND o.lease_until <= clock_timestamp()))
-    RETURNING {ins_cols}, o.recovered AS recovered
+    RETURNING {ins_cols}, o.recovered AS recovered, o.previous_started AS previous_started
 )
-SELECT r.ord, true, {i_cols}, i.recovered, NULL::float8
+SELECT r.ord, true, {i_cols}, i.recovered, NULL::float8, i.previous_started
 FROM ins i JOIN req r ON r.scope = i.scope AND r.operation_id = i.operation_id
 UNION ALL
-SELECT r.ord, false, {e_cols}, false, date_part('epoch', clock_timestamp())
+SELECT r.ord, false, {e_cols}, false, date_part('epoch', clock_timestamp()), true
 FROM req r LEFT JOIN {ops} e ON e.scope = r.scope AND e.operation_id = r.operation_id
 WHERE NOT EXISTS (SELECT 1 FROM ins i WHERE i.scope = r.scope AND i.operation_id = r.operation_id)
 """
@@ -361,28 +387,31 @@ WHERE NOT EXISTS (SELECT 1 FROM ins i WHERE i.scope = r.scope AND i.operation_id
 # What an acquired claim returns: what the caller does not already know. The requester knows the
 # key, fingerprint and owner, and the state (in_flight), result and completed_at (NULL) of a
 # row it just claimed; the other record columns come back as typed NULLs, so every row of the
-# statement keeps one layout (ord, written, the 13 record columns, recovered, db_now) and a
-# refused row still carries its whole record. Fewer columns: less for the server to produce and
-# send, less for the client to parse (the record is rebuilt only where it is needed).
+# statement keeps one layout (ord, written, the 14 record columns, recovered, db_now,
+# previous_started) and a refused row still carries its whole record. Fewer columns: less for
+# the server to produce and send, less for the client to parse (the record is rebuilt only
+# where it is needed).
 _ACQUIRED_RETURNING: Final = (
     "o.scope, o.operation_id, o.token, date_part('epoch', o.lease_until) AS lease_until, "
     "o.attempts, o.last_error, date_part('epoch', o.created_at) AS created_at, "
-    "date_part('epoch', o.updated_at) AS updated_at"
+    "date_part('epoch', o.updated_at) AS updated_at, o.unstarted_attempt"
 )
 _ACQUIRED_COLUMNS: Final = (
     "NULL::text, NULL::text, NULL::text, NULL::text, i.token, NULL::text, i.lease_until, "
-    "i.attempts, NULL::text, i.last_error, i.created_at, i.updated_at, NULL::float8"
+    "i.attempts, NULL::text, i.last_error, i.created_at, i.updated_at, NULL::float8, "
+    "i.unstarted_attempt"
 )
 # The same for a completed item of complete_many: with the token current, the key,
 # fingerprint, owner and attempts are the claim's (only a claim, which draws a new token,
 # rewrites them), the state is completed, the result is the caller's and the lease NULL.
 _COMPLETED_RETURNING: Final = (
     "o.last_error, date_part('epoch', o.created_at) AS created_at, "
-    "date_part('epoch', o.updated_at) AS updated_at"
+    "date_part('epoch', o.updated_at) AS updated_at, o.unstarted_attempt"
 )
 _COMPLETED_COLUMNS: Final = (
     "NULL::text, NULL::text, NULL::text, NULL::text, NULL::int8, NULL::text, NULL::float8, "
-    "NULL::int4, NULL::text, u.last_error, u.created_at, u.updated_at, u.updated_at"
+    "NULL::int4, NULL::text, u.last_error, u.created_at, u.updated_at, u.updated_at, "
+    "u.unstarted_attempt"
 )
 
 # fenced writes name the claim's key with their own parameters, so a statement can also carry an
@@ -424,6 +453,19 @@ SELECT r.ord, false, {e_cols}
 FROM req r LEFT JOIN {ops} e ON e.scope = r.scope AND e.operation_id = r.operation_id
 WHERE NOT EXISTS (SELECT 1 FROM upd u WHERE u.ord = r.ord)
 """
+
+# mark_started: one statement for the batch, fenced per item; the items it changed come back
+# (a claim repeated in the batch matches the same row: it is marked once and counts for both)
+_MARK_STARTED: Final = """
+WITH req AS (
+    SELECT * FROM unnest(%(scope)b::text[], %(op)b::text[], %(token)b::int8[])
+        AS r(scope, operation_id, token)
+)
+UPDATE {ops} o SET unstarted_attempt = NULL
+FROM req
+WHERE o.scope = req.scope AND o.operation_id = req.operation_id AND o.token = req.token
+  AND o.state = 'in_flight'
+RETURNING o.scope, o.operation_id, o.token"""
 
 _EXTEND: Final = """
 UPDATE {ops} SET lease_until = clock_timestamp() + %(lease)s::float8 * interval '1 second'
@@ -504,7 +546,8 @@ WITH e AS (
     RETURNING {entry}
 ),
 released AS (
-    UPDATE {ops} o SET state = 'released', attempts = 0, updated_at = statement_timestamp()
+    UPDATE {ops} o SET state = 'released', attempts = 0, updated_at = statement_timestamp(),
+                       unstarted_attempt = NULL
     FROM e
     WHERE o.scope = e.scope AND o.operation_id = e.operation_id AND o.state = 'quarantined'
     RETURNING 1
@@ -869,7 +912,8 @@ class PostgresLedger(TransactionalLedger):
         created = tuple(
             name
             for name in after
-            if name not in before and (not name.startswith("column ") or self.table("q") in before)
+            if name not in before
+            and (not name.startswith("column ") or name[7:].rsplit(".", 1)[0] in before)
         )
         self._ready = False  # re-check (cheaply) on the next call
         return MigrationReport(self._schema, self._prefix, current, SCHEMA_VERSION, created)
@@ -900,16 +944,17 @@ class PostgresLedger(TransactionalLedger):
             found = await cur.fetchone()
             if found is not None and found[0]:
                 names.append(self.table(key))
-        if self.table("q") in names:
+        # columns added to an existing table by a later version, as "column <table>.<name>"
+        for key, added in (("ops", _V4_OPERATION_COLUMNS), ("q", _V2_QUARANTINE_COLUMNS)):
+            if self.table(key) not in names:
+                continue
             cur = await conn.execute(
                 """SELECT attname FROM pg_attribute
                    WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped""",
-                (f'"{self._schema}"."{self._names["q"]}"',),
+                (f'"{self._schema}"."{self._names[key]}"',),
             )
             present = {row[0] for row in await cur.fetchall()}
-            names += [
-                f"column {self.table('q')}.{c}" for c in _V2_QUARANTINE_COLUMNS if c in present
-            ]
+            names += [f"column {self.table(key)}.{c}" for c in added if c in present]
         return names
 
     # ------------------------------------------------------------------ ledger API
@@ -954,6 +999,7 @@ class PostgresLedger(TransactionalLedger):
             rows[0][0],
             claim.attempt,
             claim.recovered,
+            claim.previous_started,
         )
 
     async def complete(self, claim: Claim, result: str | None = None) -> Record:
@@ -1000,6 +1046,28 @@ class PostgresLedger(TransactionalLedger):
                 # what the record is now: completed by an earlier item of this batch, or as read
                 current = done.get(claim.key) or _record_or_none(row, 2)
                 out.append(_fence_error(current, claim))
+        return out
+
+    async def mark_started(self, claims: Sequence[Claim]) -> list[Claim | LeaseLost]:
+        """Mark a batch started in one statement (one round trip, one commit), fenced per claim:
+        a stale one yields its ``LeaseLost`` in place (what the record is now is read for it,
+        one more round trip per stale claim: rare) and changes nothing."""
+        self._guard("mark_started")
+        if not claims:
+            return []
+        params = {
+            "scope": [c.key.scope for c in claims],
+            "op": [c.key.operation_id for c in claims],
+            "token": [c.token for c in claims],
+        }
+        rows = await self._fetch("mark_started", self._sql("mark_started"), params, binary=True)
+        marked = {(scope, op, token) for scope, op, token in rows}
+        out: list[Claim | LeaseLost] = []
+        for c in claims:
+            if (c.key.scope, c.key.operation_id, c.token) in marked:
+                out.append(c)
+            else:
+                out.append(await self._lease_lost(c))
         return out
 
     async def release(self, claim: Claim, error: str | None = None) -> None:
@@ -1358,14 +1426,15 @@ class PostgresLedger(TransactionalLedger):
                 r = requests[i]
                 if row[1]:  # written: this claim holds the operation now
                     # row: ord, written, -, -, -, -, token(6), -, lease_until(8), attempts(9), -,
-                    # last_error(11), created_at(12), updated_at(13), -, recovered(15), -
+                    # last_error(11), created_at(12), updated_at(13), -, unstarted_attempt(15),
+                    # recovered(16), -, previous_started(18)
                     claim = new_claim(
-                        r.key, r.fingerprint, row[6], r.owner, row[8], row[9], row[15]
+                        r.key, r.fingerprint, row[6], r.owner, row[8], row[9], row[16], row[18]
                     )
                     results[i] = (new_acquired(claim), row, row[13])
                     continue
                 existing = _record_or_none(row, 2)
-                db_now = float(row[16])
+                db_now = float(row[17])
                 outcome, _ = decide_claim(
                     existing, r.key, r.fingerprint, r.owner, r.lease, db_now, 0
                 )
@@ -1396,6 +1465,7 @@ class PostgresLedger(TransactionalLedger):
                 "fp": r.fingerprint,
                 "owner": r.owner,
                 "lease": float(r.lease),
+                "marks": r.marks_start,
             }
         return self._sql("claim_many"), {
             "scope": [r.key.scope for r in batch],
@@ -1403,6 +1473,7 @@ class PostgresLedger(TransactionalLedger):
             "fp": [r.fingerprint for r in batch],
             "owner": [r.owner for r in batch],
             "lease": [float(r.lease) for r in batch],
+            "marks": [r.marks_start for r in batch],
         }
 
     # ------------------------------------------------------------------ plumbing
@@ -1657,6 +1728,7 @@ class PostgresLedger(TransactionalLedger):
                 e_cols=_rec("e"),
             ),
             "extend": _EXTEND.format(ops="{ops}", fence=_FENCE),
+            "mark_started": _MARK_STARTED.format(ops="{ops}"),
             "release": _RELEASE.format(ops="{ops}", fence=_FENCE),
             "upsert_entry": _UPSERT_ENTRY.format(q="{q}", entry=_ENTRY_COLUMNS),
             "quarantine_claimed": _QUARANTINE_CLAIMED.format(
@@ -1837,7 +1909,7 @@ def _pool_timeout() -> type[BaseException]:
 
 
 def _record(row: Sequence[Any], o: int = 0) -> Record:
-    """The record in ``row[o:o + 13]`` (columns in ``_REC_NAMES`` order), positionally: this runs
+    """The record in ``row[o:o + 14]`` (columns in ``_REC_NAMES`` order), positionally: this runs
     for every item of every batch."""
     return Record(
         OpKey(row[o], row[o + 1]),
@@ -1852,6 +1924,7 @@ def _record(row: Sequence[Any], o: int = 0) -> Record:
         row[o + 10],
         row[o + 11],
         row[o + 12],
+        row[o + 13],
     )
 
 
@@ -1860,7 +1933,7 @@ def _acquired_record(r: ClaimRequest, row: Sequence[Any]) -> Record:
     token, lease, attempts, last_error and times (the columns of ``_ACQUIRED_COLUMNS``)."""
     return Record(
         r.key, r.fingerprint, State.IN_FLIGHT, row[6], r.owner, row[8], row[9], None, row[11],
-        row[12], row[13], None,
+        row[12], row[13], None, row[15],
     )  # fmt: skip
 
 
@@ -1869,7 +1942,7 @@ def _completed_record(claim: Claim, result: str | None, row: Sequence[Any]) -> R
     only last_error, created_at, updated_at and completed_at (``_COMPLETED_COLUMNS``)."""
     return new_record(
         claim.key, claim.fingerprint, State.COMPLETED, claim.token, claim.owner, None,
-        claim.attempt, result, row[11], row[12], row[13], row[14],
+        claim.attempt, result, row[11], row[12], row[13], row[14], row[15],
     )  # fmt: skip
 
 

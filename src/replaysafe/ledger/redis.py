@@ -196,10 +196,13 @@ end
 # that many bytes, so values are arbitrary bytes.
 
 # KEYS: token counter, then one record key per item.
-# ARGV[1]: per item "<I4c0I4c0I4c0I4c0d": scope, operation_id, fingerprint, owner, lease (us).
+# ARGV[1]: per item "<I4c0I4c0I4c0I4c0dB": scope, operation_id, fingerprint, owner, lease (us),
+# marks_start (0|1).
 # Reply: {now, item...} in request order. A new operation acquired (attempt 1): its token, an
-# integer. Acquired after a release or an expired lease: {token, attempts, recovered (0|1)}. Any
-# other outcome: {outcome, record field, value, ...}.
+# integer. Acquired after a release or an expired lease: {token, attempts, recovered (0|1),
+# previous_started (0|1)}. Any other outcome: {outcome, record field, value, ...}.
+# marks_start: the field 'unstarted_attempt' holds the claim's attempt until mark_started
+# deletes it; a takeover reads it before writing its own (ledger.base.previous_started).
 # Tokens: the counter is read once and written once (INCRBY the number issued), not INCR per
 # item; the only call that can fail after a write (WRONGTYPE on a foreign key under the prefix)
 # is the read of a record, so the item loop runs under ONE pcall (not redis.pcall per item,
@@ -212,9 +215,9 @@ local n = #KEYS - 1
 local req, pos = {}, 1
 local parsed = pcall(function()
   for i = 0, n - 1 do
-    local j = i * 5
-    req[j + 1], req[j + 2], req[j + 3], req[j + 4], req[j + 5], pos =
-      struct.unpack('<I4c0I4c0I4c0I4c0d', ARGV[1], pos)
+    local j = i * 6
+    req[j + 1], req[j + 2], req[j + 3], req[j + 4], req[j + 5], req[j + 6], pos =
+      struct.unpack('<I4c0I4c0I4c0I4c0dB', ARGV[1], pos)
   end
 end)
 if not parsed or pos ~= #ARGV[1] + 1 then return malformed('claim') end
@@ -232,9 +235,10 @@ local until_for = {}  -- lease -> lease_until string: a batch usually has one le
 local out = {now}
 local ok, err = pcall(function()
   for i = 1, n do
-    local key, j = KEYS[i + 1], (i - 1) * 5
-    local fp, owner, lease = req[j + 3], req[j + 4], req[j + 5]
-    local cur = redis.call('HMGET', key, 'state', 'fingerprint', 'lease_until', 'attempts')
+    local key, j = KEYS[i + 1], (i - 1) * 6
+    local fp, owner, lease, marks = req[j + 3], req[j + 4], req[j + 5], req[j + 6]
+    local cur = redis.call('HMGET', key, 'state', 'fingerprint', 'lease_until', 'attempts',
+      'unstarted_attempt')
     local state = cur[1]
     local lease_until = until_for[lease]
     if not lease_until then
@@ -246,6 +250,7 @@ local ok, err = pcall(function()
       redis.call('HSET', key, 'scope', req[j + 1], 'operation_id', req[j + 2], 'fingerprint', fp,
         'state', 'in_flight', 'token', num(last), 'owner', owner, 'lease_until', lease_until,
         'attempts', '1', 'created_at', snow, 'updated_at', snow)
+      if marks == 1 then redis.call('HSET', key, 'unstarted_attempt', '1') end
       out[i + 1] = last
     elseif cur[2] ~= fp then out[i + 1] = with_hash({'conflict'}, key)
     elseif state == 'completed' then out[i + 1] = with_hash({'already_done'}, key)
@@ -254,19 +259,54 @@ local ok, err = pcall(function()
       out[i + 1] = with_hash({'in_flight'}, key)
     else
       -- released, or in flight with an expired lease (the previous attempt's outcome is unknown)
-      local recovered = 0
-      if state == 'in_flight' then recovered = 1 end
+      local recovered, previous_started = 0, 1
+      if state == 'in_flight' then
+        recovered = 1
+        if cur[5] and tonumber(cur[5]) == tonumber(cur[4]) then previous_started = 0 end
+      end
       last = last + 1
       local attempts = (tonumber(cur[4]) or 0) + 1
       redis.call('HSET', key, 'state', 'in_flight', 'token', num(last), 'owner', owner,
         'lease_until', lease_until, 'attempts', num(attempts), 'updated_at', snow)
-      redis.call('HDEL', key, 'result', 'completed_at')
+      -- a takeover of an attempt that may have started stays "may have started" (decide_claim)
+      if marks == 1 and (recovered == 0 or previous_started == 0) then
+        redis.call('HSET', key, 'unstarted_attempt', num(attempts))
+        redis.call('HDEL', key, 'result', 'completed_at')
+      else
+        redis.call('HDEL', key, 'result', 'completed_at', 'unstarted_attempt')
+      end
       redis.call('PERSIST', key)
-      out[i + 1] = {last, attempts, recovered}
+      out[i + 1] = {last, attempts, recovered, previous_started}
     end
   end
 end)
 flush()
+if not ok then return failed(err) end
+return out
+"""
+
+# KEYS: one record key per item. ARGV[1]: per item "<I4c0": token (decimal). Reply: {now,
+# item...} in request order: 1 when the claim is current (its 'unstarted_attempt' deleted), or
+# {'lease_lost', record field, value, ...} (nothing written for it).
+_MARK_STARTED = """
+local now = now_us()
+local n = #KEYS
+local req, pos = {}, 1
+local parsed = pcall(function()
+  for i = 1, n do req[i], pos = struct.unpack('<I4c0', ARGV[1], pos) end
+end)
+if not parsed or pos ~= #ARGV[1] + 1 then return malformed('mark_started') end
+local out = {now}
+local ok, err = pcall(function()
+  for i = 1, n do
+    if current(KEYS[i], req[i]) then
+      redis.call('HDEL', KEYS[i], 'unstarted_attempt')
+      out[i + 1] = 1
+    else
+      out[i + 1] = with_hash({'lease_lost'}, KEYS[i])
+    end
+  end
+end)
 if not ok then return failed(err) end
 return out
 """
@@ -441,7 +481,7 @@ local snow = num(now)
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown', snow} end
 if KEYS[2] and redis.call('HGET', KEYS[2], 'state') == 'quarantined' then
   redis.call('HSET', KEYS[2], 'state', 'released', 'attempts', '0', 'updated_at', snow)
-  redis.call('HDEL', KEYS[2], 'lease_until')
+  redis.call('HDEL', KEYS[2], 'lease_until', 'unstarted_attempt')
 end
 redis.call('HSET', KEYS[1], 'redriven_at', snow, 'updated_at', snow)
 redis.call('HINCRBY', KEYS[1], 'redrives', 1)
@@ -516,6 +556,7 @@ _SCRIPTS: Final = {
     for s in (
         _script("claim", _CLAIM),
         _script("extend", _EXTEND),
+        _script("mark_started", _MARK_STARTED),
         _script("complete", _COMPLETE),
         _script("release", _RELEASE),
         _script("quarantine", _QUARANTINE),
@@ -720,6 +761,7 @@ def _record(key: OpKey, h: Mapping[bytes, bytes]) -> Record | None:
         created_at=int(h[b"created_at"]) / _US,
         updated_at=int(h[b"updated_at"]) / _US,
         completed_at=_opt_time(h, b"completed_at"),
+        unstarted_attempt=int(h[b"unstarted_attempt"]) if b"unstarted_attempt" in h else None,
     )
 
 
@@ -949,6 +991,7 @@ class RedisLedger(Ledger):
             int(reply[2]) / _US,
             claim.attempt,
             claim.recovered,
+            claim.previous_started,
         )
 
     async def complete(self, claim: Claim, result: str | None = None) -> Record:
@@ -970,6 +1013,32 @@ class RedisLedger(Ledger):
         it) and does not stop the others; a claim repeated in the batch completes once and is
         ``LeaseLost`` the second time."""
         return await self._complete(items, "complete_many")
+
+    async def mark_started(self, claims: Sequence[Claim]) -> list[Claim | LeaseLost]:
+        """Mark a batch started: one script per chunk of at most :data:`BATCH_CHUNK` claims (one
+        round trip each, atomic per chunk), fenced per claim: a stale one yields its
+        ``LeaseLost`` in place and nothing is written for it."""
+        out: list[Claim | LeaseLost] = []
+        for lo in range(0, len(claims), BATCH_CHUNK):
+            chunk = claims[lo : lo + BATCH_CHUNK]
+            tokens = [b"%d" % c.token for c in chunk]
+            reply = await self._eval(
+                _SCRIPTS["mark_started"],
+                [self.key_for(c.key) for c in chunk],
+                [b"".join(_U32(len(t)) + t for t in tokens)],
+                what="mark_started",
+                now_at=0,
+                batch=len(claims) > 1,
+            )
+            for c, item in zip(chunk, reply[1:], strict=True):
+                if type(item) is int:
+                    out.append(c)
+                    continue
+                try:
+                    self._fence(c, item, fields_at=1)
+                except LeaseLost as exc:
+                    out.append(exc)
+        return out
 
     async def release(self, claim: Claim, error: str | None = None) -> None:
         """Give the operation back (no effect happened); the next claim gets it at once."""
@@ -1386,7 +1455,8 @@ class RedisLedger(Ledger):
                 lease_us[r.lease] = _us(r.lease, "lease")
         # the scope, owner and lease of a batch usually repeat: encode and pack each once
         scopes: dict[str, tuple[bytes, bytes]] = {}  # scope -> (key prefix, packed scope)
-        tails: dict[tuple[str, float], bytes] = {}  # (owner, lease) -> packed owner + lease
+        # (owner, lease, marks_start) -> packed owner + lease + marks_start
+        tails: dict[tuple[str, float, bool], bytes] = {}
         script, token_key, n = _SCRIPTS["claim"], self._p + b"token", len(requests)
         out: list[ClaimOutcome] = []
         lo = 0
@@ -1402,11 +1472,12 @@ class RedisLedger(Ledger):
                         _KEY_HEAD % (self._p, len(raw), raw),
                         _U32(len(raw)) + raw,
                     )
-                tail = tails.get((r.owner, r.lease))
+                tail = tails.get((r.owner, r.lease, r.marks_start))
                 if tail is None:
                     raw = r.owner.encode("utf-8", "surrogatepass")
-                    tail = _U32(len(raw)) + raw + _F64(lease_us[r.lease])
-                    tails[(r.owner, r.lease)] = tail
+                    marks = b"\x01" if r.marks_start else b"\x00"
+                    tail = _U32(len(raw)) + raw + _F64(lease_us[r.lease]) + marks
+                    tails[(r.owner, r.lease, r.marks_start)] = tail
                 op = k.operation_id.encode("utf-8", "surrogatepass")
                 fp = r.fingerprint.encode("utf-8", "surrogatepass")
                 key = sc[0] + op
@@ -1422,12 +1493,14 @@ class RedisLedger(Ledger):
             until = {lease: (reply[0] + us) / _US for lease, us in lease_us.items()}
             for r, item in zip(requests[lo:hi], reply[1:], strict=True):
                 if type(item) is int:  # a new operation acquired: its token
-                    claim = new_claim(r.key, r.fingerprint, item, r.owner, until[r.lease], 1, False)
+                    claim = new_claim(
+                        r.key, r.fingerprint, item, r.owner, until[r.lease], 1, False, True
+                    )
                     out.append(new_acquired(claim))
-                elif type(item[0]) is int:  # {token, attempts, recovered}
+                elif type(item[0]) is int:  # {token, attempts, recovered, previous_started}
                     claim = new_claim(
                         r.key, r.fingerprint, item[0], r.owner, until[r.lease], item[1],
-                        item[2] == 1,
+                        item[2] == 1, item[3] == 1,
                     )  # fmt: skip
                     out.append(new_acquired(claim))
                 else:
@@ -1485,7 +1558,7 @@ class RedisLedger(Ledger):
                     continue
                 record = new_record(
                     claim.key, claim.fingerprint, completed, claim.token, claim.owner, None,
-                    claim.attempt, result, error, created / _US, now, now,
+                    claim.attempt, result, error, created / _US, now, now, None,
                 )  # fmt: skip
                 out.append(record)
             lo = hi

@@ -104,11 +104,13 @@ _SYNCHRONOUS_NAMES: Final = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
 #: 2: quarantine entries keep ``published_at``, ``message_size``, ``redriven_at``, ``redrives``;
 #: index of retried operations for :meth:`SQLiteLedger.summary`.
 #: 3: ``replaysafe_paused``, the handlers paused by ``replaysafe handler pause``.
-SCHEMA_VERSION: Final = 3
+#: 4: ``replaysafe_operations.unstarted_attempt`` (``mark_started``); NULL in older rows, which a
+#: recovering claim reads conservatively as "may have started".
+SCHEMA_VERSION: Final = 4
 
 _RECORD_COLUMNS = (
     "scope, operation_id, fingerprint, state, token, owner, lease_until, attempts, result, "
-    "last_error, created_at, updated_at, completed_at"
+    "last_error, created_at, updated_at, completed_at, unstarted_attempt"
 )
 _ENTRY_COLUMNS = (
     "id, scope, reason, operation_id, fingerprint, risk, attempts, first_detail, last_detail, "
@@ -132,6 +134,7 @@ _SCHEMA: Final = (
         created_at   REAL    NOT NULL,
         updated_at   REAL    NOT NULL,
         completed_at REAL,
+        unstarted_attempt INTEGER,
         PRIMARY KEY (scope, operation_id)
     ) WITHOUT ROWID""",
     # purge walks only completed rows, oldest first, and stops at its limit
@@ -193,18 +196,26 @@ _ADDED_QUARANTINE_COLUMNS: Final = (
     ("redrives", "INTEGER NOT NULL DEFAULT 0"),
 )
 
+#: Columns an older file lacks in ``replaysafe_operations``, added by ``ALTER TABLE`` on open.
+_ADDED_OPERATION_COLUMNS: Final = (("unstarted_attempt", "INTEGER"),)
+
 _SELECT_RECORD = (
     f"SELECT {_RECORD_COLUMNS} FROM replaysafe_operations WHERE scope = ? AND operation_id = ?"
 )
 _SAVE_RECORD = f"""
     INSERT INTO replaysafe_operations ({_RECORD_COLUMNS})
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (scope, operation_id) DO UPDATE SET
         fingerprint = excluded.fingerprint, state = excluded.state, token = excluded.token,
         owner = excluded.owner, lease_until = excluded.lease_until,
         attempts = excluded.attempts, result = excluded.result,
         last_error = excluded.last_error, created_at = excluded.created_at,
-        updated_at = excluded.updated_at, completed_at = excluded.completed_at"""
+        updated_at = excluded.updated_at, completed_at = excluded.completed_at,
+        unstarted_attempt = excluded.unstarted_attempt"""
+#: mark_started: the row was read and fenced in the same ``BEGIN IMMEDIATE`` transaction
+_MARK_STARTED: Final = """
+    UPDATE replaysafe_operations SET unstarted_attempt = NULL
+    WHERE scope = ? AND operation_id = ?"""
 #: The batch paths' narrow write of an EFFECTED operation: the row was read (and fenced) in the
 #: same ``BEGIN IMMEDIATE`` transaction, so only the columns that change are written.
 _COMPLETE_RECORD = f"""
@@ -420,6 +431,13 @@ class SQLiteLedger(TransactionalLedger):
         if not items:
             return []
         return await self._write(partial(self._complete_many_rows, list(items)))
+
+    async def mark_started(self, claims: Sequence[Claim]) -> list[Claim | LeaseLost]:
+        """Mark a batch started in one transaction (one fsync): fenced per claim, a stale one
+        yields its ``LeaseLost`` in place and writes nothing."""
+        if not claims:
+            return []
+        return await self._write(partial(self._mark_started_rows, list(claims)))
 
     async def release(self, claim: Claim, error: str | None = None) -> None:
         await self._write(partial(self._release_rows, claim, error))
@@ -897,8 +915,9 @@ class SQLiteLedger(TransactionalLedger):
         for r in requests:
             k = (r.key.scope, r.key.operation_id)
             outcome, rec = decide_claim(
-                current.get(k), r.key, r.fingerprint, r.owner, r.lease, now, issued + 1
-            )
+                current.get(k), r.key, r.fingerprint, r.owner, r.lease, now, issued + 1,
+                r.marks_start,
+            )  # fmt: skip
             if isinstance(outcome, Acquired):
                 issued += 1
             if rec is not None:
@@ -945,12 +964,34 @@ class SQLiteLedger(TransactionalLedger):
             done = new_record(
                 rec.key, rec.fingerprint, State.COMPLETED, rec.token, rec.owner, None,
                 rec.attempts, result, rec.last_error, rec.created_at, now, now,
+                rec.unstarted_attempt,
             )  # fmt: skip
             current[k] = done
             writes.append((result, now, now, k[0], k[1]))
             out.append(done)
         if writes:
             conn.executemany(_COMPLETE_RECORD, writes)
+        return out
+
+    def _mark_started_rows(
+        self, claims: list[Claim], conn: sqlite3.Connection
+    ) -> list[Claim | LeaseLost]:
+        current = _load_many(conn, [claim.key for claim in claims])
+        out: list[Claim | LeaseLost] = []
+        writes: list[tuple[str, str]] = []
+        for claim in claims:
+            k = (claim.key.scope, claim.key.operation_id)
+            try:
+                rec = check_fence(current.get(k), claim)
+            except LeaseLost as exc:
+                out.append(exc)
+                continue
+            if rec.unstarted_attempt is not None:
+                current[k] = replace(rec, unstarted_attempt=None)
+                writes.append(k)
+            out.append(claim)
+        if writes:
+            conn.executemany(_MARK_STARTED, writes)
         return out
 
     def _release_rows(self, claim: Claim, error: str | None, conn: sqlite3.Connection) -> None:
@@ -1000,7 +1041,8 @@ class SQLiteLedger(TransactionalLedger):
             rec = self._load(conn, OpKey(entry.scope, entry.operation_id))
             if rec is not None and rec.state is State.QUARANTINED:
                 # attempts reset: the redriven copy gets a full retry budget, not the one spent
-                self._save(conn, replace(rec, state=State.RELEASED, attempts=0, updated_at=now))
+                self._save(conn, replace(rec, state=State.RELEASED, attempts=0, updated_at=now,
+                                         unstarted_attempt=None))  # fmt: skip
         entry = replace(entry, redriven_at=now, redrives=entry.redrives + 1, updated_at=now)
         _save_entry(conn, entry)
         return entry
@@ -1062,6 +1104,11 @@ def _upgrade(conn: sqlite3.Connection) -> None:
         if name not in present:
             # fixed names and definitions from the tuple above: nothing user-supplied
             conn.execute(f"ALTER TABLE replaysafe_quarantine ADD COLUMN {name} {definition}")
+    ops = {row[1] for row in conn.execute("PRAGMA table_info(replaysafe_operations)")}
+    for name, definition in _ADDED_OPERATION_COLUMNS:
+        if name not in ops:
+            # version 4; existing rows keep NULL: "may have started" to a recovering claim
+            conn.execute(f"ALTER TABLE replaysafe_operations ADD COLUMN {name} {definition}")
     if "message_size" not in present:
         # the original size of older entries is unknown; the stored copy's length is a lower bound
         # (and keeps message_size >= len(message), which `truncated` relies on)
@@ -1109,7 +1156,7 @@ def _record_from_row(row: tuple[Any, ...]) -> Record:
         OpKey(row[0], row[1]),
         row[2],
         State(row[3]) if state is None else state,  # an unknown value raises as before
-        row[4], row[5], row[6], row[7], row[8], row[9], row[10], row[11], row[12],
+        row[4], row[5], row[6], row[7], row[8], row[9], row[10], row[11], row[12], row[13],
     )  # fmt: skip
 
 
@@ -1133,6 +1180,7 @@ def _record_params(rec: Record) -> tuple[Any, ...]:
         rec.created_at,
         rec.updated_at,
         rec.completed_at,
+        rec.unstarted_attempt,
     )
 
 

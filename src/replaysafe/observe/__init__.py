@@ -29,7 +29,9 @@ OUTBOX_PUBLISHED = "replaysafe_outbox_published_total"  # [destination] rows a r
 OUTBOX_PUBLISH_FAILED = "replaysafe_outbox_publish_failed_total"  # [destination] batches given up
 OUTBOX_BLOCKED = "replaysafe_outbox_blocked_total"  # [destination] rows that no longer decode
 REDELIVERIES = "replaysafe_redeliveries_total"  # [handler] deliveries with attempt > 1
-OUTCOME_UNKNOWN = "replaysafe_outcome_unknown_total"  # [handler] handler raised OutcomeUnknown
+#: [handler] failures read as an unknown outcome: OutcomeUnknown, or any failure of an unkeyed
+#: effect under effectively-once but EffectNotApplied / its not_applied_on
+OUTCOME_UNKNOWN = "replaysafe_outcome_unknown_total"
 # ---- histograms
 AMBIGUITY_WINDOW = "replaysafe_ambiguity_window_seconds"  # [handler] EFFECTED -> COMPLETED
 HANDLER_SECONDS = "replaysafe_handler_seconds"  # [handler]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from types import CoroutineType
 from typing import Any, Generic, TypeVar
 
 from replaysafe import failpoints as fp
@@ -117,6 +119,32 @@ def _transport_identity(delivery: Delivery, *, withheld: bool = False) -> str:
     return f"{raw_op[:512]}\x00{ctype[:200]}\x00{digest}{body}"
 
 
+def _marks_start(spec: HandlerSpec) -> bool:
+    """Whether the handler's claims record when its effect starts (``Ledger.mark_started``): an
+    unkeyed effect under effectively-once that quarantines unknown outcomes, whose recovered
+    claim is re-run only when the previous attempt provably never started. Nowhere else: a keyed
+    or transactional effect re-runs anyway, at-least-once keeps no claim."""
+    eff = spec.effect
+    return (
+        spec.guarantee is Guarantee.EFFECTIVELY_ONCE
+        and eff.kind == "unkeyed"
+        and eff.on_unknown == "quarantine"
+    )
+
+
+def _evidence(exc: BaseException) -> str:
+    """``exc`` as quarantine evidence: its type (qualified unless built in) and message."""
+    cls = type(exc)
+    name = cls.__qualname__
+    if cls.__module__ != "builtins":
+        name = f"{cls.__module__}.{name}"
+    try:
+        text = str(exc)
+    except Exception:  # a broken __str__ must not lose the quarantine
+        text = "<its message could not be read>"
+    return f"{name}: {text}" if text else name
+
+
 def _retrieve(task: asyncio.Task[Any]) -> None:
     """Mark a task's exception as seen (a batch that ended early does not await the rest)."""
     if not task.cancelled():
@@ -124,13 +152,34 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
 
 
 def _encode_result(value: Any) -> str | None:
+    """The handler's result as stored in the ledger, or None when it is not stored (None, too
+    large, or it cannot be encoded). Never raises: the effect is done when this runs, and a result
+    that cannot be stored must not turn into a failed attempt (a retry would run the effect
+    again)."""
     if value is None:
         return None
     try:
         text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-    except (TypeError, ValueError):
+    except Exception:  # TypeError, ValueError, a __str__ that raises, RecursionError
         return None
     return text if len(text.encode()) <= MAX_RESULT_BYTES else None
+
+
+class _NotAwaitable(OutcomeUnknown):
+    """The handler returned something that cannot be awaited: it ran as a plain function, so its
+    body (and its effect) already ran. An unknown outcome: registration refuses plain ``def``
+    handlers, but a wrapper can still return a non-awaitable at run time."""
+
+
+def _awaitable(out: Any, spec: HandlerSpec) -> Any:
+    """``out`` (what calling the handler returned) when it can be awaited; else ``_NotAwaitable``
+    (and no ``TypeError`` from the ``await``, which would read as a clean failure)."""
+    if type(out) is CoroutineType or inspect.isawaitable(out):
+        return out
+    raise _NotAwaitable(
+        f"handler {spec.name!r} returned {type(out).__name__}, not an awaitable: its body ran as "
+        "a plain function (its effect may be done); write it as `async def`"
+    )
 
 
 @dataclass(slots=True)
@@ -200,9 +249,18 @@ class _Coalescer(Generic[T, R]):
     flight goes out together in the next one (one ledger round trip per batch, not per message).
     """
 
-    def __init__(self, many: Callable[[Sequence[T]], Awaitable[Sequence[R]]], limit: int = 500):
+    def __init__(
+        self,
+        many: Callable[[Sequence[T]], Awaitable[Sequence[R]]],
+        limit: int = 500,
+        *,
+        drop_cancelled: bool = False,
+    ):
         self._many = many
         self._limit = limit
+        #: leave out the items whose caller was cancelled before their batch went out (a mark
+        #: of an effect that will never start); by default they still go out (a completion)
+        self._drop_cancelled = drop_cancelled
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -219,6 +277,10 @@ class _Coalescer(Generic[T, R]):
         await asyncio.sleep(0)  # let the other handlers that finished this tick join the batch
         while self._queue:
             batch, self._queue = self._queue[: self._limit], self._queue[self._limit :]
+            if self._drop_cancelled:
+                batch = [(item, fut) for item, fut in batch if not fut.cancelled()]
+                if not batch:
+                    continue
             try:
                 results = await self._many([item for item, _ in batch])
             except BaseException as exc:
@@ -274,6 +336,8 @@ class Worker:
         #: source -> the broker can extend its visibility (capabilities are fixed: asked once)
         self._extendable: dict[str, bool] = {}
         self._completer = _Coalescer(app.ledger.complete_many)
+        #: unkeyed effects: "about to start" marks, one mark_started per batch of handlers
+        self._starter = _Coalescer(app.ledger.mark_started, drop_cancelled=True)
         #: recovered claims run alone in this process (see runtime._isolation)
         self._suspects = SuspectLock()
         self._ledger_ok = asyncio.Event()
@@ -851,15 +915,16 @@ class Worker:
                 fresh.append((delivery, env))
         if not fresh:
             return steps
+        marks = _marks_start(spec)
         requests = [
             ClaimRequest(
-                OpKey(spec.scope, env.operation_id), env.fingerprint, self.owner, spec.lease
+                OpKey(spec.scope, env.operation_id), env.fingerprint, self.owner, spec.lease, marks
             )
             for _, env in fresh
         ]
         try:
             with self._tracing.span(otel.CLAIM, handler=spec.name, batch=len(requests)):
-                if len(requests) == 1:
+                if len(requests) == 1 and not marks:  # claim() does not carry marks_start
                     r = requests[0]
                     outcomes: list[ClaimOutcome] = [
                         await ledger.claim(r.key, r.fingerprint, r.owner, r.lease)
@@ -933,6 +998,11 @@ class Worker:
         await self.app.failpoints.hit(fp.BEFORE_EFFECT, ctx)
         try:
             await self._run_handler(spec, Context(env, delivery, spec.name, attempt), None)
+        except _NotAwaitable as exc:
+            # the body ran as a plain function: the effect is done, so complete it (a nack
+            # would run it again because of our own failure to await it)
+            log.warning("%s: %s; completing %s", spec.name, exc, env.operation_id)
+            self.stats.inc(o.HANDLER_ERRORS, handler=spec.name)
         except Exception as exc:
             await self._handler_failed(spec, delivery, env, None, attempt, exc)
             return
@@ -986,6 +1056,9 @@ class Worker:
         app = self.app
         ctx = self._ctx(spec, env, claim.attempt)
         await app.failpoints.hit(fp.AFTER_CLAIM, ctx)
+        # a recovered claim whose previous holder may have started its effect (an unkeyed
+        # effect's claim knows when it never did: mark_started was not recorded)
+        unknown = claim.recovered and claim.previous_started
         if claim.attempt > spec.retry.max_attempts:
             self.stats.inc(o.RETRY_BUDGET_EXHAUSTED, handler=spec.name)
             await self._quarantine(
@@ -996,21 +1069,21 @@ class Worker:
                 f"claimed {claim.attempt} times, budget {spec.retry.max_attempts}",
                 claim=claim,
                 attempts=claim.attempt,
-                risk=EffectRisk.OUTCOME_UNKNOWN if claim.recovered else EffectRisk.RELEASED_CLEANLY,
+                risk=EffectRisk.OUTCOME_UNKNOWN if unknown else EffectRisk.RELEASED_CLEANLY,
             )
             return
-        if (
-            claim.recovered
-            and spec.effect.kind == "unkeyed"
-            and spec.effect.on_unknown == "quarantine"
-        ):
+        if claim.recovered and not claim.previous_started:
+            log.info("%s: the previous attempt on %s never started its effect; running it again",
+                     spec.name, env.operation_id)  # fmt: skip
+        if unknown and spec.effect.kind == "unkeyed" and spec.effect.on_unknown == "quarantine":
             await self._quarantine(
                 spec,
                 delivery,
                 env,
                 QuarantineReason.OUTCOME_UNKNOWN,
-                f"a previous attempt on {spec.effect.name} (which cannot deduplicate) lost its "
-                "lease without completing; its effect may or may not have happened",
+                f"attempt {claim.attempt - 1} on {spec.effect.name} (which cannot deduplicate) "
+                "lost its lease without completing after its effect was marked started (or "
+                "before marks were recorded); its effect may or may not have happened",
                 claim=claim,
                 attempts=claim.attempt,
                 risk=EffectRisk.OUTCOME_UNKNOWN,
@@ -1046,6 +1119,8 @@ class Worker:
                 # before any transaction opens: a SQLite transaction holds the ledger's only
                 # connection, and an extension from inside it would wait for itself
                 claim = await self._revalidate(spec, claim)
+            if _marks_start(spec) and not await self._mark_started(spec, delivery, env, claim):
+                return False
             if spec.effect.kind == "transactional":
                 assert isinstance(ledger, TransactionalLedger)
                 try:
@@ -1069,11 +1144,24 @@ class Worker:
                     await self._handler_failed(spec, delivery, env, claim, claim.attempt, exc)
                     return False
                 await app.failpoints.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, ctx)
-                if not self._tracing.enabled:
-                    await self._complete(claim, _encode_result(result))
-                else:
-                    with self._tracing.span(otel.LEDGER_COMPLETE, handler=spec.name):
+                try:
+                    if not self._tracing.enabled:
                         await self._complete(claim, _encode_result(result))
+                    else:
+                        with self._tracing.span(otel.LEDGER_COMPLETE, handler=spec.name):
+                            await self._complete(claim, _encode_result(result))
+                except (LeaseLost, LedgerUnavailable):
+                    raise
+                except Exception:
+                    # our own failure after the effect (a ledger bug, a tracing hook): as when
+                    # the ledger is down, never release (a retry would run the effect again)
+                    # and never ack; the lease runs out and a recovered claim decides (a keyed
+                    # effect re-runs under its key, an unkeyed one is quarantined)
+                    log.exception("%s: recording the effect of %s failed; leaving it to its "
+                                  "lease", spec.name, env.operation_id)  # fmt: skip
+                    self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.FAILED)
+                    await delivery.nack(delay=spec.lease)
+                    return False
         except LeaseLost as exc:
             # someone else owns the operation now: never complete this copy at the broker
             log.warning("%s: %s", spec.name, exc)
@@ -1099,6 +1187,28 @@ class Worker:
         return True
 
     # ------------------------------------------------------------------ helpers
+
+    async def _mark_started(
+        self, spec: HandlerSpec, delivery: Delivery, env: Envelope, claim: Claim
+    ) -> bool:
+        """Record that the effect is about to start (unkeyed effects), in the coalesced
+        ``mark_started`` of the handlers starting now: one ledger round trip per batch. True when
+        the effect may start. A stale claim raises ``LeaseLost`` (the caller leaves the copy to
+        the broker); a ledger that cannot record it means the effect does not start: the copy is
+        nacked past the lease, and the recovered claim learns that it never started."""
+        try:
+            marked = await self._starter.submit(claim)
+        except LedgerUnavailable as exc:
+            log.warning("%s: ledger unavailable before the effect of %s: %s; the effect was not "
+                        "started", spec.name, env.operation_id, exc)  # fmt: skip
+            self.stats.inc(o.LEDGER_UNAVAILABLE, handler=spec.name)
+            self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.UNAVAILABLE)
+            self._ledger_down()
+            await delivery.nack(delay=spec.lease)
+            return False
+        if isinstance(marked, LeaseLost):
+            raise marked
+        return True
 
     async def _complete(self, claim: Claim, result: str | None) -> None:
         """Record EFFECTED through the coalescing ``complete_many``; retry a briefly unavailable
@@ -1185,21 +1295,37 @@ class Worker:
         self._running[task] = ex
         if min(first_beat, ex.deadline) < self._keeper_wake:
             self._kick.set()
+        result: Any = None
+        returned = False
         try:
             if not self._tracing.enabled:
-                return await spec.fn(ctx)
+                return await _awaitable(spec.fn(ctx), spec)
             with self._tracing.span(otel.EFFECT, handler=spec.name,
                                        operation_id=ctx.operation_id, attempt=ctx.attempt,
                                        token=ctx.token):  # fmt: skip
-                return await spec.fn(ctx)
+                result = await _awaitable(spec.fn(ctx), spec)
+                returned = True
+            return result
         except asyncio.CancelledError:
             # the keeper's cancel becomes the cut; any other cancel (shutdown, crash) goes on
             if ex.cut is not None and task.uncancel() == 0:
                 raise ex.cut from None
             raise
+        except Exception:
+            if not returned:
+                raise
+            # the span's end (a tracing hook) failed after the handler returned: the effect is
+            # done, and our bookkeeping must not turn it into a failed attempt (a retry would
+            # run the effect again)
+            log.exception("%s: tracing failed after the handler returned; the result stands",
+                          spec.name)  # fmt: skip
+            return result
         finally:
             del self._running[task]
-            self.stats.observe(o.HANDLER_SECONDS, clock.now() - started, handler=spec.name)
+            try:
+                self.stats.observe(o.HANDLER_SECONDS, clock.now() - started, handler=spec.name)
+            except Exception:  # a metrics hook must not decide the outcome either
+                log.exception("%s: recording the handler's duration failed", spec.name)
 
     async def _revalidate(self, spec: HandlerSpec, claim: Claim) -> Claim:
         """The lease ran out between the claim and the handler (the worker stalled: GC, SIGSTOP,
@@ -1227,8 +1353,16 @@ class Worker:
     ) -> None:
         self.stats.inc(o.HANDLER_ERRORS, handler=spec.name)
         cut = isinstance(exc, _Cut)
-        # the handler itself says its effect may have happened (a timeout after sending)
-        told = isinstance(exc, OutcomeUnknown)
+        # the handler itself says its effect may have happened (a timeout after sending); under
+        # effectively-once an unkeyed effect's failure reads the same unless the handler proves
+        # the effect did not happen (EffectNotApplied, the effect's not_applied_on): a plain
+        # exception after the request left must not be retried into a second effect
+        told = isinstance(exc, OutcomeUnknown) or (
+            claim is not None
+            and spec.effect.kind == "unkeyed"
+            and not cut
+            and not spec.effect.not_applied(exc)
+        )
         if told:
             self.stats.inc(o.OUTCOME_UNKNOWN, handler=spec.name)
         # a handler cut at its deadline (or when an extension failed) was cancelled wherever it
@@ -1236,13 +1370,15 @@ class Worker:
         risk = EffectRisk.OUTCOME_UNKNOWN if told or cut else EffectRisk.RELEASED_CLEANLY
         unknown = (cut or told) and not spec.effect.reruns_when_unknown
         if claim is not None and unknown:
-            # the handler was cancelled mid-effect on a downstream that cannot deduplicate
+            # the handler failed mid-effect on a downstream that cannot deduplicate
             await self._quarantine(
                 spec,
                 delivery,
                 env,
                 QuarantineReason.OUTCOME_UNKNOWN,
-                f"{exc}; the effect on {spec.effect.name} may have happened",
+                f"attempt {attempt} failed with {_evidence(exc)}; the effect on "
+                f"{spec.effect.name} may have happened (an unkeyed effect is retried only after "
+                "EffectNotApplied or an exception its not_applied_on lists)",
                 claim=claim,
                 attempts=attempt,
                 risk=EffectRisk.OUTCOME_UNKNOWN,

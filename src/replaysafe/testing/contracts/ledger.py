@@ -975,6 +975,105 @@ class LedgerContract:
             assert shape(await must_get(ledger, kb)) == shape(await must_get(ledger, ks))
         assert await ledger.claim_many([]) == []
 
+    # ------------------------------------------------------------------ mark_started
+
+    async def _claim_marking(self, ledger: Ledger, key: OpKey, owner: str = "w1") -> Claim:
+        """Claim ``key`` with ``marks_start`` (how the runtime claims for unkeyed effects)."""
+        [outcome] = await ledger.claim_many([ClaimRequest(key, FP, owner, self.lease, True)])
+        assert isinstance(outcome, Acquired), f"expected Acquired for {key}, got {outcome!r}"
+        return outcome.claim
+
+    async def test_a_takeover_learns_whether_the_previous_holder_started_its_effect(
+        self, ledger: Ledger, clock: FakeClock
+    ) -> None:
+        started, unstarted = OpKey("orders", "started"), OpKey("orders", "unstarted")
+        unmarked, released = OpKey("orders", "unmarked"), OpKey("orders", "released")
+        s = await self._claim_marking(ledger, started)
+        await self._claim_marking(ledger, unstarted)
+        await acquire(ledger, unmarked, self.lease)  # claimed without marks_start
+        await ledger.release(await self._claim_marking(ledger, released))
+        assert (await must_get(ledger, unstarted)).unstarted_attempt == 1
+        assert (await must_get(ledger, unmarked)).unstarted_attempt is None
+        assert await ledger.mark_started([s]) == [s]
+        assert (await must_get(ledger, started)).unstarted_attempt is None
+        await self.expire(clock)
+        # read back on recovery, whatever the new claim itself declares (the single form too)
+        [a, b] = await ledger.claim_many(
+            [
+                ClaimRequest(started, FP, "w2", self.lease, True),
+                ClaimRequest(unstarted, FP, "w2", self.lease),
+            ]
+        )
+        c = await ledger.claim(unmarked, FP, "w2", self.lease)
+        d = await ledger.claim(released, FP, "w2", self.lease)
+        assert isinstance(a, Acquired) and isinstance(b, Acquired), (a, b)
+        assert isinstance(c, Acquired) and isinstance(d, Acquired), (c, d)
+        assert (a.claim.recovered, a.claim.previous_started, a.claim.attempt) == (True, True, 2)
+        assert (b.claim.recovered, b.claim.previous_started, b.claim.attempt) == (True, False, 2)
+        # never marked and never declared: it may have started (conservative)
+        assert (c.claim.recovered, c.claim.previous_started) == (True, True)
+        assert d.claim.recovered is False
+        # the takeover's own attempt is "not started" only when nothing before it may have
+        # started and it declared marks_start
+        assert (await must_get(ledger, started)).unstarted_attempt is None
+        assert (await must_get(ledger, unstarted)).unstarted_attempt is None
+        e = await ledger.claim_many(
+            [ClaimRequest(unstarted, FP, "w3", self.lease, True)]
+        )  # not expired: in flight
+        assert isinstance(e[0], InFlight)
+
+    async def test_an_attempt_that_may_have_started_is_never_forgotten(
+        self, ledger: Ledger, clock: FakeClock
+    ) -> None:
+        """Attempt 1 marked its effect started and died; attempt 2 took over and died before
+        marking (before it could even quarantine). Attempt 3 must still learn that an earlier
+        effect may have happened: reading only attempt 2 would re-run a charge that happened."""
+        first = await self._claim_marking(ledger, KEY)
+        await ledger.mark_started([first])
+        await self.expire(clock)
+        second = await self._claim_marking(ledger, KEY, owner="w2")
+        assert (second.recovered, second.previous_started) == (True, True)
+        await self.expire(clock)
+        [third] = await ledger.claim_many([ClaimRequest(KEY, FP, "w3", self.lease, True)])
+        assert isinstance(third, Acquired)
+        assert (third.claim.attempt, third.claim.recovered, third.claim.previous_started) == (
+            3, True, True
+        )  # fmt: skip
+        # while a chain of attempts that never started stays re-runnable
+        other = OpKey("orders", "never-started")
+        await self._claim_marking(ledger, other)
+        await self.expire(clock)
+        again = await self._claim_marking(ledger, other, owner="w2")
+        await self.expire(clock)
+        [last] = await ledger.claim_many([ClaimRequest(other, FP, "w3", self.lease, True)])
+        assert isinstance(last, Acquired) and again.previous_started is False
+        assert (last.claim.attempt, last.claim.previous_started) == (3, False)
+
+    async def test_mark_started_is_fenced_per_claim(self, ledger: Ledger, clock: FakeClock) -> None:
+        old = await self._claim_marking(ledger, KEY)
+        await self.expire(clock)
+        new = await self._claim_marking(ledger, KEY, owner="w2")
+        other = await self._claim_marking(ledger, OpKey("orders", "other"))
+        [lost] = await ledger.mark_started([old])
+        assert isinstance(lost, LeaseLost)
+        assert (await must_get(ledger, KEY)).unstarted_attempt == 2  # the stale mark wrote nothing
+        out = await ledger.mark_started([old, other, new, other])
+        assert isinstance(out[0], LeaseLost) and out[1:] == [other, new, other]
+        assert (await must_get(ledger, KEY)).unstarted_attempt is None
+        await ledger.complete(other)  # a claim whose attempt ended is stale too
+        [done] = await ledger.mark_started([other])
+        assert isinstance(done, LeaseLost)
+        assert await ledger.mark_started([]) == []
+
+    async def test_redrive_forgets_an_unstarted_attempt(
+        self, ledger: Ledger, clock: FakeClock
+    ) -> None:
+        claim = await self._claim_marking(ledger, KEY)
+        entry = await ledger.quarantine(self._request(QuarantineReason.MAX_ATTEMPTS), claim)
+        await ledger.redrive(entry.id)
+        rec = await must_get(ledger, KEY)
+        assert (rec.state, rec.attempts, rec.unstarted_attempt) == (State.RELEASED, 0, None)
+
     async def test_complete_many_equals_the_single_form(
         self, ledger: Ledger, clock: FakeClock
     ) -> None:

@@ -1,0 +1,128 @@
+"""What ``App.handler`` accepts and refuses at registration, and what it says (issue 13, items 1a
+and 9): only handlers that return an awaitable by construction, and a warning when a handler's
+deadline is shorter than its lease."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from replaysafe import ConfigurationError, Context, Effect, Guarantee, MemoryBroker, MemoryLedger
+from replaysafe.app import App
+
+EO, ALO, AMO = Guarantee.EFFECTIVELY_ONCE, Guarantee.AT_LEAST_ONCE, Guarantee.AT_MOST_ONCE
+
+
+def new_app() -> App:
+    return App("reg", broker=MemoryBroker(), ledger=MemoryLedger())
+
+
+def register(app: App, fn: Any, **kwargs: Any) -> None:
+    kwargs.setdefault("guarantee", EO)
+    kwargs.setdefault("effect", Effect.keyed("payments"))
+    app.handler("orders", name=kwargs.pop("name", "charge"), **kwargs)(fn)
+
+
+# ---------------------------------------------------------------- item 1a: coroutine functions
+
+
+def sync_charge(ctx: Context) -> str:
+    return "charged"
+
+
+async def async_charge(ctx: Context) -> str:
+    return "charged"
+
+
+async def async_charge_with_fee(ctx: Context, fee: int) -> str:
+    return f"charged {fee}"
+
+
+class SyncCallable:
+    def __call__(self, ctx: Context) -> str:
+        return "charged"
+
+
+class AsyncCallable:
+    async def __call__(self, ctx: Context) -> str:
+        return "charged"
+
+
+class Service:
+    async def charge(self, ctx: Context) -> str:
+        return "charged"
+
+
+def logged(fn: Callable[[Context], Any]) -> Callable[[Context], Any]:
+    """A sync decorator written the usual way: the wrapper is a plain def returning whatever the
+    wrapped function returns (a coroutine when that is an async def)."""
+
+    @functools.wraps(fn)
+    def wrapper(ctx: Context) -> Any:
+        return fn(ctx)
+
+    return wrapper
+
+
+def timed(fn: Callable[[Context], Awaitable[Any]]) -> Callable[[Context], Awaitable[Any]]:
+    """An async decorator (its wrapper is itself a coroutine function)."""
+
+    @functools.wraps(fn)
+    async def wrapper(ctx: Context) -> Any:
+        return await fn(ctx)
+
+    return wrapper
+
+
+async def async_gen(ctx: Context) -> Any:
+    yield "not a handler"
+
+
+REFUSED = {
+    "plain def": sync_charge,
+    "lambda": lambda ctx: "charged",
+    "partial of a def": functools.partial(lambda ctx, fee: fee, fee=3),
+    "sync __call__": SyncCallable(),
+    "a class": SyncCallable,
+    "sync decorator over a def": logged(sync_charge),
+    "async generator": async_gen,
+    "not callable": 42,
+}
+
+ACCEPTED = {
+    "async def": async_charge,
+    "partial of an async def": functools.partial(async_charge_with_fee, fee=3),
+    "async __call__": AsyncCallable(),
+    "partial of an async __call__": functools.partial(AsyncCallable()),
+    "bound async method": Service().charge,
+    "sync decorator over an async def": logged(async_charge),
+    "async decorator over an async def": timed(async_charge),
+    "two decorators": logged(timed(async_charge)),
+}
+
+
+@pytest.mark.parametrize("what", sorted(REFUSED))
+def test_registration_refuses_a_handler_that_is_not_a_coroutine_function(what: str) -> None:
+    app = new_app()
+    with pytest.raises(ConfigurationError) as err:
+        register(app, REFUSED[what])
+    text = str(err.value)
+    assert "not a coroutine function" in text
+    assert "async def charge(ctx)" in text and "asyncio.to_thread" in text
+    assert app.handlers == {}
+
+
+@pytest.mark.parametrize("what", sorted(ACCEPTED))
+def test_registration_accepts_what_returns_an_awaitable(what: str) -> None:
+    app = new_app()
+    register(app, ACCEPTED[what])
+    assert list(app.handlers) == ["charge"]
+
+
+def test_refused_under_every_guarantee() -> None:
+    for guarantee, effect in ((ALO, None), (AMO, None), (EO, Effect.unkeyed("smtp"))):
+        with pytest.raises(ConfigurationError, match="not a coroutine function"):
+            register(new_app(), sync_charge, guarantee=guarantee, effect=effect)
