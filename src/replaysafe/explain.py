@@ -55,10 +55,8 @@ from replaysafe.app import App, HandlerSpec
 from replaysafe.brokers.base import Capabilities, GroupState, RedeliveryKind, SourceFacts
 from replaysafe.envelope import operation_id as make_operation_id
 from replaysafe.errors import LedgerUnavailable
-from replaysafe.guarantees import Guarantee
-from replaysafe.ledger.base import Durability, DurabilityLevel
 from replaysafe.guarantees import Effect, Guarantee
-from replaysafe.ledger.base import Durability
+from replaysafe.ledger.base import Durability, DurabilityLevel
 
 Severity = Literal["error", "warning", "info"]
 
