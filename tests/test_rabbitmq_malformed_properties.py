@@ -113,6 +113,9 @@ BAD: list[tuple[str, dict[str, Any], bytes | None, str | Raw, str]] = [
      "nested deeper than 32 levels"),
     ("routing key", {}, None, Raw(shortstr(b"\xff\xfe")),
      "routing_key: 2 bytes that are not UTF-8"),
+    # pamqp decodes it (as bytes): U+FFFD in its place would make two ids one (see _amqp_decode)
+    ("rs-* header value", {}, shortstr(b"rs-published-at") + b"S" + struct.pack(">I", 2)
+     + b"\xff\xfe", "", "header 'rs-published-at': 2 bytes that are not UTF-8"),
 ]  # fmt: skip
 
 
