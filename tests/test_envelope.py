@@ -914,6 +914,11 @@ class TestWirePublishedAt:
             ("", "send UTC such as"),
             ("2026-13-01T00:00:00Z", "send UTC such as"),
             ("1764167507", "send UTC such as"),
+            # CPython 3.11 parsed these as the time before the NUL (issue 13, hostile input)
+            ("2026-11-26T14:31:47Z\x00", "send UTC such as"),
+            ("2026-11-26T14:31:47\x00Z", "send UTC such as"),
+            ("2026-11-26T14:31:47Z\x00garbage", "send UTC such as"),
+            ("2026-11-26T14:31:47\u00a0Z", "send UTC such as"),
         ],
     )
     def test_naive_or_garbage(self, sent: str, next_step: str) -> None:

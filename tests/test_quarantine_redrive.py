@@ -26,9 +26,10 @@ from replaysafe import (
     State,
 )
 from replaysafe.cli import main
+from replaysafe.errors import BadInput
 from replaysafe.ledger.base import Acquired, QuarantineRequest
 from replaysafe.quarantine import EffectRisk
-from replaysafe.redrive import redrive
+from replaysafe.redrive import NOT_REDRIVABLE, redrive
 
 from .runtime_harness import Harness
 
@@ -124,6 +125,26 @@ async def test_redrive_refusals() -> None:
     # forced: the copy beyond the horizon is re-stamped and republished
     [forced] = await redrive(h.app, [old], force=True)
     assert forced.redriven and len(h.broker.published("orders")) == 1
+
+
+async def test_every_bad_input_reason_is_refused_even_with_an_intact_copy() -> None:
+    """Bad input is decided on the bytes (and their transport metadata) alone: the same bytes
+    are refused again, so redrive refuses them whatever the entry kept. A malformed transport
+    header was missing from the list (#13): nothing of such a message was trusted."""
+    reasons = {cls.reason for cls in BadInput.__subclasses__()}
+    assert QuarantineReason.MALFORMED_TRANSPORT_HEADER in reasons
+    assert reasons <= NOT_REDRIVABLE
+    h = Harness()
+    _flaky(h, {"yes": False})
+    env = order(1)
+    entry = await h.ledger.quarantine(QuarantineRequest(
+        scope="charge", reason=QuarantineReason.MALFORMED_TRANSPORT_HEADER,
+        operation_id=env.operation_id, fingerprint=env.fingerprint, message=env.payload,
+        content_type=env.content_type, published_at=h.clock.now(),
+    ))  # fmt: skip
+    [result] = await redrive(h.app, [entry])
+    assert not result.redriven and "refused again" in result.detail
+    assert h.broker.published("orders") == []
 
 
 async def test_redaction_hook_applies_before_the_copy_is_stored() -> None:

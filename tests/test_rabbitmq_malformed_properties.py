@@ -113,7 +113,34 @@ BAD: list[tuple[str, dict[str, Any], bytes | None, str | Raw, str]] = [
      "nested deeper than 32 levels"),
     ("routing key", {}, None, Raw(shortstr(b"\xff\xfe")),
      "routing_key: 2 bytes that are not UTF-8"),
+    # pamqp decodes it (as bytes): U+FFFD in its place would make two ids one (see _amqp_decode)
+    ("rs-* header value", {}, shortstr(b"rs-published-at") + b"S" + struct.pack(">I", 2)
+     + b"\xff\xfe", "", "header 'rs-published-at': 2 bytes that are not UTF-8"),
 ]  # fmt: skip
+
+
+def frame_headers(op: str, entries: bytes | None) -> dict[str, str] | Raw:
+    """The headers of a :data:`BAD` message: ``rs-operation-id`` = ``op``, then its raw table
+    entries (None: none)."""
+    if entries is None:
+        return {"rs-operation-id": op}
+    return Raw(table(text_entry("rs-operation-id", op) + entries))
+
+
+async def send_frame(
+    channel: Any, exchange: str, props: dict[str, Any], body: bytes, routing_key: str | Raw = ""
+) -> None:
+    """Publish through the aiormq ``channel`` (publisher confirms on) as a plain producer
+    would: ``props`` as AMQP properties, a :class:`Raw` value written as its bytes (with the
+    :func:`raw_encoder` fixture); RabbitMQ must confirm it."""
+    import aiormq
+
+    props.setdefault("message_id", f"m-{uuid.uuid4().hex[:8]}")
+    ok = await channel.basic_publish(
+        body, exchange=exchange, routing_key=routing_key,
+        properties=aiormq.spec.Basic.Properties(**props),
+    )  # fmt: skip
+    assert isinstance(ok, aiormq.spec.Basic.Ack)  # RabbitMQ stored it as it was
 
 
 @pytest.fixture
@@ -162,26 +189,19 @@ async def test_a_malformed_property_is_quarantined_and_the_queue_keeps_flowing(
     try:
         channel = await producer.channel()
 
-        async def send(props: dict[str, Any], body: bytes, routing_key: str | Raw = "") -> None:
-            props.setdefault("message_id", f"m-{uuid.uuid4().hex[:8]}")
-            ok = await channel.basic_publish(
-                body, exchange=name, routing_key=routing_key,  # type: ignore[arg-type]
-                properties=aiormq.spec.Basic.Properties(**props),
-            )  # fmt: skip
-            assert isinstance(ok, aiormq.spec.Basic.Ack)  # RabbitMQ stored it as it was
-
         async def good(i: int) -> None:
-            await send({"headers": {"rs-operation-id": f"good-{i}"}}, json.dumps({"i": i}).encode())
+            await send_frame(channel, name, {"headers": {"rs-operation-id": f"good-{i}"}},
+                             json.dumps({"i": i}).encode())  # fmt: skip
 
         await good(0)
         await until(lambda: applied == ["good-0"], seconds=RECEIVE, what="good-0 applied")
         connections = relay.connections  # the worker's publish and consume connections
         for i, (_, props, entries, routing_key, _) in enumerate(BAD, start=1):
             # a distinct rs-operation-id each: a quarantine is keyed by what the transport says
-            op = f"bad-{i}"
-            headers = {"rs-operation-id": op} if entries is None else Raw(
-                table(text_entry("rs-operation-id", op) + entries))  # fmt: skip
-            await send({**props, "headers": headers}, b'{"id": 1}', routing_key)
+            headers = frame_headers(f"bad-{i}", entries)
+            await send_frame(
+                channel, name, {**props, "headers": headers}, b'{"id": 1}', routing_key
+            )
             await good(i)
 
         async def done() -> bool:

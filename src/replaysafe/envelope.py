@@ -341,8 +341,12 @@ def format_time(ts: float) -> str:
 
 
 def parse_time(value: str) -> float:
-    """Parse an RFC 3339 time; naive times are refused (ambiguous zone)."""
+    """Parse an RFC 3339 time; naive times are refused (ambiguous zone), and so is anything
+    but printable ASCII (CPython 3.11's ``fromisoformat`` reads a time followed by a NUL and
+    anything at all as the time before the NUL)."""
     try:
+        if not (value.isascii() and value.isprintable()):
+            raise ValueError("not printable ASCII")
         dt = datetime.fromisoformat(value)
     except ValueError as exc:
         raise MalformedHeader(

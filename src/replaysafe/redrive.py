@@ -27,12 +27,14 @@ from replaysafe.quarantine import QuarantineReason, redact_text
 log = logging.getLogger("replaysafe.redrive")
 
 #: reasons whose messages are refused again as they are: redriving the same bytes cannot help
+#: (every bad-input reason; a malformed transport header: nothing of that message was trusted)
 NOT_REDRIVABLE = frozenset({
     QuarantineReason.INVALID_OPERATION_ID, QuarantineReason.OPERATION_ID_MISMATCH,
     QuarantineReason.PAYLOAD_TOO_LARGE,
     QuarantineReason.MALFORMED_PAYLOAD, QuarantineReason.UNSUPPORTED_CONTENT_TYPE,
     QuarantineReason.LIMIT_EXCEEDED, QuarantineReason.FINGERPRINT_MISMATCH,
-    QuarantineReason.MALFORMED_HEADER, QuarantineReason.KEY_REUSE_CONFLICT,
+    QuarantineReason.MALFORMED_HEADER, QuarantineReason.MALFORMED_TRANSPORT_HEADER,
+    QuarantineReason.KEY_REUSE_CONFLICT,
 })  # fmt: skip
 
 

@@ -32,10 +32,10 @@ which only ever replaces a dead connection with a decoded frame.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-__all__ = ["MAX_DEPTH", "install", "undecodable"]
+__all__ = ["MAX_DEPTH", "install", "undecodable", "undecodable_values"]
 
 #: how deep nested header tables and arrays are read on the tolerant path (deeper ones are left
 #: out: pamqp itself recurses, and a deep enough nesting exhausts Python's stack)
@@ -55,6 +55,25 @@ def undecodable(obj: object) -> tuple[str, ...]:
     sentence per field; empty when everything decoded."""
     found: tuple[str, ...] = getattr(obj, _ATTR, ())
     return found
+
+
+def undecodable_values(headers: Mapping[str, Any], names: Iterable[str]) -> tuple[str, ...]:
+    """Which of the header values ``names`` are bytes that are not UTF-8, one sentence each.
+
+    pamqp reads such a value without complaint (a long string it cannot decode, or a byte
+    array, comes back as bytes), so the frame decodes; it is for the caller to decide. Text
+    made of them with U+FFFD in place of the bad bytes loses what the producer sent: two
+    different operation ids could become one."""
+    found = []
+    for name in names:
+        value = headers.get(name)
+        if isinstance(value, bytes | bytearray | memoryview):
+            raw = bytes(value)
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                found.append(f"header {name!r}: {len(raw)} bytes that are not UTF-8 ({_show(raw)})")
+    return tuple(found)
 
 
 def install() -> None:

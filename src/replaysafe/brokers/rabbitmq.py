@@ -116,7 +116,12 @@ from replaysafe.brokers.base import (
     Subscription,
 )
 from replaysafe.clock import SYSTEM_CLOCK, Clock
-from replaysafe.envelope import HEADER_MALFORMED_TRANSPORT, HEADER_OPERATION_ID, Envelope
+from replaysafe.envelope import (
+    HEADER_MALFORMED_TRANSPORT,
+    HEADER_OPERATION_ID,
+    RESERVED_HEADERS,
+    Envelope,
+)
 from replaysafe.errors import (
     BrokerError,
     BrokerUnavailable,
@@ -168,6 +173,8 @@ _TRANSPORT_HEADERS = frozenset(
     {KEY_HEADER, ATTEMPTS_HEADER, "x-delivery-count", "x-acquired-count", "x-death"}
 )
 _TRANSPORT_PREFIXES = ("x-first-death-", "x-last-death-")
+#: the wire format's own headers, in a stable order (for the findings of undecodable values)
+_RESERVED_SORTED = tuple(sorted(RESERVED_HEADERS))
 
 #: the longest delayed nack (longer ones are clamped, with a warning)
 MAX_DELAY = 86_400.0
@@ -274,13 +281,16 @@ def retry_band(delay: float) -> int:
 # --------------------------------------------------------------------------- headers
 
 
-def _text(value: Any) -> str:
-    """An AMQP field value as text (plain clients send ints, bools, bytes, timestamps…)."""
+def _text(value: Any, *, exact: bool = False) -> str:
+    """An AMQP field value as text (plain clients send ints, bools, bytes, timestamps…).
+    ``exact``: bytes that are not UTF-8 as ``\\xNN`` escapes, not U+FFFD, so that two values
+    stay two (the rs-* headers: such a message is refused, and its quarantine entry must not
+    merge with another one's)."""
     if isinstance(value, str):
         return value
     if isinstance(value, bytes | bytearray | memoryview):
         # 'replace', not 'surrogateescape': a lone surrogate would break the ledger's encoders
-        return bytes(value).decode("utf-8", "replace")
+        return bytes(value).decode("utf-8", "backslashreplace" if exact else "replace")
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, datetime):
@@ -296,7 +306,7 @@ def _undecodable_text(found: Sequence[str]) -> str:
     return (
         f"RabbitMQ delivered AMQP metadata the client could not decode: {listed}. Fix the "
         "producer: AMQP short strings (content type, message id, type, app id, header names, "
-        "routing key) must be UTF-8 and the timestamp seconds since 1970"
+        "routing key) and rs-* header values must be UTF-8 and the timestamp seconds since 1970"
     )
 
 
@@ -348,12 +358,17 @@ class RabbitMQDelivery(Delivery):
         self.amqp_headers: Mapping[str, Any] = raw
         self.body = bytes(message.body)
         self.headers = {
-            k: v if type(v) is str else _text(v)
+            k: v if type(v) is str else _text(v, exact=k in RESERVED_HEADERS)
             for k, v in raw.items()
             if k not in _TRANSPORT_HEADERS and not k.startswith(_TRANSPORT_PREFIXES)
         }
         #: what the client could not decode in this message's frames (empty: everything)
-        self.undecodable = (*_amqp_decode.undecodable(frame), *_amqp_decode.undecodable(props))
+        self.undecodable = (
+            *_amqp_decode.undecodable(frame),
+            *_amqp_decode.undecodable(props),
+            # rs-* values decide identity and time: never guessed with U+FFFD (see _text)
+            *_amqp_decode.undecodable_values(raw, _RESERVED_SORTED),
+        )
         if self.undecodable:
             # decode_wire refuses it (malformed_transport_header): nothing of it is guessed
             self.headers[HEADER_MALFORMED_TRANSPORT] = _undecodable_text(self.undecodable)
