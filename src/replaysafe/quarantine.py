@@ -109,3 +109,13 @@ def redact_text(redact: Redactor, text: str) -> str | None:
         return _through(redact, text.encode("utf-8", "replace")).decode("utf-8", "replace")
     except Exception:
         return None
+
+
+def shown_text(redact: Redactor | None, text: str) -> str:
+    """``text`` as a log line or a stored error may show it: unchanged without a hook, through
+    the hook with one, ``(withheld)`` when the hook fails on it (log lines must never carry what
+    the hook was meant to strip)."""
+    if redact is None:
+        return text
+    shown = redact_text(redact, text)
+    return "(withheld: the redaction hook failed on it)" if shown is None else shown

@@ -22,7 +22,7 @@ from replaysafe.app import App
 from replaysafe.envelope import JSON, Envelope, payload_fingerprint
 from replaysafe.errors import BadInput
 from replaysafe.ledger.base import QuarantineEntry
-from replaysafe.quarantine import QuarantineReason, redact_text
+from replaysafe.quarantine import QuarantineReason, shown_text
 
 log = logging.getLogger("replaysafe.redrive")
 
@@ -80,9 +80,7 @@ def _refusal(app: App, entry: QuarantineEntry, force: bool) -> str | None:
 def _logged(app: App, operation_id: str | None) -> str | None:
     """The operation id as a log line may show it: through the app's redaction hook (the id is
     derived from business fields), withheld when the hook fails on it."""
-    if operation_id is None or app.redact is None:
-        return operation_id
-    return redact_text(app.redact, operation_id) or "(withheld)"
+    return None if operation_id is None else shown_text(app.redact, operation_id)
 
 
 async def redrive(

@@ -39,7 +39,7 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from types import CoroutineType
 from typing import Any, Generic, TypeVar
@@ -54,6 +54,7 @@ from replaysafe.errors import (
     BrokerError,
     ConfigurationError,
     LeaseLost,
+    LedgerDataError,
     LedgerUnavailable,
     OutcomeUnknown,
     SimulatedCrash,
@@ -75,7 +76,7 @@ from replaysafe.ledger.base import (
     TransactionalLedger,
 )
 from replaysafe.observe import otel
-from replaysafe.quarantine import EffectRisk, QuarantineReason, disclose
+from replaysafe.quarantine import Disclosure, EffectRisk, QuarantineReason, disclose, shown_text
 from replaysafe.runtime._isolation import SuspectLock
 from replaysafe.runtime.health import CutRun, StopReport
 
@@ -93,6 +94,8 @@ FETCH_LINGER = 0.002
 LEDGER_RETRY_DELAY = 1.0
 #: longest wait between two probes of a ledger that is down (the probe backs off up to it)
 LEDGER_PROBE_MAX_DELAY = 5.0
+#: real seconds the app's redaction hook may take on one quarantined message (see _disclose)
+REDACT_TIMEOUT = 5.0
 #: how often (seconds, app clock) a worker reads the handler control flags (pause/resume) from
 #: the ledger; ``Worker(control_interval=…)`` changes it
 CONTROL_INTERVAL = 1.0
@@ -143,6 +146,22 @@ def _evidence(exc: BaseException) -> str:
     except Exception:  # a broken __str__ must not lose the quarantine
         text = "<its message could not be read>"
     return f"{name}: {text}" if text else name
+
+
+def _bare(request: QuarantineRequest, exc: LedgerDataError) -> QuarantineRequest:
+    """``request`` without the bytes and text that came from outside (the message copy and its
+    content type), for a ledger that refused its data. The operation id and fingerprint stay:
+    ``decode_wire`` validated the one and computed the other. The identity gets the body's digest,
+    so two bodies refused alike stay two entries."""
+    digest = hashlib.sha256(request.message or b"").hexdigest()
+    return replace(
+        request,
+        message=None,
+        content_type=None,
+        identity=f"{request.identity}\x00refused:{digest}",
+        detail=f"{request.detail[:1500]}; the ledger refused this entry's data "
+        f"({type(exc).__name__}), so it is stored without the message copy and content type",
+    )
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
@@ -931,6 +950,22 @@ class Worker:
                     ]
                 else:
                     outcomes = await ledger.claim_many(requests)
+        except LedgerDataError as exc:
+            if len(fresh) > 1:
+                # one copy's data was refused: claim each alone, so the others still run
+                for one in fresh:
+                    steps.extend(await self._claim_batch(spec, [one]))
+                return steps
+            delivery, env = fresh[0]
+            why = (
+                f"the ledger refused to claim operation {env.operation_id!r} ({exc}); nothing "
+                "ran. Fix what the producer sends as the operation id and resend"
+            )
+            q = partial(self._quarantine, spec, delivery, env,
+                        QuarantineReason.INVALID_OPERATION_ID, why,
+                        attempts=delivery.attempt)  # fmt: skip
+            steps.append((delivery, q))
+            return steps
         except LedgerUnavailable as exc:
             # no effect without a confirmed claim: give the messages back and try later
             log.warning(
@@ -953,12 +988,9 @@ class Worker:
             # dies brings the message back, and the effect below would run twice
             await delivery.ack_confirmed()
         except BrokerError as exc:
-            log.warning(
-                "%s: at-most-once: %s; the effect of %s is not run (it may come back, or be lost)",
-                spec.name,
-                exc,
-                env.operation_id,
-            )
+            log.warning("%s: %s", spec.name, self._shown(
+                f"at-most-once: {exc}; the effect of {env.operation_id} is not run (it may come "
+                "back, or be lost)"))  # fmt: skip
             self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.UNCONFIRMED)
             return
         await self.app.failpoints.hit(fp.AFTER_ACK, ctx)
@@ -966,12 +998,9 @@ class Worker:
         try:
             await self._run_handler(spec, Context(env, delivery, spec.name, delivery.attempt), None)
         except Exception as exc:  # completed already: counted, never retried
-            log.warning(
-                "%s: at-most-once handler failed on %s: %r (not retried)",
-                spec.name,
-                env.operation_id,
-                exc,
-            )
+            log.warning("%s: %s", spec.name, self._shown(
+                f"at-most-once handler failed on {env.operation_id}: {exc!r} (not retried)"
+            ))  # fmt: skip
             self.stats.inc(o.HANDLER_ERRORS, handler=spec.name)
             if isinstance(exc, OutcomeUnknown):
                 self.stats.inc(o.OUTCOME_UNKNOWN, handler=spec.name)
@@ -1001,7 +1030,7 @@ class Worker:
         except _NotAwaitable as exc:
             # the body ran as a plain function: the effect is done, so complete it (a nack
             # would run it again because of our own failure to await it)
-            log.warning("%s: %s; completing %s", spec.name, exc, env.operation_id)
+            log.warning("%s: %s", spec.name, self._shown(f"{exc}; completing {env.operation_id}"))
             self.stats.inc(o.HANDLER_ERRORS, handler=spec.name)
         except Exception as exc:
             await self._handler_failed(spec, delivery, env, None, attempt, exc)
@@ -1157,14 +1186,15 @@ class Worker:
                     # the ledger is down, never release (a retry would run the effect again)
                     # and never ack; the lease runs out and a recovered claim decides (a keyed
                     # effect re-runs under its key, an unkeyed one is quarantined)
-                    log.exception("%s: recording the effect of %s failed; leaving it to its "
-                                  "lease", spec.name, env.operation_id)  # fmt: skip
+                    log.exception("%s: %s", spec.name, self._shown(
+                        f"recording the effect of {env.operation_id} failed; leaving it to its "
+                        "lease"))  # fmt: skip
                     self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.FAILED)
                     await delivery.nack(delay=spec.lease)
                     return False
         except LeaseLost as exc:
             # someone else owns the operation now: never complete this copy at the broker
-            log.warning("%s: %s", spec.name, exc)
+            log.warning("%s: %s", spec.name, self._shown(str(exc)))
             self.stats.inc(o.LEASE_LOST, handler=spec.name)
             self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.LEASE_LOST_OUTCOME)
             await delivery.nack(delay=spec.lease)
@@ -1173,12 +1203,8 @@ class Worker:
             # the effect may be done but the ledger cannot record it: never ack, never release.
             # The redelivery meets our lease (InFlight), then a recovered claim: a keyed or
             # transactional effect re-runs safely, an unkeyed one is quarantined outcome_unknown.
-            log.warning(
-                "%s: ledger unavailable after the effect of %s: %s",
-                spec.name,
-                env.operation_id,
-                exc,
-            )
+            log.warning("%s: %s", spec.name, self._shown(
+                f"ledger unavailable after the effect of {env.operation_id}: {exc}"))  # fmt: skip
             self.stats.inc(o.LEDGER_UNAVAILABLE, handler=spec.name)
             self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.UNAVAILABLE)
             self._ledger_down()
@@ -1187,6 +1213,33 @@ class Worker:
         return True
 
     # ------------------------------------------------------------------ helpers
+
+    def _shown(self, text: str) -> str:
+        """``text`` about a message (it may quote operation ids or payload values) as a log
+        line or a stored error may show it: through the app's redaction hook."""
+        return shown_text(self.app.redact, text)
+
+    async def _disclose(self, delivery: Delivery, detail: str, op: str | None) -> Disclosure:
+        """``quarantine.disclose`` for one message. The app's hook is user code that may be slow
+        on a large body: it runs on a thread, and one that takes longer than
+        :data:`REDACT_TIMEOUT` counts as a failed hook (nothing of the body is kept), so a slow
+        hook can neither stall every other handler on the event loop nor block the
+        quarantine."""
+        redact = self.app.redact
+        if redact is None:
+            return disclose(None, delivery.body, detail, op)
+        try:
+            return await asyncio.wait_for(
+                asyncio.to_thread(disclose, redact, delivery.body, detail, op), REDACT_TIMEOUT
+            )
+        except TimeoutError:
+            return Disclosure(
+                None,
+                f"(detail withheld: the redaction hook took longer than {REDACT_TIMEOUT:g}s); no "
+                "copy of the body was stored",
+                None,
+                f"TimeoutError (it took longer than {REDACT_TIMEOUT:g}s)",
+            )
 
     async def _mark_started(
         self, spec: HandlerSpec, delivery: Delivery, env: Envelope, claim: Claim
@@ -1199,8 +1252,9 @@ class Worker:
         try:
             marked = await self._starter.submit(claim)
         except LedgerUnavailable as exc:
-            log.warning("%s: ledger unavailable before the effect of %s: %s; the effect was not "
-                        "started", spec.name, env.operation_id, exc)  # fmt: skip
+            log.warning("%s: %s", spec.name, self._shown(
+                f"ledger unavailable before the effect of {env.operation_id}: {exc}; the effect "
+                "was not started"))  # fmt: skip
             self.stats.inc(o.LEDGER_UNAVAILABLE, handler=spec.name)
             self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.UNAVAILABLE)
             self._ledger_down()
@@ -1422,7 +1476,8 @@ class Worker:
             return
         if claim is not None:
             try:
-                await self.app.ledger.release(claim, repr(exc)[:1000])
+                # stored as the record's last_error: what the redaction hook strips stays out
+                await self.app.ledger.release(claim, self._shown(repr(exc))[:1000])
             except LeaseLost:
                 self.stats.inc(o.LEASE_LOST, handler=spec.name)
             except LedgerUnavailable:
@@ -1451,7 +1506,7 @@ class Worker:
         passes through the app's redaction hook first (``quarantine.disclose``); a hook that
         fails keeps no copy of the body and never stops the quarantine."""
         op = env.operation_id if env else None
-        shown = disclose(self.app.redact, delivery.body, detail, op)
+        shown = await self._disclose(delivery, detail, op)
         request = QuarantineRequest(
             scope=spec.scope,
             reason=reason,
@@ -1469,7 +1524,20 @@ class Worker:
         )
         try:
             with self._tracing.span(otel.QUARANTINE, handler=spec.name, reason=reason.value):
-                entry = await self.app.ledger.quarantine(request, claim)
+                try:
+                    entry = await self.app.ledger.quarantine(request, claim)
+                except LedgerDataError as exc:
+                    # the ledger is up but refused something of this message: store the entry
+                    # without what came from outside rather than nack it forever
+                    entry = await self.app.ledger.quarantine(_bare(request, exc), claim)
+        except LedgerDataError as exc:
+            # not even the bare entry: a bug, never an outage; the copy waits out a lease
+            log.error("%s: the ledger refused quarantine entry %s even without the message's "
+                      "data (%s); leaving the copy to redelivery", spec.name,
+                      request.entry_id(), self._shown(str(exc)))  # fmt: skip
+            self.stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.FAILED)
+            await delivery.nack(delay=spec.lease)
+            return
         except LeaseLost:
             self.stats.inc(o.LEASE_LOST, handler=spec.name)
             await delivery.nack(delay=spec.lease)
