@@ -346,6 +346,12 @@ class Worker:
         self._tracing = otel.tracing_for(app.tracing, app.tracer_provider)
         self._rng = random.Random()
         self._stopping = asyncio.Event()
+        #: set by ``stop(now=True)``: the stop does not wait for the drain
+        self._forced = asyncio.Event()
+        #: how the last ``run()`` ended (what a stop cut); None before it returned
+        self.stop_report: StopReport | None = None
+        #: ``time.monotonic()`` when consumption paused for a ledger outage (None while it runs)
+        self.ledger_down_since: float | None = None
         self._crash: SimulatedCrash | None = None
         self._crashed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -444,12 +450,6 @@ class Worker:
                     spec.source,
                 )
 
-    #: set by ``stop(now=True)``: the stop does not wait for the drain
-    _forced: bool = False
-    _forced_event: asyncio.Event | None = None
-    #: how the last ``run()`` ended (what a stop cut); None before it returned
-    stop_report: StopReport | None = None
-
     async def run(self, *, drain_timeout: float = 30.0) -> None:
         """Consume until :meth:`stop` (then drain in-flight work for up to ``drain_timeout``
         seconds and settle what finished) or until a simulated crash (then raise it).
@@ -460,9 +460,6 @@ class Worker:
         if self._started:
             raise ConfigurationError("a Worker runs once; create a new one with app.worker()")
         self._started = True
-        self._forced_event = asyncio.Event()
-        if self._forced:
-            self._forced_event.set()
         self._validate()
         for spec in self.specs:
             self._subs.append(
@@ -492,8 +489,8 @@ class Worker:
         pending = await self._drain(drain_timeout)
         if pending:
             # cut: what was running is reported before the cancel unwinds it
-            report.forced = self._forced
-            report.timed_out = not self._forced
+            report.forced = self._forced.is_set()
+            report.timed_out = not report.forced
             report.batches = len(pending)
             report.cut = [CutRun(ex.spec.name, ex.claim is not None)
                           for ex in self._running.values()]  # fmt: skip
@@ -507,7 +504,7 @@ class Worker:
         for sub in self._subs:
             # a forced stop does not wait for the broker: unsettled work is left to it, as
             # after a crash (requeue, visibility timeout, rewind to the committed offset)
-            await sub.close(abandon=self._forced)
+            await sub.close(abandon=self._forced.is_set())
         self.stop_report = report
         if self._crash is not None:
             raise self._crash
@@ -518,8 +515,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
         pending = set(self._tasks)
-        forced = self._forced_event
-        assert forced is not None
+        forced = self._forced
         while pending and not forced.is_set():
             left = deadline - loop.time()
             if left <= 0:
@@ -544,9 +540,7 @@ class Worker:
         ``now=True`` (a second Ctrl-C) does not wait for the drain: running handlers are
         cancelled and left unsettled, as :meth:`run` describes."""
         if now:
-            self._forced = True
-            if self._forced_event is not None:
-                self._forced_event.set()
+            self._forced.set()
         self._stopping.set()
 
     async def _die(self, loops: list[asyncio.Task[None]]) -> None:
@@ -1102,8 +1096,9 @@ class Worker:
             )
             return
         if claim.recovered and not claim.previous_started:
-            log.info("%s: the previous attempt on %s never started its effect; running it again",
-                     spec.name, env.operation_id)  # fmt: skip
+            log.info("%s: %s", spec.name, self._shown(
+                f"the previous attempt on {env.operation_id} never started its effect; running "
+                "it again"))  # fmt: skip
         if unknown and spec.effect.kind == "unkeyed" and spec.effect.on_unknown == "quarantine":
             await self._quarantine(
                 spec,
@@ -1280,9 +1275,6 @@ class Worker:
             if isinstance(done, LeaseLost):
                 raise done
             return
-
-    #: ``time.monotonic()`` when consumption paused for a ledger outage (None while it runs)
-    ledger_down_since: float | None = None
 
     @property
     def ledger_paused(self) -> bool:
