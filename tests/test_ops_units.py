@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import urllib.error
 import urllib.request
 import uuid
@@ -389,3 +390,52 @@ async def test_a_drained_stop_reports_nothing_cut() -> None:
     worker.stop()
     await asyncio.wait_for(run, 10)
     assert worker.stop_report is not None and worker.stop_report.drained
+
+
+# ------------------------------------------------------------- closing what a command opened
+
+_CLI_APP = """
+from replaysafe import App, Context, Effect, Guarantee, MemoryBroker, SQLiteLedger
+
+app = App("cliapp", broker=MemoryBroker(), ledger=SQLiteLedger({path!r}))
+
+
+@app.handler("orders", guarantee=Guarantee.EFFECTIVELY_ONCE, effect=Effect.keyed("api"))
+async def charge(ctx: Context) -> None:
+    return None
+"""
+
+
+def test_commands_in_one_process_never_meet_an_app_a_previous_command_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A command closes the app it imported; the next command in the same process (CliRunner, a
+    notebook) imports it anew instead of finding the closed one in ``sys.modules`` (which made
+    `quarantine list` fail with "is closed" and `explain` report RS111, durability unknown). An
+    app imported by the caller before the command is the caller's: left open."""
+    import importlib
+    import sys
+
+    from click.testing import CliRunner
+
+    from replaysafe.cli import main
+
+    module = f"cli_app_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(_CLI_APP.format(path=str(tmp_path / "l.db")))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    runner = CliRunner()
+    try:
+        for _ in range(2):
+            listed = runner.invoke(main, ["quarantine", "list", f"{module}:app", "--json"])
+            assert listed.exit_code == 0, listed.output
+            explained = runner.invoke(main, ["explain", f"{module}:app", "--json"])
+            assert explained.exit_code == 0, explained.output
+            [h] = json.loads(explained.output)["handlers"]
+            assert "RS111" not in {f["id"] for f in h["findings"]}, h["findings"]
+        mine = importlib.import_module(module).app  # imported by the caller: not the command's
+        assert runner.invoke(main, ["quarantine", "list", f"{module}:app"]).exit_code == 0
+        assert asyncio.run(mine.ledger.quarantined()) == []  # still open
+        assert importlib.import_module(module).app is mine
+        asyncio.run(mine.ledger.close())
+    finally:
+        sys.modules.pop(module, None)
