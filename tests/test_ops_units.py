@@ -24,7 +24,7 @@ from replaysafe.ledger.sqlite import SQLiteLedger
 from replaysafe.runtime.health import CutRun, Health, StopReport
 from replaysafe.runtime.preflight import preflight, queue_warnings
 
-from .conftest import free_port
+from .conftest import free_port, unavailable
 
 EO, ALO, AMO = Guarantee.EFFECTIVELY_ONCE, Guarantee.AT_LEAST_ONCE, Guarantee.AT_MOST_ONCE
 
@@ -201,8 +201,10 @@ async def test_sqs_names_the_queue_url_and_cannot_count_consumers(sqs_endpoint: 
 async def test_kafka_members_unknown_when_the_broker_lists_none() -> None:
     """Unit level: Tansu (the test Kafka) answers DescribeConsumerGroups with a STABLE group and
     no members while it is consuming; that must read as unknown, never as 'no consumer'."""
-    pytest.importorskip("confluent_kafka")
-    from confluent_kafka import ConsumerGroupState
+    try:
+        from confluent_kafka import ConsumerGroupState
+    except ImportError:
+        unavailable("Kafka", "confluent-kafka is not installed (pip install 'replaysafe[kafka]')")
 
     from replaysafe.brokers.kafka import KafkaBroker
 
@@ -285,9 +287,13 @@ async def test_readiness_waits_for_the_worker_to_resume_after_an_outage() -> Non
 
 
 def test_metrics_server_serves_healthz_readyz_and_metrics() -> None:
-    pytest.importorskip("prometheus_client")
+    from replaysafe.errors import MissingExtra
     from replaysafe.observe import Stats
-    from replaysafe.observe.prometheus import serve
+
+    try:
+        from replaysafe.observe.prometheus import serve
+    except MissingExtra as exc:
+        unavailable("prometheus-client", str(exc))
 
     state = {"ready": False}
     port = free_port()
