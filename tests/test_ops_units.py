@@ -445,3 +445,43 @@ def test_commands_in_one_process_never_meet_an_app_a_previous_command_closed(
         asyncio.run(mine.ledger.close())
     finally:
         sys.modules.pop(module, None)
+
+
+_SYNC_APP = """
+from replaysafe import App, Guarantee, MemoryBroker, MemoryLedger
+
+app = App("syncapp", broker=MemoryBroker(), ledger=MemoryLedger())
+
+
+@app.handler("orders", guarantee=Guarantee.AT_LEAST_ONCE)
+def charge(ctx):
+    return None
+"""
+
+
+@pytest.mark.parametrize("command", ["run", "explain", "inspect"])
+def test_an_app_refused_at_import_is_one_paragraph_not_a_traceback(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ConfigurationError raised while the app's module is imported (here App.handler refusing
+    a plain def, item 1a) is the CLI's one-paragraph error with status 1, like every other
+    refused start, not an uncaught exception."""
+    import sys
+
+    from click.testing import CliRunner
+
+    from replaysafe.cli import main
+
+    module = f"sync_app_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(_SYNC_APP)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        result = CliRunner().invoke(main, [command, f"{module}:app"])
+    finally:
+        sys.modules.pop(module, None)
+    assert isinstance(result.exception, SystemExit), result.exception  # not the raw error
+    assert result.exit_code == 1
+    assert f"Error: {module}:app: handler 'charge'" in result.output
+    assert (
+        "is not a coroutine function" in result.output and "async def charge(ctx)" in result.output
+    )

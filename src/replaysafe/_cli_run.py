@@ -45,7 +45,9 @@ _imported: weakref.WeakKeyDictionary[App, str] = weakref.WeakKeyDictionary()
 
 
 def load_app(target: str) -> App:
-    """Import ``module:attribute`` (the working directory is importable) and check it is an App."""
+    """Import ``module:attribute`` (the working directory is importable) and check it is an App.
+    A :class:`ReplaysafeError` raised by the import (the app's configuration refused) is a
+    one-paragraph CLI error, status 1."""
     module_name, _, attr = target.partition(":")
     if not module_name or not attr:
         raise click.BadParameter(f"expected MODULE:APP, got {target!r}")
@@ -56,6 +58,10 @@ def load_app(target: str) -> App:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise click.BadParameter(f"cannot import {module_name!r}: {exc}") from exc
+    except ReplaysafeError as exc:
+        # the app refused its own configuration while the module was imported (App.handler: a
+        # sync handler, a bad name ...): its message names the fix, a traceback adds nothing
+        raise click.ClickException(f"{target}: {one_line(exc)}") from None
     app = getattr(module, attr, None)
     if not isinstance(app, App):
         raise click.BadParameter(f"{target} is {type(app).__name__}, not a replaysafe App")
