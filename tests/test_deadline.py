@@ -135,5 +135,6 @@ def test_no_warning_when_the_deadline_is_at_least_the_lease(
 
 def test_a_deadline_must_be_positive() -> None:
     app = App("t", broker=MemoryBroker(), ledger=MemoryLedger())
-    with pytest.raises(ConfigurationError, match="timeout must be positive"):
+    with pytest.raises(ConfigurationError, match=r"timeout must be positive .* not 0; leave it "
+                       r"unset for the default of 10 leases \(300s\)"):  # fmt: skip
         app.handler("orders", guarantee=ALO, timeout=0)

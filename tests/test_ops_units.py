@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import urllib.error
 import urllib.request
 import uuid
@@ -23,7 +24,7 @@ from replaysafe.ledger.sqlite import SQLiteLedger
 from replaysafe.runtime.health import CutRun, Health, StopReport
 from replaysafe.runtime.preflight import preflight, queue_warnings
 
-from .conftest import free_port
+from .conftest import free_port, unavailable
 
 EO, ALO, AMO = Guarantee.EFFECTIVELY_ONCE, Guarantee.AT_LEAST_ONCE, Guarantee.AT_MOST_ONCE
 
@@ -200,8 +201,10 @@ async def test_sqs_names_the_queue_url_and_cannot_count_consumers(sqs_endpoint: 
 async def test_kafka_members_unknown_when_the_broker_lists_none() -> None:
     """Unit level: Tansu (the test Kafka) answers DescribeConsumerGroups with a STABLE group and
     no members while it is consuming; that must read as unknown, never as 'no consumer'."""
-    pytest.importorskip("confluent_kafka")
-    from confluent_kafka import ConsumerGroupState
+    try:
+        from confluent_kafka import ConsumerGroupState
+    except ImportError:
+        unavailable("Kafka", "confluent-kafka is not installed (pip install 'replaysafe[kafka]')")
 
     from replaysafe.brokers.kafka import KafkaBroker
 
@@ -284,9 +287,13 @@ async def test_readiness_waits_for_the_worker_to_resume_after_an_outage() -> Non
 
 
 def test_metrics_server_serves_healthz_readyz_and_metrics() -> None:
-    pytest.importorskip("prometheus_client")
+    from replaysafe.errors import MissingExtra
     from replaysafe.observe import Stats
-    from replaysafe.observe.prometheus import serve
+
+    try:
+        from replaysafe.observe.prometheus import serve
+    except MissingExtra as exc:
+        unavailable("prometheus-client", str(exc))
 
     state = {"ready": False}
     port = free_port()
@@ -389,3 +396,92 @@ async def test_a_drained_stop_reports_nothing_cut() -> None:
     worker.stop()
     await asyncio.wait_for(run, 10)
     assert worker.stop_report is not None and worker.stop_report.drained
+
+
+# ------------------------------------------------------------- closing what a command opened
+
+_CLI_APP = """
+from replaysafe import App, Context, Effect, Guarantee, MemoryBroker, SQLiteLedger
+
+app = App("cliapp", broker=MemoryBroker(), ledger=SQLiteLedger({path!r}))
+
+
+@app.handler("orders", guarantee=Guarantee.EFFECTIVELY_ONCE, effect=Effect.keyed("api"))
+async def charge(ctx: Context) -> None:
+    return None
+"""
+
+
+def test_commands_in_one_process_never_meet_an_app_a_previous_command_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A command closes the app it imported; the next command in the same process (CliRunner, a
+    notebook) imports it anew instead of finding the closed one in ``sys.modules`` (which made
+    `quarantine list` fail with "is closed" and `explain` report RS111, durability unknown). An
+    app imported by the caller before the command is the caller's: left open."""
+    import importlib
+    import sys
+
+    from click.testing import CliRunner
+
+    from replaysafe.cli import main
+
+    module = f"cli_app_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(_CLI_APP.format(path=str(tmp_path / "l.db")))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    runner = CliRunner()
+    try:
+        for _ in range(2):
+            listed = runner.invoke(main, ["quarantine", "list", f"{module}:app", "--json"])
+            assert listed.exit_code == 0, listed.output
+            explained = runner.invoke(main, ["explain", f"{module}:app", "--json"])
+            assert explained.exit_code == 0, explained.output
+            [h] = json.loads(explained.output)["handlers"]
+            assert "RS111" not in {f["id"] for f in h["findings"]}, h["findings"]
+        mine = importlib.import_module(module).app  # imported by the caller: not the command's
+        assert runner.invoke(main, ["quarantine", "list", f"{module}:app"]).exit_code == 0
+        assert asyncio.run(mine.ledger.quarantined()) == []  # still open
+        assert importlib.import_module(module).app is mine
+        asyncio.run(mine.ledger.close())
+    finally:
+        sys.modules.pop(module, None)
+
+
+_SYNC_APP = """
+from replaysafe import App, Guarantee, MemoryBroker, MemoryLedger
+
+app = App("syncapp", broker=MemoryBroker(), ledger=MemoryLedger())
+
+
+@app.handler("orders", guarantee=Guarantee.AT_LEAST_ONCE)
+def charge(ctx):
+    return None
+"""
+
+
+@pytest.mark.parametrize("command", ["run", "explain", "inspect"])
+def test_an_app_refused_at_import_is_one_paragraph_not_a_traceback(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ConfigurationError raised while the app's module is imported (here App.handler refusing
+    a plain def, item 1a) is the CLI's one-paragraph error with status 1, like every other
+    refused start, not an uncaught exception."""
+    import sys
+
+    from click.testing import CliRunner
+
+    from replaysafe.cli import main
+
+    module = f"sync_app_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(_SYNC_APP)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        result = CliRunner().invoke(main, [command, f"{module}:app"])
+    finally:
+        sys.modules.pop(module, None)
+    assert isinstance(result.exception, SystemExit), result.exception  # not the raw error
+    assert result.exit_code == 1
+    assert f"Error: {module}:app: handler 'charge'" in result.output
+    assert (
+        "is not a coroutine function" in result.output and "async def charge(ctx)" in result.output
+    )

@@ -39,13 +39,15 @@ EXIT_LEDGER_OUTAGE = 3
 CLOSE_TIMEOUT = 5.0
 
 
-#: apps this process imported for a command (their module was not loaded before): the command
-#: owns their broker and ledger and closes them when it ends (see ``run_app``)
-_imported: weakref.WeakSet[App] = weakref.WeakSet()
+#: apps a command imported (their module was not loaded before), with that module's name: the
+#: command owns their broker and ledger and closes them when it ends (see ``run_app``)
+_imported: weakref.WeakKeyDictionary[App, str] = weakref.WeakKeyDictionary()
 
 
 def load_app(target: str) -> App:
-    """Import ``module:attribute`` (the working directory is importable) and check it is an App."""
+    """Import ``module:attribute`` (the working directory is importable) and check it is an App.
+    A :class:`ReplaysafeError` raised by the import (the app's configuration refused) is a
+    one-paragraph CLI error, status 1."""
     module_name, _, attr = target.partition(":")
     if not module_name or not attr:
         raise click.BadParameter(f"expected MODULE:APP, got {target!r}")
@@ -56,12 +58,29 @@ def load_app(target: str) -> App:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise click.BadParameter(f"cannot import {module_name!r}: {exc}") from exc
+    except ReplaysafeError as exc:
+        # the app refused its own configuration while the module was imported (App.handler: a
+        # sync handler, a bad name ...): its message names the fix, a traceback adds nothing
+        raise click.ClickException(f"{target}: {one_line(exc)}") from None
     app = getattr(module, attr, None)
     if not isinstance(app, App):
         raise click.BadParameter(f"{target} is {type(app).__name__}, not a replaysafe App")
     if fresh:
-        _imported.add(app)
+        _imported[app] = module_name
     return app
+
+
+def _forget(app: App) -> bool:
+    """Whether a command imported ``app`` (see :func:`load_app`); if so, the import is undone:
+    once its broker and ledger are closed the app is of no further use (a closed ledger refuses
+    every call), so the next command in the same process must import its module anew rather
+    than find it in ``sys.modules``. An app that its module re-exports from another module stays
+    the closed one: import it from where it is defined."""
+    module = _imported.pop(app, None)
+    if module is None:
+        return False
+    sys.modules.pop(module, None)
+    return True
 
 
 def _say(text: str) -> None:
@@ -86,13 +105,14 @@ def run_app(app: App, work: Coroutine[Any, Any, T]) -> T:
     and ledger on that loop; a :class:`ReplaysafeError` becomes a one-paragraph CLI error. For
     every command that opens an app's broker or ledger (explain, inspect, quarantine,
     handler). An app whose module was already imported when the command started (the command
-    was invoked in-process, by a test or a notebook) belongs to its caller and is left open."""
+    was invoked in-process, by a test or a notebook) belongs to its caller and is left open; one
+    the command imported is closed and its import undone (:func:`_forget`)."""
 
     async def go() -> T:
         try:
             return await work
         finally:
-            if app in _imported:
+            if _forget(app):
                 await close_app(app)
 
     try:
@@ -179,6 +199,7 @@ async def serve(
             if started_hooks:
                 await _hooks(app.shutdown_hooks)
         finally:
+            _forget(app)  # a worker's app is closed whoever imported it
             await close_app(app)
             if httpd is not None:
                 await asyncio.to_thread(httpd.shutdown)

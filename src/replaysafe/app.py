@@ -320,7 +320,10 @@ class App:
         eff = effect or Effect.unkeyed(source)
         to = timeout if timeout is not None else lease * DEADLINE_LEASES
         if to <= 0:
-            raise ConfigurationError("timeout must be positive seconds (the handler's deadline)")
+            raise ConfigurationError(
+                f"timeout must be positive seconds (the handler's deadline), not {to!r}; leave it "
+                f"unset for the default of {DEADLINE_LEASES} leases ({DEADLINE_LEASES * lease:g}s)"
+            )
 
         def register(fn: HandlerFn) -> HandlerFn:
             hname: str = name or str(getattr(fn, "__name__", source))

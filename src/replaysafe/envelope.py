@@ -549,9 +549,10 @@ def payload_fingerprint(payload: bytes, content_type: str | None = None) -> str:
     ``Envelope.fingerprint``), quarantine entries, redrive's check of a stored copy and the outbox
     (through :func:`decode_wire`). A missing or empty ``content_type`` means ``application/json``,
     the wire format's default, exactly as :func:`decode_wire` reads it: plain aio-pika,
-    confluent-kafka and SQS producers send no content type. The canonical form is
-    :func:`canonical_payload`'s. Raises ``MalformedPayload`` for a JSON body it cannot parse. No
-    size or depth limit is applied here: the body already passed them when it was decoded.
+    confluent-kafka and SQS producers send no content type. It covers :func:`canonical_json` of
+    the decoded value for JSON, the body bytes as they are otherwise. Raises ``MalformedPayload``
+    for a JSON body it cannot parse. No size or depth limit is applied here: the body already
+    passed them when it was decoded.
     """
     base = content_type_base(content_type)
     if base != JSON:
@@ -564,13 +565,7 @@ def payload_fingerprint(payload: bytes, content_type: str | None = None) -> str:
         raise MalformedPayload(
             f"payload is not valid JSON: {exc}; fix the producer's encoder"
         ) from exc
-    return fingerprint_bytes(canonical_payload(payload, base, value))
-
-
-def canonical_payload(body: bytes, base: str, value: Any) -> bytes:
-    """What the fingerprint covers: the canonical JSON of the decoded ``value`` for JSON content
-    (``base`` as :func:`content_type_base` returns it), the body bytes as they are otherwise."""
-    return canonical_json(value) if base == JSON else body
+    return fingerprint_bytes(canonical_json(value))
 
 
 def _derive_operation_id(key_extractor: KeyExtractor, value: Any, base: str) -> str:
@@ -671,9 +666,7 @@ def decode_wire(
     if base == JSON:
         value = decode_json(body, limits)
         # the canonical form also refuses what JSON escapes can smuggle in (lone surrogates)
-        canonical = (
-            canonical_payload(body, base, value) if check_fingerprint or b"\\u" in body else None
-        )
+        canonical = canonical_json(value) if check_fingerprint or b"\\u" in body else None
     elif base == TEXT:
         try:
             value = body.decode("utf-8")

@@ -59,6 +59,7 @@ from replaysafe.guarantees import Effect, Guarantee
 from replaysafe.ledger.base import Durability, DurabilityLevel
 
 Severity = Literal["error", "warning", "info"]
+_ORDER = {"error": 0, "warning": 1, "info": 2}
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +67,11 @@ class Finding:
     id: str
     severity: Severity
     message: str
+
+
+def _severity_first(f: Finding) -> tuple[int, str]:
+    """How a handler's findings are listed: errors, warnings, then info; by id within each."""
+    return _ORDER[f.severity], f.id
 
 
 @dataclass(slots=True)
@@ -348,7 +354,7 @@ def explain_handler(
         find(Finding("RS113", "error", "the consumer auto-commits offsets: completion happens "
                      f"before the effect, so {g.value} is really at-most-once; disable "
                      "enable.auto.commit"))  # fmt: skip
-    out.findings.sort(key=lambda f: ({"error": 0, "warning": 1, "info": 2}[f.severity], f.id))
+    out.findings.sort(key=_severity_first)
     return out
 
 
@@ -370,9 +376,6 @@ async def explain(app: App, *, p99: dict[str, float] | None = None) -> Report:
                                         (p99 or {}).get(spec.name)))  # fmt: skip
     await _name_queues(app, handlers)
     return Report(handlers)
-
-
-_ORDER = {"error": 0, "warning": 1, "info": 2}
 
 
 async def _name_queues(app: App, statements: list[HandlerStatement]) -> None:
@@ -405,4 +408,4 @@ async def _name_queues(app: App, statements: list[HandlerStatement]) -> None:
         h.statement.insert(1, f"queue: group {spec.group!r} reads {h.queue}; now {now}.")
         h.findings.extend(Finding(w.id, "warning", w.message)
                           for w in warnings if h.name in w.handlers)  # fmt: skip
-        h.findings.sort(key=lambda f: (_ORDER[f.severity], f.id))
+        h.findings.sort(key=_severity_first)

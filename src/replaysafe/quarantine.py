@@ -113,8 +113,8 @@ def redact_text(redact: Redactor, text: str) -> str | None:
 
 def shown_text(redact: Redactor | None, text: str) -> str:
     """``text`` as a log line or a stored error may show it: unchanged without a hook, through
-    the hook with one, ``(withheld)`` when the hook fails on it (log lines must never carry what
-    the hook was meant to strip)."""
+    the hook with one, ``(withheld: the redaction hook failed on it)`` when the hook fails on it
+    (log lines must never carry what the hook was meant to strip)."""
     if redact is None:
         return text
     shown = redact_text(redact, text)

@@ -4,10 +4,12 @@ Without the package, or with ``App(tracing=False)``, the runtime gets :data:`NO_
 one attribute check per span site. Span names (one place):
 
 - ``replaysafe.delivery``: one delivery through the pipeline (DELIVERED → settled), with the
-  handler, guarantee, the transport's delivery id and attempt as attributes (no operation id:
-  ids are derived from business fields, and spans leave the process unredacted);
+  handler, guarantee, the transport's delivery id and attempt as attributes;
 - ``replaysafe.claim``: the ledger claim of a fetched batch;
-- ``replaysafe.effect``: the handler (EFFECTED for keyed/unkeyed effects);
+- ``replaysafe.effect``: the handler (EFFECTED for keyed/unkeyed effects), with the operation id,
+  attempt and fencing token: the one span that names the operation. Ids are derived from
+  business fields and spans leave the process without the redaction hook; where ids must not
+  leave it, build the App with ``tracing=False``;
 - ``replaysafe.ledger.complete``: recording the effect in the ledger;
 - ``replaysafe.broker.complete``: completion at the broker (COMPLETED);
 - ``replaysafe.quarantine``: a quarantine record being written.
