@@ -105,7 +105,8 @@ class Record:
     completed_at: float | None = None
     #: the attempt number of a claim made with ``marks_start`` whose ``mark_started`` has not
     #: been recorded (while it equals ``attempts`` on an in-flight record, its holder has not
-    #: started the effect); None when no such claim is pending
+    #: started the effect); None when no such claim is pending. Only read on an in-flight
+    #: record: a record whose attempt ended may keep its last value (Redis drops it at completion)
     unstarted_attempt: int | None = None
 
 

@@ -326,7 +326,9 @@ return {'ok', num(now), lease_until}
 # {created_at, last_error} when an earlier attempt left an error; a stale token (nothing
 # written): {'lease_lost', field, value...}. Owner, fingerprint and attempts are not returned:
 # with the token current they are the ones the claim that issued it wrote (only a claim, which
-# issues a new token, rewrites them), so the caller takes them from its Claim.
+# issues a new token, rewrites them), so the caller takes them from its Claim. A completed record
+# keeps no 'unstarted_attempt' (the attempt it marked is over), so the record returned (None
+# there) is the one stored.
 # The completion log is a list of "<completed_at>:<record key>" in completion order (appending is
 # O(1); a sorted set by time cost several microseconds per insert at millions of entries). One
 # RPUSH per script appends the whole batch's entries, also when an item fails midway (the loop
@@ -354,10 +356,10 @@ local ok, err = pcall(function()
       if req[j + 2] == 1 then
         redis.call('HSET', key, 'state', 'completed', 'updated_at', snow, 'completed_at', snow,
           'result', req[j + 3])
-        redis.call('HDEL', key, 'lease_until')
+        redis.call('HDEL', key, 'lease_until', 'unstarted_attempt')
       else
         redis.call('HSET', key, 'state', 'completed', 'updated_at', snow, 'completed_at', snow)
-        redis.call('HDEL', key, 'lease_until', 'result')
+        redis.call('HDEL', key, 'lease_until', 'result', 'unstarted_attempt')
       end
       redis.call('PEXPIRE', key, ARGV[1])
       log[#log + 1] = snow .. ':' .. key
