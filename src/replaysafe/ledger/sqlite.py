@@ -54,8 +54,6 @@ from replaysafe.ledger.base import (
     Claim,
     ClaimOutcome,
     ClaimRequest,
-    Durability,
-    DurabilityLevel,
     LedgerSummary,
     OpKey,
     PauseState,
@@ -74,6 +72,7 @@ from replaysafe.ledger.base import (
     storable_text,
     unknown_entry,
 )
+from replaysafe.ledger.durability import Durability, assess_sqlite
 from replaysafe.quarantine import QuarantineReason
 
 T = TypeVar("T")
@@ -1033,42 +1032,6 @@ class SQLiteLedger(TransactionalLedger):
     @staticmethod
     def _save(conn: sqlite3.Connection, rec: Record) -> None:
         conn.execute(_SAVE_RECORD, _record_params(rec))
-
-
-def assess_sqlite(store: str, journal_mode: str, synchronous: str) -> Durability:
-    """Judge a connection's ``journal_mode`` (lower case) and ``synchronous`` (OFF, NORMAL, FULL,
-    EXTRA) for :meth:`SQLiteLedger.durability`."""
-    setting = f"journal_mode={journal_mode}, synchronous={synchronous}"
-    if journal_mode in ("memory", "off"):  # ":memory:" databases report "memory"
-        return Durability.of(
-            DurabilityLevel.NOT_DURABLE, store, setting,
-            "the database lives in memory, or writes without a journal: a crash of the process "
-            "loses (or corrupts) every claim and completion; use a file on a local disk in WAL "
-            "mode with synchronous='FULL'",
-        )  # fmt: skip
-    if synchronous == "OFF":
-        return Durability.of(
-            DurabilityLevel.NOT_DURABLE, store, setting,
-            "SQLite never fsyncs: a crash of the machine can lose any commit or corrupt the file; "
-            "use synchronous='FULL'",
-        )  # fmt: skip
-    if synchronous in ("FULL", "EXTRA"):
-        return Durability.of(
-            DurabilityLevel.DURABLE, store, setting,
-            "every commit is fsynced before claim/complete return",
-        )  # fmt: skip
-    if journal_mode == "wal":  # NORMAL
-        return Durability.of(
-            DurabilityLevel.LOSES_RECENT, store, setting,
-            "the WAL is fsynced only at checkpoints: a process crash loses nothing, but power "
-            "loss or an OS crash can roll back the latest commits (those the OS had not written "
-            "back yet); use synchronous='FULL'",
-        )  # fmt: skip
-    return Durability.of(
-        DurabilityLevel.NOT_DURABLE, store, setting,
-        "a rollback journal with synchronous=NORMAL can be corrupted by power loss at the wrong "
-        "moment; use WAL with synchronous='FULL'",
-    )  # fmt: skip
 
 
 def _upgrade(conn: sqlite3.Connection) -> None:
