@@ -176,7 +176,8 @@ class RedisPersistence:
     """What the Redis server's persistence settings mean for the ledger (read by ``explain``).
 
     ``None`` fields are unknown (``CONFIG GET`` disabled or not permitted). ``can_back_claims`` is
-    True only when a returned claim or completion is known to survive a crash of the Redis host.
+    True only when a returned claim or completion is known to survive a crash of the Redis host
+    (``level`` is ``DURABLE``).
     """
 
     appendonly: str | None
@@ -228,10 +229,9 @@ def assess_persistence(config: Mapping[str, str] | None) -> RedisPersistence:
     fsync = config.get("appendfsync", "").lower()
     save = config.get("save")
     policy = config.get("maxmemory-policy")
-    durable = False
     level = DurabilityLevel.NOT_DURABLE
     if aof == "yes" and fsync == "always":
-        durable, level = True, DurabilityLevel.DURABLE
+        level = DurabilityLevel.DURABLE
         sentence = (
             "Redis appends every write to its AOF and fsyncs it before replying (appendonly yes, "
             "appendfsync always): a claim or completion that returned survives a crash or power "
@@ -264,13 +264,19 @@ def assess_persistence(config: Mapping[str, str] | None) -> RedisPersistence:
             "new again; set appendonly yes and appendfsync always."
         )
     if policy is not None and policy.lower() != "noeviction":
-        durable, level = False, DurabilityLevel.NOT_DURABLE
+        level = DurabilityLevel.NOT_DURABLE
         sentence += (
             f" maxmemory-policy {policy} may evict ledger records under memory pressure (an "
             "evicted completion makes its operation new again); set it to noeviction."
         )
     return RedisPersistence(
-        config.get("appendonly"), config.get("appendfsync"), save, policy, durable, sentence, level
+        config.get("appendonly"),
+        config.get("appendfsync"),
+        save,
+        policy,
+        level is DurabilityLevel.DURABLE,
+        sentence,
+        level,
     )
 
 
