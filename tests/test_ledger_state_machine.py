@@ -7,6 +7,9 @@ independent model (written out below, not calling ``decide_claim``) predicts eve
 invariants state the promises:
 
 - at most one successful ``complete`` (one effect) per operation between purges;
+- a claim that takes over an expired lease reports ``previous_started=False`` exactly when no
+  attempt of that in-flight chain may have started its effect (every one claimed with
+  ``marks_start`` and none marked by ``mark_started``): never forgetting an earlier attempt;
 - a stale token is always fenced (``LeaseLost``) and a current one never is;
 - fencing tokens strictly increase; attempts never decrease;
 - the stored record always equals the model's.
@@ -91,6 +94,9 @@ class Expected:
     lease_until: float | None
     attempts: int
     completed_at: float | None = None
+    #: some attempt since the operation was last claimed fresh (new or released) may have
+    #: started its effect: it claimed without ``marks_start`` or its ``mark_started`` went through
+    maybe_started: bool = True
 
 
 class LedgerMachine(RuleBasedStateMachine):
@@ -124,10 +130,13 @@ class LedgerMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ model
 
-    def expect_claim(self, op: str, fp: str, owner: str, lease: float, got: ClaimOutcome) -> None:
+    def expect_claim(
+        self, op: str, fp: str, owner: str, lease: float, got: ClaimOutcome, marks: bool = False
+    ) -> None:
         """Check one claim outcome against the model, then apply it to the model."""
         now = self.clock.now()
         m = self.model.get(op)
+        maybe_started = not marks
         if m is None:
             assert isinstance(got, Acquired), got
             assert (got.claim.attempt, got.claim.recovered) == (1, False)
@@ -144,6 +153,9 @@ class LedgerMachine(RuleBasedStateMachine):
             assert got.claim.attempt == m.attempts + 1
             # only a takeover of an expired lease leaves the previous outcome unknown
             assert got.claim.recovered is (m.state is State.IN_FLIGHT)
+            if got.claim.recovered:
+                assert got.claim.previous_started is m.maybe_started, (got, m)
+                maybe_started = m.maybe_started or not marks  # never forgotten
         event(f"claim -> {type(got).__name__}" + (" (recovered)" if _recovered(got) else ""))
         if not isinstance(got, Acquired):
             return
@@ -153,7 +165,7 @@ class LedgerMachine(RuleBasedStateMachine):
         assert claim.lease_until == now + lease
         self.last_token = claim.token
         self.model[op] = Expected(
-            fp, State.IN_FLIGHT, claim.token, claim.lease_until, claim.attempt
+            fp, State.IN_FLIGHT, claim.token, claim.lease_until, claim.attempt, None, maybe_started
         )
         held = self.held[owner]
         held.append(claim)
@@ -200,18 +212,31 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule(
         batch=st.lists(
-            st.tuples(st.sampled_from(WORKERS), st.sampled_from(OPS), fingerprints),
+            st.tuples(st.sampled_from(WORKERS), st.sampled_from(OPS), fingerprints, st.booleans()),
             min_size=1,
             max_size=4,
         ),
         lease=leases,
     )
-    def claim_many(self, batch: list[tuple[str, str, str]], lease: float) -> None:
-        requests = [ClaimRequest(key(op), fp, w, lease) for w, op, fp in batch]
+    def claim_many(self, batch: list[tuple[str, str, str, bool]], lease: float) -> None:
+        requests = [ClaimRequest(key(op), fp, w, lease, marks) for w, op, fp, marks in batch]
         outcomes = self.run(self.ledger.claim_many(requests))
         assert len(outcomes) == len(batch)
-        for (w, op, fp), got in zip(batch, outcomes, strict=True):
-            self.expect_claim(op, fp, w, lease, got)  # same as the single form, in order
+        for (w, op, fp, marks), got in zip(batch, outcomes, strict=True):
+            self.expect_claim(op, fp, w, lease, got, marks)  # as the single form, in order
+
+    @precondition(holds_any)
+    @rule(indexes=st.lists(picks, min_size=1, max_size=4))
+    def mark_started(self, indexes: list[int]) -> None:
+        claims = [self.pick(i) for i in indexes]
+        outcomes = self.run(self.ledger.mark_started(claims))
+        for claim, out in zip(claims, outcomes, strict=True):
+            if self.is_current(claim):
+                assert out == claim, (claim, out)
+                op = claim.key.operation_id
+                self.model[op] = replace(self.model[op], maybe_started=True)
+            else:
+                assert isinstance(out, LeaseLost), (claim, out)
 
     @precondition(holds_any)
     @rule(index=picks, result=st.sampled_from([None, "receipt"]))
@@ -344,6 +369,8 @@ class LedgerMachine(RuleBasedStateMachine):
                 record.completed_at,
             ) == (m.fingerprint, m.state, m.token, m.lease_until, m.attempts, m.completed_at)
             assert self.effects[op] == (1 if m.state is State.COMPLETED else 0)
+            if m.state is State.IN_FLIGHT:  # the stored form of "never started"
+                assert (record.unstarted_attempt == record.attempts) is not m.maybe_started
 
 
 def _recovered(outcome: ClaimOutcome) -> bool:

@@ -54,6 +54,8 @@ from enum import StrEnum
 from typing import Any, ClassVar, Final, Self, overload
 
 from replaysafe.errors import ConfigurationError, LeaseLost, LedgerError
+from replaysafe.ledger.durability import Durability as Durability
+from replaysafe.ledger.durability import DurabilityLevel as DurabilityLevel
 from replaysafe.quarantine import EffectRisk, QuarantineReason
 
 #: quarantined message copies are capped so one huge poison message cannot bloat the ledger
@@ -105,7 +107,8 @@ class Record:
     completed_at: float | None = None
     #: the attempt number of a claim made with ``marks_start`` whose ``mark_started`` has not
     #: been recorded (while it equals ``attempts`` on an in-flight record, its holder has not
-    #: started the effect); None when no such claim is pending
+    #: started the effect); None when no such claim is pending. Only read on an in-flight
+    #: record: a record whose attempt ended may keep its last value (Redis drops it at completion)
     unstarted_attempt: int | None = None
 
 
@@ -287,71 +290,6 @@ class PauseState:
     by: str
     #: when it was paused, by the ledger's clock (POSIX seconds)
     since: float
-
-
-class DurabilityLevel(StrEnum):
-    """How much a crash can take from a ledger's store (what ``explain`` judges a ledger by)."""
-
-    #: a claim or completion that returned survives a crash or power loss of the ledger's machine
-    DURABLE = "durable"
-    #: a crash (of the machine; for some stores of the server process) can lose the most recent
-    #: claims and completions, from about the last second up to the OS's write-back delay
-    #: (typically 30 s), but nothing older and without corrupting the store
-    LOSES_RECENT = "loses_recent"
-    #: a crash or restart can lose claims wholesale (everything, or everything since the last
-    #: snapshot) or corrupt the store
-    NOT_DURABLE = "not_durable"
-    #: the ledger cannot tell (the server does not let it read its settings)
-    UNKNOWN = "unknown"
-
-
-#: ``Durability.durable`` for each level (True only when a machine crash loses nothing)
-_DURABLE_FLAG: dict[DurabilityLevel, bool | None] = {
-    DurabilityLevel.DURABLE: True,
-    DurabilityLevel.LOSES_RECENT: False,
-    DurabilityLevel.NOT_DURABLE: False,
-    DurabilityLevel.UNKNOWN: None,
-}
-
-
-@dataclass(frozen=True, slots=True)
-class Durability:
-    """Whether a ledger's storage can back a claim: once ``claim`` returned, does the claim
-    survive a crash of the ledger's process or machine? For ``explain``.
-
-    Backends read it from the live server or connection (:meth:`Ledger.durability`). ``level``
-    is the verdict; ``durable`` is kept for readers of the first version (True only for
-    ``DURABLE``; a value built with ``durable`` alone gets the level it implies: True ->
-    ``DURABLE``, False -> ``NOT_DURABLE``, None -> ``UNKNOWN``)."""
-
-    store: str
-    #: True: survives a machine crash; False: it may not; None: unknown
-    durable: bool | None
-    #: the setting that decides it (``synchronous=FULL``, ``appendfsync=always`` …)
-    setting: str
-    detail: str
-    level: DurabilityLevel | None = None
-
-    def __post_init__(self) -> None:
-        if self.level is None:
-            level = (
-                DurabilityLevel.UNKNOWN
-                if self.durable is None
-                else DurabilityLevel.DURABLE
-                if self.durable
-                else DurabilityLevel.NOT_DURABLE
-            )
-            object.__setattr__(self, "level", level)  # frozen: set once, while being built
-        elif _DURABLE_FLAG[self.level] is not self.durable:
-            raise ValueError(
-                f"Durability level {self.level.value} means durable={_DURABLE_FLAG[self.level]}, "
-                f"not {self.durable}; build it with Durability.of(level, ...)"
-            )
-
-    @classmethod
-    def of(cls, level: DurabilityLevel, store: str, setting: str, detail: str) -> Durability:
-        """The value for ``level`` (``durable`` set to match)."""
-        return cls(store, _DURABLE_FLAG[level], setting, detail, level)
 
 
 class Transaction(ABC):

@@ -64,8 +64,6 @@ from replaysafe.ledger.base import (
     Claim,
     ClaimOutcome,
     ClaimRequest,
-    Durability,
-    DurabilityLevel,
     LedgerSummary,
     OpKey,
     PauseState,
@@ -83,6 +81,7 @@ from replaysafe.ledger.base import (
     storable_text,
     unknown_entry,
 )
+from replaysafe.ledger.durability import Durability, assess_postgres
 from replaysafe.quarantine import QuarantineReason
 
 if TYPE_CHECKING:  # the driver is an optional extra: imported lazily at run time
@@ -1840,53 +1839,6 @@ class PostgresLedger(TransactionalLedger):
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def assess_postgres(store: str, settings: dict[str, str]) -> Durability:
-    """Judge the settings :meth:`PostgresLedger.durability` reads (``current_setting`` values by
-    name) for the ledger's claims and completions."""
-    fsync, commit = settings["fsync"], settings["synchronous_commit"]
-    pages, standbys = settings["full_page_writes"], settings["synchronous_standby_names"].strip()
-    setting = (
-        f"fsync={fsync}, synchronous_commit={commit}, full_page_writes={pages}, "
-        f"synchronous_standby_names={standbys!r}"
-    )
-    if fsync != "on":
-        return Durability.of(
-            DurabilityLevel.NOT_DURABLE, store, setting,
-            "PostgreSQL does not fsync (fsync=off): an OS crash or power loss can lose any commit "
-            "and corrupt the cluster beyond recovery; turn fsync on",
-        )  # fmt: skip
-    if pages != "on":
-        return Durability.of(
-            DurabilityLevel.NOT_DURABLE, store, setting,
-            "full_page_writes=off: a page torn by power loss cannot be repaired from the WAL, so "
-            "a machine crash can corrupt ledger rows (safe only on a filesystem that writes "
-            "pages atomically); turn full_page_writes on",
-        )  # fmt: skip
-    if commit == "off":
-        delay = settings.get("wal_writer_delay", "200ms")
-        return Durability.of(
-            DurabilityLevel.LOSES_RECENT, store, setting,
-            "a commit returns before its WAL is flushed (synchronous_commit=off): a crash of the "
-            f"server or its machine can lose the last claims and completions (up to 3 x "
-            f"wal_writer_delay = 3 x {delay}); set synchronous_commit to on (or local) for the "
-            "ledger's role or DSN",
-        )  # fmt: skip
-    if standbys and commit in ("on", "remote_write", "remote_apply"):
-        waits = {"on": "flushed", "remote_write": "written", "remote_apply": "applied"}[commit]
-        return Durability.of(
-            DurabilityLevel.DURABLE, store, setting,
-            "every commit is flushed to the primary's WAL and "
-            f"{waits} by a synchronous standby before it returns: it survives a crash of the "
-            "ledger's machine and a failover to that standby",
-        )  # fmt: skip
-    return Durability.of(
-        DurabilityLevel.DURABLE, store, setting,
-        "every commit is flushed to the WAL on disk before it returns: it survives a crash of "
-        "the server or its machine; standbys (if any) are asynchronous, so a failover can lose "
-        "the latest commits",
-    )  # fmt: skip
 
 
 def _driver() -> tuple[Any, Any]:

@@ -94,8 +94,6 @@ from replaysafe.ledger.base import (
     ClaimOutcome,
     ClaimRequest,
     Conflict,
-    Durability,
-    DurabilityLevel,
     InFlight,
     Ledger,
     LedgerSummary,
@@ -112,6 +110,7 @@ from replaysafe.ledger.base import (
     storable_text,
     unknown_entry,
 )
+from replaysafe.ledger.durability import Durability, RedisPersistence, assess_persistence
 from replaysafe.quarantine import EffectRisk, QuarantineReason
 
 if TYPE_CHECKING:
@@ -326,7 +325,9 @@ return {'ok', num(now), lease_until}
 # {created_at, last_error} when an earlier attempt left an error; a stale token (nothing
 # written): {'lease_lost', field, value...}. Owner, fingerprint and attempts are not returned:
 # with the token current they are the ones the claim that issued it wrote (only a claim, which
-# issues a new token, rewrites them), so the caller takes them from its Claim.
+# issues a new token, rewrites them), so the caller takes them from its Claim. A completed record
+# keeps no 'unstarted_attempt' (the attempt it marked is over), so the record returned (None
+# there) is the one stored.
 # The completion log is a list of "<completed_at>:<record key>" in completion order (appending is
 # O(1); a sorted set by time cost several microseconds per insert at millions of entries). One
 # RPUSH per script appends the whole batch's entries, also when an item fails midway (the loop
@@ -354,10 +355,10 @@ local ok, err = pcall(function()
       if req[j + 2] == 1 then
         redis.call('HSET', key, 'state', 'completed', 'updated_at', snow, 'completed_at', snow,
           'result', req[j + 3])
-        redis.call('HDEL', key, 'lease_until')
+        redis.call('HDEL', key, 'lease_until', 'unstarted_attempt')
       else
         redis.call('HSET', key, 'state', 'completed', 'updated_at', snow, 'completed_at', snow)
-        redis.call('HDEL', key, 'lease_until', 'result')
+        redis.call('HDEL', key, 'lease_until', 'result', 'unstarted_attempt')
       end
       redis.call('PEXPIRE', key, ARGV[1])
       log[#log + 1] = snow .. ':' .. key
@@ -566,112 +567,6 @@ _SCRIPTS: Final = {
         _script("set_paused", _SET_PAUSED),
     )
 }
-
-
-# --------------------------------------------------------------------------- persistence
-
-
-@dataclass(frozen=True, slots=True)
-class RedisPersistence:
-    """What the Redis server's persistence settings mean for the ledger (read by ``explain``).
-
-    ``None`` fields are unknown (``CONFIG GET`` disabled or not permitted). ``can_back_claims`` is
-    True only when a returned claim or completion is known to survive a crash of the Redis host.
-    """
-
-    appendonly: str | None
-    appendfsync: str | None
-    save: str | None
-    maxmemory_policy: str | None
-    can_back_claims: bool
-    sentence: str
-    #: the verdict as :meth:`RedisLedger.durability` reports it (``explain``: RS110/RS118/RS111)
-    level: DurabilityLevel = DurabilityLevel.UNKNOWN
-
-    @property
-    def setting(self) -> str:
-        """The settings read, as ``name=value`` pairs (or why none could be read)."""
-        if not self.known:
-            return "CONFIG GET not permitted"
-        return (
-            f"appendonly={self.appendonly}, appendfsync={self.appendfsync}, save={self.save!r}, "
-            f"maxmemory-policy={self.maxmemory_policy}"
-        )
-
-    @property
-    def known(self) -> bool:
-        return self.appendonly is not None
-
-
-def assess_persistence(config: Mapping[str, str] | None) -> RedisPersistence:
-    """Judge Redis persistence settings (``CONFIG GET`` values by name; ``None`` when unknown).
-
-    Only ``appendonly yes`` with ``appendfsync always`` writes every claim to disk before Redis
-    replies (``DURABLE``); ``everysec`` may lose about the last second on power loss, ``no``
-    about the last 30 s (``LOSES_RECENT``); without AOF everything since the last RDB snapshot
-    (or everything, with no snapshots) is lost on restart (``NOT_DURABLE``). Any
-    ``maxmemory-policy`` other than ``noeviction`` may evict records under memory pressure
-    (``NOT_DURABLE``).
-    """
-    if config is None or "appendonly" not in config:
-        return RedisPersistence(
-            None,
-            None,
-            None,
-            None,
-            False,
-            "Redis persistence is unknown: CONFIG GET is disabled or not permitted on this "
-            "server, so replaysafe cannot tell whether a claim survives a Redis restart; ask the "
-            "server's operator (only appendonly yes with appendfsync always can back a claim).",
-        )
-    aof = config.get("appendonly", "").lower()
-    fsync = config.get("appendfsync", "").lower()
-    save = config.get("save")
-    policy = config.get("maxmemory-policy")
-    durable = False
-    level = DurabilityLevel.NOT_DURABLE
-    if aof == "yes" and fsync == "always":
-        durable, level = True, DurabilityLevel.DURABLE
-        sentence = (
-            "Redis appends every write to its AOF and fsyncs it before replying (appendonly yes, "
-            "appendfsync always): a claim or completion that returned survives a crash or power "
-            "loss of the Redis host (a failover to an asynchronous replica can still lose the "
-            "latest writes)."
-        )
-    elif aof == "yes":
-        level = DurabilityLevel.LOSES_RECENT
-        how, window = {
-            "everysec": ("once a second", "about the last second"),
-            "no": ("when the OS flushes it", "the last ~30 seconds"),
-        }.get(fsync, ("on an unknown schedule", "an unknown amount"))
-        sentence = (
-            f"Redis fsyncs its AOF {how} (appendonly yes, appendfsync {fsync or 'unknown'}): a "
-            "crash of the Redis process loses nothing, but power loss or a kernel crash can lose "
-            f"{window} of claims and completions (a lost completion makes its operation new "
-            "again, a lost claim lets a second worker run it); set appendfsync always to back "
-            "claims."
-        )
-    elif save:
-        sentence = (
-            f"Redis has no AOF (appendonly {aof or 'unknown'}) and only RDB snapshots (save "
-            f"{save!r}): a restart loses every claim and completion since the last snapshot, and "
-            "those operations become new again; set appendonly yes and appendfsync always."
-        )
-    else:
-        sentence = (
-            f"Redis keeps the ledger in memory only (appendonly {aof or 'unknown'}, no RDB "
-            "snapshots): a restart forgets every claim and completion and every operation becomes "
-            "new again; set appendonly yes and appendfsync always."
-        )
-    if policy is not None and policy.lower() != "noeviction":
-        durable, level = False, DurabilityLevel.NOT_DURABLE
-        sentence += (
-            f" maxmemory-policy {policy} may evict ledger records under memory pressure (an "
-            "evicted completion makes its operation new again); set it to noeviction."
-        )
-    return RedisPersistence(
-        config.get("appendonly"), config.get("appendfsync"), save, policy, durable, sentence, level
-    )
 
 
 # --------------------------------------------------------------------------- helpers

@@ -54,8 +54,6 @@ from replaysafe.ledger.base import (
     Claim,
     ClaimOutcome,
     ClaimRequest,
-    Durability,
-    DurabilityLevel,
     LedgerSummary,
     OpKey,
     PauseState,
@@ -74,6 +72,7 @@ from replaysafe.ledger.base import (
     storable_text,
     unknown_entry,
 )
+from replaysafe.ledger.durability import Durability, assess_sqlite
 from replaysafe.quarantine import QuarantineReason
 
 T = TypeVar("T")
@@ -946,53 +945,31 @@ class SQLiteLedger(TransactionalLedger):
     def _complete_many_rows(
         self, items: list[tuple[Claim, str | None]], conn: sqlite3.Connection
     ) -> list[Record | LeaseLost]:
-        """Fence each claim against the records read in one batched statement, in order (a claim
-        repeated in the batch finds its earlier copy's COMPLETED record: ``LeaseLost``); a stale
-        claim yields its ``LeaseLost`` in place and writes nothing. The writes go out in one
-        ``executemany``."""
+        """Complete each current claim (:func:`_fence_each`: a claim repeated in the batch finds
+        its earlier copy's COMPLETED record, ``LeaseLost``)."""
         now = self._clock.now()
-        current = _load_many(conn, [claim.key for claim, _ in items])
-        out: list[Record | LeaseLost] = []
-        writes: list[tuple[Any, ...]] = []
-        for claim, result in items:
-            k = (claim.key.scope, claim.key.operation_id)
-            try:
-                rec = check_fence(current.get(k), claim)
-            except LeaseLost as exc:
-                out.append(exc)
-                continue
+
+        def complete(i: int, rec: Record) -> tuple[Record, tuple[Any, ...]]:
+            result = items[i][1]
             done = new_record(
                 rec.key, rec.fingerprint, State.COMPLETED, rec.token, rec.owner, None,
                 rec.attempts, result, rec.last_error, rec.created_at, now, now,
                 rec.unstarted_attempt,
             )  # fmt: skip
-            current[k] = done
-            writes.append((result, now, now, k[0], k[1]))
-            out.append(done)
-        if writes:
-            conn.executemany(_COMPLETE_RECORD, writes)
-        return out
+            return done, (result, now, now, rec.key.scope, rec.key.operation_id)
+
+        return _fence_each(conn, [claim for claim, _ in items], _COMPLETE_RECORD, complete)
 
     def _mark_started_rows(
         self, claims: list[Claim], conn: sqlite3.Connection
     ) -> list[Claim | LeaseLost]:
-        current = _load_many(conn, [claim.key for claim in claims])
-        out: list[Claim | LeaseLost] = []
-        writes: list[tuple[str, str]] = []
-        for claim in claims:
-            k = (claim.key.scope, claim.key.operation_id)
-            try:
-                rec = check_fence(current.get(k), claim)
-            except LeaseLost as exc:
-                out.append(exc)
-                continue
-            if rec.unstarted_attempt is not None:
-                current[k] = replace(rec, unstarted_attempt=None)
-                writes.append(k)
-            out.append(claim)
-        if writes:
-            conn.executemany(_MARK_STARTED, writes)
-        return out
+        def mark(_: int, rec: Record) -> tuple[Record, tuple[Any, ...]] | None:
+            if rec.unstarted_attempt is None:
+                return None  # already marked (or never claimed with marks_start)
+            return replace(rec, unstarted_attempt=None), (rec.key.scope, rec.key.operation_id)
+
+        fenced = _fence_each(conn, claims, _MARK_STARTED, mark)
+        return [f if isinstance(f, LeaseLost) else c for c, f in zip(claims, fenced, strict=True)]
 
     def _release_rows(self, claim: Claim, error: str | None, conn: sqlite3.Connection) -> None:
         rec = check_fence(self._load(conn, claim.key), claim)
@@ -1055,42 +1032,6 @@ class SQLiteLedger(TransactionalLedger):
     @staticmethod
     def _save(conn: sqlite3.Connection, rec: Record) -> None:
         conn.execute(_SAVE_RECORD, _record_params(rec))
-
-
-def assess_sqlite(store: str, journal_mode: str, synchronous: str) -> Durability:
-    """Judge a connection's ``journal_mode`` (lower case) and ``synchronous`` (OFF, NORMAL, FULL,
-    EXTRA) for :meth:`SQLiteLedger.durability`."""
-    setting = f"journal_mode={journal_mode}, synchronous={synchronous}"
-    if journal_mode in ("memory", "off"):  # ":memory:" databases report "memory"
-        return Durability.of(
-            DurabilityLevel.NOT_DURABLE, store, setting,
-            "the database lives in memory, or writes without a journal: a crash of the process "
-            "loses (or corrupts) every claim and completion; use a file on a local disk in WAL "
-            "mode with synchronous='FULL'",
-        )  # fmt: skip
-    if synchronous == "OFF":
-        return Durability.of(
-            DurabilityLevel.NOT_DURABLE, store, setting,
-            "SQLite never fsyncs: a crash of the machine can lose any commit or corrupt the file; "
-            "use synchronous='FULL'",
-        )  # fmt: skip
-    if synchronous in ("FULL", "EXTRA"):
-        return Durability.of(
-            DurabilityLevel.DURABLE, store, setting,
-            "every commit is fsynced before claim/complete return",
-        )  # fmt: skip
-    if journal_mode == "wal":  # NORMAL
-        return Durability.of(
-            DurabilityLevel.LOSES_RECENT, store, setting,
-            "the WAL is fsynced only at checkpoints: a process crash loses nothing, but power "
-            "loss or an OS crash can roll back the latest commits (those the OS had not written "
-            "back yet); use synchronous='FULL'",
-        )  # fmt: skip
-    return Durability.of(
-        DurabilityLevel.NOT_DURABLE, store, setting,
-        "a rollback journal with synchronous=NORMAL can be corrupted by power loss at the wrong "
-        "moment; use WAL with synchronous='FULL'",
-    )  # fmt: skip
 
 
 def _upgrade(conn: sqlite3.Connection) -> None:
@@ -1215,6 +1156,39 @@ def _load_many(conn: sqlite3.Connection, keys: list[OpKey]) -> dict[tuple[str, s
             for row in conn.execute(_SELECT_MANY[size], params):
                 found[(row[0], row[1])] = _record_from_row(row)
     return found
+
+
+def _fence_each(
+    conn: sqlite3.Connection,
+    claims: Sequence[Claim],
+    sql: str,
+    step: Callable[[int, Record], tuple[Record, tuple[Any, ...]] | None],
+) -> list[Record | LeaseLost]:
+    """The batch paths' fenced write, inside the caller's ``BEGIN IMMEDIATE``: the records of
+    ``claims`` are read with one batched statement, then each claim is fenced in order
+    (:func:`check_fence`) against what the earlier items made of its record. A stale claim yields
+    its ``LeaseLost`` in place and writes nothing; for a current one, ``step(index, record)``
+    returns the record it becomes and the parameters of ``sql`` that write it (None: nothing to
+    write; the record is returned as it is). The writes go out in one ``executemany``."""
+    current = _load_many(conn, [claim.key for claim in claims])
+    out: list[Record | LeaseLost] = []
+    writes: list[tuple[Any, ...]] = []
+    for i, claim in enumerate(claims):
+        k = (claim.key.scope, claim.key.operation_id)
+        try:
+            rec = check_fence(current.get(k), claim)
+        except LeaseLost as exc:
+            out.append(exc)
+            continue
+        changed = step(i, rec)
+        if changed is not None:
+            rec, params = changed
+            current[k] = rec
+            writes.append(params)
+        out.append(rec)
+    if writes:
+        conn.executemany(sql, writes)
+    return out
 
 
 _entry_from_row = entry_from_row

@@ -1074,6 +1074,21 @@ class LedgerContract:
         rec = await must_get(ledger, KEY)
         assert (rec.state, rec.attempts, rec.unstarted_attempt) == (State.RELEASED, 0, None)
 
+    async def test_a_marking_claim_completes_to_the_record_get_returns(
+        self, ledger: Ledger
+    ) -> None:
+        """``complete`` returns the record as stored also for a claim made with
+        ``marks_start`` (marked or not): ``get`` reads the same record back."""
+        for op, mark in (("never-marked", False), ("marked", True)):
+            claim = await self._claim_marking(ledger, OpKey("orders", op))
+            if mark:
+                await ledger.mark_started([claim])
+            done = await ledger.complete(claim, "r")
+            assert await ledger.get(claim.key) == done
+        claim = await self._claim_marking(ledger, OpKey("orders", "batch"))
+        [in_batch] = await ledger.complete_many([(claim, "r")])
+        assert await ledger.get(claim.key) == in_batch
+
     async def test_complete_many_equals_the_single_form(
         self, ledger: Ledger, clock: FakeClock
     ) -> None:
