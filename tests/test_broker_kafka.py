@@ -28,6 +28,7 @@ from replaysafe import observe as o
 from replaysafe.brokers.base import (
     Broker,
     Delivery,
+    GroupState,
     RedeliveryKind,
     SettleGranularity,
     Subscription,
@@ -733,6 +734,40 @@ async def test_committed_and_lag_report_the_groups_progress(kit: Kit) -> None:
     await second.ack()
     await eventually(lambda: _committed_is(broker, topic, g, {0: 2}), "commit")
     assert await broker.lag(topic, g) == {0: 3}
+
+
+async def test_group_state_and_stray_groups_read_lag_and_members(
+    kit: Kit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What ``replaysafe run``'s start-up check and ``explain`` read (#13 items 5, 6): a group's
+    lag and members, ``exists`` False until it committed or joined; the groups named with the
+    app's prefix that committed on the topic. Each group's offsets are fetched once (``lag``
+    used to fetch them again)."""
+    broker = kit.broker()
+    fetched: list[str] = []
+    real = broker.committed
+
+    async def committed(topic: str, group: str) -> dict[int, int | None]:
+        fetched.append(group)
+        return await real(topic, group)
+
+    monkeypatch.setattr(broker, "committed", committed)
+    topic = await kit.topic(1)
+    prefix = f"{group()}."
+    g = prefix + "capture"
+    name = broker.group_name(topic, g)
+    await broker.publish(topic, [env(f"s{i}", key="k") for i in range(3)])
+    assert await broker.group_state(topic, g) == GroupState(topic, g, name, 3, 0, False)
+    sub = await kit.subscribe(broker, topic, g)
+    first, *_ = await recv_n(sub, 3)
+    await first.ack_confirmed()
+    await sub.close()
+    state = GroupState(topic, g, name, 2, 0, True)
+    fetched.clear()
+    assert await broker.group_state(topic, g) == state
+    assert await broker.stray_groups(topic, prefix) == [state]
+    assert fetched == [g, g]
+    assert await broker.stray_groups(topic, f"{group()}.") == []
 
 
 async def test_ack_confirmed_returns_once_the_commit_covers_the_record(kit: Kit) -> None:
