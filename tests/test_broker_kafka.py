@@ -28,6 +28,7 @@ from replaysafe import observe as o
 from replaysafe.brokers.base import (
     Broker,
     Delivery,
+    GroupState,
     RedeliveryKind,
     SettleGranularity,
     Subscription,
@@ -733,6 +734,83 @@ async def test_committed_and_lag_report_the_groups_progress(kit: Kit) -> None:
     await second.ack()
     await eventually(lambda: _committed_is(broker, topic, g, {0: 2}), "commit")
     assert await broker.lag(topic, g) == {0: 3}
+
+
+async def test_lag_reads_the_end_of_every_partition_in_one_pass(
+    kit: Kit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``lag()`` on a topic of several partitions, each holding multi-record batches (whose end
+    Tansu's watermark undercounts): exact per partition, and every partition's end is read in one
+    assignment. One per partition cost a last empty poll each: ~0.9 s a partition on Tansu here,
+    so ``replaysafe run``'s start-up check (7 s for all handlers) refused an 8-partition topic."""
+    broker = kit.broker()
+    topic = await kit.topic(4)
+    keys = keys_for(4)
+    for i in range(3):  # three batches of two records per partition
+        await broker.publish(topic, [env(f"p{k}-{i}-{j}", key=k) for k in keys for j in range(2)])
+    g = group()
+    sub = await kit.subscribe(broker, topic, g)
+    got = await recv_n(sub, 24)
+    first = next(d for d in got if where(d) == (partition_of(keys[0], 4), 0))
+    await first.ack()
+    p0 = partition_of(keys[0], 4)
+    await eventually(lambda: _committed_is(broker, topic, g, {p0: 1}), "commit")
+    assigned: list[int] = []
+    real = broker._ck
+
+    class Consumer:
+        def __init__(self, conf: dict[str, Any]) -> None:
+            self._c = real.Consumer(conf)
+
+        def assign(self, partitions: list[Any]) -> None:
+            assigned.append(len(partitions))
+            self._c.assign(partitions)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._c, name)
+
+    class Driver:
+        def __getattr__(self, name: str) -> Any:
+            return Consumer if name == "Consumer" else getattr(real, name)
+
+    monkeypatch.setattr(broker, "_ck", Driver())
+    assert await broker.lag(topic, g) == {p: 5 if p == p0 else 6 for p in range(4)}
+    assert assigned == [4]
+    await sub.close(abandon=True)
+
+
+async def test_group_state_and_stray_groups_read_lag_and_members(
+    kit: Kit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What ``replaysafe run``'s start-up check and ``explain`` read (#13 items 5, 6): a group's
+    lag and members, ``exists`` False until it committed or joined; the groups named with the
+    app's prefix that committed on the topic. Each group's offsets are fetched once (``lag``
+    used to fetch them again)."""
+    broker = kit.broker()
+    fetched: list[str] = []
+    real = broker.committed
+
+    async def committed(topic: str, group: str) -> dict[int, int | None]:
+        fetched.append(group)
+        return await real(topic, group)
+
+    monkeypatch.setattr(broker, "committed", committed)
+    topic = await kit.topic(1)
+    prefix = f"{group()}."
+    g = prefix + "capture"
+    name = broker.group_name(topic, g)
+    await broker.publish(topic, [env(f"s{i}", key="k") for i in range(3)])
+    assert await broker.group_state(topic, g) == GroupState(topic, g, name, 3, 0, False)
+    sub = await kit.subscribe(broker, topic, g)
+    first, *_ = await recv_n(sub, 3)
+    await first.ack_confirmed()
+    await sub.close()
+    state = GroupState(topic, g, name, 2, 0, True)
+    fetched.clear()
+    assert await broker.group_state(topic, g) == state
+    assert await broker.stray_groups(topic, prefix) == [state]
+    assert fetched == [g, g]
+    assert await broker.stray_groups(topic, f"{group()}.") == []
 
 
 async def test_ack_confirmed_returns_once_the_commit_covers_the_record(kit: Kit) -> None:

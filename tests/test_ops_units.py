@@ -149,7 +149,10 @@ async def test_rabbitmq_without_a_management_api_finds_no_strays_and_says_why(
         with caplog.at_level("DEBUG", logger="replaysafe.brokers.rabbitmq"):
             assert await closed.stray_groups("orders", "shop.") == []
         assert "management API at http://127.0.0.1:" in caplog.text
-        assert await off.stray_groups("orders", "shop.") == []
+        caplog.clear()
+        with caplog.at_level("DEBUG", logger="replaysafe.brokers.rabbitmq"):
+            assert await off.stray_groups("orders", "shop.") == []
+        assert "management API" not in caplog.text  # "" asks nothing (not the default URL)
         assert off.group_name("a/b", "shop.x") == "a%2Fb/shop.x"
     finally:
         await closed.close()

@@ -180,3 +180,33 @@ async def test_ack_confirmed_raises_when_the_channel_dies_before_rabbitmq_answer
         relay.release()
         await via.close()
         await relay.close()
+
+
+async def test_ack_confirmed_raises_and_says_so_when_rabbitmq_does_not_answer_in_time(
+    amqp_url: str, source: tuple[RabbitMQBroker, str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ack went out but the answer to the round trip does not come within
+    ``confirm_timeout`` (the relay holds it): not confirmed, and the warning says it timed out
+    (not that the channel closed for some other reason)."""
+    broker, name, group = source
+    relay = CutRelay.for_url(amqp_url)
+    await relay.start()
+    via = RabbitMQBroker(relay.url(amqp_url), failpoints=Failpoints(), confirm_timeout=1.0)
+    try:
+        sub = await via.subscribe(name, group, prefetch=1)
+        await broker.publish(name, _envelopes(1))
+        async with asyncio.timeout(RECEIVE):
+            d = await anext(sub)
+        relay.hold_replies()
+        with (
+            caplog.at_level("WARNING", logger="replaysafe.brokers.rabbitmq"),
+            pytest.raises(BrokerUnavailable, match="closed before RabbitMQ confirmed"),
+        ):
+            async with asyncio.timeout(RECEIVE):
+                await d.ack_confirmed()
+        assert f"did not confirm the acks sent on {name}/{group} within 1s" in caplog.text
+        assert d.settled and via.in_flight() == 0
+    finally:
+        relay.release()
+        await via.close()
+        await relay.close()

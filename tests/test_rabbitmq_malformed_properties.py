@@ -317,3 +317,35 @@ def test_decoding_refuses_a_delivery_marked_undecodable() -> None:
     # producers cannot set it: it is reserved
     with pytest.raises(ValueError, match="reserved"):
         Envelope.of("x", {}, headers={HEADER_MALFORMED_TRANSPORT: "no"})
+
+
+def test_pamqp_is_patched_once_by_threads_that_install_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Brokers constructed on several threads at once install the tolerant decoder once: each
+    of pamqp's decoders is wrapped exactly once (not a wrapper of a wrapper)."""
+    import threading
+    import time
+
+    from pamqp import commands, header
+
+    def original(self: Any, data: bytes) -> None: ...
+
+    classes = [header.ContentHeader, *(getattr(commands.Basic, n) for n in ("Deliver", "GetOk",
+                                                                          "Return"))]  # fmt: skip
+    for cls in classes:
+        monkeypatch.setattr(cls, "unmarshal", original)
+    monkeypatch.setattr(_amqp_decode, "_installed", False)  # as in a fresh process
+    real = _amqp_decode._tolerant_method
+
+    def slow(method: Callable[[Any, bytes], None]) -> Callable[[Any, bytes], None]:
+        time.sleep(0.05)  # widens the window in which another thread could start installing
+        return real(method)
+
+    monkeypatch.setattr(_amqp_decode, "_tolerant_method", slow)
+    threads = [threading.Thread(target=_amqp_decode.install) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert [cls.unmarshal.__wrapped__ for cls in classes] == [original] * len(classes)

@@ -31,7 +31,9 @@ which only ever replaces a dead connection with a decoded frame.
 
 from __future__ import annotations
 
+import functools
 import struct
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -48,6 +50,9 @@ _BAD = (ValueError, OverflowError, struct.error, IndexError, RecursionError)
 _MESSAGE_METHODS = ("Deliver", "GetOk", "Return")
 
 _installed = False
+#: two threads constructing the first brokers at once must not both wrap pamqp (every frame
+#: would then go through a wrapper of a wrapper)
+_install_lock = threading.Lock()
 
 
 def undecodable(obj: object) -> tuple[str, ...]:
@@ -77,14 +82,23 @@ def undecodable_values(headers: Mapping[str, Any], names: Iterable[str]) -> tupl
 
 
 def install() -> None:
-    """Make pamqp decode content headers and message method frames tolerantly (idempotent)."""
+    """Make pamqp decode content headers and message method frames tolerantly (idempotent and
+    thread-safe: pamqp is patched once per process)."""
     global _installed
     if _installed:
         return
+    with _install_lock:
+        if not _installed:
+            _install()
+            _installed = True
+
+
+def _install() -> None:
     from pamqp import commands, header
 
     original_header: Callable[[Any, bytes], None] = header.ContentHeader.unmarshal
 
+    @functools.wraps(original_header)
     def content_header_unmarshal(self: Any, data: bytes) -> None:
         try:
             original_header(self, data)
@@ -99,7 +113,6 @@ def install() -> None:
     for name in _MESSAGE_METHODS:
         cls = getattr(commands.Basic, name)
         cls.unmarshal = _tolerant_method(cls.unmarshal)
-    _installed = True
 
 
 # --------------------------------------------------------------------------- fields
@@ -245,6 +258,7 @@ def _tolerant_method(original: Callable[[Any, bytes], None]) -> Callable[[Any, b
     """``Frame.unmarshal`` for a message method frame, with short strings read tolerantly on
     the path where the original refuses the frame."""
 
+    @functools.wraps(original)
     def unmarshal(self: Any, data: bytes) -> None:
         try:
             original(self, data)

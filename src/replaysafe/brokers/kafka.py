@@ -1711,17 +1711,21 @@ class KafkaBroker(Broker):
 
         return await self._admin(fetch)
 
-    async def lag(self, topic: str, group: str) -> dict[int, int]:
-        """Records per partition the group has not committed yet (end offset - committed).
+    async def lag(
+        self, topic: str, group: str, *, committed: Mapping[int, int | None] | None = None
+    ) -> dict[int, int]:
+        """Records per partition the group has not committed yet (end offset - committed);
+        ``committed``: the group's offsets when the caller has just read them (:meth:`committed`).
 
         A read-only probe: offsets through the admin API, the end of each partition read with a
-        group-less ``assign`` (it never joins the group). The end is found by *reading* from the
-        reported high watermark - 1 to the last record: some brokers (Tansu, seen with
-        confluent-kafka 2.16) report the base offset of the last record batch + 1 as the high
-        watermark, which undercounts by the size of that batch."""
+        group-less ``assign`` of every partition at once (it never joins the group). The end is
+        found by *reading* from the reported high watermark - 1 to the last record: some brokers
+        (Tansu, seen with confluent-kafka 2.16) report the base offset of the last record batch
+        + 1 as the high watermark, which undercounts by the size of that batch."""
         ck = self._ck
         timeout = self.request_timeout
-        committed = await self.committed(topic, group)
+        if committed is None:
+            committed = await self.committed(topic, group)
 
         def ends() -> dict[int, int]:
             c = ck.Consumer(
@@ -1732,24 +1736,28 @@ class KafkaBroker(Broker):
                 }
             )
             try:
-                out = {}
+                low, end = {}, {}
                 for p in committed:
-                    tp = ck.TopicPartition(topic, p)
-                    low, high = c.get_watermark_offsets(tp, timeout=timeout)
-                    end = high
-                    if high > low:
-                        c.assign([ck.TopicPartition(topic, p, high - 1)])
-                        deadline = time.monotonic() + timeout
-                        while time.monotonic() < deadline:
-                            msgs = c.consume(500, 0.3)
-                            got = [m.offset() for m in msgs if m.error() is None]
-                            if not got:
-                                break
-                            end = max(end, max(got) + 1)
-                        c.unassign()
-                    start = committed[p] if committed[p] is not None else low
-                    out[p] = max(0, end - start)
-                return out
+                    low[p], end[p] = c.get_watermark_offsets(
+                        ck.TopicPartition(topic, p), timeout=timeout
+                    )
+                # every partition at once: the last, empty poll is paid once, not per partition
+                # (one each made the start-up check of an 8-partition topic take 7 s on Tansu)
+                reading = [ck.TopicPartition(topic, p, end[p] - 1) for p in end if end[p] > low[p]]
+                if reading:
+                    c.assign(reading)
+                    deadline = time.monotonic() + timeout
+                    while time.monotonic() < deadline:
+                        got = [m for m in c.consume(500, 0.3) if m.error() is None]
+                        if not got:
+                            break
+                        for m in got:
+                            end[m.partition()] = max(end[m.partition()], m.offset() + 1)
+                    c.unassign()
+                return {
+                    p: max(0, end[p] - (low[p] if start is None else start))
+                    for p, start in committed.items()
+                }
             finally:
                 c.close()
 
@@ -1771,10 +1779,7 @@ class KafkaBroker(Broker):
         (``DescribeConsumerGroups``). ``exists`` is False while the group has neither committed
         offsets nor members (its first member starts at ``auto_offset_reset``)."""
         members = (await self._members([group])).get(group, 0)
-        committed = await self.committed(source, group)
-        lag = sum((await self.lag(source, group)).values())
-        known = members != 0 or any(v is not None for v in committed.values())
-        return GroupState(source, group, self.group_name(source, group), lag, members, known)
+        return await self._group_state(source, group, await self.committed(source, group), members)
 
     async def stray_groups(self, source: str, prefix: str) -> list[GroupState]:
         """Consumer groups whose id starts with ``prefix`` that committed offsets on ``source``
@@ -1785,17 +1790,22 @@ class KafkaBroker(Broker):
             result = admin.list_consumer_groups(request_timeout=timeout).result(timeout)
             return sorted(g.group_id for g in result.valid if g.group_id.startswith(prefix))
 
-        out = []
-        for group in await self._admin(listed):
-            committed = await self.committed(source, group)
-            if all(v is None for v in committed.values()):
-                continue  # never read this topic
-            lag = sum((await self.lag(source, group)).values())
-            members = (await self._members([group])).get(group, 0)
-            out.append(
-                GroupState(source, group, self.group_name(source, group), lag, members, True)
-            )
-        return out
+        offsets = {
+            group: await self.committed(source, group) for group in await self._admin(listed)
+        }
+        # a group that never read this topic is no stray of it
+        read = [g for g, c in offsets.items() if any(v is not None for v in c.values())]
+        members = await self._members(read) if read else {}
+        return [await self._group_state(source, g, offsets[g], members.get(g, 0)) for g in read]
+
+    async def _group_state(
+        self, source: str, group: str, committed: Mapping[int, int | None], members: int | None
+    ) -> GroupState:
+        """The group's state from its offsets and members, read by the caller (one OffsetFetch
+        and one DescribeConsumerGroups per group, not one more inside :meth:`lag`)."""
+        lag = sum((await self.lag(source, group, committed=committed)).values())
+        known = members != 0 or any(v is not None for v in committed.values())
+        return GroupState(source, group, self.group_name(source, group), lag, members, known)
 
     async def _members(self, groups: list[str]) -> dict[str, int | None]:
         """Live members per group (``DescribeConsumerGroups``): 0 for an empty or unknown group,

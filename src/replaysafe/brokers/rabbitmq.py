@@ -827,6 +827,14 @@ class _RabbitSubscription(Subscription):
                 prefetch_count=self.prefetch * _QOS_FACTOR, timeout=self.broker.confirm_timeout
             )
             answered = True
+        except TimeoutError:  # before OSError, of which it is a subclass
+            # aiormq closes a channel whose call timed out: RabbitMQ requeues what it held
+            log.warning(
+                "RabbitMQ did not confirm the acks sent on %s within %gs; the channel is "
+                "closed, so those messages may come back or be gone",
+                self.topology.queue,
+                self.broker.confirm_timeout,
+            )
         except (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError, OSError) as exc:
             log.warning(
                 "RabbitMQ did not confirm the acks sent on %s (%s: %s): the channel closed, so "
@@ -834,14 +842,6 @@ class _RabbitSubscription(Subscription):
                 self.topology.queue,
                 type(exc).__name__,
                 exc,
-            )
-        except TimeoutError:
-            # aiormq closes a channel whose call timed out: RabbitMQ requeues what it held
-            log.warning(
-                "RabbitMQ did not confirm the acks sent on %s within %.0fs; the channel is "
-                "closed, so those messages may come back or be gone",
-                self.topology.queue,
-                self.broker.confirm_timeout,
             )
         finally:
             if self._barriers.get(channel) is fut:

