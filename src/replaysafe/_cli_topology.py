@@ -3,16 +3,14 @@ so that a producer (a plain client too) can publish before any worker ran."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
 
 import click
 
-from replaysafe._cli_run import load_app
+from replaysafe._cli_run import load_app, run_app
 from replaysafe.app import App
-from replaysafe.errors import ReplaysafeError
 from replaysafe.topology import HandlerTopology, declare_topology, show_topology
 
 
@@ -20,19 +18,13 @@ def _run(
     target: str, call: Callable[[App], Awaitable[list[HandlerTopology]]]
 ) -> list[HandlerTopology]:
     app = load_app(target)
-    # aiormq logs each failed connection attempt; the error below already says why, once
+    # aiormq logs each failed connection attempt; the error run_app prints already says why, once
     logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)
 
-    async def run() -> list[HandlerTopology]:
-        try:
-            return await call(app)
-        finally:
-            await app.broker.close()
+    async def work() -> list[HandlerTopology]:
+        return await call(app)
 
-    try:
-        return asyncio.run(run())
-    except ReplaysafeError as exc:  # each says what happened and what to do; no traceback
-        raise click.ClickException(str(exc)) from None
+    return run_app(app, work())
 
 
 def _print(topology: list[HandlerTopology], as_json: bool) -> None:
