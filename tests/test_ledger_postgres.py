@@ -12,8 +12,11 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import psycopg
 import pytest
 from click.testing import CliRunner
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from replaysafe import App, Context, Effect, Envelope, Guarantee, RetryPolicy
 from replaysafe import observe as o
@@ -43,10 +46,6 @@ from replaysafe.ledger.postgres import PostgresLedger, assess_postgres, redact_d
 from replaysafe.quarantine import QuarantineReason
 from replaysafe.testing import EffectProbe, FakeClock
 from replaysafe.testing.contracts.ledger import TransactionalLedgerContract, acquire, must_get
-
-psycopg = pytest.importorskip("psycopg")
-from psycopg import sql  # noqa: E402
-from psycopg.conninfo import make_conninfo  # noqa: E402
 
 KEY = OpKey("orders", "op-1")
 WAIT = 30.0  # upper bound for any wait on the shared, slow test machine
