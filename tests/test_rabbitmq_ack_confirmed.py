@@ -153,7 +153,7 @@ async def test_a_batch_of_ack_confirmed_costs_one_round_trip(
 
 
 async def test_ack_confirmed_raises_when_the_channel_dies_before_rabbitmq_answers(
-    amqp_url: str, source: tuple[RabbitMQBroker, str, str]
+    amqp_url: str, source: tuple[RabbitMQBroker, str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The ack went out but the answer to the round trip never came (the connection was cut
     while the relay held the server's replies): not confirmed, so at-most-once must not run the
@@ -167,9 +167,17 @@ async def test_ack_confirmed_raises_when_the_channel_dies_before_rabbitmq_answer
         await broker.publish(name, _envelopes(1))
         async with asyncio.timeout(RECEIVE):
             d = await anext(sub)
+        assert isinstance(d, RabbitMQDelivery)
+        frames = _spy(d.message.channel, monkeypatch)
         relay.hold_replies()
         confirming = asyncio.ensure_future(d.ack_confirmed())
-        await asyncio.sleep(0.5)  # the ack and the qos are sent; qos-ok is held in the relay
+        # cut only once the round trip is under way: the ack frame was written (the qos is
+        # sent after it) and qos-ok is held in the relay. Cut earlier, and the error would be
+        # "was not written", another case
+        async with asyncio.timeout(RECEIVE):
+            while not any(kind == "qos" for kind, _, _ in frames):
+                await asyncio.sleep(0.01)
+        assert frames[0] == ("ack", d.tag, True), frames
         assert not confirming.done()
         relay.cut()
         with pytest.raises(BrokerUnavailable, match="closed before RabbitMQ confirmed"):
