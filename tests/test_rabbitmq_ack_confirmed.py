@@ -11,6 +11,9 @@ the ack with one synchronous method on the same channel and returns once RabbitM
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -80,11 +83,19 @@ async def test_a_sigkill_right_after_ack_confirmed_never_brings_the_message_back
     await broker.publish(name, sent)
     log = tmp_path / "rounds.log"
     started = time.monotonic()
+    # its own session: the parent and its forked children are one process group, killed
+    # together if this test stops waiting for them (else they keep consuming the queue)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.apps.rabbit_ack_kill", amqp_url, name, group, str(ROUNDS),
-        str(log), str(PARALLEL), cwd=ROOT, stderr=subprocess.PIPE,
+        str(log), str(PARALLEL), cwd=ROOT, stderr=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
-    _, err = await asyncio.wait_for(proc.communicate(), timeout=240)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), timeout=240)
+    except BaseException:  # a timeout, a cancellation: no child may outlive the test
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await asyncio.wait_for(proc.wait(), timeout=10)
+        raise
     seconds = time.monotonic() - started
     lines = [ln.split() for ln in log.read_text().splitlines()]
     assert proc.returncode == 0, (lines[-5:], err.decode()[-2000:])
