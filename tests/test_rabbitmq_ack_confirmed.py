@@ -37,6 +37,8 @@ ROUNDS = 200
 #: children alive at a time (the machine has 2 cores, shared)
 PARALLEL = 2
 RECEIVE = 15.0
+#: seconds the queue must stay empty before a drain counts as complete
+QUIET = 1.0
 
 
 @pytest.fixture
@@ -51,22 +53,39 @@ def _envelopes(n: int) -> list[Envelope]:
 
 
 async def _drain(broker: RabbitMQBroker, name: str, group: str, expect: int) -> list[str]:
-    """Every operation id left in the group's queue (``expect`` of them, bounded in time)."""
+    """Every operation id left in the group's queue, each acked: read until ``expect`` came,
+    then on until the queue has been empty, with nothing buffered or unsettled, for ``QUIET``
+    seconds in a row (all within ``RECEIVE``), so that a late redelivery is counted instead of
+    being left behind unseen; the queue must then be empty."""
     sub = await broker.subscribe(name, group, prefetch=64)
     ops: list[str] = []
+    loop = asyncio.get_running_loop()
+
+    async def take(batch: list[Any]) -> bool:
+        for d in batch:
+            ops.append(d.headers[HEADER_OPERATION_ID])
+            await d.ack()
+        return bool(batch)
+
     try:
         async with asyncio.timeout(RECEIVE):
             while len(ops) < expect:
-                for d in await sub.next_batch(64):
-                    ops.append(d.headers[HEADER_OPERATION_ID])
-                    await d.ack()
-        await asyncio.sleep(0.5)  # anything beyond ``expect`` is in the buffer by now
-        while sub._buffer.qsize():  # type: ignore[attr-defined]
-            for d in await sub.next_batch(64):
-                ops.append(d.headers[HEADER_OPERATION_ID])
-                await d.ack()
+                await take(await sub.next_batch(64))
+            quiet_since = loop.time()
+            while loop.time() - quiet_since < QUIET:
+                try:
+                    async with asyncio.timeout(0.2):  # a cancelled next_batch loses nothing
+                        batch = await sub.next_batch(64)
+                except TimeoutError:
+                    batch = []
+                got = await take(batch)
+                ready = (await broker.queue_depths(name, group))[f"{name}/{group}"]
+                if got or ready or broker.in_flight():
+                    quiet_since = loop.time()
     finally:
         await sub.close()
+    depths = await broker.queue_depths(name, group)
+    assert depths[f"{name}/{group}"] == 0, (depths, "messages arrived after the drain")
     return ops
 
 
