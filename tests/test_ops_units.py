@@ -370,19 +370,33 @@ async def _slow_app() -> tuple[App, asyncio.Event]:
     return app, started
 
 
+async def _stop_now(worker: Any, run: asyncio.Task[Any]) -> None:
+    """Clean-up after a test that may have failed half-way: stop the worker at once (a second
+    signal) and wait, bounded, for its run task, so that no handler outlives the test."""
+    if not run.done():
+        worker.stop(now=True)
+        await asyncio.wait({run}, timeout=10)
+    if not run.done():
+        run.cancel()
+        await asyncio.wait({run}, timeout=10)
+
+
 @pytest.mark.parametrize("now", [False, True])
 async def test_a_stop_cuts_what_outlives_the_drain_and_reports_it(now: bool) -> None:
     app, started = await _slow_app()
     worker = app.worker()
     run = asyncio.create_task(worker.run(drain_timeout=0.2 if not now else 3600))
-    await asyncio.wait_for(started.wait(), 10)
-    assert worker.in_flight == 1
-    worker.stop()
-    if now:
-        await asyncio.sleep(0.05)
-        assert not run.done()  # the drain waits for the hour-long handler ...
-        worker.stop(now=True)  # ... until a second signal
-    await asyncio.wait_for(run, 10)
+    try:
+        await asyncio.wait_for(started.wait(), 10)
+        assert worker.in_flight == 1
+        worker.stop()
+        if now:
+            await asyncio.sleep(0.05)
+            assert not run.done()  # the drain waits for the hour-long handler ...
+            worker.stop(now=True)  # ... until a second signal
+        await asyncio.wait_for(run, 10)
+    finally:
+        await _stop_now(worker, run)
     report = worker.stop_report
     assert report is not None and report.cut == [CutRun("work", True)]
     assert report.forced is now and report.timed_out is not now
