@@ -404,15 +404,36 @@ async def test_a_stop_cuts_what_outlives_the_drain_and_reports_it(now: bool) -> 
 
 
 async def test_a_drained_stop_reports_nothing_cut() -> None:
+    """A stop while a handler runs: the drain lets it finish (well within the timeout), the
+    effect is applied, and the report says nothing was cut."""
+    from replaysafe import observe as o
+
     broker = MemoryBroker()
     app = App("quick", broker=broker, ledger=MemoryLedger())
-    app.handler("jobs", guarantee=EO, effect=Effect.keyed("api"))(noop)
+    started, release = asyncio.Event(), asyncio.Event()
+
+    @app.handler("jobs", guarantee=EO, effect=Effect.keyed("api"))
+    async def work(ctx: Context) -> None:
+        started.set()
+        await release.wait()
+
+    await broker.publish("jobs", [Envelope.of("job:1", {})])
     worker = app.worker()
-    run = asyncio.create_task(worker.run(drain_timeout=5))
-    await asyncio.sleep(0.05)
-    worker.stop()
-    await asyncio.wait_for(run, 10)
-    assert worker.stop_report is not None and worker.stop_report.drained
+    run = asyncio.create_task(worker.run(drain_timeout=30))
+    try:
+        await asyncio.wait_for(started.wait(), 10)
+        assert worker.in_flight == 1  # something the stop could cut
+        worker.stop()
+        release.set()
+        await asyncio.wait_for(run, 10)
+    finally:
+        release.set()
+        await _stop_now(worker, run)
+    report = worker.stop_report
+    assert report is not None and report.drained, report
+    assert (report.cut, report.batches, report.timed_out, report.forced) == ([], 0, False, False)
+    assert worker.stats.total(o.DELIVERIES, outcome=o.APPLIED) == 1
+    assert worker.in_flight == 0
 
 
 # ------------------------------------------------------------- closing what a command opened
