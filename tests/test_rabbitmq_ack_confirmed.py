@@ -140,8 +140,11 @@ async def test_a_sigkill_right_after_ack_confirmed_never_brings_the_message_back
     assert sorted(left) == sorted(e.operation_id for e in sent if e.operation_id not in seen)
 
 
-def _spy(channel: Any, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, bool]]:
-    """Record every basic.ack and basic.qos sent on ``channel``, in order."""
+def _spy(
+    channel: Any, monkeypatch: pytest.MonkeyPatch, qos_sent: asyncio.Event | None = None
+) -> list[tuple[str, int, bool]]:
+    """Record every basic.ack and basic.qos sent on ``channel``, in order; set ``qos_sent`` once
+    a basic.qos is being sent."""
     frames: list[tuple[str, int, bool]] = []
     real_ack, real_qos = channel.basic_ack, channel.basic_qos
 
@@ -151,6 +154,8 @@ def _spy(channel: Any, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, 
 
     async def qos(**kw: Any) -> Any:
         frames.append(("qos", kw["prefetch_count"], False))
+        if qos_sent is not None:
+            qos_sent.set()
         return await real_qos(**kw)
 
     monkeypatch.setattr(channel, "basic_ack", ack)
@@ -198,15 +203,14 @@ async def test_ack_confirmed_raises_when_the_channel_dies_before_rabbitmq_answer
         async with asyncio.timeout(RECEIVE):
             d = await anext(sub)
         assert isinstance(d, RabbitMQDelivery)
-        frames = _spy(d.message.channel, monkeypatch)
+        qos_sent = asyncio.Event()
+        frames = _spy(d.message.channel, monkeypatch, qos_sent)
         relay.hold_replies()
         confirming = asyncio.ensure_future(d.ack_confirmed())
         # cut only once the round trip is under way: the ack frame was written (the qos is
         # sent after it) and qos-ok is held in the relay. Cut earlier, and the error would be
         # "was not written", another case
-        async with asyncio.timeout(RECEIVE):
-            while not any(kind == "qos" for kind, _, _ in frames):
-                await asyncio.sleep(0.01)
+        await asyncio.wait_for(qos_sent.wait(), RECEIVE)
         assert frames[0] == ("ack", d.tag, True), frames
         assert not confirming.done()
         relay.cut()
