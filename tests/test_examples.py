@@ -4,6 +4,7 @@ local services, stops by itself, and applies each effect once; the README quotes
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import re
 import subprocess
@@ -132,8 +133,10 @@ def test_plain_producer(amqp_url: str, tmp_path: Path) -> None:
 
 def test_every_example_is_run() -> None:
     assert {p.name for p in EXAMPLES.glob("*.py")} == set(RUN_BY)
-    for test in RUN_BY.values():
+    for example, test in RUN_BY.items():
         assert callable(globals()[test]), test
+        # the test named for an example runs that file, not another one
+        assert f'run_example("{example}"' in inspect.getsource(globals()[test]), (example, test)
 
 
 # ---------------------------------------------------------------------------- README quotes
