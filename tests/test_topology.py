@@ -151,16 +151,25 @@ async def test_sqs_queue_url(sqs_endpoint: str) -> None:
         await broker.close()
 
 
+def _partitions(bootstrap: str, topic: str) -> int:
+    """The partition count of ``topic``, read with a plain admin client."""
+    from confluent_kafka.admin import AdminClient
+
+    meta = AdminClient({"bootstrap.servers": bootstrap}).list_topics(topic, timeout=20)
+    return len(meta.topics[topic].partitions)
+
+
 async def test_kafka_topic_and_group_id(kafka_bootstrap: str) -> None:
     broker = KafkaBroker(kafka_bootstrap)
     source = f"rs-test-topology-{uuid.uuid4().hex[:8]}"
     app = _app(broker, source)
     try:
         await broker.create_topic(source, 3)
-        # an existing topic is kept whatever its partition count
+        # an existing topic is kept whatever its partition count (a new one would get 1)
         [t] = await declare_topology(app)
         assert dict(t.names) == {"topic": source, "group id": "shop.capture_payment"}
         assert t.group == "shop.capture_payment"
+        assert await asyncio.to_thread(_partitions, kafka_bootstrap, source) == 3
     finally:
         await broker.drop_source(source)
         await broker.close()
