@@ -120,7 +120,11 @@ async def test_a_claim_killed_after_its_effect_started_stays_outcome_unknown() -
 async def test_a_started_effect_is_not_forgotten_when_the_next_attempt_dies_early() -> None:
     """Attempt 1 starts its effect and dies; attempt 2 takes over and dies right after its claim
     (before it could quarantine). Attempt 3 must not read attempt 2's "never started" alone: the
-    chaos harness found exactly this as a silent second charge."""
+    chaos harness found exactly this as a silent second charge.
+
+    A guard of the start-mark design, not of the issue's bug: the pre-issue code (no marks, every
+    recovered unkeyed claim quarantined) passes it too. It failed on the first version of the
+    mark design (8873c80), which judged a recovered claim by the last attempt's mark only."""
     h = Harness(honour_keys=False)
     runs = charging(h, guarantee=EO, effect=Effect.unkeyed("smtp"))
     op = "charge:order-1"
