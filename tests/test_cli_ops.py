@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -34,7 +33,7 @@ import pytest
 
 from replaysafe.envelope import Envelope
 
-from .conftest import free_port, unavailable
+from .conftest import free_port, subprocess_env, unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "tests.apps.ops_app:app"
@@ -44,9 +43,7 @@ NOISE = ("Traceback", "Task was destroyed", "Event loop is closed", "never await
 
 
 def ops_env(tmp_path: Path, **env: str) -> dict[str, str]:
-    # src first: the package under test, whatever else the interpreter could import
-    path = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
-    return {**os.environ, "PYTHONPATH": path, "OPS_DIR": str(tmp_path), **env}
+    return subprocess_env(OPS_DIR=str(tmp_path), **env)
 
 
 def assert_quiet(err: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import os
 import re
 import subprocess
 import sys
@@ -14,6 +13,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from .conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -30,7 +31,7 @@ RUN_BY = {
 def run_example(name: str, env: dict[str, str], timeout: float = 180) -> list[str]:
     """Run ``examples/<name>``; it must exit 0 by itself, without a traceback. Its stdout lines."""
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / name)], env={**os.environ, **env}, cwd=ROOT,
+        [sys.executable, str(EXAMPLES / name)], env=subprocess_env(**env), cwd=ROOT,
         capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr

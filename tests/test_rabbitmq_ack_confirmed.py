@@ -30,6 +30,7 @@ from replaysafe.errors import BrokerUnavailable
 from replaysafe.testing.netcut import CutRelay
 
 from .broker_fixtures import rabbit_source
+from .conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 #: SIGKILLs right after ack_confirmed() returned (issue 13 asks for 200; ~20-40 s here)
@@ -106,7 +107,8 @@ async def test_a_sigkill_right_after_ack_confirmed_never_brings_the_message_back
     # together if this test stops waiting for them (else they keep consuming the queue)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.apps.rabbit_ack_kill", amqp_url, name, group, str(ROUNDS),
-        str(log), str(PARALLEL), cwd=ROOT, stderr=subprocess.PIPE, start_new_session=True,
+        str(log), str(PARALLEL), cwd=ROOT, env=subprocess_env(), stderr=subprocess.PIPE,
+        start_new_session=True,
     )  # fmt: skip
     try:
         _, err = await asyncio.wait_for(proc.communicate(), timeout=240)

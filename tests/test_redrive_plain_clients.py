@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sys
 import time
 import types
@@ -38,6 +37,7 @@ from replaysafe.ledger.base import OpKey, QuarantineEntry
 
 from .apps.plain_redrive_app import build
 from .broker_fixtures import rabbit_source, sqs_queue
+from .conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 #: real seconds anything that must happen may take (a slow, shared machine; Kafka group joins)
@@ -179,10 +179,8 @@ async def _redrive_cli(s: Setup, app: App, entry_id: str, directory: Path) -> tu
         finally:
             del sys.modules[module.__name__]
         return res.exit_code, res.output
-    env = {
-        **os.environ, "PYTHONPATH": str(ROOT), "REDRIVE_BROKER": s.url,
-        "REDRIVE_SOURCE": s.source, "REDRIVE_GROUP": s.group, "REDRIVE_DIR": str(directory),
-    }  # fmt: skip
+    env = subprocess_env(REDRIVE_BROKER=s.url, REDRIVE_SOURCE=s.source, REDRIVE_GROUP=s.group,
+                         REDRIVE_DIR=str(directory))  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "replaysafe.cli", "quarantine", "redrive",
         "tests.apps.plain_redrive_app:app", entry_id,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -26,6 +25,7 @@ from replaysafe.brokers.rabbitmq import RabbitMQBroker
 from replaysafe.testing import run_until_settled
 
 from .apps.topology_app import make_app
+from .conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 GROUPS = ["shop.capture_payment", "shop.send_receipt"]
@@ -34,7 +34,7 @@ GROUPS = ["shop.capture_payment", "shop.send_receipt"]
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "replaysafe.cli", "topology", *args],
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env}, cwd=ROOT,
+        env=subprocess_env(**env), cwd=ROOT,
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
 
