@@ -63,6 +63,7 @@ from replaysafe.testing.contracts.broker import BrokerCase, BrokerContract
 from replaysafe.testing.netcut import CutRelay
 
 from .conftest import free_port
+from .waits import until
 
 RECEIVE = 15.0  # real seconds to wait for a delivery that must come (a slow, shared machine)
 
@@ -205,20 +206,6 @@ async def nothing(sub: Subscription, seconds: float) -> None:
     if task.exception() is None:
         d = task.result()
         pytest.fail(f"unexpected delivery of {op_of(d)!r} (attempt {d.attempt})")
-
-
-async def until(cond: Callable[[], Any], *, seconds: float, what: str) -> None:
-    """Poll ``cond`` (sync or async) until truthy, for at most ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while True:
-        value = cond()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not reached within {seconds}s")
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture

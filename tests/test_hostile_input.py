@@ -62,7 +62,6 @@ from replaysafe.testing import EffectProbe
 from replaysafe.testing.netcut import CutRelay
 
 from .test_bad_input import _cases
-from .test_broker_rabbitmq import until
 from .test_rabbitmq_malformed_properties import (  # noqa: F401 - raw_encoder is a fixture
     BAD,
     _consumers,
@@ -71,6 +70,7 @@ from .test_rabbitmq_malformed_properties import (  # noqa: F401 - raw_encoder is
     send_frame,
 )
 from .test_redaction import mask_emails
+from .waits import until
 
 #: real seconds for everything sent to be applied or quarantined (a shared, slow machine)
 SETTLE = 60.0

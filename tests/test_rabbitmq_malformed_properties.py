@@ -31,7 +31,7 @@ from replaysafe.errors import MalformedTransportHeader
 from replaysafe.testing.netcut import CutRelay
 
 from .broker_fixtures import rabbit_source
-from .test_broker_rabbitmq import until
+from .waits import until
 
 RECEIVE = 30.0
 
