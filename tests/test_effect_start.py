@@ -19,7 +19,6 @@ from replaysafe import (
     Context,
     Effect,
     EffectRisk,
-    Envelope,
     Guarantee,
     LeaseLost,
     LedgerUnavailable,
@@ -34,15 +33,10 @@ from replaysafe import observe as o
 from replaysafe.ledger.base import Claim, ClaimOutcome, ClaimRequest, Ledger
 from replaysafe.testing import FakeClock
 
-from .runtime_harness import Harness
-from .test_runtime import once_for
+from .runtime_harness import Harness, once_for, order, run
 
 EO, ALO = Guarantee.EFFECTIVELY_ONCE, Guarantee.AT_LEAST_ONCE
 RETRY = RetryPolicy(max_attempts=3, base_delay=0.1, max_delay=0.3)
-
-
-def order(i: int) -> Envelope:
-    return Envelope.of(f"charge:order-{i}", {"order": f"order-{i}", "amount": 10})
 
 
 class CountingLedger(MemoryLedger):
@@ -82,13 +76,6 @@ def charging(h: Harness, **kwargs: Any) -> list[str]:
 
     h.app.handler("orders", name="charge", lease=5, retry=RETRY, **kwargs)(charge)
     return runs
-
-
-async def run(h: Harness, *envs: Envelope, seconds: float = 120) -> None:
-    await h.publish(*envs)
-    h.start()
-    await h.drain(seconds=seconds)
-    await h.stop()
 
 
 @pytest.mark.parametrize("point", [fp.AFTER_CLAIM, fp.BEFORE_EFFECT])

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from click.testing import CliRunner
 
-from replaysafe import Context, Effect, Envelope, Guarantee
+from replaysafe import Context, Effect, Guarantee
 from replaysafe import observe as o
 from replaysafe.cli import main
 from replaysafe.errors import ConfigurationError, LedgerUnavailable
@@ -25,14 +25,10 @@ from replaysafe.ledger.base import PauseState
 from replaysafe.ledger.memory import MemoryLedger
 from replaysafe.testing import FakeClock
 
-from .runtime_harness import SOURCE, Harness
+from .runtime_harness import SOURCE, Harness, order
 
 EO = Guarantee.EFFECTIVELY_ONCE
 HANDLER = "charge"
-
-
-def order(i: int) -> Envelope:
-    return Envelope.of(f"charge:order-{i}", {"order": f"order-{i}", "amount": 10})
 
 
 class Gated:

@@ -61,6 +61,7 @@ from replaysafe.observe.prometheus import render
 from replaysafe.testing import EffectProbe
 from replaysafe.testing.netcut import CutRelay
 
+from .runtime_harness import mask_emails
 from .test_bad_input import _cases
 from .test_rabbitmq_malformed_properties import (  # noqa: F401 - raw_encoder is a fixture
     BAD,
@@ -69,7 +70,6 @@ from .test_rabbitmq_malformed_properties import (  # noqa: F401 - raw_encoder is
     raw_encoder,
     send_frame,
 )
-from .test_redaction import mask_emails
 from .waits import until
 
 #: real seconds for everything sent to be applied or quarantined (a shared, slow machine)
