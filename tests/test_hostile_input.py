@@ -8,8 +8,8 @@ in-process worker (a ``PostgresLedger`` in a fresh schema, ``App(redact=...)``) 
 effectively-once keyed handlers:
 
 - ``ingest`` identifies operations by the ``rs-operation-id`` header (no key extractor). It gets
-  every DESIGN §5 case (``tests/test_bad_input.py::_cases``) and item 13's AMQP frames the
-  client cannot decode (``tests/test_rabbitmq_malformed_properties.py::BAD``, written raw
+  every DESIGN §5 case (``tests/bad_inputs.py::_cases``) and item 13's AMQP frames the
+  client cannot decode (``tests/bad_inputs.py::BAD``, written raw
   through aio-pika's own aiormq channel with pamqp's encoder patched, as a producer in another
   language may).
 - ``charge`` derives them with a key extractor (``("charge", p["id"])``). It gets item 14 (NUL and
@@ -61,15 +61,15 @@ from replaysafe.observe.prometheus import render
 from replaysafe.testing import EffectProbe
 from replaysafe.testing.netcut import CutRelay
 
-from .runtime_harness import mask_emails
-from .test_bad_input import _cases
-from .test_rabbitmq_malformed_properties import (  # noqa: F401 - raw_encoder is a fixture
+from .bad_inputs import (  # noqa: F401 - raw_encoder is a fixture
     BAD,
+    _cases,
     _consumers,
     frame_headers,
     raw_encoder,
     send_frame,
 )
+from .runtime_harness import mask_emails
 from .waits import until
 
 #: real seconds for everything sent to be applied or quarantined (a shared, slow machine)
