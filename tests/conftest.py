@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +24,8 @@ from replaysafe.testing.servers import (  # noqa: F401 - free_port is used by th
 )
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+#: the checkout under test (its src/ holds the package, its root the ``tests`` package)
+ROOT = Path(__file__).resolve().parent.parent
 
 PG_DSN = os.environ.get("REPLAYSAFE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("REPLAYSAFE_TEST_REDIS", "redis://127.0.0.1:6379/0")
@@ -35,6 +38,20 @@ def unavailable(service: str, why: str) -> None:
     if CI:
         pytest.fail(msg + " (CI=true: a missing service fails the run)", pytrace=False)
     pytest.skip(msg)
+
+
+def subprocess_env(base: Mapping[str, str] | None = None, /, **extra: str) -> dict[str, str]:
+    """The environment for a Python subprocess of ours (the CLI, an example, a test app, ``-c``
+    code that imports replaysafe): ``base`` (default: this process's environment) plus
+    ``extra``, with this checkout's ``src/`` and root first on ``PYTHONPATH``, so that the
+    child imports the replaysafe under test (and ``tests.apps``), never a copy the interpreter
+    has installed from another checkout. A ``PYTHONPATH`` in ``extra`` comes next, then the
+    one of ``base``."""
+    env = dict(os.environ if base is None else base)
+    path = [str(ROOT / "src"), str(ROOT)]
+    for more in (extra.pop("PYTHONPATH", ""), env.get("PYTHONPATH", "")):
+        path += [p for p in more.split(os.pathsep) if p]
+    return {**env, **extra, "PYTHONPATH": os.pathsep.join(path)}
 
 
 @pytest.fixture(scope="session")

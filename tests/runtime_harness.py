@@ -4,6 +4,7 @@ simulated crash, and a fake clock moved in steps until a condition holds."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -118,3 +119,42 @@ class Harness:
 
     def total(self, name: str, **labels: str) -> int:
         return sum(w.stats.total(name, **labels) for w in self.workers)
+
+
+def order(i: int, amount: int = 10) -> Envelope:
+    """The test operation "charge order ``i``" (operation id ``charge:order-<i>``)."""
+    return Envelope.of(f"charge:order-{i}", {"order": f"order-{i}", "amount": amount})
+
+
+async def run(h: Harness, *envs: Envelope, seconds: float = 120.0) -> None:
+    """Publish ``envs``, start one supervised worker, drain (``seconds`` of fake time at most)
+    and stop."""
+    await h.publish(*envs)
+    h.start()
+    await h.drain(seconds=seconds)
+    await h.stop()
+
+
+def once_for(op: str) -> Callable[[Any], bool]:
+    """A failpoint ``when``: true at the first hit for operation ``op``, never again."""
+    fired: set[str] = set()
+
+    def when(ctx: Any) -> bool:
+        if ctx.get("operation_id") == op and op not in fired:
+            fired.add(op)
+            return True
+        return False
+
+    return when
+
+
+#: a business key that must not leak (logs, metric labels, quarantine details)
+EMAIL = b"ann@example.com"
+# starts only where a run of name characters starts: without the lookbehind every position of
+# a long run is tried again (quadratic: a 1 MiB body held the event loop for minutes)
+_EMAIL = re.compile(rb"(?<![\w.+-])[\w.+-]+@[\w-]+\.[\w.]+")
+
+
+def mask_emails(body: bytes) -> bytes:
+    """A pattern redaction hook: covers bodies and text alike."""
+    return _EMAIL.sub(b"<email>", body)

@@ -11,60 +11,12 @@ from typing import Any
 import pytest
 
 from replaysafe import Context, Effect, Envelope, Guarantee, QuarantineReason
-from replaysafe.envelope import HEADER_OPERATION_ID, HEADER_PUBLISHED_AT, format_time
 from replaysafe.ledger.base import MAX_QUARANTINE_COPY
 
+from .bad_inputs import _cases
 from .runtime_harness import Harness
 
 EO = Guarantee.EFFECTIVELY_ONCE
-OP = HEADER_OPERATION_ID
-
-Case = tuple[bytes, dict[str, str]]
-
-
-def _cases(now: float) -> dict[str, tuple[Case, QuarantineReason]]:
-    good_body = b'{"order": "x", "amount": 1}'
-    deep = b"[" * 65 + b"]" * 65
-    return {
-        "missing operation id": ((good_body, {}), QuarantineReason.INVALID_OPERATION_ID),
-        "empty operation id": ((good_body, {OP: ""}), QuarantineReason.INVALID_OPERATION_ID),
-        "too long operation id": (
-            (good_body, {OP: "x" * 256}), QuarantineReason.INVALID_OPERATION_ID),
-        "control character in operation id": (
-            (good_body, {OP: "charge:\x00evil"}), QuarantineReason.INVALID_OPERATION_ID),
-        "undecodable bytes": ((b"\xff\xfe\x00garbage", {OP: "b:1"}),
-                              QuarantineReason.MALFORMED_PAYLOAD),
-        "truncated json": ((b'{"order": ', {OP: "b:2"}), QuarantineReason.MALFORMED_PAYLOAD),
-        "pickle content type": (
-            (b"\x80\x04\x95cos\nsystem\n",
-             {OP: "b:3", "content-type": "application/x-python-pickle"}),
-            QuarantineReason.UNSUPPORTED_CONTENT_TYPE),
-        "oversize payload": ((b'"' + b"a" * (1024 * 1024) + b'"', {OP: "b:4"}),
-                             QuarantineReason.PAYLOAD_TOO_LARGE),
-        "deep nesting": ((deep, {OP: "b:5"}), QuarantineReason.LIMIT_EXCEEDED),
-        "NaN": ((b'{"amount": NaN}', {OP: "b:6"}), QuarantineReason.MALFORMED_PAYLOAD),
-        "Infinity literal overflow": ((b'{"amount": 1e999}', {OP: "b:7"}),
-                                      QuarantineReason.MALFORMED_PAYLOAD),
-        "duplicate keys": ((b'{"amount": 1, "amount": 2}', {OP: "b:8"}),
-                           QuarantineReason.MALFORMED_PAYLOAD),
-        "huge integer": ((b'{"amount": 99999999999999999999999}', {OP: "b:9"}),
-                         QuarantineReason.LIMIT_EXCEEDED),
-        "header flood": ((good_body, {OP: "b:10", **{f"h{i}": "v" for i in range(100)}}),
-                         QuarantineReason.LIMIT_EXCEEDED),
-        "header bytes flood": ((good_body, {OP: "b:11", "big": "v" * 20_000}),
-                               QuarantineReason.LIMIT_EXCEEDED),
-        "fingerprint mismatch": ((good_body, {OP: "b:12", "rs-fingerprint": "sha256:00"}),
-                                 QuarantineReason.FINGERPRINT_MISMATCH),
-        "garbage publish time": ((good_body, {OP: "b:13", HEADER_PUBLISHED_AT: "yesterday"}),
-                                 QuarantineReason.MALFORMED_HEADER),
-        "beyond the horizon": (
-            (good_body, {OP: "b:14", HEADER_PUBLISHED_AT: format_time(now - 30 * 86_400)}),
-            QuarantineReason.BEYOND_HORIZON),
-        "future timestamp": (
-            (good_body, {OP: "b:15", HEADER_PUBLISHED_AT: format_time(now + 86_400)}),
-            QuarantineReason.FUTURE_TIMESTAMP),
-    }  # fmt: skip
-
 
 CASES = sorted(_cases(0.0))
 

@@ -1,6 +1,6 @@
 """DESIGN §5 bad input through the real runtime on RabbitMQ and on SQS (moto).
 
-Every case of ``tests/test_bad_input.py::_cases`` that the broker can carry is published *raw*,
+Every case of ``tests/bad_inputs.py::_cases`` that the broker can carry is published *raw*,
 straight through the broker's own client (aio-pika, aiobotocore) in the documented wire format,
 between good messages published by the adapter. One real worker (App + SQLite ledger) consumes
 the mixed batch. Each bad message must be quarantined with its reason on the first attempt, each
@@ -40,8 +40,8 @@ from replaysafe.envelope import HEADER_OPERATION_ID
 from replaysafe.ledger.base import MAX_QUARANTINE_COPY
 from replaysafe.testing import EffectProbe
 
+from .bad_inputs import _cases
 from .broker_fixtures import rabbit_source, sqs_queue
-from .test_bad_input import _cases
 
 #: real seconds the whole mixed batch may take to settle (generous: a shared, slow machine)
 SETTLE = 60.0

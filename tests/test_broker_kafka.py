@@ -14,7 +14,7 @@ import sys
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from replaysafe.testing import EffectProbe
 from replaysafe.testing.contracts.broker import BrokerContract
 
 from .conftest import free_port
+from .waits import until
 
 #: short timers for Tansu: a join then takes ~2 s instead of ~23 s with Kafka's defaults
 FAST: dict[str, Any] = {
@@ -200,20 +201,6 @@ async def nothing(sub: Subscription, seconds: float = 1.5) -> None:
     if not task.cancelled() and task.exception() is None:
         d = task.result()
         pytest.fail(f"unexpected delivery {op_of(d)} (attempt {d.attempt})")
-
-
-async def eventually(check: Callable[[], Any], what: str, seconds: float = WAIT) -> None:
-    """Poll an async or sync condition until it holds (bounded)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        got = check()
-        if asyncio.iscoroutine(got):
-            got = await got
-        if got:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not reached within {seconds} s")
-        await asyncio.sleep(0.2)
 
 
 def murmur2(data: bytes) -> int:
@@ -535,7 +522,9 @@ async def test_a_plain_clients_record_arrives_raw_and_never_raises(kit: Kit) -> 
     assert second.body == b"" and second.key == "tombstone"
     await first.ack()
     await second.reject("tombstone")  # skipped: it counts as done for the commit
-    await eventually(lambda: _committed_is(broker, topic, g, {0: 2}), "commit of ack + reject")
+    await until(
+        lambda: _committed_is(broker, topic, g, {0: 2}), seconds=WAIT, what="commit of ack + reject"
+    )
 
 
 async def test_keys_map_to_murmur2_partitions_and_keep_their_order(kit: Kit) -> None:
@@ -574,8 +563,10 @@ async def test_nack_rewinds_its_partition_only_and_later_acks_are_dropped(kit: K
     assert op_of(flowing) == "b1", "the other partition keeps flowing while one is paused"
     await flowing.ack()
     pa, pb = partition_of(ka, 2), partition_of(kb, 2)
-    await eventually(
-        lambda: _committed_is(broker, topic, g, {pa: 2, pb: 2}), "commit of the contiguous acks"
+    await until(
+        lambda: _committed_is(broker, topic, g, {pa: 2, pb: 2}),
+        seconds=WAIT,
+        what="commit of the contiguous acks",
     )
     again = await recv_n(sub, 4)
     assert [(op_of(d), d.attempt, d.redelivered) for d in again] == [
@@ -584,7 +575,9 @@ async def test_nack_rewinds_its_partition_only_and_later_acks_are_dropped(kit: K
     assert [where(d)[1] for d in again] == [2, 3, 4, 5]
     for d in again:
         await d.ack()
-    await eventually(lambda: _committed_is(broker, topic, g, {pa: 6, pb: 2}), "final commit")
+    await until(
+        lambda: _committed_is(broker, topic, g, {pa: 6, pb: 2}), seconds=WAIT, what="final commit"
+    )
     await nothing(sub)
 
 
@@ -651,8 +644,10 @@ async def test_a_joining_consumer_mid_batch_loses_nothing_and_duplicates_only_un
     for d in got:
         if d is not late and d is not never:
             await d.ack()
-    await eventually(
-        lambda: _committed_is(broker, topic, g, {0: 8, 1: 2, 2: 2, 3: 8}), "commits before B"
+    await until(
+        lambda: _committed_is(broker, topic, g, {0: 8, 1: 2, 2: 2, 3: 8}),
+        seconds=WAIT,
+        what="commits before B",
     )
 
     async def settle_late() -> None:
@@ -670,7 +665,9 @@ async def test_a_joining_consumer_mid_batch_loses_nothing_and_duplicates_only_un
     seen: list[Delivery] = []
     pumps = [asyncio.ensure_future(_pump(s, seen)) for s in (a, b)]
     try:
-        await eventually(lambda: want <= {op_of(d) for d in seen}, "every record after B")
+        await until(
+            lambda: want <= {op_of(d) for d in seen}, seconds=WAIT, what="every record after B"
+        )
         await asyncio.sleep(1.5)  # anything else that was going to come
     finally:
         for t in pumps:
@@ -681,9 +678,10 @@ async def test_a_joining_consumer_mid_batch_loses_nothing_and_duplicates_only_un
     assert from_first == uncommitted, "only records after the unfinished one come again"
     assert {op_of(d) for d in seen} == want
     assert all(d.redelivered for d in seen if op_of(d) in uncommitted)
-    await eventually(
+    await until(
         lambda: _committed_is(broker, topic, g, {p: 11 for p in range(4)}),
-        "everything committed after the rebalance",
+        seconds=WAIT,
+        what="everything committed after the rebalance",
     )
 
 
@@ -711,7 +709,7 @@ async def test_a_saturated_consumer_still_lets_the_group_rebalance(kit: Kit) -> 
     for d in got:
         await d.ack()
     (p,) = parts
-    await eventually(lambda: _committed_is(broker, topic, g, {p: 4}), "B's commit")
+    await until(lambda: _committed_is(broker, topic, g, {p: 4}), seconds=WAIT, what="B's commit")
 
 
 async def _pump(sub: Subscription, seen: list[Delivery]) -> None:
@@ -732,7 +730,7 @@ async def test_committed_and_lag_report_the_groups_progress(kit: Kit) -> None:
     first, second, *_ = await recv_n(sub, 5)
     await first.ack()
     await second.ack()
-    await eventually(lambda: _committed_is(broker, topic, g, {0: 2}), "commit")
+    await until(lambda: _committed_is(broker, topic, g, {0: 2}), seconds=WAIT, what="commit")
     assert await broker.lag(topic, g) == {0: 3}
 
 
@@ -754,7 +752,7 @@ async def test_lag_reads_the_end_of_every_partition_in_one_pass(
     first = next(d for d in got if where(d) == (partition_of(keys[0], 4), 0))
     await first.ack()
     p0 = partition_of(keys[0], 4)
-    await eventually(lambda: _committed_is(broker, topic, g, {p0: 1}), "commit")
+    await until(lambda: _committed_is(broker, topic, g, {p0: 1}), seconds=WAIT, what="commit")
     assigned: list[int] = []
     real = broker._ck
 
@@ -863,7 +861,9 @@ async def test_a_seek_refused_for_the_partitions_state_is_retried_not_fatal(
     assert [(op_of(d), d.attempt) for d in again] == [("s0", 2), ("s1", 2), ("s2", 2)]
     for d in again:
         await d.ack()
-    await eventually(lambda: _committed_is(broker, topic, g, {0: 3}), "commit after the seek")
+    await until(
+        lambda: _committed_is(broker, topic, g, {0: 3}), seconds=WAIT, what="commit after the seek"
+    )
     del rest
 
 
@@ -976,11 +976,11 @@ async def _run_app(
     group_name = app.handlers["charge"].group
     records = Counter(partition_of(e.key or "", 4) for e in ops[:30] + ops[::5] + ops[30:])
     try:
-        await eventually(lambda: not probe.missing(subjects), "every operation applied", seconds=90)
-        await eventually(
+        await until(lambda: not probe.missing(subjects), seconds=90, what="every operation applied")
+        await until(
             lambda: _committed_is(broker, topic, group_name, dict(records)),
-            "every record committed",
             seconds=60,
+            what="every record committed",
         )
     finally:
         done.set()

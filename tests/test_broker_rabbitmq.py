@@ -14,7 +14,7 @@ import contextlib
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -63,6 +63,8 @@ from replaysafe.testing.contracts.broker import BrokerCase, BrokerContract
 from replaysafe.testing.netcut import CutRelay
 
 from .conftest import free_port
+from .runtime_harness import once_for
+from .waits import until
 
 RECEIVE = 15.0  # real seconds to wait for a delivery that must come (a slow, shared machine)
 
@@ -205,20 +207,6 @@ async def nothing(sub: Subscription, seconds: float) -> None:
     if task.exception() is None:
         d = task.result()
         pytest.fail(f"unexpected delivery of {op_of(d)!r} (attempt {d.attempt})")
-
-
-async def until(cond: Callable[[], Any], *, seconds: float, what: str) -> None:
-    """Poll ``cond`` (sync or async) until truthy, for at most ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while True:
-        value = cond()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not reached within {seconds}s")
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture
@@ -738,18 +726,6 @@ async def test_extend_names_the_broker_and_the_alternative(rabbit: Rabbit) -> No
 # --------------------------------------------------------------------------- end to end
 
 
-def _once_for(op: str) -> Callable[[Any], bool]:
-    fired: set[str] = set()
-
-    def when(ctx: Any) -> bool:
-        if ctx.get("operation_id") == op and op not in fired:
-            fired.add(op)
-            return True
-        return False
-
-    return when
-
-
 class Supervised:
     """Workers of one app, restarted after a simulated crash (as a process supervisor would)."""
 
@@ -822,7 +798,7 @@ async def _end_to_end(
             for op in copies
         ],
     )
-    failpoints.enable(fp.AFTER_EFFECT_BEFORE_LEDGER, "kill", when=_once_for(victim))
+    failpoints.enable(fp.AFTER_EFFECT_BEFORE_LEDGER, "kill", when=once_for(victim))
     subjects = [op.split(":")[1] for op in ops]
     sup = Supervised(app, workers=2)
     try:

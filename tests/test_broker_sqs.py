@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -44,6 +44,8 @@ from replaysafe.errors import (
 from replaysafe.explain import explain
 from replaysafe.testing import EffectProbe
 from replaysafe.testing.contracts.broker import BrokerContract
+
+from .runtime_harness import once_for
 
 REGION = "us-east-1"
 CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
@@ -774,18 +776,6 @@ def test_capabilities_follow_the_queue_type() -> None:
 
 
 # --------------------------------------------------------------------------- end to end
-
-
-def once_for(op: str) -> Callable[[Any], bool]:
-    fired: set[str] = set()
-
-    def when(ctx: Any) -> bool:
-        if ctx.get("operation_id") == op and op not in fired:
-            fired.add(op)
-            return True
-        return False
-
-    return when
 
 
 def order(i: int) -> Envelope:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -34,7 +33,7 @@ import pytest
 
 from replaysafe.envelope import Envelope
 
-from .conftest import free_port, unavailable
+from .conftest import free_port, subprocess_env, unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "tests.apps.ops_app:app"
@@ -44,9 +43,7 @@ NOISE = ("Traceback", "Task was destroyed", "Event loop is closed", "never await
 
 
 def ops_env(tmp_path: Path, **env: str) -> dict[str, str]:
-    # src first: the package under test, whatever else the interpreter could import
-    path = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
-    return {**os.environ, "PYTHONPATH": path, "OPS_DIR": str(tmp_path), **env}
+    return subprocess_env(OPS_DIR=str(tmp_path), **env)
 
 
 def assert_quiet(err: str) -> None:
@@ -218,23 +215,41 @@ def _get(url: str) -> tuple[int, str]:
 
 
 class RedisServer:
-    """A throwaway redis-server (no persistence) on a fixed port, stopped and started at will."""
+    """A throwaway redis-server on a fixed port, stopped and started again at will. Its argv is
+    the one ``replaysafe.testing.servers.local_redis`` builds (no persistence, files in a
+    directory of the test's own); that helper picks a new port per start, and this test needs
+    the same one back after an outage. Use the ``redis_server`` fixture: it always stops it."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, workdir: Path) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
-            unavailable("Redis", "redis-server is not installed")
+            unavailable("Redis", "redis-server is not installed (apt-get install redis)")
         self.argv = [str(exe), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                     "--appendonly", "no"]  # fmt: skip
+                     "--appendonly", "no", "--dir", str(workdir), "--daemonize", "no"]  # fmt: skip
         self.port = port
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        from replaysafe.testing.servers import port_open
-
+        """Start it and wait (bounded) until it answers PING as itself: the port may have been
+        taken by another test's server while this one was down, and then ours exits."""
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)  # fmt: skip
-        wait_until(lambda: port_open("127.0.0.1", self.port, 0.2), 20, "redis-server listening")
+        wait_until(self._answers, 20, f"redis-server answering on port {self.port}")
+
+    def _answers(self) -> bool:
+        import redis
+
+        assert self.proc is not None
+        code = self.proc.poll()
+        assert code is None, f"redis-server exited {code} (is port {self.port} taken?)"
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=1)
+        try:
+            # the PING is answered, and by this process, not by a server that took the port
+            return bool(client.ping()) and client.info("server")["process_id"] == self.proc.pid
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -243,42 +258,56 @@ class RedisServer:
             self.proc = None
 
 
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A started :class:`RedisServer` on a free port; stopped afterwards, whatever happened
+    (also when its first start fails)."""
+    try:
+        import redis  # noqa: F401 - the ledger's driver; the server is no use without it
+    except ImportError:
+        unavailable("Redis", "redis-py is not installed (pip install 'replaysafe[redis]')")
+    workdir = tmp_path / "redis"
+    workdir.mkdir()
+    server = RedisServer(free_port(), workdir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
 def test_readyz_follows_a_ledger_outage_and_the_worker_exits_after_the_limit(
-    tmp_path: Path, runs: list[Run]
+    tmp_path: Path, runs: list[Run], redis_server: RedisServer
 ) -> None:
-    redis = RedisServer(free_port())
-    redis.start()
+    redis = redis_server
     metrics = free_port()
     env = ops_env(tmp_path, OPS_LEDGER=f"redis://127.0.0.1:{redis.port}/0", OPS_PREFIX="rs:")
-    try:
-        # every interface: the scrape and the probes come from another pod
-        run = Run(env, "--metrics-port", str(metrics), "--metrics-host", "0.0.0.0",
-                  "--max-ledger-outage", "8")  # fmt: skip
-        runs.append(run)
-        run.wait_for("running as")
-        base = f"http://127.0.0.1:{metrics}"
-        wait_until(lambda: _get(f"{base}/readyz")[0] == 200, 10, "ready")
-        assert _get(f"{base}/healthz")[0] == 200
-        status, body = _get(f"{base}/metrics")
-        assert status == 200 and "replaysafe_replay_horizon_seconds" in body
+    # every interface: the scrape and the probes come from another pod
+    run = Run(env, "--metrics-port", str(metrics), "--metrics-host", "0.0.0.0",
+              "--max-ledger-outage", "8")  # fmt: skip
+    runs.append(run)
+    run.wait_for("running as")
+    base = f"http://127.0.0.1:{metrics}"
+    wait_until(lambda: _get(f"{base}/readyz")[0] == 200, 10, "ready")
+    assert _get(f"{base}/healthz")[0] == 200
+    status, body = _get(f"{base}/metrics")
+    assert status == 200 and "replaysafe_replay_horizon_seconds" in body
 
-        redis.stop()  # the ledger goes away for real
-        wait_until(lambda: _get(f"{base}/readyz")[0] == 503, 10, "503 while the ledger is down")
-        status, body = _get(f"{base}/readyz")
-        assert "ledger: unreachable" in body and "broker: reachable" in body, body
-        assert _get(f"{base}/healthz")[0] == 200  # alive: a restart is not what fixes this
+    redis.stop()  # the ledger goes away for real
+    wait_until(lambda: _get(f"{base}/readyz")[0] == 503, 10, "503 while the ledger is down")
+    status, body = _get(f"{base}/readyz")
+    assert "ledger: unreachable" in body and "broker: reachable" in body, body
+    assert _get(f"{base}/healthz")[0] == 200  # alive: a restart is not what fixes this
 
-        redis.start()  # back before the limit
-        wait_until(lambda: _get(f"{base}/readyz")[0] == 200, 15, "ready again")
-        assert run.proc.poll() is None
-        run.wait_for("ledger reachable again")
+    redis.start()  # back before the limit
+    wait_until(lambda: _get(f"{base}/readyz")[0] == 200, 15, "ready again")
+    assert run.proc.poll() is None
+    run.wait_for("ledger reachable again")
 
-        redis.stop()  # and away for longer than --max-ledger-outage
-        down = time.monotonic()
-        code = run.finish(seconds=60)
-        waited = time.monotonic() - down
-    finally:
-        redis.stop()
+    redis.stop()  # and away for longer than --max-ledger-outage
+    down = time.monotonic()
+    code = run.finish(seconds=60)
+    waited = time.monotonic() - down
     err = run.err
     assert code == 3, err
     assert waited >= 8, f"exited {waited:.1f}s into an 8 s outage allowance:\n{err}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -19,11 +18,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_sigterm_drains_in_flight_work(tmp_path: Path) -> None:
-    from .conftest import free_port
+    from .conftest import free_port, subprocess_env
 
     out = tmp_path / "done.txt"
     port = free_port()
-    env = {**os.environ, "SLOW_APP_OUT": str(out), "PYTHONPATH": str(ROOT)}
+    env = subprocess_env(SLOW_APP_OUT=str(out))
     proc = subprocess.Popen(
         [sys.executable, "-m", "replaysafe.cli", "run", "tests.apps.slow_app:app",
          "--drain-timeout", "20", "--metrics-port", str(port)],

@@ -14,7 +14,6 @@ from replaysafe import (
     ConfigurationError,
     Context,
     Effect,
-    Envelope,
     Guarantee,
     MemoryBroker,
     MemoryLedger,
@@ -25,13 +24,9 @@ from replaysafe import (
 from replaysafe import observe as o
 from replaysafe.app import DEADLINE_LEASES, App
 
-from .runtime_harness import Harness
+from .runtime_harness import Harness, order
 
 EO, ALO, AMO = Guarantee.EFFECTIVELY_ONCE, Guarantee.AT_LEAST_ONCE, Guarantee.AT_MOST_ONCE
-
-
-def order(i: int) -> Envelope:
-    return Envelope.of(f"charge:order-{i}", {"order": f"order-{i}", "amount": 10})
 
 
 async def test_a_slow_handler_under_a_short_lease_completes_once_by_default() -> None:

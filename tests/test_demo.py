@@ -13,6 +13,8 @@ from click.testing import CliRunner
 from replaysafe.cli import main
 from replaysafe.demo import FAULTS, fault_plan
 
+from .conftest import subprocess_env
+
 
 def run_json(*args: str) -> dict[str, object]:
     result = CliRunner().invoke(main, ["demo", "--json", *args])
@@ -65,6 +67,7 @@ def test_demo_default_size_from_the_console_script() -> None:
     started = time.monotonic()
     out = subprocess.run(
         [sys.executable, "-m", "replaysafe.cli", "demo", "--json"],
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=120,

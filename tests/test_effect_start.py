@@ -19,7 +19,6 @@ from replaysafe import (
     Context,
     Effect,
     EffectRisk,
-    Envelope,
     Guarantee,
     LeaseLost,
     LedgerUnavailable,
@@ -34,15 +33,10 @@ from replaysafe import observe as o
 from replaysafe.ledger.base import Claim, ClaimOutcome, ClaimRequest, Ledger
 from replaysafe.testing import FakeClock
 
-from .runtime_harness import Harness
-from .test_runtime import once_for
+from .runtime_harness import Harness, once_for, order, run
 
 EO, ALO = Guarantee.EFFECTIVELY_ONCE, Guarantee.AT_LEAST_ONCE
 RETRY = RetryPolicy(max_attempts=3, base_delay=0.1, max_delay=0.3)
-
-
-def order(i: int) -> Envelope:
-    return Envelope.of(f"charge:order-{i}", {"order": f"order-{i}", "amount": 10})
 
 
 class CountingLedger(MemoryLedger):
@@ -84,13 +78,6 @@ def charging(h: Harness, **kwargs: Any) -> list[str]:
     return runs
 
 
-async def run(h: Harness, *envs: Envelope, seconds: float = 120) -> None:
-    await h.publish(*envs)
-    h.start()
-    await h.drain(seconds=seconds)
-    await h.stop()
-
-
 @pytest.mark.parametrize("point", [fp.AFTER_CLAIM, fp.BEFORE_EFFECT])
 async def test_a_claim_killed_before_its_effect_started_is_rerun_not_quarantined(
     point: str,
@@ -120,7 +107,11 @@ async def test_a_claim_killed_after_its_effect_started_stays_outcome_unknown() -
 async def test_a_started_effect_is_not_forgotten_when_the_next_attempt_dies_early() -> None:
     """Attempt 1 starts its effect and dies; attempt 2 takes over and dies right after its claim
     (before it could quarantine). Attempt 3 must not read attempt 2's "never started" alone: the
-    chaos harness found exactly this as a silent second charge."""
+    chaos harness found exactly this as a silent second charge.
+
+    A guard of the start-mark design, not of the issue's bug: the pre-issue code (no marks, every
+    recovered unkeyed claim quarantined) passes it too. It failed on the first version of the
+    mark design (8873c80), which judged a recovered claim by the last attempt's mark only."""
     h = Harness(honour_keys=False)
     runs = charging(h, guarantee=EO, effect=Effect.unkeyed("smtp"))
     op = "charge:order-1"

@@ -4,7 +4,7 @@ local services, stops by itself, and applies each effect once; the README quotes
 from __future__ import annotations
 
 import asyncio
-import os
+import inspect
 import re
 import subprocess
 import sys
@@ -13,6 +13,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from .conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -29,7 +31,7 @@ RUN_BY = {
 def run_example(name: str, env: dict[str, str], timeout: float = 180) -> list[str]:
     """Run ``examples/<name>``; it must exit 0 by itself, without a traceback. Its stdout lines."""
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / name)], env={**os.environ, **env}, cwd=ROOT,
+        [sys.executable, str(EXAMPLES / name)], env=subprocess_env(**env), cwd=ROOT,
         capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -132,8 +134,10 @@ def test_plain_producer(amqp_url: str, tmp_path: Path) -> None:
 
 def test_every_example_is_run() -> None:
     assert {p.name for p in EXAMPLES.glob("*.py")} == set(RUN_BY)
-    for test in RUN_BY.values():
+    for example, test in RUN_BY.items():
         assert callable(globals()[test]), test
+        # the test named for an example runs that file, not another one
+        assert f'run_example("{example}"' in inspect.getsource(globals()[test]), (example, test)
 
 
 # ---------------------------------------------------------------------------- README quotes

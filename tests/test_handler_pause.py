@@ -12,12 +12,12 @@ import contextlib
 import json
 import sys
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from click.testing import CliRunner
 
-from replaysafe import Context, Effect, Envelope, Guarantee
+from replaysafe import Context, Effect, Guarantee
 from replaysafe import observe as o
 from replaysafe.cli import main
 from replaysafe.errors import ConfigurationError, LedgerUnavailable
@@ -25,14 +25,11 @@ from replaysafe.ledger.base import PauseState
 from replaysafe.ledger.memory import MemoryLedger
 from replaysafe.testing import FakeClock
 
-from .runtime_harness import SOURCE, Harness
+from .runtime_harness import SOURCE, Harness, order
+from .waits import until
 
 EO = Guarantee.EFFECTIVELY_ONCE
 HANDLER = "charge"
-
-
-def order(i: int) -> Envelope:
-    return Envelope.of(f"charge:order-{i}", {"order": f"order-{i}", "amount": 10})
 
 
 class Gated:
@@ -65,15 +62,6 @@ async def idle(h: Harness, seconds: float) -> None:
         h.clock.advance(0.25)
         for _ in range(10):
             await asyncio.sleep(0)
-
-
-async def until(cond: Callable[[], bool], seconds: float) -> None:
-    """Real time: poll ``cond`` until it holds (bounded)."""
-    async with asyncio.timeout(seconds):
-        while True:
-            if cond():
-                return
-            await asyncio.sleep(0.1)
 
 
 def broker_counts(h: Harness) -> tuple[int, int]:
@@ -310,14 +298,17 @@ async def test_a_paused_kafka_handler_keeps_its_group_membership(
     task = asyncio.create_task(worker.run(drain_timeout=5))
     try:
         # joined: the Kafka subscription has its partitions (it subscribes even while paused)
-        await until(lambda: bool(worker._subs) and worker._subs[0]._assigned.is_set(), 60)  # type: ignore[attr-defined]
+        await until(
+            lambda: bool(worker._subs) and worker._subs[0]._assigned.is_set(),  # type: ignore[attr-defined]
+            seconds=60, what="the Kafka partitions assigned",
+        )  # fmt: skip
         now = time.time()
         await broker.publish(topic, [order(i).with_published_at(now) for i in range(10)])
         await asyncio.sleep(2 * max_poll + 1.0)  # paused: nothing may be fetched meanwhile
         assert probe.effects == [] and worker.stats.total(o.RECEIVED) == 0
         assert not task.done()
         await ledger.set_paused(HANDLER, False)
-        await until(lambda: len(probe.per_subject()) == 10, 30)
+        await until(lambda: len(probe.per_subject()) == 10, seconds=30, what="10 orders applied")
         changes = [r.getMessage() for r in caplog.records
                    if " revoked " in r.getMessage() or " lost " in r.getMessage()
                    or "poll interval" in r.getMessage()]  # fmt: skip

@@ -1,6 +1,6 @@
-"""What ``App.handler`` accepts and refuses at registration, and what it says (issue 13, items 1a
-and 9): only handlers that return an awaitable by construction, and a warning when a handler's
-deadline is shorter than its lease."""
+"""What ``App.handler`` accepts and refuses at registration, and what it says (issue 13, item 1a):
+only handlers that return an awaitable by construction. The warning at registration about a
+deadline shorter than the lease (item 9) is tested in tests/test_deadline.py."""
 
 from __future__ import annotations
 

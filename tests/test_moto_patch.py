@@ -8,6 +8,8 @@ import json
 import subprocess
 import sys
 
+from .conftest import subprocess_env
+
 RACE = r"""
 import json, sys, threading, time
 sys.setswitchinterval(1e-5)  # switch threads often: the unpatched race shows within 1,000 messages
@@ -43,7 +45,8 @@ print(json.dumps({"received": len(got), "distinct": len(set(got)),
 
 def test_patched_moto_loses_and_repeats_nothing_under_racing_requests() -> None:
     out = subprocess.run(
-        [sys.executable, "-c", RACE], capture_output=True, text=True, timeout=120, check=True
-    )
+        [sys.executable, "-c", RACE], env=subprocess_env(), capture_output=True, text=True,
+        timeout=120, check=True,
+    )  # fmt: skip
     counts = json.loads(out.stdout.strip().splitlines()[-1])
     assert counts == {"received": 600, "distinct": 600, "missing": 0}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import sqlite3
 import subprocess
@@ -43,6 +42,7 @@ from replaysafe.outbox import OutboxStore, Relay, SQLiteOutboxStore
 from replaysafe.testing import FakeClock
 from replaysafe.testing.contracts import OutboxStoreContract
 
+from .conftest import subprocess_env
 from .runtime_harness import SOURCE, Harness
 
 EO = Guarantee.EFFECTIVELY_ONCE
@@ -859,7 +859,7 @@ def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> 
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env=subprocess_env(**(env or {})),
     )
 
 
@@ -925,7 +925,7 @@ def test_relay_process_stops_gracefully_on_sigterm(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "replaysafe.cli", "outbox", "relay", "--ledger", f"sqlite:{path}",
          "--broker", "memory", "--poll-interval", "0.05"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60

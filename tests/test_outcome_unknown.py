@@ -21,7 +21,6 @@ from replaysafe import (
     Effect,
     EffectNotApplied,
     EffectRisk,
-    Envelope,
     Guarantee,
     OpKey,
     OutcomeUnknown,
@@ -31,14 +30,10 @@ from replaysafe import (
 )
 from replaysafe import observe as o
 
-from .runtime_harness import Harness
+from .runtime_harness import Harness, order, run
 
 EO = Guarantee.EFFECTIVELY_ONCE
 RETRY = RetryPolicy(max_attempts=3, base_delay=0.1, max_delay=0.5)
-
-
-def order(i: int) -> Envelope:
-    return Envelope.of(f"charge:order-{i}", {"order": f"order-{i}", "amount": 10})
 
 
 def timing_out(h: Harness, times: int) -> tuple[list[str], Any]:
@@ -54,13 +49,6 @@ def timing_out(h: Harness, times: int) -> tuple[list[str], Any]:
         return fx
 
     return runs, charge
-
-
-async def run(h: Harness, *envs: Envelope) -> None:
-    await h.publish(*envs)
-    h.start()
-    await h.drain()
-    await h.stop()
 
 
 async def test_keyed_effect_is_retried_and_the_key_makes_the_retry_safe() -> None:

@@ -39,6 +39,7 @@ from replaysafe.brokers.base import Broker
 from replaysafe.errors import ConfigurationError
 
 from .broker_fixtures import rabbit_source, sqs_queue
+from .conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 HANDLER = "work"
@@ -151,9 +152,8 @@ async def run_case(
 
 def base_env(tmp_path: Path, source: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "REPLAYSAFE_FAILPOINTS"}
-    return {**env, "PYTHONPATH": str(ROOT), "POISON_DIR": str(tmp_path),
-            "POISON_SOURCE": source, "POISON_OP": POISON, "POISON_GROUP": GROUP,
-            "POISON_MAX_ATTEMPTS": str(MAX_ATTEMPTS)}  # fmt: skip
+    return subprocess_env(env, POISON_DIR=str(tmp_path), POISON_SOURCE=source, POISON_OP=POISON,
+                          POISON_GROUP=GROUP, POISON_MAX_ATTEMPTS=str(MAX_ATTEMPTS))  # fmt: skip
 
 
 # --------------------------------------------------------------------------- brokers
@@ -230,7 +230,7 @@ def test_sigkill_action_kills_the_process_with_a_real_sigkill() -> None:
         "asyncio.run(fps.hit('before_effect', {}))\n"
         "print('survived')\n"
     )
-    env = {**os.environ, "REPLAYSAFE_FAILPOINTS": "before_effect=sigkill"}
+    env = subprocess_env(REPLAYSAFE_FAILPOINTS="before_effect=sigkill")
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, timeout=60, check=False
     )

@@ -8,6 +8,8 @@ import sys
 import replaysafe
 from replaysafe import errors
 
+from .conftest import subprocess_env
+
 EXPECTED = {
     # model
     "Envelope", "Limits", "operation_id", "fingerprint", "canonical_json",
@@ -62,7 +64,8 @@ def test_import_replaysafe_imports_no_driver() -> None:
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {DRIVERS!r}"
         f" or m in {sorted(LAZY.values())!r}))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True,
+                         text=True, check=True)  # fmt: skip
     assert out.stdout.strip() == "[]", out.stdout
 
 

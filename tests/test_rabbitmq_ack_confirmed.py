@@ -11,6 +11,9 @@ the ack with one synchronous method on the same channel and returns once RabbitM
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -27,6 +30,7 @@ from replaysafe.errors import BrokerUnavailable
 from replaysafe.testing.netcut import CutRelay
 
 from .broker_fixtures import rabbit_source
+from .conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 #: SIGKILLs right after ack_confirmed() returned (issue 13 asks for 200; ~20-40 s here)
@@ -34,6 +38,8 @@ ROUNDS = 200
 #: children alive at a time (the machine has 2 cores, shared)
 PARALLEL = 2
 RECEIVE = 15.0
+#: seconds the queue must stay empty before a drain counts as complete
+QUIET = 1.0
 
 
 @pytest.fixture
@@ -48,22 +54,39 @@ def _envelopes(n: int) -> list[Envelope]:
 
 
 async def _drain(broker: RabbitMQBroker, name: str, group: str, expect: int) -> list[str]:
-    """Every operation id left in the group's queue (``expect`` of them, bounded in time)."""
+    """Every operation id left in the group's queue, each acked: read until ``expect`` came,
+    then on until the queue has been empty, with nothing buffered or unsettled, for ``QUIET``
+    seconds in a row (all within ``RECEIVE``), so that a late redelivery is counted instead of
+    being left behind unseen; the queue must then be empty."""
     sub = await broker.subscribe(name, group, prefetch=64)
     ops: list[str] = []
+    loop = asyncio.get_running_loop()
+
+    async def take(batch: list[Any]) -> bool:
+        for d in batch:
+            ops.append(d.headers[HEADER_OPERATION_ID])
+            await d.ack()
+        return bool(batch)
+
     try:
         async with asyncio.timeout(RECEIVE):
             while len(ops) < expect:
-                for d in await sub.next_batch(64):
-                    ops.append(d.headers[HEADER_OPERATION_ID])
-                    await d.ack()
-        await asyncio.sleep(0.5)  # anything beyond ``expect`` is in the buffer by now
-        while sub._buffer.qsize():  # type: ignore[attr-defined]
-            for d in await sub.next_batch(64):
-                ops.append(d.headers[HEADER_OPERATION_ID])
-                await d.ack()
+                await take(await sub.next_batch(64))
+            quiet_since = loop.time()
+            while loop.time() - quiet_since < QUIET:
+                try:
+                    async with asyncio.timeout(0.2):  # a cancelled next_batch loses nothing
+                        batch = await sub.next_batch(64)
+                except TimeoutError:
+                    batch = []
+                got = await take(batch)
+                ready = (await broker.queue_depths(name, group))[f"{name}/{group}"]
+                if got or ready or broker.in_flight():
+                    quiet_since = loop.time()
     finally:
         await sub.close()
+    depths = await broker.queue_depths(name, group)
+    assert depths[f"{name}/{group}"] == 0, (depths, "messages arrived after the drain")
     return ops
 
 
@@ -80,11 +103,20 @@ async def test_a_sigkill_right_after_ack_confirmed_never_brings_the_message_back
     await broker.publish(name, sent)
     log = tmp_path / "rounds.log"
     started = time.monotonic()
+    # its own session: the parent and its forked children are one process group, killed
+    # together if this test stops waiting for them (else they keep consuming the queue)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.apps.rabbit_ack_kill", amqp_url, name, group, str(ROUNDS),
-        str(log), str(PARALLEL), cwd=ROOT, stderr=subprocess.PIPE,
+        str(log), str(PARALLEL), cwd=ROOT, env=subprocess_env(), stderr=subprocess.PIPE,
+        start_new_session=True,
     )  # fmt: skip
-    _, err = await asyncio.wait_for(proc.communicate(), timeout=240)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), timeout=240)
+    except BaseException:  # a timeout, a cancellation: no child may outlive the test
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await asyncio.wait_for(proc.wait(), timeout=10)
+        raise
     seconds = time.monotonic() - started
     lines = [ln.split() for ln in log.read_text().splitlines()]
     assert proc.returncode == 0, (lines[-5:], err.decode()[-2000:])
@@ -110,8 +142,11 @@ async def test_a_sigkill_right_after_ack_confirmed_never_brings_the_message_back
     assert sorted(left) == sorted(e.operation_id for e in sent if e.operation_id not in seen)
 
 
-def _spy(channel: Any, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, bool]]:
-    """Record every basic.ack and basic.qos sent on ``channel``, in order."""
+def _spy(
+    channel: Any, monkeypatch: pytest.MonkeyPatch, qos_sent: asyncio.Event | None = None
+) -> list[tuple[str, int, bool]]:
+    """Record every basic.ack and basic.qos sent on ``channel``, in order; set ``qos_sent`` once
+    a basic.qos is being sent."""
     frames: list[tuple[str, int, bool]] = []
     real_ack, real_qos = channel.basic_ack, channel.basic_qos
 
@@ -121,6 +156,8 @@ def _spy(channel: Any, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, 
 
     async def qos(**kw: Any) -> Any:
         frames.append(("qos", kw["prefetch_count"], False))
+        if qos_sent is not None:
+            qos_sent.set()
         return await real_qos(**kw)
 
     monkeypatch.setattr(channel, "basic_ack", ack)
@@ -153,7 +190,7 @@ async def test_a_batch_of_ack_confirmed_costs_one_round_trip(
 
 
 async def test_ack_confirmed_raises_when_the_channel_dies_before_rabbitmq_answers(
-    amqp_url: str, source: tuple[RabbitMQBroker, str, str]
+    amqp_url: str, source: tuple[RabbitMQBroker, str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The ack went out but the answer to the round trip never came (the connection was cut
     while the relay held the server's replies): not confirmed, so at-most-once must not run the
@@ -167,9 +204,16 @@ async def test_ack_confirmed_raises_when_the_channel_dies_before_rabbitmq_answer
         await broker.publish(name, _envelopes(1))
         async with asyncio.timeout(RECEIVE):
             d = await anext(sub)
+        assert isinstance(d, RabbitMQDelivery)
+        qos_sent = asyncio.Event()
+        frames = _spy(d.message.channel, monkeypatch, qos_sent)
         relay.hold_replies()
         confirming = asyncio.ensure_future(d.ack_confirmed())
-        await asyncio.sleep(0.5)  # the ack and the qos are sent; qos-ok is held in the relay
+        # cut only once the round trip is under way: the ack frame was written (the qos is
+        # sent after it) and qos-ok is held in the relay. Cut earlier, and the error would be
+        # "was not written", another case
+        await asyncio.wait_for(qos_sent.wait(), RECEIVE)
+        assert frames[0] == ("ack", d.tag, True), frames
         assert not confirming.done()
         relay.cut()
         with pytest.raises(BrokerUnavailable, match="closed before RabbitMQ confirmed"):

@@ -7,8 +7,8 @@ delivers the same message first again: the queue was wedged, nothing behind it d
 logged as a bad message. Now the frame is decoded tolerantly, the delivery is marked and the
 runtime quarantines it as ``malformed_transport_header``.
 
-The producer here is aiormq with pamqp's encoder patched (:func:`raw_encoder`) so that it writes
-the given bytes as they are, as a producer in another language may.
+The producer here is aiormq with pamqp's encoder patched (``tests/bad_inputs.py::raw_encoder``) so
+that it writes the given bytes as they are, as a producer in another language may.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
-import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -30,135 +29,26 @@ from replaysafe.envelope import HEADER_MALFORMED_TRANSPORT, Envelope, decode_wir
 from replaysafe.errors import MalformedTransportHeader
 from replaysafe.testing.netcut import CutRelay
 
+from .bad_inputs import (  # noqa: F401 - raw_encoder is a fixture
+    BAD,
+    _consumers,
+    frame_headers,
+    raw_encoder,
+    send_frame,
+    shortstr,
+    table,
+    text_entry,
+)
 from .broker_fixtures import rabbit_source
-from .test_broker_rabbitmq import until
+from .waits import until
 
 RECEIVE = 30.0
-
-
-def shortstr(raw: bytes) -> bytes:
-    return struct.pack("B", len(raw)) + raw
-
-
-def table(*entries: bytes) -> bytes:
-    body = b"".join(entries)
-    return struct.pack(">I", len(body)) + body
-
-
-def text_entry(key: str, value: str) -> bytes:
-    raw = value.encode()
-    return shortstr(key.encode()) + b"S" + struct.pack(">I", len(raw)) + raw
-
-
-def nested(depth: int) -> bytes:
-    inner = table()
-    for _ in range(depth):
-        inner = table(shortstr(b"n") + b"F" + inner)
-    return inner
-
-
-class Raw(bytes):
-    """A property value pamqp's patched encoder writes as these exact bytes (its length
-    prefix included), whatever the property's type."""
-
-
-@pytest.fixture
-def raw_encoder(monkeypatch: pytest.MonkeyPatch) -> None:
-    """pamqp writes a :class:`Raw` value as it is: for short strings, timestamps and tables.
-    Every other value is encoded as before (normal code never passes ``Raw``)."""
-    from pamqp import encode
-
-    for kind in ("shortstr", "timestamp", "table"):
-        real = encode.METHODS[kind]
-
-        def patched(value: Any, real: Callable[[Any], bytes] = real) -> bytes:
-            return bytes(value) if isinstance(value, Raw) else real(value)
-
-        monkeypatch.setitem(encode.METHODS, kind, patched)
-
-
-#: (name, properties (a Raw value is sent as its bytes), header table entries sent raw after an
-#: rs-operation-id entry (None: headers are just the rs-operation-id), routing key, what the
-#: quarantine says). Unfixed, each one killed the consuming connection in a loop (measured on
-#: RabbitMQ 3.10.8) and nothing behind it was delivered.
-BAD: list[tuple[str, dict[str, Any], bytes | None, str | Raw, str]] = [
-    ("timestamp 2**63-1", {"timestamp": Raw(struct.pack(">Q", 2**63 - 1))}, None, "",
-     "property timestamp: 9223372036854775807 is not a time"),
-    ("timestamp in microseconds", {"timestamp": Raw(struct.pack(">Q", 1_700_000_000_000_000))},
-     None, "", "property timestamp: 1700000000000000 is not a time"),
-    ("content_type \\xff\\xfe", {"content_type": Raw(shortstr(b"\xff\xfe"))}, None, "",
-     "property content_type: 2 bytes that are not UTF-8"),
-    ("content_encoding", {"content_encoding": Raw(shortstr(b"gz\xffip"))}, None, "",
-     "property content_encoding: 5 bytes that are not UTF-8"),
-    ("message_id", {"message_id": Raw(shortstr(b"id-\xc3\x28"))}, None, "",
-     "property message_id: 5 bytes that are not UTF-8"),
-    ("correlation_id", {"correlation_id": Raw(shortstr(b"\xff"))}, None, "",
-     "property correlation_id: 1 bytes that are not UTF-8"),
-    ("reply_to", {"reply_to": Raw(shortstr(b"\xfe"))}, None, "",
-     "property reply_to: 1 bytes that are not UTF-8"),
-    ("type", {"message_type": Raw(shortstr(b"t\xff"))}, None, "",
-     "property message_type: 2 bytes that are not UTF-8"),
-    ("app_id", {"app_id": Raw(shortstr(b"\xffapp"))}, None, "",
-     "property app_id: 4 bytes that are not UTF-8"),
-    ("header name", {}, shortstr(b"k\xff") + b"b\x01", "",
-     "a header name of 2 bytes that are not UTF-8"),
-    ("header timestamp", {}, shortstr(b"t") + b"T" + b"\xff" * 8, "",
-     "header 't': 18446744073709551615 is not a time"),
-    ("nested header name", {}, shortstr(b"n") + b"F" + table(shortstr(b"\xfe") + b"b\x01"), "",
-     "header 'n': a header name of 1 bytes"),
-    ("array item timestamp", {},
-     shortstr(b"a") + b"A" + struct.pack(">I", 9) + b"T" + struct.pack(">Q", 2**64 - 2), "",
-     "header 'a': item 0: 18446744073709551614 is not a time"),
-    ("headers nested 600 deep", {}, shortstr(b"n") + b"F" + nested(599), "",
-     "nested deeper than 32 levels"),
-    ("routing key", {}, None, Raw(shortstr(b"\xff\xfe")),
-     "routing_key: 2 bytes that are not UTF-8"),
-    # pamqp decodes it (as bytes): U+FFFD in its place would make two ids one (see _amqp_decode)
-    ("rs-* header value", {}, shortstr(b"rs-published-at") + b"S" + struct.pack(">I", 2)
-     + b"\xff\xfe", "", "header 'rs-published-at': 2 bytes that are not UTF-8"),
-]  # fmt: skip
-
-
-def frame_headers(op: str, entries: bytes | None) -> dict[str, str] | Raw:
-    """The headers of a :data:`BAD` message: ``rs-operation-id`` = ``op``, then its raw table
-    entries (None: none)."""
-    if entries is None:
-        return {"rs-operation-id": op}
-    return Raw(table(text_entry("rs-operation-id", op) + entries))
-
-
-async def send_frame(
-    channel: Any, exchange: str, props: dict[str, Any], body: bytes, routing_key: str | Raw = ""
-) -> None:
-    """Publish through the aiormq ``channel`` (publisher confirms on) as a plain producer
-    would: ``props`` as AMQP properties, a :class:`Raw` value written as its bytes (with the
-    :func:`raw_encoder` fixture); RabbitMQ must confirm it."""
-    import aiormq
-
-    props.setdefault("message_id", f"m-{uuid.uuid4().hex[:8]}")
-    ok = await channel.basic_publish(
-        body, exchange=exchange, routing_key=routing_key,
-        properties=aiormq.spec.Basic.Properties(**props),
-    )  # fmt: skip
-    assert isinstance(ok, aiormq.spec.Basic.Ack)  # RabbitMQ stored it as it was
 
 
 @pytest.fixture
 async def source(amqp_url: str) -> AsyncIterator[tuple[RabbitMQBroker, str, str]]:
     async with rabbit_source(amqp_url, "rs-malformed", ["g"]) as (broker, name):
         yield broker, name, "g"
-
-
-async def _consumers(url: str, queue: str) -> int:
-    import aio_pika
-
-    conn = await aio_pika.connect(url)
-    try:
-        channel = await conn.channel()
-        q = await channel.declare_queue(queue, passive=True)
-        return int(q.declaration_result.consumer_count or 0)
-    finally:
-        await conn.close()
 
 
 @pytest.mark.usefixtures("raw_encoder")

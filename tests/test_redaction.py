@@ -19,18 +19,9 @@ from replaysafe import observe as o
 from replaysafe.observe.prometheus import render
 from replaysafe.redrive import redrive
 
-from .runtime_harness import Harness
+from .runtime_harness import EMAIL, Harness, mask_emails
 
 EO = Guarantee.EFFECTIVELY_ONCE
-EMAIL = b"ann@example.com"
-# starts only where a run of name characters starts: without the lookbehind every position of
-# a long run is tried again (quadratic: a 1 MiB body held the event loop for minutes)
-_EMAIL = re.compile(rb"(?<![\w.+-])[\w.+-]+@[\w-]+\.[\w.]+")
-
-
-def mask_emails(body: bytes) -> bytes:
-    """A pattern hook: covers bodies and text alike."""
-    return _EMAIL.sub(b"<email>", body)
 
 
 class Rejected(Exception):

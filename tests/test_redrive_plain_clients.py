@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sys
-import time
 import types
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -38,6 +35,8 @@ from replaysafe.ledger.base import OpKey, QuarantineEntry
 
 from .apps.plain_redrive_app import build
 from .broker_fixtures import rabbit_source, sqs_queue
+from .conftest import subprocess_env
+from .waits import until
 
 ROOT = Path(__file__).resolve().parent.parent
 #: real seconds anything that must happen may take (a slow, shared machine; Kafka group joins)
@@ -148,16 +147,6 @@ async def running(app: App) -> AsyncIterator[None]:
             await task  # raises if the worker crashed
 
 
-async def eventually(check: Callable[[], Awaitable[Any]], what: str) -> Any:
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        got = await check()
-        if got:
-            return got
-        await asyncio.sleep(0.2)
-    pytest.fail(f"not within {WAIT:.0f} s: {what}")
-
-
 def _effects(directory: Path) -> list[str]:
     path = directory / "effects.txt"
     return path.read_text().split() if path.exists() else []
@@ -179,10 +168,8 @@ async def _redrive_cli(s: Setup, app: App, entry_id: str, directory: Path) -> tu
         finally:
             del sys.modules[module.__name__]
         return res.exit_code, res.output
-    env = {
-        **os.environ, "PYTHONPATH": str(ROOT), "REDRIVE_BROKER": s.url,
-        "REDRIVE_SOURCE": s.source, "REDRIVE_GROUP": s.group, "REDRIVE_DIR": str(directory),
-    }  # fmt: skip
+    env = subprocess_env(REDRIVE_BROKER=s.url, REDRIVE_SOURCE=s.source, REDRIVE_GROUP=s.group,
+                         REDRIVE_DIR=str(directory))  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "replaysafe.cli", "quarantine", "redrive",
         "tests.apps.plain_redrive_app:app", entry_id,
@@ -213,7 +200,7 @@ async def test_a_plain_message_without_content_type_is_redriven_through_the_cli(
             return await app.ledger.quarantined()
 
         async with running(app):
-            [entry] = await eventually(quarantined, "the plain message quarantined")
+            [entry] = await until(quarantined, seconds=WAIT, what="the plain message quarantined")
         assert entry.reason is QuarantineReason.NON_RETRYABLE_ERROR
         assert (entry.operation_id, entry.message) == (OP, BODY)
         assert _effects(tmp_path) == []
@@ -227,7 +214,7 @@ async def test_a_plain_message_without_content_type_is_redriven_through_the_cli(
             return rec is not None and rec.state is State.COMPLETED
 
         async with running(app):
-            await eventually(completed, "the redriven copy applied")
+            await until(completed, seconds=WAIT, what="the redriven copy applied")
         assert _effects(tmp_path) == [OP]  # applied, once
         again = await app.ledger.quarantine_entry(entry.id)
         assert again is not None and again.redrives == 1 and again.seen == 1

@@ -26,7 +26,7 @@ from replaysafe import observe as o
 from replaysafe.brokers.base import RedeliveryKind
 from replaysafe.quarantine import EffectRisk
 
-from .runtime_harness import Harness
+from .runtime_harness import Harness, once_for
 
 EO, ALO, AMO = Guarantee.EFFECTIVELY_ONCE, Guarantee.AT_LEAST_ONCE, Guarantee.AT_MOST_ONCE
 FAST_RETRY = RetryPolicy(max_attempts=4, base_delay=0.1, max_delay=0.5)
@@ -43,18 +43,6 @@ def charging(h: Harness, **kwargs: Any) -> None:
         return await h.probe.apply(ctx.payload["order"], ctx.payload["amount"], ctx.idempotency_key)
 
     h.app.handler("orders", **kwargs)(charge)
-
-
-def once_for(op: str) -> Any:
-    fired: set[str] = set()
-
-    def when(ctx: Any) -> bool:
-        if ctx.get("operation_id") == op and op not in fired:
-            fired.add(op)
-            return True
-        return False
-
-    return when
 
 
 async def test_effectively_once_applies_each_operation_once() -> None:

@@ -30,8 +30,7 @@ from replaysafe.ledger.base import QuarantineRequest as Request
 from replaysafe.ledger.memory import MemoryLedger
 from replaysafe.runtime import worker as worker_module
 
-from .runtime_harness import Harness
-from .test_redaction import EMAIL, mask_emails
+from .runtime_harness import EMAIL, Harness, mask_emails
 
 EO = Guarantee.EFFECTIVELY_ONCE
 

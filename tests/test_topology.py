@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -26,6 +25,7 @@ from replaysafe.brokers.rabbitmq import RabbitMQBroker
 from replaysafe.testing import run_until_settled
 
 from .apps.topology_app import make_app
+from .conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 GROUPS = ["shop.capture_payment", "shop.send_receipt"]
@@ -34,7 +34,7 @@ GROUPS = ["shop.capture_payment", "shop.send_receipt"]
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "replaysafe.cli", "topology", *args],
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env}, cwd=ROOT,
+        env=subprocess_env(**env), cwd=ROOT,
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
 
@@ -151,16 +151,25 @@ async def test_sqs_queue_url(sqs_endpoint: str) -> None:
         await broker.close()
 
 
+def _partitions(bootstrap: str, topic: str) -> int:
+    """The partition count of ``topic``, read with a plain admin client."""
+    from confluent_kafka.admin import AdminClient
+
+    meta = AdminClient({"bootstrap.servers": bootstrap}).list_topics(topic, timeout=20)
+    return len(meta.topics[topic].partitions)
+
+
 async def test_kafka_topic_and_group_id(kafka_bootstrap: str) -> None:
     broker = KafkaBroker(kafka_bootstrap)
     source = f"rs-test-topology-{uuid.uuid4().hex[:8]}"
     app = _app(broker, source)
     try:
         await broker.create_topic(source, 3)
-        # an existing topic is kept whatever its partition count
+        # an existing topic is kept whatever its partition count (a new one would get 1)
         [t] = await declare_topology(app)
         assert dict(t.names) == {"topic": source, "group id": "shop.capture_payment"}
         assert t.group == "shop.capture_payment"
+        assert await asyncio.to_thread(_partitions, kafka_bootstrap, source) == 3
     finally:
         await broker.drop_source(source)
         await broker.close()
