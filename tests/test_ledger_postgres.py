@@ -9,7 +9,7 @@ import sys
 import time
 import types
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -47,6 +47,8 @@ from replaysafe.quarantine import QuarantineReason
 from replaysafe.testing import EffectProbe, FakeClock
 from replaysafe.testing.contracts.ledger import TransactionalLedgerContract, acquire, must_get
 
+from .waits import until
+
 KEY = OpKey("orders", "op-1")
 WAIT = 30.0  # upper bound for any wait on the shared, slow test machine
 
@@ -77,19 +79,6 @@ async def scalar(conn: Any, query: Any, params: Any = None) -> Any:
     cur = await conn.execute(query, params)
     row = await cur.fetchone()
     return None if row is None else row[0]
-
-
-async def wait_for(cond: Callable[[], Any], what: str, seconds: float = WAIT) -> Any:
-    """Poll an (async) condition until it is truthy; bounded."""
-    deadline = time.monotonic() + seconds
-    while True:
-        value = cond()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 class StatementCounter:
@@ -448,7 +437,9 @@ async def blocked_by(conn: Any) -> int:
         )
         return pid
 
-    pid: int = await wait_for(find, "a ledger statement to block on the admin's lock")
+    pid: int = await until(
+        find, seconds=WAIT, what="a ledger statement to block on the admin's lock", interval=0.05
+    )
     return pid
 
 
@@ -625,8 +616,8 @@ async def test_runtime_loses_and_duplicates_nothing_while_connections_are_killed
                 kills += sum(1 for (ok,) in await cur.fetchall() if ok)
                 await asyncio.sleep(0.05)
             group = next(iter(app.handlers.values())).group
-            await wait_for(
-                lambda: broker.depth("orders", group) == 0, "the broker to drain", seconds=90
+            await until(
+                lambda: broker.depth("orders", group) == 0, seconds=90, what="the broker to drain"
             )
             assert await completed() == n
             if effect == "transactional":
@@ -683,7 +674,12 @@ async def test_a_rolled_back_transactional_handler_leaves_the_operation_claimabl
     worker = app.worker()
     running = asyncio.create_task(worker.run(drain_timeout=5))
     try:
-        await wait_for(lambda: len(seen) >= 2 and broker.depth("orders", "t.charge") == 0, "retry")
+        await until(
+            lambda: len(seen) >= 2 and broker.depth("orders", "t.charge") == 0,
+            seconds=WAIT,
+            what="retry",
+            interval=0.05,
+        )
     finally:
         worker.stop()
         await asyncio.wait_for(running, WAIT)
