@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from replaysafe import App, Context, Effect, Envelope, Guarantee
+from replaysafe import App, Context, Effect, Envelope, Guarantee, Worker
 from replaysafe.brokers.base import (
     Broker,
     Capabilities,
@@ -543,7 +543,7 @@ async def replaysafe_run(
         source, guarantee=guarantee, effect=effect, concurrency=bench.prefetch, group=bench.group
     )(handle)
     calls_before = bench.api_calls(inner)
-    worker = app.worker()
+    worker = Worker(app)
     cpu = time.process_time()
     if prof is not None:
         prof.enable()
@@ -736,8 +736,12 @@ INCLUSIVE = (
     ("adapter ack path (Delivery.ack)", "replaysafe/brokers/", "ack"),
     ("RabbitMQ coalesced ack flush (_flush_acks)", "replaysafe/brokers/rabbitmq.py", "_flush_acks"),
     ("adapter fetch (next_batch / _take / _wrap / poll)", "replaysafe/brokers/", "next_batch"),
-    ("handler wrapper (_run_handler)", "replaysafe/runtime/worker.py", "_run_handler"),
-    ("ledger-side work under the runtime (_claim_batch)", "replaysafe/runtime/", "_claim_batch"),
+    ("handler wrapper (Keeper.execute)", "replaysafe/runtime/keeper.py", "execute"),
+    (
+        "ledger-side work under the runtime (Pipeline.claim)",
+        "replaysafe/runtime/pipeline.py",
+        "claim",
+    ),
     ("coalesced ledger complete (_Coalescer._flush)", "replaysafe/runtime/", "_flush"),
     ("AMQP frames read (aiormq connection reader)", "aiormq/connection.py", "__reader"),
     ("AMQP basic.ack frames (aiormq basic_ack)", "aiormq/channel.py", "basic_ack"),

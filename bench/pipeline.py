@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from replaysafe import App, Context, Effect, Envelope, Guarantee
+from replaysafe import App, Context, Effect, Envelope, Guarantee, Worker
 from replaysafe.brokers.memory import MemoryBroker
 from replaysafe.ledger.base import Ledger
 from replaysafe.ledger.memory import MemoryLedger
@@ -75,7 +75,7 @@ async def runtime_loop(
     effect = Effect.keyed("downstream") if guarantee is Guarantee.EFFECTIVELY_ONCE else None
     app.handler(SOURCE, guarantee=guarantee, effect=effect, concurrency=concurrency)(handle)
     await _publish(broker, n)
-    worker = app.worker()
+    worker = Worker(app)
     started = time.perf_counter()
     task = asyncio.create_task(worker.run())
     await finished.wait()

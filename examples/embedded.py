@@ -25,6 +25,7 @@ from replaysafe import (
     MemoryBroker,
     Producer,
     SQLiteLedger,
+    Worker,
     operation_id,
 )
 from replaysafe.testing import run_until_settled
@@ -83,7 +84,7 @@ async def consume(copies: int) -> None:
     """Run a worker until it settled ``copies`` deliveries, then stop it (a service runs
     ``replaysafe run examples.embedded:app`` until SIGTERM instead)."""
     async with asyncio.timeout(30):
-        settled = await run_until_settled(app.worker(), copies)
+        settled = await run_until_settled(Worker(app), copies)
     print(
         f"worker: {settled.applied} applied, {settled.duplicates} answered from the ledger "
         f"({copies} settled)"

@@ -29,6 +29,7 @@ from replaysafe import (
     KafkaBroker,
     Producer,
     RedisLedger,
+    Worker,
     declare_topology,
     operation_id,
 )
@@ -92,7 +93,7 @@ async def consume(copies: int) -> None:
     """Run a worker until it settled ``copies`` deliveries, then stop it (a service runs
     ``replaysafe run examples.kafka_redis:app`` until SIGTERM instead)."""
     async with asyncio.timeout(90):
-        settled = await run_until_settled(app.worker(), copies)
+        settled = await run_until_settled(Worker(app), copies)
     print(
         f"worker: {settled.applied} applied, {settled.duplicates} answered from the ledger "
         f"({copies} settled)"

@@ -34,6 +34,7 @@ from replaysafe import (
     Guarantee,
     RabbitMQBroker,
     SQLiteLedger,
+    Worker,
     declare_topology,
 )
 from replaysafe.testing import run_until_settled
@@ -98,7 +99,7 @@ async def consume(copies: int) -> None:
     """Run a worker until it settled ``copies`` deliveries, then stop it (a service runs
     ``replaysafe run examples.plain_producer:app`` until SIGTERM instead)."""
     async with asyncio.timeout(60):
-        settled = await run_until_settled(app.worker(), copies)
+        settled = await run_until_settled(Worker(app), copies)
     print(
         f"worker: {settled.applied} applied, {settled.duplicates} answered from the ledger "
         f"({copies} settled)"

@@ -28,6 +28,7 @@ from replaysafe import (
     PostgresLedger,
     Producer,
     RabbitMQBroker,
+    Worker,
     declare_topology,
     operation_id,
 )
@@ -99,7 +100,7 @@ async def consume(copies: int) -> None:
     """Run a worker until it settled ``copies`` deliveries, then stop it (a service runs
     ``replaysafe run examples.rabbitmq_postgres:app`` until SIGTERM instead)."""
     async with asyncio.timeout(60):
-        settled = await run_until_settled(app.worker(), copies)
+        settled = await run_until_settled(Worker(app), copies)
     print(
         f"worker: {settled.applied} applied, {settled.duplicates} answered from the ledger "
         f"({copies} settled)"

@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from replaysafe import App, Envelope, Failpoints, Guarantee, SimulatedCrash
+from replaysafe import App, Envelope, Failpoints, Guarantee, SimulatedCrash, Worker
 from replaysafe.brokers.base import RedeliveryKind
 from replaysafe.brokers.memory import MemoryBroker
 from replaysafe.ledger.base import Ledger
@@ -62,7 +62,7 @@ class Harness:
         async def supervise(n: int) -> None:
             generation = 0
             while not self._done.is_set():
-                w = self.app.worker(owner=f"w{n}.{generation}")
+                w = Worker(self.app, owner=f"w{n}.{generation}")
                 self.workers.append(w)
                 stopper = asyncio.create_task(self._stop_on_done(w))
                 try:

@@ -33,6 +33,7 @@ from replaysafe import (
     Limits,
     QuarantineReason,
     SQLiteLedger,
+    Worker,
 )
 from replaysafe import observe as o
 from replaysafe.brokers.base import Broker
@@ -106,7 +107,7 @@ class Run:
             p = ctx.payload
             return await self.probe.apply(p["order"], p["amount"], ctx.idempotency_key)
 
-        self.worker = self.app.worker()
+        self.worker = Worker(self.app)
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replaysafe import App, Context, Effect, Guarantee, RetryPolicy, SimulatedCrash
+from replaysafe import App, Context, Effect, Guarantee, RetryPolicy, SimulatedCrash, Worker
 from replaysafe import failpoints as fp
 from replaysafe import observe as o
 from replaysafe.brokers.base import (
@@ -961,7 +961,7 @@ async def _run_app(
     async def supervise() -> None:
         nonlocal crashes
         while not done.is_set():
-            w = app.worker(owner=f"w{len(workers)}")
+            w = Worker(app, owner=f"w{len(workers)}")
             workers.append(w)
             stopper = asyncio.ensure_future(_stop_when(done, w))
             try:

@@ -33,6 +33,7 @@ from replaysafe import (
     SimulatedCrash,
     SQLiteLedger,
     State,
+    Worker,
 )
 from replaysafe import failpoints as fp
 from replaysafe import observe as o
@@ -739,7 +740,7 @@ class Supervised:
     async def _supervise(self, n: int) -> None:
         generation = 0
         while not self._done.is_set():
-            w = self.app.worker(owner=f"w{n}.{generation}")
+            w = Worker(self.app, owner=f"w{n}.{generation}")
             self.all.append(w)
             stopper = asyncio.ensure_future(self._stop_on_done(w))
             try:

@@ -29,6 +29,7 @@ from replaysafe import (
     Guarantee,
     SimulatedCrash,
     SQLiteLedger,
+    Worker,
 )
 from replaysafe import failpoints as fp
 from replaysafe.brokers.base import Broker, Delivery, Subscription
@@ -814,7 +815,7 @@ async def run_pipeline(
         nonlocal crashes
         generation = 0
         while not stop.is_set():
-            worker = app.worker(owner=f"w{n}.{generation}")
+            worker = Worker(app, owner=f"w{n}.{generation}")
             stopper = asyncio.ensure_future(stop.wait())
             stopper.add_done_callback(lambda _, w=worker: w.stop())
             try:

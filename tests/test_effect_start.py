@@ -223,7 +223,7 @@ async def test_a_mark_whose_waiter_was_cancelled_before_it_went_out_is_not_writt
     takeover re-runs it instead of quarantining it."""
     import asyncio
 
-    from replaysafe.runtime.worker import _Coalescer
+    from replaysafe.runtime.batch import Coalescer as _Coalescer
 
     sent: list[list[str]] = []
 

@@ -109,7 +109,7 @@ async def test_a_fetch_waiting_on_an_empty_source_is_interrupted_by_a_pause() ->
     h.start()
     await h.run_until(lambda: bool(h.workers))
     # idle: the consume loop waits inside next_batch on the empty source
-    await h.run_until(lambda: h.workers[0]._gates[HANDLER].fetching)
+    await h.run_until(lambda: h.workers[0].control.gates[HANDLER].fetching)
     await h.ledger.set_paused(HANDLER, True)
     await h.run_until(g.paused_everywhere)
     await h.publish(*(order(i) for i in range(3)))  # arrives while paused

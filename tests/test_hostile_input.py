@@ -45,6 +45,7 @@ from replaysafe import (
     Guarantee,
     QuarantineReason,
     RetryPolicy,
+    Worker,
     declare_topology,
 )
 from replaysafe import observe as o
@@ -242,7 +243,7 @@ async def test_hostile_input_end_to_end_on_rabbitmq_and_postgres(
     good_ops: list[str] = []
 
     caplog.set_level(logging.WARNING, logger="replaysafe")
-    worker = app.worker()
+    worker = Worker(app)
     running = asyncio.ensure_future(worker.run(drain_timeout=10))
     producer = await aio_pika.connect(amqp_url)
     try:

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from replaysafe import App, Context, Effect, Envelope, Guarantee, RetryPolicy
+from replaysafe import App, Context, Effect, Envelope, Guarantee, RetryPolicy, Worker
 from replaysafe import observe as o
 from replaysafe.brokers.base import RedeliveryKind
 from replaysafe.brokers.memory import MemoryBroker
@@ -589,7 +589,7 @@ async def test_runtime_loses_and_duplicates_nothing_while_connections_are_killed
             for i in range(n)
         ],
     )
-    worker = app.worker(owner="w")
+    worker = Worker(app, owner="w")
     running = asyncio.create_task(worker.run(drain_timeout=5))
     kills = 0
     async with admin(pg_dsn) as conn:
@@ -671,7 +671,7 @@ async def test_a_rolled_back_transactional_handler_leaves_the_operation_claimabl
             raise RuntimeError("payment gateway said no")
 
     await broker.publish("orders", [Envelope.of("charge:order-1", {"order": 1})])
-    worker = app.worker()
+    worker = Worker(app)
     running = asyncio.create_task(worker.run(drain_timeout=5))
     try:
         await until(

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from replaysafe import App, Context, Effect, Envelope, Guarantee
+from replaysafe import App, Context, Effect, Envelope, Guarantee, Worker
 from replaysafe.brokers.base import GroupState
 from replaysafe.brokers.memory import MemoryBroker
 from replaysafe.errors import BrokerUnavailable, ConfigurationError, LedgerUnavailable
@@ -388,7 +388,7 @@ async def _stop_now(worker: Any, run: asyncio.Task[Any]) -> None:
 @pytest.mark.parametrize("now", [False, True])
 async def test_a_stop_cuts_what_outlives_the_drain_and_reports_it(now: bool) -> None:
     app, started = await _slow_app()
-    worker = app.worker()
+    worker = Worker(app)
     run = asyncio.create_task(worker.run(drain_timeout=0.2 if not now else 3600))
     try:
         await asyncio.wait_for(started.wait(), 10)
@@ -422,7 +422,7 @@ async def test_a_drained_stop_reports_nothing_cut() -> None:
         await release.wait()
 
     await broker.publish("jobs", [Envelope.of("job:1", {})])
-    worker = app.worker()
+    worker = Worker(app)
     run = asyncio.create_task(worker.run(drain_timeout=30))
     try:
         await asyncio.wait_for(started.wait(), 10)

@@ -22,7 +22,16 @@ from typing import Any
 
 import pytest
 
-from replaysafe import App, Context, Effect, Failpoints, Guarantee, QuarantineReason, SQLiteLedger
+from replaysafe import (
+    App,
+    Context,
+    Effect,
+    Failpoints,
+    Guarantee,
+    QuarantineReason,
+    SQLiteLedger,
+    Worker,
+)
 from replaysafe.brokers import _amqp_decode
 from replaysafe.brokers.rabbitmq import RabbitMQBroker, Topology
 from replaysafe.envelope import HEADER_MALFORMED_TRANSPORT, Envelope, decode_wire
@@ -73,7 +82,7 @@ async def test_a_malformed_property_is_quarantined_and_the_queue_keeps_flowing(
     async def work(ctx: Context) -> None:
         applied.append(ctx.operation_id)
 
-    worker = app.worker()
+    worker = Worker(app)
     running = asyncio.ensure_future(worker.run(drain_timeout=5))
     producer = await aiormq.connect(amqp_url)
     try:

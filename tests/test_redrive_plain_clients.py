@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from replaysafe import App, MemoryBroker, MemoryLedger, QuarantineReason, State
+from replaysafe import App, MemoryBroker, MemoryLedger, QuarantineReason, State, Worker
 from replaysafe.brokers.base import Broker, RedeliveryKind
 from replaysafe.cli import main
 from replaysafe.failpoints import Failpoints
@@ -136,7 +136,7 @@ SETUPS = {"memory": _memory, "rabbitmq": _rabbitmq, "sqs": _sqs, "kafka": _kafka
 
 @contextlib.asynccontextmanager
 async def running(app: App) -> AsyncIterator[None]:
-    worker = app.worker()
+    worker = Worker(app)
     task = asyncio.create_task(worker.run(drain_timeout=10))
     try:
         yield

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from replaysafe import App, Context, Envelope, Guarantee, MemoryLedger
+from replaysafe import App, Context, Envelope, Guarantee, MemoryLedger, Worker
 from replaysafe import failpoints as fp
 from replaysafe.brokers.memory import MemoryBroker
 from replaysafe.errors import LeaseLost, SimulatedCrash
@@ -35,7 +35,7 @@ async def test_a_crash_in_a_batch_kills_the_worker_while_an_earlier_delivery_sti
         fp.AFTER_EFFECT_BEFORE_LEDGER, "kill", when=lambda ctx: ctx["operation_id"] == "op-2"
     )
     await app.broker.publish("src", [Envelope.of(f"op-{i}", {"i": i}) for i in range(3)])
-    worker = app.worker()
+    worker = Worker(app)
     with pytest.raises(SimulatedCrash):
         async with asyncio.timeout(5):
             await worker.run()

@@ -28,7 +28,7 @@ from replaysafe.errors import LedgerDataError
 from replaysafe.ledger.base import Claim, ClaimOutcome, ClaimRequest, OpKey, QuarantineEntry
 from replaysafe.ledger.base import QuarantineRequest as Request
 from replaysafe.ledger.memory import MemoryLedger
-from replaysafe.runtime import worker as worker_module
+from replaysafe.runtime import settle as settle_module
 
 from .runtime_harness import EMAIL, Harness, mask_emails
 
@@ -150,7 +150,7 @@ async def test_log_lines_that_name_an_operation_pass_through_the_redaction_hook(
 async def test_a_slow_redaction_hook_is_cut_and_the_worker_goes_on(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(worker_module, "REDACT_TIMEOUT", 0.05)
+    monkeypatch.setattr(settle_module, "REDACT_TIMEOUT", 0.05)
     h = Harness()
     release = threading.Event()
 

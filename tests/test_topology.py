@@ -18,6 +18,7 @@ from replaysafe import (
     KafkaBroker,
     MemoryLedger,
     SQSBroker,
+    Worker,
     declare_topology,
     show_topology,
 )
@@ -85,7 +86,7 @@ async def test_declare_lets_a_plain_producer_publish_before_any_worker(
         try:
             # 2 messages, a copy for each of the 2 groups
             async with asyncio.timeout(30):
-                settled = await run_until_settled(app.worker(), copies=4)
+                settled = await run_until_settled(Worker(app), copies=4)
         finally:
             await app.broker.close()
             await app.ledger.close()

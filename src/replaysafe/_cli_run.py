@@ -16,7 +16,7 @@ import signal
 import sys
 import weakref
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import click
 
@@ -24,9 +24,7 @@ from replaysafe.app import App
 from replaysafe.errors import ConfigurationError, ReplaysafeError
 from replaysafe.runtime.health import MAX_LEDGER_OUTAGE, Health
 from replaysafe.runtime.preflight import STARTUP_TIMEOUT, Preflight, one_line, preflight
-
-if TYPE_CHECKING:
-    from replaysafe.runtime.worker import Worker
+from replaysafe.runtime.worker import Worker
 
 log = logging.getLogger("replaysafe.runtime")
 T = TypeVar("T")
@@ -175,7 +173,7 @@ async def serve(
         try:
             await _hooks(app.startup_hooks)
             started_hooks = True
-            worker = app.worker(handlers=handlers or None)
+            worker = Worker(app, handlers=handlers or None)
             health = Health(app, worker, max_ledger_outage=max_ledger_outage)
             if metrics_port is not None:
                 httpd = _serve_metrics(metrics_host, metrics_port, worker, health)

@@ -26,7 +26,6 @@ from replaysafe.ledger.base import MAX_HANDLER_NAME, Ledger, Transaction, check_
 
 if TYPE_CHECKING:
     from replaysafe.brokers.base import Delivery
-    from replaysafe.runtime.worker import Worker
 
 log = logging.getLogger("replaysafe.app")
 
@@ -107,6 +106,9 @@ class Context:
 
 
 HandlerFn = Callable[[Context], Awaitable[Any]]
+#: wraps a handler inside the fixed frame (after the claim, before the completion): see
+#: ``replaysafe.runtime.middleware``
+Middleware = Callable[[HandlerFn], HandlerFn]
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +131,10 @@ class HandlerSpec:
     example: Any = None
     #: extend the broker's visibility while the handler runs (where the broker has a timer)
     extend_visibility: bool = True
+    #: a plain ``def`` handler: it runs on a thread (a cut cannot stop it, only stop waiting)
+    sync: bool = False
+    #: user middleware, the first outermost, applied inside the fixed frame
+    middleware: tuple[Middleware, ...] = ()
 
     @property
     def scope(self) -> str:
@@ -278,7 +284,8 @@ class App:
         limits: Limits = DEFAULT_LIMITS,
         example: Any = None,
         extend_visibility: bool = True,
-    ) -> Callable[[HandlerFn], HandlerFn]:
+        middleware: Sequence[Middleware] = (),
+    ) -> Callable[[Any], Any]:
         """Register ``fn(ctx)`` for messages on ``source``.
 
         ``guarantee`` is required. ``effect`` is required for effectively-once (it decides where
@@ -294,11 +301,61 @@ class App:
         ``explain`` feeds to ``key`` to check that it is deterministic. ``extend_visibility=False``
         leaves the broker's visibility timer alone (the message is redelivered while a slow
         handler runs; only the ledger lease stops a second run under effectively-once).
+        ``middleware`` wraps the handler inside the fixed frame (``runtime.middleware``).
+
+        ``fn`` is an ``async def`` function (awaited on the event loop) or a plain ``def`` one,
+        which runs on a thread of the worker's pool while the lease is extended: a cut (deadline,
+        lost lease) stops waiting for it, not the thread, and decides as for an async handler (an
+        unkeyed effect's cut is quarantined ``outcome_unknown``). A transactional effect needs
+        ``async def`` (``ctx.tx`` is async).
         """
-        g = _coerce_guarantee(guarantee)
-        if lease <= 0:
+        options = _Options(
+            guarantee=_coerce_guarantee(guarantee), effect=effect, key=key, lease=lease,
+            timeout=timeout, retry=retry, concurrency=concurrency, limits=limits,
+            example=example, extend_visibility=extend_visibility,
+            middleware=tuple(middleware), ledger=self.ledger,
+        )  # fmt: skip
+
+        def register(fn: Any) -> Any:
+            hname: str = name or str(getattr(fn, "__name__", source))
+            if hname in self.handlers:
+                raise ConfigurationError(f"handler {hname!r} is registered twice; name one")
+            spec = options.spec(hname, source, group or f"{self.name}.{hname}", fn)
+            self.handlers[hname] = spec
+            short = spec.short_deadline()
+            if short is not None:
+                log.warning("%s", short)
+            return fn
+
+        return register
+
+    def __repr__(self) -> str:
+        return f"App({self.name!r}, handlers={sorted(self.handlers)})"
+
+
+@dataclass(frozen=True, slots=True)
+class _Options:
+    """A handler's options, validated once (``App.handler``, ``Guard``): everything but the
+    function and the names, which :meth:`spec` adds."""
+
+    guarantee: Guarantee
+    effect: Effect | None
+    key: KeyExtractor | None
+    lease: float
+    timeout: float | None
+    retry: RetryPolicy | None
+    concurrency: int
+    limits: Limits
+    example: Any
+    extend_visibility: bool
+    middleware: tuple[Middleware, ...]
+    ledger: Ledger
+
+    def __post_init__(self) -> None:
+        g, effect, lease = self.guarantee, self.effect, self.lease
+        if not lease > 0:
             raise ConfigurationError("lease must be positive seconds")
-        if concurrency < 1:
+        if self.concurrency < 1:
             raise ConfigurationError("concurrency must be at least 1")
         if g is Guarantee.EFFECTIVELY_ONCE and effect is None:
             raise ConfigurationError(
@@ -317,66 +374,65 @@ class App:
                     f"{type(self.ledger).__name__} is not transactional; a transactional effect "
                     "needs a ledger in the same database (SQLiteLedger, PostgresLedger)"
                 )
-        eff = effect or Effect.unkeyed(source)
-        to = timeout if timeout is not None else lease * DEADLINE_LEASES
-        if to <= 0:
+        to = self.deadline
+        if not to > 0:
             raise ConfigurationError(
                 f"timeout must be positive seconds (the handler's deadline), not {to!r}; leave it "
                 f"unset for the default of {DEADLINE_LEASES} leases ({DEADLINE_LEASES * lease:g}s)"
             )
 
-        def register(fn: HandlerFn) -> HandlerFn:
-            hname: str = name or str(getattr(fn, "__name__", source))
-            try:
-                # the name is the ledger scope, the group suffix, a metric label and a log word
-                check_handler_name(hname)
-            except ConfigurationError:
-                raise ConfigurationError(
-                    f"handler name {hname[:80]!r} cannot be registered: a handler name is 1-"
-                    f"{MAX_HANDLER_NAME} UTF-8 bytes without control characters (newlines "
-                    "included); pass name='...' to App.handler"
-                ) from None
-            if not _is_async_callable(fn):
-                # a plain def would run its effect, then fail on the await: counted as a failed
-                # attempt, and the retry would run the effect again
-                raise ConfigurationError(
-                    f"handler {hname!r} ({fn!r}) is not a coroutine function; replaysafe awaits "
-                    f"every handler. Write it as `async def {hname}(ctx): ...` and call "
-                    "blocking code inside it with `await asyncio.to_thread(...)`. A "
-                    "functools.partial, a decorated function or a callable object is accepted "
-                    "when what it calls is an `async def` (sync handlers are not supported yet)"
-                )
-            if hname in self.handlers:
-                raise ConfigurationError(f"handler {hname!r} is registered twice; name one")
-            spec = self.handlers[hname] = HandlerSpec(
-                name=hname,
-                source=source,
-                group=group or f"{self.name}.{hname}",
-                fn=fn,
-                guarantee=g,
-                effect=eff,
-                key=key,
-                lease=lease,
-                timeout=to,
-                retry=retry or RetryPolicy(),
-                concurrency=concurrency,
-                limits=limits,
-                heartbeat=lease / 3,
-                example=example,
-                extend_visibility=extend_visibility,
-            )
-            short = spec.short_deadline()
-            if short is not None:
-                log.warning("%s", short)
-            return fn
+    @property
+    def deadline(self) -> float:
+        return self.timeout if self.timeout is not None else self.lease * DEADLINE_LEASES
 
-        return register
+    def spec(self, name: str, source: str, group: str, fn: Any) -> HandlerSpec:
+        """The handler ``name`` running ``fn`` with these options; raises ``ConfigurationError``
+        for a name that cannot be a ledger scope or a function that cannot run."""
+        try:
+            # the name is the ledger scope, the group suffix, a metric label and a log word
+            check_handler_name(name)
+        except ConfigurationError:
+            raise ConfigurationError(
+                f"handler name {name[:80]!r} cannot be registered: a handler name is 1-"
+                f"{MAX_HANDLER_NAME} UTF-8 bytes without control characters (newlines "
+                "included); pass name='...'"
+            ) from None
+        sync = check_function(name, fn, self.effect)
+        return HandlerSpec(
+            name=name,
+            source=source,
+            group=group,
+            fn=fn,
+            guarantee=self.guarantee,
+            effect=self.effect or Effect.unkeyed(source),
+            key=self.key,
+            lease=self.lease,
+            timeout=self.deadline,
+            retry=self.retry or RetryPolicy(),
+            concurrency=self.concurrency,
+            limits=self.limits,
+            heartbeat=self.lease / 3,
+            example=self.example,
+            extend_visibility=self.extend_visibility,
+            sync=sync,
+            middleware=self.middleware,
+        )
 
-    def worker(self, *, owner: str | None = None, handlers: Sequence[str] | None = None) -> Worker:
-        """A consumer for ``handlers`` (all by default). ``owner`` names it in ledger claims."""
-        from replaysafe.runtime.worker import Worker
 
-        return Worker(self, owner=owner, handlers=handlers)
-
-    def __repr__(self) -> str:
-        return f"App({self.name!r}, handlers={sorted(self.handlers)})"
+def check_function(name: str, fn: Any, effect: Effect | None) -> bool:
+    """Whether ``fn`` is a plain (sync) function; raises ``ConfigurationError`` for something
+    that cannot be called, or a sync function whose effect needs the async ``ctx.tx``."""
+    if not callable(fn):
+        raise ConfigurationError(f"handler {name!r}: {fn!r} is not callable")
+    if _is_async_callable(fn):
+        return False
+    if isinstance(fn, type):
+        raise ConfigurationError(
+            f"handler {name!r} is a class ({fn!r}); register a function or an instance"
+        )
+    if effect is not None and effect.kind == "transactional":
+        raise ConfigurationError(
+            f"handler {name!r} is a plain function, but a transactional effect writes through "
+            "ctx.tx, which is async: write it as `async def`"
+        )
+    return True

@@ -73,6 +73,7 @@ from replaysafe.ledger.base import Ledger
 from replaysafe.ledger.sqlite import SQLiteLedger
 from replaysafe.observe import Stats
 from replaysafe.producer import Producer
+from replaysafe.runtime.worker import Worker
 from replaysafe.testing import EffectProbe
 from replaysafe.testing.netcut import CutRelay
 
@@ -338,7 +339,7 @@ async def _run_in_process(
     async def supervise(n: int) -> None:
         nonlocal restarts
         while not done.is_set():
-            worker = app.worker(owner=f"worker-{n}-{restarts}")
+            worker = Worker(app, owner=f"worker-{n}-{restarts}")
             stats.append(worker.stats)
             stopper = asyncio.create_task(_stop_when(done, worker))
             try:
@@ -865,7 +866,7 @@ async def _worker_main(spec_path: str) -> None:
             _write_counters(spec.state_dir, stats[0])
 
     _arm_worker(spec, kills, close, failpoints, relay, before_kill=write_counters)
-    worker = app.worker()
+    worker = Worker(app)
     stats.append(worker.stats)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

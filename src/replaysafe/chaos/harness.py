@@ -57,6 +57,7 @@ from replaysafe.guarantees import Guarantee
 from replaysafe.ledger.base import Ledger, QuarantineEntry
 from replaysafe.producer import Producer
 from replaysafe.quarantine import QuarantineReason
+from replaysafe.runtime.worker import Worker
 
 log = logging.getLogger("replaysafe.chaos")
 
@@ -845,7 +846,7 @@ async def _memory_run(ctx: RunContext) -> None:
         nonlocal restarts
         generation = 0
         while not until.is_set() and restarts < budget:
-            worker = app.worker(owner=f"w{n}.{generation}")
+            worker = Worker(app, owner=f"w{n}.{generation}")
             stopper = asyncio.ensure_future(until.wait())
             runner = asyncio.ensure_future(worker.run(drain_timeout=spec.pause + 5))
             try:

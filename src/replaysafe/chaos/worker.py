@@ -17,6 +17,7 @@ from pathlib import Path
 
 from replaysafe.chaos.app import RecordingBroker, RunSpec, arm, build_app, close_quietly, relayed
 from replaysafe.failpoints import Failpoints
+from replaysafe.runtime.worker import Worker
 from replaysafe.testing.netcut import CutRelay
 
 
@@ -40,7 +41,7 @@ async def main(spec_path: str) -> None:
     ledger = ledger_from_spec(spec.ledger)
     app = build_app(spec, RecordingBroker(broker, spec.record_dir), ledger, failpoints)
     arm(spec, failpoints, ledger, relay)
-    worker = app.worker()
+    worker = Worker(app)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)

@@ -1,0 +1,479 @@
+"""The fixed pipeline, one function per guarantee, each returning a verdict (DESIGN §2).
+
+- AT_MOST_ONCE (:meth:`Pipeline.at_most_once`): complete at the broker (confirmed) → handler.
+  Errors are counted, never retried.
+- AT_LEAST_ONCE (:meth:`Pipeline.at_least_once`): handler → complete. Error → retry budget →
+  nack(delay) or quarantine.
+- EFFECTIVELY_ONCE: decode + fingerprint → horizon → claim (:meth:`Pipeline.claim`, one
+  ``claim_many`` per batch) → :meth:`Pipeline.after_claim`: AlreadyDone: complete (duplicate
+  hit) · InFlight: nack with delay >= remaining lease · Conflict: quarantine key_reuse_conflict ·
+  Quarantined: complete · Acquired: handler (lease and visibility extended while it runs) →
+  ledger complete (or ``complete_in`` the handler's transaction) → complete at the broker.
+
+The functions decide and record in the ledger; they never ack or nack (``runtime.settle`` does,
+from the verdict) except at-most-once's completion *before* its effect, which is that guarantee's
+definition and goes through ``Settler.ack_first``. The decisions themselves are the pure functions
+of ``runtime.policy``. A driver (the Worker, a Guard) fetches, calls these, and settles.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import random
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from replaysafe import failpoints as fp
+from replaysafe import observe as o
+from replaysafe.app import Context
+from replaysafe.envelope import Envelope, decode_wire
+from replaysafe.errors import (
+    BadInput,
+    LeaseLost,
+    LedgerDataError,
+    LedgerUnavailable,
+    OutcomeUnknown,
+)
+from replaysafe.guarantees import Guarantee
+from replaysafe.ledger.base import (
+    Acquired,
+    AlreadyDone,
+    Claim,
+    ClaimOutcome,
+    ClaimRequest,
+    InFlight,
+    OpKey,
+    TransactionalLedger,
+)
+from replaysafe.observe import otel
+from replaysafe.quarantine import QuarantineReason
+from replaysafe.runtime import policy
+from replaysafe.runtime.batch import Coalescer
+from replaysafe.runtime.middleware import NotAwaitable, awaited, chain, threaded, timed, traced
+from replaysafe.runtime.policy import (
+    LEDGER_RETRY_DELAY,
+    Ack,
+    Leave,
+    Nack,
+    Quarantine,
+    Verdict,
+    encode_result,
+    marks_start,
+)
+
+if TYPE_CHECKING:
+    from replaysafe.app import HandlerFn, HandlerSpec
+    from replaysafe.brokers.base import Delivery
+    from replaysafe.clock import Clock
+    from replaysafe.failpoints import Failpoints
+    from replaysafe.ledger.base import Ledger
+    from replaysafe.runtime.keeper import Keeper
+    from replaysafe.runtime.settle import Settler
+
+log = logging.getLogger("replaysafe.runtime")
+
+
+class Pipeline:
+    """The pipelines of one driver's handlers, sharing its ledger, keeper and coalescers."""
+
+    def __init__(
+        self,
+        *,
+        ledger: Ledger,
+        clock: Clock,
+        stats: o.Stats,
+        tracing: otel.Tracing,
+        failpoints: Failpoints,
+        settler: Settler,
+        keeper: Keeper,
+        owner: str,
+        horizon: float,
+        max_clock_skew: float,
+        can_extend: Callable[[HandlerSpec], bool],
+        on_ledger_down: Callable[[], None],
+    ) -> None:
+        self.ledger = ledger
+        self.clock = clock
+        self.stats = stats
+        self.tracing = tracing
+        self.failpoints = failpoints
+        self.settler = settler
+        self.keeper = keeper
+        self.owner = owner
+        self.horizon = horizon
+        self.max_clock_skew = max_clock_skew
+        self._can_extend = can_extend
+        self._ledger_down = on_ledger_down
+        self._rng = random.Random()
+        self._fns: dict[str, HandlerFn] = {}
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._completer = Coalescer(ledger.complete_many)
+        #: unkeyed effects: "about to start" marks, one mark_started per batch of handlers
+        self._starter = Coalescer(ledger.mark_started, drop_cancelled=True)
+
+    # ------------------------------------------------------------------ set-up
+
+    def prepare(
+        self, specs: Sequence[HandlerSpec], fns: dict[str, HandlerFn] | None = None
+    ) -> None:
+        """Build each handler's call once: its middleware around it, the runtime's timing and
+        tracing outermost. A plain ``def`` handler runs on this pipeline's thread pool (sized to
+        the sync handlers' concurrency); ``fns`` overrides what runs for a handler (a Guard's
+        function of the moment)."""
+        sync = sum(s.concurrency for s in specs if s.sync)
+        if sync and self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=sync, thread_name_prefix="replaysafe-handler"
+            )
+        for spec in specs:
+            fn = (fns or {}).get(spec.name) or self.handler_fn(spec)
+            self._fns[spec.name] = fn
+
+    def handler_fn(
+        self, spec: HandlerSpec, fn: Any = None, *, sync: bool | None = None
+    ) -> HandlerFn:
+        """``fn`` (the spec's own by default) wrapped as the pipeline runs it."""
+        fn = spec.fn if fn is None else fn
+        if spec.sync if sync is None else sync:
+            assert self._pool is not None, "prepare() sizes the thread pool for sync handlers"
+            inner = threaded(fn, self._pool)
+        else:
+            inner = awaited(spec.name)(fn)
+        outer = [timed(self.stats, self.clock, spec.name)]
+        if self.tracing.enabled:
+            outer.append(traced(self.tracing, spec.name))
+        return chain(inner, [*outer, *spec.middleware])
+
+    def close(self) -> None:
+        """Release the thread pool; sync handlers still running (cut) finish on their own."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+    # ------------------------------------------------------------------ decode
+
+    def decode(self, spec: HandlerSpec, delivery: Delivery) -> Envelope | Quarantine:
+        """The delivery as an envelope (fingerprinted where the ledger compares it), or the
+        quarantine of a copy that cannot be decoded (bad input is never retried)."""
+        try:
+            return decode_wire(
+                delivery.body,
+                delivery.headers,
+                content_type=delivery.content_type,
+                key=delivery.key,
+                broker_timestamp=delivery.broker_timestamp,
+                key_extractor=spec.key,
+                limits=spec.limits,
+                check_fingerprint=spec.guarantee is Guarantee.EFFECTIVELY_ONCE,
+            )
+        except BadInput as bad:
+            return Quarantine(bad.reason, str(bad), attempts=delivery.attempt)
+
+    def delivered(
+        self, spec: HandlerSpec, delivery: Delivery, env: Envelope, now: float, ages: list[float]
+    ) -> None:
+        """Signals at DELIVERED: redeliveries by key, and the copy's age against the horizon
+        (collected into ``ages``: the batch records them at once)."""
+        if env.published_at is not None:
+            ages.append(max(now - env.published_at, 0.0))
+        if delivery.attempt > 1 or delivery.redelivered:
+            self.stats.inc(o.REDELIVERIES, handler=spec.name)
+            self.stats.hit(o.REDELIVERED_KEYS, env.operation_id, handler=spec.name)
+
+    # ------------------------------------------------------------------ at-most / at-least-once
+
+    async def _run(self, spec: HandlerSpec, ctx: Context, claim: Claim | None) -> Any:
+        extend = spec.extend_visibility and self._can_extend(spec)
+        return await self.keeper.execute(spec, self._fns[spec.name], ctx, claim,
+                                         extend_visibility=extend)  # fmt: skip
+
+    async def at_most_once(self, spec: HandlerSpec, delivery: Delivery, env: Envelope) -> Verdict:
+        """Complete first (confirmed), then run: an error is counted, never retried."""
+        ctx = self.settler.point(spec, env, delivery.attempt)
+        if not await self.settler.ack_first(spec, delivery, env):
+            return Leave(o.UNCONFIRMED)
+        await self.failpoints.hit(fp.AFTER_ACK, ctx)
+        await self.failpoints.hit(fp.BEFORE_EFFECT, ctx)
+        try:
+            result = await self._run(
+                spec, Context(env, delivery, spec.name, delivery.attempt), None
+            )
+        except Exception as exc:  # completed already: counted, never retried
+            log.warning("%s: %s", spec.name, self.settler.shown(
+                f"at-most-once handler failed on {env.operation_id}: {exc!r} (not retried)"
+            ))  # fmt: skip
+            self.stats.inc(o.HANDLER_ERRORS, handler=spec.name)
+            if isinstance(exc, OutcomeUnknown):
+                self.stats.inc(o.OUTCOME_UNKNOWN, handler=spec.name)
+            return Leave(o.FAILED)
+        await self.failpoints.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, ctx)
+        return Leave(o.APPLIED, result)
+
+    async def at_least_once(self, spec: HandlerSpec, delivery: Delivery, env: Envelope) -> Verdict:
+        """Run, then complete; a failure is retried within the broker's delivery count."""
+        attempt = delivery.attempt
+        spent = policy.delivery_budget(spec, attempt)
+        if spent is not None:
+            self.stats.inc(o.RETRY_BUDGET_EXHAUSTED, handler=spec.name)
+            return spent
+        await self.failpoints.hit(fp.BEFORE_EFFECT, self.settler.point(spec, env, attempt))
+        result: Any = None
+        try:
+            result = await self._run(spec, Context(env, delivery, spec.name, attempt), None)
+        except NotAwaitable as exc:
+            # the body ran as a plain function: the effect is done, so complete it (a nack
+            # would run it again because of our own failure to await it)
+            log.warning("%s: %s", spec.name,
+                        self.settler.shown(f"{exc}; completing {env.operation_id}"))  # fmt: skip
+            self.stats.inc(o.HANDLER_ERRORS, handler=spec.name)
+        except Exception as exc:
+            return await self.failed(spec, env, None, attempt, exc)
+        # no ledger: the effect is done when the handler returns; the broker completes after
+        return Ack(o.APPLIED, True, fp.AFTER_EFFECT_BEFORE_LEDGER, result, attempt)
+
+    # ------------------------------------------------------------------ effectively-once
+
+    async def claim(
+        self, spec: HandlerSpec, decoded: Sequence[tuple[Delivery, Envelope]]
+    ) -> list[ClaimOutcome | Verdict]:
+        """Horizon check, then one ``claim_many`` for the whole batch: per copy, its claim's
+        outcome (for :meth:`after_claim`) or a verdict already (beyond the horizon, refused,
+        ledger unavailable)."""
+        now = self.clock.now()
+        out: list[ClaimOutcome | Verdict | None] = []
+        fresh: list[tuple[int, Delivery, Envelope]] = []
+        for delivery, env in decoded:
+            q = policy.horizon(env.published_at, now, self.horizon, self.max_clock_skew,
+                               delivery.attempt)  # fmt: skip
+            if q is None:
+                fresh.append((len(out), delivery, env))
+            out.append(q)
+        if not fresh:
+            return [v for v in out if v is not None]
+        marks = marks_start(spec)
+        requests = [
+            ClaimRequest(
+                OpKey(spec.scope, env.operation_id), env.fingerprint, self.owner, spec.lease, marks
+            )
+            for _, _, env in fresh
+        ]
+        outcomes: Sequence[ClaimOutcome | Verdict]
+        try:
+            with self.tracing.span(otel.CLAIM, handler=spec.name, batch=len(requests)):
+                if len(requests) == 1 and not marks:  # claim() does not carry marks_start
+                    r = requests[0]
+                    outcomes = [await self.ledger.claim(r.key, r.fingerprint, r.owner, r.lease)]
+                else:
+                    outcomes = await self.ledger.claim_many(requests)
+        except LedgerDataError as exc:
+            if len(fresh) > 1:
+                # one copy's data was refused: claim each alone, so the others still run
+                outcomes = [(await self.claim(spec, [(d, e)]))[0] for _, d, e in fresh]
+            else:
+                env = fresh[0][2]
+                outcomes = [Quarantine(
+                    QuarantineReason.INVALID_OPERATION_ID,
+                    f"the ledger refused to claim operation {env.operation_id!r} ({exc}); nothing "
+                    "ran. Fix what the producer sends as the operation id and resend",
+                    attempts=fresh[0][1].attempt,
+                )]  # fmt: skip
+        except LedgerUnavailable as exc:
+            # no effect without a confirmed claim: give the messages back and try later
+            log.warning("%s: ledger unavailable (%s); nacking %d deliveries", spec.name, exc,
+                        len(fresh))  # fmt: skip
+            self.stats.inc(o.LEDGER_UNAVAILABLE, handler=spec.name)
+            self._ledger_down()
+            outcomes = [Nack(LEDGER_RETRY_DELAY, o.UNAVAILABLE)] * len(fresh)
+        for (i, _, _), outcome in zip(fresh, outcomes, strict=True):
+            out[i] = outcome
+        return [v for v in out if v is not None]
+
+    async def after_claim(
+        self, spec: HandlerSpec, delivery: Delivery, env: Envelope, outcome: ClaimOutcome | Verdict
+    ) -> Verdict:
+        """The verdict for one claimed copy: run the handler when the claim was acquired."""
+        if isinstance(outcome, Acquired):
+            return await self._acquired(spec, delivery, env, outcome.claim)
+        if isinstance(outcome, Ack | Nack | Quarantine | Leave):
+            return outcome
+        if isinstance(outcome, AlreadyDone):
+            self.stats.inc(o.DUPLICATE_HITS, handler=spec.name, cause="completed")
+            if outcome.record.completed_at is not None:
+                age = self.ledger.now() - outcome.record.completed_at
+                self.stats.observe(o.DUPLICATE_AGE, max(age, 0.0), handler=spec.name)
+        elif isinstance(outcome, InFlight):
+            self.stats.inc(o.DUPLICATE_HITS, handler=spec.name, cause="in_flight")
+            self.stats.inc(o.OVERLAPS_PREVENTED, handler=spec.name)
+        return policy.claim_refused(outcome, self.ledger.now(), env.operation_id,
+                                    env.fingerprint, delivery.attempt)  # fmt: skip
+
+    async def _acquired(
+        self, spec: HandlerSpec, delivery: Delivery, env: Envelope, claim: Claim
+    ) -> Verdict:
+        """Claim ACQUIRED: budget and outcome-unknown checks, then the effect."""
+        ctx = self.settler.point(spec, env, claim.attempt)
+        await self.failpoints.hit(fp.AFTER_CLAIM, ctx)
+        refused = policy.acquired(spec, claim)
+        if refused is not None:
+            if refused.reason is QuarantineReason.MAX_ATTEMPTS:
+                self.stats.inc(o.RETRY_BUDGET_EXHAUSTED, handler=spec.name)
+            return refused
+        if claim.recovered and not claim.previous_started:
+            log.info("%s: %s", spec.name, self.settler.shown(
+                f"the previous attempt on {env.operation_id} never started its effect; running "
+                "it again"))  # fmt: skip
+        hctx = Context(
+            env,
+            delivery,
+            spec.name,
+            claim.attempt,
+            idempotency_key=env.operation_id if spec.effect.kind == "keyed" else None,
+            token=claim.token,
+        )
+        await self.failpoints.hit(fp.BEFORE_EFFECT, ctx)
+        try:
+            return await self._effect(spec, env, claim, hctx, ctx)
+        except LeaseLost as exc:
+            # someone else owns the operation now: never complete this copy at the broker
+            log.warning("%s: %s", spec.name, self.settler.shown(str(exc)))
+            self.stats.inc(o.LEASE_LOST, handler=spec.name)
+            return Nack(spec.lease, o.LEASE_LOST_OUTCOME)
+        except LedgerUnavailable as exc:
+            # the effect may be done but the ledger cannot record it: never ack, never release.
+            # The redelivery meets our lease (InFlight), then a recovered claim: a keyed or
+            # transactional effect re-runs safely, an unkeyed one is quarantined outcome_unknown.
+            log.warning("%s: %s", spec.name, self.settler.shown(
+                f"ledger unavailable after the effect of {env.operation_id}: {exc}"))  # fmt: skip
+            self.stats.inc(o.LEDGER_UNAVAILABLE, handler=spec.name)
+            self._ledger_down()
+            return Nack(spec.lease, o.UNAVAILABLE)
+
+    async def _effect(
+        self, spec: HandlerSpec, env: Envelope, claim: Claim, hctx: Context, ctx: dict[str, Any]
+    ) -> Verdict:
+        """The handler and the ledger completion (EFFECTED). Raises ``LeaseLost`` /
+        ``LedgerUnavailable`` for the caller to turn into a nack past the lease."""
+        ledger = self.ledger
+        if claim.lease_until <= ledger.now():
+            # before any transaction opens: a SQLite transaction holds the ledger's only
+            # connection, and an extension from inside it would wait for itself
+            claim = await self._revalidate(spec, claim)
+        if marks_start(spec) and not await self._mark_started(spec, env, claim):
+            return Nack(spec.lease, o.UNAVAILABLE)
+        if spec.effect.kind == "transactional":
+            assert isinstance(ledger, TransactionalLedger)
+            try:
+                async with ledger.transaction() as tx:
+                    hctx.tx = tx
+                    result = await self._run(spec, hctx, claim)
+                    await self.failpoints.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, ctx)
+                    with self.tracing.span(otel.LEDGER_COMPLETE, handler=spec.name):
+                        await ledger.complete_in(tx, claim, encode_result(result))
+            except (LeaseLost, LedgerUnavailable):
+                raise
+            except Exception as exc:  # rolled back: no effect, safe to retry
+                return await self.failed(spec, env, claim, claim.attempt, exc)
+        else:
+            try:
+                result = await self._run(spec, hctx, claim)
+            except LeaseLost:
+                raise
+            except Exception as exc:
+                return await self.failed(spec, env, claim, claim.attempt, exc)
+            await self.failpoints.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, ctx)
+            try:
+                if not self.tracing.enabled:
+                    await self._complete(claim, encode_result(result))
+                else:
+                    with self.tracing.span(otel.LEDGER_COMPLETE, handler=spec.name):
+                        await self._complete(claim, encode_result(result))
+            except (LeaseLost, LedgerUnavailable):
+                raise
+            except Exception:
+                # our own failure after the effect (a ledger bug, a tracing hook): as when the
+                # ledger is down, never release (a retry would run the effect again) and never
+                # ack; the lease runs out and a recovered claim decides (a keyed effect re-runs
+                # under its key, an unkeyed one is quarantined)
+                log.exception("%s: %s", spec.name, self.settler.shown(
+                    f"recording the effect of {env.operation_id} failed; leaving it to its "
+                    "lease"))  # fmt: skip
+                return Nack(spec.lease, o.FAILED)
+        return Ack(o.APPLIED, True, fp.AFTER_LEDGER_BEFORE_ACK, result, claim.attempt)
+
+    async def _mark_started(self, spec: HandlerSpec, env: Envelope, claim: Claim) -> bool:
+        """Record that the effect is about to start (unkeyed effects), in the coalesced
+        ``mark_started`` of the handlers starting now: one ledger round trip per batch. True when
+        the effect may start. A stale claim raises ``LeaseLost``; a ledger that cannot record it
+        means the effect does not start: the copy is nacked past the lease, and the recovered
+        claim learns that it never started."""
+        try:
+            marked = await self._starter.submit(claim)
+        except LedgerUnavailable as exc:
+            log.warning("%s: %s", spec.name, self.settler.shown(
+                f"ledger unavailable before the effect of {env.operation_id}: {exc}; the effect "
+                "was not started"))  # fmt: skip
+            self.stats.inc(o.LEDGER_UNAVAILABLE, handler=spec.name)
+            self._ledger_down()
+            return False
+        if isinstance(marked, LeaseLost):
+            raise marked
+        return True
+
+    async def _complete(self, claim: Claim, result: str | None) -> None:
+        """Record EFFECTED through the coalescing ``complete_many``; retry a briefly unavailable
+        ledger a few times (the keeper keeps the lease alive meanwhile) before giving up."""
+        delay = 0.2
+        for attempt in range(4):
+            try:
+                done = await self._completer.submit((claim, result))
+            except LedgerUnavailable:
+                if attempt == 3:
+                    raise
+                await self.clock.sleep(delay)
+                delay *= 2
+                continue
+            if isinstance(done, LeaseLost):
+                raise done
+            return
+
+    async def _revalidate(self, spec: HandlerSpec, claim: Claim) -> Claim:
+        """The lease ran out between the claim and the handler (the worker stalled: GC, SIGSTOP,
+        an overloaded host, or a slow ledger). Never start an effect on a lease that may be
+        gone: extend it first. The extension succeeds only while the claim's fencing token is
+        still current (nobody took the operation over meanwhile); otherwise ``LeaseLost``, and
+        the copy is left to the broker. A stall *during* the effect cannot be caught here: that
+        is what the fencing token (``Context.token``) and the idempotency key are for."""
+        try:
+            return await self.ledger.extend(claim, spec.lease)
+        except LedgerUnavailable as exc:
+            raise LeaseLost(
+                f"the lease on {claim.key.operation_id} expired before its handler started and "
+                f"the ledger could not confirm it ({exc}); the effect was not started"
+            ) from exc
+
+    # ------------------------------------------------------------------ failure
+
+    async def failed(
+        self, spec: HandlerSpec, env: Envelope, claim: Claim | None, attempt: int, exc: Exception
+    ) -> Verdict:
+        """A failed attempt: the policy's verdict; a clean retry releases the claim first."""
+        self.stats.inc(o.HANDLER_ERRORS, handler=spec.name)
+        elapsed = self.clock.now() - env.published_at if env.published_at is not None else None
+        f = policy.failure(spec, exc, claim=claim, attempt=attempt, elapsed=elapsed, rng=self._rng)
+        if f.unknown:
+            self.stats.inc(o.OUTCOME_UNKNOWN, handler=spec.name)
+        if f.exhausted:
+            self.stats.inc(o.RETRY_BUDGET_EXHAUSTED, handler=spec.name)
+        if f.release and claim is not None:
+            try:
+                # stored as the record's last_error: what the redaction hook strips stays out
+                await self.ledger.release(claim, self.settler.shown(repr(exc))[:1000])
+            except LeaseLost:
+                self.stats.inc(o.LEASE_LOST, handler=spec.name)
+            except LedgerUnavailable:
+                # not released: the lease runs out instead, then a recovered claim retries
+                self.stats.inc(o.LEDGER_UNAVAILABLE, handler=spec.name)
+                self._ledger_down()
+        if isinstance(f.verdict, Nack):
+            self.stats.inc(o.RETRIES, handler=spec.name)
+        return f.verdict
