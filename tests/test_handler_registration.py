@@ -1,5 +1,5 @@
-"""What ``App.handler`` accepts and refuses at registration, and what it says (issue 13, item 1a):
-only handlers that return an awaitable by construction. The warning at registration about a
+"""What ``App.handler`` accepts and refuses at registration, and what it says (issue 13, item 1a;
+issue 14 item 2 accepts plain functions as sync handlers). The warning at registration about a
 deadline shorter than the lease (item 9) is tested in tests/test_deadline.py."""
 
 from __future__ import annotations
@@ -81,15 +81,18 @@ async def async_gen(ctx: Context) -> Any:
     yield "not a handler"
 
 
-REFUSED = {
+SYNC = {
     "plain def": sync_charge,
     "lambda": lambda ctx: "charged",
     "partial of a def": functools.partial(lambda ctx, fee: fee, fee=3),
     "sync __call__": SyncCallable(),
-    "a class": SyncCallable,
     "sync decorator over a def": logged(sync_charge),
-    "async generator": async_gen,
-    "not callable": 42,
+}
+
+REFUSED = {
+    "a class": (SyncCallable, "is a class"),
+    "async generator": (async_gen, "generator function"),
+    "not callable": (42, "not callable"),
 }
 
 ACCEPTED = {
@@ -105,13 +108,11 @@ ACCEPTED = {
 
 
 @pytest.mark.parametrize("what", sorted(REFUSED))
-def test_registration_refuses_a_handler_that_is_not_a_coroutine_function(what: str) -> None:
+def test_registration_refuses_what_cannot_run(what: str) -> None:
+    fn, says = REFUSED[what]
     app = new_app()
-    with pytest.raises(ConfigurationError) as err:
-        register(app, REFUSED[what])
-    text = str(err.value)
-    assert "not a coroutine function" in text
-    assert "async def charge(ctx)" in text and "asyncio.to_thread" in text
+    with pytest.raises(ConfigurationError, match=says):
+        register(app, fn)
     assert app.handlers == {}
 
 
@@ -120,9 +121,22 @@ def test_registration_accepts_what_returns_an_awaitable(what: str) -> None:
     app = new_app()
     register(app, ACCEPTED[what])
     assert list(app.handlers) == ["charge"]
+    assert not app.handlers["charge"].sync
 
 
-def test_refused_under_every_guarantee() -> None:
+@pytest.mark.parametrize("what", sorted(SYNC))
+def test_a_plain_function_is_registered_as_a_sync_handler(what: str) -> None:
+    """Issue 14, item 2: a plain ``def`` is no longer refused; it runs through the sync path."""
     for guarantee, effect in ((ALO, None), (AMO, None), (EO, Effect.unkeyed("smtp"))):
-        with pytest.raises(ConfigurationError, match="not a coroutine function"):
-            register(new_app(), sync_charge, guarantee=guarantee, effect=effect)
+        app = new_app()
+        register(app, SYNC[what], guarantee=guarantee, effect=effect)
+        assert app.handlers["charge"].sync
+
+
+def test_a_sync_handler_cannot_have_a_transactional_effect() -> None:
+    from replaysafe import SQLiteLedger
+
+    app = App("reg", broker=MemoryBroker(), ledger=SQLiteLedger(":memory:"))
+    with pytest.raises(ConfigurationError, match=r"ctx\.tx, which is async"):
+        register(app, sync_charge, effect=Effect.transactional())
+    assert app.handlers == {}

@@ -430,6 +430,11 @@ def check_function(name: str, fn: Any, effect: Effect | None) -> bool:
         raise ConfigurationError(
             f"handler {name!r} is a class ({fn!r}); register a function or an instance"
         )
+    if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
+        raise ConfigurationError(
+            f"handler {name!r} ({fn!r}) is a generator function: calling it runs nothing. Write "
+            f"it as `async def {name}(ctx): ...` or `def {name}(ctx): ...` returning its result"
+        )
     if effect is not None and effect.kind == "transactional":
         raise ConfigurationError(
             f"handler {name!r} is a plain function, but a transactional effect writes through "

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import inspect
 import logging
 from collections.abc import Callable, Sequence
@@ -50,6 +49,12 @@ class NotAwaitable(OutcomeUnknown):
     registered as one) returned a non-awaitable at run time."""
 
 
+class ReturnedAwaitable(OutcomeUnknown):
+    """A plain ``def`` handler returned an awaitable: what it did before returning ran, the
+    awaitable did not (it is closed, never awaited). An unknown outcome, retried or quarantined
+    by the handler's policy like any failure."""
+
+
 def awaited(name: str) -> Middleware:
     """The innermost wrapper: awaits what the handler returned, and turns a non-awaitable into
     :class:`NotAwaitable` (not the ``TypeError`` of the ``await``, which would read as a clean
@@ -75,10 +80,21 @@ def threaded(fn: Callable[[Context], Any], pool: concurrent.futures.Executor) ->
     lease) cancels the wait, not the thread: the function runs on until it returns, its result
     is discarded, and the verdict is the cut's (an unknown outcome for an unkeyed effect)."""
 
-    async def call(ctx: Context) -> Any:
-        return await asyncio.wrap_future(pool.submit(fn, ctx))
+    def run(ctx: Context) -> Any:
+        out = fn(ctx)
+        if inspect.isawaitable(out):
+            if inspect.iscoroutine(out):
+                out.close()  # never awaited: its body did not run
+            raise ReturnedAwaitable(
+                f"handler {ctx.handler!r} is a plain function that returned {type(out).__name__}: "
+                "whatever it did before returning ran, the awaitable did not. Register the "
+                "`async def` itself (or a wrapper that is one)"
+            )
+        return out
 
-    functools.update_wrapper(call, fn)
+    async def call(ctx: Context) -> Any:
+        return await asyncio.wrap_future(pool.submit(run, ctx))
+
     return call
 
 

@@ -90,7 +90,7 @@ class Pipeline:
         owner: str,
         horizon: float,
         max_clock_skew: float,
-        can_extend: Callable[[HandlerSpec], bool],
+        can_extend: Callable[[HandlerSpec, Delivery], bool],
         on_ledger_down: Callable[[], None],
     ) -> None:
         self.ledger = ledger
@@ -183,7 +183,7 @@ class Pipeline:
     # ------------------------------------------------------------------ at-most / at-least-once
 
     async def _run(self, spec: HandlerSpec, ctx: Context, claim: Claim | None) -> Any:
-        extend = spec.extend_visibility and self._can_extend(spec)
+        extend = spec.extend_visibility and self._can_extend(spec, ctx.delivery)
         return await self.keeper.execute(spec, self._fns[spec.name], ctx, claim,
                                          extend_visibility=extend)  # fmt: skip
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from replaysafe import failpoints as fp
@@ -68,6 +68,17 @@ def _bare(request: QuarantineRequest, exc: LedgerDataError) -> QuarantineRequest
         detail=f"{request.detail[:1500]}; the ledger refused this entry's data "
         f"({type(exc).__name__}), so it is stored without the message copy and content type",
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What :meth:`Settler.settle` did: the outcome it counted, the nack's delay, the quarantine
+    entry it recorded. Differs from the verdict when a quarantine could not be recorded (the copy
+    was nacked instead)."""
+
+    outcome: str
+    delay: float | None = None
+    entry_id: str | None = None
 
 
 class Settler:
@@ -128,16 +139,16 @@ class Settler:
         delivery: Delivery,
         env: Envelope | None,
         verdict: Verdict,
-    ) -> str | None:
-        """Apply ``verdict`` to ``delivery`` at the broker and count the outcome; returns the
-        quarantine entry's id when one was recorded. May raise ``SimulatedCrash`` from a
-        failpoint, leaving the copy unsettled, as a dead process would."""
+    ) -> Settled:
+        """Apply ``verdict`` to ``delivery`` at the broker and count the outcome. May raise
+        ``SimulatedCrash`` from a failpoint, leaving the copy unsettled, as a dead process would.
+        """
         stats = self._stats
         if isinstance(verdict, Ack):
             if verdict.effected:
                 assert env is not None
                 await self._complete_effected(spec, delivery, env, verdict)
-                return None
+                return Settled(verdict.outcome)
             stats.inc(o.DELIVERIES, handler=spec.name, outcome=verdict.outcome)
             await delivery.ack()
         elif isinstance(verdict, Nack):
@@ -148,7 +159,7 @@ class Settler:
         else:
             assert isinstance(verdict, Leave), verdict
             stats.inc(o.DELIVERIES, handler=spec.name, outcome=verdict.outcome)
-        return None
+        return Settled(verdict.outcome)
 
     async def ack_first(self, spec: HandlerSpec, delivery: Delivery, env: Envelope) -> bool:
         """At-most-once: complete at the broker *before* the effect, confirmed, not merely
@@ -211,7 +222,7 @@ class Settler:
 
     async def _quarantine(
         self, spec: HandlerSpec, delivery: Delivery, env: Envelope | None, q: Quarantine
-    ) -> str | None:
+    ) -> Settled:
         """Record the quarantine durably, then complete the original at the broker.
 
         What is written down (the body copy, the detail, the operation id in the log line)
@@ -253,17 +264,17 @@ class Settler:
                       request.entry_id(), self.shown(str(exc)))  # fmt: skip
             stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.FAILED)
             await delivery.nack(delay=spec.lease)
-            return None
+            return Settled(o.FAILED, spec.lease)
         except LeaseLost:
             stats.inc(o.LEASE_LOST, handler=spec.name)
             stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.LEASE_LOST_OUTCOME)
             await delivery.nack(delay=spec.lease)
-            return None
+            return Settled(o.LEASE_LOST_OUTCOME, spec.lease)
         except LedgerUnavailable:
             stats.inc(o.LEDGER_UNAVAILABLE, handler=spec.name)
             stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.UNAVAILABLE)
             await delivery.nack(delay=LEDGER_RETRY_DELAY)
-            return None
+            return Settled(o.UNAVAILABLE, LEDGER_RETRY_DELAY)
         if shown.hook_error is not None:
             log.error(
                 "%s: the app's redaction hook raised %s on a message body: quarantine entry %s "
@@ -285,4 +296,4 @@ class Settler:
             fp.AFTER_QUARANTINE_BEFORE_ACK, self.point(spec, env, q.attempts)
         )
         await delivery.ack()
-        return entry.id
+        return Settled(o.QUARANTINE, entry_id=entry.id)

@@ -161,7 +161,7 @@ class Worker:
                     spec.source,
                 )
 
-    def _can_extend(self, spec: HandlerSpec) -> bool:
+    def _can_extend(self, spec: HandlerSpec, delivery: Delivery) -> bool:
         known = self._extendable.get(spec.source)
         if known is None:
             caps = self.app.broker.capabilities(spec.source)
@@ -339,6 +339,11 @@ class Worker:
             verdict = Nack(LEDGER_RETRY_DELAY, o.FAILED)
             await self.settler.settle(spec, delivery, None, verdict)
 
+    async def _settle(
+        self, spec: HandlerSpec, delivery: Delivery, env: Envelope | None, verdict: Verdict
+    ) -> None:
+        await self.settler.settle(spec, delivery, env, verdict)
+
     async def _decided(
         self,
         spec: HandlerSpec,
@@ -391,7 +396,7 @@ class Worker:
         for delivery in batch:
             env = pipe.decode(spec, delivery)
             if isinstance(env, Quarantine):
-                steps.append((delivery, partial(self.settler.settle, spec, delivery, None, env)))  # type: ignore[arg-type]
+                steps.append((delivery, partial(self._settle, spec, delivery, None, env)))
                 continue
             pipe.delivered(spec, delivery, env, now, ages)
             if spec.guarantee is Guarantee.AT_MOST_ONCE:

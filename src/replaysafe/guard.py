@@ -1,0 +1,493 @@
+"""The Guard: effectively-once (or at-least-once) inside a consumer you already run.
+
+A :class:`Guard` is the runtime's pipeline as a library call. Your consumer (an aio-pika or
+confluent-kafka loop, a boto3 SQS loop, a Lambda handler, a Celery task) receives a message and
+hands it to the guard with the function that makes the effect; the guard claims the operation in
+the ledger, runs the function while it extends the lease, records the effect, and returns an
+:class:`Outcome` that says what happened and what to tell the broker (:attr:`Outcome.action`).
+
+What the guard cannot know: it does not own the ack. Between its answer and your ack the effect
+is recorded and the copy not yet completed (the ambiguity window); a copy redelivered then is
+answered from the ledger as a duplicate, which is safe, but only if you ack what the outcome says
+to ack and nack what it says to nack. A nack the broker cannot delay comes back at once.
+
+Async: ``await guard.run(message, fn)``. Sync: ``guard.run_sync(message, fn)`` runs ``fn`` in the
+calling thread while a background event loop (one per guard) talks to the ledger and extends the
+lease; ``@guard.once`` wraps a function that receives the payload. Batch: ``run_batch`` claims a
+batch in one ledger round trip and completes it in one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import itertools
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import partial, wraps
+from typing import Any
+
+from replaysafe import observe as o
+from replaysafe.app import DAY, Context, HandlerSpec, Middleware, RetryPolicy, _Options
+from replaysafe.brokers.base import Delivery
+from replaysafe.clock import SYSTEM_CLOCK, Clock
+from replaysafe.envelope import DEFAULT_LIMITS, Envelope, KeyExtractor, Limits, canonical_json
+from replaysafe.errors import BrokerError, CapabilityError, ConfigurationError
+from replaysafe.failpoints import FAILPOINTS, Failpoints
+from replaysafe.guarantees import Effect, Guarantee
+from replaysafe.ledger.base import Ledger
+from replaysafe.observe import otel
+from replaysafe.quarantine import QuarantineReason
+from replaysafe.runtime.keeper import Keeper
+from replaysafe.runtime.pipeline import Pipeline
+from replaysafe.runtime.policy import Ack, Leave, Quarantine, Verdict
+from replaysafe.runtime.settle import Settler
+
+__all__ = ["Guard", "Message", "Outcome", "Status"]
+
+#: the function of the run in progress (a Guard's handler dispatches to it)
+_CURRENT: contextvars.ContextVar[Callable[[Context], Awaitable[Any]]] = contextvars.ContextVar(
+    "replaysafe_guard_fn"
+)
+_SEQ = itertools.count(1)
+
+
+class Status(StrEnum):
+    """What happened to one message (the ``replaysafe_deliveries_total`` outcome labels)."""
+
+    APPLIED = o.APPLIED  #: the function ran and its effect is recorded
+    DUPLICATE = o.DUPLICATE  #: done before: answered from the ledger with the stored result
+    IN_FLIGHT = o.IN_FLIGHT  #: another consumer holds it now: nack, retry after ``retry_after``
+    QUARANTINED = o.QUARANTINE  #: parked durably (see ``reason``): ack, never retry by hand
+    RETRY = o.RETRIED  #: the function failed and may be retried: nack after ``retry_after``
+    FAILED = o.FAILED  #: our own failure; the copy goes back after ``retry_after``
+    LEASE_LOST = o.LEASE_LOST_OUTCOME  #: the claim was taken over meanwhile: nack
+    UNAVAILABLE = o.UNAVAILABLE  #: the ledger did not answer: nack, nothing (more) was run
+    UNCONFIRMED = o.UNCONFIRMED  #: at-most-once: the ack callback failed; the effect did not run
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One message's outcome. ``action`` is what to tell the broker: ``"ack"`` (complete:
+    delete, ack, commit the offset), ``"nack"`` (redeliver after ``retry_after`` seconds where
+    the broker can wait) or ``"none"`` (at-most-once: settled before the effect)."""
+
+    status: Status
+    action: str
+    operation_id: str | None = None
+    #: the function's result (APPLIED) or the stored one (DUPLICATE)
+    result: Any = None
+    retry_after: float | None = None
+    #: the quarantine entry (``replaysafe quarantine show ID``) and why
+    entry_id: str | None = None
+    reason: QuarantineReason | None = None
+
+    @property
+    def ack(self) -> bool:
+        """True when the copy must be completed at the broker."""
+        return self.action == "ack"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A message as your consumer received it, for a guard to decode: the body bytes, headers
+    and content type as the client gives them; ``attempt`` (1-based) and ``redelivered`` where
+    the broker tells (SQS ApproximateReceiveCount, RabbitMQ redelivered, Kafka: unknown);
+    ``extend`` postpones the broker's redelivery while the function runs (SQS
+    ChangeMessageVisibility), called with seconds, sync or async."""
+
+    body: bytes
+    headers: Mapping[str, str] | None = None
+    content_type: str | None = None
+    key: str | None = None
+    broker_timestamp: float | None = None
+    attempt: int = 1
+    redelivered: bool = False
+    delivery_id: str | None = None
+    extend: Callable[[float], Any] | None = None
+    #: when the broker redelivers an unsettled copy (epoch seconds), when known
+    settle_deadline: float | None = None
+
+
+class _Copy(Delivery):
+    """The message as the pipeline sees it: settling it records what to tell the broker."""
+
+    def __init__(self, m: Message, ack_first: Callable[[], Awaitable[None]] | None = None) -> None:
+        self._ack_first = ack_first
+        self.body = m.body
+        self.headers = dict(m.headers or {})
+        self.content_type = m.content_type
+        self.key = m.key
+        self.broker_timestamp = m.broker_timestamp
+        self.delivery_id = m.delivery_id or f"guard-{next(_SEQ)}"
+        self.attempt = max(1, m.attempt)
+        self.redelivered = m.redelivered or m.attempt > 1
+        self.received_at = time.time()
+        self.settle_deadline = m.settle_deadline
+        self._extend = m.extend
+        self.action = "none"
+        self.delay: float | None = None
+
+    @property
+    def settled(self) -> bool:
+        return self.action != "none"
+
+    @property
+    def can_extend(self) -> bool:
+        return self._extend is not None
+
+    async def ack(self) -> None:
+        if not self.settled:
+            self.action = "ack"
+
+    async def nack(self, delay: float | None = None) -> None:
+        if not self.settled:
+            self.action, self.delay = "nack", delay
+
+    async def ack_confirmed(self) -> None:
+        """At-most-once: the caller's ``ack`` callback completes the copy before the effect."""
+        if self._ack_first is None:
+            raise CapabilityError("an at-most-once guard needs ack=")
+        try:
+            await self._ack_first()
+        except BrokerError:
+            raise
+        except Exception as exc:
+            raise BrokerError(
+                f"the ack callback raised {exc!r}; the effect was not run (the message may come "
+                "back, or be lost)"
+            ) from exc
+        self.action = "done"
+
+    async def reject(self, reason: str) -> None:
+        if not self.settled:
+            self.action = "ack"
+
+    async def extend(self, seconds: float) -> None:
+        if self._extend is None:
+            raise CapabilityError("this message has no extend callback (Message(extend=...))")
+        out = self._extend(seconds)
+        if inspect.isawaitable(out):
+            await out
+
+
+class Guard:
+    """Effectively-once for one kind of operation inside your own consumer (module docstring).
+
+    Built from the same validated options as ``App.handler``: ``name`` is the ledger scope (and
+    the metric label); ``guarantee`` is required and ``effect`` too under effectively-once;
+    ``key`` derives the operation id from a payload. ``horizon`` and ``max_clock_skew`` work as
+    on :class:`~replaysafe.App`. A ledger used by :meth:`run_sync` belongs to the guard's
+    background loop: give a sync guard a ledger of its own.
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        name: str,
+        guarantee: Guarantee | str,
+        effect: Effect | None = None,
+        key: KeyExtractor | None = None,
+        lease: float = 30.0,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        middleware: Sequence[Middleware] = (),
+        horizon: float = 7 * DAY,
+        max_clock_skew: float = 300.0,
+        clock: Clock = SYSTEM_CLOCK,
+        redact: Callable[[bytes], bytes] | None = None,
+        owner: str | None = None,
+        tracing: bool = True,
+        tracer_provider: Any | None = None,
+        failpoints: Failpoints = FAILPOINTS,
+    ) -> None:
+        from replaysafe.app import _coerce_guarantee
+
+        if horizon <= 0:
+            raise ConfigurationError("horizon must be positive seconds (ledger retention)")
+        options = _Options(
+            guarantee=_coerce_guarantee(guarantee), effect=effect, key=key, lease=lease,
+            timeout=timeout, retry=retry, concurrency=1, limits=limits, example=None,
+            extend_visibility=True, middleware=tuple(middleware), ledger=ledger,
+        )  # fmt: skip
+        self.spec = options.spec(name, name, name, self._dispatch)
+        self.ledger = ledger
+        self.owner = owner or f"{os.getpid()}-{uuid.uuid4().hex[:8]}-guard"
+        self.stats = o.Stats()
+        self._clock = clock
+        tracer = otel.tracing_for(tracing, tracer_provider)
+        self._settler = Settler(ledger=ledger, clock=clock, stats=self.stats, tracing=tracer,
+                                failpoints=failpoints, redact=redact)  # fmt: skip
+        self._settler.track(name)
+        self._keeper = Keeper(ledger, clock, self.stats, self.spec.heartbeat / 2)
+        self._pipeline = Pipeline(
+            ledger=ledger, clock=clock, stats=self.stats, tracing=tracer, failpoints=failpoints,
+            settler=self._settler, keeper=self._keeper, owner=self.owner, horizon=horizon,
+            max_clock_skew=max_clock_skew, can_extend=_extendable,
+            on_ledger_down=lambda: None,
+        )  # fmt: skip
+        self._pipeline.prepare([self.spec])
+        self._keeping: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @staticmethod
+    async def _dispatch(ctx: Context) -> Any:
+        return await _CURRENT.get()(ctx)
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return f"Guard({s.name!r}, {s.guarantee.value}, effect={s.effect.kind}:{s.effect.name})"
+
+    # ------------------------------------------------------------------ async
+
+    def _copy(
+        self, message: Message | Envelope | bytes | Any, ack: Callable[[], Awaitable[None]] | None
+    ) -> tuple[_Copy, Envelope | None]:
+        if isinstance(message, Message):
+            return _Copy(message, ack), None
+        if isinstance(message, bytes | bytearray | memoryview):
+            return _Copy(Message(bytes(message)), ack), None
+        if isinstance(message, Envelope):
+            copy = _Copy(Message(message.payload, message.wire_headers(), message.content_type,
+                                 message.key), ack)  # fmt: skip
+            return copy, message
+        if self.spec.key is None:
+            raise ConfigurationError(
+                f"guard {self.spec.name!r} got a {type(message).__name__} payload but has no key "
+                "extractor to derive its operation id: pass Guard(key=...), or hand it an "
+                "Envelope or the message bytes with an rs-operation-id header"
+            )
+        return _Copy(Message(canonical_json(message)), ack), None
+
+    def _keep(self) -> None:
+        if self._keeping is None or self._keeping.done():
+            self._keeping = asyncio.get_running_loop().create_task(self._keeper.run())
+
+    async def run(
+        self,
+        message: Message | Envelope | bytes | Any,
+        fn: Callable[[Context], Awaitable[Any]],
+        *,
+        ack: Callable[[], Awaitable[None]] | None = None,
+    ) -> Outcome:
+        """Run ``fn(ctx)`` for ``message`` under the guard's guarantee and say what happened.
+
+        ``message`` is a :class:`Message` (or the body bytes) as the broker gave it, an
+        :class:`~replaysafe.Envelope`, or a payload (with ``key=``). ``ctx.idempotency_key`` is
+        the operation id for a keyed effect; ``ctx.tx`` the ledger transaction for a
+        transactional one. At-most-once needs ``ack``: the guard awaits it *before* ``fn`` and
+        runs nothing if it raises ``BrokerError``."""
+        return (await self.run_batch([message], fn, ack=ack))[0]
+
+    async def run_batch(
+        self,
+        messages: Sequence[Message | Envelope | bytes | Any],
+        fn: Callable[[Context], Awaitable[Any]],
+        *,
+        ack: Callable[[], Awaitable[None]] | None = None,
+    ) -> list[Outcome]:
+        """:meth:`run` for a fetched batch: the claims go out in one ledger round trip, the
+        functions run concurrently, their completions in one round trip; one outcome per
+        message, in order."""
+        spec = self.spec
+        if spec.guarantee is Guarantee.AT_MOST_ONCE and ack is None:
+            raise ConfigurationError(
+                "an at-most-once guard completes the message before the effect: pass ack= (an "
+                "async function that completes it at the broker, confirmed)"
+            )
+        self._keep()
+        token = _CURRENT.set(fn)
+        try:
+            copies = [self._copy(m, ack) for m in messages]
+            return await self._batch(copies)
+        finally:
+            _CURRENT.reset(token)
+
+    async def _batch(self, copies: list[tuple[_Copy, Envelope | None]]) -> list[Outcome]:
+        spec, pipe = self.spec, self._pipeline
+        self.stats.inc(o.RECEIVED, len(copies), handler=spec.name)
+        steps: list[Callable[[], Awaitable[Verdict]]] = []
+        envs: list[Envelope | None] = []
+        claim: list[tuple[int, _Copy, Envelope]] = []
+        for i, (copy, given) in enumerate(copies):
+            env = given if given is not None else pipe.decode(spec, copy)
+            if isinstance(env, Quarantine):
+                envs.append(None)
+                steps.append(partial(_now, env))
+                continue
+            envs.append(env)
+            pipe.delivered(spec, copy, env, self._clock.now(), [])
+            if spec.guarantee is Guarantee.AT_MOST_ONCE:
+                steps.append(partial(pipe.at_most_once, spec, copy, env))
+            elif spec.guarantee is Guarantee.AT_LEAST_ONCE:
+                steps.append(partial(pipe.at_least_once, spec, copy, env))
+            else:
+                claim.append((i, copy, env))
+                steps.append(partial(_now, Leave(o.FAILED)))  # replaced below
+        if claim:
+            outcomes = await pipe.claim(spec, [(c, e) for _, c, e in claim])
+            for (i, copy, env), outcome in zip(claim, outcomes, strict=True):
+                steps[i] = partial(pipe.after_claim, spec, copy, env, outcome)
+        if len(steps) == 1:
+            verdicts = [await steps[0]()]
+        else:
+            verdicts = list(await asyncio.gather(*(s() for s in steps)))
+        return [
+            await self._settled(copy, env, verdict)
+            for (copy, _), env, verdict in zip(copies, envs, verdicts, strict=True)
+        ]
+
+    async def _settled(self, copy: _Copy, env: Envelope | None, verdict: Verdict) -> Outcome:
+        done = await self._settler.settle(self.spec, copy, env, verdict)
+        op = env.operation_id if env is not None else None
+        status = Status(done.outcome)
+        result = verdict.result if isinstance(verdict, Ack | Leave) else None
+        reason = verdict.reason if isinstance(verdict, Quarantine) else None
+        action = copy.action if copy.action in ("ack", "nack") else "none"
+        return Outcome(status, action, op, result, copy.delay, done.entry_id, reason)
+
+    async def close(self) -> None:
+        """Stop the guard's keeper (and its background loop, for a sync guard). The ledger is
+        yours: close it yourself."""
+        if self._keeping is not None:
+            self._keeping.cancel()
+            await asyncio.gather(self._keeping, return_exceptions=True)
+            self._keeping = None
+        self._pipeline.close()
+
+    async def __aenter__(self) -> Guard:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ sync
+
+    def _background(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name=f"replaysafe-guard-"
+                                          f"{self.spec.name}", daemon=True)  # fmt: skip
+                thread.start()
+                self._loop, self._thread = loop, thread
+            return self._loop
+
+    def run_sync(
+        self,
+        message: Message | Envelope | bytes | Any,
+        fn: Callable[[Context], Any],
+        *,
+        ack: Callable[[], Any] | None = None,
+    ) -> Outcome:
+        """:meth:`run` for a plain function, from any thread: ``fn(ctx)`` runs in the calling
+        thread (its thread-bound resources, a Django or SQLAlchemy session, work as usual) while
+        the guard's background loop claims, extends the lease and completes. A cut (deadline,
+        lost lease) cannot stop ``fn``: the verdict is the cut's (an unknown outcome for an
+        unkeyed effect), and this returns once ``fn`` has returned."""
+        return self.run_batch_sync([message], fn, ack=ack)[0]
+
+    def run_batch_sync(
+        self,
+        messages: Sequence[Message | Envelope | bytes | Any],
+        fn: Callable[[Context], Any],
+        *,
+        ack: Callable[[], Any] | None = None,
+    ) -> list[Outcome]:
+        """:meth:`run_batch` for a plain function: one claim and one completion round trip for
+        the batch; ``fn`` runs in the calling thread for each acquired message, one at a time."""
+        loop = self._background()
+        calls: queue.SimpleQueue[tuple[Context, asyncio.Future[Any]] | None] = queue.SimpleQueue()
+
+        async def bridge(ctx: Context) -> Any:
+            done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            calls.put((ctx, done))
+            return await done
+
+        async def aack() -> None:
+            assert ack is not None
+            out = await asyncio.get_running_loop().run_in_executor(None, ack)
+            if inspect.isawaitable(out):
+                await out
+
+        future = asyncio.run_coroutine_threadsafe(
+            self.run_batch(messages, bridge, ack=aack if ack is not None else None), loop
+        )
+        future.add_done_callback(lambda _: calls.put(None))
+        while (item := calls.get()) is not None:
+            ctx, done = item
+            try:
+                result = fn(ctx)
+            except BaseException as exc:  # handed to the pipeline, which decides
+                loop.call_soon_threadsafe(_resolve, done, None, exc)
+                if not isinstance(exc, Exception):
+                    raise
+            else:
+                loop.call_soon_threadsafe(_resolve, done, result, None)
+        return future.result()
+
+    def once(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Decorate a function that receives the payload (``fn(payload)``, or
+        ``fn(payload, ctx)`` when it takes a ``ctx`` parameter): calling the decorated function
+        with a message runs it under the guard and returns the :class:`Outcome`. An ``async
+        def`` becomes an async function (:meth:`run`), a plain one a sync one (:meth:`run_sync`).
+        """
+        takes_ctx = "ctx" in inspect.signature(fn).parameters
+
+        def call(ctx: Context) -> Any:
+            return fn(ctx.payload, ctx=ctx) if takes_ctx else fn(ctx.payload)
+
+        if inspect.iscoroutinefunction(fn):
+
+            @wraps(fn)
+            async def run_async(message: Any) -> Outcome:
+                return await self.run(message, call)
+
+            return run_async
+
+        @wraps(fn)
+        def run_sync(message: Any) -> Outcome:
+            return self.run_sync(message, call)
+
+        return run_sync
+
+    def close_sync(self) -> None:
+        """:meth:`close` from sync code: stops the background loop and its thread."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        asyncio.run_coroutine_threadsafe(self.close(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+        self._loop = self._thread = None
+
+
+def _extendable(spec: HandlerSpec, delivery: Delivery) -> bool:
+    """A message's visibility is extended when the caller gave an ``extend`` callback."""
+    return isinstance(delivery, _Copy) and delivery.can_extend
+
+
+async def _now(verdict: Verdict) -> Verdict:
+    return verdict
+
+
+def _resolve(done: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    """Hand the caller thread's result to the waiting pipeline (gone when the run was cut)."""
+    if done.done():
+        return
+    if exc is not None:
+        done.set_exception(exc)
+    else:
+        done.set_result(result)
