@@ -16,7 +16,9 @@ EXPECTED = {
     "Guarantee", "Boundary", "Effect", "QuarantineReason", "EffectRisk",
     # app and runtime
     "App", "Context", "HandlerSpec", "RetryPolicy", "Worker", "Producer", "Failpoints",
-    "Clock", "SystemClock",
+    "Clock", "SystemClock", "Middleware",
+    # the guard: the pipeline inside a consumer you already run
+    "Guard", "Message", "Outcome",
     # ledger
     "Ledger", "TransactionalLedger", "Transaction", "MemoryLedger", "SQLiteLedger", "OpKey",
     "Record", "State", "Claim", "Acquired", "InFlight", "AlreadyDone", "Conflict", "Quarantined",

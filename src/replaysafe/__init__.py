@@ -11,7 +11,7 @@ backend names its extra when its driver is missing.
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from replaysafe.app import App, Context, HandlerSpec, RetryPolicy
+from replaysafe.app import App, Context, HandlerSpec, Middleware, RetryPolicy
 from replaysafe.brokers import (
     Broker,
     Capabilities,
@@ -50,6 +50,7 @@ from replaysafe.errors import (
 )
 from replaysafe.failpoints import Failpoints
 from replaysafe.guarantees import Boundary, Effect, Guarantee
+from replaysafe.guard import Guard, Message, Outcome
 from replaysafe.ledger import (
     Acquired,
     AlreadyDone,
@@ -132,6 +133,7 @@ __all__ = [
     "Failpoints",
     "FingerprintMismatch",
     "Guarantee",
+    "Guard",
     "HandlerSpec",
     "HandlerTopology",
     "InFlight",
@@ -147,8 +149,11 @@ __all__ = [
     "MalformedPayload",
     "MemoryBroker",
     "MemoryLedger",
+    "Message",
+    "Middleware",
     "MissingExtra",
     "OpKey",
+    "Outcome",
     "OutcomeUnknown",
     "PayloadTooLarge",
     "PostgresLedger",
