@@ -371,3 +371,29 @@ async def test_a_sync_handler_on_an_app_runs_on_a_worker_thread(tmp_path: Path) 
     await ledger.close()
     assert set(sink.effects.values()) == {1}
     assert all(t.startswith("replaysafe-handler") for t in sink.threads)
+
+
+async def test_a_sync_handler_cut_at_its_deadline_is_quarantined_outcome_unknown() -> None:
+    """A sync handler cannot be cancelled: the worker stops waiting at the deadline and decides
+    as for an async cut (unkeyed: outcome_unknown), while the thread finishes on its own."""
+    from tests.runtime_harness import order
+    from tests.waits import until
+
+    broker, ledger = MemoryBroker(), MemoryLedger()
+    app = App("shop", broker=broker, ledger=ledger)
+    finished: list[str] = []
+
+    def mail(ctx: Context) -> None:
+        time.sleep(0.8)
+        finished.append(ctx.operation_id)
+
+    app.handler("orders", guarantee=EO, effect=Effect.unkeyed("smtp"), lease=1.0, timeout=0.3)(mail)
+    await broker.publish("orders", [order(1)])
+    w = Worker(app)
+    run = asyncio.create_task(w.run())
+    entries = await until(ledger.quarantined, seconds=10, what="a quarantine entry")
+    await until(lambda: finished, seconds=10, what="the thread to finish")
+    w.stop()
+    await run
+    assert [e.reason for e in entries] == [QuarantineReason.OUTCOME_UNKNOWN]
+    assert w.stats.total("replaysafe_deliveries_total", handler="mail", outcome="quarantined") == 1
