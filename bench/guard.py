@@ -19,6 +19,9 @@ Paths (``path`` in the results; ``api`` is "sync" except for ``async``):
                  Redis      - redis-py sync (hiredis), EVALSHA of the ledger's own claim and
                               complete Lua scripts with the ledger's KEYS and packed ARGV.
   async          the async ledger awaited directly in an event loop (api="async"): no sync hop.
+  raw-async      PostgreSQL and Redis: the raw statements through the ASYNC driver (psycopg
+                 AsyncConnection; the async ledger's own redis.asyncio client) in an event loop
+                 (api="async"): what the async driver alone costs, before any replaysafe code.
   loop-per-op    one background event-loop thread owns the ledger; the caller submits ONE
                  coroutine (claim + complete) per step with run_coroutine_threadsafe().result().
   loop-per-call  the same, one submit per ledger call (claim, then complete: two hops per step).
@@ -190,7 +193,7 @@ class Variant:
 
     @property
     def api(self) -> str:
-        return "async" if self.path == "async" else "sync"
+        return "async" if self.path in ("async", "raw-async") else "sync"
 
 
 @dataclass
@@ -209,6 +212,8 @@ class Backend:
     private_loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
     private_ledger: Ledger | None = None
     extra_closers: list[Callable[[], None]] = field(default_factory=list)
+    #: (private loop's ledger, scope, batch) -> the raw statements through the async driver
+    raw_async_step: Callable[[Ledger, str, int], Awaitable[AsyncStep]] | None = None
 
     def open(self) -> None:
         self.bg_ledger = self.make_ledger()
@@ -247,6 +252,19 @@ def variant_async(b: Backend, batch: int) -> Variant:
         return loop.run_until_complete(drive_async(step, batch, seconds))
 
     return Variant(b.name, "async", batch, run)
+
+
+def variant_raw_async(b: Backend, batch: int) -> Variant | None:
+    if b.raw_async_step is None:
+        return None
+    ledger, loop = b.private_ledger, b.private_loop
+    assert ledger is not None
+    step = loop.run_until_complete(b.raw_async_step(ledger, scope_of("raw-async", batch), batch))
+
+    def run(seconds: float) -> tuple[float, float]:
+        return loop.run_until_complete(drive_async(step, batch, seconds))
+
+    return Variant(b.name, "raw-async", batch, run)
 
 
 def variant_loop_per_op(b: Backend, batch: int) -> Variant:
@@ -366,6 +384,7 @@ def variant_sqlite_native(b: Backend, batch: int) -> Variant | None:
 PATHS: dict[str, Callable[[Backend, int], Variant | None]] = {
     "raw": variant_raw,
     "async": variant_async,
+    "raw-async": variant_raw_async,
     "loop-per-op": variant_loop_per_op,
     "loop-per-call": variant_loop_per_call,
     "private-loop": variant_private_loop,
@@ -501,11 +520,49 @@ def setup_postgres() -> Backend | str:
 
         return one if batch == 1 else many
 
+    aconns: list[Any] = []
+
+    async def raw_async_step(_: Ledger, scope: str, batch: int) -> AsyncStep:
+        aconn = await psycopg.AsyncConnection.connect(PG_DSN, autocommit=True)
+        aconns.append(aconn)
+
+        async def step() -> None:
+            ops = new_ops(batch)
+            if batch == 1:
+                params: dict[str, Any] = {"scope": scope, "op": ops[0], "fp": FP, "owner": OWNER,
+                                          "lease": LEASE, "marks": False}  # fmt: skip
+                row = await (await aconn.execute(claim_one, params, binary=True)).fetchone()
+                assert row is not None and row[1], row
+                params = {"f_scope": scope, "f_op": ops[0], "f_token": row[6], "result": RESULT}
+                assert await (await aconn.execute(complete_one, params)).fetchone() is not None
+                return
+            scopes = [scope] * batch
+            params = {
+                "scope": scopes, "op": ops, "fp": [FP] * batch, "owner": [OWNER] * batch,
+                "lease": [LEASE] * batch, "marks": [False] * batch,
+            }  # fmt: skip
+            rows = await (await aconn.execute(claim_many, params, binary=True)).fetchall()
+            tokens = {r[0]: r[6] for r in rows if r[1]}
+            assert len(tokens) == batch, rows
+            params = {"scope": scopes, "op": ops, "result": [RESULT] * batch,
+                      "token": [tokens[i] for i in range(1, batch + 1)]}  # fmt: skip
+            rows = await (await aconn.execute(complete_many, params, binary=True)).fetchall()
+            assert sum(1 for r in rows if r[1]) == batch, rows
+
+        return step
+
+    def close_raw() -> None:
+        conn.close()
+        for aconn in aconns:
+            asyncio.run(aconn.close())
+
     def cleanup() -> None:
         with psycopg.Connection.connect(PG_DSN, autocommit=True) as admin:
             admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
-    return Backend("postgres", make, raw_step, env, conn.close, cleanup=cleanup)
+    return Backend(
+        "postgres", make, raw_step, env, close_raw, cleanup=cleanup, raw_async_step=raw_async_step
+    )
 
 
 def setup_redis() -> Backend | str:
@@ -540,20 +597,37 @@ def setup_redis() -> Backend | str:
     tail = u32(len(OWNER)) + OWNER.encode() + struct.pack("<d", LEASE * 1_000_000) + b"\x00"
     fp, result = u32(len(FP)) + FP.encode(), RESULT.encode()
 
-    def raw_step(scope: str, batch: int) -> SyncStep:
+    def claim_args(scope: str, batch: int) -> tuple[list[bytes], list[Any]]:
+        """(record keys, EVALSHA arguments of the claim script) for ``batch`` fresh operations."""
         s = scope.encode()
         head, packed_scope = _KEY_HEAD % (p, len(s), s), u32(len(s)) + s
+        ops = [op.encode() for op in new_ops(batch)]
+        keys = [head + op for op in ops]
+        blob = b"".join(packed_scope + u32(len(op)) + op + fp + tail for op in ops)
+        return keys, [claim_sha, batch + 1, token_key, *keys, blob]
 
+    def complete_args(keys: list[bytes], reply: list[Any]) -> list[Any]:
+        tokens = [b"%d" % t for t in reply[1:]]  # a new operation acquired: its token
+        assert len(tokens) == len(keys), reply
+        blob = b"".join(u32(len(t)) + t + b"\x01" + u32(len(result)) + result for t in tokens)
+        return [complete_sha, len(keys) + 1, log_key, *keys, retention_ms, blob]
+
+    def check_done(done: list[Any]) -> None:
+        assert all(type(item) is int for item in done[1:]), done  # completed: created_at
+
+    def raw_step(scope: str, batch: int) -> SyncStep:
         def step() -> None:
-            ops = [op.encode() for op in new_ops(batch)]
-            keys = [head + op for op in ops]
-            blob = b"".join(packed_scope + u32(len(op)) + op + fp + tail for op in ops)
-            reply = client.evalsha(claim_sha, batch + 1, token_key, *keys, blob)
-            tokens = [b"%d" % t for t in reply[1:]]  # a new operation acquired: its token
-            assert len(tokens) == batch, reply
-            blob = b"".join(u32(len(t)) + t + b"\x01" + u32(len(result)) + result for t in tokens)
-            done = client.evalsha(complete_sha, batch + 1, log_key, *keys, retention_ms, blob)
-            assert all(type(item) is int for item in done[1:]), done  # completed: created_at
+            keys, args = claim_args(scope, batch)
+            check_done(client.evalsha(*complete_args(keys, client.evalsha(*args))))
+
+        return step
+
+    async def raw_async_step(ledger: Ledger, scope: str, batch: int) -> AsyncStep:
+        aclient = ledger._client  # type: ignore[attr-defined]
+
+        async def step() -> None:
+            keys, args = claim_args(scope, batch)
+            check_done(await aclient.evalsha(*complete_args(keys, await aclient.evalsha(*args))))
 
         return step
 
@@ -570,6 +644,7 @@ def setup_redis() -> Backend | str:
         env,
         lambda: None,
         cleanup=cleanup,
+        raw_async_step=raw_async_step,
     )
 
 
