@@ -68,6 +68,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+from replaysafe import Context, Effect, Envelope, Guarantee, Guard
 from replaysafe.ledger.base import Acquired, ClaimRequest, Ledger, OpKey, Record
 from replaysafe.ledger.sqlite import (
     _COMPLETE_RECORD,
@@ -193,7 +194,7 @@ class Variant:
 
     @property
     def api(self) -> str:
-        return "async" if self.path in ("async", "raw-async") else "sync"
+        return "async" if self.path in ("async", "raw-async", "guard-async") else "sync"
 
 
 @dataclass
@@ -378,11 +379,56 @@ def variant_sqlite_native(b: Backend, batch: int) -> Variant | None:
     return Variant(b.name, "native", batch, partial(drive_sync, step, batch))
 
 
-#: one function per path, in report order. The Guard slots: add ``"guard-sync": variant_guard_sync``
-#: (and ``"guard-async"``) here, each building a Variant whose step is one ``guard.run`` (sync or
-#: awaited) of ``batch`` fresh operations, on a guard over ``b.make_ledger()``.
+def _guard(ledger: Ledger, path: str, batch: int) -> Guard:
+    return Guard(ledger, name=scope_of(path, batch), guarantee=Guarantee.EFFECTIVELY_ONCE,
+                 effect=Effect.keyed("bench"), lease=LEASE, tracing=False)  # fmt: skip
+
+
+def _messages(batch: int) -> list[Envelope]:
+    return [Envelope.of(op, {"n": 1}) for op in new_ops(batch)]
+
+
+def _effect(ctx: Context) -> str:
+    return "r-1"
+
+
+async def _aeffect(ctx: Context) -> str:
+    return "r-1"
+
+
+def variant_guard_sync(b: Backend, batch: int) -> Variant:
+    """The public sync guard (``run_batch_sync``: fn in this thread, the ledger on the guard's
+    background loop), one claim + effect + complete of ``batch`` fresh operations per step."""
+    guard = _guard(b.make_ledger(), "guard-sync", batch)
+    b.extra_closers.append(guard.close_sync)
+
+    def step() -> None:
+        guard.run_batch_sync(_messages(batch), _effect)
+
+    return Variant(b.name, "guard-sync", batch, partial(drive_sync, step, batch))
+
+
+def variant_guard_async(b: Backend, batch: int) -> Variant:
+    """The public async guard (``await run_batch``) on the private loop."""
+    ledger, loop = b.private_ledger, b.private_loop
+    assert ledger is not None
+    guard = _guard(ledger, "guard-async", batch)
+    b.extra_closers.append(lambda: loop.run_until_complete(guard.close()))
+
+    async def step() -> None:
+        await guard.run_batch(_messages(batch), _aeffect)
+
+    def run(seconds: float) -> tuple[float, float]:
+        return loop.run_until_complete(drive_async(step, batch, seconds))
+
+    return Variant(b.name, "guard-async", batch, run)
+
+
+#: one function per path, in report order; the guard's two APIs first
 PATHS: dict[str, Callable[[Backend, int], Variant | None]] = {
     "raw": variant_raw,
+    "guard-sync": variant_guard_sync,
+    "guard-async": variant_guard_async,
     "async": variant_async,
     "raw-async": variant_raw_async,
     "loop-per-op": variant_loop_per_op,

@@ -463,11 +463,18 @@ class Guard:
         return run_sync
 
     def close_sync(self) -> None:
-        """:meth:`close` from sync code: stops the background loop and its thread."""
+        """:meth:`close` from sync code: stops the background loop and its thread, closing the
+        ledger on it first (a ledger a sync guard used is bound to that loop: nothing else can
+        close it)."""
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
-        asyncio.run_coroutine_threadsafe(self.close(), loop).result()
+
+        async def shut() -> None:
+            await self.close()
+            await self.ledger.close()
+
+        asyncio.run_coroutine_threadsafe(shut(), loop).result()
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
         loop.close()
