@@ -9,7 +9,8 @@ from pathlib import Path
 
 from replaysafe import Effect, Guarantee, Guard, SQLiteLedger
 
-_DB = Path(tempfile.gettempdir()) / f"replaysafe-explain-guard-{os.getpid()}.db"
+_DIR = Path(os.environ.get("GUARDS_APP_DIR") or tempfile.gettempdir())
+_DB = _DIR / f"replaysafe-explain-guard-{os.getpid()}.db"
 
 #: effectively-once over a keyed payments API, the operation id from business fields
 charge = Guard(SQLiteLedger(_DB), name="charge", guarantee=Guarantee.EFFECTIVELY_ONCE,
