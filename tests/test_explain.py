@@ -234,6 +234,7 @@ def test_cli_json_and_strict() -> None:
     [h] = doc["handlers"]
     assert set(h) == {
         "name",
+        "kind",
         "guarantee",
         "queue",
         "queue_state",
@@ -242,6 +243,7 @@ def test_cli_json_and_strict() -> None:
         "findings",
     }
     assert h["boundary"] == "payments-api" and h["guarantee"] == "effectively-once"
+    assert h["kind"] == "handler"
     # an at-least-once handler passes --strict (no error), the verdict says replay hurts
     alo = runner.invoke(main, ["explain", "replaysafe.examples.payments:at_least_once", "--json"])
     assert json.loads(alo.output)["handlers"][0]["boundary"] is None

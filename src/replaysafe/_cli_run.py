@@ -22,6 +22,7 @@ import click
 
 from replaysafe.app import App
 from replaysafe.errors import ConfigurationError, ReplaysafeError
+from replaysafe.guard import Guard
 from replaysafe.runtime.health import MAX_LEDGER_OUTAGE, Health
 from replaysafe.runtime.preflight import STARTUP_TIMEOUT, Preflight, one_line, preflight
 from replaysafe.runtime.worker import Worker
@@ -37,18 +38,27 @@ EXIT_LEDGER_OUTAGE = 3
 CLOSE_TIMEOUT = 5.0
 
 
-#: apps a command imported (their module was not loaded before), with that module's name: the
-#: command owns their broker and ledger and closes them when it ends (see ``run_app``)
-_imported: weakref.WeakKeyDictionary[App, str] = weakref.WeakKeyDictionary()
+#: apps and guards a command imported (their module was not loaded before), with that module's
+#: name: the command owns their broker and ledger and closes them when it ends (see ``run_app``)
+_imported: weakref.WeakKeyDictionary[App | Guard, str] = weakref.WeakKeyDictionary()
 
 
 def load_app(target: str) -> App:
     """Import ``module:attribute`` (the working directory is importable) and check it is an App.
     A :class:`ReplaysafeError` raised by the import (the app's configuration refused) is a
     one-paragraph CLI error, status 1."""
+    app = load_target(target)
+    if not isinstance(app, App):
+        raise click.BadParameter(f"{target} is {type(app).__name__}, not a replaysafe App")
+    return app
+
+
+def load_target(target: str) -> App | Guard:
+    """:func:`load_app` for a command that also takes a :class:`~replaysafe.Guard` (explain):
+    the attribute is an App or a Guard; anything else is a usage error."""
     module_name, _, attr = target.partition(":")
     if not module_name or not attr:
-        raise click.BadParameter(f"expected MODULE:APP, got {target!r}")
+        raise click.BadParameter(f"expected MODULE:ATTR, got {target!r}")
     if "" not in sys.path:
         sys.path.insert(0, "")
     fresh = module_name not in sys.modules
@@ -60,15 +70,17 @@ def load_app(target: str) -> App:
         # the app refused its own configuration while the module was imported (App.handler: a
         # sync handler, a bad name ...): its message names the fix, a traceback adds nothing
         raise click.ClickException(f"{target}: {one_line(exc)}") from None
-    app = getattr(module, attr, None)
-    if not isinstance(app, App):
-        raise click.BadParameter(f"{target} is {type(app).__name__}, not a replaysafe App")
+    found = getattr(module, attr, None)
+    if not isinstance(found, App | Guard):
+        raise click.BadParameter(
+            f"{target} is {type(found).__name__}, not a replaysafe App or Guard"
+        )
     if fresh:
-        _imported[app] = module_name
-    return app
+        _imported[found] = module_name
+    return found
 
 
-def _forget(app: App) -> bool:
+def _forget(app: App | Guard) -> bool:
     """Whether a command imported ``app`` (see :func:`load_app`); if so, the import is undone:
     once its broker and ledger are closed the app is of no further use (a closed ledger refuses
     every call), so the next command in the same process must import its module anew rather
@@ -85,12 +97,13 @@ def _say(text: str) -> None:
     click.echo(f"replaysafe: {text}", err=True)
 
 
-async def close_app(app: App) -> None:
-    """Close the app's broker and ledger, each within ``CLOSE_TIMEOUT`` seconds (both are
-    idempotent), on the loop that opened their connections: a connection left open when its
-    event loop closes ends in "Task was destroyed but it is pending!" and driver tracebacks.
-    A close that fails is said in one line."""
-    for what, close in (("broker", app.broker.close), ("ledger", app.ledger.close)):
+async def close_app(app: App | Guard) -> None:
+    """Close the app's broker and ledger (a guard: the guard, then its ledger), each within
+    ``CLOSE_TIMEOUT`` seconds (both are idempotent), on the loop that opened their connections:
+    a connection left open when its event loop closes ends in "Task was destroyed but it is
+    pending!" and driver tracebacks. A close that fails is said in one line."""
+    first = ("broker", app.broker.close) if isinstance(app, App) else ("guard", app.close)
+    for what, close in (first, ("ledger", app.ledger.close)):
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await close()
@@ -98,13 +111,14 @@ async def close_app(app: App) -> None:
             _say(f"could not close the {what} cleanly: {one_line(exc)}")
 
 
-def run_app(app: App, work: Coroutine[Any, Any, T]) -> T:
+def run_app(app: App | Guard, work: Coroutine[Any, Any, T]) -> T:
     """Run ``work`` (a coroutine over ``app``) on a fresh event loop, then close the app's broker
     and ledger on that loop; a :class:`ReplaysafeError` becomes a one-paragraph CLI error. For
     every command that opens an app's broker or ledger (explain, inspect, quarantine,
-    handler). An app whose module was already imported when the command started (the command
-    was invoked in-process, by a test or a notebook) belongs to its caller and is left open; one
-    the command imported is closed and its import undone (:func:`_forget`)."""
+    handler), or a guard's ledger (explain). An app whose module was already imported when the
+    command started (the command was invoked in-process, by a test or a notebook) belongs to its
+    caller and is left open; one the command imported is closed and its import undone
+    (:func:`_forget`)."""
 
     async def go() -> T:
         try:

@@ -10,6 +10,11 @@ latency, and returns for each handler:
   stops hurting, and what can still happen twice or be lost;
 - findings with stable ids and severities (``error`` fails ``--strict``).
 
+``explain_guard(guard)`` states a :class:`~replaysafe.Guard` through the same code path: its
+``spec`` is a handler's, its ledger is asked the same way; no broker is known to it (the caller's
+consumer owns the broker and the ack), so the broker's facts are unknown, the statement says the
+ack's timing is the caller's part of the guarantee, and RS124 lists the checks left undone.
+
 Finding ids (stable; documented in docs/explain.md):
 
 =======  ========  =====================================================================
@@ -41,6 +46,8 @@ RS120    warning   handler deadline shorter than its lease: a slow run is cut, l
 RS122    warning   the handler's queue/group holds messages and has no consumer
 RS123    warning   another group on the handler's source, named like the app's groups, holds
                    messages and has no consumer (a renamed or removed handler's group)
+RS124    info      a guard: no broker is known, so the checks that need its facts were not
+                   made (retention, dead-letter, visibility, delivery limit, auto-commit)
 =======  ========  =====================================================================
 """
 
@@ -49,14 +56,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from replaysafe.app import App, HandlerSpec
 from replaysafe.brokers.base import Capabilities, GroupState, RedeliveryKind, SourceFacts
 from replaysafe.envelope import operation_id as make_operation_id
 from replaysafe.errors import LedgerUnavailable
 from replaysafe.guarantees import Effect, Guarantee
-from replaysafe.ledger.base import Durability, DurabilityLevel
+from replaysafe.ledger.base import Durability, DurabilityLevel, Ledger
+
+if TYPE_CHECKING:
+    from replaysafe.guard import Guard
 
 Severity = Literal["error", "warning", "info"]
 _ORDER = {"error": 0, "warning": 1, "info": 2}
@@ -86,11 +96,14 @@ class HandlerStatement:
     queue: str | None = None
     #: what the broker said about it when asked (None when it could not be asked)
     queue_state: GroupState | None = None
+    #: "handler" (of an App) or "guard" (a Guard inside the caller's own consumer)
+    kind: Literal["handler", "guard"] = "handler"
 
     def as_json(self) -> dict[str, Any]:
         q = self.queue_state
         return {
             "name": self.name,
+            "kind": self.kind,
             "guarantee": self.guarantee.value,
             "queue": self.queue,
             "queue_state": None
@@ -165,30 +178,76 @@ def _unkeyed_failure_rule(g: Guarantee, eff: Effect) -> str:
             "where the request certainly never left")  # fmt: skip
 
 
+def _horizon(owner: App | Guard) -> float:
+    """How long ``owner``'s ledger remembers completed operations."""
+    if isinstance(owner, App):
+        return owner.horizon
+    # a Guard keeps its horizon on its pipeline (guard.py has no public attribute for it yet)
+    return owner._pipeline.horizon
+
+
+#: a guard's COMPLETED line per guarantee: the caller acks, so its timing is part of the promise
+_GUARD_COMPLETION = {
+    Guarantee.AT_MOST_ONCE: "completion: yours. The guard awaits your ack= callback BEFORE the "
+    "effect and runs nothing if it fails; the callback must complete the message at the broker, "
+    "confirmed (the ack's timing is part of this guarantee).",
+    Guarantee.AT_LEAST_ONCE: "completion: yours. Complete the message at the broker only after "
+    "run() returned an Outcome whose action is 'ack', and nack it when the action is 'nack'; the "
+    "guard does not own the ack, so its timing is part of this guarantee: an ack before run() "
+    "returns (auto-ack, auto-commit) makes it at-most-once.",
+    Guarantee.EFFECTIVELY_ONCE: "completion: yours. The guard records the effect in the ledger "
+    "and returns an Outcome; complete the message at the broker only then and only when its "
+    "action is 'ack' (nack after retry_after when it is 'nack'); the gap between the two is the "
+    "ambiguity window, where a redelivered copy is answered from the ledger. The guard does not "
+    "own the ack, so its timing is part of this guarantee: an ack before run() returns "
+    "(auto-ack, auto-commit, a Kafka commit past an offset still running) loses the operation "
+    "in a crash.",
+}
+
+
 def explain_handler(
-    app: App,
+    app: App | Guard,
     spec: HandlerSpec,
-    caps: Capabilities,
+    caps: Capabilities | None,
     facts: SourceFacts,
     durability: Durability,
     p99: float | None = None,
 ) -> HandlerStatement:
-    """The statement and findings for one handler (pure: all facts are passed in)."""
+    """The statement and findings for one handler (pure: all facts are passed in).
+
+    ``app`` is the App that owns ``spec``, or a :class:`~replaysafe.Guard` (``spec`` is then
+    ``guard.spec``). ``caps`` is None when no broker is known (a guard): the broker's promise is
+    unknown, ``facts`` should be all-unknown, and completion is stated as the caller's ack."""
     g, eff = spec.guarantee, spec.effect
-    out = HandlerStatement(spec.name, g, None)
+    guard = caps is None
+    out = HandlerStatement(spec.name, g, None, kind="guard" if guard else "handler")
     say, find = out.statement.append, out.findings.append
-    horizon = app.horizon
+    horizon = _horizon(app)
 
     # PUBLISHED / DELIVERED: the broker's promise
-    dedup = (
-        f"; it drops duplicate publishes only within {_span(caps.native_dedup_window)}"
-        if caps.native_dedup_window
-        else ""
-    )
-    say(
-        f"broker ({facts.broker}, source {spec.source!r}): delivers at least once and "
-        f"{_REDELIVERY[caps.redelivery]}{dedup}."
-    )
+    if caps is None:
+        say("broker: none that the guard knows; your consumer receives each message and settles "
+            "it, so what the broker promises (redelivery, retention, dead-letter, visibility "
+            "timeout, auto-commit) is unknown here.")  # fmt: skip
+        find(Finding("RS124", "info", "a guard knows no broker: the checks that need its facts "
+                     f"were not made; check them against your consumer: no copy delivered later "
+                     f"than the horizon ({_span(horizon)}) after its publish, by retention, "
+                     "dead-letter retention or a redrive (RS106, RS107); a visibility timeout "
+                     "longer than the deadline or extended with Message(extend=...) (RS108); a "
+                     "delivery limit above the retry budget and with a dead-letter target "
+                     "(RS112, RS116); no auto-ack or auto-commit (RS113); "
+                     "Message(broker_timestamp=...) so copies from plain producers are checked "
+                     "against the horizon (RS115)"))  # fmt: skip
+    else:
+        dedup = (
+            f"; it drops duplicate publishes only within {_span(caps.native_dedup_window)}"
+            if caps.native_dedup_window
+            else ""
+        )
+        say(
+            f"broker ({facts.broker}, source {spec.source!r}): delivers at least once and "
+            f"{_REDELIVERY[caps.redelivery]}{dedup}."
+        )
     # identity
     if spec.key is None:
         ident = "the rs-operation-id header set by the producer"
@@ -222,8 +281,13 @@ def explain_handler(
         say(f"effect: {eff.name} cannot deduplicate: every call is a new effect.")
 
     # COMPLETED and the verdict
+    if guard:
+        # the guard does not own the ack: what the caller does with Outcome.action, and when,
+        # is part of the guarantee, so the statement says it in the caller's terms
+        say(_GUARD_COMPLETION[g])
     if g is Guarantee.AT_MOST_ONCE:
-        say("completion: the broker completes the message BEFORE the effect.")
+        if not guard:
+            say("completion: the broker completes the message BEFORE the effect.")
         out.boundary = "broker completion (before the effect)"
         say("verdict: nothing is replayed, so replay never hurts; a crash between completion and "
             "the effect loses the operation.")  # fmt: skip
@@ -234,14 +298,16 @@ def explain_handler(
                          "lost; declare at-least-once or effectively-once if loss is not "
                          "acceptable"))  # fmt: skip
     elif g is Guarantee.AT_LEAST_ONCE:
-        say("completion: the broker completes the message AFTER the effect.")
+        if not guard:
+            say("completion: the broker completes the message AFTER the effect.")
         out.boundary = None
         say(f"verdict: replay hurts at {eff.name}: a crash between the effect and completion, "
             "an expired visibility or an ambiguous publish applies it again.")  # fmt: skip
         say("may still happen: duplicates (never a loss).")
     else:
-        say("completion: the broker completes the message only after the ledger recorded the "
-            "effect; the gap between the two is the ambiguity window.")  # fmt: skip
+        if not guard:
+            say("completion: the broker completes the message only after the ledger recorded the "
+                "effect; the gap between the two is the ambiguity window.")  # fmt: skip
         if eff.kind == "transactional":
             out.boundary = f"the ledger transaction's commit ({durability.store})"
             say(f"verdict: replay stops hurting at {out.boundary}.")
@@ -292,9 +358,10 @@ def explain_handler(
     # horizons against the broker's memory
     if g is Guarantee.EFFECTIVELY_ONCE:
         if facts.retention is None:
-            find(Finding("RS117", "info", "the broker's retention is unknown or unbounded: make "
-                         f"sure no copy can be delivered later than the horizon "
-                         f"({_span(horizon)})"))  # fmt: skip
+            if not guard:  # a guard's RS124 says it with the rest
+                find(Finding("RS117", "info", "the broker's retention is unknown or unbounded: "
+                             "make sure no copy can be delivered later than the horizon "
+                             f"({_span(horizon)})"))  # fmt: skip
         elif facts.retention > horizon:
             kept = _span(facts.retention)
             find(Finding("RS106", "error", f"the broker keeps messages for {kept} but the "
@@ -319,7 +386,8 @@ def explain_handler(
 
     # time: visibility, lease, deadline, observed latency
     vis = facts.visibility_timeout
-    if vis is not None and not (caps.extend_visibility and spec.extend_visibility):
+    extendable = caps is not None and caps.extend_visibility and spec.extend_visibility
+    if vis is not None and not extendable:
         worst = max(spec.timeout, p99 or 0.0)
         if worst > vis and g is not Guarantee.AT_MOST_ONCE:
             find(Finding("RS108", "error", f"the handler may run {_span(worst)} (deadline or "
@@ -358,14 +426,31 @@ def explain_handler(
     return out
 
 
+async def _durability(ledger: Ledger) -> Durability:
+    try:
+        return await ledger.durability()
+    except LedgerUnavailable as exc:  # a design review without the server still gets its report
+        return Durability(type(ledger).__name__, None, "unknown",
+                          f"it could not be asked ({exc})")  # fmt: skip
+
+
+async def explain_guard(guard: Guard, *, p99: dict[str, float] | None = None) -> Report:
+    """The report for one :class:`~replaysafe.Guard`: its ``spec`` stated as a handler's, its
+    ledger asked for its durability, no broker (the caller's consumer owns it and the ack).
+    ``p99`` maps the guard's name to its observed p99 latency in seconds, when known."""
+    durability = await _durability(guard.ledger)
+    # nothing is known about the broker: every fact unknown, and no publish time is missing
+    # for certain (the caller may pass Message(broker_timestamp=...)): RS124 says what to check
+    facts = SourceFacts(broker="unknown")
+    spec = guard.spec
+    return Report([explain_handler(guard, spec, None, facts, durability,
+                                   (p99 or {}).get(spec.name))])  # fmt: skip
+
+
 async def explain(app: App, *, p99: dict[str, float] | None = None) -> Report:
     """The report for every handler of ``app``. ``p99`` maps handler names to observed p99
     latency in seconds (from metrics), when known."""
-    try:
-        durability = await app.ledger.durability()
-    except LedgerUnavailable as exc:  # a design review without the server still gets its report
-        durability = Durability(type(app.ledger).__name__, None, "unknown",
-                                f"it could not be asked ({exc})")  # fmt: skip
+    durability = await _durability(app.ledger)
     handlers = []
     for spec in app.handlers.values():
         caps = app.broker.capabilities(spec.source)
