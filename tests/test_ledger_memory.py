@@ -5,8 +5,16 @@ from __future__ import annotations
 from replaysafe.ledger import Ledger, MemoryLedger
 from replaysafe.testing import FakeClock
 from replaysafe.testing.contracts.ledger import LedgerContract
+from replaysafe.testing.contracts.sync_ledger import through_sync_twin
 
 
 class TestMemoryLedger(LedgerContract):
     async def make_ledger(self, clock: FakeClock) -> Ledger:
         return MemoryLedger(clock)
+
+
+class TestMemoryLedgerSyncTwin(LedgerContract):
+    """The whole contract with the claim path on ``MemoryLedger.sync()`` (issue 14)."""
+
+    async def make_ledger(self, clock: FakeClock) -> Ledger:
+        return through_sync_twin(MemoryLedger(clock))

@@ -51,9 +51,9 @@ from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Any, ClassVar, Final, Self, overload
+from typing import Any, ClassVar, Final, Protocol, Self, overload, runtime_checkable
 
-from replaysafe.errors import ConfigurationError, LeaseLost, LedgerError
+from replaysafe.errors import CapabilityError, ConfigurationError, LeaseLost, LedgerError
 from replaysafe.ledger.durability import Durability as Durability
 from replaysafe.ledger.durability import DurabilityLevel as DurabilityLevel
 from replaysafe.quarantine import EffectRisk, QuarantineReason
@@ -471,6 +471,16 @@ class Ledger(ABC):
     def now(self) -> float:
         """The ledger's clock (what leases are judged by)."""
 
+    def sync(self) -> SyncLedger:
+        """A :class:`SyncLedger` on the same store with the same options, for plain threads (a
+        sync :class:`~replaysafe.Guard`): its own connections, called in the caller's thread
+        with the sync driver. Each call returns a new one; close it. Raises
+        ``CapabilityError`` where the backend has none."""
+        raise CapabilityError(
+            f"{type(self).__name__} has no sync twin: use the async API (Guard.run), or a ledger "
+            "that has one (SQLiteLedger, PostgresLedger, RedisLedger, MemoryLedger)"
+        )
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections. Idempotent."""
 
@@ -479,6 +489,29 @@ class Ledger(ABC):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+@runtime_checkable
+class SyncLedger(Protocol):
+    """The ledger calls a sync pipeline makes (``Ledger.sync()``), with the async methods'
+    names, contracts and errors, called in the caller's thread. Safe to call from several
+    threads at once (the keeper extends leases from its own thread)."""
+
+    def claim(self, key: OpKey, fingerprint: str, owner: str, lease: float) -> ClaimOutcome: ...
+    def claim_many(self, requests: Sequence[ClaimRequest]) -> list[ClaimOutcome]: ...
+    def mark_started(self, claims: Sequence[Claim]) -> list[Claim | LeaseLost]: ...
+    def extend(self, claim: Claim, lease: float) -> Claim: ...
+    def complete(self, claim: Claim, result: str | None = None) -> Record: ...
+    def complete_many(
+        self, items: Sequence[tuple[Claim, str | None]]
+    ) -> list[Record | LeaseLost]: ...
+    def release(self, claim: Claim, error: str | None = None) -> None: ...
+    def quarantine(
+        self, request: QuarantineRequest, claim: Claim | None = None
+    ) -> QuarantineEntry: ...
+    def get(self, key: OpKey) -> Record | None: ...
+    def now(self) -> float: ...
+    def close(self) -> None: ...
 
 
 class TransactionalLedger(Ledger):

@@ -6,9 +6,11 @@ Shared by every worker of one process (in-process "crashes" keep it, as a real d
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import replace
+from typing import Any, TypeVar
 
 from replaysafe.clock import SYSTEM_CLOCK, Clock
 from replaysafe.errors import LeaseLost
@@ -36,6 +38,8 @@ from replaysafe.ledger.base import (
 )
 from replaysafe.quarantine import QuarantineReason
 
+T = TypeVar("T")
+
 
 class MemoryLedger(Ledger):
     def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
@@ -47,6 +51,10 @@ class MemoryLedger(Ledger):
 
     def now(self) -> float:
         return self._clock.now()
+
+    def sync(self) -> SyncMemoryLedger:
+        """The sync twin: the same records, for plain threads (see :class:`SyncMemoryLedger`)."""
+        return SyncMemoryLedger(self)
 
     # No awaits between read and write below: on one event loop each method is atomic.
 
@@ -231,3 +239,60 @@ class MemoryLedger(Ledger):
 
     def __repr__(self) -> str:
         return f"MemoryLedger(records={len(self._records)})"
+
+
+def _at_once(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never suspends (every MemoryLedger method) to its end, here."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    coro.close()
+    raise RuntimeError("a MemoryLedger method suspended; its sync twin cannot run it")
+
+
+class SyncMemoryLedger:
+    """The sync twin of a :class:`MemoryLedger` (``MemoryLedger.sync()``): the same records,
+    each call run to its end in the caller's thread under one lock. Its own calls are serialised;
+    the async API used at the same time from another thread is not (tests and demos only)."""
+
+    def __init__(self, ledger: MemoryLedger) -> None:
+        self._ledger = ledger
+        self._lock = threading.Lock()
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        with self._lock:
+            return _at_once(coro)
+
+    def claim(self, key: OpKey, fingerprint: str, owner: str, lease: float) -> ClaimOutcome:
+        return self._run(self._ledger.claim(key, fingerprint, owner, lease))
+
+    def claim_many(self, requests: Sequence[ClaimRequest]) -> list[ClaimOutcome]:
+        return self._run(self._ledger.claim_many(requests))
+
+    def mark_started(self, claims: Sequence[Claim]) -> list[Claim | LeaseLost]:
+        return self._run(self._ledger.mark_started(claims))
+
+    def extend(self, claim: Claim, lease: float) -> Claim:
+        return self._run(self._ledger.extend(claim, lease))
+
+    def complete(self, claim: Claim, result: str | None = None) -> Record:
+        return self._run(self._ledger.complete(claim, result))
+
+    def complete_many(self, items: Sequence[tuple[Claim, str | None]]) -> list[Record | LeaseLost]:
+        return self._run(self._ledger.complete_many(items))
+
+    def release(self, claim: Claim, error: str | None = None) -> None:
+        self._run(self._ledger.release(claim, error))
+
+    def quarantine(self, request: QuarantineRequest, claim: Claim | None = None) -> QuarantineEntry:
+        return self._run(self._ledger.quarantine(request, claim))
+
+    def get(self, key: OpKey) -> Record | None:
+        return self._run(self._ledger.get(key))
+
+    def now(self) -> float:
+        return self._ledger.now()
+
+    def close(self) -> None:
+        """Nothing to release (the records belong to the MemoryLedger)."""
