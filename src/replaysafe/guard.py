@@ -24,17 +24,17 @@ import contextvars
 import inspect
 import itertools
 import os
-import queue
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import partial, wraps
 from typing import Any
 
 from replaysafe import observe as o
+from replaysafe._coro import at_once
 from replaysafe.app import DAY, Context, HandlerSpec, Middleware, RetryPolicy, _Options
 from replaysafe.brokers.base import Delivery
 from replaysafe.clock import SYSTEM_CLOCK, Clock
@@ -42,13 +42,15 @@ from replaysafe.envelope import DEFAULT_LIMITS, Envelope, KeyExtractor, Limits, 
 from replaysafe.errors import BrokerError, CapabilityError, ConfigurationError
 from replaysafe.failpoints import FAILPOINTS, Failpoints
 from replaysafe.guarantees import Effect, Guarantee
-from replaysafe.ledger.base import Ledger
+from replaysafe.ledger.base import Ledger, SyncLedger
 from replaysafe.observe import otel
 from replaysafe.quarantine import QuarantineReason
 from replaysafe.runtime.keeper import Keeper
+from replaysafe.runtime.middleware import sync_result
 from replaysafe.runtime.pipeline import Pipeline
 from replaysafe.runtime.policy import Ack, Leave, Quarantine, Verdict
 from replaysafe.runtime.settle import Settler
+from replaysafe.runtime.sync import OverTwin, SyncCoalescer, SyncKeeper, blocking_sleep, drive
 
 __all__ = ["Guard", "Message", "Outcome", "Status"]
 
@@ -223,22 +225,28 @@ class Guard:
         self.ledger = ledger
         self.owner = owner or f"{os.getpid()}-{uuid.uuid4().hex[:8]}-guard"
         self.stats = o.Stats()
+        #: the replay horizon (seconds): older copies cannot be proven new (``App.horizon``)
+        self.horizon = horizon
+        self._skew = max_clock_skew
         self._clock = clock
-        tracer = otel.tracing_for(tracing, tracer_provider)
-        self._settler = Settler(ledger=ledger, clock=clock, stats=self.stats, tracing=tracer,
-                                failpoints=failpoints, redact=redact)  # fmt: skip
-        self._settler.track(name)
+        self._redact = redact
+        self._failpoints = failpoints
+        self._tracer = tracer = otel.tracing_for(tracing, tracer_provider)
+        settler = Settler(ledger=ledger, clock=clock, stats=self.stats, tracing=tracer,
+                          failpoints=failpoints, redact=redact)  # fmt: skip
+        settler.track(name)
         self._keeper = Keeper(ledger, clock, self.stats, self.spec.heartbeat / 2)
         self._pipeline = Pipeline(
             ledger=ledger, clock=clock, stats=self.stats, tracing=tracer, failpoints=failpoints,
-            settler=self._settler, keeper=self._keeper, owner=self.owner, horizon=horizon,
+            settler=settler, keeper=self._keeper, owner=self.owner, horizon=horizon,
             max_clock_skew=max_clock_skew, can_extend=_extendable,
             on_ledger_down=lambda: None,
         )  # fmt: skip
         self._pipeline.prepare([self.spec])
+        self._async = _Side(self._pipeline, settler)
         self._keeping: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        #: the sync side (its ledger twin and keeper thread), made on the first run_sync
+        self._sync: _Side | None = None
         self._lock = threading.Lock()
 
     @staticmethod
@@ -310,16 +318,24 @@ class Guard:
         token = _CURRENT.set(fn)
         try:
             copies = [self._copy(m, ack) for m in messages]
-            return await self._batch(copies)
+            return await self._batch(self._async, copies, _gather)
         finally:
             _CURRENT.reset(token)
 
-    async def _batch(self, copies: list[tuple[_Copy, Envelope | None]]) -> list[Outcome]:
-        spec, pipe = self.spec, self._pipeline
+    async def _batch(
+        self,
+        side: _Side,
+        copies: list[tuple[_Copy, Envelope | None]],
+        gather: Callable[[list[Coroutine[Any, Any, Outcome]]], Awaitable[list[Outcome]]],
+    ) -> list[Outcome]:
+        """One batch through ``side``'s pipeline (async, or sync in the caller's thread): decode,
+        one claim, each message's pipeline and settle (``gather`` runs them together)."""
+        spec, pipe = self.spec, side.pipeline
         self.stats.inc(o.RECEIVED, len(copies), handler=spec.name)
         steps: list[Callable[[], Awaitable[Verdict]]] = []
         envs: list[Envelope | None] = []
         claim: list[tuple[int, _Copy, Envelope]] = []
+        now = self._clock.now()
         for i, (copy, given) in enumerate(copies):
             env = given if given is not None else pipe.decode(spec, copy)
             if isinstance(env, Quarantine):
@@ -327,7 +343,7 @@ class Guard:
                 steps.append(partial(_now, env))
                 continue
             envs.append(env)
-            pipe.delivered(spec, copy, env, self._clock.now(), [])
+            pipe.delivered(spec, copy, env, now, [])
             if spec.guarantee is Guarantee.AT_MOST_ONCE:
                 steps.append(partial(pipe.at_most_once, spec, copy, env))
             elif spec.guarantee is Guarantee.AT_LEAST_ONCE:
@@ -339,17 +355,20 @@ class Guard:
             outcomes = await pipe.claim(spec, [(c, e) for _, c, e in claim])
             for (i, copy, env), outcome in zip(claim, outcomes, strict=True):
                 steps[i] = partial(pipe.after_claim, spec, copy, env, outcome)
-        if len(steps) == 1:
-            verdicts = [await steps[0]()]
-        else:
-            verdicts = list(await asyncio.gather(*(s() for s in steps)))
-        return [
-            await self._settled(copy, env, verdict)
-            for (copy, _), env, verdict in zip(copies, envs, verdicts, strict=True)
-        ]
+        return await gather([
+            self._decided(side, step, copy, env)
+            for step, (copy, _), env in zip(steps, copies, envs, strict=True)
+        ])  # fmt: skip
 
-    async def _settled(self, copy: _Copy, env: Envelope | None, verdict: Verdict) -> Outcome:
-        done = await self._settler.settle(self.spec, copy, env, verdict)
+    async def _decided(
+        self,
+        side: _Side,
+        decide: Callable[[], Awaitable[Verdict]],
+        copy: _Copy,
+        env: Envelope | None,
+    ) -> Outcome:
+        verdict = await decide()
+        done = await side.settler.settle(self.spec, copy, env, verdict)
         op = env.operation_id if env is not None else None
         status = Status(done.outcome)
         result = verdict.result if isinstance(verdict, Ack | Leave) else None
@@ -358,8 +377,8 @@ class Guard:
         return Outcome(status, action, op, result, copy.delay, done.entry_id, reason)
 
     async def close(self) -> None:
-        """Stop the guard's keeper (and its background loop, for a sync guard). The ledger is
-        yours: close it yourself."""
+        """Stop the guard's keeper task (async side). The ledger is yours: close it yourself;
+        :meth:`close_sync` closes the sync side."""
         if self._keeping is not None:
             self._keeping.cancel()
             await asyncio.gather(self._keeping, return_exceptions=True)
@@ -374,15 +393,26 @@ class Guard:
 
     # ------------------------------------------------------------------ sync
 
-    def _background(self) -> asyncio.AbstractEventLoop:
+    def _sync_side(self) -> _Side:
         with self._lock:
-            if self._loop is None:
-                loop = asyncio.new_event_loop()
-                thread = threading.Thread(target=loop.run_forever, name=f"replaysafe-guard-"
-                                          f"{self.spec.name}", daemon=True)  # fmt: skip
-                thread.start()
-                self._loop, self._thread = loop, thread
-            return self._loop
+            if self._sync is None:
+                twin = self.ledger.sync()
+                facade = OverTwin(twin)
+                settler = Settler(ledger=facade, clock=self._clock, stats=self.stats,
+                                  tracing=self._tracer, failpoints=self._failpoints,
+                                  redact=self._redact, inline=True)  # fmt: skip
+                keeper = SyncKeeper(twin, self._clock, self.stats, self.spec.heartbeat / 2)
+                pipeline = Pipeline(
+                    ledger=facade, clock=self._clock, stats=self.stats, tracing=self._tracer,
+                    failpoints=self._failpoints, settler=settler, keeper=keeper,
+                    owner=self.owner, horizon=self.horizon, max_clock_skew=self._skew,
+                    can_extend=_extendable, on_ledger_down=lambda: None, sleep=blocking_sleep,
+                    coalescer=SyncCoalescer,
+                )  # fmt: skip
+                pipeline.prepare([self.spec])
+                keeper.start()
+                self._sync = _Side(pipeline, settler, twin, keeper)
+            return self._sync
 
     def run_sync(
         self,
@@ -391,11 +421,13 @@ class Guard:
         *,
         ack: Callable[[], Any] | None = None,
     ) -> Outcome:
-        """:meth:`run` for a plain function, from any thread: ``fn(ctx)`` runs in the calling
-        thread (its thread-bound resources, a Django or SQLAlchemy session, work as usual) while
-        the guard's background loop claims, extends the lease and completes. A cut (deadline,
-        lost lease) cannot stop ``fn``: the verdict is the cut's (an unknown outcome for an
-        unkeyed effect), and this returns once ``fn`` has returned."""
+        """:meth:`run` for a plain function, from any thread: the whole pipeline runs in the
+        calling thread with the ledger's sync twin (``Ledger.sync()``: the sync driver, no event
+        loop), ``fn(ctx)`` included, so its thread-bound resources (a Django or SQLAlchemy
+        session) work as usual; one keeper thread per guard extends the lease meanwhile. A cut
+        (deadline, lost lease) cannot stop ``fn``: once it returns, the run is decided as cut
+        (an unknown outcome for an unkeyed effect). Middleware of a sync guard must not await
+        asyncio I/O (``ConfigurationError``)."""
         return self.run_batch_sync([message], fn, ack=ack)[0]
 
     def run_batch_sync(
@@ -407,35 +439,31 @@ class Guard:
     ) -> list[Outcome]:
         """:meth:`run_batch` for a plain function: one claim and one completion round trip for
         the batch; ``fn`` runs in the calling thread for each acquired message, one at a time."""
-        loop = self._background()
-        calls: queue.SimpleQueue[tuple[Context, asyncio.Future[Any]] | None] = queue.SimpleQueue()
+        side = self._sync_side()
+        spec = self.spec
+        if spec.guarantee is Guarantee.AT_MOST_ONCE and ack is None:
+            raise ConfigurationError(
+                "an at-most-once guard completes the message before the effect: pass ack= (a "
+                "function that completes it at the broker, confirmed)"
+            )
 
-        async def bridge(ctx: Context) -> Any:
-            done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            calls.put((ctx, done))
-            return await done
+        async def call(ctx: Context) -> Any:
+            return sync_result(spec.name, fn(ctx))
 
-        async def aack() -> None:
+        async def first() -> None:
             assert ack is not None
-            out = await asyncio.get_running_loop().run_in_executor(None, ack)
-            if inspect.isawaitable(out):
-                await out
+            sync_result(spec.name, ack())
 
-        future = asyncio.run_coroutine_threadsafe(
-            self.run_batch(messages, bridge, ack=aack if ack is not None else None), loop
-        )
-        future.add_done_callback(lambda _: calls.put(None))
-        while (item := calls.get()) is not None:
-            ctx, done = item
-            try:
-                result = fn(ctx)
-            except BaseException as exc:  # handed to the pipeline, which decides
-                loop.call_soon_threadsafe(_resolve, done, None, exc)
-                if not isinstance(exc, Exception):
-                    raise
-            else:
-                loop.call_soon_threadsafe(_resolve, done, result, None)
-        return future.result()
+        def gather(coros: list[Coroutine[Any, Any, Outcome]]) -> Awaitable[list[Outcome]]:
+            return _done(drive(coros, [side.pipeline.completer, side.pipeline.starter]))
+
+        token = _CURRENT.set(call)
+        try:
+            copies = [self._copy(m, first if ack is not None else None) for m in messages]
+            outcomes: list[Outcome] = at_once(self._batch(side, copies, gather))
+            return outcomes
+        finally:
+            _CURRENT.reset(token)
 
     def once(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """Decorate a function that receives the payload (``fn(payload)``, or
@@ -463,22 +491,33 @@ class Guard:
         return run_sync
 
     def close_sync(self) -> None:
-        """:meth:`close` from sync code: stops the background loop and its thread, closing the
-        ledger on it first (a ledger a sync guard used is bound to that loop: nothing else can
-        close it)."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
+        """Close the sync side: stop its keeper thread and close the ledger twin it opened. The
+        async ledger is yours (close it with ``await ledger.close()`` where you used it)."""
+        side, self._sync = self._sync, None
+        if side is not None and side.keeper is not None and side.twin is not None:
+            side.keeper.stop()
+            side.twin.close()
+        self._pipeline.close()
 
-        async def shut() -> None:
-            await self.close()
-            await self.ledger.close()
 
-        asyncio.run_coroutine_threadsafe(shut(), loop).result()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.close()
-        self._loop = self._thread = None
+@dataclass(slots=True)
+class _Side:
+    """One way of running the pipeline: async (the event loop) or sync (the caller's thread)."""
+
+    pipeline: Pipeline
+    settler: Settler
+    twin: SyncLedger | None = None
+    keeper: SyncKeeper | None = None
+
+
+async def _gather(coros: list[Coroutine[Any, Any, Outcome]]) -> list[Outcome]:
+    if len(coros) == 1:
+        return [await coros[0]]
+    return list(await asyncio.gather(*coros))
+
+
+async def _done(value: list[Outcome]) -> list[Outcome]:
+    return value
 
 
 def _extendable(spec: HandlerSpec, delivery: Delivery) -> bool:
@@ -488,13 +527,3 @@ def _extendable(spec: HandlerSpec, delivery: Delivery) -> bool:
 
 async def _now(verdict: Verdict) -> Verdict:
     return verdict
-
-
-def _resolve(done: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-    """Hand the caller thread's result to the waiting pipeline (gone when the run was cut)."""
-    if done.done():
-        return
-    if exc is not None:
-        done.set_exception(exc)
-    else:
-        done.set_result(result)

@@ -12,6 +12,7 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
+from replaysafe._coro import at_once
 from replaysafe.clock import SYSTEM_CLOCK, Clock
 from replaysafe.errors import LeaseLost
 from replaysafe.ledger.base import (
@@ -241,16 +242,6 @@ class MemoryLedger(Ledger):
         return f"MemoryLedger(records={len(self._records)})"
 
 
-def _at_once(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine that never suspends (every MemoryLedger method) to its end, here."""
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
-    coro.close()
-    raise RuntimeError("a MemoryLedger method suspended; its sync twin cannot run it")
-
-
 class SyncMemoryLedger:
     """The sync twin of a :class:`MemoryLedger` (``MemoryLedger.sync()``): the same records,
     each call run to its end in the caller's thread under one lock. Its own calls are serialised;
@@ -262,7 +253,7 @@ class SyncMemoryLedger:
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         with self._lock:
-            return _at_once(coro)
+            return at_once(coro)
 
     def claim(self, key: OpKey, fingerprint: str, owner: str, lease: float) -> ClaimOutcome:
         return self._run(self._ledger.claim(key, fingerprint, owner, lease))

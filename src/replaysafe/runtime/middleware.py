@@ -81,21 +81,26 @@ def threaded(fn: Callable[[Context], Any], pool: concurrent.futures.Executor) ->
     is discarded, and the verdict is the cut's (an unknown outcome for an unkeyed effect)."""
 
     def run(ctx: Context) -> Any:
-        out = fn(ctx)
-        if inspect.isawaitable(out):
-            if inspect.iscoroutine(out):
-                out.close()  # never awaited: its body did not run
-            raise ReturnedAwaitable(
-                f"handler {ctx.handler!r} is a plain function that returned {type(out).__name__}: "
-                "whatever it did before returning ran, the awaitable did not. Register the "
-                "`async def` itself (or a wrapper that is one)"
-            )
-        return out
+        return sync_result(ctx.handler, fn(ctx))
 
     async def call(ctx: Context) -> Any:
         return await asyncio.wrap_future(pool.submit(run, ctx))
 
     return call
+
+
+def sync_result(name: str, out: Any) -> Any:
+    """What a plain function returned, refused when it is an awaitable (:class:`ReturnedAwaitable`:
+    closed, never awaited)."""
+    if inspect.isawaitable(out):
+        if inspect.iscoroutine(out):
+            out.close()  # never awaited: its body did not run
+        raise ReturnedAwaitable(
+            f"{name!r}: a plain function returned {type(out).__name__}: whatever it did before "
+            "returning ran, the awaitable did not. Register the `async def` itself (or a wrapper "
+            "that is one)"
+        )
+    return out
 
 
 def timed(stats: o.Stats, clock: Clock, handler: str) -> Middleware:

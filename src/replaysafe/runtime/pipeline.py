@@ -21,7 +21,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from replaysafe import failpoints as fp
@@ -70,6 +70,7 @@ if TYPE_CHECKING:
     from replaysafe.ledger.base import Ledger
     from replaysafe.runtime.keeper import Keeper
     from replaysafe.runtime.settle import Settler
+    from replaysafe.runtime.sync import OverTwin, SyncKeeper
 
 log = logging.getLogger("replaysafe.runtime")
 
@@ -80,18 +81,20 @@ class Pipeline:
     def __init__(
         self,
         *,
-        ledger: Ledger,
+        ledger: Ledger | OverTwin,
         clock: Clock,
         stats: o.Stats,
         tracing: otel.Tracing,
         failpoints: Failpoints,
         settler: Settler,
-        keeper: Keeper,
+        keeper: Keeper | SyncKeeper,
         owner: str,
         horizon: float,
         max_clock_skew: float,
         can_extend: Callable[[HandlerSpec, Delivery], bool],
         on_ledger_down: Callable[[], None],
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+        coalescer: Callable[..., Any] = Coalescer,
     ) -> None:
         self.ledger = ledger
         self.clock = clock
@@ -108,9 +111,11 @@ class Pipeline:
         self._rng = random.Random()
         self._fns: dict[str, HandlerFn] = {}
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._completer = Coalescer(ledger.complete_many)
+        #: waits between retries of a completion (the sync path blocks its thread instead)
+        self._sleep = sleep or clock.sleep
+        self.completer = coalescer(ledger.complete_many)
         #: unkeyed effects: "about to start" marks, one mark_started per batch of handlers
-        self._starter = Coalescer(ledger.mark_started, drop_cancelled=True)
+        self.starter = coalescer(ledger.mark_started, drop_cancelled=True)
 
     # ------------------------------------------------------------------ set-up
 
@@ -407,7 +412,7 @@ class Pipeline:
         means the effect does not start: the copy is nacked past the lease, and the recovered
         claim learns that it never started."""
         try:
-            marked = await self._starter.submit(claim)
+            marked = await self.starter.submit(claim)
         except LedgerUnavailable as exc:
             log.warning("%s: %s", spec.name, self.settler.shown(
                 f"ledger unavailable before the effect of {env.operation_id}: {exc}; the effect "
@@ -425,11 +430,11 @@ class Pipeline:
         delay = 0.2
         for attempt in range(4):
             try:
-                done = await self._completer.submit((claim, result))
+                done = await self.completer.submit((claim, result))
             except LedgerUnavailable:
                 if attempt == 3:
                     raise
-                await self.clock.sleep(delay)
+                await self._sleep(delay)
                 delay *= 2
                 continue
             if isinstance(done, LeaseLost):

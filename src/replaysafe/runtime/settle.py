@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from replaysafe.clock import Clock
     from replaysafe.failpoints import Failpoints
     from replaysafe.ledger.base import Ledger
+    from replaysafe.runtime.sync import OverTwin
 
 log = logging.getLogger("replaysafe.runtime")
 
@@ -87,14 +88,17 @@ class Settler:
     def __init__(
         self,
         *,
-        ledger: Ledger,
+        ledger: Ledger | OverTwin,
         clock: Clock,
         stats: o.Stats,
         tracing: otel.Tracing,
         failpoints: Failpoints,
         redact: Callable[[bytes], bytes] | None,
+        inline: bool = False,
     ) -> None:
         self._ledger = ledger
+        #: the sync path: the redaction hook runs in the caller's thread (no event loop to spare)
+        self._inline = inline
         self._clock = clock
         self._stats = stats
         self._tracing = tracing
@@ -205,8 +209,8 @@ class Settler:
         hook can neither stall every other handler on the event loop nor block the
         quarantine."""
         redact = self._redact
-        if redact is None:
-            return disclose(None, delivery.body, detail, op)
+        if redact is None or self._inline:
+            return disclose(redact, delivery.body, detail, op)
         try:
             return await asyncio.wait_for(
                 asyncio.to_thread(disclose, redact, delivery.body, detail, op), REDACT_TIMEOUT
