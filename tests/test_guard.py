@@ -397,3 +397,64 @@ async def test_a_sync_handler_cut_at_its_deadline_is_quarantined_outcome_unknown
     await run
     assert [e.reason for e in entries] == [QuarantineReason.OUTCOME_UNKNOWN]
     assert w.stats.total("replaysafe_deliveries_total", handler="mail", outcome="quarantined") == 1
+
+
+def test_a_sync_batch_claims_and_completes_in_one_twin_call_each() -> None:
+    """run_batch_sync: the batch's completions park until every message reached them, then go
+    out in one complete_many on the sync twin (and its claims in one claim_many)."""
+    ledger = MemoryLedger()
+    twin = ledger.sync()
+    calls = {"claim_many": 0, "complete_many": 0, "claim": 0, "complete": 0}
+    for name in calls:
+        real = getattr(twin, name)
+
+        def counted(*a: Any, _real: Any = real, _name: str = name) -> Any:
+            calls[_name] += 1
+            return _real(*a)
+
+        setattr(twin, name, counted)
+    ledger.sync = lambda: twin  # type: ignore[method-assign]
+    sink = Sink()
+    g = Guard(ledger, name="charge", guarantee=EO, effect=Effect.keyed("psp"))
+    try:
+        outs = g.run_batch_sync([wire(env(f"o{i}")) for i in range(10)], sink.charge)
+    finally:
+        g.close_sync()
+    assert [o.status for o in outs] == [Status.APPLIED] * 10
+    assert calls == {"claim_many": 1, "complete_many": 1, "claim": 0, "complete": 0}
+
+
+def test_sync_at_most_once_acks_first_and_bad_input_is_quarantined() -> None:
+    order: list[str] = []
+    g = Guard(MemoryLedger(), name="notify", guarantee=AMO)
+    try:
+        with pytest.raises(ConfigurationError, match="ack="):
+            g.run_sync(wire(env("o1")), lambda ctx: order.append("effect"))
+        out = g.run_sync(wire(env("o1")), lambda ctx: order.append("effect"),
+                         ack=lambda: order.append("ack"))  # fmt: skip
+        bad = g.run_sync(Message(b"\xff\xfe", {"rs-operation-id": "o2"}), lambda ctx: None,
+                         ack=lambda: None)  # fmt: skip
+    finally:
+        g.close_sync()
+    assert out.status is Status.APPLIED and out.action == "none" and order == ["ack", "effect"]
+    assert bad.status is Status.QUARANTINED and bad.ack
+
+
+def test_an_async_middleware_that_awaits_io_fails_the_attempt_on_the_sync_path() -> None:
+    """There is no event loop on the sync path: a middleware awaiting asyncio I/O fails (its
+    RuntimeError is the attempt's failure, retried by policy) and the function never runs."""
+    def sleepy(fn: Callable[[Context], Awaitable[Any]]) -> Callable[[Context], Awaitable[Any]]:
+        async def call(ctx: Context) -> Any:
+            await asyncio.sleep(0.01)  # real asyncio I/O: there is no loop on the sync path
+            return await fn(ctx)
+
+        return call
+
+    ran: list[str] = []
+    g = Guard(MemoryLedger(), name="charge", guarantee=ALO, middleware=[sleepy])
+    try:
+        out = g.run_sync(wire(env("o1")), lambda ctx: ran.append("effect"))
+    finally:
+        g.close_sync()
+    assert out.status is Status.RETRY and out.action == "nack"
+    assert ran == []
