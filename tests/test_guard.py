@@ -443,6 +443,7 @@ def test_sync_at_most_once_acks_first_and_bad_input_is_quarantined() -> None:
 def test_an_async_middleware_that_awaits_io_fails_the_attempt_on_the_sync_path() -> None:
     """There is no event loop on the sync path: a middleware awaiting asyncio I/O fails (its
     RuntimeError is the attempt's failure, retried by policy) and the function never runs."""
+
     def sleepy(fn: Callable[[Context], Awaitable[Any]]) -> Callable[[Context], Awaitable[Any]]:
         async def call(ctx: Context) -> Any:
             await asyncio.sleep(0.01)  # real asyncio I/O: there is no loop on the sync path

@@ -12,9 +12,10 @@ answered from the ledger as a duplicate, which is safe, but only if you ack what
 to ack and nack what it says to nack. A nack the broker cannot delay comes back at once.
 
 Async: ``await guard.run(message, fn)``. Sync: ``guard.run_sync(message, fn)`` runs ``fn`` in the
-calling thread while a background event loop (one per guard) talks to the ledger and extends the
-lease; ``@guard.once`` wraps a function that receives the payload. Batch: ``run_batch`` claims a
-batch in one ledger round trip and completes it in one.
+calling thread, the whole pipeline with it, on the ledger's sync twin (``Ledger.sync()``: the sync
+driver, no event loop), while one keeper thread per guard extends the lease; ``@guard.once`` wraps
+a function that receives the payload. Batch: ``run_batch`` claims a batch in one ledger round trip
+and completes it in one.
 """
 
 from __future__ import annotations
@@ -186,8 +187,9 @@ class Guard:
     Built from the same validated options as ``App.handler``: ``name`` is the ledger scope (and
     the metric label); ``guarantee`` is required and ``effect`` too under effectively-once;
     ``key`` derives the operation id from a payload. ``horizon`` and ``max_clock_skew`` work as
-    on :class:`~replaysafe.App`. A ledger used by :meth:`run_sync` belongs to the guard's
-    background loop: give a sync guard a ledger of its own.
+    on :class:`~replaysafe.App`. :meth:`run_sync` uses the ledger's sync twin
+    (``ledger.sync()``, opened on first use, closed by :meth:`close_sync`); the async methods use
+    ``ledger`` itself.
     """
 
     def __init__(
