@@ -180,10 +180,7 @@ def _unkeyed_failure_rule(g: Guarantee, eff: Effect) -> str:
 
 def _horizon(owner: App | Guard) -> float:
     """How long ``owner``'s ledger remembers completed operations."""
-    if isinstance(owner, App):
-        return owner.horizon
-    # a Guard keeps its horizon on its pipeline (guard.py has no public attribute for it yet)
-    return owner._pipeline.horizon
+    return owner.horizon
 
 
 #: a guard's COMPLETED line per guarantee: the caller acks, so its timing is part of the promise
