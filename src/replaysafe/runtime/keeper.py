@@ -90,7 +90,11 @@ class Keeper:
                 self._stats.inc(o.VISIBILITY_EXTENSIONS, handler=spec.name)
             ex.next_beat = self._clock.now() + spec.heartbeat
         except Exception as exc:
-            # no lease, no run: cut the handler's deadline now
+            # no lease, no run: cut the handler now, unless it finished while the extension was
+            # in flight: the task has moved on (to its completion, its ack, or, in a Guard, the
+            # caller's own code) and a cancel now would hit whatever it does next
+            if self.running.get(task) is not ex:
+                return
             ex.cut = (
                 exc
                 if isinstance(exc, LeaseLost)
