@@ -705,7 +705,11 @@ async def test_purge_walks_the_partial_index_in_bounded_batches(
     seq = sql.Literal(f'"{pg_schema}"."rs_token_seq"')
     try:
         async with admin(pg_dsn) as conn:
-            # 20k rows: every even one completed g seconds ago, every odd one in flight
+            # 20k rows: every even one completed g seconds ago, every odd one in flight, and the
+            # insert's own clock (now() is its transaction's start): a cutoff from time.time()
+            # after a slow ANALYZE moved the boundary past g = 5000 on a loaded machine
+            await conn.execute("BEGIN")
+            inserted_at = float(await scalar(conn, "SELECT extract(epoch FROM now())"))
             await conn.execute(
                 sql.SQL(
                     """INSERT INTO {ops} (scope, operation_id, fingerprint, state, token, owner,
@@ -719,8 +723,9 @@ async def test_purge_walks_the_partial_index_in_bounded_batches(
                     FROM generate_series(1, 20000) AS g"""
                 ).format(ops=ops, seq=seq)
             )
+            await conn.execute("COMMIT")
             await conn.execute(sql.SQL("ANALYZE {}").format(ops))
-            cutoff = time.time() - 5000.5  # completed over 5000.5 s ago: even g > 5000
+            cutoff = inserted_at - 5000.5  # completed over 5000.5 s ago: even g > 5000
             cur = await conn.execute(
                 b"EXPLAIN " + ledger._sql("purge"), {"before": cutoff, "n": 1000}
             )
