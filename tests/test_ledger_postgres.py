@@ -45,7 +45,13 @@ from replaysafe.ledger.base import (
 from replaysafe.ledger.postgres import PostgresLedger, assess_postgres, redact_dsn
 from replaysafe.quarantine import QuarantineReason
 from replaysafe.testing import EffectProbe, FakeClock
-from replaysafe.testing.contracts.ledger import TransactionalLedgerContract, acquire, must_get
+from replaysafe.testing.contracts.ledger import (
+    LedgerContract,
+    TransactionalLedgerContract,
+    acquire,
+    must_get,
+)
+from replaysafe.testing.contracts.sync_ledger import through_sync_twin
 
 from .waits import until
 
@@ -128,6 +134,23 @@ class TestPostgresLedger(TransactionalLedgerContract):
 
     def insert_sql(self) -> str:
         return "INSERT INTO rs_contract_effects (op, note) VALUES (%s, %s)"
+
+
+class TestPostgresSyncTwin(LedgerContract):
+    """The whole ledger contract with the claim path on ``PostgresLedger.sync()``: the twin and
+    the async ledger share one schema (issue 14). The transactional part stays with the async
+    ledger (``through_sync_twin`` is no TransactionalLedger)."""
+
+    @pytest.fixture(autouse=True)
+    def _database(self, pg_dsn: str, pg_schema: str) -> None:
+        self.dsn = pg_dsn
+        self.schema = pg_schema
+
+    async def make_ledger(self, clock: FakeClock) -> Ledger:
+        return through_sync_twin(await make(self.dsn, self.schema, max_size=4))
+
+    async def advance(self, clock: FakeClock, seconds: float) -> None:
+        await asyncio.sleep(seconds)
 
 
 # ---------------------------------------------------------------------- schema and migrations
