@@ -2180,18 +2180,24 @@ class SyncPostgresLedger:
         """One statement on a pooled autocommit connection; all rows (see
         :meth:`PostgresLedger._fetch`)."""
         pool = self._pool if self._pool is not None else self._ensure_ready()
-        used: Connection[Any] | None = None
         try:
-            with pool.connection(timeout=self._s.acquire_timeout) as conn:
-                used = conn
-                rows: _Rows = conn.execute(query, params, binary=binary).fetchall()
-                return rows
+            # getconn/putconn, not pool.connection(): its `with conn` commit check is a no-op in
+            # autocommit and cost about 10% of the twin's CPU per claim + complete (measured)
+            conn = pool.getconn(self._s.acquire_timeout)
         except self._pool_timeout as exc:
             raise self._s.pool_exhausted() from exc
+        try:
+            rows: _Rows = conn.execute(query, params, binary=binary).fetchall()
         except self._errors as exc:
-            if used is not None and used.broken:
+            pool.putconn(conn)  # a broken connection is discarded and replaced by the pool
+            if conn.broken:
                 self._flush_dead_connections(pool)
             raise self._s.error(action, exc) from exc
+        except BaseException:
+            pool.putconn(conn)
+            raise
+        pool.putconn(conn)
+        return rows
 
     def _flush_dead_connections(self, pool: ConnectionPool[Any]) -> None:
         """A pooled connection broke: check the idle ones now (see
