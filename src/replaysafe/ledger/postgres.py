@@ -24,6 +24,11 @@ How it stays correct:
 - **Identifiers** (schema, table prefix) are validated against a strict pattern and composed only
   with :class:`psycopg.sql.Identifier`; keys, payloads and results are always bound parameters.
 - **Secrets**: the DSN's password never appears in ``repr``, log lines or error messages.
+- **A sync twin** (:meth:`PostgresLedger.sync`, :class:`SyncPostgresLedger`) serves plain
+  threads with psycopg's sync pool. The statements, options and error mapping live in one
+  ``_Shared`` object both hold; the logic of more than one statement (claim planning and race
+  retries, migration, the open check) is written once as sans-IO steps each flavour drives, and
+  the single-statement calls share pure pack and decode functions.
 
 What a caller can lose or see twice: a call whose connection died mid-statement (server restart,
 ``pg_terminate_backend``, network cut, failover) raises ``LedgerUnavailable`` and *may or may not
