@@ -734,24 +734,28 @@ async def test_purge_walks_the_partial_index_in_bounded_batches(
     ledger = await make(pg_dsn, pg_schema)
     ops = sql.Identifier(pg_schema, "rs_operations")
     seq = sql.Literal(f'"{pg_schema}"."rs_token_seq"')
+    t0 = time.time()
     try:
         async with admin(pg_dsn) as conn:
-            # 20k rows: every even one completed g seconds ago, every odd one in flight
+            # 20k rows: every even one completed g seconds before t0, every odd one in flight
             await conn.execute(
                 sql.SQL(
                     """INSERT INTO {ops} (scope, operation_id, fingerprint, state, token, owner,
                         lease_until, attempts, created_at, updated_at, completed_at)
                     SELECT 'bulk', 'op-' || g, 'fp',
-                           CASE WHEN g % 2 = 0 THEN 'completed' ELSE 'in_flight' END,
+                           CASE WHEN g %% 2 = 0 THEN 'completed' ELSE 'in_flight' END,
                            nextval({seq}), 'w',
-                           CASE WHEN g % 2 = 0 THEN NULL ELSE now() + interval '1 hour' END,
+                           CASE WHEN g %% 2 = 0 THEN NULL ELSE now() + interval '1 hour' END,
                            1, now() - interval '1 day', now(),
-                           CASE WHEN g % 2 = 0 THEN now() - g * interval '1 second' END
+                           CASE WHEN g %% 2 = 0
+                                THEN to_timestamp(%(t0)s) - g * interval '1 second' END
                     FROM generate_series(1, 20000) AS g"""
-                ).format(ops=ops, seq=seq)
+                ).format(ops=ops, seq=seq),
+                {"t0": t0},
             )
             await conn.execute(sql.SQL("ANALYZE {}").format(ops))
-            cutoff = time.time() - 5000.5  # completed over 5000.5 s ago: even g > 5000
+            # completed over 5000.5 s before t0: even g > 5000, however long the insert took
+            cutoff = t0 - 5000.5
             cur = await conn.execute(
                 b"EXPLAIN " + ledger._sql("purge"), {"before": cutoff, "n": 1000}
             )
