@@ -32,8 +32,9 @@ Paths (``path`` in the results; ``api`` is "sync" except for ``async``):
                  safe here because nothing else uses that ledger object).
   inline         SQLite only: the ledger's own jobs (``_job(_claim_rows …)``) run in the caller
                  thread under a threading.Lock (no thread hop at all).
-  native         SQLite only: the prototype sync ledger (``replaysafe.ledger._sync_sqlite``),
-                 which shares the SQL and the state machine with ``SQLiteLedger``.
+  native         the backend's sync twin in the caller's thread: SQLite's prototype sync ledger
+                 (``replaysafe.ledger._sync_sqlite``, which shares the SQL and the state machine
+                 with ``SQLiteLedger``); PostgreSQL's ``PostgresLedger.sync()``.
 
 The Guard itself is not measured yet: add a function per guard variant to ``PATHS`` (see
 ``guard_sync`` there) once ``replaysafe.guard`` exists.
@@ -69,7 +70,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from replaysafe import Context, Effect, Envelope, Guarantee, Guard
-from replaysafe.ledger.base import Acquired, ClaimRequest, Ledger, OpKey, Record
+from replaysafe.ledger.base import Acquired, ClaimRequest, Ledger, OpKey, Record, SyncLedger
 from replaysafe.ledger.sqlite import (
     _COMPLETE_RECORD,
     _SAVE_RECORD,
@@ -379,6 +380,41 @@ def variant_sqlite_native(b: Backend, batch: int) -> Variant | None:
     return Variant(b.name, "native", batch, partial(drive_sync, step, batch))
 
 
+def twin_step(ledger: SyncLedger, scope: str, batch: int) -> SyncStep:
+    """Claim + complete ``batch`` fresh operations through a sync twin (``Ledger.sync()``), in
+    the caller's thread: the calls a sync guard makes, without the guard."""
+
+    def step() -> None:
+        ops = new_ops(batch)
+        if batch == 1:
+            out = ledger.claim(OpKey(scope, ops[0]), FP, OWNER, LEASE)
+            assert isinstance(out, Acquired), out
+            ledger.complete(out.claim, RESULT)
+            return
+        outs = ledger.claim_many([ClaimRequest(OpKey(scope, op), FP, OWNER, LEASE) for op in ops])
+        claims = [o.claim for o in outs if isinstance(o, Acquired)]
+        assert len(claims) == batch, outs
+        done = ledger.complete_many([(c, RESULT) for c in claims])
+        assert all(isinstance(d, Record) for d in done), done
+
+    return step
+
+
+def variant_postgres_native(b: Backend, batch: int) -> Variant | None:
+    """PostgreSQL: the sync twin, ``PostgresLedger.sync()`` (psycopg's sync pool)."""
+    if b.name != "postgres":
+        return None
+    twin = b.make_ledger().sync()
+    b.extra_closers.append(twin.close)
+    step = twin_step(twin, scope_of("native", batch), batch)
+    return Variant(b.name, "native", batch, partial(drive_sync, step, batch))
+
+
+def variant_native(b: Backend, batch: int) -> Variant | None:
+    """The backend's sync twin (or SQLite's prototype)."""
+    return variant_sqlite_native(b, batch) or variant_postgres_native(b, batch)
+
+
 def _guard(ledger: Ledger, path: str, batch: int) -> Guard:
     return Guard(ledger, name=scope_of(path, batch), guarantee=Guarantee.EFFECTIVELY_ONCE,
                  effect=Effect.keyed("bench"), lease=LEASE, tracing=False)  # fmt: skip
@@ -436,7 +472,7 @@ PATHS: dict[str, Callable[[Backend, int], Variant | None]] = {
     "private-loop": variant_private_loop,
     "executor": variant_sqlite_executor,
     "inline": variant_sqlite_inline,
-    "native": variant_sqlite_native,
+    "native": variant_native,
 }
 
 

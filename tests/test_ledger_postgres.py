@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import threading
 import time
 import types
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -25,6 +27,7 @@ from replaysafe.brokers.memory import MemoryBroker
 from replaysafe.cli import main as cli_main
 from replaysafe.errors import (
     ConfigurationError,
+    LeaseLost,
     LedgerDataError,
     LedgerError,
     LedgerUnavailable,
@@ -42,10 +45,21 @@ from replaysafe.ledger.base import (
     QuarantineRequest,
     State,
 )
-from replaysafe.ledger.postgres import PostgresLedger, assess_postgres, redact_dsn
+from replaysafe.ledger.postgres import (
+    PostgresLedger,
+    SyncPostgresLedger,
+    assess_postgres,
+    redact_dsn,
+)
 from replaysafe.quarantine import QuarantineReason
 from replaysafe.testing import EffectProbe, FakeClock
-from replaysafe.testing.contracts.ledger import TransactionalLedgerContract, acquire, must_get
+from replaysafe.testing.contracts.ledger import (
+    LedgerContract,
+    TransactionalLedgerContract,
+    acquire,
+    must_get,
+)
+from replaysafe.testing.contracts.sync_ledger import through_sync_twin
 
 from .waits import until
 
@@ -128,6 +142,23 @@ class TestPostgresLedger(TransactionalLedgerContract):
 
     def insert_sql(self) -> str:
         return "INSERT INTO rs_contract_effects (op, note) VALUES (%s, %s)"
+
+
+class TestPostgresSyncTwin(LedgerContract):
+    """The whole ledger contract with the claim path on ``PostgresLedger.sync()``: the twin and
+    the async ledger share one schema (issue 14). The transactional part stays with the async
+    ledger (``through_sync_twin`` is no TransactionalLedger)."""
+
+    @pytest.fixture(autouse=True)
+    def _database(self, pg_dsn: str, pg_schema: str) -> None:
+        self.dsn = pg_dsn
+        self.schema = pg_schema
+
+    async def make_ledger(self, clock: FakeClock) -> Ledger:
+        return through_sync_twin(await make(self.dsn, self.schema, max_size=4))
+
+    async def advance(self, clock: FakeClock, seconds: float) -> None:
+        await asyncio.sleep(seconds)
 
 
 # ---------------------------------------------------------------------- schema and migrations
@@ -703,29 +734,28 @@ async def test_purge_walks_the_partial_index_in_bounded_batches(
     ledger = await make(pg_dsn, pg_schema)
     ops = sql.Identifier(pg_schema, "rs_operations")
     seq = sql.Literal(f'"{pg_schema}"."rs_token_seq"')
+    t0 = time.time()
     try:
         async with admin(pg_dsn) as conn:
-            # 20k rows: every even one completed g seconds ago, every odd one in flight, and the
-            # insert's own clock (now() is its transaction's start): a cutoff from time.time()
-            # after a slow ANALYZE moved the boundary past g = 5000 on a loaded machine
-            await conn.execute("BEGIN")
-            inserted_at = float(await scalar(conn, "SELECT extract(epoch FROM now())"))
+            # 20k rows: every even one completed g seconds before t0, every odd one in flight
             await conn.execute(
                 sql.SQL(
                     """INSERT INTO {ops} (scope, operation_id, fingerprint, state, token, owner,
                         lease_until, attempts, created_at, updated_at, completed_at)
                     SELECT 'bulk', 'op-' || g, 'fp',
-                           CASE WHEN g % 2 = 0 THEN 'completed' ELSE 'in_flight' END,
+                           CASE WHEN g %% 2 = 0 THEN 'completed' ELSE 'in_flight' END,
                            nextval({seq}), 'w',
-                           CASE WHEN g % 2 = 0 THEN NULL ELSE now() + interval '1 hour' END,
+                           CASE WHEN g %% 2 = 0 THEN NULL ELSE now() + interval '1 hour' END,
                            1, now() - interval '1 day', now(),
-                           CASE WHEN g % 2 = 0 THEN now() - g * interval '1 second' END
+                           CASE WHEN g %% 2 = 0
+                                THEN to_timestamp(%(t0)s) - g * interval '1 second' END
                     FROM generate_series(1, 20000) AS g"""
-                ).format(ops=ops, seq=seq)
+                ).format(ops=ops, seq=seq),
+                {"t0": t0},
             )
-            await conn.execute("COMMIT")
             await conn.execute(sql.SQL("ANALYZE {}").format(ops))
-            cutoff = inserted_at - 5000.5  # completed over 5000.5 s ago: even g > 5000
+            # completed over 5000.5 s before t0: even g > 5000, however long the insert took
+            cutoff = t0 - 5000.5
             cur = await conn.execute(
                 b"EXPLAIN " + ledger._sql("purge"), {"before": cutoff, "n": 1000}
             )
@@ -1368,6 +1398,162 @@ def test_assess_postgres(changes: dict[str, str], level: DurabilityLevel, words:
     d = assess_postgres("pg", {**_ON, **changes})
     assert (d.level, d.durable) == (level, level is DurabilityLevel.DURABLE)
     assert words in d.detail
+
+
+# ---------------------------------------------------------------------- the sync twin
+
+
+def twin_of(dsn: str, schema: str, **kwargs: Any) -> SyncPostgresLedger:
+    """A sync twin on ``schema``, migrated by the twin itself (``auto_migrate``)."""
+    return PostgresLedger(
+        scoped_dsn(dsn, schema), schema=schema, auto_migrate=True, **kwargs
+    ).sync()
+
+
+def test_the_twin_migrates_with_auto_migrate_and_else_names_the_command(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    bare = PostgresLedger(pg_dsn, schema=pg_schema, table_prefix="tw_").sync()
+    with pytest.raises(ConfigurationError, match="replaysafe ledger migrate") as raised:
+        bare.get(KEY)
+    assert "--table-prefix tw_" in str(raised.value)
+    bare.close()
+    twin = PostgresLedger(pg_dsn, schema=pg_schema, table_prefix="tw_", auto_migrate=True).sync()
+    try:
+        assert isinstance(twin.claim(KEY, "fp", "w1", 30.0), Acquired)
+    finally:
+        twin.close()
+    with psycopg.connect(pg_dsn) as conn:
+        version = conn.execute(
+            sql.SQL("SELECT version FROM {}").format(sql.Identifier(pg_schema, "tw_schema_version"))
+        ).fetchone()
+    assert version == (pg_module.SCHEMA_VERSION,)
+
+
+def test_the_twin_is_one_statement_per_call(
+    pg_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    twin = twin_of(pg_dsn, pg_schema)
+    try:
+        twin.open()
+        sent: list[str] = []
+        original = psycopg.Cursor.execute
+
+        def execute(cur: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+            sent.append(query.decode() if isinstance(query, bytes) else str(query))
+            return original(cur, query, *args, **kwargs)
+
+        monkeypatch.setattr(psycopg.Cursor, "execute", execute)
+        out = twin.claim(KEY, "fp", "w1", 30.0)
+        assert isinstance(out, Acquired) and len(sent) == 1
+        assert twin.complete(out.claim, "r").state is State.COMPLETED and len(sent) == 2
+        keys = [OpKey("batch", f"op-{i}") for i in range(10)]
+        outs = twin.claim_many([ClaimRequest(k, "fp", "w1", 30.0) for k in keys])
+        assert all(isinstance(o, Acquired) for o in outs) and len(sent) == 3
+        done = twin.complete_many([(o.claim, "r") for o in outs if isinstance(o, Acquired)])
+        assert all(d.state is State.COMPLETED for d in done if not isinstance(d, Exception))
+        assert len(done) == 10 and len(sent) == 4
+    finally:
+        twin.close()
+
+
+def test_claims_of_one_key_from_many_threads_acquire_once(pg_dsn: str, pg_schema: str) -> None:
+    twin = twin_of(pg_dsn, pg_schema, max_size=4)
+    n = 16
+    barrier = threading.Barrier(n)
+
+    def claim(i: int) -> Any:
+        barrier.wait(WAIT)
+        return twin.claim(KEY, "fp", f"w{i}", 30.0)
+
+    try:
+        with ThreadPoolExecutor(n) as pool:
+            outcomes = list(pool.map(claim, range(n)))
+        won = [o for o in outcomes if isinstance(o, Acquired)]
+        assert len(won) == 1
+        assert all(isinstance(o, InFlight) for o in outcomes if o is not won[0])
+        # a keeper thread extends while the caller's thread completes: both fenced by one token
+        claim_ = won[0].claim
+        with ThreadPoolExecutor(1) as keeper:
+            extended = keeper.submit(twin.extend, claim_, 60.0).result(WAIT)
+        assert extended.lease_until is not None and extended.token == claim_.token
+        assert twin.complete(extended, "r").state is State.COMPLETED
+        with pytest.raises(LeaseLost, match=r"(?i)completed"):
+            twin.extend(claim_, 60.0)
+    finally:
+        twin.close()
+
+
+def test_after_every_twin_connection_died_one_failed_call_is_enough(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    app_name = f"rs-twin-dead-{uuid.uuid4().hex[:8]}"
+    twin = PostgresLedger(
+        scoped_dsn(pg_dsn, pg_schema, application_name=app_name),
+        schema=pg_schema,
+        min_size=3,
+        max_size=3,
+        auto_migrate=True,
+    ).sync()
+    try:
+        out = twin.claim(KEY, "fp", "w1", 30.0)
+        assert isinstance(out, Acquired)
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:  # a restart, as the pool sees it
+            rows = conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = %s",
+                (app_name,),
+            ).fetchall()
+        assert sum(1 for (ok,) in rows if ok) == 3
+        with pytest.raises(LedgerUnavailable, match="may or may not have committed"):
+            twin.get(KEY)
+        # the failed call checked the pool: the next calls get live connections
+        current = twin.get(KEY)
+        assert current is not None and current.token == out.claim.token
+        assert twin.complete(out.claim, "r").state is State.COMPLETED
+    finally:
+        twin.close()
+
+
+def test_the_twin_maps_errors_as_the_async_ledger_does(pg_dsn: str, pg_schema: str) -> None:
+    twin = twin_of(pg_dsn, pg_schema)
+    try:
+        huge = QuarantineRequest("orders", QuarantineReason.MAX_ATTEMPTS, "op-1", attempts=2**31)
+        with pytest.raises(LedgerDataError, match="refused this call's data"):
+            twin.quarantine(huge)
+        with pytest.raises(LedgerDataError, match="UnicodeEncodeError"):
+            twin.get(OpKey("orders", "op-\udcff"))
+        assert isinstance(twin.claim(KEY, "fp", "w1", 5.0), Acquired)  # still fine
+    finally:
+        twin.close()
+    twin.close()  # idempotent
+    assert "closed" in repr(twin)
+    with pytest.raises(LedgerUnavailable, match="closed"):
+        twin.claim(KEY, "fp", "w1", 5.0)
+    with pytest.raises(LedgerUnavailable, match="closed"):
+        twin.complete_many([])
+
+
+def test_the_twin_never_shows_the_password(caplog: pytest.LogCaptureFixture) -> None:
+    secret = "Sup3rSecretPw"
+    twin = PostgresLedger(
+        f"postgresql://postgres:{secret}@127.0.0.1:1/test", connect_timeout=2
+    ).sync()
+    assert secret not in repr(twin) and "***" in repr(twin)
+    with caplog.at_level("DEBUG"), pytest.raises(LedgerUnavailable) as raised:
+        twin.claim(KEY, "fp", "w1", 5.0)
+    assert "check that the server is up" in str(raised.value)
+    for exc in _chain(raised.value):
+        assert secret not in str(exc) and secret not in repr(exc)
+    assert secret not in caplog.text
+    twin.close()
+
+
+async def test_a_closed_ledger_has_no_twin(pg_dsn: str, pg_schema: str) -> None:
+    ledger = await make(pg_dsn, pg_schema)
+    await ledger.close()
+    with pytest.raises(LedgerUnavailable, match="closed"):
+        ledger.sync()
 
 
 # ---------------------------------------------------------------------- data errors
