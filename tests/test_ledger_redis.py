@@ -74,6 +74,7 @@ from replaysafe.ledger.redis import (
 from replaysafe.quarantine import QuarantineReason
 from replaysafe.testing import FakeClock
 from replaysafe.testing.contracts.ledger import LedgerContract, acquire, must_get
+from replaysafe.testing.contracts.sync_ledger import through_sync_twin
 from replaysafe.testing.servers import ServerUnavailable, free_port, local_redis
 
 from .apps.explain_ledger import ENV as EXPLAIN_LEDGER
@@ -91,6 +92,23 @@ class TestRedisLedger(LedgerContract):
 
     async def make_ledger(self, clock: FakeClock) -> Ledger:
         return RedisLedger(self.url, prefix=self.prefix)
+
+    async def advance(self, clock: FakeClock, seconds: float) -> None:
+        # leases are judged by Redis TIME: only real time moves them
+        await asyncio.sleep(seconds)
+
+
+class TestRedisLedgerSyncTwin(LedgerContract):
+    """The whole contract with the claim path on ``RedisLedger.sync()`` (issue 14): the twin and
+    the async ledger share the server and prefix, as a sync guard beside an async worker does."""
+
+    @pytest.fixture(autouse=True)
+    def _redis(self, redis_url: str, redis_prefix: str) -> None:
+        self.url = redis_url
+        self.prefix = redis_prefix
+
+    async def make_ledger(self, clock: FakeClock) -> Ledger:
+        return through_sync_twin(RedisLedger(self.url, prefix=self.prefix))
 
     async def advance(self, clock: FakeClock, seconds: float) -> None:
         # leases are judged by Redis TIME: only real time moves them
@@ -995,7 +1013,7 @@ def test_errors_are_data_errors_only_when_the_data_caused_them(
     error: Exception, expected: type[Exception]
 ) -> None:
     led = RedisLedger("redis://127.0.0.1:1/0")
-    mapped = led._unavailable(error, "claim", sent=True)
+    mapped = led._codec.unavailable(error, "claim", sent=True)
     assert type(mapped) is expected, mapped
 
 
