@@ -32,8 +32,10 @@ Paths (``path`` in the results; ``api`` is "sync" except for ``async``):
                  safe here because nothing else uses that ledger object).
   inline         SQLite only: the ledger's own jobs (``_job(_claim_rows …)``) run in the caller
                  thread under a threading.Lock (no thread hop at all).
-  native         SQLite only: the prototype sync ledger (``replaysafe.ledger._sync_sqlite``),
-                 which shares the SQL and the state machine with ``SQLiteLedger``.
+  native         the ledger's sync twin, ``Ledger.sync()``, called in the caller thread (Redis:
+                 ``SyncRedisLedger``, redis.Redis); SQLite: the prototype sync ledger
+                 (``replaysafe.ledger._sync_sqlite``), which shares the SQL and the state machine
+                 with ``SQLiteLedger``.
 
 The Guard itself is not measured yet: add a function per guard variant to ``PATHS`` (see
 ``guard_sync`` there) once ``replaysafe.guard`` exists.
@@ -69,6 +71,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from replaysafe import Context, Effect, Envelope, Guarantee, Guard
+from replaysafe.errors import CapabilityError
 from replaysafe.ledger.base import Acquired, ClaimRequest, Ledger, OpKey, Record
 from replaysafe.ledger.sqlite import (
     _COMPLETE_RECORD,
@@ -379,6 +382,36 @@ def variant_sqlite_native(b: Backend, batch: int) -> Variant | None:
     return Variant(b.name, "native", batch, partial(drive_sync, step, batch))
 
 
+def variant_native(b: Backend, batch: int) -> Variant | None:
+    """SQLite: the prototype (``variant_sqlite_native``); any other backend: its sync twin,
+    ``b.make_ledger().sync()``, where it has one."""
+    if b.name == "sqlite":
+        return variant_sqlite_native(b, batch)
+    ledger = b.make_ledger()
+    b.extra_closers.append(lambda: asyncio.run(ledger.close()))
+    try:
+        twin = ledger.sync()
+    except CapabilityError:
+        return None
+    b.extra_closers.append(twin.close)
+    scope = scope_of("native", batch)
+
+    def step() -> None:
+        ops = new_ops(batch)
+        if batch == 1:
+            out = twin.claim(OpKey(scope, ops[0]), FP, OWNER, LEASE)
+            assert isinstance(out, Acquired), out
+            twin.complete(out.claim, RESULT)
+            return
+        outs = twin.claim_many([ClaimRequest(OpKey(scope, op), FP, OWNER, LEASE) for op in ops])
+        claims = [o.claim for o in outs if isinstance(o, Acquired)]
+        assert len(claims) == batch, outs
+        done = twin.complete_many([(c, RESULT) for c in claims])
+        assert all(isinstance(d, Record) for d in done), done
+
+    return Variant(b.name, "native", batch, partial(drive_sync, step, batch))
+
+
 def _guard(ledger: Ledger, path: str, batch: int) -> Guard:
     return Guard(ledger, name=scope_of(path, batch), guarantee=Guarantee.EFFECTIVELY_ONCE,
                  effect=Effect.keyed("bench"), lease=LEASE, tracing=False)  # fmt: skip
@@ -436,7 +469,7 @@ PATHS: dict[str, Callable[[Backend, int], Variant | None]] = {
     "private-loop": variant_private_loop,
     "executor": variant_sqlite_executor,
     "inline": variant_sqlite_inline,
-    "native": variant_sqlite_native,
+    "native": variant_native,
 }
 
 

@@ -73,11 +73,11 @@ import math
 import re
 import struct
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, NamedTuple, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from replaysafe.errors import (
@@ -735,26 +735,25 @@ def _refused_claim(key: OpKey, kind: bytes, item: Sequence[Any]) -> ClaimOutcome
 # --------------------------------------------------------------------------- requests and replies
 
 
-class _Call(Generic[_T]):
+class _Call(NamedTuple, Generic[_T]):
     """One script call, as a value: the keys and arguments to send (packed) and how to read its
     reply (``decode``). The codec builds them; a transport (async or sync) sends them."""
 
-    __slots__ = ("args", "batch", "decode", "keys", "now_at", "script", "what")
+    script: _Script
+    keys: Sequence[bytes]
+    args: Sequence[bytes | str]
+    decode: Callable[[list[Any]], _T]
+    #: the call's name in errors
+    what: str
+    #: where Redis TIME is in the reply
+    now_at: int = 1
+    #: several items (errors then say "any item of the batch") or one
+    batch: bool = False
 
-    def __init__(
-        self,
-        script: _Script,
-        keys: Sequence[bytes],
-        args: Sequence[bytes | str],
-        decode: Callable[[list[Any]], _T],
-        *,
-        what: str,
-        now_at: int = 1,
-        batch: bool = False,
-    ) -> None:
-        self.script, self.keys, self.args, self.decode = script, keys, args, decode
-        #: the call's name in errors; where Redis TIME is in the reply; several items or one
-        self.what, self.now_at, self.batch = what, now_at, batch
+
+def _as_is(reply: list[Any]) -> list[Any]:
+    """The decode of a call whose caller reads the raw reply itself (the admin scripts)."""
+    return reply
 
 
 def _fence(claim: Claim, reply: Sequence[Any], *, fields_at: int = 2) -> None:
@@ -882,12 +881,9 @@ class _Codec:
 
     # ------------------------------------------------------------------ calls
 
-    def claim(
-        self, requests: Sequence[ClaimRequest], what: str
-    ) -> Iterator[_Call[list[ClaimOutcome]]]:
-        """The claim script calls for ``requests``, chunk by chunk (see :data:`BATCH_CHUNK`),
-        each packed when the previous one has been sent. Raises ``ConfigurationError`` for a bad
-        lease before the first call is yielded (nothing is sent)."""
+    def claim(self, requests: Sequence[ClaimRequest], what: str) -> list[_Call[list[ClaimOutcome]]]:
+        """The claim script calls for ``requests``, one per chunk (see :data:`BATCH_CHUNK`).
+        Raises ``ConfigurationError`` for a bad lease (then nothing is sent)."""
         lease_us: dict[float, int] = {}
         for r in requests:
             if r.lease not in lease_us:
@@ -897,6 +893,7 @@ class _Codec:
         # (owner, lease, marks_start) -> packed owner + lease + marks_start
         tails: dict[tuple[str, float, bool], bytes] = {}
         script, token_key, n, p = _SCRIPTS["claim"], self.p + b"token", len(requests), self.p
+        calls: list[_Call[list[ClaimOutcome]]] = []
         lo = 0
         while lo < n:
             keys, parts, size, hi = [token_key], [], 0, lo
@@ -921,21 +918,21 @@ class _Codec:
                 parts.append(part)
                 size += len(key) + len(part)
                 hi += 1
-            chunk = requests[lo:hi]
-            yield _Call(
-                script, keys, [b"".join(parts)],
-                partial(_claim_outcomes, chunk, lease_us),
-                what=what, now_at=0, batch=n > 1,
+            calls.append(
+                _Call(script, keys, [b"".join(parts)],
+                      partial(_claim_outcomes, requests[lo:hi], lease_us), what, 0, n > 1)
             )  # fmt: skip
             lo = hi
+        return calls
 
     def complete(
         self, items: Sequence[tuple[Claim, str | None]], what: str
-    ) -> Iterator[_Call[list[Record | LeaseLost]]]:
-        """The complete script calls for ``items``, chunk by chunk (see :data:`BATCH_CHUNK`)."""
+    ) -> list[_Call[list[Record | LeaseLost]]]:
+        """The complete script calls for ``items``, one per chunk (see :data:`BATCH_CHUNK`)."""
         script, log, n = _SCRIPTS["complete"], self.p + b"completions", len(items)
         retention = str(self.retention_ms)
         scopes: dict[str, bytes] = {}  # scope -> key prefix
+        calls: list[_Call[list[Record | LeaseLost]]] = []
         lo = 0
         while lo < n:
             keys, parts, size, hi = [log], [], 0, lo
@@ -957,28 +954,31 @@ class _Codec:
                 parts.append(part)
                 size += len(key) + len(part)
                 hi += 1
-            chunk = items[lo:hi]
-            yield _Call(
-                script, keys, [retention, b"".join(parts)],
-                partial(_completions, chunk),
-                what=what, now_at=0, batch=n > 1,
+            calls.append(
+                _Call(script, keys, [retention, b"".join(parts)],
+                      partial(_completions, items[lo:hi]), what, 0, n > 1)
             )  # fmt: skip
             lo = hi
+        return calls
 
-    def mark_started(self, claims: Sequence[Claim]) -> Iterator[_Call[list[Claim | LeaseLost]]]:
+    def mark_started(self, claims: Sequence[Claim]) -> list[_Call[list[Claim | LeaseLost]]]:
         """The mark_started script calls, one per chunk of at most :data:`BATCH_CHUNK` claims."""
+        calls: list[_Call[list[Claim | LeaseLost]]] = []
         for lo in range(0, len(claims), BATCH_CHUNK):
             chunk = claims[lo : lo + BATCH_CHUNK]
             tokens = [b"%d" % c.token for c in chunk]
-            yield _Call(
-                _SCRIPTS["mark_started"],
-                [self.key_for(c.key) for c in chunk],
-                [b"".join(_U32(len(t)) + t for t in tokens)],
-                partial(_marked, chunk),
-                what="mark_started",
-                now_at=0,
-                batch=len(claims) > 1,
+            calls.append(
+                _Call(
+                    _SCRIPTS["mark_started"],
+                    [self.key_for(c.key) for c in chunk],
+                    [b"".join(_U32(len(t)) + t for t in tokens)],
+                    partial(_marked, chunk),
+                    what="mark_started",
+                    now_at=0,
+                    batch=len(claims) > 1,
+                )
             )
+        return calls
 
     def extend(self, claim: Claim, lease: float) -> _Call[Claim]:
         lease_us = _us(lease, "lease")
@@ -1667,16 +1667,11 @@ class RedisLedger(Ledger):
         """Send each call of a batch in turn (one round trip each) and join their results."""
         out: list[_T] = []
         for call in calls:
-            part: list[_T] = await self._one(call)
-            out += part
+            out += call.decode(await self._send(call))
         return out
 
     async def _one(self, call: _Call[_T]) -> _T:
-        reply = await self._eval(
-            call.script, call.keys, call.args, what=call.what, now_at=call.now_at,
-            batch=call.batch,
-        )  # fmt: skip
-        return call.decode(reply)
+        return call.decode(await self._send(call))
 
     async def _load(self, script: _Script) -> None:
         sha = await self._client.script_load(script.text)
@@ -1694,18 +1689,24 @@ class RedisLedger(Ledger):
         batch: bool = False,
     ) -> list[Any]:
         """Run ``script`` with ``EVALSHA`` (one round trip); ``reply[now_at]`` is Redis TIME."""
+        return await self._send(_Call(script, keys, args, _as_is, what, now_at, batch))
+
+    async def _send(self, call: _Call[Any]) -> list[Any]:
+        """Send ``call`` with ``EVALSHA`` (loading the script after ``NOSCRIPT``, which means it
+        did not run); its raw reply, redis-py errors mapped by the codec."""
         self._check_open()
+        script, keys = call.script, call.keys
         sent = time.time()
         try:
             try:
-                reply = await self._client.evalsha(script.sha, len(keys), *keys, *args)
+                reply = await self._client.evalsha(script.sha, len(keys), *keys, *call.args)
             except self._errors.NoScriptError:
                 # NOSCRIPT: the script did not run; load it (restart, failover, SCRIPT FLUSH)
                 await self._load(script)
-                reply = await self._client.evalsha(script.sha, len(keys), *keys, *args)
+                reply = await self._client.evalsha(script.sha, len(keys), *keys, *call.args)
         except self._errors.RedisError as exc:
-            raise self._codec.unavailable(exc, what, sent=True, batch=batch) from exc
-        self._offset = _clock_offset(reply[now_at], sent)
+            raise self._codec.unavailable(exc, call.what, sent=True, batch=call.batch) from exc
+        self._offset = _clock_offset(reply[call.now_at], sent)
         return reply  # type: ignore[no-any-return]
 
     async def _command(self, what: str, call: Any) -> Any:
@@ -1811,13 +1812,15 @@ class SyncRedisLedger:
     def _run(self, calls: Iterable[_Call[list[_T]]]) -> list[_T]:
         out: list[_T] = []
         for call in calls:
-            part: list[_T] = self._one(call)
-            out += part
+            out += call.decode(self._send(call))
         return out
 
     def _one(self, call: _Call[_T]) -> _T:
+        return call.decode(self._send(call))
+
+    def _send(self, call: _Call[Any]) -> list[Any]:
         """Send ``call`` with ``EVALSHA`` (loading the script after ``NOSCRIPT``, which means it
-        did not run) and decode the reply; redis-py errors mapped as the async ledger maps them."""
+        did not run); its raw reply, redis-py errors mapped as the async ledger maps them."""
         self._check_open()
         script, keys = call.script, call.keys
         sent = time.time()
@@ -1835,7 +1838,7 @@ class SyncRedisLedger:
         except self._errors.RedisError as exc:
             raise self._codec.unavailable(exc, call.what, sent=True, batch=call.batch) from exc
         self._offset = _clock_offset(reply[call.now_at], sent)
-        return call.decode(reply)
+        return reply  # type: ignore[no-any-return]
 
 
 def _clock_offset(server_now: bytes | int, sent_at: float) -> float:
