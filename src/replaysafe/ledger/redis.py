@@ -138,6 +138,8 @@ PURGE_CHUNK: Final = 1_000
 BATCH_CHUNK: Final = 500
 #: a chunk also ends once its keys and packed items pass this many bytes (large results)
 BATCH_BYTES: Final = 1 << 20
+#: most scopes (and owner/lease tails) whose packed form a ledger keeps between calls
+_PACKED_MAX: Final = 4096
 #: summary(): keys asked of one SCAN call, and record hashes read per pipelined round trip
 SUMMARY_CHUNK: Final = 1_000
 #: summary(): record hashes whose MEMORY USAGE is measured to estimate ``approx_bytes``
@@ -850,9 +852,13 @@ class _Codec:
     codec and differ only in how they send a :class:`_Call`: every key, every packed request,
     every reply decoding and the mapping of redis-py errors to replaysafe's exist here once (the
     Lua exists once in the scripts above). Immutable after construction, so both ledgers and any
-    number of threads may use one."""
+    number of threads may use one (its packing caches aside, which only ever hold what their
+    key determines)."""
 
-    __slots__ = ("display", "errors", "p", "password", "prefix", "retention", "retention_ms")
+    __slots__ = (
+        "_scopes", "_tails", "display", "errors", "p", "password", "prefix", "retention",
+        "retention_ms",
+    )  # fmt: skip
 
     def __init__(
         self, prefix: str, retention: float, display: str, password: str | None, errors: Any
@@ -864,6 +870,11 @@ class _Codec:
         self.display = display  # the URL with its password redacted
         self.password = password  # scrubbed from every error message
         self.errors = errors  # redis.exceptions
+        # a worker's scopes, owner and lease repeat across calls: each is encoded and packed once
+        # (scope -> (record key head, packed scope); (owner, lease, marks_start) -> packed tail).
+        # Each value depends on its key alone, so threads racing on one only compute it twice.
+        self._scopes: dict[str, tuple[bytes, bytes]] = {}
+        self._tails: dict[tuple[str, float, bool], bytes] = {}
 
     # ------------------------------------------------------------------ keys
 
@@ -888,10 +899,10 @@ class _Codec:
         for r in requests:
             if r.lease not in lease_us:
                 lease_us[r.lease] = _us(r.lease, "lease")
-        # the scope, owner and lease of a batch usually repeat: encode and pack each once
-        scopes: dict[str, tuple[bytes, bytes]] = {}  # scope -> (key prefix, packed scope)
-        # (owner, lease, marks_start) -> packed owner + lease + marks_start
-        tails: dict[tuple[str, float, bool], bytes] = {}
+        scopes, tails = self._scopes, self._tails
+        if len(scopes) > _PACKED_MAX or len(tails) > _PACKED_MAX:
+            scopes.clear()
+            tails.clear()
         script, token_key, n, p = _SCRIPTS["claim"], self.p + b"token", len(requests), self.p
         calls: list[_Call[list[ClaimOutcome]]] = []
         lo = 0
@@ -931,7 +942,9 @@ class _Codec:
         """The complete script calls for ``items``, one per chunk (see :data:`BATCH_CHUNK`)."""
         script, log, n = _SCRIPTS["complete"], self.p + b"completions", len(items)
         retention = str(self.retention_ms)
-        scopes: dict[str, bytes] = {}  # scope -> key prefix
+        scopes = self._scopes
+        if len(scopes) > _PACKED_MAX:
+            scopes.clear()
         calls: list[_Call[list[Record | LeaseLost]]] = []
         lo = 0
         while lo < n:
@@ -939,11 +952,14 @@ class _Codec:
             while hi < n and hi - lo < BATCH_CHUNK and size < BATCH_BYTES:
                 claim, result = items[hi]
                 k = claim.key
-                head = scopes.get(k.scope)
-                if head is None:
+                sc = scopes.get(k.scope)
+                if sc is None:
                     raw = k.scope.encode("utf-8", "surrogatepass")
-                    head = scopes[k.scope] = _KEY_HEAD % (self.p, len(raw), raw)
-                key = head + k.operation_id.encode("utf-8", "surrogatepass")
+                    sc = scopes[k.scope] = (
+                        _KEY_HEAD % (self.p, len(raw), raw),
+                        _U32(len(raw)) + raw,
+                    )
+                key = sc[0] + k.operation_id.encode("utf-8", "surrogatepass")
                 token = b"%d" % claim.token
                 if result is None:
                     part = b"%b%b\x00\x00\x00\x00\x00" % (_U32(len(token)), token)
