@@ -64,6 +64,7 @@ from replaysafe.ledger.base import (
     State,
 )
 from replaysafe.ledger.redis import (
+    _PACKED_MAX,
     _SCRIPTS,
     BATCH_BYTES,
     BATCH_CHUNK,
@@ -1512,6 +1513,16 @@ async def test_a_twin_claim_cut_mid_call_succeeds_on_the_drivers_retry(
         finally:
             twin.close()
             await led.close()
+
+
+async def test_the_packing_caches_stay_bounded_and_right(ledger: RedisLedger) -> None:
+    many = [ClaimRequest(OpKey(f"s{i}", "op"), "fp", "w", 30.0) for i in range(_PACKED_MAX + 5)]
+    assert all(isinstance(o, Acquired) for o in await ledger.claim_many(many))
+    assert len(ledger._codec._scopes) == _PACKED_MAX + 5  # one batch fills it ...
+    claim = await acquire(ledger, KEY, 30.0)
+    assert len(ledger._codec._scopes) == 1  # ... the next call starts it afresh
+    assert (await must_get(ledger, KEY)).token == claim.token
+    assert isinstance(await ledger.claim(OpKey("s7", "op"), "fp", "w", 30.0), InFlight)
 
 
 # ---------------------------------------------------------------------- the ledger's clock

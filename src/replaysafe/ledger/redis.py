@@ -23,6 +23,11 @@ How it stays correct:
   the earlier item wrote). ``claim`` and ``complete`` are batches of one. A chunk is atomic; a
   batch of several chunks is not. Requests and replies are packed compactly (see the scripts),
   because at batch sizes of ~100 the cost per item, not per round trip, is what limits.
+- **One codec, two transports.** What each claim-path call sends (keys, packed request) and how
+  its reply becomes outcomes lives in ``_Codec``, without I/O. :class:`RedisLedger` sends the
+  calls with ``redis.asyncio``; its sync twin :class:`SyncRedisLedger` (``RedisLedger.sync()``,
+  for plain threads) sends the very same calls with ``redis.Redis`` in the caller's thread, with
+  the same timeouts, retries, ``NOSCRIPT`` reload and error mapping.
 
 - **Admin calls are off the hot path.** ``redrive`` and ``purge_quarantine`` are scripts like
   the transitions (redrive: one atomic script; purge: chunked scripts that keep the quarantine
