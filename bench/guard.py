@@ -32,9 +32,10 @@ Paths (``path`` in the results; ``api`` is "sync" except for ``async``):
                  safe here because nothing else uses that ledger object).
   inline         SQLite only: the ledger's own jobs (``_job(_claim_rows …)``) run in the caller
                  thread under a threading.Lock (no thread hop at all).
-  native         the backend's sync twin in the caller's thread: SQLite's prototype sync ledger
-                 (``replaysafe.ledger._sync_sqlite``, which shares the SQL and the state machine
-                 with ``SQLiteLedger``); PostgreSQL's ``PostgresLedger.sync()``.
+  native         the ledger's sync twin, ``Ledger.sync()``, called in the caller thread (Redis:
+                 ``SyncRedisLedger``, redis.Redis; PostgreSQL: ``SyncPostgresLedger``, psycopg's
+                 sync pool); SQLite: the sync ledger, which shares the SQL and the state machine
+                 with ``SQLiteLedger``.
 
 The Guard itself is not measured yet: add a function per guard variant to ``PATHS`` (see
 ``guard_sync`` there) once ``replaysafe.guard`` exists.
@@ -70,6 +71,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from replaysafe import Context, Effect, Envelope, Guarantee, Guard
+from replaysafe.errors import CapabilityError
 from replaysafe.ledger.base import Acquired, ClaimRequest, Ledger, OpKey, Record, SyncLedger
 from replaysafe.ledger.sqlite import (
     _COMPLETE_RECORD,
@@ -400,19 +402,20 @@ def twin_step(ledger: SyncLedger, scope: str, batch: int) -> SyncStep:
     return step
 
 
-def variant_postgres_native(b: Backend, batch: int) -> Variant | None:
-    """PostgreSQL: the sync twin, ``PostgresLedger.sync()`` (psycopg's sync pool)."""
-    if b.name != "postgres":
+def variant_native(b: Backend, batch: int) -> Variant | None:
+    """SQLite: ``variant_sqlite_native``; any other backend: its sync twin,
+    ``b.make_ledger().sync()``, where it has one."""
+    if b.name == "sqlite":
+        return variant_sqlite_native(b, batch)
+    ledger = b.make_ledger()
+    b.extra_closers.append(lambda: asyncio.run(ledger.close()))
+    try:
+        twin = ledger.sync()
+    except CapabilityError:
         return None
-    twin = b.make_ledger().sync()
     b.extra_closers.append(twin.close)
     step = twin_step(twin, scope_of("native", batch), batch)
     return Variant(b.name, "native", batch, partial(drive_sync, step, batch))
-
-
-def variant_native(b: Backend, batch: int) -> Variant | None:
-    """The backend's sync twin (or SQLite's prototype)."""
-    return variant_sqlite_native(b, batch) or variant_postgres_native(b, batch)
 
 
 def _guard(ledger: Ledger, path: str, batch: int) -> Guard:

@@ -11,10 +11,12 @@ import asyncio
 import itertools
 import json
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -41,6 +43,7 @@ from replaysafe import failpoints as fp
 from replaysafe.cli import main as cli_main
 from replaysafe.clock import SystemClock
 from replaysafe.errors import (
+    CapabilityError,
     ConfigurationError,
     LeaseLost,
     LedgerDataError,
@@ -61,12 +64,14 @@ from replaysafe.ledger.base import (
     State,
 )
 from replaysafe.ledger.redis import (
+    _PACKED_MAX,
     _SCRIPTS,
     BATCH_BYTES,
     BATCH_CHUNK,
     PURGE_CHUNK,
     RedisLedger,
     RedisPersistence,
+    SyncRedisLedger,
     _with_c_packer,
     assess_persistence,
     redact_url,
@@ -74,6 +79,7 @@ from replaysafe.ledger.redis import (
 from replaysafe.quarantine import QuarantineReason
 from replaysafe.testing import FakeClock
 from replaysafe.testing.contracts.ledger import LedgerContract, acquire, must_get
+from replaysafe.testing.contracts.sync_ledger import through_sync_twin
 from replaysafe.testing.servers import ServerUnavailable, free_port, local_redis
 
 from .apps.explain_ledger import ENV as EXPLAIN_LEDGER
@@ -91,6 +97,23 @@ class TestRedisLedger(LedgerContract):
 
     async def make_ledger(self, clock: FakeClock) -> Ledger:
         return RedisLedger(self.url, prefix=self.prefix)
+
+    async def advance(self, clock: FakeClock, seconds: float) -> None:
+        # leases are judged by Redis TIME: only real time moves them
+        await asyncio.sleep(seconds)
+
+
+class TestRedisLedgerSyncTwin(LedgerContract):
+    """The whole contract with the claim path on ``RedisLedger.sync()`` (issue 14): the twin and
+    the async ledger share the server and prefix, as a sync guard beside an async worker does."""
+
+    @pytest.fixture(autouse=True)
+    def _redis(self, redis_url: str, redis_prefix: str) -> None:
+        self.url = redis_url
+        self.prefix = redis_prefix
+
+    async def make_ledger(self, clock: FakeClock) -> Ledger:
+        return through_sync_twin(RedisLedger(self.url, prefix=self.prefix))
 
     async def advance(self, clock: FakeClock, seconds: float) -> None:
         # leases are judged by Redis TIME: only real time moves them
@@ -995,7 +1018,7 @@ def test_errors_are_data_errors_only_when_the_data_caused_them(
     error: Exception, expected: type[Exception]
 ) -> None:
     led = RedisLedger("redis://127.0.0.1:1/0")
-    mapped = led._unavailable(error, "claim", sent=True)
+    mapped = led._codec.unavailable(error, "claim", sent=True)
     assert type(mapped) is expected, mapped
 
 
@@ -1302,6 +1325,204 @@ async def test_close_is_idempotent_and_leaves_a_callers_client_open(
         await led.get(KEY)
     assert await client.ping()  # the caller's client is the caller's to close
     await client.aclose()
+
+
+# ---------------------------------------------------------------------- the sync twin
+
+
+@pytest.fixture
+def twin(ledger: RedisLedger) -> Iterator[SyncRedisLedger]:
+    t = ledger.sync()
+    try:
+        yield t
+    finally:
+        t.close()
+
+
+def test_fifty_threads_claiming_one_operation_through_one_twin_acquire_once(
+    twin: SyncRedisLedger,
+) -> None:
+    # one twin shared by 50 plain threads: its pool hands each its own connection
+    start = threading.Barrier(50)
+
+    def claim(n: int) -> Any:
+        start.wait()
+        return twin.claim(KEY, "fp", f"w{n}", 60.0)
+
+    with ThreadPoolExecutor(50) as pool:
+        outcomes = list(pool.map(claim, range(50)))
+    winners = [o for o in outcomes if isinstance(o, Acquired)]
+    assert len(winners) == 1, outcomes
+    assert sum(isinstance(o, InFlight) for o in outcomes) == 49
+    record = twin.get(KEY)
+    assert record is not None and record.token == winners[0].claim.token
+
+
+def test_a_keeper_thread_extends_while_the_caller_thread_claims_and_completes(
+    twin: SyncRedisLedger,
+) -> None:
+    held = acquired(twin.claim(KEY, "fp", "w", 2.0))
+    stop = threading.Event()
+    leases: list[float] = []
+
+    def keep() -> None:
+        while not stop.is_set():
+            leases.append(twin.extend(held, 2.0).lease_until)
+
+    keeper = threading.Thread(target=keep)
+    keeper.start()
+    try:
+        for i in range(30):  # the caller's own traffic, on the same twin at the same time
+            other = acquired(twin.claim(OpKey("orders", f"other-{i}"), "fp", "w", 5.0))
+            assert twin.complete(other, f"r{i}").state is State.COMPLETED
+    finally:
+        stop.set()
+        keeper.join()
+    assert leases and leases == sorted(leases)  # each extend pushed the lease (Redis TIME)
+    done = twin.complete(held, "receipt")
+    assert (done.state, done.token, done.result) == (State.COMPLETED, held.token, "receipt")
+
+
+def acquired(outcome: Any) -> Claim:
+    assert isinstance(outcome, Acquired), outcome
+    return outcome.claim
+
+
+async def test_the_twin_reloads_scripts_after_script_flush(
+    twin: SyncRedisLedger, admin: aioredis.Redis
+) -> None:
+    first = acquired(twin.claim(KEY, "fp", "w", 30.0))
+    await admin.script_flush()
+    # NOSCRIPT means the script did not run: it is loaded and the call repeated, once
+    second = acquired(twin.claim(OpKey("orders", "op-2"), "fp", "w", 30.0))
+    await admin.script_flush()
+    done = twin.complete_many([(first, "a"), (second, "b")])
+    assert [(r.state, r.attempts) for r in done if isinstance(r, Record)] == [
+        (State.COMPLETED, 1),
+        (State.COMPLETED, 1),
+    ]
+
+
+async def test_the_twin_and_the_async_ledger_see_one_store(
+    ledger: RedisLedger, twin: SyncRedisLedger
+) -> None:
+    claim = acquired(twin.claim(KEY, "fp", "w", 30.0))
+    assert isinstance(await ledger.claim(KEY, "fp", "w2", 30.0), InFlight)
+    await ledger.complete(claim, "from-async")
+    outcome = twin.claim(KEY, "fp", "w3", 30.0)
+    assert isinstance(outcome, AlreadyDone) and outcome.record.result == "from-async"
+    assert abs(twin.now() - ledger.now()) < 1.0  # both estimate the same Redis TIME
+
+
+def test_the_twin_maps_an_unreachable_server_as_the_async_ledger_does() -> None:
+    url = "redis://ledger:s3cr3t-pw@127.0.0.1:1/0"  # nothing listens on port 1
+    twin = RedisLedger(url, prefix="never:").sync()
+    assert "s3cr3t-pw" not in repr(twin) and "***" in repr(twin)
+    claim = Claim(KEY, "fp", 1, "w", 0.0, 1)
+    try:
+        for call in (
+            lambda: twin.claim(KEY, "fp", "w", 5.0),
+            lambda: twin.claim_many([ClaimRequest(KEY, "fp", "w", 5.0)]),
+            lambda: twin.extend(claim, 5.0),
+            lambda: twin.complete(claim),
+            lambda: twin.get(KEY),
+        ):
+            with pytest.raises(LedgerUnavailable, match="running and reachable") as raised:
+                call()
+            assert "s3cr3t-pw" not in str(raised.value)
+            assert "ledger:***@127.0.0.1:1" in str(raised.value)
+            assert isinstance(raised.value.__cause__, RedisError)
+    finally:
+        twin.close()
+
+
+async def test_the_twin_refuses_what_the_async_ledger_refuses(
+    twin: SyncRedisLedger, admin: aioredis.Redis
+) -> None:
+    with pytest.raises(ConfigurationError, match="lease"):
+        twin.claim(KEY, "fp", "w", float("nan"))
+    assert twin.get(KEY) is None  # refused before anything was sent
+    claim = acquired(twin.claim(KEY, "fp", "w", 30.0))
+    with pytest.raises(LeaseLost, match="stale"):
+        twin.release(Claim(KEY, "fp", claim.token - 1, "w", 0.0, 1))
+    with pytest.raises(LeaseLost, match="stale"):
+        twin.complete(Claim(KEY, "fp", claim.token + 1, "w", 0.0, 1))
+    other = OpKey("orders", "foreign")
+    await admin.set(twin._codec.key_for(other), "not a hash")
+    with pytest.raises(ConfigurationError, match="prefix of its own"):
+        twin.claim(other, "fp", "w", 5.0)
+
+
+async def test_a_twin_has_the_ledgers_connection_options_and_its_own_pool(
+    redis_url: str, redis_prefix: str
+) -> None:
+    led = RedisLedger(redis_url, prefix=redis_prefix)
+    twin = led.sync()
+    try:
+        mine, its = (c.connection_pool.connection_kwargs for c in (led._client, twin._client))
+        for option in ("client_name", "socket_timeout", "socket_connect_timeout", "host", "db"):
+            assert its[option] == mine[option], option
+        assert its["retry"].get_retries() == mine["retry"].get_retries() == 3
+        acquired(twin.claim(KEY, "fp", "w", 30.0))
+        await led.close()  # the async ledger's pool, not the twin's
+        assert twin.get(KEY) is not None
+        with pytest.raises(LedgerUnavailable, match="closed"):
+            led.sync()
+    finally:
+        twin.close()
+        twin.close()
+    assert "closed" in repr(twin)
+    with pytest.raises(LedgerUnavailable, match="closed"):
+        twin.get(KEY)
+
+
+async def test_a_ledger_built_from_a_client_has_no_twin(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        with pytest.raises(CapabilityError, match="url="):
+            RedisLedger(prefix="x:", client=client).sync()
+    finally:
+        await client.aclose()
+
+
+async def test_a_twin_claim_cut_mid_call_succeeds_on_the_drivers_retry(
+    redis_url: str, redis_prefix: str, admin: aioredis.Redis
+) -> None:
+    host, port, db = _endpoint(redis_url)
+    name = f"rs-test-{uuid.uuid4().hex[:8]}"
+    async with Proxy(host, port) as proxy:
+        led = RedisLedger(proxy.url(db, client_name=name), prefix=redis_prefix)
+        twin = led.sync()
+        try:
+            # the proxy runs on this loop: the twin's blocking calls run in a thread
+            assert await asyncio.to_thread(twin.get, KEY) is None  # connected and named
+            proxy.mode = "hold"
+            call = asyncio.create_task(asyncio.to_thread(twin.claim, KEY, "fp", "w1", 30.0))
+            await asyncio.wait_for(proxy.held.wait(), 10)
+            proxy.mode = "pass"
+            assert await kill_named(admin, name) >= 1
+            outcome = await asyncio.wait_for(call, 10)
+            assert isinstance(outcome, Acquired) and outcome.claim.attempt == 1
+            # a reply lost after the script ran: the retry answers with the claim's own lease,
+            # conservatively, never a second acquisition
+            proxy.mode = "drop_reply"
+            other = OpKey("orders", "op-2")
+            again = await asyncio.wait_for(asyncio.to_thread(twin.claim, other, "fp", "w1", 30), 10)
+            assert proxy.dropped.is_set()
+            assert isinstance(again, InFlight) and again.record.owner == "w1"
+        finally:
+            twin.close()
+            await led.close()
+
+
+async def test_the_packing_caches_stay_bounded_and_right(ledger: RedisLedger) -> None:
+    many = [ClaimRequest(OpKey(f"s{i}", "op"), "fp", "w", 30.0) for i in range(_PACKED_MAX + 5)]
+    assert all(isinstance(o, Acquired) for o in await ledger.claim_many(many))
+    assert len(ledger._codec._scopes) == _PACKED_MAX + 5  # one batch fills it ...
+    claim = await acquire(ledger, KEY, 30.0)
+    assert len(ledger._codec._scopes) == 1  # ... the next call starts it afresh
+    assert (await must_get(ledger, KEY)).token == claim.token
+    assert isinstance(await ledger.claim(OpKey("s7", "op"), "fp", "w", 30.0), InFlight)
 
 
 # ---------------------------------------------------------------------- the ledger's clock

@@ -23,6 +23,11 @@ How it stays correct:
   the earlier item wrote). ``claim`` and ``complete`` are batches of one. A chunk is atomic; a
   batch of several chunks is not. Requests and replies are packed compactly (see the scripts),
   because at batch sizes of ~100 the cost per item, not per round trip, is what limits.
+- **One codec, two transports.** What each claim-path call sends (keys, packed request) and how
+  its reply becomes outcomes lives in ``_Codec``, without I/O. :class:`RedisLedger` sends the
+  calls with ``redis.asyncio``; its sync twin :class:`SyncRedisLedger` (``RedisLedger.sync()``,
+  for plain threads) sends the very same calls with ``redis.Redis`` in the caller's thread, with
+  the same timeouts, retries, ``NOSCRIPT`` reload and error mapping.
 
 - **Admin calls are off the hot path.** ``redrive`` and ``purge_quarantine`` are scripts like
   the transitions (redrive: one atomic script; purge: chunked scripts that keep the quarantine
@@ -73,13 +78,15 @@ import math
 import re
 import struct
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, NamedTuple, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from replaysafe.errors import (
+    CapabilityError,
     ConfigurationError,
     LeaseLost,
     LedgerDataError,
@@ -116,7 +123,9 @@ from replaysafe.quarantine import EffectRisk, QuarantineReason
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["RedisLedger", "RedisPersistence", "assess_persistence"]
+__all__ = ["RedisLedger", "RedisPersistence", "SyncRedisLedger", "assess_persistence"]
+
+_T = TypeVar("_T")
 
 #: how Redis words an error raised inside a Lua script (7.x: "user_script:12: …" or "… on
 #: @user_script:12."; 6.x: "Error running script …"), as opposed to a reply about its own state
@@ -134,6 +143,8 @@ PURGE_CHUNK: Final = 1_000
 BATCH_CHUNK: Final = 500
 #: a chunk also ends once its keys and packed items pass this many bytes (large results)
 BATCH_BYTES: Final = 1 << 20
+#: most scopes (and owner/lease tails) whose packed form a ledger keeps between calls
+_PACKED_MAX: Final = 4096
 #: summary(): keys asked of one SCAN call, and record hashes read per pipelined round trip
 SUMMARY_CHUNK: Final = 1_000
 #: summary(): record hashes whose MEMORY USAGE is measured to estimate ``approx_bytes``
@@ -728,6 +739,423 @@ def _refused_claim(key: OpKey, kind: bytes, item: Sequence[Any]) -> ClaimOutcome
     return Quarantined(rec)
 
 
+# --------------------------------------------------------------------------- requests and replies
+
+
+class _Call(NamedTuple, Generic[_T]):
+    """One script call, as a value: the keys and arguments to send (packed) and how to read its
+    reply (``decode``). The codec builds them; a transport (async or sync) sends them."""
+
+    script: _Script
+    keys: Sequence[bytes]
+    args: Sequence[bytes | str]
+    decode: Callable[[list[Any]], _T]
+    #: the call's name in errors
+    what: str
+    #: where Redis TIME is in the reply
+    now_at: int = 1
+    #: several items (errors then say "any item of the batch") or one
+    batch: bool = False
+
+
+def _as_is(reply: list[Any]) -> list[Any]:
+    """The decode of a call whose caller reads the raw reply itself (the admin scripts)."""
+    return reply
+
+
+def _fence(claim: Claim, reply: Sequence[Any], *, fields_at: int = 2) -> None:
+    """Raise ``LeaseLost`` (through ``check_fence``, one wording) for a refused fenced call:
+    ``reply[0] == b'lease_lost'``, the record's fields and values from ``reply[fields_at]``."""
+    if reply[0] == b"lease_lost":
+        check_fence(_record(claim.key, _pairs(reply[fields_at:])), claim)
+        # check_fence found the claim current, yet the script refused it: never ignore that
+        raise LedgerError(
+            f"the Redis ledger refused claim token {claim.token} on {claim.key} although the "
+            "record names it current; this is a replaysafe bug, please report it"
+        )
+
+
+def _claim_outcomes(
+    requests: Sequence[ClaimRequest], lease_us: Mapping[float, int], reply: list[Any]
+) -> list[ClaimOutcome]:
+    """The outcomes of one claim script reply (``reply[0]`` Redis TIME, then one item per
+    request, in order; see ``_CLAIM``)."""
+    # lease_until exactly as the script stored it: integer us (now + lease), / 1e6
+    until = {lease: (reply[0] + us) / _US for lease, us in lease_us.items()}
+    out: list[ClaimOutcome] = []
+    for r, item in zip(requests, reply[1:], strict=True):
+        if type(item) is int:  # a new operation acquired: its token
+            claim = new_claim(r.key, r.fingerprint, item, r.owner, until[r.lease], 1, False, True)
+            out.append(new_acquired(claim))
+        elif type(item[0]) is int:  # {token, attempts, recovered, previous_started}
+            claim = new_claim(
+                r.key, r.fingerprint, item[0], r.owner, until[r.lease], item[1],
+                item[2] == 1, item[3] == 1,
+            )  # fmt: skip
+            out.append(new_acquired(claim))
+        else:
+            out.append(_refused_claim(r.key, item[0], item))
+    return out
+
+
+def _completions(
+    items: Sequence[tuple[Claim, str | None]], reply: list[Any]
+) -> list[Record | LeaseLost]:
+    """The results of one complete script reply (``reply[0]`` Redis TIME, then one item per
+    request, in order; see ``_COMPLETE``)."""
+    now = reply[0] / _US
+    completed = State.COMPLETED
+    out: list[Record | LeaseLost] = []
+    for (claim, result), item in zip(items, reply[1:], strict=True):
+        # completed: created_at, or {created_at, last_error}; the fingerprint, owner and
+        # attempts are the claim's (the token was current, see the script); the result is what
+        # the script stored, byte for byte
+        if type(item) is int:
+            error, created = None, item
+        elif type(item[0]) is int:
+            error, created = item[1].decode("utf-8", "surrogatepass"), item[0]
+        else:
+            try:
+                _fence(claim, item, fields_at=1)
+            except LeaseLost as exc:
+                out.append(exc)
+            continue
+        record = new_record(
+            claim.key, claim.fingerprint, completed, claim.token, claim.owner, None,
+            claim.attempt, result, error, created / _US, now, now, None,
+        )  # fmt: skip
+        out.append(record)
+    return out
+
+
+def _marked(claims: Sequence[Claim], reply: list[Any]) -> list[Claim | LeaseLost]:
+    """The results of one mark_started script reply (see ``_MARK_STARTED``)."""
+    out: list[Claim | LeaseLost] = []
+    for c, item in zip(claims, reply[1:], strict=True):
+        if type(item) is int:
+            out.append(c)
+            continue
+        try:
+            _fence(c, item, fields_at=1)
+        except LeaseLost as exc:
+            out.append(exc)
+    return out
+
+
+def _extended(claim: Claim, reply: list[Any]) -> Claim:
+    _fence(claim, reply)
+    return Claim(
+        claim.key, claim.fingerprint, claim.token, claim.owner, int(reply[2]) / _US,
+        claim.attempt, claim.recovered, claim.previous_started,
+    )  # fmt: skip
+
+
+class _Codec:
+    """What a Redis ledger sends and how it reads the replies, without any I/O.
+
+    :class:`RedisLedger` (redis.asyncio) and :class:`SyncRedisLedger` (redis.Redis) hold the same
+    codec and differ only in how they send a :class:`_Call`: every key, every packed request,
+    every reply decoding and the mapping of redis-py errors to replaysafe's exist here once (the
+    Lua exists once in the scripts above). Immutable after construction, so both ledgers and any
+    number of threads may use one (its packing caches aside, which only ever hold what their
+    key determines)."""
+
+    __slots__ = (
+        "_scopes", "_tails", "display", "errors", "p", "password", "prefix", "retention",
+        "retention_ms",
+    )  # fmt: skip
+
+    def __init__(
+        self, prefix: str, retention: float, display: str, password: str | None, errors: Any
+    ) -> None:
+        self.prefix = prefix
+        self.p = _b(prefix)
+        self.retention = float(retention)
+        self.retention_ms = max(1, round(retention * 1000))
+        self.display = display  # the URL with its password redacted
+        self.password = password  # scrubbed from every error message
+        self.errors = errors  # redis.exceptions
+        # a worker's scopes, owner and lease repeat across calls: each is encoded and packed once
+        # (scope -> (record key head, packed scope); (owner, lease, marks_start) -> packed tail).
+        # Each value depends on its key alone, so threads racing on one only compute it twice.
+        self._scopes: dict[str, tuple[bytes, bytes]] = {}
+        self._tails: dict[tuple[str, float, bool], bytes] = {}
+
+    # ------------------------------------------------------------------ keys
+
+    def key_for(self, key: OpKey) -> bytes:
+        scope = _b(key.scope)
+        # the byte length of the scope makes the composite unambiguous whatever it contains
+        return _KEY_HEAD % (self.p, len(scope), scope) + _b(key.operation_id)
+
+    def entry_key(self, entry_id: str) -> bytes:
+        return self.p + b"q:" + _b(entry_id)
+
+    def index(self, reason: QuarantineReason | None) -> bytes:
+        """The quarantine index by creation time: all entries, or one reason's."""
+        return self.p + b"qidx" + (b"" if reason is None else b":" + reason.value.encode())
+
+    # ------------------------------------------------------------------ calls
+
+    def claim(self, requests: Sequence[ClaimRequest], what: str) -> list[_Call[list[ClaimOutcome]]]:
+        """The claim script calls for ``requests``, one per chunk (see :data:`BATCH_CHUNK`).
+        Raises ``ConfigurationError`` for a bad lease (then nothing is sent)."""
+        lease_us: dict[float, int] = {}
+        for r in requests:
+            if r.lease not in lease_us:
+                lease_us[r.lease] = _us(r.lease, "lease")
+        scopes, tails = self._scopes, self._tails
+        if len(scopes) > _PACKED_MAX or len(tails) > _PACKED_MAX:
+            scopes.clear()
+            tails.clear()
+        script, token_key, n, p = _SCRIPTS["claim"], self.p + b"token", len(requests), self.p
+        calls: list[_Call[list[ClaimOutcome]]] = []
+        lo = 0
+        while lo < n:
+            keys, parts, size, hi = [token_key], [], 0, lo
+            while hi < n and hi - lo < BATCH_CHUNK and size < BATCH_BYTES:
+                r = requests[hi]
+                k = r.key
+                sc = scopes.get(k.scope)
+                if sc is None:
+                    raw = k.scope.encode("utf-8", "surrogatepass")
+                    sc = scopes[k.scope] = (_KEY_HEAD % (p, len(raw), raw), _U32(len(raw)) + raw)
+                tail = tails.get((r.owner, r.lease, r.marks_start))
+                if tail is None:
+                    raw = r.owner.encode("utf-8", "surrogatepass")
+                    marks = b"\x01" if r.marks_start else b"\x00"
+                    tail = _U32(len(raw)) + raw + _F64(lease_us[r.lease]) + marks
+                    tails[(r.owner, r.lease, r.marks_start)] = tail
+                op = k.operation_id.encode("utf-8", "surrogatepass")
+                fp = r.fingerprint.encode("utf-8", "surrogatepass")
+                key = sc[0] + op
+                part = b"%b%b%b%b%b%b" % (sc[1], _U32(len(op)), op, _U32(len(fp)), fp, tail)
+                keys.append(key)
+                parts.append(part)
+                size += len(key) + len(part)
+                hi += 1
+            calls.append(
+                _Call(script, keys, [b"".join(parts)],
+                      partial(_claim_outcomes, requests[lo:hi], lease_us), what, 0, n > 1)
+            )  # fmt: skip
+            lo = hi
+        return calls
+
+    def complete(
+        self, items: Sequence[tuple[Claim, str | None]], what: str
+    ) -> list[_Call[list[Record | LeaseLost]]]:
+        """The complete script calls for ``items``, one per chunk (see :data:`BATCH_CHUNK`)."""
+        script, log, n = _SCRIPTS["complete"], self.p + b"completions", len(items)
+        retention = str(self.retention_ms)
+        scopes = self._scopes
+        if len(scopes) > _PACKED_MAX:
+            scopes.clear()
+        calls: list[_Call[list[Record | LeaseLost]]] = []
+        lo = 0
+        while lo < n:
+            keys, parts, size, hi = [log], [], 0, lo
+            while hi < n and hi - lo < BATCH_CHUNK and size < BATCH_BYTES:
+                claim, result = items[hi]
+                k = claim.key
+                sc = scopes.get(k.scope)
+                if sc is None:
+                    raw = k.scope.encode("utf-8", "surrogatepass")
+                    sc = scopes[k.scope] = (
+                        _KEY_HEAD % (self.p, len(raw), raw),
+                        _U32(len(raw)) + raw,
+                    )
+                key = sc[0] + k.operation_id.encode("utf-8", "surrogatepass")
+                token = b"%d" % claim.token
+                if result is None:
+                    part = b"%b%b\x00\x00\x00\x00\x00" % (_U32(len(token)), token)
+                else:
+                    raw = result.encode("utf-8", "surrogatepass")
+                    part = b"%b%b\x01%b%b" % (_U32(len(token)), token, _U32(len(raw)), raw)
+                keys.append(key)
+                parts.append(part)
+                size += len(key) + len(part)
+                hi += 1
+            calls.append(
+                _Call(script, keys, [retention, b"".join(parts)],
+                      partial(_completions, items[lo:hi]), what, 0, n > 1)
+            )  # fmt: skip
+            lo = hi
+        return calls
+
+    def mark_started(self, claims: Sequence[Claim]) -> list[_Call[list[Claim | LeaseLost]]]:
+        """The mark_started script calls, one per chunk of at most :data:`BATCH_CHUNK` claims."""
+        calls: list[_Call[list[Claim | LeaseLost]]] = []
+        for lo in range(0, len(claims), BATCH_CHUNK):
+            chunk = claims[lo : lo + BATCH_CHUNK]
+            tokens = [b"%d" % c.token for c in chunk]
+            calls.append(
+                _Call(
+                    _SCRIPTS["mark_started"],
+                    [self.key_for(c.key) for c in chunk],
+                    [b"".join(_U32(len(t)) + t for t in tokens)],
+                    partial(_marked, chunk),
+                    what="mark_started",
+                    now_at=0,
+                    batch=len(claims) > 1,
+                )
+            )
+        return calls
+
+    def extend(self, claim: Claim, lease: float) -> _Call[Claim]:
+        lease_us = _us(lease, "lease")
+        return _Call(
+            _SCRIPTS["extend"],
+            [self.key_for(claim.key)],
+            [str(claim.token), str(lease_us)],
+            lambda reply: _extended(claim, reply),
+            what="extend",
+        )
+
+    def release(self, claim: Claim, error: str | None) -> _Call[None]:
+        return _Call(
+            _SCRIPTS["release"],
+            [self.key_for(claim.key)],
+            [str(claim.token), "0" if error is None else "1", _b(storable_text(error or ""))],
+            lambda reply: _fence(claim, reply),
+            what="release",
+        )
+
+    def quarantine(self, request: QuarantineRequest, claim: Claim | None) -> _Call[QuarantineEntry]:
+        request = request.storable()
+        eid = request.entry_id()
+        fields: list[bytes | str] = ["scope", _b(request.scope), "reason", request.reason.value]
+        for name, value in (
+            ("operation_id", request.operation_id),
+            ("fingerprint", request.fingerprint),
+            ("content_type", request.content_type),
+        ):
+            if value is not None:
+                fields += [name, _b(value)]
+        message = request.capped_message()
+        if message is not None:
+            fields += ["message", message]
+        # written with a new entry only (the script ignores them for a repeat): the first
+        # publish time and the original size, before capping, are what a redrive decides on
+        fields += ["message_size", str(len(request.message or b""))]
+        if request.published_at is not None and math.isfinite(request.published_at):
+            fields += ["published_at", str(round(request.published_at * _US))]
+        op_key = OpKey(request.scope, request.operation_id or "") if claim is None else claim.key
+
+        def decode(reply: list[Any]) -> QuarantineEntry:
+            if claim is not None:
+                _fence(claim, reply)
+            return _entry(_pairs(reply[2:]))
+
+        return _Call(
+            _SCRIPTS["quarantine"],
+            [self.key_for(op_key), self.entry_key(eid), self.index(None),
+             self.index(request.reason)],
+            [
+                "0" if claim is None else "1",
+                "0" if claim is None else str(claim.token),
+                _b(request.detail),
+                eid,
+                str(request.attempts),
+                request.risk.value,
+                *fields,
+            ],
+            decode,
+            what="quarantine",
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ errors
+
+    def unavailable(
+        self, exc: BaseException, what: str, *, sent: bool, batch: bool = False
+    ) -> LedgerError | ConfigurationError:
+        """Map a redis-py error to the replaysafe tree: what happened, what to do next."""
+        e = self.errors
+        text = _scrub(f"{type(exc).__name__}: {exc}", self.password)
+        where = f"Redis ledger at {self.display}: {what} failed ({text})"
+        if isinstance(exc, e.ResponseError) and str(exc).startswith("WRONGTYPE"):
+            return ConfigurationError(
+                f"{where}; a key under prefix {self.prefix!r} holds a value the ledger did not "
+                "write: another program uses this prefix; give the ledger a prefix of its own"
+            )
+        if isinstance(exc, e.ResponseError) and "replaysafe bug" in str(exc):
+            return LedgerError(f"{where}; nothing was written; please report this replaysafe bug")
+        if isinstance(exc, e.DataError) or (
+            type(exc) is e.ResponseError  # not OOM, READONLY, NOPERM …: the server's state
+            and _LUA_ERROR.search(str(exc)) is not None
+            and _STATE_CODE.match(str(exc)) is None
+        ):
+            # a value redis-py cannot send, or a ledger script that failed on this call's data:
+            # the server is up and a retry fails the same way
+            done = "nothing was sent" if isinstance(exc, e.DataError) else (
+                "Redis does not roll a failed script back: its writes before the failure stay"
+            )  # fmt: skip
+            return LedgerDataError(
+                f"{where}; the ledger refused this call's data ({done}); a retry fails the same "
+                "way: set the message aside (quarantine or dead-letter it) and report the value "
+                "if it looks ordinary"
+            )
+        if isinstance(exc, e.AuthenticationError | e.AuthorizationError | e.NoPermissionError):
+            hint = (
+                "check the URL's username and password and the user's ACL (the ledger needs "
+                "EVALSHA, SCRIPT LOAD, HGETALL, ZRANGE and, for explain, CONFIG GET), then retry"
+            )
+        elif isinstance(exc, e.BusyLoadingError):
+            hint = "Redis is loading its dataset after a restart; retry in a moment"
+        elif isinstance(exc, e.ReadOnlyError):
+            hint = (
+                "the server is a read-only replica (after a failover?); point the ledger at the "
+                "primary, then retry"
+            )
+        elif isinstance(exc, e.OutOfMemoryError):
+            hint = (
+                "Redis reached maxmemory and refuses writes (the ledger wants noeviction rather "
+                "than losing records); free memory or raise maxmemory, then retry"
+            )
+        elif isinstance(exc, e.ResponseError) and str(exc).startswith("MISCONF"):
+            hint = "Redis cannot persist to disk and refuses writes; fix its disk, then retry"
+        else:
+            hint = "check that Redis is running and reachable, then retry"
+        lost = isinstance(exc, e.ConnectionError | e.TimeoutError) and not isinstance(
+            exc, e.AuthenticationError | e.AuthorizationError | e.BusyLoadingError
+        )
+        if sent and lost:
+            hint += (
+                "; the reply was lost, so the script may or may not have run"
+                + (" (for any item of the batch)" if batch else "")
+                + ": an unknown claim expires with its lease and the next claim reports "
+                "recovered=True; an unknown completion shows as AlreadyDone to the next claim; "
+                "do not complete at the broker"
+            )
+        elif batch:
+            hint += "; items before the failing one in the batch may have been applied"
+        return LedgerUnavailable(f"{where}; {hint}")
+
+
+def _open_client(cls: Any, retry: Any, url: str) -> Any:
+    """A ``cls`` (``redis.asyncio.Redis`` or ``redis.Redis``) for ``url`` with the ledger's
+    options, ``retry`` being the matching ``Retry`` class: both ledgers connect alike."""
+    from redis.backoff import ExponentialWithJitterBackoff
+
+    try:
+        # Query options in the URL (socket_timeout, client_name, ...) override these.
+        return cls.from_url(
+            url,
+            decode_responses=False,
+            client_name=CLIENT_NAME,
+            socket_timeout=5.0,
+            socket_connect_timeout=5.0,
+            # a few quick retries after a dropped connection, then LedgerUnavailable: a dead
+            # server must not stall a claim for long
+            retry=retry(ExponentialWithJitterBackoff(base=0.02, cap=0.5), 3),
+        )
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"{redact_url(url)!r} is not a usable Redis URL "
+            f"({_scrub(str(exc), _password_of(url))}); use "
+            "redis://[user:password@]host:port/db, rediss://... or unix:///path"
+        ) from None
+
+
 # --------------------------------------------------------------------------- the ledger
 
 
@@ -768,12 +1196,11 @@ class RedisLedger(Ledger):
         self._errors: Any = self._mod.exceptions
         self._prefix = prefix
         self._p = _b(prefix)
-        self._retention = float(retention)
-        self._retention_ms = max(1, round(retention * 1000))
-        self._password = None if url is None else _password_of(url)
+        self._url = url  # kept for sync(): the twin opens its own connections to it
+        password = None if url is None else _password_of(url)
         if client is None:
             assert url is not None
-            self._display = redact_url(url)
+            display = redact_url(url)
             client = self._connect(url)
             self._owns_client = True
         else:
@@ -784,13 +1211,15 @@ class RedisLedger(Ledger):
                     "stores raw bytes (quarantined message copies): pass a client created with "
                     "decode_responses=False"
                 )
-            self._display = (
+            display = (
                 redact_url(url)
                 if url is not None
                 else f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/"
                 f"{kwargs.get('db', 0)}"
             )
             self._owns_client = False
+        self._display = display
+        self._codec = _Codec(prefix, retention, display, password, self._errors)
         self._client: Redis = client
         self._offset = 0.0  # server clock minus local clock, from the last script reply
         self._closed = False
@@ -798,30 +1227,29 @@ class RedisLedger(Ledger):
     def _connect(self, url: str) -> Redis:
         from redis.asyncio import Redis
         from redis.asyncio.retry import Retry
-        from redis.backoff import ExponentialWithJitterBackoff
 
-        try:
-            # Query options in the URL (socket_timeout, client_name, ...) override these.
-            client = Redis.from_url(
-                url,
-                decode_responses=False,
-                client_name=CLIENT_NAME,
-                socket_timeout=5.0,
-                socket_connect_timeout=5.0,
-                # a few quick retries after a dropped connection, then LedgerUnavailable: a dead
-                # server must not stall a claim for long
-                retry=Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.5), 3),
-            )
-        except ValueError as exc:
-            raise ConfigurationError(
-                f"{redact_url(url)!r} is not a usable Redis URL "
-                f"({_scrub(str(exc), _password_of(url))}); use "
-                "redis://[user:password@]host:port/db, rediss://... or unix:///path"
-            ) from None
+        client: Redis = _open_client(Redis, Retry, url)
         pool = client.connection_pool
         # the URL's scheme chose the class (TCP, TLS, unix socket); keep it, pack in C
         pool.connection_class = _with_c_packer(pool.connection_class)
         return client
+
+    def sync(self) -> SyncRedisLedger:
+        """The sync twin (:class:`SyncRedisLedger`): the same server, prefix and retention, with
+        its own ``redis.Redis`` connection pool (same timeouts and retries, opened from the same
+        URL), for plain threads. Each call opens a new one; close it (closing this ledger does
+        not). Raises ``CapabilityError`` for a ledger built from a ``client`` (there is no URL to
+        open the sync connections from) and ``LedgerUnavailable`` once this ledger is closed."""
+        self._check_open()
+        if self._url is None:
+            raise CapabilityError(
+                f"{self!r} was built from a redis.asyncio client, so it has no URL to open a sync "
+                "twin's connections from: build the RedisLedger with url=... to use Ledger.sync()"
+            )
+        from redis import Redis
+        from redis.retry import Retry
+
+        return SyncRedisLedger(self._codec, _open_client(Redis, Retry, self._url), self._offset)
 
     # ------------------------------------------------------------------ properties
 
@@ -832,7 +1260,7 @@ class RedisLedger(Ledger):
     @property
     def retention(self) -> float:
         """Seconds a completed record is remembered (the replay horizon this ledger can back)."""
-        return self._retention
+        return self._codec.retention
 
     def now(self) -> float:
         """An estimate of the Redis server's clock (what leases are judged by): the local clock
@@ -841,9 +1269,7 @@ class RedisLedger(Ledger):
 
     def key_for(self, key: OpKey) -> bytes:
         """The Redis key of an operation's record (for operators and tests)."""
-        scope = _b(key.scope)
-        # the byte length of the scope makes the composite unambiguous whatever it contains
-        return _KEY_HEAD % (self._p, len(scope), scope) + _b(key.operation_id)
+        return self._codec.key_for(key)
 
     def __repr__(self) -> str:
         closed = ", closed" if self._closed else ""
@@ -857,7 +1283,8 @@ class RedisLedger(Ledger):
         Moves no boundary. If the reply is lost the claim may or may not exist: it then expires
         and the next claim takes over with ``recovered=True``.
         """
-        (outcome,) = await self._claim([ClaimRequest(key, fingerprint, owner, lease)], "claim")
+        request = ClaimRequest(key, fingerprint, owner, lease)
+        (outcome,) = await self._run(self._codec.claim([request], "claim"))
         return outcome
 
     async def claim_many(self, requests: Sequence[ClaimRequest]) -> list[ClaimOutcome]:
@@ -866,35 +1293,18 @@ class RedisLedger(Ledger):
         request in order (a key repeated in the batch answers ``InFlight`` to its second request).
         Each chunk is atomic; the batch as a whole is not (another client's command may run
         between two chunks). Moves no boundary; claims of a chunk whose reply is lost expire."""
-        return await self._claim(requests, "claim_many")
+        return await self._run(self._codec.claim(requests, "claim_many"))
 
     async def extend(self, claim: Claim, lease: float) -> Claim:
         """Push the lease to Redis ``TIME + lease``. Raises ``LeaseLost`` if the token is stale."""
-        lease_us = _us(lease, "lease")
-        reply = await self._eval(
-            _SCRIPTS["extend"],
-            [self.key_for(claim.key)],
-            [str(claim.token), str(lease_us)],
-            what="extend",
-        )
-        self._fence(claim, reply)
-        return Claim(
-            claim.key,
-            claim.fingerprint,
-            claim.token,
-            claim.owner,
-            int(reply[2]) / _US,
-            claim.attempt,
-            claim.recovered,
-            claim.previous_started,
-        )
+        return await self._one(self._codec.extend(claim, lease))
 
     async def complete(self, claim: Claim, result: str | None = None) -> Record:
         """Record the effect as done (boundary EFFECTED for keyed/unkeyed effects) and start the
         record's retention TTL. Raises ``LeaseLost`` when the token is stale: then the caller must
         not complete at the broker. A lost reply may hide a completion that happened; the next
         claim then answers ``AlreadyDone``."""
-        (done,) = await self._complete([(claim, result)], "complete")
+        (done,) = await self._run(self._codec.complete([(claim, result)], "complete"))
         if isinstance(done, LeaseLost):
             raise done
         return done
@@ -907,43 +1317,17 @@ class RedisLedger(Ledger):
         for each in order. A stale claim yields its ``LeaseLost`` in place (nothing written for
         it) and does not stop the others; a claim repeated in the batch completes once and is
         ``LeaseLost`` the second time."""
-        return await self._complete(items, "complete_many")
+        return await self._run(self._codec.complete(items, "complete_many"))
 
     async def mark_started(self, claims: Sequence[Claim]) -> list[Claim | LeaseLost]:
         """Mark a batch started: one script per chunk of at most :data:`BATCH_CHUNK` claims (one
         round trip each, atomic per chunk), fenced per claim: a stale one yields its
         ``LeaseLost`` in place and nothing is written for it."""
-        out: list[Claim | LeaseLost] = []
-        for lo in range(0, len(claims), BATCH_CHUNK):
-            chunk = claims[lo : lo + BATCH_CHUNK]
-            tokens = [b"%d" % c.token for c in chunk]
-            reply = await self._eval(
-                _SCRIPTS["mark_started"],
-                [self.key_for(c.key) for c in chunk],
-                [b"".join(_U32(len(t)) + t for t in tokens)],
-                what="mark_started",
-                now_at=0,
-                batch=len(claims) > 1,
-            )
-            for c, item in zip(chunk, reply[1:], strict=True):
-                if type(item) is int:
-                    out.append(c)
-                    continue
-                try:
-                    self._fence(c, item, fields_at=1)
-                except LeaseLost as exc:
-                    out.append(exc)
-        return out
+        return await self._run(self._codec.mark_started(claims))
 
     async def release(self, claim: Claim, error: str | None = None) -> None:
         """Give the operation back (no effect happened); the next claim gets it at once."""
-        reply = await self._eval(
-            _SCRIPTS["release"],
-            [self.key_for(claim.key)],
-            [str(claim.token), "0" if error is None else "1", _b(storable_text(error or ""))],
-            what="release",
-        )
-        self._fence(claim, reply)
+        await self._one(self._codec.release(claim, error))
 
     async def quarantine(
         self, request: QuarantineRequest, claim: Claim | None = None
@@ -951,47 +1335,7 @@ class RedisLedger(Ledger):
         """Record the entry (idempotent per ``request.entry_id()``) and, with ``claim``, move the
         record to QUARANTINED under fencing, in one script. Durable before the caller completes at
         the broker only as far as the server's persistence is (see :meth:`persistence_report`)."""
-        request = request.storable()
-        eid = request.entry_id()
-        fields: list[bytes | str] = ["scope", _b(request.scope), "reason", request.reason.value]
-        for name, value in (
-            ("operation_id", request.operation_id),
-            ("fingerprint", request.fingerprint),
-            ("content_type", request.content_type),
-        ):
-            if value is not None:
-                fields += [name, _b(value)]
-        message = request.capped_message()
-        if message is not None:
-            fields += ["message", message]
-        # written with a new entry only (the script ignores them for a repeat): the first
-        # publish time and the original size, before capping, are what a redrive decides on
-        fields += ["message_size", str(len(request.message or b""))]
-        if request.published_at is not None and math.isfinite(request.published_at):
-            fields += ["published_at", str(round(request.published_at * _US))]
-        op_key = OpKey(request.scope, request.operation_id or "") if claim is None else claim.key
-        reply = await self._eval(
-            _SCRIPTS["quarantine"],
-            [
-                self.key_for(op_key),
-                self._entry_key(eid),
-                self._index(None),
-                self._index(request.reason),
-            ],
-            [
-                "0" if claim is None else "1",
-                "0" if claim is None else str(claim.token),
-                _b(request.detail),
-                eid,
-                str(request.attempts),
-                request.risk.value,
-                *fields,
-            ],
-            what="quarantine",
-        )
-        if claim is not None:
-            self._fence(claim, reply)
-        return _entry(_pairs(reply[2:]))
+        return await self._one(self._codec.quarantine(request, claim))
 
     async def get(self, key: OpKey) -> Record | None:
         h = await self._command("get", lambda: self._client.hgetall(self.key_for(key)))
@@ -1003,7 +1347,7 @@ class RedisLedger(Ledger):
         """Quarantine entries, oldest first (two round trips: the index, then the entries)."""
         if limit <= 0:
             return []
-        index = self._index(reason)
+        index = self._codec.index(reason)
         ids = await self._command("quarantined", lambda: self._client.zrange(index, 0, limit - 1))
         if not ids:
             return []
@@ -1021,7 +1365,7 @@ class RedisLedger(Ledger):
     async def quarantine_entry(self, entry_id: str) -> QuarantineEntry | None:
         """One quarantine entry by id (one ``HGETALL``), or None when there is none."""
         h = await self._command(
-            "quarantine_entry", lambda: self._client.hgetall(self._entry_key(entry_id))
+            "quarantine_entry", lambda: self._client.hgetall(self._codec.entry_key(entry_id))
         )
         return _entry(h) if h else None
 
@@ -1036,7 +1380,7 @@ class RedisLedger(Ledger):
         for an unknown entry; a lost reply raises ``LedgerUnavailable`` and the redrive may or may
         not have been recorded (repeating it only counts one more redrive).
         """
-        entry_key = self._entry_key(entry_id)
+        entry_key = self._codec.entry_key(entry_id)
         scope, op_id = await self._command(
             "redrive", lambda: self._client.hmget(entry_key, ["scope", "operation_id"])
         )
@@ -1071,7 +1415,7 @@ class RedisLedger(Ledger):
         """
         if limit <= 0 or (entry_ids is not None and not entry_ids):
             return 0
-        index = self._index(reason)
+        index = self._codec.index(reason)
         keys = [index, self._p + b"qidx"]
         # the highest creation time purged, exclusive: created_at (integer us) < older_than
         high = "+inf" if older_than is None else "(" + str(math.ceil(older_than * _US))
@@ -1149,7 +1493,7 @@ class RedisLedger(Ledger):
             pipe = self._client.pipeline(transaction=False)
             pipe.time()
             for r in reasons:
-                pipe.zcard(self._index(r))
+                pipe.zcard(self._codec.index(r))
             return list(await pipe.execute())
 
         first = await self._command("summary", head)
@@ -1228,17 +1572,10 @@ class RedisLedger(Ledger):
         except self._errors.ResponseError:  # MEMORY not permitted (ACL) or renamed away
             return None
         except self._errors.RedisError as exc:
-            raise self._unavailable(exc, "summary (MEMORY USAGE)", sent=False) from exc
+            raise self._codec.unavailable(exc, "summary (MEMORY USAGE)", sent=False) from exc
         measured = [int(b) for b in sizes if b is not None]  # None: gone since the scan
         mean = sum(measured) / len(measured) if measured else 0
         return int(log or 0) + round(mean * records)
-
-    def _entry_key(self, entry_id: str) -> bytes:
-        return self._p + b"q:" + _b(entry_id)
-
-    def _index(self, reason: QuarantineReason | None) -> bytes:
-        """The quarantine index by creation time: all entries, or one reason's."""
-        return self._p + b"qidx" + (b"" if reason is None else b":" + reason.value.encode())
 
     async def purge(self, older_than: float, *, limit: int = 10_000) -> int:
         """Forget up to ``limit`` COMPLETED records completed before ``older_than``, oldest first.
@@ -1312,7 +1649,9 @@ class RedisLedger(Ledger):
             except self._errors.ResponseError:  # CONFIG renamed away, or not allowed by ACL
                 return assess_persistence(None)
             except self._errors.RedisError as exc:
-                raise self._unavailable(exc, "persistence_report (CONFIG GET)", sent=False) from exc
+                raise self._codec.unavailable(
+                    exc, "persistence_report (CONFIG GET)", sent=False
+                ) from exc
             for k, v in dict(reply).items():
                 if k is not None:
                     config[_s(k)] = "" if v is None else _s(v)
@@ -1339,146 +1678,21 @@ class RedisLedger(Ledger):
             with contextlib.suppress(self._errors.RedisError):
                 await self._client.aclose()
 
-    # ------------------------------------------------------------------ calls
-
-    async def _claim(self, requests: Sequence[ClaimRequest], what: str) -> list[ClaimOutcome]:
-        """Run the claim script over ``requests``, chunk by chunk (see :data:`BATCH_CHUNK`)."""
-        # every lease is checked before anything is sent: a bad one fails the batch untouched
-        lease_us: dict[float, int] = {}
-        for r in requests:
-            if r.lease not in lease_us:
-                lease_us[r.lease] = _us(r.lease, "lease")
-        # the scope, owner and lease of a batch usually repeat: encode and pack each once
-        scopes: dict[str, tuple[bytes, bytes]] = {}  # scope -> (key prefix, packed scope)
-        # (owner, lease, marks_start) -> packed owner + lease + marks_start
-        tails: dict[tuple[str, float, bool], bytes] = {}
-        script, token_key, n = _SCRIPTS["claim"], self._p + b"token", len(requests)
-        out: list[ClaimOutcome] = []
-        lo = 0
-        while lo < n:
-            keys, parts, size, hi = [token_key], [], 0, lo
-            while hi < n and hi - lo < BATCH_CHUNK and size < BATCH_BYTES:
-                r = requests[hi]
-                k = r.key
-                sc = scopes.get(k.scope)
-                if sc is None:
-                    raw = k.scope.encode("utf-8", "surrogatepass")
-                    sc = scopes[k.scope] = (
-                        _KEY_HEAD % (self._p, len(raw), raw),
-                        _U32(len(raw)) + raw,
-                    )
-                tail = tails.get((r.owner, r.lease, r.marks_start))
-                if tail is None:
-                    raw = r.owner.encode("utf-8", "surrogatepass")
-                    marks = b"\x01" if r.marks_start else b"\x00"
-                    tail = _U32(len(raw)) + raw + _F64(lease_us[r.lease]) + marks
-                    tails[(r.owner, r.lease, r.marks_start)] = tail
-                op = k.operation_id.encode("utf-8", "surrogatepass")
-                fp = r.fingerprint.encode("utf-8", "surrogatepass")
-                key = sc[0] + op
-                part = b"%b%b%b%b%b%b" % (sc[1], _U32(len(op)), op, _U32(len(fp)), fp, tail)
-                keys.append(key)
-                parts.append(part)
-                size += len(key) + len(part)
-                hi += 1
-            reply = await self._eval(
-                script, keys, [b"".join(parts)], what=what, now_at=0, batch=n > 1
-            )
-            # lease_until exactly as the script stored it: integer us (now + lease), / 1e6
-            until = {lease: (reply[0] + us) / _US for lease, us in lease_us.items()}
-            for r, item in zip(requests[lo:hi], reply[1:], strict=True):
-                if type(item) is int:  # a new operation acquired: its token
-                    claim = new_claim(
-                        r.key, r.fingerprint, item, r.owner, until[r.lease], 1, False, True
-                    )
-                    out.append(new_acquired(claim))
-                elif type(item[0]) is int:  # {token, attempts, recovered, previous_started}
-                    claim = new_claim(
-                        r.key, r.fingerprint, item[0], r.owner, until[r.lease], item[1],
-                        item[2] == 1, item[3] == 1,
-                    )  # fmt: skip
-                    out.append(new_acquired(claim))
-                else:
-                    out.append(_refused_claim(r.key, item[0], item))
-            lo = hi
-        return out
-
-    async def _complete(
-        self, items: Sequence[tuple[Claim, str | None]], what: str
-    ) -> list[Record | LeaseLost]:
-        """Run the complete script over ``items``, chunk by chunk (see :data:`BATCH_CHUNK`)."""
-        script, log, n = _SCRIPTS["complete"], self._p + b"completions", len(items)
-        retention = str(self._retention_ms)
-        scopes: dict[str, bytes] = {}  # scope -> key prefix
-        completed = State.COMPLETED
-        out: list[Record | LeaseLost] = []
-        lo = 0
-        while lo < n:
-            keys, parts, size, hi = [log], [], 0, lo
-            while hi < n and hi - lo < BATCH_CHUNK and size < BATCH_BYTES:
-                claim, result = items[hi]
-                k = claim.key
-                head = scopes.get(k.scope)
-                if head is None:
-                    raw = k.scope.encode("utf-8", "surrogatepass")
-                    head = scopes[k.scope] = _KEY_HEAD % (self._p, len(raw), raw)
-                key = head + k.operation_id.encode("utf-8", "surrogatepass")
-                token = b"%d" % claim.token
-                if result is None:
-                    part = b"%b%b\x00\x00\x00\x00\x00" % (_U32(len(token)), token)
-                else:
-                    raw = result.encode("utf-8", "surrogatepass")
-                    part = b"%b%b\x01%b%b" % (_U32(len(token)), token, _U32(len(raw)), raw)
-                keys.append(key)
-                parts.append(part)
-                size += len(key) + len(part)
-                hi += 1
-            reply = await self._eval(
-                script, keys, [retention, b"".join(parts)], what=what, now_at=0, batch=n > 1
-            )
-            now = reply[0] / _US
-            for (claim, result), item in zip(items[lo:hi], reply[1:], strict=True):
-                # completed: created_at, or {created_at, last_error}; the fingerprint, owner and
-                # attempts are the claim's (the token was current, see the script); the result
-                # is what the script stored, byte for byte
-                if type(item) is int:
-                    error, created = None, item
-                elif type(item[0]) is int:
-                    error, created = item[1].decode("utf-8", "surrogatepass"), item[0]
-                else:
-                    try:
-                        self._fence(claim, item, fields_at=1)
-                    except LeaseLost as exc:
-                        out.append(exc)
-                    continue
-                record = new_record(
-                    claim.key, claim.fingerprint, completed, claim.token, claim.owner, None,
-                    claim.attempt, result, error, created / _US, now, now, None,
-                )  # fmt: skip
-                out.append(record)
-            lo = hi
-        return out
-
-    def _fence(self, claim: Claim, reply: Sequence[Any], *, fields_at: int = 2) -> None:
-        """Raise ``LeaseLost`` (through ``check_fence``, one wording) for a refused fenced call:
-        ``reply[0] == b'lease_lost'``, the record's fields and values from ``reply[fields_at]``."""
-        if reply[0] == b"lease_lost":
-            check_fence(_record(claim.key, _pairs(reply[fields_at:])), claim)
-            # check_fence found the claim current, yet the script refused it: never ignore that
-            raise LedgerError(
-                f"the Redis ledger refused claim token {claim.token} on {claim.key} although the "
-                "record names it current; this is a replaysafe bug, please report it"
-            )
-
     # ------------------------------------------------------------------ transport
 
     def _check_open(self) -> None:
         if self._closed:
             raise LedgerUnavailable(f"{self!r} is closed; open a new RedisLedger to use it again")
 
-    def _observe(self, server_now: bytes | int, sent_at: float) -> None:
-        # the server read TIME somewhere inside the round trip: assume its middle
-        self._offset = int(server_now) / _US - (sent_at + time.time()) / 2
+    async def _run(self, calls: Iterable[_Call[list[_T]]]) -> list[_T]:
+        """Send each call of a batch in turn (one round trip each) and join their results."""
+        out: list[_T] = []
+        for call in calls:
+            out += call.decode(await self._send(call))
+        return out
+
+    async def _one(self, call: _Call[_T]) -> _T:
+        return call.decode(await self._send(call))
 
     async def _load(self, script: _Script) -> None:
         sha = await self._client.script_load(script.text)
@@ -1496,18 +1710,24 @@ class RedisLedger(Ledger):
         batch: bool = False,
     ) -> list[Any]:
         """Run ``script`` with ``EVALSHA`` (one round trip); ``reply[now_at]`` is Redis TIME."""
+        return await self._send(_Call(script, keys, args, _as_is, what, now_at, batch))
+
+    async def _send(self, call: _Call[Any]) -> list[Any]:
+        """Send ``call`` with ``EVALSHA`` (loading the script after ``NOSCRIPT``, which means it
+        did not run); its raw reply, redis-py errors mapped by the codec."""
         self._check_open()
+        script, keys = call.script, call.keys
         sent = time.time()
         try:
             try:
-                reply = await self._client.evalsha(script.sha, len(keys), *keys, *args)
+                reply = await self._client.evalsha(script.sha, len(keys), *keys, *call.args)
             except self._errors.NoScriptError:
                 # NOSCRIPT: the script did not run; load it (restart, failover, SCRIPT FLUSH)
                 await self._load(script)
-                reply = await self._client.evalsha(script.sha, len(keys), *keys, *args)
+                reply = await self._client.evalsha(script.sha, len(keys), *keys, *call.args)
         except self._errors.RedisError as exc:
-            raise self._unavailable(exc, what, sent=True, batch=batch) from exc
-        self._observe(reply[now_at], sent)
+            raise self._codec.unavailable(exc, call.what, sent=True, batch=call.batch) from exc
+        self._offset = _clock_offset(reply[call.now_at], sent)
         return reply  # type: ignore[no-any-return]
 
     async def _command(self, what: str, call: Any) -> Any:
@@ -1516,72 +1736,136 @@ class RedisLedger(Ledger):
         try:
             return await call()
         except self._errors.RedisError as exc:
-            raise self._unavailable(exc, what, sent=False) from exc
+            raise self._codec.unavailable(exc, what, sent=False) from exc
 
-    def _unavailable(
-        self, exc: BaseException, what: str, *, sent: bool, batch: bool = False
-    ) -> LedgerError | ConfigurationError:
-        """Map a redis-py error to the replaysafe tree: what happened, what to do next."""
-        e = self._errors
-        text = _scrub(f"{type(exc).__name__}: {exc}", self._password)
-        where = f"Redis ledger at {self._display}: {what} failed ({text})"
-        if isinstance(exc, e.ResponseError) and str(exc).startswith("WRONGTYPE"):
-            return ConfigurationError(
-                f"{where}; a key under prefix {self._prefix!r} holds a value the ledger did not "
-                "write: another program uses this prefix; give the ledger a prefix of its own"
+
+class SyncRedisLedger:
+    """The sync twin of a :class:`RedisLedger` (``RedisLedger.sync()``), for plain threads.
+
+    It sends the very calls the async ledger sends (the same scripts, keys, packed requests and
+    reply decoding: one :class:`_Codec`), with redis-py's sync client, in the caller's thread, so
+    every contract, outcome and error (``LeaseLost``, ``LedgerUnavailable``, ``LedgerDataError``,
+    ``ConfigurationError``) is the async ledger's, worded the same. ``redis.Redis`` takes a
+    connection from its pool per command, so several threads may call at once (a keeper thread
+    extends while the caller runs the effect). The connection pool is its own: :meth:`close`
+    closes it, and closing the async ledger does not.
+    """
+
+    def __init__(self, codec: _Codec, client: Any, offset: float) -> None:
+        self._codec = codec
+        self._errors: Any = codec.errors
+        self._client = client  # redis.Redis, decode_responses=False
+        self._offset = offset  # server clock minus local clock, from the last script reply
+        self._closed = False
+
+    def claim(self, key: OpKey, fingerprint: str, owner: str, lease: float) -> ClaimOutcome:
+        """:meth:`RedisLedger.claim`, in this thread."""
+        request = ClaimRequest(key, fingerprint, owner, lease)
+        (outcome,) = self._run(self._codec.claim([request], "claim"))
+        return outcome
+
+    def claim_many(self, requests: Sequence[ClaimRequest]) -> list[ClaimOutcome]:
+        """:meth:`RedisLedger.claim_many`, in this thread."""
+        return self._run(self._codec.claim(requests, "claim_many"))
+
+    def mark_started(self, claims: Sequence[Claim]) -> list[Claim | LeaseLost]:
+        """:meth:`RedisLedger.mark_started`, in this thread."""
+        return self._run(self._codec.mark_started(claims))
+
+    def extend(self, claim: Claim, lease: float) -> Claim:
+        """:meth:`RedisLedger.extend`, in this thread."""
+        return self._one(self._codec.extend(claim, lease))
+
+    def complete(self, claim: Claim, result: str | None = None) -> Record:
+        """:meth:`RedisLedger.complete`, in this thread."""
+        (done,) = self._run(self._codec.complete([(claim, result)], "complete"))
+        if isinstance(done, LeaseLost):
+            raise done
+        return done
+
+    def complete_many(self, items: Sequence[tuple[Claim, str | None]]) -> list[Record | LeaseLost]:
+        """:meth:`RedisLedger.complete_many`, in this thread."""
+        return self._run(self._codec.complete(items, "complete_many"))
+
+    def release(self, claim: Claim, error: str | None = None) -> None:
+        """:meth:`RedisLedger.release`, in this thread."""
+        self._one(self._codec.release(claim, error))
+
+    def quarantine(self, request: QuarantineRequest, claim: Claim | None = None) -> QuarantineEntry:
+        """:meth:`RedisLedger.quarantine`, in this thread."""
+        return self._one(self._codec.quarantine(request, claim))
+
+    def get(self, key: OpKey) -> Record | None:
+        """:meth:`RedisLedger.get` (one ``HGETALL``), in this thread."""
+        self._check_open()
+        try:
+            h = self._client.hgetall(self._codec.key_for(key))
+        except self._errors.RedisError as exc:
+            raise self._codec.unavailable(exc, "get", sent=False) from exc
+        return _record(key, h)
+
+    def now(self) -> float:
+        """:meth:`RedisLedger.now`: the local clock plus the offset seen at this twin's last
+        script reply (the async ledger's until then)."""
+        return time.time() + self._offset
+
+    def close(self) -> None:
+        """Close this twin's connection pool. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        # closing the sockets of a dead server: nothing is left to release
+        with contextlib.suppress(self._errors.RedisError):
+            self._client.close()
+
+    def __repr__(self) -> str:
+        closed = ", closed" if self._closed else ""
+        return f"SyncRedisLedger({self._codec.display!r}, prefix={self._codec.prefix!r}{closed})"
+
+    # ------------------------------------------------------------------ transport
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LedgerUnavailable(
+                f"{self!r} is closed; call RedisLedger.sync() for a new one to use it again"
             )
-        if isinstance(exc, e.ResponseError) and "replaysafe bug" in str(exc):
-            return LedgerError(f"{where}; nothing was written; please report this replaysafe bug")
-        if isinstance(exc, e.DataError) or (
-            type(exc) is e.ResponseError  # not OOM, READONLY, NOPERM …: the server's state
-            and _LUA_ERROR.search(str(exc)) is not None
-            and _STATE_CODE.match(str(exc)) is None
-        ):
-            # a value redis-py cannot send, or a ledger script that failed on this call's data:
-            # the server is up and a retry fails the same way
-            done = "nothing was sent" if isinstance(exc, e.DataError) else (
-                "Redis does not roll a failed script back: its writes before the failure stay"
-            )  # fmt: skip
-            return LedgerDataError(
-                f"{where}; the ledger refused this call's data ({done}); a retry fails the same "
-                "way: set the message aside (quarantine or dead-letter it) and report the value "
-                "if it looks ordinary"
-            )
-        if isinstance(exc, e.AuthenticationError | e.AuthorizationError | e.NoPermissionError):
-            hint = (
-                "check the URL's username and password and the user's ACL (the ledger needs "
-                "EVALSHA, SCRIPT LOAD, HGETALL, ZRANGE and, for explain, CONFIG GET), then retry"
-            )
-        elif isinstance(exc, e.BusyLoadingError):
-            hint = "Redis is loading its dataset after a restart; retry in a moment"
-        elif isinstance(exc, e.ReadOnlyError):
-            hint = (
-                "the server is a read-only replica (after a failover?); point the ledger at the "
-                "primary, then retry"
-            )
-        elif isinstance(exc, e.OutOfMemoryError):
-            hint = (
-                "Redis reached maxmemory and refuses writes (the ledger wants noeviction rather "
-                "than losing records); free memory or raise maxmemory, then retry"
-            )
-        elif isinstance(exc, e.ResponseError) and str(exc).startswith("MISCONF"):
-            hint = "Redis cannot persist to disk and refuses writes; fix its disk, then retry"
-        else:
-            hint = "check that Redis is running and reachable, then retry"
-        lost = isinstance(exc, e.ConnectionError | e.TimeoutError) and not isinstance(
-            exc, e.AuthenticationError | e.AuthorizationError | e.BusyLoadingError
-        )
-        if sent and lost:
-            hint += (
-                "; the reply was lost, so the script may or may not have run"
-                + (" (for any item of the batch)" if batch else "")
-                + ": an unknown claim expires with its lease and the next claim reports "
-                "recovered=True; an unknown completion shows as AlreadyDone to the next claim; "
-                "do not complete at the broker"
-            )
-        elif batch:
-            hint += "; items before the failing one in the batch may have been applied"
-        return LedgerUnavailable(f"{where}; {hint}")
+
+    def _run(self, calls: Iterable[_Call[list[_T]]]) -> list[_T]:
+        out: list[_T] = []
+        for call in calls:
+            out += call.decode(self._send(call))
+        return out
+
+    def _one(self, call: _Call[_T]) -> _T:
+        return call.decode(self._send(call))
+
+    def _send(self, call: _Call[Any]) -> list[Any]:
+        """Send ``call`` with ``EVALSHA`` (loading the script after ``NOSCRIPT``, which means it
+        did not run); its raw reply, redis-py errors mapped as the async ledger maps them."""
+        self._check_open()
+        script, keys = call.script, call.keys
+        sent = time.time()
+        try:
+            try:
+                reply = self._client.evalsha(script.sha, len(keys), *keys, *call.args)
+            except self._errors.NoScriptError:
+                # NOSCRIPT: the script did not run; load it (restart, failover, SCRIPT FLUSH)
+                sha = self._client.script_load(script.text)
+                if _s(sha) != script.sha:  # pragma: no cover - SHA1 is SHA1
+                    raise LedgerError(
+                        f"Redis returned SHA {sha!r} for the {script.name} script"
+                    ) from None
+                reply = self._client.evalsha(script.sha, len(keys), *keys, *call.args)
+        except self._errors.RedisError as exc:
+            raise self._codec.unavailable(exc, call.what, sent=True, batch=call.batch) from exc
+        self._offset = _clock_offset(reply[call.now_at], sent)
+        return reply  # type: ignore[no-any-return]
+
+
+def _clock_offset(server_now: bytes | int, sent_at: float) -> float:
+    """Server clock minus local clock, from Redis TIME read during a call sent at ``sent_at``."""
+    # the server read TIME somewhere inside the round trip: assume its middle
+    return int(server_now) / _US - (sent_at + time.time()) / 2
 
 
 def _password_of(url: str) -> str | None:
