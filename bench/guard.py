@@ -12,7 +12,7 @@ Paths (``path`` in the results; ``api`` is "sync" except for ``async``):
                  SQLite     - sqlite3, WAL, the ledger's default synchronous, the ledger's
                               BEGIN IMMEDIATE / token read / batched record read / upsert /
                               token bump / COMMIT, then BEGIN IMMEDIATE / read / narrow UPDATE /
-                              COMMIT (``SQLiteLedger._claim_rows`` / ``_complete_many_rows``);
+                              COMMIT (``SQLiteCore.claim_rows`` / ``complete_many_rows``);
                  PostgreSQL - psycopg sync, one autocommit connection, the ledger's own composed
                               claim and complete statements (``PostgresLedger._sql``), binary
                               results where the ledger asks for them;
@@ -30,10 +30,10 @@ Paths (``path`` in the results; ``api`` is "sync" except for ``async``):
   executor       SQLite only: the ledger's own connection-thread executor called synchronously,
                  ``executor.submit(job).result()`` per ledger call (the asyncio lock bypassed:
                  safe here because nothing else uses that ledger object).
-  inline         SQLite only: the ledger's own jobs (``_job(_claim_rows …)``) run in the caller
-                 thread under a threading.Lock (no thread hop at all).
-  native         SQLite only: the prototype sync ledger (``replaysafe.ledger._sync_sqlite``),
-                 which shares the SQL and the state machine with ``SQLiteLedger``.
+  inline         SQLite only: the ledger's own jobs (``SQLiteCore.job(claim_rows …)``) run in the
+                 caller thread under a threading.Lock (no thread hop at all).
+  native         the backend's sync twin (``ledger.sync()``: ``SyncSQLiteLedger`` …) called in the
+                 caller thread; skipped for a backend that has none.
 
 The Guard itself is not measured yet: add a function per guard variant to ``PATHS`` (see
 ``guard_sync`` there) once ``replaysafe.guard`` exists.
@@ -69,6 +69,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from replaysafe import Context, Effect, Envelope, Guarantee, Guard
+from replaysafe.errors import CapabilityError
 from replaysafe.ledger.base import Acquired, ClaimRequest, Ledger, OpKey, Record
 from replaysafe.ledger.sqlite import (
     _COMPLETE_RECORD,
@@ -296,20 +297,21 @@ def variant_private_loop(b: Backend, batch: int) -> Variant:
 
 def sqlite_job_step(call: Callable[[Callable[[], T]], T], ledger: SQLiteLedger, scope: str,
                     batch: int) -> SyncStep:  # fmt: skip
-    """A step made of the SQLite ledger's own jobs (``_job`` around ``_claim_rows`` /
-    ``_complete_rows`` / ``_complete_many_rows``: exactly what its async methods queue on the
+    """A step made of the SQLite ledger's own jobs (``SQLiteCore.job`` around ``claim_rows`` /
+    ``complete_rows`` / ``complete_many_rows``: exactly what its async methods queue on the
     executor), each run through ``call`` (on the executor, or inline)."""
+    core = ledger._core
 
     def step() -> None:
         reqs = [ClaimRequest(OpKey(scope, op), FP, OWNER, LEASE) for op in new_ops(batch)]
-        outs = call(partial(ledger._job, partial(ledger._claim_rows, reqs), True))
+        outs = call(partial(core.job, partial(core.claim_rows, reqs), True))
         claims = [o.claim for o in outs if isinstance(o, Acquired)]
         assert len(claims) == batch, outs
         if batch == 1:
-            call(partial(ledger._job, partial(ledger._complete_rows, claims[0], RESULT), True))
+            call(partial(core.job, partial(core.complete_rows, claims[0], RESULT), True))
             return
         items = [(c, RESULT) for c in claims]
-        done = call(partial(ledger._job, partial(ledger._complete_many_rows, items), True))
+        done = call(partial(core.job, partial(core.complete_many_rows, items), True))
         assert all(isinstance(d, Record) for d in done), done
 
     return step
@@ -338,7 +340,7 @@ def variant_sqlite_inline(b: Backend, batch: int) -> Variant | None:
 
     def close() -> None:
         with lock:
-            ledger._drop_connection()  # created on this thread: closed here, not on the executor
+            ledger._core.drop_connection()  # opened on this thread: closed here, not on executor
         asyncio.run(ledger.close())
 
     b.extra_closers.append(close)
@@ -351,16 +353,17 @@ def variant_sqlite_inline(b: Backend, batch: int) -> Variant | None:
     return Variant(b.name, "inline", batch, partial(drive_sync, step, batch))
 
 
-def variant_sqlite_native(b: Backend, batch: int) -> Variant | None:
-    if b.name != "sqlite":
-        return None
+def variant_native(b: Backend, batch: int) -> Variant | None:
+    """The backend's sync twin (``Ledger.sync()``), called in this thread; None when the
+    backend has none."""
+    parent = b.make_ledger()
     try:
-        from replaysafe.ledger._sync_sqlite import SyncSQLiteLedger
-    except ImportError:
+        ledger = parent.sync()
+    except CapabilityError:
+        asyncio.run(parent.close())
         return None
-    path = b.environment["sqlite_path"]
-    ledger = SyncSQLiteLedger(path, synchronous=b.environment["sqlite_synchronous"])
     b.extra_closers.append(ledger.close)
+    b.extra_closers.append(lambda: asyncio.run(parent.close()))
     scope = scope_of("native", batch)
 
     def step() -> None:
@@ -436,7 +439,7 @@ PATHS: dict[str, Callable[[Backend, int], Variant | None]] = {
     "private-loop": variant_private_loop,
     "executor": variant_sqlite_executor,
     "inline": variant_sqlite_inline,
-    "native": variant_sqlite_native,
+    "native": variant_native,
 }
 
 
