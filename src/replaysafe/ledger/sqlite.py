@@ -997,9 +997,11 @@ class SQLiteCore:
         return replace(claim, lease_until=now + lease)
 
     def complete_rows(self, claim: Claim, result: str | None, conn: sqlite3.Connection) -> Record:
-        (done,) = self.complete_many_rows([(claim, result)], conn)
-        if isinstance(done, LeaseLost):
-            raise done
+        """Fence and complete one claim (``complete_many_rows`` of one, without the batch
+        bookkeeping: measured, a visible share of a batch-1 complete's CPU)."""
+        rec = check_fence(self.load(conn, claim.key), claim)
+        done, params = _completed(rec, result, self.clock.now())
+        conn.execute(_COMPLETE_RECORD, params)
         return done
 
     def complete_many_rows(
@@ -1008,17 +1010,12 @@ class SQLiteCore:
         """Complete each current claim (:func:`_fence_each`: a claim repeated in the batch finds
         its earlier copy's COMPLETED record, ``LeaseLost``)."""
         now = self.clock.now()
-
-        def complete(i: int, rec: Record) -> tuple[Record, tuple[Any, ...]]:
-            result = items[i][1]
-            done = new_record(
-                rec.key, rec.fingerprint, State.COMPLETED, rec.token, rec.owner, None,
-                rec.attempts, result, rec.last_error, rec.created_at, now, now,
-                rec.unstarted_attempt,
-            )  # fmt: skip
-            return done, (result, now, now, rec.key.scope, rec.key.operation_id)
-
-        return _fence_each(conn, [claim for claim, _ in items], _COMPLETE_RECORD, complete)
+        return _fence_each(
+            conn,
+            [claim for claim, _ in items],
+            _COMPLETE_RECORD,
+            lambda i, rec: _completed(rec, items[i][1], now),
+        )
 
     def mark_started_rows(
         self, claims: list[Claim], conn: sqlite3.Connection
@@ -1339,6 +1336,15 @@ def _load_many(conn: sqlite3.Connection, keys: list[OpKey]) -> dict[tuple[str, s
             for row in conn.execute(_SELECT_MANY[size], params):
                 found[(row[0], row[1])] = _record_from_row(row)
     return found
+
+
+def _completed(rec: Record, result: str | None, now: float) -> tuple[Record, tuple[Any, ...]]:
+    """``rec`` (fenced) completed at ``now``, and the parameters of ``_COMPLETE_RECORD``."""
+    done = new_record(
+        rec.key, rec.fingerprint, State.COMPLETED, rec.token, rec.owner, None, rec.attempts,
+        result, rec.last_error, rec.created_at, now, now, rec.unstarted_attempt,
+    )  # fmt: skip
+    return done, (result, now, now, rec.key.scope, rec.key.operation_id)
 
 
 def _fence_each(
