@@ -171,6 +171,7 @@ async def test_sync_is_a_twin_with_the_ledgers_options(tmp_path: Path) -> None:
             blocker.execute("ROLLBACK")
             blocker.close()
         twin.close()
+        assert await led.get(KEY) == before  # closing the twin leaves the ledger open
     assert repr(twin).endswith(", closed)")
 
 
