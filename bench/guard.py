@@ -12,7 +12,7 @@ Paths (``path`` in the results; ``api`` is "sync" except for ``async``):
                  SQLite     - sqlite3, WAL, the ledger's default synchronous, the ledger's
                               BEGIN IMMEDIATE / token read / batched record read / upsert /
                               token bump / COMMIT, then BEGIN IMMEDIATE / read / narrow UPDATE /
-                              COMMIT (``SQLiteLedger._claim_rows`` / ``_complete_many_rows``);
+                              COMMIT (``SQLiteCore.claim_rows`` / ``complete_many_rows``);
                  PostgreSQL - psycopg sync, one autocommit connection, the ledger's own composed
                               claim and complete statements (``PostgresLedger._sql``), binary
                               results where the ledger asks for them;
@@ -30,12 +30,12 @@ Paths (``path`` in the results; ``api`` is "sync" except for ``async``):
   executor       SQLite only: the ledger's own connection-thread executor called synchronously,
                  ``executor.submit(job).result()`` per ledger call (the asyncio lock bypassed:
                  safe here because nothing else uses that ledger object).
-  inline         SQLite only: the ledger's own jobs (``_job(_claim_rows …)``) run in the caller
-                 thread under a threading.Lock (no thread hop at all).
-  native         the ledger's sync twin, ``Ledger.sync()``, called in the caller thread (Redis:
-                 ``SyncRedisLedger``, redis.Redis; PostgreSQL: ``SyncPostgresLedger``, psycopg's
-                 sync pool); SQLite: the sync ledger, which shares the SQL and the state machine
-                 with ``SQLiteLedger``.
+  inline         SQLite only: the ledger's own jobs (``SQLiteCore.job(claim_rows …)``) run in the
+                 caller thread under a threading.Lock (no thread hop at all).
+  native         the backend's sync twin, ``Ledger.sync()``, called in the caller thread
+                 (SQLite: ``SyncSQLiteLedger``; Redis: ``SyncRedisLedger``, redis.Redis;
+                 PostgreSQL: ``SyncPostgresLedger``, psycopg's sync pool); skipped for a backend
+                 that has none.
 
 The Guard itself is not measured yet: add a function per guard variant to ``PATHS`` (see
 ``guard_sync`` there) once ``replaysafe.guard`` exists.
@@ -299,20 +299,21 @@ def variant_private_loop(b: Backend, batch: int) -> Variant:
 
 def sqlite_job_step(call: Callable[[Callable[[], T]], T], ledger: SQLiteLedger, scope: str,
                     batch: int) -> SyncStep:  # fmt: skip
-    """A step made of the SQLite ledger's own jobs (``_job`` around ``_claim_rows`` /
-    ``_complete_rows`` / ``_complete_many_rows``: exactly what its async methods queue on the
+    """A step made of the SQLite ledger's own jobs (``SQLiteCore.job`` around ``claim_rows`` /
+    ``complete_rows`` / ``complete_many_rows``: exactly what its async methods queue on the
     executor), each run through ``call`` (on the executor, or inline)."""
+    core = ledger._core
 
     def step() -> None:
         reqs = [ClaimRequest(OpKey(scope, op), FP, OWNER, LEASE) for op in new_ops(batch)]
-        outs = call(partial(ledger._job, partial(ledger._claim_rows, reqs), True))
+        outs = call(partial(core.job, partial(core.claim_rows, reqs), True))
         claims = [o.claim for o in outs if isinstance(o, Acquired)]
         assert len(claims) == batch, outs
         if batch == 1:
-            call(partial(ledger._job, partial(ledger._complete_rows, claims[0], RESULT), True))
+            call(partial(core.job, partial(core.complete_rows, claims[0], RESULT), True))
             return
         items = [(c, RESULT) for c in claims]
-        done = call(partial(ledger._job, partial(ledger._complete_many_rows, items), True))
+        done = call(partial(core.job, partial(core.complete_many_rows, items), True))
         assert all(isinstance(d, Record) for d in done), done
 
     return step
@@ -341,7 +342,7 @@ def variant_sqlite_inline(b: Backend, batch: int) -> Variant | None:
 
     def close() -> None:
         with lock:
-            ledger._drop_connection()  # created on this thread: closed here, not on the executor
+            ledger._core.drop_connection()  # opened on this thread: closed here, not on executor
         asyncio.run(ledger.close())
 
     b.extra_closers.append(close)
@@ -352,34 +353,6 @@ def variant_sqlite_inline(b: Backend, batch: int) -> Variant | None:
 
     step = sqlite_job_step(inline, ledger, scope_of("inline", batch), batch)
     return Variant(b.name, "inline", batch, partial(drive_sync, step, batch))
-
-
-def variant_sqlite_native(b: Backend, batch: int) -> Variant | None:
-    if b.name != "sqlite":
-        return None
-    try:
-        from replaysafe.ledger._sync_sqlite import SyncSQLiteLedger
-    except ImportError:
-        return None
-    path = b.environment["sqlite_path"]
-    ledger = SyncSQLiteLedger(path, synchronous=b.environment["sqlite_synchronous"])
-    b.extra_closers.append(ledger.close)
-    scope = scope_of("native", batch)
-
-    def step() -> None:
-        ops = new_ops(batch)
-        if batch == 1:
-            out = ledger.claim(OpKey(scope, ops[0]), FP, OWNER, LEASE)
-            assert isinstance(out, Acquired), out
-            ledger.complete(out.claim, RESULT)
-            return
-        outs = ledger.claim_many([ClaimRequest(OpKey(scope, op), FP, OWNER, LEASE) for op in ops])
-        claims = [o.claim for o in outs if isinstance(o, Acquired)]
-        assert len(claims) == batch, outs
-        done = ledger.complete_many([(c, RESULT) for c in claims])
-        assert all(isinstance(d, Record) for d in done), done
-
-    return Variant(b.name, "native", batch, partial(drive_sync, step, batch))
 
 
 def twin_step(ledger: SyncLedger, scope: str, batch: int) -> SyncStep:
@@ -403,18 +376,17 @@ def twin_step(ledger: SyncLedger, scope: str, batch: int) -> SyncStep:
 
 
 def variant_native(b: Backend, batch: int) -> Variant | None:
-    """SQLite: ``variant_sqlite_native``; any other backend: its sync twin,
-    ``b.make_ledger().sync()``, where it has one."""
-    if b.name == "sqlite":
-        return variant_sqlite_native(b, batch)
-    ledger = b.make_ledger()
-    b.extra_closers.append(lambda: asyncio.run(ledger.close()))
+    """The backend's sync twin (``Ledger.sync()``), called in this thread; None when the
+    backend has none."""
+    parent = b.make_ledger()
     try:
-        twin = ledger.sync()
+        ledger = parent.sync()
     except CapabilityError:
+        asyncio.run(parent.close())
         return None
-    b.extra_closers.append(twin.close)
-    step = twin_step(twin, scope_of("native", batch), batch)
+    b.extra_closers.append(ledger.close)
+    b.extra_closers.append(lambda: asyncio.run(parent.close()))
+    step = twin_step(ledger, scope_of("native", batch), batch)
     return Variant(b.name, "native", batch, partial(drive_sync, step, batch))
 
 

@@ -30,7 +30,13 @@ from replaysafe.ledger.base import (
 from replaysafe.ledger.sqlite import PURGE_QUARANTINE_SQL, PURGE_SQL, SCHEMA_VERSION, SQLiteLedger
 from replaysafe.quarantine import QuarantineReason
 from replaysafe.testing import FakeClock
-from replaysafe.testing.contracts.ledger import TransactionalLedgerContract, acquire, must_get
+from replaysafe.testing.contracts.ledger import (
+    LedgerContract,
+    TransactionalLedgerContract,
+    acquire,
+    must_get,
+)
+from replaysafe.testing.contracts.sync_ledger import through_sync_twin
 
 KEY = OpKey("orders", "op-1")
 
@@ -47,6 +53,20 @@ class TestSQLiteLedger(TransactionalLedgerContract):
 
     def insert_sql(self) -> str:
         return "INSERT INTO rs_contract_effects (op, note) VALUES (?, ?)"
+
+
+class TestSQLiteSyncTwin(LedgerContract):
+    """The whole contract with the claim path on ``SQLiteLedger.sync()`` (issue 14): the twin's
+    own connection and the async ledger's share the file."""
+
+    @pytest.fixture(autouse=True)
+    def _directory(self, tmp_path: Path) -> None:
+        self.directory = tmp_path
+        self.made = 0
+
+    async def make_ledger(self, clock: FakeClock) -> Ledger:
+        self.made += 1
+        return through_sync_twin(SQLiteLedger(self.directory / f"twin-{self.made}.db", clock=clock))
 
 
 # ---------------------------------------------------------------------- several processes

@@ -1,8 +1,11 @@
-"""The prototype sync SQLite ledger keeps the async ledger's state machine and fencing, shares
-its file (tokens and records) with an async ``SQLiteLedger``, and is safe from many threads."""
+"""The sync SQLite ledger (``SQLiteLedger.sync()``) keeps the async ledger's state machine and
+fencing, shares its file (tokens and records) with an async ``SQLiteLedger``, takes that ledger's
+options, maps errors as it does, and is safe from many threads. The whole ledger contract through
+the twin is ``TestSQLiteSyncTwin`` in test_ledger_sqlite.py."""
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 import threading
 from collections.abc import Iterator
@@ -11,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from replaysafe.errors import LeaseLost, LedgerUnavailable
-from replaysafe.ledger._sync_sqlite import SyncSQLiteLedger
+from replaysafe.errors import ConfigurationError, LeaseLost, LedgerDataError, LedgerUnavailable
 from replaysafe.ledger.base import (
     Acquired,
     AlreadyDone,
@@ -20,10 +22,13 @@ from replaysafe.ledger.base import (
     Conflict,
     InFlight,
     OpKey,
+    Quarantined,
+    QuarantineRequest,
     Record,
     State,
 )
-from replaysafe.ledger.sqlite import SQLiteLedger
+from replaysafe.ledger.sqlite import SQLiteLedger, SyncSQLiteLedger
+from replaysafe.quarantine import QuarantineReason
 from replaysafe.testing import FakeClock
 
 KEY = OpKey("orders", "op-1")
@@ -141,3 +146,82 @@ def test_close_is_idempotent_and_later_calls_fail_clearly(tmp_path: Path) -> Non
     ledger.close()
     with pytest.raises(LedgerUnavailable, match="closed"):
         ledger.claim(KEY, "fp", "a", 10.0)
+
+
+async def test_sync_is_a_twin_with_the_ledgers_options(tmp_path: Path) -> None:
+    clock = FakeClock()
+    path = tmp_path / "l.db"
+    async with SQLiteLedger(path, clock=clock, synchronous="normal", busy_timeout=0.05) as led:
+        twin = led.sync()
+        assert isinstance(twin, SyncSQLiteLedger) and twin is not led.sync()
+        assert twin.path == str(path) and twin.now() == clock.now()
+        assert repr(twin) == f"SyncSQLiteLedger({str(path)!r}, synchronous='NORMAL')"
+        got = twin.claim(KEY, "fp", "a", 10.0)
+        assert isinstance(got, Acquired) and got.claim.lease_until == clock.now() + 10.0
+        before = await led.get(KEY)  # (opens the ledger's connection: schema check, a write)
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+        try:
+            # the ledger's busy_timeout, not the default 30 s, and mapped as the ledger maps it
+            with pytest.raises(LedgerUnavailable, match=r"busy_timeout=0\.05s") as raised:
+                twin.complete(got.claim)
+            assert isinstance(raised.value.__cause__, sqlite3.OperationalError)
+            assert twin.get(KEY) == before  # reads go on beside a waiting writer
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        twin.close()
+        assert await led.get(KEY) == before  # closing the twin leaves the ledger open
+    assert repr(twin).endswith(", closed)")
+
+
+def test_options_are_validated_as_the_ledger_validates_them(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="synchronous"):
+        SyncSQLiteLedger(tmp_path / "l.db", synchronous="SOMETIMES")
+    with pytest.raises(ConfigurationError, match="busy_timeout"):
+        SyncSQLiteLedger(tmp_path / "l.db", busy_timeout=-1)
+
+
+def test_mark_started_quarantine_and_get(tmp_path: Path) -> None:
+    clock = FakeClock()
+    with SyncSQLiteLedger(tmp_path / "l.db", clock=clock) as ledger:
+        assert ledger.get(KEY) is None and ledger.mark_started([]) == []
+        first = ledger.claim_many([ClaimRequest(KEY, "fp", "a", 1.0, marks_start=True)])[0]
+        assert isinstance(first, Acquired)
+        record = ledger.get(KEY)
+        assert record is not None and record.unstarted_attempt == 1
+        assert ledger.mark_started([first.claim]) == [first.claim]
+        record = ledger.get(KEY)
+        assert record is not None and record.unstarted_attempt is None
+        clock.advance(2.0)
+        second = ledger.claim(KEY, "fp", "b", 10.0)
+        assert isinstance(second, Acquired) and second.claim.recovered
+        assert second.claim.previous_started  # marked started: the takeover must assume so
+        (stale,) = ledger.mark_started([first.claim])
+        assert isinstance(stale, LeaseLost)
+        request = QuarantineRequest("orders", QuarantineReason.MAX_ATTEMPTS, "op-1", "fp")
+        with pytest.raises(LeaseLost):  # fenced first: nothing written
+            ledger.quarantine(request, first.claim)
+        entry = ledger.quarantine(request, second.claim)
+        assert entry.id == request.entry_id() and entry.seen == 1
+        assert ledger.quarantine(request).seen == 2  # the same entry, seen again
+        assert isinstance(ledger.claim(KEY, "fp", "c", 10.0), Quarantined)
+        record = ledger.get(KEY)
+        assert record is not None and record.state is State.QUARANTINED
+
+
+def test_refused_data_is_ledger_data_error(tmp_path: Path) -> None:
+    with SyncSQLiteLedger(tmp_path / "l.db") as ledger:
+        with pytest.raises(LedgerDataError, match="refused this call's data"):
+            ledger.claim(OpKey("orders", "op-\udcff"), "fp", "w", 5.0)
+        with pytest.raises(LedgerDataError):
+            ledger.quarantine(
+                QuarantineRequest("orders", QuarantineReason.MAX_ATTEMPTS, "op-1", attempts=2**64)
+            )
+        assert isinstance(ledger.claim(KEY, "fp", "w", 5.0), Acquired)  # nothing stuck open
+
+
+def test_an_unopenable_path_is_ledger_unavailable(tmp_path: Path) -> None:
+    ledger = SyncSQLiteLedger(tmp_path / "missing-dir" / "l.db")
+    with ledger, pytest.raises(LedgerUnavailable, match="writable"):
+        ledger.claim(KEY, "fp", "w", 5.0)
