@@ -89,6 +89,12 @@ class Failpoints:
         #: how many times each failpoint actually fired (a fault that never fired proves nothing)
         self.fired: Counter[str] = Counter()
 
+    @property
+    def armed(self) -> bool:
+        """Whether any failpoint is armed (the hot path skips its hits, and their context, when
+        none is)."""
+        return bool(self._armed)
+
     def enable(
         self,
         name: str,

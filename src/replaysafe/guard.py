@@ -269,8 +269,8 @@ class Guard:
         if isinstance(message, bytes | bytearray | memoryview):
             return _Copy(Message(bytes(message)), ack), None
         if isinstance(message, Envelope):
-            copy = _Copy(Message(message.payload, message.wire_headers(), message.content_type,
-                                 message.key), ack)  # fmt: skip
+            # decoded already: the headers are only read to identify a copy that cannot be
+            copy = _Copy(Message(message.payload, None, message.content_type, message.key), ack)
             return copy, message
         if self.spec.key is None:
             raise ConfigurationError(

@@ -197,8 +197,8 @@ class Pipeline:
         ctx = self.settler.point(spec, env, delivery.attempt)
         if not await self.settler.ack_first(spec, delivery, env):
             return Leave(o.UNCONFIRMED)
-        await self.failpoints.hit(fp.AFTER_ACK, ctx)
-        await self.failpoints.hit(fp.BEFORE_EFFECT, ctx)
+        await self.settler.hit(fp.AFTER_ACK, ctx)
+        await self.settler.hit(fp.BEFORE_EFFECT, ctx)
         try:
             result = await self._run(
                 spec, Context(env, delivery, spec.name, delivery.attempt), None
@@ -211,7 +211,7 @@ class Pipeline:
             if isinstance(exc, OutcomeUnknown):
                 self.stats.inc(o.OUTCOME_UNKNOWN, handler=spec.name)
             return Leave(o.FAILED)
-        await self.failpoints.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, ctx)
+        await self.settler.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, ctx)
         return Leave(o.APPLIED, result)
 
     async def at_least_once(self, spec: HandlerSpec, delivery: Delivery, env: Envelope) -> Verdict:
@@ -221,7 +221,7 @@ class Pipeline:
         if spent is not None:
             self.stats.inc(o.RETRY_BUDGET_EXHAUSTED, handler=spec.name)
             return spent
-        await self.failpoints.hit(fp.BEFORE_EFFECT, self.settler.point(spec, env, attempt))
+        await self.settler.hit(fp.BEFORE_EFFECT, self.settler.point(spec, env, attempt))
         result: Any = None
         try:
             result = await self._run(spec, Context(env, delivery, spec.name, attempt), None)
@@ -264,12 +264,11 @@ class Pipeline:
         ]
         outcomes: Sequence[ClaimOutcome | Verdict]
         try:
-            with self.tracing.span(otel.CLAIM, handler=spec.name, batch=len(requests)):
-                if len(requests) == 1 and not marks:  # claim() does not carry marks_start
-                    r = requests[0]
-                    outcomes = [await self.ledger.claim(r.key, r.fingerprint, r.owner, r.lease)]
-                else:
-                    outcomes = await self.ledger.claim_many(requests)
+            if not self.tracing.enabled:
+                outcomes = await self._claim(requests, marks)
+            else:
+                with self.tracing.span(otel.CLAIM, handler=spec.name, batch=len(requests)):
+                    outcomes = await self._claim(requests, marks)
         except LedgerDataError as exc:
             if len(fresh) > 1:
                 # one copy's data was refused: claim each alone, so the others still run
@@ -292,6 +291,12 @@ class Pipeline:
         for (i, _, _), outcome in zip(fresh, outcomes, strict=True):
             out[i] = outcome
         return [v for v in out if v is not None]
+
+    async def _claim(self, requests: list[ClaimRequest], marks: bool) -> list[ClaimOutcome]:
+        if len(requests) == 1 and not marks:  # claim() does not carry marks_start
+            r = requests[0]
+            return [await self.ledger.claim(r.key, r.fingerprint, r.owner, r.lease)]
+        return await self.ledger.claim_many(requests)
 
     async def after_claim(
         self, spec: HandlerSpec, delivery: Delivery, env: Envelope, outcome: ClaimOutcome | Verdict
@@ -317,7 +322,7 @@ class Pipeline:
     ) -> Verdict:
         """Claim ACQUIRED: budget and outcome-unknown checks, then the effect."""
         ctx = self.settler.point(spec, env, claim.attempt)
-        await self.failpoints.hit(fp.AFTER_CLAIM, ctx)
+        await self.settler.hit(fp.AFTER_CLAIM, ctx)
         refused = policy.acquired(spec, claim)
         if refused is not None:
             if refused.reason is QuarantineReason.MAX_ATTEMPTS:
@@ -335,7 +340,7 @@ class Pipeline:
             idempotency_key=env.operation_id if spec.effect.kind == "keyed" else None,
             token=claim.token,
         )
-        await self.failpoints.hit(fp.BEFORE_EFFECT, ctx)
+        await self.settler.hit(fp.BEFORE_EFFECT, ctx)
         try:
             return await self._effect(spec, env, claim, hctx, ctx)
         except LeaseLost as exc:
@@ -371,7 +376,7 @@ class Pipeline:
                 async with ledger.transaction() as tx:
                     hctx.tx = tx
                     result = await self._run(spec, hctx, claim)
-                    await self.failpoints.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, ctx)
+                    await self.settler.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, ctx)
                     with self.tracing.span(otel.LEDGER_COMPLETE, handler=spec.name):
                         await ledger.complete_in(tx, claim, encode_result(result))
             except (LeaseLost, LedgerUnavailable):
@@ -385,7 +390,7 @@ class Pipeline:
                 raise
             except Exception as exc:
                 return await self.failed(spec, env, claim, claim.attempt, exc)
-            await self.failpoints.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, ctx)
+            await self.settler.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, ctx)
             try:
                 if not self.tracing.enabled:
                     await self._complete(claim, encode_result(result))

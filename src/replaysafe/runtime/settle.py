@@ -137,6 +137,11 @@ class Settler:
             "sleep": self._clock.sleep,
         }
 
+    async def hit(self, point: str, ctx: dict[str, Any]) -> None:
+        """Fire failpoint ``point`` (the chaos harness arms them); nothing when none is armed."""
+        if self._failpoints.armed:
+            await self._failpoints.hit(point, ctx)
+
     async def settle(
         self,
         spec: HandlerSpec,
@@ -189,7 +194,7 @@ class Settler:
         self._ambiguous[key] = effected
         try:
             if verdict.point is not None:
-                await self._failpoints.hit(verdict.point, ctx)
+                await self.hit(verdict.point, ctx)
             if not self._tracing.enabled:
                 await delivery.ack()
             else:
@@ -200,7 +205,7 @@ class Settler:
         stats = self._stats
         stats.observe(o.AMBIGUITY_WINDOW, self._clock.now() - effected, handler=spec.name)
         stats.inc(o.DELIVERIES, handler=spec.name, outcome=verdict.outcome)
-        await self._failpoints.hit(fp.AFTER_ACK, ctx)
+        await self.hit(fp.AFTER_ACK, ctx)
 
     async def disclose(self, delivery: Delivery, detail: str, op: str | None) -> Disclosure:
         """``quarantine.disclose`` for one message. The app's hook is user code that may be slow
@@ -296,8 +301,6 @@ class Settler:
                     q.reason.value, shown.detail)  # fmt: skip
         stats.inc(o.QUARANTINED, handler=spec.name, reason=q.reason.value)
         stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.QUARANTINE)
-        await self._failpoints.hit(
-            fp.AFTER_QUARANTINE_BEFORE_ACK, self.point(spec, env, q.attempts)
-        )
+        await self.hit(fp.AFTER_QUARANTINE_BEFORE_ACK, self.point(spec, env, q.attempts))
         await delivery.ack()
         return Settled(o.QUARANTINE, entry_id=entry.id)
