@@ -22,7 +22,7 @@ import concurrent.futures
 import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from replaysafe import failpoints as fp
 from replaysafe import observe as o
@@ -371,7 +371,9 @@ class Pipeline:
         if marks_start(spec) and not await self._mark_started(spec, env, claim):
             return Nack(spec.lease, o.UNAVAILABLE)
         if spec.effect.kind == "transactional":
-            assert isinstance(ledger, TransactionalLedger)
+            # a TransactionalLedger, or the sync path's adapter over a transactional twin
+            assert ledger.transactional, ledger
+            ledger = cast("TransactionalLedger", ledger)
             try:
                 async with ledger.transaction() as tx:
                     hctx.tx = tx

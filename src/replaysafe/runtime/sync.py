@@ -16,10 +16,11 @@ so each ``await`` completes at once and the caller's thread runs the whole pipel
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from replaysafe import observe as o
@@ -51,6 +52,17 @@ class OverTwin:
 
     def __init__(self, twin: SyncLedger) -> None:
         self.twin = twin
+        #: the twin can run a transactional effect (``transaction`` / ``complete_in``)
+        self.transactional: bool = getattr(twin, "transactional", False)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Any]:
+        """The twin's transaction (sync: a plain function writes through ``ctx.tx.execute``)."""
+        with self.twin.transaction() as tx:  # type: ignore[attr-defined]
+            yield tx
+
+    async def complete_in(self, tx: Any, claim: Claim, result: str | None = None) -> None:
+        self.twin.complete_in(tx, claim, result)  # type: ignore[attr-defined]
 
     async def claim(self, key: OpKey, fingerprint: str, owner: str, lease: float) -> ClaimOutcome:
         return self.twin.claim(key, fingerprint, owner, lease)
