@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import http.client
 import importlib
 import json
@@ -44,10 +45,10 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from replaysafe.app import Context, RetryPolicy
 from replaysafe.chaos.app import effects_table
@@ -57,6 +58,7 @@ from replaysafe.guarantees import Effect, Guarantee
 from replaysafe.guard import Guard, Message, Outcome
 from replaysafe.ledger.base import Ledger
 
+T = TypeVar("T")
 NAME = "apply"
 #: the longest a nack is held back (RabbitMQ, Kafka) or a copy kept invisible (SQS)
 MAX_NACK_DELAY = 2.0
@@ -119,9 +121,10 @@ class Journal:
     def received(self, copy: str) -> None:
         self._write({"copy": copy, "op": None, "status": "received", "action": "none"})
 
-    def failed(self, copy: str) -> None:
+    def failed(self, copy: str, exc: BaseException) -> None:
         """The guard raised (it should answer instead): the copy went back to the broker."""
-        self._write({"copy": copy, "op": None, "status": "error", "action": "nack"})
+        status = f"error:{type(exc).__name__}"
+        self._write({"copy": copy, "op": None, "status": status, "action": "nack"})
 
     def settled(self, copy: str, out: Outcome) -> None:
         self._write({"copy": copy, "op": out.operation_id, "status": out.status.value,
@@ -221,6 +224,29 @@ def sink_sync(url: str, run: str, ctx: Context) -> dict[str, Any]:
     return answer
 
 
+class StrayCancel(Exception):
+    """The guard's run was cancelled from inside (not by this consumer): see :func:`own_task`."""
+
+
+async def own_task(run: Awaitable[T]) -> T:
+    """Await ``run`` (a ``guard.run`` / ``run_batch``) in a task of its own.
+
+    Why: the guard's keeper, when a lease extension that was in flight as the function returned
+    fails (``LeaseLost`` after a SIGSTOP), cancels the task it watched — the caller's task, by
+    then past the guard, in the middle of its ack or nack (the copy is then neither). In a task
+    of its own the stray cancel hits a finished task (no effect) or the run itself, reported
+    here as :class:`StrayCancel` (the caller nacks). tests/test_guard_chaos.py has the bug's
+    minimal test."""
+    task = asyncio.ensure_future(run)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        me = asyncio.current_task()
+        if me is not None and me.cancelling():
+            raise
+        raise StrayCancel("the guard's run was cancelled by its keeper") from None
+
+
 def delay_of(out: Outcome) -> float:
     return min(max(out.retry_after or 0.0, 0.0), MAX_NACK_DELAY)
 
@@ -248,16 +274,17 @@ async def rabbitmq(a: argparse.Namespace, guard: Guard, fx: Effects, journal: Jo
                         delivery_id=msg.message_id)  # fmt: skip
             try:
                 if pool is None:
-                    out = await guard.run(m, fx.run)
+                    out = await own_task(guard.run(m, fx.run))
                 else:
                     loop = asyncio.get_running_loop()
                     out = await loop.run_in_executor(pool, guard.run_sync, m, fx.run_sync)
-            except Exception:
+            except BaseException as exc:
                 # the guard answers, it does not raise: say so loudly, and let the copy come back
-                traceback.print_exc()
+                print(f"guard.run raised for copy {msg.message_id}:", flush=True)
+                traceback.print_exc(file=sys.stdout)
                 await msg.nack(requeue=True)
-                journal.failed(str(msg.message_id))
-                return
+                journal.failed(str(msg.message_id), exc)
+                raise
             if out.action == "ack":
                 await msg.ack()
             else:
@@ -265,10 +292,19 @@ async def rabbitmq(a: argparse.Namespace, guard: Guard, fx: Effects, journal: Jo
                 await msg.nack(requeue=True)
             journal.settled(str(msg.message_id), out)
 
+        def done(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            if task.cancelled():
+                print(f"handling a copy was cancelled: {task!r}", flush=True)
+            elif task.exception() is not None:
+                exc = task.exception()
+                print(f"handling a copy failed: {exc!r}", flush=True)
+                traceback.print_exception(exc, file=sys.stdout)
+
         async def deliver(msg: AbstractIncomingMessage) -> None:
             task = asyncio.create_task(handle(msg))
             tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            task.add_done_callback(done)
 
         tag = await queue.consume(deliver)
         await stop.wait()
@@ -321,7 +357,12 @@ async def sqs_async(a: argparse.Namespace, guard: Guard, fx: Effects, journal: J
                     return extend
 
                 msgs = [_sqs_message(r, extender(r["ReceiptHandle"])) for r in raws]
-                outs = await guard.run_batch(msgs, fx.run)
+                try:
+                    outs = await own_task(guard.run_batch(msgs, fx.run))
+                except StrayCancel as exc:
+                    # nothing is settled: every copy comes back when its visibility ends
+                    print(f"{exc}; the batch returns to the queue", flush=True)
+                    continue
                 for r, out in zip(raws, outs, strict=True):
                     if out.action == "ack":
                         await client.delete_message(QueueUrl=url, ReceiptHandle=r["ReceiptHandle"])
@@ -412,6 +453,14 @@ def _kafka_settle(consumer: Any, a: argparse.Namespace, records: list[Any],
     return wait
 
 
+def _firsts(records: list[Any]) -> dict[int, int]:
+    """The lowest offset per partition of a batch (where to seek back to)."""
+    out: dict[int, int] = {}
+    for r in records:
+        out[r.partition()] = min(out.get(r.partition(), r.offset()), r.offset())
+    return out
+
+
 def _kafka_batch(consumer: Any, timeout: float) -> list[Any]:
     return [r for r in consumer.consume(num_messages=20, timeout=timeout) if r.error() is None]
 
@@ -426,6 +475,8 @@ def _kafka_message(rec: Any) -> Message:
 
 async def kafka_async(a: argparse.Namespace, guard: Guard, fx: Effects, journal: Journal,
                       stop: asyncio.Event) -> None:  # fmt: skip
+    from confluent_kafka import TopicPartition
+
     consumer = _kafka_consumer(a)
     consumer.subscribe([a.source])
     try:
@@ -433,7 +484,15 @@ async def kafka_async(a: argparse.Namespace, guard: Guard, fx: Effects, journal:
             records = await asyncio.to_thread(_kafka_batch, consumer, 0.5)
             if not records:
                 continue
-            outs = await guard.run_batch([_kafka_message(r) for r in records], fx.run)
+            try:
+                outs = await own_task(guard.run_batch([_kafka_message(r) for r in records], fx.run))
+            except StrayCancel as exc:
+                print(f"{exc}; seeking back over the batch", flush=True)
+                outs = []
+            if len(outs) != len(records):
+                for part, first in _firsts(records).items():
+                    consumer.seek(TopicPartition(a.source, part, first))
+                continue
             wait = _kafka_settle(consumer, a, records, outs, journal)
             if wait:
                 await asyncio.sleep(wait)
@@ -472,6 +531,7 @@ async def main_async(a: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     run = {"rabbitmq": rabbitmq, "sqs": sqs_async, "kafka": kafka_async}[a.broker]
     try:
         await run(a, guard, fx, journal, stop)
@@ -486,6 +546,14 @@ async def main_async(a: argparse.Namespace) -> None:
             await ledger.close()
 
 
+def dump_tasks() -> None:
+    """SIGUSR1: print where every task and thread waits (a test that timed out asks)."""
+    for task in asyncio.all_tasks():
+        task.print_stack(limit=12, file=sys.stdout)
+    faulthandler.dump_traceback(sys.stdout, all_threads=True)
+    sys.stdout.flush()
+
+
 def main_sync(a: argparse.Namespace) -> None:
     import threading
 
@@ -496,6 +564,7 @@ def main_sync(a: argparse.Namespace) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    faulthandler.register(signal.SIGUSR1, file=sys.stdout, all_threads=True)
     try:
         if a.broker == "sqs":
             sqs_sync(a, guard, fx, journal, stop)
