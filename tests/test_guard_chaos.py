@@ -131,8 +131,14 @@ async def sqs(request: pytest.FixtureRequest) -> AsyncIterator[Destination]:
                 ids += [e["MessageId"] for e in ok]
             return ids
 
+        async def ready() -> int:
+            names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible",
+                     "ApproximateNumberOfMessagesDelayed"]  # fmt: skip
+            got = await client.get_queue_attributes(QueueUrl=qurl, AttributeNames=names)
+            return sum(int(got["Attributes"].get(n, 0)) for n in names)
+
         try:
-            yield Destination("sqs", endpoint, queue, publish)
+            yield Destination("sqs", endpoint, queue, publish, ready)
         finally:
             with contextlib.suppress(Exception):
                 await client.delete_queue(QueueUrl=qurl)
@@ -166,10 +172,20 @@ async def kafka(request: pytest.FixtureRequest) -> AsyncIterator[Destination]:
         assert await asyncio.to_thread(producer.flush, 30) == 0
         return [ids[n] for n in range(len(bodies))]
 
+    from replaysafe import Failpoints
+    from replaysafe.brokers.kafka import KafkaBroker
+
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    probe = KafkaBroker(bootstrap, failpoints=Failpoints())
+
+    async def ready() -> int:
+        # records past the group's committed offsets (a read-only probe: it joins no group)
+        return sum((await probe.lag(topic, group)).values())
+
     try:
-        yield Destination("kafka", bootstrap, topic, publish,
-                          ["--group", f"g-{uuid.uuid4().hex[:8]}"])  # fmt: skip
+        yield Destination("kafka", bootstrap, topic, publish, ready, ["--group", group])
     finally:
+        await probe.close()
         for fut in admin.delete_topics([topic], operation_timeout=10).values():
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(fut.result, 15)
@@ -321,7 +337,14 @@ async def run_cell(
             done = {r["copy"] for r in lines if r["action"] == "ack"}
             for cid in sorted(copies - done):
                 print(cid, [r for r in lines if r["copy"] == cid])
-            print("killed", victim.pid, "paused", paused.pid)
+            print("killed", victim.pid, "paused", paused.pid, "ready", await dest.ready())
+            held: dict[tuple[int, str], int] = {}
+            for r in lines:
+                k = (r["pid"], r["copy"])
+                held[k] = held.get(k, 0) + (1 if r["status"] == "received" else -1)
+            print("held", {k: v for k, v in held.items() if v})
+            resolved = await effected() | {f.operation_id for f in await ledger.quarantined()}
+            print("unresolved", sorted(set(by_op) - resolved))
             for p in consumers.procs:
                 if p.poll() is None:
                     os.kill(p.pid, signal.SIGUSR1)  # each dumps its tasks and threads
@@ -384,6 +407,18 @@ def judge(cell: Cell) -> None:
         ("rabbitmq", "sync", "keyed"),
         ("rabbitmq", "sync", "unkeyed"),
         ("rabbitmq", "sync", "transactional"),
+        ("sqs", "async", "keyed"),
+        ("sqs", "async", "unkeyed"),
+        ("sqs", "async", "transactional"),
+        ("sqs", "sync", "keyed"),
+        ("sqs", "sync", "unkeyed"),
+        ("sqs", "sync", "transactional"),
+        ("kafka", "async", "keyed"),
+        ("kafka", "async", "unkeyed"),
+        ("kafka", "async", "transactional"),
+        ("kafka", "sync", "keyed"),
+        ("kafka", "sync", "unkeyed"),
+        ("kafka", "sync", "transactional"),
     ],
 )
 async def test_plain_consumer_with_a_guard_under_sigkill_and_sigstop(

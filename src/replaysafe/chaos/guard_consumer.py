@@ -126,6 +126,11 @@ class Journal:
         status = f"error:{type(exc).__name__}"
         self._write({"copy": copy, "op": None, "status": status, "action": "nack"})
 
+    def returned(self, copy: str, out: Outcome) -> None:
+        """Answered, but not completed at the broker (Kafka: past an uncommitted offset)."""
+        self._write({"copy": copy, "op": out.operation_id, "status": out.status.value,
+                     "action": "nack"})  # fmt: skip
+
     def settled(self, copy: str, out: Outcome) -> None:
         self._write({"copy": copy, "op": out.operation_id, "status": out.status.value,
                      "action": out.action})  # fmt: skip
@@ -337,6 +342,32 @@ async def sqs_async(a: argparse.Namespace, guard: Guard, fx: Effects, journal: J
     async with session.create_client("sqs", **_sqs_kw(a)) as client:
         url = (await client.get_queue_url(QueueName=a.source))["QueueUrl"]
 
+        def extender(handle: str) -> Callable[[float], Any]:
+            async def extend(seconds: float) -> None:
+                await client.change_message_visibility(
+                    QueueUrl=url, ReceiptHandle=handle, VisibilityTimeout=math.ceil(seconds)
+                )
+
+            return extend
+
+        async def settle(raw: dict[str, Any], out: Outcome) -> None:
+            handle = raw["ReceiptHandle"]
+            try:
+                if out.action == "ack":
+                    await client.delete_message(QueueUrl=url, ReceiptHandle=handle)
+                else:
+                    await client.change_message_visibility(
+                        QueueUrl=url, ReceiptHandle=handle,
+                        VisibilityTimeout=math.ceil(delay_of(out)),
+                    )  # fmt: skip
+            except Exception as exc:
+                # a stale receipt handle (the copy was received again meanwhile): the copy's
+                # current holder settles it
+                print(f"settling {raw['MessageId']} failed: {exc!r}", flush=True)
+                journal.failed(raw["MessageId"], exc)
+                return
+            journal.settled(raw["MessageId"], out)
+
         async def loop() -> None:
             while not stop.is_set():
                 got = await client.receive_message(
@@ -344,34 +375,21 @@ async def sqs_async(a: argparse.Namespace, guard: Guard, fx: Effects, journal: J
                     AttributeNames=["ApproximateReceiveCount"],
                 )  # fmt: skip
                 raws = got.get("Messages", [])
+                for r in raws:
+                    journal.received(r["MessageId"])
                 if not raws:
                     continue
-
-                def extender(handle: str) -> Callable[[float], Any]:
-                    async def extend(seconds: float) -> None:
-                        await client.change_message_visibility(
-                            QueueUrl=url, ReceiptHandle=handle,
-                            VisibilityTimeout=math.ceil(seconds),
-                        )  # fmt: skip
-
-                    return extend
-
                 msgs = [_sqs_message(r, extender(r["ReceiptHandle"])) for r in raws]
                 try:
                     outs = await own_task(guard.run_batch(msgs, fx.run))
                 except StrayCancel as exc:
                     # nothing is settled: every copy comes back when its visibility ends
                     print(f"{exc}; the batch returns to the queue", flush=True)
+                    for r in raws:
+                        journal.failed(r["MessageId"], exc)
                     continue
                 for r, out in zip(raws, outs, strict=True):
-                    if out.action == "ack":
-                        await client.delete_message(QueueUrl=url, ReceiptHandle=r["ReceiptHandle"])
-                    else:
-                        await client.change_message_visibility(
-                            QueueUrl=url, ReceiptHandle=r["ReceiptHandle"],
-                            VisibilityTimeout=math.ceil(delay_of(out)),
-                        )  # fmt: skip
-                    journal.settled(r["MessageId"], out)
+                    await settle(r, out)
 
         # a few receive loops: batches of 10 each, so a slow batch does not stall the process
         await asyncio.gather(*(loop() for _ in range(max(1, a.concurrency // 4))))
@@ -383,20 +401,28 @@ def sqs_sync(a: argparse.Namespace, guard: Guard, fx: Effects, journal: Journal,
     url = client.get_queue_url(QueueName=a.source)["QueueUrl"]
 
     def one(raw: dict[str, Any]) -> None:
-        handle = raw["ReceiptHandle"]
+        handle, copy = raw["ReceiptHandle"], raw["MessageId"]
+        journal.received(copy)
 
         def extend(seconds: float) -> None:
             client.change_message_visibility(QueueUrl=url, ReceiptHandle=handle,
                                              VisibilityTimeout=math.ceil(seconds))  # fmt: skip
 
-        out = guard.run_sync(_sqs_message(raw, extend), fx.run_sync)
-        if out.action == "ack":
-            client.delete_message(QueueUrl=url, ReceiptHandle=handle)
-        else:
-            seconds = math.ceil(delay_of(out))
-            client.change_message_visibility(QueueUrl=url, ReceiptHandle=handle,
-                                             VisibilityTimeout=seconds)  # fmt: skip
-        journal.settled(raw["MessageId"], out)
+        try:
+            out = guard.run_sync(_sqs_message(raw, extend), fx.run_sync)
+            if out.action == "ack":
+                client.delete_message(QueueUrl=url, ReceiptHandle=handle)
+            else:
+                seconds = math.ceil(delay_of(out))
+                client.change_message_visibility(QueueUrl=url, ReceiptHandle=handle,
+                                                 VisibilityTimeout=seconds)  # fmt: skip
+        except BaseException as exc:
+            # the copy comes back when its visibility ends
+            print(f"copy {copy}: {exc!r}", flush=True)
+            traceback.print_exc(file=sys.stdout)
+            journal.failed(copy, exc)
+            return
+        journal.settled(copy, out)
 
     with ThreadPoolExecutor(a.concurrency) as pool:
         while not stop.is_set():
@@ -419,50 +445,52 @@ def _kafka_consumer(a: argparse.Namespace) -> Any:
 
 
 def _kafka_settle(consumer: Any, a: argparse.Namespace, records: list[Any],
-                  outs: list[Outcome], journal: Journal) -> float:  # fmt: skip
+                  outs: list[Outcome | BaseException], journal: Journal) -> float:  # fmt: skip
     """Commit each partition up to its first copy not answered ``ack`` and seek back there.
-    Returns how long to wait before polling again (the longest retry_after, capped)."""
+    Returns how long to wait before polling again (the longest retry_after, capped). Every
+    record of the batch gets a journal line: ``ack`` once committed, ``nack`` otherwise (it
+    will be read again)."""
     from confluent_kafka import KafkaException, TopicPartition
 
     wait = 0.0
-    by_part: dict[int, list[tuple[Any, Outcome]]] = {}
+    by_part: dict[int, list[tuple[Any, Outcome | BaseException]]] = {}
     for rec, out in zip(records, outs, strict=True):
         by_part.setdefault(rec.partition(), []).append((rec, out))
     for part, pairs in by_part.items():
         pairs.sort(key=lambda p: p[0].offset())
-        done: list[tuple[Any, Outcome]] = []
-        first_open = None
-        for rec, out in pairs:
-            if out.action != "ack":
-                first_open = rec
-                wait = max(wait, delay_of(out))
+        n_done = 0
+        for _, out in pairs:
+            if not isinstance(out, Outcome) or out.action != "ack":
+                wait = max(wait, delay_of(out) if isinstance(out, Outcome) else MAX_NACK_DELAY)
                 break
-            done.append((rec, out))
+            n_done += 1
         try:
-            if done:
-                end = done[-1][0].offset() + 1
+            if n_done:
+                end = pairs[n_done - 1][0].offset() + 1
                 consumer.commit(offsets=[TopicPartition(a.source, part, end)], asynchronous=False)
-                for rec, out in done:
-                    journal.settled(f"{part}:{rec.offset()}", out)
-            if first_open is not None:
-                consumer.seek(TopicPartition(a.source, part, first_open.offset()))
+            if n_done < len(pairs):
+                consumer.seek(TopicPartition(a.source, part, pairs[n_done][0].offset()))
         except KafkaException as exc:
             # the partition was revoked meanwhile (a rebalance): its new owner resumes from the
             # last commit, and these copies are answered from the ledger there
             print(f"partition {part}: {exc}", flush=True)
+            n_done = 0
+        for i, (rec, out) in enumerate(pairs):
+            copy = f"{part}:{rec.offset()}"
+            if isinstance(out, BaseException):
+                journal.failed(copy, out)
+            elif i < n_done:
+                journal.settled(copy, out)
+            else:
+                journal.returned(copy, out)
     return wait
 
 
-def _firsts(records: list[Any]) -> dict[int, int]:
-    """The lowest offset per partition of a batch (where to seek back to)."""
-    out: dict[int, int] = {}
+def _kafka_batch(consumer: Any, timeout: float, journal: Journal) -> list[Any]:
+    records = [r for r in consumer.consume(num_messages=20, timeout=timeout) if r.error() is None]
     for r in records:
-        out[r.partition()] = min(out.get(r.partition(), r.offset()), r.offset())
-    return out
-
-
-def _kafka_batch(consumer: Any, timeout: float) -> list[Any]:
-    return [r for r in consumer.consume(num_messages=20, timeout=timeout) if r.error() is None]
+        journal.received(f"{r.partition()}:{r.offset()}")
+    return records
 
 
 def _kafka_message(rec: Any) -> Message:
@@ -475,24 +503,20 @@ def _kafka_message(rec: Any) -> Message:
 
 async def kafka_async(a: argparse.Namespace, guard: Guard, fx: Effects, journal: Journal,
                       stop: asyncio.Event) -> None:  # fmt: skip
-    from confluent_kafka import TopicPartition
-
     consumer = _kafka_consumer(a)
     consumer.subscribe([a.source])
     try:
         while not stop.is_set():
-            records = await asyncio.to_thread(_kafka_batch, consumer, 0.5)
+            records = await asyncio.to_thread(_kafka_batch, consumer, 0.5, journal)
             if not records:
                 continue
+            outs: list[Outcome | BaseException]
             try:
-                outs = await own_task(guard.run_batch([_kafka_message(r) for r in records], fx.run))
+                msgs = [_kafka_message(r) for r in records]
+                outs = list(await own_task(guard.run_batch(msgs, fx.run)))
             except StrayCancel as exc:
                 print(f"{exc}; seeking back over the batch", flush=True)
-                outs = []
-            if len(outs) != len(records):
-                for part, first in _firsts(records).items():
-                    consumer.seek(TopicPartition(a.source, part, first))
-                continue
+                outs = [exc] * len(records)
             wait = _kafka_settle(consumer, a, records, outs, journal)
             if wait:
                 await asyncio.sleep(wait)
@@ -504,14 +528,21 @@ def kafka_sync(a: argparse.Namespace, guard: Guard, fx: Effects, journal: Journa
                stop: Any) -> None:  # fmt: skip
     consumer = _kafka_consumer(a)
     consumer.subscribe([a.source])
+
+    def one(rec: Any) -> Outcome | BaseException:
+        try:
+            return guard.run_sync(_kafka_message(rec), fx.run_sync)
+        except BaseException as exc:  # reported, and the partition seeks back to it
+            traceback.print_exc(file=sys.stdout)
+            return exc
+
     try:
         with ThreadPoolExecutor(a.concurrency) as pool:
             while not stop.is_set():
-                records = _kafka_batch(consumer, 0.5)
+                records = _kafka_batch(consumer, 0.5, journal)
                 if not records:
                     continue
-                outs = list(pool.map(lambda r: guard.run_sync(_kafka_message(r), fx.run_sync),
-                                     records))  # fmt: skip
+                outs = list(pool.map(one, records))
                 wait = _kafka_settle(consumer, a, records, outs, journal)
                 if wait:
                     stop.wait(wait)
