@@ -152,7 +152,7 @@ async def kafka(request: pytest.FixtureRequest) -> AsyncIterator[Destination]:
     bootstrap: str = request.getfixturevalue("kafka_bootstrap")
     topic = f"rs-gchaos-{uuid.uuid4().hex[:10]}"
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    for fut in admin.create_topics([NewTopic(topic, 2, 1)]).values():
+    for fut in admin.create_topics([NewTopic(topic, CONSUMERS + 1, 1)]).values():
         await asyncio.to_thread(fut.result, 30)
 
     async def publish(bodies: list[bytes]) -> list[str]:
@@ -289,19 +289,34 @@ async def run_cell(
         async def progress(share: float) -> bool:
             return len(await effected()) >= OPS * share
 
+        def holding(pid: int) -> bool:
+            """The process has received copies it has not settled yet (claims in flight)."""
+            held = 0
+            for r in read_journals(record):
+                if r["pid"] == pid:
+                    held += 1 if r["status"] == "received" else -1
+            return held > 0
+
         await until(lambda: progress(0.2), seconds=SETTLE, what="a fifth of the effects")
-        victim = consumers.procs[0]
+
+        def busy(but: int = 0) -> subprocess.Popen[bytes] | None:
+            """A live consumer (other than ``but``) holding work: the fault's target."""
+            live = [p for p in consumers.procs if p.poll() is None and p.pid != but]
+            return next((p for p in live if holding(p.pid)), None)
+
+        victim = await until(busy, seconds=SETTLE, what="a consumer holding work", interval=0.01)
         os.kill(victim.pid, signal.SIGKILL)
-        # a hit: the process was alive and work remained when it died
-        hits["sigkill"] = victim.wait(5) == -signal.SIGKILL and len(await effected()) < OPS
+        # a hit: the process died holding copies it had received and not settled
+        hits["sigkill"] = victim.wait(5) == -signal.SIGKILL and holding(victim.pid)
         consumers.spawn()
         await until(lambda: progress(0.4), seconds=SETTLE, what="two fifths of the effects")
-        paused = consumers.procs[1]
+        paused = await until(lambda: busy(but=victim.pid), seconds=SETTLE,
+                             what="another consumer holding work", interval=0.01)  # fmt: skip
         os.kill(paused.pid, signal.SIGSTOP)
-        left = len(await effected()) < OPS
+        held_at_stop = holding(paused.pid)
         await asyncio.sleep(PAUSE)  # the fault itself: the stop outlives the lease
         os.kill(paused.pid, signal.SIGCONT)
-        hits["sigstop"] = paused.poll() is None and left
+        hits["sigstop"] = paused.poll() is None and held_at_stop
 
         killed = {victim.pid}
 
