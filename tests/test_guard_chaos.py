@@ -6,10 +6,13 @@ Each cell: ``OPS`` operations published with the plain client (``DUPES`` of them
 copies of one operation meet in different consumers), no replaysafe headers (the guard's key
 extractor reads ``op`` from the JSON body). Three consumer processes
 (``python -m replaysafe.chaos.guard_consumer``) share a PostgreSQL ledger. Once a fifth of the
-operations has an effect, consumer 0 is killed with SIGKILL (and replaced); once two fifths have,
-consumer 1 is stopped with SIGSTOP for longer than the lease, then continued. The run ends when
-every published copy was settled ``ack`` at the broker (the consumers' journals, written after
-the broker took the ack) and is judged by :func:`replaysafe.chaos.checker.pass_bar` from the
+operations has an effect, a consumer holding copies it has not settled is killed with SIGKILL
+(and replaced); once two fifths have, another one holding work is stopped with SIGSTOP for
+longer than the lease, then continued (a fault is a hit only when its target held unsettled
+copies). The run ends when every published copy was acked at the broker (the consumers'
+journals, written after the broker took the ack; a copy only the killed process saw counts once
+no consumer holds anything unsettled and the broker has nothing left for the group) and every
+operation has an effect or a quarantine entry. It is judged by :func:`replaysafe.chaos.checker.pass_bar` from the
 sink's journal (keyed, unkeyed) or the effect rows in the ledger's database (transactional):
 keyed and transactional lose, duplicate, overlap and ack-unapplied nothing; unkeyed loses nothing
 and every duplicate was quarantined ``outcome_unknown`` before it was re-run (in practice the
