@@ -13,10 +13,10 @@ copies). The run ends when every published copy was acked at the broker (the con
 journals, written after the broker took the ack; a copy only the killed process saw counts once
 no consumer holds anything unsettled and the broker has nothing left for the group) and every
 operation has an effect or a quarantine entry. It is judged by
-:func:`replaysafe.chaos.checker.pass_bar` from the sink's journal (keyed, unkeyed) or the effect rows in the ledger's database (transactional):
-keyed and transactional lose, duplicate, overlap and ack-unapplied nothing; unkeyed loses nothing
-and every duplicate was quarantined ``outcome_unknown`` before it was re-run (in practice the
-fencing token stops the re-run and the ambiguous operation sits in quarantine instead).
+:func:`replaysafe.chaos.checker.pass_bar` from the sink's journal (keyed, unkeyed) or the
+effect rows in the ledger's database (transactional): keyed and transactional lose, duplicate,
+overlap and ack-unapplied nothing; unkeyed loses nothing, every duplicate was quarantined
+``outcome_unknown`` before it was re-run, and nothing else is quarantined.
 """
 
 from __future__ import annotations
