@@ -22,7 +22,7 @@ from replaysafe.envelope import DEFAULT_LIMITS, Envelope, KeyExtractor, Limits
 from replaysafe.errors import ConfigurationError
 from replaysafe.failpoints import FAILPOINTS, Failpoints
 from replaysafe.guarantees import Effect, Guarantee
-from replaysafe.ledger.base import MAX_HANDLER_NAME, Ledger, Transaction, check_handler_name
+from replaysafe.ledger.base import MAX_HANDLER_NAME, Ledger, check_handler_name
 
 if TYPE_CHECKING:
     from replaysafe.brokers.base import Delivery
@@ -93,8 +93,10 @@ class Context:
     idempotency_key: str | None = None
     #: fencing token of the ledger claim (effectively-once); pass it to stores that can fence
     token: int | None = None
-    #: the ledger transaction (transactional effects only): write business rows through it
-    tx: Transaction | None = None
+    #: the ledger transaction (transactional effects only): write business rows through it. A
+    #: :class:`~replaysafe.ledger.base.Transaction` (``await ctx.tx.execute(...)``) for an async
+    #: handler; on a sync Guard the ledger twin's transaction (``ctx.tx.execute(...)``, sync)
+    tx: Any = None
 
     @property
     def operation_id(self) -> str:

@@ -45,7 +45,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -189,13 +189,9 @@ class Effects:
         started = time.time()
         time.sleep(self.a.work)
         if self.a.effect == "transactional":
-            # ctx.tx is the guard loop's async transaction: a sync function can only reach it
-            # through that loop (the guard gives no sync handle; reported with this cell)
+            # on the sync path ctx.tx is the ledger twin's sync transaction
             assert ctx.tx is not None
-            loop = self.guard._loop
-            assert loop is not None
-            coro = ctx.tx.execute(self.insert, self._row(ctx, started))
-            asyncio.run_coroutine_threadsafe(coro, loop).result()
+            ctx.tx.execute(self.insert, self._row(ctx, started))
             return None
         return sink_sync(self.a.sink, self.a.run, ctx)
 
@@ -229,29 +225,6 @@ def sink_sync(url: str, run: str, ctx: Context) -> dict[str, Any]:
     return answer
 
 
-class StrayCancel(Exception):
-    """The guard's run was cancelled from inside (not by this consumer): see :func:`own_task`."""
-
-
-async def own_task(run: Awaitable[T]) -> T:
-    """Await ``run`` (a ``guard.run`` / ``run_batch``) in a task of its own.
-
-    Why: the guard's keeper, when a lease extension that was in flight as the function returned
-    fails (``LeaseLost`` after a SIGSTOP), cancels the task it watched — the caller's task, by
-    then past the guard, in the middle of its ack or nack (the copy is then neither). In a task
-    of its own the stray cancel hits a finished task (no effect) or the run itself, reported
-    here as :class:`StrayCancel` (the caller nacks). tests/test_guard_chaos.py has the bug's
-    minimal test."""
-    task = asyncio.ensure_future(run)
-    try:
-        return await task
-    except asyncio.CancelledError:
-        me = asyncio.current_task()
-        if me is not None and me.cancelling():
-            raise
-        raise StrayCancel("the guard's run was cancelled by its keeper") from None
-
-
 def delay_of(out: Outcome) -> float:
     return min(max(out.retry_after or 0.0, 0.0), MAX_NACK_DELAY)
 
@@ -279,7 +252,7 @@ async def rabbitmq(a: argparse.Namespace, guard: Guard, fx: Effects, journal: Jo
                         delivery_id=msg.message_id)  # fmt: skip
             try:
                 if pool is None:
-                    out = await own_task(guard.run(m, fx.run))
+                    out = await guard.run(m, fx.run)
                 else:
                     loop = asyncio.get_running_loop()
                     out = await loop.run_in_executor(pool, guard.run_sync, m, fx.run_sync)
@@ -380,14 +353,7 @@ async def sqs_async(a: argparse.Namespace, guard: Guard, fx: Effects, journal: J
                 if not raws:
                     continue
                 msgs = [_sqs_message(r, extender(r["ReceiptHandle"])) for r in raws]
-                try:
-                    outs = await own_task(guard.run_batch(msgs, fx.run))
-                except StrayCancel as exc:
-                    # nothing is settled: every copy comes back when its visibility ends
-                    print(f"{exc}; the batch returns to the queue", flush=True)
-                    for r in raws:
-                        journal.failed(r["MessageId"], exc)
-                    continue
+                outs = await guard.run_batch(msgs, fx.run)
                 for r, out in zip(raws, outs, strict=True):
                     await settle(r, out)
 
@@ -510,13 +476,8 @@ async def kafka_async(a: argparse.Namespace, guard: Guard, fx: Effects, journal:
             records = await asyncio.to_thread(_kafka_batch, consumer, 0.5, journal)
             if not records:
                 continue
-            outs: list[Outcome | BaseException]
-            try:
-                msgs = [_kafka_message(r) for r in records]
-                outs = list(await own_task(guard.run_batch(msgs, fx.run)))
-            except StrayCancel as exc:
-                print(f"{exc}; seeking back over the batch", flush=True)
-                outs = [exc] * len(records)
+            msgs = [_kafka_message(r) for r in records]
+            outs: list[Outcome | BaseException] = list(await guard.run_batch(msgs, fx.run))
             wait = _kafka_settle(consumer, a, records, outs, journal)
             if wait:
                 await asyncio.sleep(wait)
@@ -568,13 +529,9 @@ async def main_async(a: argparse.Namespace) -> None:
         await run(a, guard, fx, journal, stop)
     finally:
         if a.api == "sync":
-            # the guard's background loop owns the ledger: close it there, then the loop
-            bg = guard._background()
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(ledger.close(), bg))
-            await asyncio.to_thread(guard.close_sync)
-        else:
-            await guard.close()
-            await ledger.close()
+            await asyncio.to_thread(guard.close_sync)  # its keeper thread and ledger twin
+        await guard.close()
+        await ledger.close()
 
 
 def dump_tasks() -> None:
@@ -602,10 +559,7 @@ def main_sync(a: argparse.Namespace) -> None:
         else:
             kafka_sync(a, guard, fx, journal, stop)
     finally:
-        loop = guard._background()
-        # the ledger belongs to the guard's loop: close it there, then stop the loop
-        asyncio.run_coroutine_threadsafe(ledger.close(), loop).result(10)
-        guard.close_sync()
+        guard.close_sync()  # its keeper thread and ledger twin (the async ledger was never used)
 
 
 def main(argv: list[str]) -> None:
