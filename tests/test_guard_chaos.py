@@ -453,10 +453,11 @@ async def test_plain_consumer_with_a_guard_under_sigkill_and_sigstop(
 
 async def test_a_lease_lost_after_the_run_ended_does_not_cancel_the_callers_task() -> None:
     """Found by the RabbitMQ cell (it failed before the keeper's fix): a consumer resumed after
-    SIGSTOP had a handler task cancelled *after* ``guard.run`` had returned (lease_lost, nack), in its own code (the
-    nack), so the copy was neither acked nor nacked. The keeper's extension was in flight when
-    the function returned; when it failed with ``LeaseLost`` the keeper cancelled the task it
-    had been watching — which, under a Guard, is the caller's task, now past ``guard.run``."""
+    SIGSTOP had a handler task cancelled *after* ``guard.run`` had returned (lease_lost, nack),
+    in its own code (the nack), so the copy was neither acked nor nacked. The keeper's extension
+    was in flight when the function returned; when it failed with ``LeaseLost`` the keeper
+    cancelled the task it had been watching — which, under a Guard, is the caller's task, now
+    past ``guard.run``."""
     from replaysafe import Effect, Guarantee, MemoryLedger
     from replaysafe.errors import LeaseLost
     from replaysafe.guard import Guard, Message, Status
