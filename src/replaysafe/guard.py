@@ -122,9 +122,29 @@ class Message:
 class _Copy(Delivery):
     """The message as the pipeline sees it: settling it records what to tell the broker."""
 
-    def __init__(self, m: Message, ack_first: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        body: bytes,
+        ack_first: Callable[[], Awaitable[None]] | None = None,
+        m: Message | None = None,
+        *,
+        content_type: str | None = None,
+        key: str | None = None,
+    ) -> None:
+        # built per message on the hot path: a Message is read when the caller gave one, and
+        # an Envelope or a payload sets only what it has
         self._ack_first = ack_first
-        self.body = m.body
+        self.body = body
+        self.received_at = time.time()
+        self.action = "none"
+        self.delay: float | None = None
+        if m is None:
+            self.headers = {}
+            self.content_type, self.key = content_type, key
+            self.broker_timestamp = self.settle_deadline = None
+            self.delivery_id = f"guard-{next(_SEQ)}"
+            self.attempt, self.redelivered, self._extend = 1, False, None
+            return
         self.headers = dict(m.headers or {})
         self.content_type = m.content_type
         self.key = m.key
@@ -132,11 +152,8 @@ class _Copy(Delivery):
         self.delivery_id = m.delivery_id or f"guard-{next(_SEQ)}"
         self.attempt = max(1, m.attempt)
         self.redelivered = m.redelivered or m.attempt > 1
-        self.received_at = time.time()
         self.settle_deadline = m.settle_deadline
         self._extend = m.extend
-        self.action = "none"
-        self.delay: float | None = None
 
     @property
     def settled(self) -> bool:
@@ -264,21 +281,21 @@ class Guard:
     def _copy(
         self, message: Message | Envelope | bytes | Any, ack: Callable[[], Awaitable[None]] | None
     ) -> tuple[_Copy, Envelope | None]:
-        if isinstance(message, Message):
-            return _Copy(message, ack), None
-        if isinstance(message, bytes | bytearray | memoryview):
-            return _Copy(Message(bytes(message)), ack), None
         if isinstance(message, Envelope):
             # decoded already: the headers are only read to identify a copy that cannot be
-            copy = _Copy(Message(message.payload, None, message.content_type, message.key), ack)
+            copy = _Copy(message.payload, ack, content_type=message.content_type, key=message.key)
             return copy, message
+        if isinstance(message, Message):
+            return _Copy(message.body, ack, message), None
+        if isinstance(message, bytes | bytearray | memoryview):
+            return _Copy(bytes(message), ack), None
         if self.spec.key is None:
             raise ConfigurationError(
                 f"guard {self.spec.name!r} got a {type(message).__name__} payload but has no key "
                 "extractor to derive its operation id: pass Guard(key=...), or hand it an "
                 "Envelope or the message bytes with an rs-operation-id header"
             )
-        return _Copy(Message(canonical_json(message)), ack), None
+        return _Copy(canonical_json(message), ack), None
 
     def _keep(self) -> None:
         if self._keeping is None or self._keeping.done():

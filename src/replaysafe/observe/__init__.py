@@ -135,12 +135,14 @@ class Stats:
         self.topk: dict[tuple[str, Labels], TopK] = {}
 
     def inc(self, name: str, amount: int = 1, **labels: str) -> None:
-        key = (name, tuple(sorted(labels.items())))
+        items = tuple(labels.items())
+        key = (name, items if len(items) < 2 else tuple(sorted(items)))
         with self._lock:
             self.counters[key] += amount
 
     def observe(self, name: str, value: float, **labels: str) -> None:
-        key = (name, tuple(sorted(labels.items())))
+        items = tuple(labels.items())
+        key = (name, items if len(items) < 2 else tuple(sorted(items)))
         with self._lock:
             summary = self.summaries.get(key)
             if summary is None:

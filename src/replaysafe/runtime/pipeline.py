@@ -194,11 +194,11 @@ class Pipeline:
 
     async def at_most_once(self, spec: HandlerSpec, delivery: Delivery, env: Envelope) -> Verdict:
         """Complete first (confirmed), then run: an error is counted, never retried."""
-        ctx = self.settler.point(spec, env, delivery.attempt)
+        attempt = delivery.attempt
         if not await self.settler.ack_first(spec, delivery, env):
             return Leave(o.UNCONFIRMED)
-        await self.settler.hit(fp.AFTER_ACK, ctx)
-        await self.settler.hit(fp.BEFORE_EFFECT, ctx)
+        await self.settler.hit(fp.AFTER_ACK, spec, env, attempt)
+        await self.settler.hit(fp.BEFORE_EFFECT, spec, env, attempt)
         try:
             result = await self._run(
                 spec, Context(env, delivery, spec.name, delivery.attempt), None
@@ -211,7 +211,7 @@ class Pipeline:
             if isinstance(exc, OutcomeUnknown):
                 self.stats.inc(o.OUTCOME_UNKNOWN, handler=spec.name)
             return Leave(o.FAILED)
-        await self.settler.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, ctx)
+        await self.settler.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, spec, env, attempt)
         return Leave(o.APPLIED, result)
 
     async def at_least_once(self, spec: HandlerSpec, delivery: Delivery, env: Envelope) -> Verdict:
@@ -221,7 +221,7 @@ class Pipeline:
         if spent is not None:
             self.stats.inc(o.RETRY_BUDGET_EXHAUSTED, handler=spec.name)
             return spent
-        await self.settler.hit(fp.BEFORE_EFFECT, self.settler.point(spec, env, attempt))
+        await self.settler.hit(fp.BEFORE_EFFECT, spec, env, attempt)
         result: Any = None
         try:
             result = await self._run(spec, Context(env, delivery, spec.name, attempt), None)
@@ -321,8 +321,7 @@ class Pipeline:
         self, spec: HandlerSpec, delivery: Delivery, env: Envelope, claim: Claim
     ) -> Verdict:
         """Claim ACQUIRED: budget and outcome-unknown checks, then the effect."""
-        ctx = self.settler.point(spec, env, claim.attempt)
-        await self.settler.hit(fp.AFTER_CLAIM, ctx)
+        await self.settler.hit(fp.AFTER_CLAIM, spec, env, claim.attempt)
         refused = policy.acquired(spec, claim)
         if refused is not None:
             if refused.reason is QuarantineReason.MAX_ATTEMPTS:
@@ -340,9 +339,9 @@ class Pipeline:
             idempotency_key=env.operation_id if spec.effect.kind == "keyed" else None,
             token=claim.token,
         )
-        await self.settler.hit(fp.BEFORE_EFFECT, ctx)
+        await self.settler.hit(fp.BEFORE_EFFECT, spec, env, claim.attempt)
         try:
-            return await self._effect(spec, env, claim, hctx, ctx)
+            return await self._effect(spec, env, claim, hctx)
         except LeaseLost as exc:
             # someone else owns the operation now: never complete this copy at the broker
             log.warning("%s: %s", spec.name, self.settler.shown(str(exc)))
@@ -359,7 +358,7 @@ class Pipeline:
             return Nack(spec.lease, o.UNAVAILABLE)
 
     async def _effect(
-        self, spec: HandlerSpec, env: Envelope, claim: Claim, hctx: Context, ctx: dict[str, Any]
+        self, spec: HandlerSpec, env: Envelope, claim: Claim, hctx: Context
     ) -> Verdict:
         """The handler and the ledger completion (EFFECTED). Raises ``LeaseLost`` /
         ``LedgerUnavailable`` for the caller to turn into a nack past the lease."""
@@ -378,7 +377,7 @@ class Pipeline:
                 async with ledger.transaction() as tx:
                     hctx.tx = tx
                     result = await self._run(spec, hctx, claim)
-                    await self.settler.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, ctx)
+                    await self.settler.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, spec, env, claim.attempt)
                     with self.tracing.span(otel.LEDGER_COMPLETE, handler=spec.name):
                         await ledger.complete_in(tx, claim, encode_result(result))
             except (LeaseLost, LedgerUnavailable):
@@ -392,7 +391,7 @@ class Pipeline:
                 raise
             except Exception as exc:
                 return await self.failed(spec, env, claim, claim.attempt, exc)
-            await self.settler.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, ctx)
+            await self.settler.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, spec, env, claim.attempt)
             try:
                 if not self.tracing.enabled:
                     await self._complete(claim, encode_result(result))

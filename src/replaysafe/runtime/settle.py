@@ -137,10 +137,11 @@ class Settler:
             "sleep": self._clock.sleep,
         }
 
-    async def hit(self, point: str, ctx: dict[str, Any]) -> None:
-        """Fire failpoint ``point`` (the chaos harness arms them); nothing when none is armed."""
+    async def hit(self, point: str, spec: HandlerSpec, env: Envelope | None, attempt: int) -> None:
+        """Fire failpoint ``point`` (the chaos harness arms them) with its context; nothing, and
+        no context built, while none is armed (the hot path)."""
         if self._failpoints.armed:
-            await self._failpoints.hit(point, ctx)
+            await self._failpoints.hit(point, self.point(spec, env, attempt))
 
     async def settle(
         self,
@@ -188,13 +189,12 @@ class Settler:
         self, spec: HandlerSpec, delivery: Delivery, env: Envelope, verdict: Ack
     ) -> None:
         """EFFECTED → COMPLETED: the ambiguity window, counted open until the broker completes."""
-        ctx = self.point(spec, env, verdict.attempt)
         effected = self._clock.now()
         key = (spec.name, env.operation_id)
         self._ambiguous[key] = effected
         try:
             if verdict.point is not None:
-                await self.hit(verdict.point, ctx)
+                await self.hit(verdict.point, spec, env, verdict.attempt)
             if not self._tracing.enabled:
                 await delivery.ack()
             else:
@@ -205,7 +205,7 @@ class Settler:
         stats = self._stats
         stats.observe(o.AMBIGUITY_WINDOW, self._clock.now() - effected, handler=spec.name)
         stats.inc(o.DELIVERIES, handler=spec.name, outcome=verdict.outcome)
-        await self.hit(fp.AFTER_ACK, ctx)
+        await self.hit(fp.AFTER_ACK, spec, env, verdict.attempt)
 
     async def disclose(self, delivery: Delivery, detail: str, op: str | None) -> Disclosure:
         """``quarantine.disclose`` for one message. The app's hook is user code that may be slow
@@ -301,6 +301,6 @@ class Settler:
                     q.reason.value, shown.detail)  # fmt: skip
         stats.inc(o.QUARANTINED, handler=spec.name, reason=q.reason.value)
         stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.QUARANTINE)
-        await self.hit(fp.AFTER_QUARANTINE_BEFORE_ACK, self.point(spec, env, q.attempts))
+        await self.hit(fp.AFTER_QUARANTINE_BEFORE_ACK, spec, env, q.attempts)
         await delivery.ack()
         return Settled(o.QUARANTINE, entry_id=entry.id)
