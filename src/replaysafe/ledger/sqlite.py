@@ -314,7 +314,8 @@ class SQLiteTransaction(Transaction):
 
     async def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> SQLiteResult:
         self._check_open()
-        return await self._ledger._run(partial(self._ledger._tx_execute, self, sql, params))
+        core = self._ledger._core
+        return await self._ledger._run(partial(core.tx_execute, self._generation, sql, params))
 
     async def fetchall(
         self, sql: str, params: Sequence[Any] | dict[str, Any] = ()
@@ -590,10 +591,10 @@ class SQLiteLedger(TransactionalLedger):
         async with self._lock:
             self._check_open()
             try:
-                generation = await self._run(self._begin_job)
+                generation = await self._run(self._core.begin)
             except BaseException:
                 # cancelled while BEGIN may already have run: never leave it open on the connection
-                await asyncio.shield(self._submit(partial(self._rollback_job, None)))
+                await asyncio.shield(self._submit(partial(self._core.rollback, None)))
                 raise
             tx = SQLiteTransaction(self, generation)
             self._tx_task = asyncio.current_task()
@@ -603,14 +604,14 @@ class SQLiteLedger(TransactionalLedger):
                 tx._open = False
                 # shielded: a cancellation arriving now must not skip the rollback
                 problem = await asyncio.shield(
-                    self._submit(partial(self._rollback_job, generation))
+                    self._submit(partial(self._core.rollback, generation))
                 )
                 if problem is not None:
                     exc.add_note(problem)
                 raise
             else:
                 tx._open = False
-                await asyncio.shield(self._submit(partial(self._commit_job, generation)))
+                await asyncio.shield(self._submit(partial(self._core.commit, generation)))
             finally:
                 tx._open = False
                 self._tx_task = None
@@ -625,7 +626,7 @@ class SQLiteLedger(TransactionalLedger):
             )
         tx._check_open()
         fn = partial(self._core.complete_rows, claim, result)
-        await self._run(partial(self._in_tx, tx, fn, True))
+        await self._run(partial(self._core.in_tx, tx._generation, fn, True))
 
     # ------------------------------------------------------------------ hooks for co-located stores
 
@@ -713,66 +714,6 @@ class SQLiteLedger(TransactionalLedger):
             )
 
     # ------------------------------------------------------------------ connection thread
-    # The transaction's jobs: the one part of the connection side that only this ledger has.
-
-    def _in_tx(
-        self, tx: SQLiteTransaction, fn: Callable[[sqlite3.Connection], T], map_errors: bool
-    ) -> T:
-        conn = self._core.conn
-        if conn is None or self._core.generation != tx._generation or not conn.in_transaction:
-            raise LedgerUnavailable(
-                f"the transaction on {self.path!r} was aborted by SQLite after an earlier error; "
-                "nothing in it will commit: leave the block and retry the operation"
-            )
-        if not map_errors:
-            return fn(conn)
-        try:
-            return fn(conn)
-        except (sqlite3.Error, *_DATA_ERRORS) as exc:
-            raise self._core.error(exc) from exc
-
-    def _tx_execute(
-        self, tx: SQLiteTransaction, sql: str, params: Sequence[Any] | dict[str, Any]
-    ) -> SQLiteResult:
-        def run(conn: sqlite3.Connection) -> SQLiteResult:
-            cur = conn.execute(sql, params)  # the caller's SQL: its errors propagate unchanged
-            rows = cur.fetchall()
-            if not conn.in_transaction:
-                raise ConfigurationError(
-                    f"the statement {sql[:60]!r} ended the ledger's transaction; do not run "
-                    "BEGIN/COMMIT/ROLLBACK inside ledger.transaction() (the block commits or rolls "
-                    "back itself); statements before it may already be committed"
-                )
-            return SQLiteResult(cur.rowcount, cur.lastrowid, rows)
-
-        return self._in_tx(tx, run, False)
-
-    def _begin_job(self) -> int:
-        try:
-            self._core.connection().execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise self._core.unavailable(exc) from exc
-        return self._core.generation
-
-    def _commit_job(self, generation: int) -> None:
-        conn = self._core.conn
-        if conn is None or self._core.generation != generation or not conn.in_transaction:
-            raise LedgerUnavailable(
-                f"the transaction on {self.path!r} was aborted by SQLite before commit; nothing "
-                "in it was committed: retry the operation"
-            )
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._core.rollback_quietly(conn)
-            raise self._core.error(exc) from exc  # a deferred constraint fails here: data
-
-    def _rollback_job(self, generation: int | None) -> str | None:
-        """Roll back; never raises (the caller is already propagating the real error)."""
-        conn = self._core.conn
-        if conn is None or generation not in (None, self._core.generation):
-            return None
-        return self._core.rollback_quietly(conn)
 
     def _close_job(self) -> None:
         self._core.drop_connection()
@@ -954,6 +895,82 @@ class SQLiteCore:
                 "and that its directory is writable, then retry"
             )
         return LedgerUnavailable(f"SQLite ledger error ({type(exc).__name__}: {exc}); {hint}")
+
+    # ------------------------------------------------------------------ caller's transactions
+    # ``SQLiteLedger.transaction()`` and ``SyncSQLiteLedger.transaction()``: BEGIN IMMEDIATE, the
+    # caller's statements and ``complete_rows``, then COMMIT or ROLLBACK, all on the connection
+    # current at BEGIN (its ``generation``: a dropped connection took the transaction with it).
+
+    def begin(self) -> int:
+        """``BEGIN IMMEDIATE`` (opening the connection first if needed); returns the connection's
+        generation, which the transaction's later steps check. ``sqlite3`` errors become
+        ``LedgerUnavailable`` (nothing began)."""
+        try:
+            self.connection().execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise self.unavailable(exc) from exc
+        return self._generation
+
+    def in_tx(self, generation: int, fn: Callable[[sqlite3.Connection], T], map_errors: bool) -> T:
+        """``fn(conn)`` inside the transaction begun at ``generation``; ``LedgerUnavailable`` if
+        SQLite already aborted it. ``map_errors``: ``sqlite3`` and data errors become
+        ``LedgerUnavailable`` / ``LedgerDataError`` (the ledger's own statements); otherwise they
+        propagate unchanged (the caller's SQL)."""
+        conn = self._conn
+        if conn is None or self._generation != generation or not conn.in_transaction:
+            raise LedgerUnavailable(
+                f"the transaction on {self.path!r} was aborted by SQLite after an earlier error; "
+                "nothing in it will commit: leave the block and retry the operation"
+            )
+        if not map_errors:
+            return fn(conn)
+        try:
+            return fn(conn)
+        except (sqlite3.Error, *_DATA_ERRORS) as exc:
+            raise self.error(exc) from exc
+
+    def tx_execute(
+        self, generation: int, sql: str, params: Sequence[Any] | dict[str, Any]
+    ) -> SQLiteResult:
+        """The caller's statement inside the transaction, its rows fetched. Its errors propagate
+        unchanged; a statement that ended the transaction raises ``ConfigurationError``."""
+
+        def run(conn: sqlite3.Connection) -> SQLiteResult:
+            cur = conn.execute(sql, params)  # the caller's SQL: its errors propagate unchanged
+            rows = cur.fetchall()
+            if not conn.in_transaction:
+                raise ConfigurationError(
+                    f"the statement {sql[:60]!r} ended the ledger's transaction; do not run "
+                    "BEGIN/COMMIT/ROLLBACK inside ledger.transaction() (the block commits or rolls "
+                    "back itself); statements before it may already be committed"
+                )
+            return SQLiteResult(cur.rowcount, cur.lastrowid, rows)
+
+        return self.in_tx(generation, run, False)
+
+    def commit(self, generation: int) -> None:
+        """``COMMIT`` the transaction begun at ``generation``. A failed commit is rolled back and
+        raised mapped (``LedgerDataError`` for a deferred constraint, else
+        ``LedgerUnavailable``)."""
+        conn = self._conn
+        if conn is None or self._generation != generation or not conn.in_transaction:
+            raise LedgerUnavailable(
+                f"the transaction on {self.path!r} was aborted by SQLite before commit; nothing "
+                "in it was committed: retry the operation"
+            )
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self.rollback_quietly(conn)
+            raise self.error(exc) from exc  # a deferred constraint fails here: data
+
+    def rollback(self, generation: int | None) -> str | None:
+        """Roll back the transaction begun at ``generation`` (None: whatever is open); never
+        raises (the caller is already propagating the real error). Returns what went wrong."""
+        conn = self._conn
+        if conn is None or generation not in (None, self._generation):
+            return None
+        return self.rollback_quietly(conn)
 
     # ------------------------------------------------------------------ state transitions
     # All run inside BEGIN IMMEDIATE (a job, or the caller's transaction), on whichever thread
