@@ -34,12 +34,12 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any, Final, Self, TypeVar
+from typing import Any, ClassVar, Final, Self, TypeVar
 
 from replaysafe.clock import SYSTEM_CLOCK, Clock
 from replaysafe.errors import (
@@ -331,6 +331,44 @@ class SQLiteTransaction(Transaction):
 
     def __repr__(self) -> str:
         return f"SQLiteTransaction({self._ledger.path!r}, open={self._open})"
+
+
+class SyncSQLiteTransaction:
+    """An open ``BEGIN IMMEDIATE`` transaction on a :class:`SyncSQLiteLedger`'s connection: the
+    sync mirror of :class:`SQLiteTransaction` (the same placeholders, ``?`` or ``:name``, and the
+    same :class:`SQLiteResult`, its rows fetched, so no live cursor outlives the block).
+
+    Valid only inside its ``with ledger.transaction()`` block, and from the thread running that
+    block (or one it waits for): the connection runs one statement at a time. Errors of the
+    caller's own SQL propagate unchanged (``sqlite3.IntegrityError`` …) so a handler can react to
+    them; the block then rolls back when the exception leaves it.
+    """
+
+    def __init__(self, ledger: SyncSQLiteLedger, generation: int) -> None:
+        self._ledger = ledger
+        self._generation = generation
+        self._open = True
+
+    def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> SQLiteResult:
+        """Run one statement inside the transaction; its rows are fetched into the result."""
+        self._check_open()
+        return self._ledger._core.tx_execute(self._generation, sql, params)
+
+    def fetchall(
+        self, sql: str, params: Sequence[Any] | dict[str, Any] = ()
+    ) -> list[tuple[Any, ...]]:
+        """Run a query inside the transaction and return all rows."""
+        return self.execute(sql, params).rows
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise LedgerError(
+                "this transaction is finished (committed or rolled back); open a new one with "
+                "`with ledger.transaction() as tx`"
+            )
+
+    def __repr__(self) -> str:
+        return f"SyncSQLiteTransaction({self._ledger.path!r}, open={self._open})"
 
 
 class SQLiteLedger(TransactionalLedger):
@@ -1120,12 +1158,18 @@ class SyncSQLiteLedger:
     error raises ``LedgerUnavailable`` and the call may or may not have committed (then do not
     complete at the broker).
 
+    Transactional effects: :meth:`transaction` and :meth:`complete_in`, as on ``SQLiteLedger``
+    (business rows and the ledger row commit or roll back together).
+
     Threads: one connection, used by one call at a time under a ``threading.Lock`` held through
     the commit's fsync (SQLite has one writer per file anyway), so it is safe from several threads
     at once (a keeper thread extending leases while the caller runs the effect). An async
     ``SQLiteLedger`` on the same file, and other processes, are ordinary other connections:
     ``BEGIN IMMEDIATE`` and ``busy_timeout`` serialise them.
     """
+
+    #: ``transaction()`` and ``complete_in()``: the ledger row commits with the business rows
+    transactional: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -1140,6 +1184,10 @@ class SyncSQLiteLedger:
         )
         self._lock = threading.Lock()
         self._closed = False
+        # the thread inside this twin's transaction(), holding self._lock (None: none is open);
+        # only ever equal to a reader's own ident when the reader is that thread, so it is read
+        # without the lock
+        self._tx_thread: int | None = None
 
     @property
     def path(self) -> str:
@@ -1201,9 +1249,60 @@ class SyncSQLiteLedger:
         """The stored record of ``key``, or None. Reads only."""
         return self._call(partial(self._core.load, key=key), False)
 
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[SyncSQLiteTransaction]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` on normal exit, ``ROLLBACK`` on any exception
+        (``KeyboardInterrupt`` included), as :meth:`SQLiteLedger.transaction`.
+
+        Holds this twin's lock for the whole block, so every other call on the twin waits for it,
+        from any thread (the keeper's lease extensions included; keep transactions short), and
+        SQLite's write lock from ``BEGIN``, so other connections' writes wait up to
+        ``busy_timeout``. A call on the twin from inside its own block raises
+        ``ConfigurationError`` instead of waiting for itself forever. Raises ``LedgerUnavailable``
+        when the write lock cannot be had within ``busy_timeout`` (nothing began) and when the
+        final commit fails (then nothing the block did may be assumed durable)."""
+        self._check_not_in_tx("transaction()")
+        with self._lock:
+            self._check_open()
+            try:
+                generation = self._core.begin()
+            except BaseException:
+                # an interrupt may land after BEGIN ran: never leave it open on the connection
+                self._core.rollback(None)
+                raise
+            tx = SyncSQLiteTransaction(self, generation)
+            self._tx_thread = threading.get_ident()
+            try:
+                yield tx
+            except BaseException as exc:
+                tx._open = False
+                problem = self._core.rollback(generation)
+                if problem is not None:
+                    exc.add_note(problem)
+                raise
+            else:
+                tx._open = False
+                self._core.commit(generation)
+            finally:
+                tx._open = False
+                self._tx_thread = None
+
+    def complete_in(self, tx: object, claim: Claim, result: str | None = None) -> None:
+        """Fence and mark the claim completed inside ``tx`` (opened by this twin's
+        :meth:`transaction`); it commits with the business rows. Raises ``LeaseLost`` when the
+        token is stale (nothing written): let it leave the block so the block rolls back."""
+        if not isinstance(tx, SyncSQLiteTransaction) or tx._ledger is not self:
+            raise ConfigurationError(
+                "complete_in() needs a transaction opened by this ledger's transaction(); a "
+                "transaction of another connection or database cannot commit this ledger's row"
+            )
+        tx._check_open()
+        self._core.in_tx(tx._generation, partial(self._core.complete_rows, claim, result), True)
+
     def close(self) -> None:
         """Close the connection (after a call running in another thread). Idempotent; later
         calls raise ``LedgerUnavailable``."""
+        self._check_not_in_tx("close()")
         with self._lock:
             if self._closed:
                 return
@@ -1217,13 +1316,26 @@ class SyncSQLiteLedger:
         self.close()
 
     def _call(self, fn: Callable[[sqlite3.Connection], T], write: bool) -> T:
+        if self._tx_thread == threading.get_ident():
+            self._check_not_in_tx("this call")
         with self._lock:
-            if self._closed:
-                raise LedgerUnavailable(
-                    f"{self!r} is closed; open a new one (SQLiteLedger.sync(), or "
-                    f"SyncSQLiteLedger({self.path!r})) to use it again"
-                )
+            self._check_open()
             return self._core.job(fn, write)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LedgerUnavailable(
+                f"{self!r} is closed; open a new one (SQLiteLedger.sync(), or "
+                f"SyncSQLiteLedger({self.path!r})) to use it again"
+            )
+
+    def _check_not_in_tx(self, what: str) -> None:
+        if self._tx_thread == threading.get_ident():
+            raise ConfigurationError(
+                f"{what} on {self!r} from inside its own open transaction() would wait for that "
+                "transaction forever; use tx.execute()/complete_in(tx, ...) inside the block, or "
+                "call it after the block"
+            )
 
 
 def _upgrade(conn: sqlite3.Connection) -> None:
@@ -1409,5 +1521,6 @@ __all__ = [
     "SQLiteResult",
     "SQLiteTransaction",
     "SyncSQLiteLedger",
+    "SyncSQLiteTransaction",
     "assess_sqlite",
 ]
