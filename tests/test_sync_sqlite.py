@@ -14,10 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from replaysafe.errors import ConfigurationError, LeaseLost, LedgerDataError, LedgerUnavailable
+from replaysafe.errors import (
+    ConfigurationError,
+    LeaseLost,
+    LedgerDataError,
+    LedgerError,
+    LedgerUnavailable,
+)
 from replaysafe.ledger.base import (
     Acquired,
     AlreadyDone,
+    Claim,
     ClaimRequest,
     Conflict,
     InFlight,
@@ -225,3 +232,268 @@ def test_an_unopenable_path_is_ledger_unavailable(tmp_path: Path) -> None:
     ledger = SyncSQLiteLedger(tmp_path / "missing-dir" / "l.db")
     with ledger, pytest.raises(LedgerUnavailable, match="writable"):
         ledger.claim(KEY, "fp", "w", 5.0)
+
+
+# ---------------------------------------------------------------- transactions (complete_in)
+# The sync mirror of TransactionalLedgerContract (testing/contracts/ledger.py), plus the lock.
+
+_EFFECTS = "CREATE TABLE IF NOT EXISTS effects (op TEXT NOT NULL, note TEXT NOT NULL)"
+_INSERT = "INSERT INTO effects (op, note) VALUES (?, ?)"
+
+
+class HandlerFailed(Exception):
+    pass
+
+
+@pytest.fixture
+def tx_clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def tled(tmp_path: Path, tx_clock: FakeClock) -> Iterator[SyncSQLiteLedger]:
+    with SyncSQLiteLedger(tmp_path / "l.db", clock=tx_clock) as ledger:
+        with ledger.transaction() as tx:
+            tx.execute(_EFFECTS)
+        yield ledger
+
+
+def _effects(ledger: SyncSQLiteLedger) -> list[tuple[str, str]]:
+    with ledger.transaction() as tx:
+        return sorted(tx.fetchall("SELECT op, note FROM effects"))
+
+
+def _acquire(ledger: SyncSQLiteLedger, owner: str = "w1") -> Claim:
+    got = ledger.claim(KEY, "fp", owner, 10.0)
+    assert isinstance(got, Acquired), got
+    return got.claim
+
+
+def test_tx_business_row_and_completion_commit_together(tmp_path: Path) -> None:
+    clock = FakeClock()
+    path = tmp_path / "l.db"
+    with SyncSQLiteLedger(path, clock=clock) as ledger:
+        assert ledger.transactional is True and SyncSQLiteLedger.transactional is True
+        with ledger.transaction() as tx:
+            tx.execute(_EFFECTS)
+        claim = _acquire(ledger)
+        with ledger.transaction() as tx:
+            inserted = tx.execute(_INSERT, (KEY.operation_id, "charged"))
+            assert (inserted.rowcount, inserted.lastrowid, inserted.rows) == (1, 1, [])
+            assert ledger.complete_in(tx, claim, "receipt-1") is None
+        assert _effects(ledger) == [(KEY.operation_id, "charged")]
+        record = ledger.get(KEY)
+        assert record is not None and (record.state, record.result) == (
+            State.COMPLETED,
+            "receipt-1",
+        )
+        assert isinstance(ledger.claim(KEY, "fp", "w2", 10.0), AlreadyDone)
+    # committed to the file, for any other connection (here: a fresh one)
+    other = sqlite3.connect(path)
+    try:
+        assert other.execute("SELECT op, note FROM effects").fetchall() == [
+            (KEY.operation_id, "charged")
+        ]
+    finally:
+        other.close()
+
+
+def test_tx_fetchall_sees_the_transactions_own_writes(tled: SyncSQLiteLedger) -> None:
+    with tled.transaction() as tx:
+        tx.execute(_INSERT, ("op-1", "n1"))
+        tx.execute(
+            "INSERT INTO effects (op, note) VALUES (:op, :note)", {"op": "op-2", "note": "n2"}
+        )
+        rows = tx.fetchall("SELECT op, note FROM effects ORDER BY op")
+    assert rows == [("op-1", "n1"), ("op-2", "n2")]
+
+
+def test_tx_exception_rolls_back_business_row_and_completion(tled: SyncSQLiteLedger) -> None:
+    claim = _acquire(tled)
+    before = tled.get(KEY)
+    with pytest.raises(HandlerFailed), tled.transaction() as tx:
+        tx.execute(_INSERT, (KEY.operation_id, "charged"))
+        tled.complete_in(tx, claim, "receipt-1")
+        raise HandlerFailed
+    assert _effects(tled) == []
+    assert tled.get(KEY) == before
+    # nothing happened, so the same claim can still finish the job
+    with tled.transaction() as tx:
+        tx.execute(_INSERT, (KEY.operation_id, "charged"))
+        tled.complete_in(tx, claim, "receipt-2")
+    assert _effects(tled) == [(KEY.operation_id, "charged")]
+    record = tled.get(KEY)
+    assert record is not None and record.result == "receipt-2"
+
+
+def test_tx_rolled_back_operation_can_be_released_and_claimed_again(
+    tled: SyncSQLiteLedger,
+) -> None:
+    claim = _acquire(tled)
+    with pytest.raises(ZeroDivisionError), tled.transaction() as tx:
+        tx.execute(_INSERT, (KEY.operation_id, "charged"))
+        tled.complete_in(tx, claim)
+        _ = 1 / 0
+    tled.release(claim, "ZeroDivisionError")
+    again = _acquire(tled, owner="w2")
+    assert (again.attempt, again.recovered) == (2, False)
+    assert _effects(tled) == []
+
+
+def test_tx_interrupt_rolls_back(tled: SyncSQLiteLedger) -> None:
+    """A BaseException (what a sync caller gets instead of a cancellation) rolls back too."""
+    claim = _acquire(tled)
+    with pytest.raises(KeyboardInterrupt), tled.transaction() as tx:
+        tx.execute(_INSERT, (KEY.operation_id, "charged"))
+        tled.complete_in(tx, claim)
+        raise KeyboardInterrupt
+    assert _effects(tled) == []
+    record = tled.get(KEY)
+    assert record is not None and record.state is State.IN_FLIGHT
+    assert tled.complete(claim).state is State.COMPLETED  # the ledger still works
+
+
+def test_tx_stale_complete_in_raises_lease_lost_and_nothing_commits(
+    tled: SyncSQLiteLedger, tx_clock: FakeClock
+) -> None:
+    stale = _acquire(tled, owner="w1")
+    tx_clock.advance(11.0)
+    current = _acquire(tled, owner="w2")
+    with pytest.raises(LeaseLost), tled.transaction() as tx:
+        tx.execute(_INSERT, (KEY.operation_id, "charged twice?"))
+        tled.complete_in(tx, stale, "nope")
+    assert _effects(tled) == []
+    record = tled.get(KEY)
+    assert record is not None
+    assert (record.state, record.token, record.owner) == (State.IN_FLIGHT, current.token, "w2")
+
+
+def test_tx_callers_sql_error_propagates_unchanged_and_rolls_back(tled: SyncSQLiteLedger) -> None:
+    claim = _acquire(tled)
+    with (
+        pytest.raises(sqlite3.OperationalError, match="no such table"),
+        tled.transaction() as tx,
+    ):
+        tx.execute(_INSERT, (KEY.operation_id, "charged"))
+        tled.complete_in(tx, claim)
+        tx.execute("INSERT INTO no_such_table (x) VALUES (1)")
+    assert _effects(tled) == []
+    record = tled.get(KEY)
+    assert record is not None and record.state is State.IN_FLIGHT
+
+
+def test_tx_refused_ledger_data_is_ledger_data_error_and_rolls_back(
+    tled: SyncSQLiteLedger,
+) -> None:
+    claim = _acquire(tled)
+    with pytest.raises(LedgerDataError), tled.transaction() as tx:
+        tx.execute(_INSERT, (KEY.operation_id, "charged"))
+        tled.complete_in(tx, claim, "receipt-\udcff")  # no UTF-8 form: SQLite cannot bind it
+    assert _effects(tled) == []
+    assert tled.complete(claim, "receipt").state is State.COMPLETED
+
+
+def test_tx_misuse_fails_clearly(tmp_path: Path, tled: SyncSQLiteLedger) -> None:
+    claim = _acquire(tled)
+    with tled.transaction() as tx:
+        # a call on the twin from inside its own block would wait for itself forever
+        for inside in (
+            lambda: tled.get(KEY),
+            lambda: tled.complete(claim),
+            lambda: tled.transaction().__enter__(),
+            tled.close,
+        ):
+            with pytest.raises(ConfigurationError, match="inside its own open transaction"):
+                inside()
+    with pytest.raises(LedgerError, match="finished"):
+        tx.execute("SELECT 1")
+    with (
+        pytest.raises(ConfigurationError, match="ended the ledger's transaction"),
+        tled.transaction() as ended,
+    ):
+        ended.execute("COMMIT")
+    with pytest.raises(LedgerError, match="finished"):
+        tled.complete_in(tx, claim)
+    with (
+        SyncSQLiteLedger(tled.path) as other,
+        other.transaction() as foreign,
+        pytest.raises(ConfigurationError, match="opened by this ledger"),
+    ):
+        tled.complete_in(foreign, claim)
+    record = tled.get(KEY)  # after the block: the twin works, nothing was completed
+    assert record is not None and record.state is State.IN_FLIGHT
+    closed = SyncSQLiteLedger(tmp_path / "closed.db")
+    closed.close()
+    with pytest.raises(LedgerUnavailable, match="closed"), closed.transaction():
+        pass
+
+
+def test_tx_holds_the_write_lock_from_begin(tled: SyncSQLiteLedger) -> None:
+    """BEGIN IMMEDIATE: other connections cannot write (nor begin a write) while the block is
+    open, even before its first statement; a twin that cannot get the lock within busy_timeout
+    raises LedgerUnavailable and has begun nothing."""
+    other = sqlite3.connect(tled.path, timeout=0, isolation_level=None)
+    try:
+        with tled.transaction(), pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("BEGIN IMMEDIATE")
+        other.execute("BEGIN IMMEDIATE")  # free again after the commit
+        try:
+            with (
+                SyncSQLiteLedger(tled.path, busy_timeout=0.05) as waiting,
+                pytest.raises(LedgerUnavailable, match=r"busy_timeout=0\.05s"),
+                waiting.transaction(),
+            ):
+                pytest.fail("the block ran without the write lock")
+        finally:
+            other.execute("ROLLBACK")
+    finally:
+        other.close()
+    assert _effects(tled) == []  # and the twin goes on
+
+
+@pytest.mark.usefixtures("fast_thread_switches")
+def test_tx_other_threads_wait_for_the_block(tled: SyncSQLiteLedger) -> None:
+    """A call from another thread (a keeper extending a lease) waits for the open transaction
+    and then sees only what it committed or rolled back, never its inside."""
+    claim = _acquire(tled)
+    seen: list[object] = []
+    entered = threading.Event()
+
+    def other() -> None:
+        entered.set()
+        seen.append(tled.claim(KEY, "fp", "w2", 10.0))
+
+    worker = threading.Thread(target=other)
+    with pytest.raises(HandlerFailed), tled.transaction() as tx:
+        tled.complete_in(tx, claim)  # COMPLETED inside the block only
+        worker.start()
+        assert entered.wait(10)
+        # Not synchronisation: a bounded look for a wrong outcome. Waiting on the lock, the
+        # thread is still alive after any delay; without the lock it would finish at once.
+        worker.join(0.2)
+        assert worker.is_alive() and seen == []
+        raise HandlerFailed
+    worker.join(10)
+    assert not worker.is_alive()
+    assert len(seen) == 1 and isinstance(seen[0], InFlight)  # after the rollback: still ours
+    assert tled.complete(claim).state is State.COMPLETED
+
+
+async def test_tx_shares_the_file_with_the_async_ledger(tmp_path: Path) -> None:
+    clock = FakeClock()
+    path = tmp_path / "shared.db"
+    async with SQLiteLedger(path, clock=clock) as async_ledger:
+        async with async_ledger.transaction() as atx:
+            await atx.execute(_EFFECTS)
+        with async_ledger.sync() as twin:
+            claim = _acquire(twin)
+            with twin.transaction() as tx:
+                tx.execute(_INSERT, (KEY.operation_id, "charged"))
+                twin.complete_in(tx, claim, "r")
+            async with async_ledger.transaction() as atx:
+                assert await atx.fetchall("SELECT op, note FROM effects") == [
+                    (KEY.operation_id, "charged")
+                ]
+                with pytest.raises(ConfigurationError, match="opened by this ledger"):
+                    twin.complete_in(atx, claim)
+        assert isinstance(await async_ledger.claim(KEY, "fp", "w2", 1.0), AlreadyDone)

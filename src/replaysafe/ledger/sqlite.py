@@ -34,12 +34,12 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any, Final, Self, TypeVar
+from typing import Any, ClassVar, Final, Self, TypeVar
 
 from replaysafe.clock import SYSTEM_CLOCK, Clock
 from replaysafe.errors import (
@@ -314,7 +314,8 @@ class SQLiteTransaction(Transaction):
 
     async def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> SQLiteResult:
         self._check_open()
-        return await self._ledger._run(partial(self._ledger._tx_execute, self, sql, params))
+        core = self._ledger._core
+        return await self._ledger._run(partial(core.tx_execute, self._generation, sql, params))
 
     async def fetchall(
         self, sql: str, params: Sequence[Any] | dict[str, Any] = ()
@@ -330,6 +331,44 @@ class SQLiteTransaction(Transaction):
 
     def __repr__(self) -> str:
         return f"SQLiteTransaction({self._ledger.path!r}, open={self._open})"
+
+
+class SyncSQLiteTransaction:
+    """An open ``BEGIN IMMEDIATE`` transaction on a :class:`SyncSQLiteLedger`'s connection: the
+    sync mirror of :class:`SQLiteTransaction` (the same placeholders, ``?`` or ``:name``, and the
+    same :class:`SQLiteResult`, its rows fetched, so no live cursor outlives the block).
+
+    Valid only inside its ``with ledger.transaction()`` block, and from the thread running that
+    block (or one it waits for): the connection runs one statement at a time. Errors of the
+    caller's own SQL propagate unchanged (``sqlite3.IntegrityError`` …) so a handler can react to
+    them; the block then rolls back when the exception leaves it.
+    """
+
+    def __init__(self, ledger: SyncSQLiteLedger, generation: int) -> None:
+        self._ledger = ledger
+        self._generation = generation
+        self._open = True
+
+    def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> SQLiteResult:
+        """Run one statement inside the transaction; its rows are fetched into the result."""
+        self._check_open()
+        return self._ledger._core.tx_execute(self._generation, sql, params)
+
+    def fetchall(
+        self, sql: str, params: Sequence[Any] | dict[str, Any] = ()
+    ) -> list[tuple[Any, ...]]:
+        """Run a query inside the transaction and return all rows."""
+        return self.execute(sql, params).rows
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise LedgerError(
+                "this transaction is finished (committed or rolled back); open a new one with "
+                "`with ledger.transaction() as tx`"
+            )
+
+    def __repr__(self) -> str:
+        return f"SyncSQLiteTransaction({self._ledger.path!r}, open={self._open})"
 
 
 class SQLiteLedger(TransactionalLedger):
@@ -590,10 +629,10 @@ class SQLiteLedger(TransactionalLedger):
         async with self._lock:
             self._check_open()
             try:
-                generation = await self._run(self._begin_job)
+                generation = await self._run(self._core.begin)
             except BaseException:
                 # cancelled while BEGIN may already have run: never leave it open on the connection
-                await asyncio.shield(self._submit(partial(self._rollback_job, None)))
+                await asyncio.shield(self._submit(partial(self._core.rollback, None)))
                 raise
             tx = SQLiteTransaction(self, generation)
             self._tx_task = asyncio.current_task()
@@ -603,14 +642,14 @@ class SQLiteLedger(TransactionalLedger):
                 tx._open = False
                 # shielded: a cancellation arriving now must not skip the rollback
                 problem = await asyncio.shield(
-                    self._submit(partial(self._rollback_job, generation))
+                    self._submit(partial(self._core.rollback, generation))
                 )
                 if problem is not None:
                     exc.add_note(problem)
                 raise
             else:
                 tx._open = False
-                await asyncio.shield(self._submit(partial(self._commit_job, generation)))
+                await asyncio.shield(self._submit(partial(self._core.commit, generation)))
             finally:
                 tx._open = False
                 self._tx_task = None
@@ -625,7 +664,7 @@ class SQLiteLedger(TransactionalLedger):
             )
         tx._check_open()
         fn = partial(self._core.complete_rows, claim, result)
-        await self._run(partial(self._in_tx, tx, fn, True))
+        await self._run(partial(self._core.in_tx, tx._generation, fn, True))
 
     # ------------------------------------------------------------------ hooks for co-located stores
 
@@ -713,66 +752,6 @@ class SQLiteLedger(TransactionalLedger):
             )
 
     # ------------------------------------------------------------------ connection thread
-    # The transaction's jobs: the one part of the connection side that only this ledger has.
-
-    def _in_tx(
-        self, tx: SQLiteTransaction, fn: Callable[[sqlite3.Connection], T], map_errors: bool
-    ) -> T:
-        conn = self._core.conn
-        if conn is None or self._core.generation != tx._generation or not conn.in_transaction:
-            raise LedgerUnavailable(
-                f"the transaction on {self.path!r} was aborted by SQLite after an earlier error; "
-                "nothing in it will commit: leave the block and retry the operation"
-            )
-        if not map_errors:
-            return fn(conn)
-        try:
-            return fn(conn)
-        except (sqlite3.Error, *_DATA_ERRORS) as exc:
-            raise self._core.error(exc) from exc
-
-    def _tx_execute(
-        self, tx: SQLiteTransaction, sql: str, params: Sequence[Any] | dict[str, Any]
-    ) -> SQLiteResult:
-        def run(conn: sqlite3.Connection) -> SQLiteResult:
-            cur = conn.execute(sql, params)  # the caller's SQL: its errors propagate unchanged
-            rows = cur.fetchall()
-            if not conn.in_transaction:
-                raise ConfigurationError(
-                    f"the statement {sql[:60]!r} ended the ledger's transaction; do not run "
-                    "BEGIN/COMMIT/ROLLBACK inside ledger.transaction() (the block commits or rolls "
-                    "back itself); statements before it may already be committed"
-                )
-            return SQLiteResult(cur.rowcount, cur.lastrowid, rows)
-
-        return self._in_tx(tx, run, False)
-
-    def _begin_job(self) -> int:
-        try:
-            self._core.connection().execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise self._core.unavailable(exc) from exc
-        return self._core.generation
-
-    def _commit_job(self, generation: int) -> None:
-        conn = self._core.conn
-        if conn is None or self._core.generation != generation or not conn.in_transaction:
-            raise LedgerUnavailable(
-                f"the transaction on {self.path!r} was aborted by SQLite before commit; nothing "
-                "in it was committed: retry the operation"
-            )
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._core.rollback_quietly(conn)
-            raise self._core.error(exc) from exc  # a deferred constraint fails here: data
-
-    def _rollback_job(self, generation: int | None) -> str | None:
-        """Roll back; never raises (the caller is already propagating the real error)."""
-        conn = self._core.conn
-        if conn is None or generation not in (None, self._core.generation):
-            return None
-        return self._core.rollback_quietly(conn)
 
     def _close_job(self) -> None:
         self._core.drop_connection()
@@ -955,6 +934,82 @@ class SQLiteCore:
             )
         return LedgerUnavailable(f"SQLite ledger error ({type(exc).__name__}: {exc}); {hint}")
 
+    # ------------------------------------------------------------------ caller's transactions
+    # ``SQLiteLedger.transaction()`` and ``SyncSQLiteLedger.transaction()``: BEGIN IMMEDIATE, the
+    # caller's statements and ``complete_rows``, then COMMIT or ROLLBACK, all on the connection
+    # current at BEGIN (its ``generation``: a dropped connection took the transaction with it).
+
+    def begin(self) -> int:
+        """``BEGIN IMMEDIATE`` (opening the connection first if needed); returns the connection's
+        generation, which the transaction's later steps check. ``sqlite3`` errors become
+        ``LedgerUnavailable`` (nothing began)."""
+        try:
+            self.connection().execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise self.unavailable(exc) from exc
+        return self._generation
+
+    def in_tx(self, generation: int, fn: Callable[[sqlite3.Connection], T], map_errors: bool) -> T:
+        """``fn(conn)`` inside the transaction begun at ``generation``; ``LedgerUnavailable`` if
+        SQLite already aborted it. ``map_errors``: ``sqlite3`` and data errors become
+        ``LedgerUnavailable`` / ``LedgerDataError`` (the ledger's own statements); otherwise they
+        propagate unchanged (the caller's SQL)."""
+        conn = self._conn
+        if conn is None or self._generation != generation or not conn.in_transaction:
+            raise LedgerUnavailable(
+                f"the transaction on {self.path!r} was aborted by SQLite after an earlier error; "
+                "nothing in it will commit: leave the block and retry the operation"
+            )
+        if not map_errors:
+            return fn(conn)
+        try:
+            return fn(conn)
+        except (sqlite3.Error, *_DATA_ERRORS) as exc:
+            raise self.error(exc) from exc
+
+    def tx_execute(
+        self, generation: int, sql: str, params: Sequence[Any] | dict[str, Any]
+    ) -> SQLiteResult:
+        """The caller's statement inside the transaction, its rows fetched. Its errors propagate
+        unchanged; a statement that ended the transaction raises ``ConfigurationError``."""
+
+        def run(conn: sqlite3.Connection) -> SQLiteResult:
+            cur = conn.execute(sql, params)  # the caller's SQL: its errors propagate unchanged
+            rows = cur.fetchall()
+            if not conn.in_transaction:
+                raise ConfigurationError(
+                    f"the statement {sql[:60]!r} ended the ledger's transaction; do not run "
+                    "BEGIN/COMMIT/ROLLBACK inside ledger.transaction() (the block commits or rolls "
+                    "back itself); statements before it may already be committed"
+                )
+            return SQLiteResult(cur.rowcount, cur.lastrowid, rows)
+
+        return self.in_tx(generation, run, False)
+
+    def commit(self, generation: int) -> None:
+        """``COMMIT`` the transaction begun at ``generation``. A failed commit is rolled back and
+        raised mapped (``LedgerDataError`` for a deferred constraint, else
+        ``LedgerUnavailable``)."""
+        conn = self._conn
+        if conn is None or self._generation != generation or not conn.in_transaction:
+            raise LedgerUnavailable(
+                f"the transaction on {self.path!r} was aborted by SQLite before commit; nothing "
+                "in it was committed: retry the operation"
+            )
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self.rollback_quietly(conn)
+            raise self.error(exc) from exc  # a deferred constraint fails here: data
+
+    def rollback(self, generation: int | None) -> str | None:
+        """Roll back the transaction begun at ``generation`` (None: whatever is open); never
+        raises (the caller is already propagating the real error). Returns what went wrong."""
+        conn = self._conn
+        if conn is None or generation not in (None, self._generation):
+            return None
+        return self.rollback_quietly(conn)
+
     # ------------------------------------------------------------------ state transitions
     # All run inside BEGIN IMMEDIATE (a job, or the caller's transaction), on whichever thread
     # the holder runs the core on.
@@ -1103,12 +1158,18 @@ class SyncSQLiteLedger:
     error raises ``LedgerUnavailable`` and the call may or may not have committed (then do not
     complete at the broker).
 
+    Transactional effects: :meth:`transaction` and :meth:`complete_in`, as on ``SQLiteLedger``
+    (business rows and the ledger row commit or roll back together).
+
     Threads: one connection, used by one call at a time under a ``threading.Lock`` held through
     the commit's fsync (SQLite has one writer per file anyway), so it is safe from several threads
     at once (a keeper thread extending leases while the caller runs the effect). An async
     ``SQLiteLedger`` on the same file, and other processes, are ordinary other connections:
     ``BEGIN IMMEDIATE`` and ``busy_timeout`` serialise them.
     """
+
+    #: ``transaction()`` and ``complete_in()``: the ledger row commits with the business rows
+    transactional: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -1123,6 +1184,10 @@ class SyncSQLiteLedger:
         )
         self._lock = threading.Lock()
         self._closed = False
+        # the thread inside this twin's transaction(), holding self._lock (None: none is open);
+        # only ever equal to a reader's own ident when the reader is that thread, so it is read
+        # without the lock
+        self._tx_thread: int | None = None
 
     @property
     def path(self) -> str:
@@ -1184,9 +1249,60 @@ class SyncSQLiteLedger:
         """The stored record of ``key``, or None. Reads only."""
         return self._call(partial(self._core.load, key=key), False)
 
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[SyncSQLiteTransaction]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` on normal exit, ``ROLLBACK`` on any exception
+        (``KeyboardInterrupt`` included), as :meth:`SQLiteLedger.transaction`.
+
+        Holds this twin's lock for the whole block, so every other call on the twin waits for it,
+        from any thread (the keeper's lease extensions included; keep transactions short), and
+        SQLite's write lock from ``BEGIN``, so other connections' writes wait up to
+        ``busy_timeout``. A call on the twin from inside its own block raises
+        ``ConfigurationError`` instead of waiting for itself forever. Raises ``LedgerUnavailable``
+        when the write lock cannot be had within ``busy_timeout`` (nothing began) and when the
+        final commit fails (then nothing the block did may be assumed durable)."""
+        self._check_not_in_tx("transaction()")
+        with self._lock:
+            self._check_open()
+            try:
+                generation = self._core.begin()
+            except BaseException:
+                # an interrupt may land after BEGIN ran: never leave it open on the connection
+                self._core.rollback(None)
+                raise
+            tx = SyncSQLiteTransaction(self, generation)
+            self._tx_thread = threading.get_ident()
+            try:
+                yield tx
+            except BaseException as exc:
+                tx._open = False
+                problem = self._core.rollback(generation)
+                if problem is not None:
+                    exc.add_note(problem)
+                raise
+            else:
+                tx._open = False
+                self._core.commit(generation)
+            finally:
+                tx._open = False
+                self._tx_thread = None
+
+    def complete_in(self, tx: object, claim: Claim, result: str | None = None) -> None:
+        """Fence and mark the claim completed inside ``tx`` (opened by this twin's
+        :meth:`transaction`); it commits with the business rows. Raises ``LeaseLost`` when the
+        token is stale (nothing written): let it leave the block so the block rolls back."""
+        if not isinstance(tx, SyncSQLiteTransaction) or tx._ledger is not self:
+            raise ConfigurationError(
+                "complete_in() needs a transaction opened by this ledger's transaction(); a "
+                "transaction of another connection or database cannot commit this ledger's row"
+            )
+        tx._check_open()
+        self._core.in_tx(tx._generation, partial(self._core.complete_rows, claim, result), True)
+
     def close(self) -> None:
         """Close the connection (after a call running in another thread). Idempotent; later
         calls raise ``LedgerUnavailable``."""
+        self._check_not_in_tx("close()")
         with self._lock:
             if self._closed:
                 return
@@ -1200,13 +1316,26 @@ class SyncSQLiteLedger:
         self.close()
 
     def _call(self, fn: Callable[[sqlite3.Connection], T], write: bool) -> T:
+        if self._tx_thread == threading.get_ident():
+            self._check_not_in_tx("this call")
         with self._lock:
-            if self._closed:
-                raise LedgerUnavailable(
-                    f"{self!r} is closed; open a new one (SQLiteLedger.sync(), or "
-                    f"SyncSQLiteLedger({self.path!r})) to use it again"
-                )
+            self._check_open()
             return self._core.job(fn, write)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LedgerUnavailable(
+                f"{self!r} is closed; open a new one (SQLiteLedger.sync(), or "
+                f"SyncSQLiteLedger({self.path!r})) to use it again"
+            )
+
+    def _check_not_in_tx(self, what: str) -> None:
+        if self._tx_thread == threading.get_ident():
+            raise ConfigurationError(
+                f"{what} on {self!r} from inside its own open transaction() would wait for that "
+                "transaction forever; use tx.execute()/complete_in(tx, ...) inside the block, or "
+                "call it after the block"
+            )
 
 
 def _upgrade(conn: sqlite3.Connection) -> None:
@@ -1392,5 +1521,6 @@ __all__ = [
     "SQLiteResult",
     "SQLiteTransaction",
     "SyncSQLiteLedger",
+    "SyncSQLiteTransaction",
     "assess_sqlite",
 ]
