@@ -459,3 +459,39 @@ def test_an_async_middleware_that_awaits_io_fails_the_attempt_on_the_sync_path()
         g.close_sync()
     assert out.status is Status.RETRY and out.action == "nack"
     assert ran == []
+
+
+def test_a_sync_transactional_effect_commits_with_the_ledger_row(tmp_path: Path) -> None:
+    """A plain function writes its business row through ctx.tx (the SQLite twin's sync
+    transaction): the row and the completion commit together; a failure rolls both back."""
+    import sqlite3
+
+    from replaysafe import RetryPolicy
+
+    path = tmp_path / "l.db"
+    ledger = SQLiteLedger(path)
+    g = Guard(ledger, name="book", guarantee=EO, effect=Effect.transactional(),
+              retry=RetryPolicy(max_attempts=3, base_delay=0))  # fmt: skip
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE orders (op TEXT PRIMARY KEY, amount INT)")
+    con.commit()
+
+    def book(ctx: Context) -> str:
+        ctx.tx.execute(
+            "INSERT INTO orders VALUES (?, ?)", (ctx.operation_id, ctx.payload["amount"])
+        )
+        if ctx.payload["amount"] < 0:
+            raise ValueError("refused after the insert")
+        return "booked"
+
+    try:
+        ok = g.run_sync(wire(env("o1", 5)), book)
+        dup = g.run_sync(wire(env("o1", 5)), book)
+        bad = g.run_sync(wire(env("o2", -1)), book)
+    finally:
+        g.close_sync()
+    rows = con.execute("SELECT op, amount FROM orders").fetchall()
+    con.close()
+    assert (ok.status, dup.status, dup.result) == (Status.APPLIED, Status.DUPLICATE, "booked")
+    assert bad.status is Status.RETRY  # rolled back, released: retried
+    assert rows == [("o1", 5)]
