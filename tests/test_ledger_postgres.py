@@ -1696,13 +1696,11 @@ async def test_twin_another_threads_claim_waits_for_the_transaction_then_sees_it
         with psycopg.connect(pg_dsn, autocommit=True) as admin_conn:
 
             def blocked() -> bool:
-                return bool(
-                    admin_conn.execute(
-                        "SELECT count(*) FROM pg_stat_activity "
-                        "WHERE %s = ANY(pg_blocking_pids(pid))",
-                        (pids[0],),
-                    ).fetchone()[0]  # type: ignore[index]
-                )
+                rows = admin_conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
+                    (pids[0],),
+                ).fetchall()
+                return bool(rows)
 
             await until(blocked, seconds=WAIT, what="the claim to wait on the row lock")
         assert not redelivery.done()
