@@ -10,7 +10,7 @@ import threading
 import time
 import types
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -1554,6 +1554,242 @@ async def test_a_closed_ledger_has_no_twin(pg_dsn: str, pg_schema: str) -> None:
     await ledger.close()
     with pytest.raises(LedgerUnavailable, match="closed"):
         ledger.sync()
+
+
+# ---------------------------------------------------------------------- the twin's transactions
+#
+# TransactionalLedgerContract's checks, written sync for SyncPostgresLedger.transaction() /
+# complete_in (issue 14: a sync Guard's transactional effect), plus the threads a sync Guard has.
+
+
+INSERT = "INSERT INTO effects (op, note) VALUES (%s, %s)"
+
+
+@pytest.fixture
+def ttwin(pg_dsn: str, pg_schema: str) -> Iterator[SyncPostgresLedger]:
+    """A twin on the test's schema with a business table ``effects(op, note)`` in it."""
+    twin = twin_of(pg_dsn, pg_schema, max_size=4)
+    with twin.transaction() as tx:
+        tx.execute("CREATE TABLE effects (op text NOT NULL, note text NOT NULL)")
+    yield twin
+    twin.close()
+
+
+def effects(twin: SyncPostgresLedger) -> list[tuple[Any, ...]]:
+    with twin.transaction() as tx:
+        return sorted(tx.fetchall("SELECT op, note FROM effects"))
+
+
+def twin_acquire(twin: SyncPostgresLedger, owner: str = "w1", lease: float = 30.0) -> Any:
+    out = twin.claim(KEY, "fp", owner, lease)
+    assert isinstance(out, Acquired), out
+    return out.claim
+
+
+def test_twin_business_row_and_complete_in_commit_together(ttwin: SyncPostgresLedger) -> None:
+    assert ttwin.transactional is True
+    claim = twin_acquire(ttwin)
+    with ttwin.transaction() as tx:
+        tx.execute(INSERT, (KEY.operation_id, "charged"))
+        assert tx.fetchall("SELECT op, note FROM effects") == [(KEY.operation_id, "charged")]
+        assert tx.execute("SELECT 1").rowcount == 1  # the driver's cursor
+        ttwin.complete_in(tx, claim, "receipt-1")
+    assert effects(ttwin) == [(KEY.operation_id, "charged")]
+    record = ttwin.get(KEY)
+    assert record is not None and (record.state, record.result) == (State.COMPLETED, "receipt-1")
+    assert isinstance(ttwin.claim(KEY, "fp", "w2", 30.0), AlreadyDone)
+    with pytest.raises(LedgerError, match="finished"):  # the block is over
+        tx.execute("SELECT 1")
+
+
+class HandlerFailed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("failure", [HandlerFailed, KeyboardInterrupt])
+@pytest.mark.parametrize("then", ["finish", "release"])
+def test_twin_exception_rolls_back_business_row_and_completion(
+    ttwin: SyncPostgresLedger, failure: type[BaseException], then: str
+) -> None:
+    claim = twin_acquire(ttwin)
+    before = ttwin.get(KEY)
+    with pytest.raises(failure), ttwin.transaction() as tx:
+        tx.execute(INSERT, (KEY.operation_id, "charged"))
+        ttwin.complete_in(tx, claim, "receipt-1")
+        raise failure
+    assert effects(ttwin) == []
+    assert ttwin.get(KEY) == before
+    if then == "finish":  # nothing happened, so the same claim can still finish the job
+        with ttwin.transaction() as tx:
+            tx.execute(INSERT, (KEY.operation_id, "charged"))
+            ttwin.complete_in(tx, claim, "receipt-2")
+        assert effects(ttwin) == [(KEY.operation_id, "charged")]
+        record = ttwin.get(KEY)
+        assert record is not None and record.result == "receipt-2"
+    else:
+        ttwin.release(claim, "HandlerFailed")
+        again = twin_acquire(ttwin, owner="w2")
+        assert (again.attempt, again.recovered) == (2, False)
+        assert effects(ttwin) == []
+
+
+async def test_twin_stale_complete_in_raises_lease_lost_and_nothing_commits(
+    ttwin: SyncPostgresLedger,
+) -> None:
+    stale = twin_acquire(ttwin, lease=0.3)
+    # the database clock expires the lease; then another worker takes the operation over
+
+    def take_over() -> Any:
+        out = ttwin.claim(KEY, "fp", "w2", 30.0)
+        return out.claim if isinstance(out, Acquired) else None
+
+    current = await until(
+        take_over, seconds=WAIT, what="a takeover of the expired lease", interval=0.1
+    )
+    assert current.recovered and current.token > stale.token
+    with pytest.raises(LeaseLost), ttwin.transaction() as tx:
+        tx.execute(INSERT, (KEY.operation_id, "charged twice?"))
+        ttwin.complete_in(tx, stale, "nope")
+    assert effects(ttwin) == []
+    record = ttwin.get(KEY)
+    assert record is not None
+    assert (record.state, record.token, record.owner) == (State.IN_FLIGHT, current.token, "w2")
+
+
+def test_twin_callers_sql_error_propagates_unchanged_and_rolls_back(
+    ttwin: SyncPostgresLedger,
+) -> None:
+    claim = twin_acquire(ttwin)
+    with pytest.raises(psycopg.errors.UndefinedTable), ttwin.transaction() as tx:
+        tx.execute(INSERT, (KEY.operation_id, "charged"))
+        ttwin.complete_in(tx, claim)
+        tx.execute("INSERT INTO no_such_table (x) VALUES (1)")
+    assert effects(ttwin) == []
+    record = ttwin.get(KEY)
+    assert record is not None and record.state is State.IN_FLIGHT
+
+
+@pytest.mark.parametrize("outcome", ["commit", "rollback"])
+async def test_twin_another_threads_claim_waits_for_the_transaction_then_sees_its_outcome(
+    pg_dsn: str, ttwin: SyncPostgresLedger, outcome: str
+) -> None:
+    """complete_in holds the ledger row's lock until the transaction ends: a redelivery claimed
+    meanwhile in another thread waits, then sees the outcome (done, or still ours)."""
+    claim = twin_acquire(ttwin)
+    locked, finish = threading.Event(), threading.Event()
+    pids: list[int] = []
+
+    def handler() -> None:
+        with ttwin.transaction() as tx:
+            pids.append(tx.fetchall("SELECT pg_backend_pid()")[0][0])
+            tx.execute(INSERT, (KEY.operation_id, "charged"))
+            ttwin.complete_in(tx, claim, "r")
+            locked.set()
+            assert finish.wait(WAIT)
+            if outcome == "rollback":
+                raise HandlerFailed
+
+    with ThreadPoolExecutor(2) as pool:
+        inside = pool.submit(handler)
+        assert await asyncio.to_thread(locked.wait, WAIT)
+        redelivery = pool.submit(ttwin.claim, KEY, "fp", "w2", 30.0)
+        with psycopg.connect(pg_dsn, autocommit=True) as admin_conn:
+
+            def blocked() -> bool:
+                rows = admin_conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
+                    (pids[0],),
+                ).fetchall()
+                return bool(rows)
+
+            await until(blocked, seconds=WAIT, what="the claim to wait on the row lock")
+        assert not redelivery.done()
+        finish.set()
+        if outcome == "commit":
+            inside.result(WAIT)
+            # the claim statement reads the row it could not take with its own snapshot, taken
+            # before the commit: InFlight (the redelivery is nacked) is as safe as AlreadyDone
+            assert isinstance(redelivery.result(WAIT), InFlight | AlreadyDone)
+            assert isinstance(ttwin.claim(KEY, "fp", "w2", 30.0), AlreadyDone)
+            assert effects(ttwin) == [(KEY.operation_id, "charged")]
+        else:
+            with pytest.raises(HandlerFailed):
+                inside.result(WAIT)
+            assert isinstance(redelivery.result(WAIT), InFlight)
+            assert effects(ttwin) == []
+
+
+def test_twin_writes_from_inside_its_own_transaction_are_refused_not_other_threads(
+    ttwin: SyncPostgresLedger,
+) -> None:
+    claim = twin_acquire(ttwin)
+    with ttwin.transaction() as tx:
+        # a keeper thread extends the lease while the function runs: allowed
+        with ThreadPoolExecutor(1) as keeper:
+            extended = keeper.submit(ttwin.extend, claim, 60.0).result(WAIT)
+        ttwin.complete_in(tx, extended, "r")
+        # from the transaction's own thread this would wait forever on complete_in's row lock
+        with pytest.raises(ConfigurationError, match="complete_in"):
+            ttwin.complete(claim)
+        with pytest.raises(ConfigurationError, match="transaction"), ttwin.transaction():
+            pass
+        record = ttwin.get(KEY)  # reads are fine
+        assert record is not None and record.state is State.IN_FLIGHT
+    record = ttwin.get(KEY)
+    assert record is not None and record.state is State.COMPLETED
+    assert isinstance(ttwin.claim(OpKey("orders", "op-2"), "fp", "w1", 5.0), Acquired)
+
+
+async def test_twin_complete_in_refuses_a_transaction_it_did_not_open(
+    pg_dsn: str, pg_schema: str, ttwin: SyncPostgresLedger
+) -> None:
+    claim = twin_acquire(ttwin)
+    other = twin_of(pg_dsn, pg_schema)
+    ledger = await make(pg_dsn, pg_schema)
+    try:
+        with pytest.raises(ConfigurationError, match="this twin"), other.transaction() as tx:
+            ttwin.complete_in(tx, claim)
+        async with ledger.transaction() as atx:
+            with pytest.raises(ConfigurationError, match="this twin"):
+                ttwin.complete_in(atx, claim)
+    finally:
+        other.close()
+        await ledger.close()
+    record = ttwin.get(KEY)
+    assert record is not None and record.state is State.IN_FLIGHT
+
+
+def test_twin_a_dead_connection_inside_a_transaction_is_ledger_unavailable(
+    pg_dsn: str, ttwin: SyncPostgresLedger
+) -> None:
+    claim = twin_acquire(ttwin)
+    dead = pytest.raises(LedgerUnavailable, match="transaction statement")
+    with dead as raised, ttwin.transaction() as tx:
+        tx.execute(INSERT, (KEY.operation_id, "charged"))
+        ttwin.complete_in(tx, claim, "r")
+        ((pid,),) = tx.fetchall("SELECT pg_backend_pid()")
+        with psycopg.connect(pg_dsn, autocommit=True) as k:
+            k.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        tx.execute("SELECT 1")
+    assert "retry" in str(raised.value)
+    assert effects(ttwin) == []  # the pool replaced the dead connection
+    with ttwin.transaction() as tx:
+        tx.execute(INSERT, (KEY.operation_id, "charged"))
+        ttwin.complete_in(tx, claim, "r")
+    assert effects(ttwin) == [(KEY.operation_id, "charged")]
+
+
+def test_twin_a_deferred_constraint_failing_at_commit_is_a_data_error(
+    ttwin: SyncPostgresLedger,
+) -> None:
+    claim = twin_acquire(ttwin)
+    with ttwin.transaction() as tx:
+        tx.execute("CREATE TABLE uniq (op text UNIQUE DEFERRABLE INITIALLY DEFERRED)")
+    with pytest.raises(LedgerDataError, match="commit"), ttwin.transaction() as tx:
+        tx.execute("INSERT INTO uniq (op) VALUES ('a'), ('a')")
+        ttwin.complete_in(tx, claim, "r")
+    record = ttwin.get(KEY)
+    assert record is not None and record.state is State.IN_FLIGHT
 
 
 # ---------------------------------------------------------------------- data errors

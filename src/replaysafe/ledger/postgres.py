@@ -49,11 +49,11 @@ import math
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Generator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Generator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Self, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from replaysafe.errors import (
@@ -91,7 +91,7 @@ from replaysafe.ledger.durability import Durability, assess_postgres
 from replaysafe.quarantine import QuarantineReason
 
 if TYPE_CHECKING:  # the driver is an optional extra: imported lazily at run time
-    from psycopg import AsyncConnection, AsyncCursor, Connection
+    from psycopg import AsyncConnection, AsyncCursor, Connection, Cursor
     from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 log = logging.getLogger("replaysafe.ledger.postgres")
@@ -721,6 +721,65 @@ class PostgresTransaction(Transaction):
         return f"PostgresTransaction({self._ledger!r}, open={self._open})"
 
 
+class SyncPostgresTransaction:
+    """The sync twin's open transaction (:meth:`SyncPostgresLedger.transaction`): the sync mirror
+    of :class:`PostgresTransaction`, on one pooled connection, for a plain function's
+    ``ctx.tx``.
+
+    Valid only inside its ``with twin.transaction()`` block. Statements use psycopg's
+    placeholders (``%s`` or ``%(name)s``). The caller's own SQL errors propagate unchanged
+    (``psycopg.errors.UniqueViolation`` …); a connection that died under a statement is
+    ``LedgerUnavailable``. After an error PostgreSQL refuses further statements in the same
+    transaction: let the exception leave the block, which rolls back.
+    """
+
+    def __init__(self, ledger: SyncPostgresLedger, conn: Connection[Any]) -> None:
+        self._ledger = ledger
+        self._conn = conn
+        self._open = True
+
+    @property
+    def connection(self) -> Connection[Any]:
+        """The psycopg connection (for cursors, COPY …). Do not commit or roll back on it."""
+        self._check_open()
+        return self._conn
+
+    def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Cursor[Any]:
+        """Run one statement; returns the psycopg cursor (``rowcount``, ``fetchall()`` …).
+
+        The caller's own SQL errors propagate unchanged; a connection that died under the
+        statement raises ``LedgerUnavailable``: the transaction is gone, nothing of it
+        committed."""
+        self._check_open()
+        psycopg, _ = _driver()
+        try:
+            return self._conn.execute(sql, params or None)
+        except psycopg.Error as exc:
+            if self._conn.broken or self._conn.closed:
+                raise self._ledger._s.unavailable("transaction statement", exc) from exc
+            raise
+
+    def fetchall(
+        self, sql: str, params: Sequence[Any] | dict[str, Any] = ()
+    ) -> list[tuple[Any, ...]]:
+        """Run a query inside the transaction and return all rows (none for a statement that
+        returns no rows)."""
+        cur = self.execute(sql, params)
+        if cur.description is None:
+            return []
+        return [tuple(r) for r in cur.fetchall()]
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise LedgerError(
+                "this transaction is finished (committed or rolled back); open a new one with "
+                "`with twin.transaction() as tx`"
+            )
+
+    def __repr__(self) -> str:
+        return f"SyncPostgresTransaction({self._ledger!r}, open={self._open})"
+
+
 # ---------------------------------------------------------------------- shared by both flavours
 
 #: what a sans-IO step asks its driver to run: (statement, parameters); the driver sends back all
@@ -1142,6 +1201,26 @@ def _drive_on_sync(conn: Connection[Any], steps: Generator[_Step, _Rows, T]) -> 
             return result
         cur = conn.execute(query, params)
         rows = cur.fetchall() if cur.description is not None else []
+
+
+def _complete_in_steps(
+    s: _Shared, claim: Claim, result: str | None
+) -> Generator[_Step, _Rows, LeaseLost | None]:
+    """Both flavours' ``complete_in``, on the transaction's connection: the fenced completion;
+    when it changed no row, the record read for the ``LeaseLost`` to raise (returned, not raised:
+    the driver maps only driver errors)."""
+    rows = yield s.sql("complete"), _fence_params(claim, result=result)
+    if rows:
+        return None
+    current = yield s.sql("get"), _get_params(claim.key)
+    return _fence_error(_record_or_none(current[0] if current else None), claim)
+
+
+#: why a failed COMMIT leaves the outcome unknown, and how to learn it
+_COMMIT_HINT: Final = (
+    "the transaction may or may not have committed; the next claim of the operation tells "
+    "(AlreadyDone if it did)"
+)
 
 
 def _claim_steps(
@@ -1822,12 +1901,7 @@ class PostgresLedger(TransactionalLedger):
                 await conn.execute("COMMIT")
             except psycopg.Error as exc:
                 # a deferred constraint of the block's own rows fails here: data, rolled back
-                raise self._error(
-                    "commit",
-                    exc,
-                    "the transaction may or may not have committed; the next claim of the "
-                    "operation tells (AlreadyDone if it did)",
-                ) from exc
+                raise self._error("commit", exc, _COMMIT_HINT) from exc
         finally:
             tx._open = False
             if task is not None:
@@ -1848,15 +1922,11 @@ class PostgresLedger(TransactionalLedger):
         tx._check_open()
         psycopg, _ = _driver()
         try:
-            cur = await tx._conn.execute(self._sql("complete"), _fence_params(claim, result=result))
-            row = await cur.fetchone()
-            if row is None:
-                cur = await tx._conn.execute(
-                    self._sql("get"), {"scope": claim.key.scope, "op": claim.key.operation_id}
-                )
-                raise _fence_error(_record_or_none(await cur.fetchone()), claim)
+            lost = await _drive_on(tx._conn, _complete_in_steps(self._s, claim, result))
         except (psycopg.Error, UnicodeEncodeError) as exc:
             raise self._error("complete_in", exc) from exc
+        if lost is not None:
+            raise lost
 
     # ------------------------------------------------------------------ claims
 
@@ -2034,7 +2104,13 @@ class SyncPostgresLedger:
     Opens on first use (or :meth:`open`): the pool, the clock offset, the schema check (or the
     migration with ``auto_migrate``). :meth:`close` closes its pool; the async ledger it came from
     is independent of it (closing one leaves the other open).
+
+    Transactional, as the async ledger: :meth:`transaction` and :meth:`complete_in` commit a
+    plain function's business rows and the ledger row together.
     """
+
+    #: business rows and the ledger row can commit together (:meth:`transaction`)
+    transactional: ClassVar[bool] = True
 
     def __init__(self, shared: _Shared) -> None:
         psycopg, pool_mod = _driver()  # MissingExtra now, not at the first claim
@@ -2046,6 +2122,9 @@ class SyncPostgresLedger:
         self._open_lock = threading.Lock()
         self._closed = False
         self._clock_offset = 0.0
+        #: threads inside one of this twin's transactions (see _guard); set.add/discard are
+        #: atomic, and the hot path only tests the set for emptiness
+        self._tx_threads: set[int] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -2085,10 +2164,12 @@ class SyncPostgresLedger:
 
     def claim(self, key: OpKey, fingerprint: str, owner: str, lease: float) -> ClaimOutcome:
         """:meth:`PostgresLedger.claim`, in the caller's thread."""
+        self._guard("claim")
         return self._claim_all([ClaimRequest(key, fingerprint, owner, lease)])[0]
 
     def claim_many(self, requests: Sequence[ClaimRequest]) -> list[ClaimOutcome]:
         """:meth:`PostgresLedger.claim_many`, in the caller's thread."""
+        self._guard("claim_many")
         if not requests:
             self._check_open()
             return []
@@ -2096,6 +2177,7 @@ class SyncPostgresLedger:
 
     def extend(self, claim: Claim, lease: float) -> Claim:
         """:meth:`PostgresLedger.extend`, in the caller's thread."""
+        self._guard("extend")
         rows = self._fetch("extend", self._sql("extend"), _fence_params(claim, lease=lease))
         if not rows:
             raise self._lease_lost(claim)
@@ -2103,6 +2185,7 @@ class SyncPostgresLedger:
 
     def complete(self, claim: Claim, result: str | None = None) -> Record:
         """:meth:`PostgresLedger.complete`, in the caller's thread."""
+        self._guard("complete")
         rows = self._fetch("complete", self._sql("complete"), _fence_params(claim, result=result))
         if not rows:
             raise self._lease_lost(claim)
@@ -2110,6 +2193,7 @@ class SyncPostgresLedger:
 
     def complete_many(self, items: Sequence[tuple[Claim, str | None]]) -> list[Record | LeaseLost]:
         """:meth:`PostgresLedger.complete_many`, in the caller's thread."""
+        self._guard("complete_many")
         if not items:
             self._check_open()
             return []
@@ -2120,6 +2204,7 @@ class SyncPostgresLedger:
 
     def mark_started(self, claims: Sequence[Claim]) -> list[Claim | LeaseLost]:
         """:meth:`PostgresLedger.mark_started`, in the caller's thread."""
+        self._guard("mark_started")
         if not claims:
             self._check_open()
             return []
@@ -2133,6 +2218,7 @@ class SyncPostgresLedger:
 
     def release(self, claim: Claim, error: str | None = None) -> None:
         """:meth:`PostgresLedger.release`, in the caller's thread."""
+        self._guard("release")
         rows = self._fetch(
             "release", self._sql("release"), _fence_params(claim, error=storable_text(error))
         )
@@ -2141,6 +2227,7 @@ class SyncPostgresLedger:
 
     def quarantine(self, request: QuarantineRequest, claim: Claim | None = None) -> QuarantineEntry:
         """:meth:`PostgresLedger.quarantine`, in the caller's thread."""
+        self._guard("quarantine")
         entry_params = _entry_params(request.storable())
         if claim is None:
             rows = self._fetch("quarantine", self._sql("upsert_entry"), entry_params)
@@ -2159,7 +2246,98 @@ class SyncPostgresLedger:
         rows = self._fetch("get", self._sql("get"), _get_params(key))
         return _record(rows[0]) if rows else None
 
+    # ------------------------------------------------------------------ transactions
+
+    @contextmanager
+    def transaction(self) -> Iterator[SyncPostgresTransaction]:
+        """:meth:`PostgresLedger.transaction` in the caller's thread: ``BEGIN`` … ``COMMIT`` on
+        one pooled connection, ``ROLLBACK`` on any exception (``KeyboardInterrupt`` included).
+        Several threads may each hold one at once, up to ``max_size`` connections.
+
+        A failed ``COMMIT`` is ``LedgerUnavailable`` with the outcome unknown (the next claim
+        resolves it: ``AlreadyDone`` if it committed), or ``LedgerDataError`` when the server
+        refused the block's own rows at commit (a deferred constraint): rolled back. Inside the
+        block use ``tx`` and :meth:`complete_in`; this twin's other write calls from the same
+        thread are refused with ``ConfigurationError`` (they would wait on the transaction's own
+        row locks, or on its pooled connection).
+        """
+        self._guard("transaction")
+        pool = self._pool if self._pool is not None else self._ensure_ready()
+        s = self._s
+        try:
+            conn = pool.getconn(s.acquire_timeout)
+        except self._pool_timeout as exc:  # first: PoolTimeout is a psycopg.OperationalError
+            raise s.pool_exhausted() from exc
+        except self._errors as exc:
+            raise s.unavailable("transaction", exc) from exc
+        me = threading.get_ident()
+        tx = SyncPostgresTransaction(self, conn)
+        try:
+            try:
+                conn.execute("BEGIN")
+            except self._errors as exc:
+                raise s.unavailable("transaction", exc) from exc
+            self._tx_threads.add(me)
+            try:
+                yield tx
+            except BaseException as exc:
+                tx._open = False
+                problem = self._rollback(conn)
+                if problem is not None:
+                    exc.add_note(problem)
+                raise
+            tx._open = False
+            try:
+                conn.execute("COMMIT")
+            except self._errors as exc:
+                raise s.error("commit", exc, _COMMIT_HINT) from exc
+        finally:
+            tx._open = False
+            self._tx_threads.discard(me)
+            # the pool rolls back anything left open and discards a broken connection
+            pool.putconn(conn)
+            if conn.broken:
+                self._flush_dead_connections(pool)
+
+    def complete_in(self, tx: object, claim: Claim, result: str | None = None) -> None:
+        """:meth:`PostgresLedger.complete_in` in the caller's thread: fence and mark the claim
+        completed inside ``tx``, so it commits with the business rows. ``LeaseLost`` when the
+        token is stale: let it leave the block so it rolls back. ``ConfigurationError`` for a
+        transaction this twin did not open."""
+        if not isinstance(tx, SyncPostgresTransaction) or tx._ledger is not self:
+            raise ConfigurationError(
+                "complete_in() needs a transaction opened by this twin's transaction(); a "
+                "transaction of another database (or another twin's pool) cannot commit this "
+                "ledger's row"
+            )
+        tx._check_open()
+        try:
+            lost = _drive_on_sync(tx._conn, _complete_in_steps(self._s, claim, result))
+        except self._errors as exc:
+            raise self._s.error("complete_in", exc) from exc
+        if lost is not None:
+            raise lost
+
     # ------------------------------------------------------------------ plumbing
+
+    def _guard(self, what: str) -> None:
+        """Refuse a write from inside this thread's own open transaction (it would wait forever
+        on that transaction's row locks). Costs one emptiness test when no transaction is open."""
+        if self._tx_threads and threading.get_ident() in self._tx_threads:
+            raise ConfigurationError(
+                f"{what} on {self!r} from inside its own open transaction() could wait on that "
+                "transaction's row locks forever; use tx.execute()/complete_in(tx, ...) inside "
+                "the block, or call it after the block"
+            )
+
+    def _rollback(self, conn: Connection[Any]) -> str | None:
+        """Roll back; never raises (the caller is already propagating the real error)."""
+        try:
+            conn.execute("ROLLBACK")
+        except self._errors as exc:
+            # a broken connection has no transaction left to roll back; the pool discards it
+            return f"rollback failed ({self._s.scrub(str(exc))}); the connection is discarded"
+        return None
 
     def _claim_all(self, requests: list[ClaimRequest]) -> list[ClaimOutcome]:
         """Run :func:`_claim_steps`, each statement on a pooled connection."""
@@ -2384,6 +2562,7 @@ __all__ = [
     "PostgresLedger",
     "PostgresTransaction",
     "SyncPostgresLedger",
+    "SyncPostgresTransaction",
     "assess_postgres",
     "redact_dsn",
 ]
