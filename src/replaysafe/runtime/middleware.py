@@ -27,12 +27,32 @@ from replaysafe.errors import OutcomeUnknown
 from replaysafe.observe import otel
 
 if TYPE_CHECKING:
-    from replaysafe.app import Context, HandlerFn
+    from replaysafe.app import Context, HandlerFn, HandlerSpec
     from replaysafe.clock import Clock
 
 log = logging.getLogger("replaysafe.runtime")
 
 Middleware = Callable[["HandlerFn"], "HandlerFn"]
+
+
+def handler_call(
+    spec: HandlerSpec,
+    stats: o.Stats,
+    clock: Clock,
+    tracing: otel.Tracing,
+    pool: concurrent.futures.Executor | None,
+) -> HandlerFn:
+    """The handler as a driver runs it: on ``pool`` when it is a plain ``def``, inside the
+    handler's middleware, inside the runtime's timing and (when on) tracing, outermost."""
+    if spec.sync:
+        assert pool is not None, "a sync handler runs on the driver's thread pool"
+        inner = threaded(spec.fn, pool)
+    else:
+        inner = awaited(spec.name)(spec.fn)
+    outer = [timed(stats, clock, spec.name)]
+    if tracing.enabled:
+        outer.append(traced(tracing, spec.name))
+    return chain(inner, [*outer, *spec.middleware])
 
 
 def chain(fn: HandlerFn, middleware: Sequence[Middleware]) -> HandlerFn:

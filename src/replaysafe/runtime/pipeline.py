@@ -51,7 +51,7 @@ from replaysafe.observe import otel
 from replaysafe.quarantine import QuarantineReason
 from replaysafe.runtime import policy
 from replaysafe.runtime.batch import Coalescer
-from replaysafe.runtime.middleware import NotAwaitable, awaited, chain, threaded, timed, traced
+from replaysafe.runtime.middleware import NotAwaitable, handler_call
 from replaysafe.runtime.policy import (
     LEDGER_RETRY_DELAY,
     Ack,
@@ -120,36 +120,17 @@ class Pipeline:
 
     # ------------------------------------------------------------------ set-up
 
-    def prepare(
-        self, specs: Sequence[HandlerSpec], fns: dict[str, HandlerFn] | None = None
-    ) -> None:
-        """Build each handler's call once: its middleware around it, the runtime's timing and
-        tracing outermost. A plain ``def`` handler runs on this pipeline's thread pool (sized to
-        the sync handlers' concurrency); ``fns`` overrides what runs for a handler (a Guard's
-        function of the moment)."""
+    def prepare(self, specs: Sequence[HandlerSpec]) -> None:
+        """Build each handler's call once (``middleware.handler_call``). A plain ``def`` handler
+        runs on this pipeline's thread pool, sized to the sync handlers' concurrency."""
         sync = sum(s.concurrency for s in specs if s.sync)
         if sync and self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=sync, thread_name_prefix="replaysafe-handler"
             )
         for spec in specs:
-            fn = (fns or {}).get(spec.name) or self.handler_fn(spec)
-            self._fns[spec.name] = fn
-
-    def handler_fn(
-        self, spec: HandlerSpec, fn: Any = None, *, sync: bool | None = None
-    ) -> HandlerFn:
-        """``fn`` (the spec's own by default) wrapped as the pipeline runs it."""
-        fn = spec.fn if fn is None else fn
-        if spec.sync if sync is None else sync:
-            assert self._pool is not None, "prepare() sizes the thread pool for sync handlers"
-            inner = threaded(fn, self._pool)
-        else:
-            inner = awaited(spec.name)(fn)
-        outer = [timed(self.stats, self.clock, spec.name)]
-        if self.tracing.enabled:
-            outer.append(traced(self.tracing, spec.name))
-        return chain(inner, [*outer, *spec.middleware])
+            self._fns[spec.name] = handler_call(spec, self.stats, self.clock, self.tracing,
+                                                self._pool)  # fmt: skip
 
     def close(self) -> None:
         """Release the thread pool; sync handlers still running (cut) finish on their own."""
