@@ -199,7 +199,7 @@ def _is_async_callable(fn: object) -> bool:
     return False
 
 
-def _coerce_guarantee(value: object) -> Guarantee:
+def coerce_guarantee(value: object) -> Guarantee:
     if isinstance(value, Guarantee):
         return value
     try:
@@ -311,8 +311,8 @@ class App:
         unkeyed effect's cut is quarantined ``outcome_unknown``). A transactional effect needs
         ``async def`` (``ctx.tx`` is async).
         """
-        options = _Options(
-            guarantee=_coerce_guarantee(guarantee), effect=effect, key=key, lease=lease,
+        options = HandlerOptions(
+            guarantee=coerce_guarantee(guarantee), effect=effect, key=key, lease=lease,
             timeout=timeout, retry=retry, concurrency=concurrency, limits=limits,
             example=example, extend_visibility=extend_visibility,
             middleware=tuple(middleware), ledger=self.ledger,
@@ -336,7 +336,7 @@ class App:
 
 
 @dataclass(frozen=True, slots=True)
-class _Options:
+class HandlerOptions:
     """A handler's options, validated once (``App.handler``, ``Guard``): everything but the
     function and the names, which :meth:`spec` adds."""
 

@@ -36,7 +36,15 @@ from typing import Any
 
 from replaysafe import observe as o
 from replaysafe._coro import at_once
-from replaysafe.app import DAY, Context, HandlerSpec, Middleware, RetryPolicy, _Options
+from replaysafe.app import (
+    DAY,
+    Context,
+    HandlerOptions,
+    HandlerSpec,
+    Middleware,
+    RetryPolicy,
+    coerce_guarantee,
+)
 from replaysafe.brokers.base import Delivery
 from replaysafe.clock import SYSTEM_CLOCK, Clock
 from replaysafe.envelope import DEFAULT_LIMITS, Envelope, KeyExtractor, Limits, canonical_json
@@ -231,12 +239,10 @@ class Guard:
         tracer_provider: Any | None = None,
         failpoints: Failpoints = FAILPOINTS,
     ) -> None:
-        from replaysafe.app import _coerce_guarantee
-
         if horizon <= 0:
             raise ConfigurationError("horizon must be positive seconds (ledger retention)")
-        options = _Options(
-            guarantee=_coerce_guarantee(guarantee), effect=effect, key=key, lease=lease,
+        options = HandlerOptions(
+            guarantee=coerce_guarantee(guarantee), effect=effect, key=key, lease=lease,
             timeout=timeout, retry=retry, concurrency=1, limits=limits, example=None,
             extend_visibility=True, middleware=tuple(middleware), ledger=ledger,
         )  # fmt: skip
