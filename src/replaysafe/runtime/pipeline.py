@@ -44,7 +44,6 @@ from replaysafe.ledger.base import (
     ClaimRequest,
     InFlight,
     OpKey,
-    Record,
     TransactionalLedger,
 )
 from replaysafe.observe import otel
@@ -114,7 +113,7 @@ class Pipeline:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         #: waits between retries of a completion (the sync path blocks its thread instead)
         self._sleep = sleep or clock.sleep
-        self.completer = coalescer(self._complete_many)
+        self.completer = coalescer(ledger.complete_many)
         #: unkeyed effects: "about to start" marks, one mark_started per batch of handlers
         self.starter = coalescer(ledger.mark_started, drop_cancelled=True)
 
@@ -428,19 +427,6 @@ class Pipeline:
             if isinstance(done, LeaseLost):
                 raise done
             return
-
-    async def _complete_many(
-        self, items: Sequence[tuple[Claim, str | None]]
-    ) -> Sequence[Record | LeaseLost]:
-        """What the completer sends: ``complete`` for a batch of one (a backend's batch form
-        costs more than its single call there: measured on the Redis twin), else one
-        ``complete_many``."""
-        if len(items) != 1:
-            return await self.ledger.complete_many(items)
-        try:
-            return [await self.ledger.complete(*items[0])]
-        except LeaseLost as lost:
-            return [lost]
 
     async def _revalidate(self, spec: HandlerSpec, claim: Claim) -> Claim:
         """The lease ran out between the claim and the handler (the worker stalled: GC, SIGSTOP,
