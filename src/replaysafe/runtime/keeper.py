@@ -37,6 +37,24 @@ class Execution:
     extend_visibility: bool
     cut: BaseException | None = None
 
+    @classmethod
+    def start(
+        cls, spec: HandlerSpec, ctx: Context, claim: Claim | None, extend_visibility: bool,
+        now: float,
+    ) -> Execution:  # fmt: skip
+        """A run starting ``now``: its deadline, and its first beat after one heartbeat, or
+        halfway through a visibility timeout shorter than that."""
+        first_beat = now + spec.heartbeat
+        visible_until = ctx.delivery.settle_deadline
+        if extend_visibility and visible_until is not None:
+            first_beat = min(first_beat, now + max(visible_until - now, 0.0) / 2)
+        return cls(spec, ctx.delivery, claim, now + spec.timeout, first_beat, extend_visibility)
+
+    def extension_failed(self, exc: Exception) -> None:
+        """No lease, no run: the run is cut (``LeaseLost`` as it is, anything else as a Cut)."""
+        self.cut = exc if isinstance(exc, LeaseLost) else Cut(
+            f"lease/visibility extension failed: {exc!r}")  # fmt: skip
+
 
 class Keeper:
     """Leases and deadlines of the runs in progress (see the module docstring)."""
@@ -90,16 +108,12 @@ class Keeper:
                 self._stats.inc(o.VISIBILITY_EXTENSIONS, handler=spec.name)
             ex.next_beat = self._clock.now() + spec.heartbeat
         except Exception as exc:
-            # no lease, no run: cut the handler now, unless it finished while the extension was
-            # in flight: the task has moved on (to its completion, its ack, or, in a Guard, the
-            # caller's own code) and a cancel now would hit whatever it does next
+            # cut the handler now, unless it finished while the extension was in flight: the
+            # task has moved on (to its completion, its ack, or, in a Guard, the caller's own
+            # code) and a cancel now would hit whatever it does next
             if self.running.get(task) is not ex:
                 return
-            ex.cut = (
-                exc
-                if isinstance(exc, LeaseLost)
-                else Cut(f"lease/visibility extension failed: {exc!r}")
-            )
+            ex.extension_failed(exc)
             task.cancel()
 
     async def execute(
@@ -115,19 +129,12 @@ class Keeper:
         keeper extends its lease and, with ``extend_visibility``, the broker's visibility. A
         failed extension or a passed deadline cuts the run: it is cancelled and ``LeaseLost`` /
         :class:`Cut` is raised here. Any other cancel (shutdown, crash) goes on as it is."""
-        started = self._clock.now()
         # the keeper cancels the task running this delivery; no extra task per message
         task = asyncio.current_task()
         assert task is not None
-        first_beat = started + spec.heartbeat
-        visible_until = ctx.delivery.settle_deadline
-        if extend_visibility and visible_until is not None:
-            # a visibility timeout shorter than the heartbeat: extend halfway through it
-            first_beat = min(first_beat, started + max(visible_until - started, 0.0) / 2)
-        ex = Execution(spec, ctx.delivery, claim, started + spec.timeout, first_beat,
-                       extend_visibility)  # fmt: skip
+        ex = Execution.start(spec, ctx, claim, extend_visibility, self._clock.now())
         self.running[task] = ex
-        if min(first_beat, ex.deadline) < self._wake:
+        if min(ex.next_beat, ex.deadline) < self._wake:
             self._kick.set()
         try:
             return await fn(ctx)

@@ -248,9 +248,7 @@ class SyncKeeper:
                 self._stats.inc(o.VISIBILITY_EXTENSIONS, handler=spec.name)
             ex.next_beat = self._clock.now() + spec.heartbeat
         except Exception as exc:
-            # no lease, no run: the run is cut (it learns when its function returns)
-            ex.cut = exc if isinstance(exc, LeaseLost) else Cut(
-                f"lease/visibility extension failed: {exc!r}")  # fmt: skip
+            ex.extension_failed(exc)  # the run learns when its function returns
 
     async def execute(
         self,
@@ -263,13 +261,7 @@ class SyncKeeper:
     ) -> Any:
         """Run ``fn(ctx)`` here while the keeper thread extends its lease; a run cut meanwhile
         raises its cut once ``fn`` returned (its result is discarded, as an async cut's is)."""
-        started = self._clock.now()
-        first_beat = started + spec.heartbeat
-        visible_until = ctx.delivery.settle_deadline
-        if extend_visibility and visible_until is not None:
-            first_beat = min(first_beat, started + max(visible_until - started, 0.0) / 2)
-        ex = Execution(spec, ctx.delivery, claim, started + spec.timeout, first_beat,
-                       extend_visibility)  # fmt: skip
+        ex = Execution.start(spec, ctx, claim, extend_visibility, self._clock.now())
         key = next(self._ids)
         with self._lock:
             self.running[key] = ex
