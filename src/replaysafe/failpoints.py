@@ -86,14 +86,11 @@ class Failpoints:
 
     def __init__(self) -> None:
         self._armed: dict[str, _Armed] = {}
+        #: whether any failpoint is armed (the hot path skips its hits, and their context, when
+        #: none is): a plain attribute, read several times per message
+        self.armed = False
         #: how many times each failpoint actually fired (a fault that never fired proves nothing)
         self.fired: Counter[str] = Counter()
-
-    @property
-    def armed(self) -> bool:
-        """Whether any failpoint is armed (the hot path skips its hits, and their context, when
-        none is)."""
-        return bool(self._armed)
 
     def enable(
         self,
@@ -116,6 +113,7 @@ class Failpoints:
         if action == "call" and fn is None:
             raise ConfigurationError("failpoint action 'call' needs fn=<async callable>")
         self._armed[name] = _Armed(action, when, times, error, seconds, fn)
+        self.armed = True
 
     def disable(self, name: str | None = None) -> None:
         """Disarm one failpoint, or all of them."""
@@ -125,6 +123,7 @@ class Failpoints:
             self._armed.clear()
         elif name in self._armed:
             self._armed.pop(name).resume.set()
+        self.armed = bool(self._armed)
 
     def resume(self, name: str) -> None:
         """Let the hits paused at ``name`` continue."""

@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from functools import partial, wraps
+from functools import wraps
 from typing import Any
 
 from replaysafe import observe as o
@@ -57,7 +57,7 @@ from replaysafe.quarantine import QuarantineReason
 from replaysafe.runtime.keeper import Keeper
 from replaysafe.runtime.middleware import sync_result
 from replaysafe.runtime.pipeline import Pipeline
-from replaysafe.runtime.policy import Ack, Leave, Quarantine, Verdict
+from replaysafe.runtime.policy import Ack, Leave, Nack, Quarantine, Verdict
 from replaysafe.runtime.settle import Settler
 from replaysafe.runtime.sync import OverTwin, SyncCoalescer, SyncKeeper, blocking_sleep, drive
 
@@ -250,6 +250,7 @@ class Guard:
         self.ledger = ledger
         self.owner = owner or f"{os.getpid()}-{uuid.uuid4().hex[:8]}-guard"
         self.stats = o.Stats()
+        self._received = o.Stats.key(o.RECEIVED, handler=name)
         #: the replay horizon (seconds): older copies cannot be proven new (``App.horizon``)
         self.horizon = horizon
         self._skew = max_clock_skew
@@ -356,30 +357,32 @@ class Guard:
         """One batch through ``side``'s pipeline (async, or sync in the caller's thread): decode,
         one claim, each message's pipeline and settle (``gather`` runs them together)."""
         spec, pipe = self.spec, side.pipeline
-        self.stats.inc(o.RECEIVED, len(copies), handler=spec.name)
-        steps: list[Callable[[], Awaitable[Verdict]]] = []
+        self.stats.add(self._received, len(copies))
+        # per message: its verdict when decided already (bad input), else its pipeline step
+        steps: list[Verdict | Awaitable[Verdict]] = []
         envs: list[Envelope | None] = []
         claim: list[tuple[int, _Copy, Envelope]] = []
         now = self._clock.now()
-        for i, (copy, given) in enumerate(copies):
+        guarantee = spec.guarantee
+        for copy, given in copies:
             env = given if given is not None else pipe.decode(spec, copy)
             if isinstance(env, Quarantine):
                 envs.append(None)
-                steps.append(partial(_now, env))
+                steps.append(env)
                 continue
             envs.append(env)
             pipe.delivered(spec, copy, env, now, [])
-            if spec.guarantee is Guarantee.AT_MOST_ONCE:
-                steps.append(partial(pipe.at_most_once, spec, copy, env))
-            elif spec.guarantee is Guarantee.AT_LEAST_ONCE:
-                steps.append(partial(pipe.at_least_once, spec, copy, env))
+            if guarantee is Guarantee.EFFECTIVELY_ONCE:
+                claim.append((len(steps), copy, env))
+                steps.append(_UNCLAIMED)  # replaced below
+            elif guarantee is Guarantee.AT_LEAST_ONCE:
+                steps.append(pipe.at_least_once(spec, copy, env))
             else:
-                claim.append((i, copy, env))
-                steps.append(partial(_now, Leave(o.FAILED)))  # replaced below
+                steps.append(pipe.at_most_once(spec, copy, env))
         if claim:
             outcomes = await pipe.claim(spec, [(c, e) for _, c, e in claim])
             for (i, copy, env), outcome in zip(claim, outcomes, strict=True):
-                steps[i] = partial(pipe.after_claim, spec, copy, env, outcome)
+                steps[i] = pipe.after_claim(spec, copy, env, outcome)
         return await gather([
             self._decided(side, step, copy, env)
             for step, (copy, _), env in zip(steps, copies, envs, strict=True)
@@ -388,18 +391,18 @@ class Guard:
     async def _decided(
         self,
         side: _Side,
-        decide: Callable[[], Awaitable[Verdict]],
+        step: Verdict | Awaitable[Verdict],
         copy: _Copy,
         env: Envelope | None,
     ) -> Outcome:
-        verdict = await decide()
+        verdict = step if isinstance(step, _VERDICTS) else await step
         done = await side.settler.settle(self.spec, copy, env, verdict)
         op = env.operation_id if env is not None else None
-        status = Status(done.outcome)
         result = verdict.result if isinstance(verdict, Ack | Leave) else None
         reason = verdict.reason if isinstance(verdict, Quarantine) else None
         action = copy.action if copy.action in ("ack", "nack") else "none"
-        return Outcome(status, action, op, result, copy.delay, done.entry_id, reason)
+        return Outcome(_STATUS[done.outcome], action, op, result, copy.delay, done.entry_id,
+                       reason)  # fmt: skip
 
     async def close(self) -> None:
         """Stop the guard's keeper task (async side). The ledger is yours: close it yourself;
@@ -464,7 +467,7 @@ class Guard:
     ) -> list[Outcome]:
         """:meth:`run_batch` for a plain function: one claim and one completion round trip for
         the batch; ``fn`` runs in the calling thread for each acquired message, one at a time."""
-        side = self._sync_side()
+        side = self._sync or self._sync_side()
         spec = self.spec
         if spec.guarantee is Guarantee.AT_MOST_ONCE and ack is None:
             raise ConfigurationError(
@@ -550,5 +553,7 @@ def _extendable(spec: HandlerSpec, delivery: Delivery) -> bool:
     return isinstance(delivery, _Copy) and delivery.can_extend
 
 
-async def _now(verdict: Verdict) -> Verdict:
-    return verdict
+#: a claimed copy's place in a batch until its claim's outcome is known
+_UNCLAIMED = Leave(o.FAILED)
+_VERDICTS = (Ack, Nack, Quarantine, Leave)
+_STATUS = {s.value: s for s in Status}

@@ -134,6 +134,25 @@ class Stats:
         #: bounded heavy-hitter counters (redeliveries by operation key)
         self.topk: dict[tuple[str, Labels], TopK] = {}
 
+    @staticmethod
+    def key(name: str, **labels: str) -> tuple[str, Labels]:
+        """The key of metric ``name`` with ``labels``: built once by a hot path, then given to
+        :meth:`add` / :meth:`record` per event."""
+        return (name, tuple(sorted(labels.items())))
+
+    def add(self, key: tuple[str, Labels], amount: int = 1) -> None:
+        """:meth:`inc` by a key from :meth:`key`."""
+        with self._lock:
+            self.counters[key] += amount
+
+    def record(self, key: tuple[str, Labels], value: float) -> None:
+        """:meth:`observe` by a key from :meth:`key`."""
+        with self._lock:
+            summary = self.summaries.get(key)
+            if summary is None:
+                summary = self.summaries[key] = Summary()
+            summary.add(value)
+
     def inc(self, name: str, amount: int = 1, **labels: str) -> None:
         items = tuple(labels.items())
         key = (name, items if len(items) < 2 else tuple(sorted(items)))

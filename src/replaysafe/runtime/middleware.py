@@ -109,9 +109,14 @@ def threaded(fn: Callable[[Context], Any], pool: concurrent.futures.Executor) ->
     return call
 
 
+_PLAIN = frozenset({type(None), str, int, float, bool, bytes, dict, list, tuple})
+
+
 def sync_result(name: str, out: Any) -> Any:
     """What a plain function returned, refused when it is an awaitable (:class:`ReturnedAwaitable`:
     closed, never awaited)."""
+    if type(out) in _PLAIN:  # the common results, which cannot be awaitables
+        return out
     if inspect.isawaitable(out):
         if inspect.iscoroutine(out):
             out.close()  # never awaited: its body did not run
@@ -127,6 +132,8 @@ def timed(stats: o.Stats, clock: Clock, handler: str) -> Middleware:
     """Records ``replaysafe_handler_seconds`` for every run, however it ends. A failing metrics
     hook is logged and never decides the outcome."""
 
+    key = o.Stats.key(o.HANDLER_SECONDS, handler=handler)
+
     def wrap(fn: HandlerFn) -> HandlerFn:
         async def call(ctx: Context) -> Any:
             started = clock.now()
@@ -134,7 +141,7 @@ def timed(stats: o.Stats, clock: Clock, handler: str) -> Middleware:
                 return await fn(ctx)
             finally:
                 try:
-                    stats.observe(o.HANDLER_SECONDS, clock.now() - started, handler=handler)
+                    stats.record(key, clock.now() - started)
                 except Exception:  # a metrics hook must not decide the outcome
                     log.exception("%s: recording the handler's duration failed", handler)
 

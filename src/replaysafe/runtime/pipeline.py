@@ -228,19 +228,22 @@ class Pipeline:
         now = self.clock.now()
         out: list[ClaimOutcome | Verdict | None] = []
         fresh: list[tuple[int, Delivery, Envelope]] = []
+        horizon, skew = self.horizon, self.max_clock_skew
         for delivery, env in decoded:
-            q = policy.horizon(env.published_at, now, self.horizon, self.max_clock_skew,
-                               delivery.attempt)  # fmt: skip
+            q = (
+                None
+                if env.published_at is None
+                else policy.horizon(env.published_at, now, horizon, skew, delivery.attempt)
+            )
             if q is None:
                 fresh.append((len(out), delivery, env))
             out.append(q)
         if not fresh:
             return [v for v in out if v is not None]
         marks = marks_start(spec)
+        scope, owner, lease = spec.scope, self.owner, spec.lease
         requests = [
-            ClaimRequest(
-                OpKey(spec.scope, env.operation_id), env.fingerprint, self.owner, spec.lease, marks
-            )
+            ClaimRequest(OpKey(scope, env.operation_id), env.fingerprint, owner, lease, marks)
             for _, _, env in fresh
         ]
         outcomes: Sequence[ClaimOutcome | Verdict]
@@ -269,6 +272,8 @@ class Pipeline:
             self.stats.inc(o.LEDGER_UNAVAILABLE, handler=spec.name)
             self._ledger_down()
             outcomes = [Nack(LEDGER_RETRY_DELAY, o.UNAVAILABLE)] * len(fresh)
+        if len(out) == len(fresh):  # none beyond the horizon: the outcomes in order
+            return list(outcomes)
         for (i, _, _), outcome in zip(fresh, outcomes, strict=True):
             out[i] = outcome
         return [v for v in out if v is not None]

@@ -71,7 +71,7 @@ def _bare(request: QuarantineRequest, exc: LedgerDataError) -> QuarantineRequest
     )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Settled:
     """What :meth:`Settler.settle` did: the outcome it counted, the nack's delay, the quarantine
     entry it recorded. Differs from the verdict when a quarantine could not be recorded (the copy
@@ -106,6 +106,20 @@ class Settler:
         self._redact = redact
         #: (handler, operation id) -> when its effect was recorded, until the broker completes it
         self._ambiguous: dict[tuple[str, str], float] = {}
+        #: metric keys by (metric, handler, outcome), built once (settle runs per message)
+        self._keys: dict[tuple[str, str, str | None], tuple[str, o.Labels]] = {}
+
+    def _key(self, name: str, handler: str, outcome: str | None = None) -> tuple[str, o.Labels]:
+        key = self._keys.get((name, handler, outcome))
+        if key is None:
+            labels = {"handler": handler} if outcome is None else {"handler": handler,
+                                                                   "outcome": outcome}  # fmt: skip
+            key = self._keys[(name, handler, outcome)] = o.Stats.key(name, **labels)
+        return key
+
+    def _count(self, handler: str, outcome: str) -> None:
+        """Count one delivery of ``handler`` settled as ``outcome`` (``deliveries_total``)."""
+        self._stats.add(self._key(o.DELIVERIES, handler, outcome))
 
     def track(self, handler: str) -> None:
         """Export the open-ambiguity gauges of ``handler``."""
@@ -153,22 +167,21 @@ class Settler:
         """Apply ``verdict`` to ``delivery`` at the broker and count the outcome. May raise
         ``SimulatedCrash`` from a failpoint, leaving the copy unsettled, as a dead process would.
         """
-        stats = self._stats
         if isinstance(verdict, Ack):
             if verdict.effected:
                 assert env is not None
                 await self._complete_effected(spec, delivery, env, verdict)
                 return Settled(verdict.outcome)
-            stats.inc(o.DELIVERIES, handler=spec.name, outcome=verdict.outcome)
+            self._count(spec.name, verdict.outcome)
             await delivery.ack()
         elif isinstance(verdict, Nack):
-            stats.inc(o.DELIVERIES, handler=spec.name, outcome=verdict.outcome)
+            self._count(spec.name, verdict.outcome)
             await delivery.nack(delay=verdict.delay)
         elif isinstance(verdict, Quarantine):
             return await self._quarantine(spec, delivery, env, verdict)
         else:
             assert isinstance(verdict, Leave), verdict
-            stats.inc(o.DELIVERIES, handler=spec.name, outcome=verdict.outcome)
+            self._count(spec.name, verdict.outcome)
         return Settled(verdict.outcome)
 
     async def ack_first(self, spec: HandlerSpec, delivery: Delivery, env: Envelope) -> bool:
@@ -202,9 +215,9 @@ class Settler:
                     await delivery.ack()
         finally:
             self._ambiguous.pop(key, None)
-        stats = self._stats
-        stats.observe(o.AMBIGUITY_WINDOW, self._clock.now() - effected, handler=spec.name)
-        stats.inc(o.DELIVERIES, handler=spec.name, outcome=verdict.outcome)
+        window = self._clock.now() - effected
+        self._stats.record(self._key(o.AMBIGUITY_WINDOW, spec.name), window)
+        self._count(spec.name, verdict.outcome)
         await self.hit(fp.AFTER_ACK, spec, env, verdict.attempt)
 
     async def disclose(self, delivery: Delivery, detail: str, op: str | None) -> Disclosure:
@@ -271,17 +284,17 @@ class Settler:
             log.error("%s: the ledger refused quarantine entry %s even without the message's "
                       "data (%s); leaving the copy to redelivery", spec.name,
                       request.entry_id(), self.shown(str(exc)))  # fmt: skip
-            stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.FAILED)
+            self._count(spec.name, o.FAILED)
             await delivery.nack(delay=spec.lease)
             return Settled(o.FAILED, spec.lease)
         except LeaseLost:
             stats.inc(o.LEASE_LOST, handler=spec.name)
-            stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.LEASE_LOST_OUTCOME)
+            self._count(spec.name, o.LEASE_LOST_OUTCOME)
             await delivery.nack(delay=spec.lease)
             return Settled(o.LEASE_LOST_OUTCOME, spec.lease)
         except LedgerUnavailable:
             stats.inc(o.LEDGER_UNAVAILABLE, handler=spec.name)
-            stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.UNAVAILABLE)
+            self._count(spec.name, o.UNAVAILABLE)
             await delivery.nack(delay=LEDGER_RETRY_DELAY)
             return Settled(o.UNAVAILABLE, LEDGER_RETRY_DELAY)
         if shown.hook_error is not None:
@@ -300,7 +313,7 @@ class Settler:
         log.warning("%s: quarantined entry %s (%s) as %s: %s", spec.name, entry.id, about,
                     q.reason.value, shown.detail)  # fmt: skip
         stats.inc(o.QUARANTINED, handler=spec.name, reason=q.reason.value)
-        stats.inc(o.DELIVERIES, handler=spec.name, outcome=o.QUARANTINE)
+        self._count(spec.name, o.QUARANTINE)
         await self.hit(fp.AFTER_QUARANTINE_BEFORE_ACK, spec, env, q.attempts)
         await delivery.ack()
         return Settled(o.QUARANTINE, entry_id=entry.id)

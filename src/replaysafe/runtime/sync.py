@@ -125,7 +125,8 @@ class _Parked:
 class SyncCoalescer(Generic[T, R]):
     """``runtime.batch.Coalescer`` for the sync path: what a batch's messages submit in one
     thread is held (the submitting coroutine parks) until :func:`drive` flushes it, in one call of
-    ``many``. Per thread: callers in other threads have their own batches."""
+    ``many``. Per thread: callers in other threads have their own batches. Outside a batch of
+    several (one message: nothing to wait for), an item goes straight to ``many``."""
 
     def __init__(
         self, many: Callable[[Sequence[T]], Awaitable[Sequence[R]]], *, drop_cancelled: bool = False
@@ -134,20 +135,21 @@ class SyncCoalescer(Generic[T, R]):
         self._many = many
         self._local = threading.local()
 
-    def _queue(self) -> list[tuple[T, _Parked]]:
-        q: list[tuple[T, _Parked]] | None = getattr(self._local, "queue", None)
-        if q is None:
-            q = self._local.queue = []
-        return q
+    def collect(self, on: bool) -> None:
+        """Start (``on``) or end holding this thread's items for :meth:`flush`."""
+        self._local.queue = [] if on else None
 
     async def submit(self, item: T) -> R:
+        batch: list[tuple[T, _Parked]] | None = getattr(self._local, "queue", None)
+        if batch is None:
+            return (await self._many([item]))[0]
         parked = _Parked()
-        self._queue().append((item, parked))
+        batch.append((item, parked))
         return await parked  # type: ignore[no-any-return]
 
     def flush(self) -> bool:
         """Send what this thread parked in one ``many`` call; False when nothing was parked."""
-        batch = self._queue()
+        batch: list[tuple[T, _Parked]] = self._local.queue
         if not batch:
             return False
         self._local.queue = []
@@ -168,7 +170,21 @@ def drive(
     """Run ``coros`` (one per message of a batch) to their ends in this thread: each runs until
     it finishes or parks in a coalescer; then the coalescers flush (one ledger call each for the
     whole batch) and the parked ones go on. Raises what a coroutine raises (after the others of
-    its round ran)."""
+    its round ran). One coroutine runs straight through (its coalesced calls go out at once)."""
+    if len(coros) == 1:
+        return [at_once(coros[0])]
+    for c in coalescers:
+        c.collect(True)
+    try:
+        return _rounds(coros, coalescers)
+    finally:
+        for c in coalescers:
+            c.collect(False)
+
+
+def _rounds(
+    coros: Sequence[Coroutine[Any, Any, T]], coalescers: Sequence[SyncCoalescer[Any, Any]]
+) -> list[T]:
     results: list[Any] = [None] * len(coros)
     pending = list(enumerate(coros))
     while pending:
