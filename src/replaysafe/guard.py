@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from functools import wraps
 from typing import Any
@@ -130,6 +130,13 @@ class Message:
 class _Copy(Delivery):
     """The message as the pipeline sees it: settling it records what to tell the broker."""
 
+    broker_timestamp: float | None = None
+    settle_deadline: float | None = None
+    attempt: int = 1
+    redelivered: bool = False
+    _extend: Callable[[float], Any] | None = None
+    delay: float | None = None
+
     def __init__(
         self,
         body: bytes,
@@ -145,13 +152,10 @@ class _Copy(Delivery):
         self.body = body
         self.received_at = time.time()
         self.action = "none"
-        self.delay: float | None = None
-        if m is None:
+        if m is None:  # the class defaults stand for what it does not have
             self.headers = {}
             self.content_type, self.key = content_type, key
-            self.broker_timestamp = self.settle_deadline = None
             self.delivery_id = f"guard-{next(_SEQ)}"
-            self.attempt, self.redelivered, self._extend = 1, False, None
             return
         self.headers = dict(m.headers or {})
         self.content_type = m.content_type
@@ -278,6 +282,11 @@ class Guard:
     @staticmethod
     async def _dispatch(ctx: Context) -> Any:
         return await _CURRENT.get()(ctx)
+
+    @staticmethod
+    async def _dispatch_sync(ctx: Context) -> Any:
+        # the sync side's handler: the plain function of the run in progress, in this thread
+        return sync_result(ctx.handler, _CURRENT.get()(ctx))
 
     def __repr__(self) -> str:
         s = self.spec
@@ -437,9 +446,11 @@ class Guard:
                     can_extend=_extendable, on_ledger_down=lambda: None, sleep=blocking_sleep,
                     coalescer=SyncCoalescer,
                 )  # fmt: skip
-                pipeline.prepare([self.spec])
+                pipeline.prepare([replace(self.spec, fn=self._dispatch_sync)])
                 keeper.start()
-                self._sync = _Side(pipeline, settler, twin, keeper)
+                coalescers = [pipeline.completer, pipeline.starter]
+                self._sync = _Side(pipeline, settler, twin, keeper,
+                                   lambda coros: _done(drive(coros, coalescers)))  # fmt: skip
             return self._sync
 
     def run_sync(
@@ -475,20 +486,18 @@ class Guard:
                 "function that completes it at the broker, confirmed)"
             )
 
-        async def call(ctx: Context) -> Any:
-            return sync_result(spec.name, fn(ctx))
+        first: Callable[[], Awaitable[None]] | None = None
+        if ack is not None:
 
-        async def first() -> None:
-            assert ack is not None
-            sync_result(spec.name, ack())
+            async def first() -> None:
+                assert ack is not None
+                sync_result(spec.name, ack())
 
-        def gather(coros: list[Coroutine[Any, Any, Outcome]]) -> Awaitable[list[Outcome]]:
-            return _done(drive(coros, [side.pipeline.completer, side.pipeline.starter]))
-
-        token = _CURRENT.set(call)
+        token = _CURRENT.set(fn)
         try:
-            copies = [self._copy(m, first if ack is not None else None) for m in messages]
-            outcomes: list[Outcome] = at_once(self._batch(side, copies, gather))
+            copies = [self._copy(m, first) for m in messages]
+            assert side.gather is not None
+            outcomes: list[Outcome] = at_once(self._batch(side, copies, side.gather))
             return outcomes
         finally:
             _CURRENT.reset(token)
@@ -536,6 +545,8 @@ class _Side:
     settler: Settler
     twin: SyncLedger | None = None
     keeper: SyncKeeper | None = None
+    #: the sync side runs a batch's pipelines with ``runtime.sync.drive``
+    gather: Callable[[list[Coroutine[Any, Any, Outcome]]], Awaitable[list[Outcome]]] | None = None
 
 
 async def _gather(coros: list[Coroutine[Any, Any, Outcome]]) -> list[Outcome]:

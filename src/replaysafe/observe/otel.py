@@ -34,10 +34,8 @@ class Tracing:
 
     def __init__(self, tracer: Any | None) -> None:
         self._tracer = tracer
-
-    @property
-    def enabled(self) -> bool:
-        return self._tracer is not None
+        #: spans are made (a plain attribute: read several times per message)
+        self.enabled: bool = tracer is not None
 
     @contextlib.contextmanager
     def span(self, name: str, **attributes: Any) -> Iterator[Any]:

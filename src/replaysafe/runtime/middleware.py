@@ -47,6 +47,8 @@ def handler_call(
     if spec.sync:
         assert pool is not None, "a sync handler runs on the driver's thread pool"
         inner = threaded(spec.fn, pool)
+    elif inspect.iscoroutinefunction(spec.fn):
+        inner = spec.fn  # an ``async def`` always returns a coroutine: nothing to check
     else:
         inner = awaited(spec.name)(spec.fn)
     outer = [timed(stats, clock, spec.name)]

@@ -178,8 +178,10 @@ class Pipeline:
         attempt = delivery.attempt
         if not await self.settler.ack_first(spec, delivery, env):
             return Leave(o.UNCONFIRMED)
-        await self.settler.hit(fp.AFTER_ACK, spec, env, attempt)
-        await self.settler.hit(fp.BEFORE_EFFECT, spec, env, attempt)
+        if self.failpoints.armed:
+            await self.settler.hit(fp.AFTER_ACK, spec, env, attempt)
+        if self.failpoints.armed:
+            await self.settler.hit(fp.BEFORE_EFFECT, spec, env, attempt)
         try:
             result = await self._run(
                 spec, Context(env, delivery, spec.name, delivery.attempt), None
@@ -192,7 +194,8 @@ class Pipeline:
             if isinstance(exc, OutcomeUnknown):
                 self.stats.inc(o.OUTCOME_UNKNOWN, handler=spec.name)
             return Leave(o.FAILED)
-        await self.settler.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, spec, env, attempt)
+        if self.failpoints.armed:
+            await self.settler.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, spec, env, attempt)
         return Leave(o.APPLIED, result)
 
     async def at_least_once(self, spec: HandlerSpec, delivery: Delivery, env: Envelope) -> Verdict:
@@ -202,7 +205,8 @@ class Pipeline:
         if spent is not None:
             self.stats.inc(o.RETRY_BUDGET_EXHAUSTED, handler=spec.name)
             return spent
-        await self.settler.hit(fp.BEFORE_EFFECT, spec, env, attempt)
+        if self.failpoints.armed:
+            await self.settler.hit(fp.BEFORE_EFFECT, spec, env, attempt)
         result: Any = None
         try:
             result = await self._run(spec, Context(env, delivery, spec.name, attempt), None)
@@ -241,18 +245,14 @@ class Pipeline:
         if not fresh:
             return [v for v in out if v is not None]
         marks = marks_start(spec)
-        scope, owner, lease = spec.scope, self.owner, spec.lease
-        requests = [
-            ClaimRequest(OpKey(scope, env.operation_id), env.fingerprint, owner, lease, marks)
-            for _, _, env in fresh
-        ]
+        envs = [env for _, _, env in fresh]
         outcomes: Sequence[ClaimOutcome | Verdict]
         try:
             if not self.tracing.enabled:
-                outcomes = await self._claim(requests, marks)
+                outcomes = await self._claim(spec, envs, marks)
             else:
-                with self.tracing.span(otel.CLAIM, handler=spec.name, batch=len(requests)):
-                    outcomes = await self._claim(requests, marks)
+                with self.tracing.span(otel.CLAIM, handler=spec.name, batch=len(envs)):
+                    outcomes = await self._claim(spec, envs, marks)
         except LedgerDataError as exc:
             if len(fresh) > 1:
                 # one copy's data was refused: claim each alone, so the others still run
@@ -278,11 +278,18 @@ class Pipeline:
             out[i] = outcome
         return [v for v in out if v is not None]
 
-    async def _claim(self, requests: list[ClaimRequest], marks: bool) -> list[ClaimOutcome]:
-        if len(requests) == 1 and not marks:  # claim() does not carry marks_start
-            r = requests[0]
-            return [await self.ledger.claim(r.key, r.fingerprint, r.owner, r.lease)]
-        return await self.ledger.claim_many(requests)
+    async def _claim(
+        self, spec: HandlerSpec, envs: list[Envelope], marks: bool
+    ) -> list[ClaimOutcome]:
+        scope, owner, lease = spec.scope, self.owner, spec.lease
+        if len(envs) == 1 and not marks:  # claim() does not carry marks_start
+            env = envs[0]
+            return [await self.ledger.claim(OpKey(scope, env.operation_id), env.fingerprint,
+                                            owner, lease)]  # fmt: skip
+        return await self.ledger.claim_many([
+            ClaimRequest(OpKey(scope, env.operation_id), env.fingerprint, owner, lease, marks)
+            for env in envs
+        ])  # fmt: skip
 
     async def after_claim(
         self, spec: HandlerSpec, delivery: Delivery, env: Envelope, outcome: ClaimOutcome | Verdict
@@ -307,7 +314,8 @@ class Pipeline:
         self, spec: HandlerSpec, delivery: Delivery, env: Envelope, claim: Claim
     ) -> Verdict:
         """Claim ACQUIRED: budget and outcome-unknown checks, then the effect."""
-        await self.settler.hit(fp.AFTER_CLAIM, spec, env, claim.attempt)
+        if self.failpoints.armed:
+            await self.settler.hit(fp.AFTER_CLAIM, spec, env, claim.attempt)
         refused = policy.acquired(spec, claim)
         if refused is not None:
             if refused.reason is QuarantineReason.MAX_ATTEMPTS:
@@ -325,7 +333,8 @@ class Pipeline:
             idempotency_key=env.operation_id if spec.effect.kind == "keyed" else None,
             token=claim.token,
         )
-        await self.settler.hit(fp.BEFORE_EFFECT, spec, env, claim.attempt)
+        if self.failpoints.armed:
+            await self.settler.hit(fp.BEFORE_EFFECT, spec, env, claim.attempt)
         try:
             return await self._effect(spec, env, claim, hctx)
         except LeaseLost as exc:
@@ -363,7 +372,10 @@ class Pipeline:
                 async with ledger.transaction() as tx:
                     hctx.tx = tx
                     result = await self._run(spec, hctx, claim)
-                    await self.settler.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, spec, env, claim.attempt)
+                    if self.failpoints.armed:
+                        await self.settler.hit(
+                            fp.AFTER_EFFECT_BEFORE_LEDGER, spec, env, claim.attempt
+                        )
                     with self.tracing.span(otel.LEDGER_COMPLETE, handler=spec.name):
                         await ledger.complete_in(tx, claim, encode_result(result))
             except (LeaseLost, LedgerUnavailable):
@@ -377,7 +389,8 @@ class Pipeline:
                 raise
             except Exception as exc:
                 return await self.failed(spec, env, claim, claim.attempt, exc)
-            await self.settler.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, spec, env, claim.attempt)
+            if self.failpoints.armed:
+                await self.settler.hit(fp.AFTER_EFFECT_BEFORE_LEDGER, spec, env, claim.attempt)
             try:
                 if not self.tracing.enabled:
                     await self._complete(claim, encode_result(result))

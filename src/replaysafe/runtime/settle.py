@@ -152,10 +152,9 @@ class Settler:
         }
 
     async def hit(self, point: str, spec: HandlerSpec, env: Envelope | None, attempt: int) -> None:
-        """Fire failpoint ``point`` (the chaos harness arms them) with its context; nothing, and
-        no context built, while none is armed (the hot path)."""
-        if self._failpoints.armed:
-            await self._failpoints.hit(point, self.point(spec, env, attempt))
+        """Fire failpoint ``point`` (the chaos harness arms them) with its context. The hot path
+        calls it only ``if failpoints.armed`` (no coroutine, no context while none is)."""
+        await self._failpoints.hit(point, self.point(spec, env, attempt))
 
     async def settle(
         self,
@@ -207,7 +206,8 @@ class Settler:
         self._ambiguous[key] = effected
         try:
             if verdict.point is not None:
-                await self.hit(verdict.point, spec, env, verdict.attempt)
+                if self._failpoints.armed:
+                    await self.hit(verdict.point, spec, env, verdict.attempt)
             if not self._tracing.enabled:
                 await delivery.ack()
             else:
@@ -218,7 +218,8 @@ class Settler:
         window = self._clock.now() - effected
         self._stats.record(self._key(o.AMBIGUITY_WINDOW, spec.name), window)
         self._count(spec.name, verdict.outcome)
-        await self.hit(fp.AFTER_ACK, spec, env, verdict.attempt)
+        if self._failpoints.armed:
+            await self.hit(fp.AFTER_ACK, spec, env, verdict.attempt)
 
     async def disclose(self, delivery: Delivery, detail: str, op: str | None) -> Disclosure:
         """``quarantine.disclose`` for one message. The app's hook is user code that may be slow
@@ -314,6 +315,7 @@ class Settler:
                     q.reason.value, shown.detail)  # fmt: skip
         stats.inc(o.QUARANTINED, handler=spec.name, reason=q.reason.value)
         self._count(spec.name, o.QUARANTINE)
-        await self.hit(fp.AFTER_QUARANTINE_BEFORE_ACK, spec, env, q.attempts)
+        if self._failpoints.armed:
+            await self.hit(fp.AFTER_QUARANTINE_BEFORE_ACK, spec, env, q.attempts)
         await delivery.ack()
         return Settled(o.QUARANTINE, entry_id=entry.id)

@@ -122,6 +122,12 @@ class _Parked:
         return self.value
 
 
+class _Batch(threading.local):
+    """A thread's held items: None while no batch of several is being driven."""
+
+    queue: list[Any] | None = None
+
+
 class SyncCoalescer(Generic[T, R]):
     """``runtime.batch.Coalescer`` for the sync path: what a batch's messages submit in one
     thread is held (the submitting coroutine parks) until :func:`drive` flushes it, in one call of
@@ -133,14 +139,14 @@ class SyncCoalescer(Generic[T, R]):
     ) -> None:
         # drop_cancelled: nothing is cancelled on the sync path (a thread cannot be)
         self._many = many
-        self._local = threading.local()
+        self._local = _Batch()
 
     def collect(self, on: bool) -> None:
         """Start (``on``) or end holding this thread's items for :meth:`flush`."""
         self._local.queue = [] if on else None
 
     async def submit(self, item: T) -> R:
-        batch: list[tuple[T, _Parked]] | None = getattr(self._local, "queue", None)
+        batch: list[tuple[T, _Parked]] | None = self._local.queue
         if batch is None:
             return (await self._many([item]))[0]
         parked = _Parked()
