@@ -205,9 +205,8 @@ class Settler:
         key = (spec.name, env.operation_id)
         self._ambiguous[key] = effected
         try:
-            if verdict.point is not None:
-                if self._failpoints.armed:
-                    await self.hit(verdict.point, spec, env, verdict.attempt)
+            if verdict.point is not None and self._failpoints.armed:
+                await self.hit(verdict.point, spec, env, verdict.attempt)
             if not self._tracing.enabled:
                 await delivery.ack()
             else:
