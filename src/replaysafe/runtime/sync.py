@@ -155,7 +155,7 @@ class SyncCoalescer(Generic[T, R]):
 
     def flush(self) -> bool:
         """Send what this thread parked in one ``many`` call; False when nothing was parked."""
-        batch: list[tuple[T, _Parked]] = self._local.queue
+        batch: list[tuple[T, _Parked]] | None = self._local.queue
         if not batch:
             return False
         self._local.queue = []
