@@ -357,6 +357,34 @@ class Guard:
         finally:
             _CURRENT.reset(token)
 
+    def _start(
+        self, pipe: Pipeline, copy: _Copy, given: Envelope | None, now: float
+    ) -> tuple[Envelope | None, Verdict | Awaitable[Verdict] | None]:
+        """One message's start: its envelope (None for bad input) and its verdict when decided
+        already, else its pipeline step, or None when it waits for its claim (effectively-once)."""
+        spec = self.spec
+        env = given if given is not None else pipe.decode(spec, copy)
+        if isinstance(env, Quarantine):
+            return None, env
+        pipe.delivered(spec, copy, env, now, [])
+        guarantee = spec.guarantee
+        if guarantee is Guarantee.EFFECTIVELY_ONCE:
+            return env, None
+        if guarantee is Guarantee.AT_LEAST_ONCE:
+            return env, pipe.at_least_once(spec, copy, env)
+        return env, pipe.at_most_once(spec, copy, env)
+
+    async def _lone(self, side: _Side, copy: _Copy, given: Envelope | None) -> Outcome:
+        """:meth:`_batch` for one message: the same steps without a batch's lists and gather."""
+        pipe = side.pipeline
+        self.stats.add(self._received)
+        env, step = self._start(pipe, copy, given, self._clock.now())
+        if step is None:
+            assert env is not None
+            (claimed,) = await pipe.claim(self.spec, [(copy, env)])
+            step = pipe.after_claim(self.spec, copy, env, claimed)
+        return await self._decided(side, step, copy, env)
+
     async def _batch(
         self,
         side: _Side,
@@ -365,6 +393,8 @@ class Guard:
     ) -> list[Outcome]:
         """One batch through ``side``'s pipeline (async, or sync in the caller's thread): decode,
         one claim, each message's pipeline and settle (``gather`` runs them together)."""
+        if len(copies) == 1:
+            return [await self._lone(side, *copies[0])]
         spec, pipe = self.spec, side.pipeline
         self.stats.add(self._received, len(copies))
         # per message: its verdict when decided already (bad input), else its pipeline step
@@ -372,22 +402,14 @@ class Guard:
         envs: list[Envelope | None] = []
         claim: list[tuple[int, _Copy, Envelope]] = []
         now = self._clock.now()
-        guarantee = spec.guarantee
         for copy, given in copies:
-            env = given if given is not None else pipe.decode(spec, copy)
-            if isinstance(env, Quarantine):
-                envs.append(None)
-                steps.append(env)
-                continue
+            env, step = self._start(pipe, copy, given, now)
             envs.append(env)
-            pipe.delivered(spec, copy, env, now, [])
-            if guarantee is Guarantee.EFFECTIVELY_ONCE:
+            if step is None:
+                assert env is not None
                 claim.append((len(steps), copy, env))
-                steps.append(_UNCLAIMED)  # replaced below
-            elif guarantee is Guarantee.AT_LEAST_ONCE:
-                steps.append(pipe.at_least_once(spec, copy, env))
-            else:
-                steps.append(pipe.at_most_once(spec, copy, env))
+                step = _UNCLAIMED  # replaced below
+            steps.append(step)
         if claim:
             outcomes = await pipe.claim(spec, [(c, e) for _, c, e in claim])
             for (i, copy, env), outcome in zip(claim, outcomes, strict=True):
