@@ -7,12 +7,16 @@
 ``amqp://user:pass@host:5672/vhost`` RabbitMQ (``amqps://`` for TLS); extra ``rabbitmq``
 ``sqs://[REGION]``                  Amazon SQS with the usual AWS credential chain; extra ``sqs``
 ``sqs+http://[KEY:SECRET@]host:port[/REGION]`` an SQS-compatible endpoint (moto, LocalStack)
-``kafka://host:port[,host:port]``   Kafka bootstrap servers; extra ``kafka``
+``kafka://[USER:PASS@]host:port[,host:port]`` Kafka bootstrap servers (``kafka+ssl://`` TLS);
+                                    extra ``kafka``
 =================================== ==============================================================
+
+Each adapter parses its own URLs (``RabbitMQBroker.from_url``, ``SQSBroker.from_url``,
+``KafkaBroker.from_url``: query parameters there); this function only picks the adapter, so a URL
+means the same whichever of the two you call.
 """
 
 from typing import Any
-from urllib.parse import urlsplit
 
 from replaysafe.brokers.base import (
     Broker,
@@ -27,7 +31,10 @@ from replaysafe.brokers.base import (
 from replaysafe.brokers.memory import MemoryBroker
 from replaysafe.errors import ConfigurationError
 
-BROKER_SCHEMES = "memory, amqp://…, amqps://…, sqs://[region], sqs+http(s)://host:port, kafka://…"
+BROKER_SCHEMES = (
+    "memory, amqp://…, amqps://…, sqs://[region], sqs+http(s)://host:port[/region], kafka://…, "
+    "kafka+ssl://…"
+)
 
 
 def broker_from_url(spec: str, **opts: Any) -> Broker:
@@ -39,31 +46,19 @@ def broker_from_url(spec: str, **opts: Any) -> Broker:
 
         return MemoryBroker(**opts)
     scheme = spec.partition("://")[0].lower() if "://" in spec else ""
+    # each adapter owns its URL grammar (``from_url``): this only picks the adapter
     if scheme in ("amqp", "amqps"):
         from replaysafe.brokers.rabbitmq import RabbitMQBroker
 
-        return RabbitMQBroker(spec, **opts)
+        return RabbitMQBroker.from_url(spec, **opts)
     if scheme in ("sqs", "sqs+http", "sqs+https"):
         from replaysafe.brokers.sqs import SQSBroker
 
-        parts = urlsplit(spec)
-        if scheme == "sqs":
-            return SQSBroker(region=parts.netloc or None, **opts)
-        # user info carries the access key and secret (moto/LocalStack accept any pair)
-        host = parts.netloc.rpartition("@")[2]
-        endpoint = f"{scheme.removeprefix('sqs+')}://{host}"
-        region = parts.path.strip("/") or "us-east-1"
-        if parts.username is not None:
-            opts.setdefault("aws_access_key_id", parts.username)
-            opts.setdefault("aws_secret_access_key", parts.password or "")
-        return SQSBroker(endpoint_url=endpoint, region=region, **opts)
-    if scheme == "kafka":
+        return SQSBroker.from_url(spec, **opts)
+    if scheme in ("kafka", "kafka+ssl"):
         from replaysafe.brokers.kafka import KafkaBroker
 
-        servers = spec.partition("://")[2].strip("/")
-        if not servers:
-            raise ConfigurationError("kafka:// needs bootstrap servers: kafka://host:9092")
-        return KafkaBroker(servers, **opts)
+        return KafkaBroker.from_url(spec, **opts)
     shown = spec.split("@")[-1] if "@" in spec else spec  # never echo credentials
     raise ConfigurationError(f"unknown broker {shown!r}; use one of: {BROKER_SCHEMES}")
 

@@ -881,12 +881,15 @@ class SQSBroker(Broker):
 
     @classmethod
     def from_url(cls, url: str, **opts: Any) -> SQSBroker:
-        """A broker from a URL; keyword options override the URL's query parameters.
+        """A broker from a URL (the one SQS URL grammar: ``broker_from_url`` comes here);
+        keyword options override the URL's query parameters.
 
-        - ``sqs://`` or ``sqs://?region=eu-west-1``: AWS, default credential chain.
-        - ``sqs+http://KEY:SECRET@127.0.0.1:4566?region=us-east-1`` (or ``sqs+https://…``, or a
-          plain ``http(s)://`` URL): an SQS-compatible endpoint; user and password are the access
-          key id and secret (redacted in repr and errors).
+        - ``sqs://``, ``sqs://REGION`` or ``sqs://?region=REGION``: AWS, default credential chain
+          (a host with a dot or a port, ``sqs://host:port``, is an HTTPS endpoint instead).
+        - ``sqs+http://[KEY:SECRET@]host:port[/REGION]`` (or ``sqs+https://…``, or a plain
+          ``http(s)://`` URL): an SQS-compatible endpoint (moto, LocalStack); user and password
+          are the access key id and secret (redacted in repr and errors); the region is the path
+          or ``?region=``, ``us-east-1`` when neither is given.
 
         Query parameters: ``region``, ``wait_time``, ``visibility_timeout``, ``delete_window``,
         ``default_group``, ``max_retries``.
@@ -896,20 +899,33 @@ class SQSBroker(Broker):
             port = parts.port
         except ValueError as exc:
             raise ConfigurationError(
-                f"cannot parse SQS URL {redact_url(url)}: {exc}; use sqs://?region=… or "
-                "sqs+http://host:port?region=…"
+                f"cannot parse SQS URL {redact_url(url)}: {exc}; use sqs://REGION or "
+                "sqs+http://host:port/REGION"
             ) from None
         scheme = parts.scheme.lower()
         endpoint: str | None
+        path_region = parts.path.strip("/") or None
+        if path_region is not None and "/" in path_region:
+            raise ConfigurationError(
+                f"SQS URL {redact_url(url)}: the path is the region (one name, e.g. /eu-west-1), "
+                f"not {parts.path!r}"
+            )
         if scheme == "sqs":
             host = parts.hostname
-            endpoint = f"https://{host}{f':{port}' if port else ''}" if host else None
+            if host and "." not in host and not port:
+                # sqs://eu-west-1: a region name, never a host
+                if path_region is not None:
+                    raise ConfigurationError(
+                        f"SQS URL {redact_url(url)} names a region twice; use sqs://REGION"
+                    )
+                path_region, endpoint = host, None
+            else:
+                endpoint = f"https://{host}{f':{port}' if port else ''}" if host else None
         elif scheme in ("sqs+http", "sqs+https", "http", "https"):
             if not parts.hostname:
                 raise ConfigurationError(f"SQS URL {redact_url(url)} names no host")
             real = scheme.removeprefix("sqs+")
-            endpoint = f"{real}://{parts.hostname}{f':{port}' if port else ''}{parts.path}"
-            endpoint = endpoint.rstrip("/")
+            endpoint = f"{real}://{parts.hostname}{f':{port}' if port else ''}"
         else:
             raise ConfigurationError(
                 f"SQS URL {redact_url(url)} has scheme {parts.scheme!r}; use sqs://, "
@@ -937,6 +953,15 @@ class SQSBroker(Broker):
                     f"SQS URL {redact_url(url)}: parameter {name}={value!r} is not a valid "
                     f"{conv[name].__name__}"
                 ) from None
+        if path_region is not None:
+            if kwargs.get("region", path_region) != path_region:
+                raise ConfigurationError(
+                    f"SQS URL {redact_url(url)} names two regions ({path_region!r} and "
+                    f"{kwargs['region']!r}); keep one"
+                )
+            kwargs["region"] = path_region
+        if scheme != "sqs":
+            kwargs.setdefault("region", "us-east-1")  # an SQS-compatible server needs one
         if parts.username is not None:
             kwargs["aws_access_key_id"] = unquote(parts.username)
             kwargs["aws_secret_access_key"] = unquote(parts.password or "")
