@@ -87,3 +87,61 @@ def test_kafka_urls_mean_one_thing() -> None:
         assert isinstance(a, KafkaBroker)
         assert a._common["security.protocol"] == b._common["security.protocol"] == protocol
         assert "hunter2" not in repr(a)
+
+
+def test_ledger_urls_carry_the_ledgers_own_options() -> None:
+    """``?schema=…`` / ``?prefix=…`` are the ledger's, taken out before the driver sees the URL;
+    the driver's own parameters stay; keyword options win (issue 15: one grammar)."""
+    from replaysafe.ledger.postgres import PostgresLedger
+    from replaysafe.ledger.redis import RedisLedger
+
+    pg = ledger_from_url(
+        "postgresql://app:hunter2@127.0.0.1:5432/test?application_name=x&schema=s1"
+        "&auto_migrate=yes&max_size=4&acquire_timeout=2.5",
+        max_size=3,
+    )
+    assert isinstance(pg, PostgresLedger)
+    assert (pg._schema, pg._auto_migrate, pg._max_size) == ("s1", True, 3)
+    assert pg._dsn == "postgresql://app:hunter2@127.0.0.1:5432/test?application_name=x"
+    rd = ledger_from_url("redis://:hunter2@127.0.0.1:6379/0?client_name=c&prefix=p:&retention=60")
+    assert isinstance(rd, RedisLedger)
+    assert (rd._prefix, rd._url) == ("p:", "redis://:hunter2@127.0.0.1:6379/0?client_name=c")
+    assert rd._codec.retention == 60.0
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:hunter2@db/test?auto_migrate=maybe",
+        "postgresql://app:hunter2@db/test?max_size=four",
+        "postgresql://app:hunter2@db/test?schema=a&schema=b",
+        "redis://:hunter2@db:6379/0?retention=soon",
+    ],
+)
+def test_bad_ledger_url_options_are_refused_without_secrets(url: str) -> None:
+    with pytest.raises(ConfigurationError) as err:
+        ledger_from_url(url)
+    assert "hunter2" not in str(err.value) and "URL" in str(err.value)
+
+
+async def test_a_postgres_ledger_opened_from_its_url_works() -> None:
+    """The options in the URL reach a real ledger: its own schema, migrated on open."""
+    import uuid
+
+    from replaysafe.ledger.base import Acquired, OpKey
+
+    schema = f"url_{uuid.uuid4().hex[:8]}"
+    led = ledger_from_url(
+        f"postgresql://postgres@127.0.0.1:5432/test?schema={schema}&auto_migrate=1&max_size=2"
+    )
+    try:
+        out = await led.claim(OpKey("s", "op-1"), "fp", "me", 5.0)
+        assert isinstance(out, Acquired)
+        await led.complete(out.claim, None)
+        assert led.schema == schema  # type: ignore[attr-defined]
+    finally:
+        import psycopg
+
+        await led.close()
+        with psycopg.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True) as c:
+            c.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from replaysafe import failpoints as fp
 from replaysafe.app import App
@@ -54,6 +55,7 @@ from replaysafe.errors import (
 )
 from replaysafe.failpoints import Failpoints
 from replaysafe.guarantees import Guarantee
+from replaysafe.ledger import ledger_from_url
 from replaysafe.ledger.base import Ledger, QuarantineEntry
 from replaysafe.producer import Producer
 from replaysafe.quarantine import QuarantineReason
@@ -202,33 +204,31 @@ def _run_name(index: int, guarantee: str, effect: str, fault: str) -> str:
 
 
 async def open_ledger(cfg: ChaosConfig, run: str, rundir: Path) -> tuple[Ledger, dict[str, Any]]:
-    """A fresh ledger for one run, and the JSON a worker process needs to open the same one."""
+    """A fresh ledger for one run, and the JSON a worker process needs to open the same one: its
+    URL (``ledger_from_url``: the one grammar), plus what the nemesis and the cleanup read."""
     if cfg.ledger == "sqlite":
-        from replaysafe.ledger.sqlite import SQLiteLedger
-
         path = str(rundir / "ledger.db")
-        return SQLiteLedger(path), {"kind": "sqlite", "path": path}
-    if cfg.ledger == "postgres":
-        from replaysafe.ledger.postgres import PostgresLedger
-
+        conf: dict[str, Any] = {"kind": "sqlite", "path": path, "url": f"sqlite:{path}"}
+    elif cfg.ledger == "postgres":
         base = cfg.ledger_url or "postgresql://postgres@127.0.0.1:5432/test"
         # the run's connections carry its name: ledger_restart terminates exactly those
         sep = "&" if "?" in base else "?"
         dsn = f"{base}{sep}application_name={_app_name(run)}"
         schema = "chaos_" + run.replace("-", "_")[-55:]
-        pg = PostgresLedger(dsn, schema=schema, auto_migrate=True, max_size=4)
-        return pg, {"kind": "postgres", "dsn": dsn, "schema": schema}
-    if cfg.ledger == "redis":
-        from replaysafe.ledger.redis import RedisLedger
-
+        own = urlencode({"schema": schema, "auto_migrate": "1", "max_size": "4"})
+        conf = {"kind": "postgres", "dsn": dsn, "schema": schema, "url": f"{dsn}&{own}"}
+    elif cfg.ledger == "redis":
         base = cfg.ledger_url or "redis://127.0.0.1:6379/0"
         # the run's connections carry its name (a URL option overrides the ledger's default
         # client name): ledger_restart kills exactly those
         sep = "&" if "?" in base else "?"
         url = f"{base}{sep}client_name={_app_name(run)}"
         prefix = f"rs-chaos:{run}:{uuid.uuid4().hex[:6]}:"
-        return RedisLedger(url, prefix=prefix), {"kind": "redis", "url": url, "prefix": prefix}
-    raise ConfigurationError(f"unknown ledger {cfg.ledger!r}; use one of {', '.join(LEDGERS)}")
+        conf = {"kind": "redis", "url": f"{url}&{urlencode({'prefix': prefix})}",
+                "prefix": prefix, "client_url": url}  # fmt: skip
+    else:
+        raise ConfigurationError(f"unknown ledger {cfg.ledger!r}; use one of {', '.join(LEDGERS)}")
+    return ledger_from_spec(conf), conf
 
 
 def _app_name(run: str) -> str:
@@ -244,7 +244,7 @@ async def ledger_nemesis(spec: RunSpec, kills: int = 5, every: float = 0.3) -> N
     for k in range(kills):
         await asyncio.sleep(every)
         if spec.ledger["kind"] == "redis":
-            killed = await _kill_redis_clients(spec.ledger["url"], name)
+            killed = await _kill_redis_clients(spec.ledger["client_url"], name)
         else:
             killed = await _kill_pg_backends(spec.ledger["dsn"], name)
         if killed:
@@ -282,18 +282,8 @@ async def _kill_redis_clients(url: str, name: str) -> int:
 
 
 def ledger_from_spec(conf: dict[str, Any]) -> Ledger:
-    kind = conf["kind"]
-    if kind == "sqlite":
-        from replaysafe.ledger.sqlite import SQLiteLedger
-
-        return SQLiteLedger(conf["path"])
-    if kind == "postgres":
-        from replaysafe.ledger.postgres import PostgresLedger
-
-        return PostgresLedger(conf["dsn"], schema=conf["schema"], auto_migrate=True, max_size=4)
-    from replaysafe.ledger.redis import RedisLedger
-
-    return RedisLedger(conf["url"], prefix=conf["prefix"])
+    """The run's ledger from its spec (in the harness and in each worker process)."""
+    return ledger_from_url(conf["url"])
 
 
 async def drop_ledger(ledger: Ledger, conf: dict[str, Any]) -> None:
@@ -311,7 +301,7 @@ async def drop_ledger(ledger: Ledger, conf: dict[str, Any]) -> None:
     elif conf["kind"] == "redis":
         import redis.asyncio as aioredis
 
-        client = aioredis.Redis.from_url(conf["url"])
+        client = aioredis.Redis.from_url(conf["client_url"])
         try:
             keys = [k async for k in client.scan_iter(match=conf["prefix"] + "*", count=1000)]
             if keys:

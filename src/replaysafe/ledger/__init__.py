@@ -50,8 +50,10 @@ __all__ = [
 
 def ledger_from_url(spec: str, **opts: Any) -> Ledger:
     """The ledger named by ``spec``: ``memory``, ``sqlite:PATH``, ``postgresql://…`` (extra
-    ``postgres``; ``schema=`` and pool options in ``opts``) or ``redis://…`` (extra ``redis``;
-    ``prefix=``). The one place a string becomes a ledger (CLI, demo, chaos)."""
+    ``postgres``; ``?schema=…&table_prefix=…&min_size=…&max_size=…&acquire_timeout=…&
+    auto_migrate=1`` in the URL or in ``opts``: ``PostgresLedger.from_url``) or ``redis://…``
+    (extra ``redis``; ``?prefix=…&retention=…``: ``RedisLedger.from_url``). The one place a
+    string becomes a ledger (CLI, demo, chaos); ``opts`` win over the URL."""
     from replaysafe._redact import redact
     from replaysafe.errors import ConfigurationError
 
@@ -65,11 +67,11 @@ def ledger_from_url(spec: str, **opts: Any) -> Ledger:
     if spec.startswith(("postgres://", "postgresql://")) or "dbname=" in spec:
         from replaysafe.ledger.postgres import PostgresLedger
 
-        return PostgresLedger(spec, **opts)
+        return PostgresLedger.from_url(spec, **opts)
     if spec.startswith(("redis://", "rediss://", "unix://")):
         from replaysafe.ledger.redis import RedisLedger
 
-        return RedisLedger(spec, **opts)
+        return RedisLedger.from_url(spec, **opts)
     raise ConfigurationError(
         f"unknown ledger {redact(spec)!r}; use memory, sqlite:PATH, postgresql://… or redis://…"
     )

@@ -49,13 +49,14 @@ import math
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Generator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Self, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from replaysafe._url import flag, take_options
 from replaysafe.errors import (
     ConfigurationError,
     LeaseLost,
@@ -1439,6 +1440,13 @@ def _entry_params(request: QuarantineRequest) -> dict[str, Any]:
 # ---------------------------------------------------------------------- the ledger
 
 
+#: PostgresLedger.from_url: the ledger's own query parameters (the rest is libpq's)
+_URL_OPTIONS: dict[str, Callable[[str], Any]] = {
+    "schema": str, "table_prefix": str, "min_size": int, "max_size": int,
+    "acquire_timeout": float, "auto_migrate": flag,
+}  # fmt: skip
+
+
 class PostgresLedger(TransactionalLedger):
     """The replay ledger in PostgreSQL. See the module docstring for the design.
 
@@ -1505,6 +1513,15 @@ class PostgresLedger(TransactionalLedger):
         self._flush: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------ identity
+
+    @classmethod
+    def from_url(cls, url: str, **opts: Any) -> PostgresLedger:
+        """The ledger at ``url``: a libpq URL (or ``key=value`` DSN) whose query may also carry
+        the ledger's own options ``schema``, ``table_prefix``, ``min_size``, ``max_size``,
+        ``acquire_timeout`` and ``auto_migrate`` (``1``/``0``), taken out before libpq sees
+        it; ``opts`` (the constructor's keyword arguments) win over the URL."""
+        dsn, options = take_options(url, _URL_OPTIONS, what="PostgreSQL ledger")
+        return cls(dsn, **{**options, **opts})
 
     @property
     def schema(self) -> str:

@@ -85,6 +85,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, NamedTuple, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from replaysafe._url import take_options
 from replaysafe.errors import (
     CapabilityError,
     ConfigurationError,
@@ -1170,6 +1171,15 @@ class RedisLedger(Ledger):
     """
 
     transactional: ClassVar[bool] = False
+
+    @classmethod
+    def from_url(cls, url: str, **opts: Any) -> RedisLedger:
+        """The ledger at ``url``: a redis-py URL whose query may also carry the ledger's own
+        options ``prefix`` and ``retention`` (seconds), taken out before redis-py sees it;
+        ``opts`` (the constructor's keyword arguments) win over the URL."""
+        plain, options = take_options(url, {"prefix": str, "retention": float},
+                                      what="Redis ledger")  # fmt: skip
+        return cls(plain, **{**options, **opts})
 
     def __init__(
         self,
