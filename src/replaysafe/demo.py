@@ -68,9 +68,7 @@ from replaysafe.envelope import Envelope, operation_id
 from replaysafe.errors import ConfigurationError, PublishAmbiguous, SimulatedCrash
 from replaysafe.failpoints import Failpoints
 from replaysafe.guarantees import Effect, Guarantee
-from replaysafe.ledger import ledger_from_url
 from replaysafe.ledger.base import Ledger
-from replaysafe.ledger.sqlite import SQLiteLedger
 from replaysafe.observe import Stats
 from replaysafe.producer import Producer
 from replaysafe.runtime.worker import Worker
@@ -398,25 +396,27 @@ async def _run_in_process(
 
 def _ledger_conf(spec: str, workdir: Path, name: str, tag: str) -> dict[str, Any]:
     """A fresh ledger namespace per run (its own file, schema or key prefix), as the JSON a worker
-    process needs to open the same ledger (``replaysafe.chaos.harness.ledger_from_spec``)."""
+    process needs to open the same ledger (``replaysafe.chaos.harness.ledger_from_spec``: its URL
+    and options), plus what the cleanup reads."""
     if spec == "sqlite":
-        return {"kind": "sqlite", "path": str(workdir / f"ledger-{name}.db")}
+        path = str(workdir / f"ledger-{name}.db")
+        return {"kind": "sqlite", "path": path, "url": f"sqlite:{path}"}
     if spec.startswith(("postgres://", "postgresql://")) or "dbname=" in spec:
-        return {"kind": "postgres", "dsn": spec, "schema": f"rs_demo_{tag}"}
+        schema = f"rs_demo_{tag}"
+        return {"kind": "postgres", "dsn": spec, "schema": schema, "url": spec,
+                "options": {"schema": schema, "auto_migrate": True}}  # fmt: skip
     if spec.startswith(("redis://", "rediss://")):
-        return {"kind": "redis", "url": spec, "prefix": f"rs-demo:{tag}:"}
+        prefix = f"rs-demo:{tag}:"
+        return {"kind": "redis", "url": spec, "client_url": spec, "prefix": prefix,
+                "options": {"prefix": prefix}}  # fmt: skip
     return {"kind": "url", "url": spec}
 
 
 def _demo_ledger(conf: Mapping[str, Any]) -> Ledger:
-    """The in-process ledger of ``conf`` (the pool sizes of ``ledger_from_url``)."""
-    if conf["kind"] == "sqlite":
-        return SQLiteLedger(conf["path"])  # WAL, synchronous=FULL
-    if conf["kind"] == "postgres":
-        return ledger_from_url(conf["dsn"], schema=conf["schema"], auto_migrate=True)
-    if conf["kind"] == "redis":
-        return ledger_from_url(conf["url"], prefix=conf["prefix"])
-    return ledger_from_url(conf["url"])
+    """The in-process ledger of ``conf``."""
+    from replaysafe.chaos.harness import ledger_from_spec
+
+    return ledger_from_spec(dict(conf))
 
 
 async def _drop_ledger(ledger: Ledger, conf: Mapping[str, Any]) -> None:

@@ -282,8 +282,9 @@ async def _kill_redis_clients(url: str, name: str) -> int:
 
 
 def ledger_from_spec(conf: dict[str, Any]) -> Ledger:
-    """The run's ledger from its spec (in the harness and in each worker process)."""
-    return ledger_from_url(conf["url"])
+    """The run's ledger from its spec (in the harness and in each worker process): its URL, and
+    the keyword options a ``key=value`` DSN cannot carry."""
+    return ledger_from_url(conf["url"], **conf.get("options", {}))
 
 
 async def drop_ledger(ledger: Ledger, conf: dict[str, Any]) -> None:
