@@ -13,7 +13,7 @@
 
 Each adapter parses its own URLs (``RabbitMQBroker.from_url``, ``SQSBroker.from_url``,
 ``KafkaBroker.from_url``: query parameters there); this function only picks the adapter, so a URL
-means the same whichever of the two you call.
+means the same whichever of the two you call. docs/urls.md has the whole grammar.
 """
 
 from typing import Any
