@@ -145,3 +145,28 @@ async def test_a_postgres_ledger_opened_from_its_url_works() -> None:
         await led.close()
         with psycopg.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True) as c:
             c.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def test_the_drivers_query_parameters_pass_through_byte_for_byte() -> None:
+    """Taking the ledger's options out must not re-encode the driver's: libpq reads %20 as a
+    space but "+" as a plus, so ``options=-c%20statement_timeout%3D5000`` must stay as it is."""
+    from replaysafe.ledger.postgres import PostgresLedger
+
+    raw = "postgresql://app@db/x?options=-c%20statement_timeout%3D5000&schema=s1&sslmode=require"
+    pg = ledger_from_url(raw)
+    assert isinstance(pg, PostgresLedger) and pg._schema == "s1"
+    assert pg._dsn == "postgresql://app@db/x?options=-c%20statement_timeout%3D5000&sslmode=require"
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("sqs+http://k:hunter2@h:1?bogus=1", "bogus"),
+        ("sqs+http://k:hunter2@h:1?wait_time=1&wait_time=2", "twice"),
+        ("sqs+http://k:hunter2@h:1?wait_time=soon", "wait_time"),
+    ],
+)
+def test_sqs_url_parameters_are_checked(url: str, says: str) -> None:
+    with pytest.raises(ConfigurationError) as err:
+        broker_from_url(url)
+    assert says in str(err.value) and "hunter2" not in str(err.value)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from replaysafe._redact import redact
 from replaysafe.errors import ConfigurationError
@@ -35,13 +35,17 @@ def take_options(
     parts = urlsplit(url)
     if not parts.query:
         return url, {}
-    kept: list[tuple[str, str]] = []
+    kept: list[str] = []
     taken: dict[str, Any] = {}
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
-        convert = options.get(name)
+    for segment in parts.query.split("&"):
+        pair = parse_qsl(segment, keep_blank_values=True)
+        convert = options.get(pair[0][0]) if pair else None
         if convert is None:
-            kept.append((name, value))
+            # the driver's parameter, kept byte for byte: re-encoding would turn libpq's
+            # "options=-c%20x%3D1" into "-c+x%3D1", which libpq does not read as a space
+            kept.append(segment)
             continue
+        name, value = pair[0]
         if name in taken:
             raise ConfigurationError(f"{what} URL {redact(url)} gives {name!r} twice; keep one")
         try:
@@ -53,4 +57,4 @@ def take_options(
             ) from None
     if not taken:
         return url, {}
-    return urlunsplit(parts._replace(query=urlencode(kept))), taken
+    return urlunsplit(parts._replace(query="&".join(kept))), taken

@@ -45,12 +45,13 @@ import math
 import re
 import socket
 from collections import Counter, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from replaysafe._redact import redact as redact_url
+from replaysafe._url import take_options
 from replaysafe.brokers.base import (
     Broker,
     Capabilities,
@@ -767,6 +768,13 @@ class _DeleteBatcher:
 # --------------------------------------------------------------------------- the broker
 
 
+#: SQSBroker.from_url's query parameters (any other is refused)
+_URL_OPTIONS: dict[str, Callable[[str], Any]] = {
+    "region": str, "wait_time": int, "visibility_timeout": int, "delete_window": float,
+    "default_group": str, "max_retries": int,
+}  # fmt: skip
+
+
 class SQSBroker(Broker):
     """Amazon SQS (or an SQS-compatible server such as moto or LocalStack) through aiobotocore.
 
@@ -931,28 +939,13 @@ class SQSBroker(Broker):
                 f"SQS URL {redact_url(url)} has scheme {parts.scheme!r}; use sqs://, "
                 "sqs+http:// or sqs+https://"
             )
-        conv: dict[str, Any] = {
-            "region": str,
-            "wait_time": int,
-            "visibility_timeout": int,
-            "delete_window": float,
-            "default_group": str,
-            "max_retries": int,
-        }
-        kwargs: dict[str, Any] = {}
-        for name, value in parse_qsl(parts.query, keep_blank_values=True):
-            if name not in conv:
-                raise ConfigurationError(
-                    f"SQS URL {redact_url(url)}: unknown parameter {name!r}; known: "
-                    f"{', '.join(sorted(conv))}"
-                )
-            try:
-                kwargs[name] = conv[name](value)
-            except ValueError:
-                raise ConfigurationError(
-                    f"SQS URL {redact_url(url)}: parameter {name}={value!r} is not a valid "
-                    f"{conv[name].__name__}"
-                ) from None
+        rest, kwargs = take_options(url, _URL_OPTIONS, what="SQS")
+        unknown = [name for name, _ in parse_qsl(urlsplit(rest).query, keep_blank_values=True)]
+        if unknown:
+            raise ConfigurationError(
+                f"SQS URL {redact_url(url)}: unknown parameter {unknown[0]!r}; known: "
+                f"{', '.join(sorted(_URL_OPTIONS))}"
+            )
         if path_region is not None:
             if kwargs.get("region", path_region) != path_region:
                 raise ConfigurationError(
