@@ -53,12 +53,8 @@ from replaysafe.ledger.postgres import (
 )
 from replaysafe.quarantine import QuarantineReason
 from replaysafe.testing import EffectProbe, FakeClock
-from replaysafe.testing.contracts.ledger import (
-    LedgerContract,
-    TransactionalLedgerContract,
-    acquire,
-    must_get,
-)
+from replaysafe.testing.contracts import LedgerBackendContract, TransactionalLedgerContract
+from replaysafe.testing.contracts.ledger import acquire, must_get
 from replaysafe.testing.contracts.sync_ledger import through_sync_twin
 
 from .waits import until
@@ -144,7 +140,7 @@ class TestPostgresLedger(TransactionalLedgerContract):
         return "INSERT INTO rs_contract_effects (op, note) VALUES (%s, %s)"
 
 
-class TestPostgresSyncTwin(LedgerContract):
+class TestPostgresSyncTwin(LedgerBackendContract):
     """The whole ledger contract with the claim path on ``PostgresLedger.sync()``: the twin and
     the async ledger share one schema (issue 14). The transactional part stays with the async
     ledger (``through_sync_twin`` is no TransactionalLedger)."""

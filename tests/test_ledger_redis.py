@@ -78,7 +78,8 @@ from replaysafe.ledger.redis import (
 )
 from replaysafe.quarantine import QuarantineReason
 from replaysafe.testing import FakeClock
-from replaysafe.testing.contracts.ledger import LedgerContract, acquire, must_get
+from replaysafe.testing.contracts import LedgerBackendContract
+from replaysafe.testing.contracts.ledger import acquire, must_get
 from replaysafe.testing.contracts.sync_ledger import through_sync_twin
 from replaysafe.testing.servers import ServerUnavailable, free_port, local_redis
 
@@ -89,7 +90,7 @@ from .runtime_harness import Harness
 KEY = OpKey("orders", "op-1")
 
 
-class TestRedisLedger(LedgerContract):
+class TestRedisLedger(LedgerBackendContract):
     @pytest.fixture(autouse=True)
     def _redis(self, redis_url: str, redis_prefix: str) -> None:
         self.url = redis_url
@@ -103,7 +104,7 @@ class TestRedisLedger(LedgerContract):
         await asyncio.sleep(seconds)
 
 
-class TestRedisLedgerSyncTwin(LedgerContract):
+class TestRedisLedgerSyncTwin(LedgerBackendContract):
     """The whole contract with the claim path on ``RedisLedger.sync()`` (issue 14): the twin and
     the async ledger share the server and prefix, as a sync guard beside an async worker does."""
 

@@ -30,12 +30,8 @@ from replaysafe.ledger.base import (
 from replaysafe.ledger.sqlite import PURGE_QUARANTINE_SQL, PURGE_SQL, SCHEMA_VERSION, SQLiteLedger
 from replaysafe.quarantine import QuarantineReason
 from replaysafe.testing import FakeClock
-from replaysafe.testing.contracts.ledger import (
-    LedgerContract,
-    TransactionalLedgerContract,
-    acquire,
-    must_get,
-)
+from replaysafe.testing.contracts import LedgerBackendContract, TransactionalLedgerContract
+from replaysafe.testing.contracts.ledger import acquire, must_get
 from replaysafe.testing.contracts.sync_ledger import through_sync_twin
 
 KEY = OpKey("orders", "op-1")
@@ -55,7 +51,7 @@ class TestSQLiteLedger(TransactionalLedgerContract):
         return "INSERT INTO rs_contract_effects (op, note) VALUES (?, ?)"
 
 
-class TestSQLiteSyncTwin(LedgerContract):
+class TestSQLiteSyncTwin(LedgerBackendContract):
     """The whole contract with the claim path on ``SQLiteLedger.sync()`` (issue 14): the twin's
     own connection and the async ledger's share the file."""
 

@@ -22,7 +22,7 @@ from replaysafe.envelope import DEFAULT_LIMITS, Envelope, KeyExtractor, Limits
 from replaysafe.errors import ConfigurationError
 from replaysafe.failpoints import FAILPOINTS, Failpoints
 from replaysafe.guarantees import Effect, Guarantee
-from replaysafe.ledger.base import MAX_HANDLER_NAME, Ledger, check_handler_name
+from replaysafe.ledger.base import MAX_HANDLER_NAME, LedgerBackend, check_handler_name
 
 if TYPE_CHECKING:
     from replaysafe.brokers.base import Delivery
@@ -225,7 +225,7 @@ class App:
         name: str,
         *,
         broker: Broker,
-        ledger: Ledger,
+        ledger: LedgerBackend,
         clock: Clock = SYSTEM_CLOCK,
         horizon: float = 7 * DAY,
         max_clock_skew: float = 300.0,
@@ -351,7 +351,7 @@ class HandlerOptions:
     example: Any
     extend_visibility: bool
     middleware: tuple[Middleware, ...]
-    ledger: Ledger
+    ledger: LedgerBackend
 
     def __post_init__(self) -> None:
         g, effect, lease = self.guarantee, self.effect, self.lease

@@ -68,7 +68,7 @@ from replaysafe.envelope import Envelope, operation_id
 from replaysafe.errors import ConfigurationError, PublishAmbiguous, SimulatedCrash
 from replaysafe.failpoints import Failpoints
 from replaysafe.guarantees import Effect, Guarantee
-from replaysafe.ledger.base import Ledger
+from replaysafe.ledger.base import LedgerBackend
 from replaysafe.observe import Stats
 from replaysafe.producer import Producer
 from replaysafe.runtime.worker import Worker
@@ -241,7 +241,7 @@ def _arm(failpoints: Failpoints, plan: Mapping[str, set[str]]) -> None:
 def build_app(
     guarantee: Guarantee,
     broker: Broker,
-    ledger: Ledger,
+    ledger: LedgerBackend,
     provider: EffectProbe,
     *,
     failpoints: Failpoints | None = None,
@@ -412,14 +412,14 @@ def _ledger_conf(spec: str, workdir: Path, name: str, tag: str) -> dict[str, Any
     return {"kind": "url", "url": spec}
 
 
-def _demo_ledger(conf: Mapping[str, Any]) -> Ledger:
+def _demo_ledger(conf: Mapping[str, Any]) -> LedgerBackend:
     """The in-process ledger of ``conf``."""
     from replaysafe.chaos.harness import ledger_from_spec
 
     return ledger_from_spec(dict(conf))
 
 
-async def _drop_ledger(ledger: Ledger, conf: Mapping[str, Any]) -> None:
+async def _drop_ledger(ledger: LedgerBackend, conf: Mapping[str, Any]) -> None:
     """Close the ledger and remove the run's schema or keys (the demo leaves nothing behind)."""
     from replaysafe.chaos.harness import drop_ledger
 

@@ -63,7 +63,7 @@ from replaysafe.brokers.base import Capabilities, GroupState, RedeliveryKind, So
 from replaysafe.envelope import operation_id as make_operation_id
 from replaysafe.errors import LedgerUnavailable
 from replaysafe.guarantees import Effect, Guarantee
-from replaysafe.ledger.base import Durability, DurabilityLevel, Ledger
+from replaysafe.ledger.base import Durability, DurabilityLevel, LedgerAdmin
 
 if TYPE_CHECKING:
     from replaysafe.guard import Guard
@@ -423,7 +423,7 @@ def explain_handler(
     return out
 
 
-async def _durability(ledger: Ledger) -> Durability:
+async def _durability(ledger: LedgerAdmin) -> Durability:
     try:
         return await ledger.durability()
     except LedgerUnavailable as exc:  # a design review without the server still gets its report

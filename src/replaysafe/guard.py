@@ -51,7 +51,7 @@ from replaysafe.envelope import DEFAULT_LIMITS, Envelope, KeyExtractor, Limits, 
 from replaysafe.errors import BrokerError, CapabilityError, ConfigurationError
 from replaysafe.failpoints import FAILPOINTS, Failpoints
 from replaysafe.guarantees import Effect, Guarantee
-from replaysafe.ledger.base import Ledger, SyncLedger
+from replaysafe.ledger.base import LedgerBackend, SyncLedger
 from replaysafe.observe import otel
 from replaysafe.quarantine import QuarantineReason
 from replaysafe.runtime.keeper import Keeper
@@ -223,7 +223,7 @@ class Guard:
 
     def __init__(
         self,
-        ledger: Ledger,
+        ledger: LedgerBackend,
         *,
         name: str,
         guarantee: Guarantee | str,

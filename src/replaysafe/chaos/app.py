@@ -37,7 +37,7 @@ from replaysafe.envelope import HEADER_FINGERPRINT, HEADER_OPERATION_ID, Envelop
 from replaysafe.errors import OutcomeUnknown
 from replaysafe.failpoints import Failpoints
 from replaysafe.guarantees import Effect, Guarantee
-from replaysafe.ledger.base import Ledger
+from replaysafe.ledger.base import LedgerBackend
 from replaysafe.testing.netcut import CutRelay
 
 SOURCE_PREFIX = "chaos"
@@ -280,7 +280,7 @@ def effect_of(spec: RunSpec) -> Effect:
     return Effect.unkeyed("effect-sink", not_applied_on=(Rejected,))
 
 
-def build_app(spec: RunSpec, broker: Broker, ledger: Ledger, failpoints: Failpoints) -> App:
+def build_app(spec: RunSpec, broker: Broker, ledger: LedgerBackend, failpoints: Failpoints) -> App:
     """The chaos app for one run: handler ``apply`` on ``spec.source``.
 
     Keyed effects send the operation id as ``Idempotency-Key`` under every guarantee (the
@@ -367,7 +367,7 @@ def effects_table(kind: str, schema: str | None) -> str:
     return EFFECTS_TABLE
 
 
-async def create_effects_table(ledger: Ledger, kind: str, schema: str | None = None) -> None:
+async def create_effects_table(ledger: LedgerBackend, kind: str, schema: str | None = None) -> None:
     """The transactional effect's table, in the ledger's own database (no unique constraint: a
     duplicate effect must be able to show up)."""
     from replaysafe.ledger.base import TransactionalLedger
@@ -385,7 +385,7 @@ async def create_effects_table(ledger: Ledger, kind: str, schema: str | None = N
 def arm(
     spec: RunSpec,
     failpoints: Failpoints,
-    ledger: Ledger | None = None,
+    ledger: LedgerBackend | None = None,
     relay: CutRelay | None = None,
 ) -> None:
     """Arm the worker-side failpoint of ``spec.fault`` for its target operations.

@@ -56,7 +56,7 @@ from replaysafe.chaos.sink import EffectOutcomeUnknown, Fenced, KeyConflict, Sin
 from replaysafe.errors import OutcomeUnknown
 from replaysafe.guarantees import Effect, Guarantee
 from replaysafe.guard import Guard, Message, Outcome
-from replaysafe.ledger.base import Ledger
+from replaysafe.ledger.base import LedgerBackend
 
 T = TypeVar("T")
 NAME = "apply"
@@ -83,7 +83,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def open_ledger(a: argparse.Namespace) -> tuple[Ledger, str]:
+def open_ledger(a: argparse.Namespace) -> tuple[LedgerBackend, str]:
     """The ledger and its kind (``sqlite`` or ``postgres``)."""
     if a.ledger.startswith(("postgres://", "postgresql://")):
         from replaysafe.ledger.postgres import PostgresLedger
@@ -94,7 +94,7 @@ def open_ledger(a: argparse.Namespace) -> tuple[Ledger, str]:
     return SQLiteLedger(a.ledger.removeprefix("sqlite://")), "sqlite"
 
 
-def make_guard(a: argparse.Namespace, ledger: Ledger) -> Guard:
+def make_guard(a: argparse.Namespace, ledger: LedgerBackend) -> Guard:
     if a.effect == "transactional":
         effect = Effect.transactional()
     elif a.effect == "keyed":

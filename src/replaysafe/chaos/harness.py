@@ -56,7 +56,7 @@ from replaysafe.errors import (
 from replaysafe.failpoints import Failpoints
 from replaysafe.guarantees import Guarantee
 from replaysafe.ledger import ledger_from_url
-from replaysafe.ledger.base import Ledger, QuarantineEntry
+from replaysafe.ledger.base import LedgerBackend, QuarantineEntry
 from replaysafe.producer import Producer
 from replaysafe.quarantine import QuarantineReason
 from replaysafe.runtime.worker import Worker
@@ -203,7 +203,9 @@ def _run_name(index: int, guarantee: str, effect: str, fault: str) -> str:
 # --------------------------------------------------------------------------- ledgers
 
 
-async def open_ledger(cfg: ChaosConfig, run: str, rundir: Path) -> tuple[Ledger, dict[str, Any]]:
+async def open_ledger(
+    cfg: ChaosConfig, run: str, rundir: Path
+) -> tuple[LedgerBackend, dict[str, Any]]:
     """A fresh ledger for one run, and the JSON a worker process needs to open the same one: its
     URL (``ledger_from_url``: the one grammar), plus what the nemesis and the cleanup read."""
     if cfg.ledger == "sqlite":
@@ -281,13 +283,13 @@ async def _kill_redis_clients(url: str, name: str) -> int:
         await client.aclose()
 
 
-def ledger_from_spec(conf: dict[str, Any]) -> Ledger:
+def ledger_from_spec(conf: dict[str, Any]) -> LedgerBackend:
     """The run's ledger from its spec (in the harness and in each worker process): its URL, and
     the keyword options a ``key=value`` DSN cannot carry."""
     return ledger_from_url(conf["url"], **conf.get("options", {}))
 
 
-async def drop_ledger(ledger: Ledger, conf: dict[str, Any]) -> None:
+async def drop_ledger(ledger: LedgerBackend, conf: dict[str, Any]) -> None:
     """Remove a run's server-side ledger state (schema, keys); files go with the workdir."""
     with contextlib.suppress(Exception):
         await ledger.close()
@@ -323,14 +325,14 @@ async def _retrying(call: Callable[[], Awaitable[Any]]) -> Any:
 
 
 async def _effect_rows(
-    ledger: Ledger, run: str, kind: str, schema: str | None = None
+    ledger: LedgerBackend, run: str, kind: str, schema: str | None = None
 ) -> list[Attempt]:
     rows: list[Attempt] = await _retrying(lambda: _read_effect_rows(ledger, run, kind, schema))
     return rows
 
 
 async def _read_effect_rows(
-    ledger: Ledger, run: str, kind: str, schema: str | None
+    ledger: LedgerBackend, run: str, kind: str, schema: str | None
 ) -> list[Attempt]:
     from replaysafe.ledger.base import TransactionalLedger
 
@@ -346,7 +348,7 @@ async def _read_effect_rows(
     return [Attempt(r[0], r[1], r[2], r[3], None, r[4], r[5], r[6], APPLIED) for r in rows]
 
 
-async def _flags(ledger: Ledger) -> list[Flag]:
+async def _flags(ledger: LedgerBackend) -> list[Flag]:
     entries: list[QuarantineEntry] = await _retrying(lambda: ledger.quarantined(limit=100_000))
     return [Flag(e.operation_id, e.reason.value, e.risk.value, e.created_at) for e in entries]
 
@@ -517,7 +519,7 @@ class RunContext:
     cfg: ChaosConfig
     sink: EffectSink
     spec: RunSpec
-    ledger: Ledger
+    ledger: LedgerBackend
     history: list[Published]
     rundir: Path
     #: how each settle wait ended (evidence when a run reports losses: did it end unsettled?)

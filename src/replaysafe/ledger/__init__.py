@@ -9,13 +9,17 @@ from replaysafe.ledger.base import (
     ClaimOutcome,
     ClaimRequest,
     Conflict,
+    HandlerControls,
     InFlight,
     Ledger,
+    LedgerAdmin,
+    LedgerBackend,
     OpKey,
     PauseState,
     Quarantined,
     QuarantineEntry,
     QuarantineRequest,
+    QuarantineStore,
     Record,
     State,
     Transaction,
@@ -32,14 +36,18 @@ __all__ = [
     "ClaimOutcome",
     "ClaimRequest",
     "Conflict",
+    "HandlerControls",
     "InFlight",
     "Ledger",
+    "LedgerAdmin",
+    "LedgerBackend",
     "MemoryLedger",
     "OpKey",
     "PauseState",
     "QuarantineEntry",
     "QuarantineRequest",
     "Quarantined",
+    "QuarantineStore",
     "Record",
     "SQLiteLedger",
     "State",
@@ -48,7 +56,7 @@ __all__ = [
 ]
 
 
-def ledger_from_url(spec: str, **opts: Any) -> Ledger:
+def ledger_from_url(spec: str, **opts: Any) -> LedgerBackend:
     """The ledger named by ``spec``: ``memory``, ``sqlite:PATH``, ``postgresql://…`` (extra
     ``postgres``; ``?schema=…&table_prefix=…&min_size=…&max_size=…&acquire_timeout=…&
     auto_migrate=1`` in the URL or in ``opts``: ``PostgresLedger.from_url``) or ``redis://…``

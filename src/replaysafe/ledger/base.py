@@ -311,10 +311,13 @@ class Transaction(ABC):
 
 
 class Ledger(ABC):
-    """Durable memory of operations: claim with lease and fencing, complete, release, quarantine.
+    """The claim role: durable memory of operations, claimed with lease and fencing, then
+    completed or released (the state machine in this module's docstring).
 
     Backends implement the single-item methods; the batch forms default to loops and backends
-    override them to use one round trip per batch.
+    override them to use one round trip per batch. The other roles of a store are
+    :class:`QuarantineStore`, :class:`HandlerControls` and :class:`LedgerAdmin`;
+    :class:`LedgerBackend` is one store playing all four, which is what the runtime takes.
     """
 
     #: True when the backend implements :class:`TransactionalLedger`
@@ -378,15 +381,43 @@ class Ledger(ABC):
         at once. Raises ``LeaseLost`` when the token is stale."""
 
     @abstractmethod
+    async def get(self, key: OpKey) -> Record | None: ...
+
+    @abstractmethod
+    def now(self) -> float:
+        """The ledger's clock (what leases are judged by)."""
+
+    def sync(self) -> SyncLedger:
+        """A :class:`SyncLedger` on the same store with the same options, for plain threads (a
+        sync :class:`~replaysafe.Guard`): its own connections, called in the caller's thread
+        with the sync driver. Each call returns a new one; close it. Raises
+        ``CapabilityError`` where the backend has none."""
+        raise CapabilityError(
+            f"{type(self).__name__} has no sync twin: use the async API (Guard.run), or a ledger "
+            "that has one (SQLiteLedger, PostgresLedger, RedisLedger, MemoryLedger)"
+        )
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections. Idempotent."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class QuarantineStore(ABC):
+    """The quarantine role: durable entries for messages that must not run again on their own
+    (poison, ambiguous outcomes, spent budgets), read and redriven by an operator."""
+
+    @abstractmethod
     async def quarantine(
         self, request: QuarantineRequest, claim: Claim | None = None
     ) -> QuarantineEntry:
         """Durably record a quarantine entry (idempotent per message). With ``claim``, the operation
         record also moves to QUARANTINED under fencing (``LeaseLost`` if stale), so later deliveries
         are answered ``Quarantined``. Must be durable before the caller completes at the broker."""
-
-    @abstractmethod
-    async def get(self, key: OpKey) -> Record | None: ...
 
     @abstractmethod
     async def quarantined(
@@ -418,16 +449,10 @@ class Ledger(ABC):
         """Delete quarantine entries matching all given filters (ids, reason, created before
         ``older_than``); at most ``limit``. Operation records are left as they are."""
 
-    @abstractmethod
-    async def summary(self, *, top: int = 10) -> LedgerSummary:
-        """Counts for ``replaysafe inspect``: records by state, expired leases, the oldest in
-        flight, the ``top`` most-attempted operations, quarantine by reason, recent rate."""
 
-    @abstractmethod
-    async def purge(self, older_than: float, *, limit: int = 10_000) -> int:
-        """Delete up to ``limit`` COMPLETED records completed before ``older_than`` (POSIX seconds).
-        Returns how many were deleted. Only completed records are forgotten: in-flight, released
-        and quarantined ones stay."""
+class HandlerControls(ABC):
+    """The pause role: per-handler flags every worker sharing the store obeys (see this module's
+    docstring)."""
 
     @abstractmethod
     async def set_paused(
@@ -445,6 +470,39 @@ class Ledger(ABC):
         """Every paused handler, by name (empty when none is). One cheap read: workers call it
         about once a second. Raises ``LedgerUnavailable`` like every other read."""
 
+
+class LedgerAdmin(ABC):
+    """The admin role: what ``inspect``, the horizon purge and ``explain`` read or do."""
+
+    @abstractmethod
+    async def summary(self, *, top: int = 10) -> LedgerSummary:
+        """Counts for ``replaysafe inspect``: records by state, expired leases, the oldest in
+        flight, the ``top`` most-attempted operations, quarantine by reason, recent rate."""
+
+    @abstractmethod
+    async def purge(self, older_than: float, *, limit: int = 10_000) -> int:
+        """Delete up to ``limit`` COMPLETED records completed before ``older_than`` (POSIX seconds).
+        Returns how many were deleted. Only completed records are forgotten: in-flight, released
+        and quarantined ones stay."""
+
+    async def durability(self) -> Durability:
+        """Whether this ledger's storage can back a claim, read from the live store where the
+        backend can (``explain``: RS110 not durable, RS118 loses recent, RS111 unknown)."""
+        return Durability(
+            type(self).__name__, None, "unknown", "this backend has no durability() of its own"
+        )
+
+    async def migrate(self) -> object:
+        """Create or update the store's schema and say what was done. The default has nothing to
+        do (a store that creates its schema on first use) and returns None."""
+        return None
+
+
+class LedgerBackend(Ledger, QuarantineStore, HandlerControls, LedgerAdmin):
+    """One store playing every ledger role: what :class:`~replaysafe.App`, the
+    :class:`~replaysafe.Guard`, the worker and the CLI take, and what every built-in backend is.
+    Code that needs one role only takes that role's type."""
+
     async def probe(self, owner: str) -> None:
         """Prove, before a worker consumes anything, that this ledger is reachable, its schema
         is the one this replaysafe expects and the worker may read and write what it needs:
@@ -459,36 +517,6 @@ class Ledger(ABC):
         outcome = await self.claim(key, PROBE_FINGERPRINT, owner, 30.0)
         if isinstance(outcome, Acquired):
             await self.complete(outcome.claim)
-
-    async def durability(self) -> Durability:
-        """Whether this ledger's storage can back a claim, read from the live store where the
-        backend can (``explain``: RS110 not durable, RS118 loses recent, RS111 unknown)."""
-        return Durability(
-            type(self).__name__, None, "unknown", "this backend has no durability() of its own"
-        )
-
-    @abstractmethod
-    def now(self) -> float:
-        """The ledger's clock (what leases are judged by)."""
-
-    def sync(self) -> SyncLedger:
-        """A :class:`SyncLedger` on the same store with the same options, for plain threads (a
-        sync :class:`~replaysafe.Guard`): its own connections, called in the caller's thread
-        with the sync driver. Each call returns a new one; close it. Raises
-        ``CapabilityError`` where the backend has none."""
-        raise CapabilityError(
-            f"{type(self).__name__} has no sync twin: use the async API (Guard.run), or a ledger "
-            "that has one (SQLiteLedger, PostgresLedger, RedisLedger, MemoryLedger)"
-        )
-
-    async def close(self) -> None:  # noqa: B027 - optional hook
-        """Release connections. Idempotent."""
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
 
 @runtime_checkable
@@ -514,8 +542,8 @@ class SyncLedger(Protocol):
     def close(self) -> None: ...
 
 
-class TransactionalLedger(Ledger):
-    """A ledger living in the same database as the business data."""
+class TransactionalLedger(LedgerBackend):
+    """A ledger backend living in the same database as the business data."""
 
     transactional: ClassVar[bool] = True
 

@@ -21,7 +21,7 @@ from replaysafe.ledger.base import (
     ClaimOutcome,
     ClaimRequest,
     Durability,
-    Ledger,
+    LedgerBackend,
     LedgerSummary,
     OpKey,
     PauseState,
@@ -42,7 +42,7 @@ from replaysafe.quarantine import QuarantineReason
 T = TypeVar("T")
 
 
-class MemoryLedger(Ledger):
+class MemoryLedger(LedgerBackend):
     def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
         self._clock = clock
         self._records: dict[OpKey, Record] = {}

@@ -103,7 +103,7 @@ from replaysafe.ledger.base import (
     ClaimRequest,
     Conflict,
     InFlight,
-    Ledger,
+    LedgerBackend,
     LedgerSummary,
     OpKey,
     PauseState,
@@ -1160,7 +1160,7 @@ def _open_client(cls: Any, retry: Any, url: str) -> Any:
 # --------------------------------------------------------------------------- the ledger
 
 
-class RedisLedger(Ledger):
+class RedisLedger(LedgerBackend):
     """The replay ledger in Redis (not transactional). See the module docstring for the design.
 
     ``url`` is a redis-py URL (``redis://[user:password@]host:port/db``, ``rediss://``,

@@ -25,7 +25,7 @@ from replaysafe.runtime.policy import LEDGER_RETRY_DELAY
 if TYPE_CHECKING:
     from replaysafe.app import HandlerSpec
     from replaysafe.clock import Clock
-    from replaysafe.ledger.base import Ledger
+    from replaysafe.ledger.base import HandlerControls, Ledger
 
 log = logging.getLogger("replaysafe.runtime")
 
@@ -65,7 +65,7 @@ class Control:
 
     def __init__(
         self,
-        ledger: Ledger,
+        ledger: HandlerControls,
         clock: Clock,
         stats: o.Stats,
         specs: Sequence[HandlerSpec],

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from replaysafe.brokers.base import Delivery
     from replaysafe.clock import Clock
     from replaysafe.failpoints import Failpoints
-    from replaysafe.ledger.base import Ledger
+    from replaysafe.ledger.base import LedgerBackend
     from replaysafe.runtime.sync import OverTwin
 
 log = logging.getLogger("replaysafe.runtime")
@@ -88,7 +88,7 @@ class Settler:
     def __init__(
         self,
         *,
-        ledger: Ledger | OverTwin,
+        ledger: LedgerBackend | OverTwin,
         clock: Clock,
         stats: o.Stats,
         tracing: otel.Tracing,

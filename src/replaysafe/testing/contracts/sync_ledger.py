@@ -5,7 +5,7 @@ claim_many, mark_started, extend, complete, complete_many, release, quarantine, 
 twin, called synchronously, and everything else (purge, summary, pause flags, redrive, close) to
 the async ledger itself. Subclass the ordinary contract and return the wrapped ledger::
 
-    class TestSQLiteSyncTwin(LedgerContract):
+    class TestSQLiteSyncTwin(LedgerBackendContract):
         async def make_ledger(self, clock: FakeClock) -> Ledger:
             return through_sync_twin(SQLiteLedger(self.path, clock=clock))
 
