@@ -33,9 +33,18 @@ been declared up front); consumers within one group compete for them.
 
 Nothing here is durable beyond the process; what it models faithfully is *when* a message comes
 back, to whom, and with which attempt count.
+
+The broker's settings are a :class:`MemoryConfig` (``clock``, ``failpoints``, ``default_mode``);
+its URL is just ``memory`` (:meth:`MemoryConfig.from_url`, :meth:`MemoryBroker.from_url`).
+
+Modules: ``broker`` (:class:`MemoryBroker`: destinations, publish, subscribe, introspection),
+``config``, ``store`` (messages in wire form), ``delivery`` (one transport copy), ``group`` (a
+consumer group's bookkeeping, implemented by ``queues`` for NACK and VISIBILITY_TIMEOUT and by
+``offsets`` for OFFSET_REWIND) and ``consumer`` (a subscription).
 """
 
 from replaysafe.brokers.memory.broker import MemoryBroker
+from replaysafe.brokers.memory.config import MemoryConfig
 from replaysafe.brokers.memory.store import DeadLetter, StoredMessage, partition_for
 
-__all__ = ["DeadLetter", "MemoryBroker", "StoredMessage", "partition_for"]
+__all__ = ["DeadLetter", "MemoryBroker", "MemoryConfig", "StoredMessage", "partition_for"]

@@ -16,13 +16,13 @@ from replaysafe.brokers.base import (
     SourceFacts,
     Subscription,
 )
-from replaysafe.brokers.memory.config import _check_name, _Config
+from replaysafe.brokers.memory.config import MemoryConfig, _check_name, _Config
 from replaysafe.brokers.memory.consumer import _MemorySubscription
 from replaysafe.brokers.memory.group import _Group
 from replaysafe.brokers.memory.offsets import _OffsetGroup
 from replaysafe.brokers.memory.queues import _NackGroup, _VisibilityGroup
 from replaysafe.brokers.memory.store import DeadLetter, StoredMessage, _Destination, partition_for
-from replaysafe.clock import SYSTEM_CLOCK, Clock
+from replaysafe.clock import Clock
 from replaysafe.envelope import HEADER_OPERATION_ID, Envelope
 from replaysafe.errors import BrokerUnavailable, CapabilityError, ConfigurationError
 from replaysafe.failpoints import (
@@ -75,22 +75,50 @@ class MemoryBroker(Broker):
     ``PUBLISH_BEFORE_ACCEPT`` (raising there stores nothing) and ``PUBLISH_AFTER_ACCEPT`` (raising
     there leaves the message stored: an ambiguous publish), with ctx ``operation_id``,
     ``destination`` and ``sleep`` (the broker clock's sleep).
+
+    The settings are a :class:`MemoryConfig` (defaults and checks there): pass ``config=`` or the
+    same settings as keywords, not both. ``self.config`` is the config the broker runs with.
     """
 
     def __init__(
         self,
         *,
-        clock: Clock = SYSTEM_CLOCK,
+        clock: Clock | None = None,
         failpoints: Failpoints | None = None,
-        default_mode: RedeliveryKind = RedeliveryKind.NACK,
+        default_mode: RedeliveryKind | None = None,
+        config: MemoryConfig | None = None,
     ) -> None:
-        self._clock = clock
-        self._failpoints = FAILPOINTS if failpoints is None else failpoints
-        self._default = _Config(RedeliveryKind(default_mode), 30.0, 1)
+        # None means "not given": the defaults live in MemoryConfig, one place
+        given: dict[str, Any] = {
+            name: value
+            for name, value in (
+                ("clock", clock),
+                ("failpoints", failpoints),
+                ("default_mode", default_mode),
+            )
+            if value is not None
+        }
+        if config is None:
+            config = MemoryConfig(**given)
+        elif given:
+            raise ConfigurationError(
+                f"MemoryBroker: got config= and also {', '.join(sorted(given))}; pass one or the "
+                "other (to change a config, use dataclasses.replace(config, ...))"
+            )
+        self.config = config
+        self._clock = config.clock
+        self._failpoints = FAILPOINTS if config.failpoints is None else config.failpoints
+        self._default = _Config(config.default_mode, 30.0, 1)
         self._dests: dict[str, _Destination] = {}
         self._subs: set[_MemorySubscription] = set()
         self._tags = itertools.count(1)
         self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str, **opts: Any) -> MemoryBroker:
+        """The broker the URL ``memory`` names, ``opts`` being its settings (``clock``,
+        ``failpoints``, ``default_mode``): :meth:`MemoryConfig.from_url` parses it."""
+        return cls(config=MemoryConfig.from_url(url, **opts))
 
     @property
     def clock(self) -> Clock:
