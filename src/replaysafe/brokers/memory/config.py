@@ -71,6 +71,8 @@ class MemoryConfig:
 
 @dataclass(frozen=True, slots=True)
 class _Config:
+    """A destination's redelivery model and its settings (a redeclare must give equal ones)."""
+
     mode: RedeliveryKind
     visibility_timeout: float
     partitions: int

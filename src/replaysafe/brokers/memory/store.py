@@ -53,6 +53,8 @@ def partition_for(key: str | None, partitions: int) -> int:
 
 
 class _Destination:
+    """One destination: its history (in publish order and per partition) and its groups."""
+
     def __init__(self, name: str, config: _Config) -> None:
         self.name = name
         self.config = config
