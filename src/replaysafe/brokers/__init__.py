@@ -1,6 +1,6 @@
 """Broker adapters. Each imports its driver lazily and names the extra to install.
 
-``broker_from_url`` is the one place a URL becomes a broker (CLI, demo, chaos, benchmarks):
+``open_broker`` is the one place a URL becomes a broker (CLI, demo, chaos, benchmarks):
 
 =================================== ==============================================================
 ``memory``                          the in-process reference broker
@@ -12,12 +12,12 @@
 =================================== ==============================================================
 
 Each adapter parses its own URLs (``RabbitMQBroker.from_url``, ``SQSBroker.from_url``,
-``KafkaBroker.from_url``: query parameters there); this function only picks the adapter, so a URL
-means the same whichever of the two you call. docs/urls.md has the whole grammar.
+``KafkaBroker.from_url``: query parameters there); :func:`open_broker` (``replaysafe._registry``,
+also named ``broker_from_url``) only picks the adapter, so a URL means the same whichever of the
+two you call. docs/urls.md has the whole grammar.
 """
 
-from typing import Any
-
+from replaysafe._registry import open_broker, schemes
 from replaysafe.brokers.base import (
     Broker,
     Capabilities,
@@ -29,38 +29,11 @@ from replaysafe.brokers.base import (
     Subscription,
 )
 from replaysafe.brokers.memory import MemoryBroker
-from replaysafe.errors import ConfigurationError
 
-BROKER_SCHEMES = (
-    "memory, amqp://…, amqps://…, sqs://[region], sqs+http(s)://host:port[/region], kafka://…, "
-    "kafka+ssl://…"
-)
-
-
-def broker_from_url(spec: str, **opts: Any) -> Broker:
-    """The broker named by ``spec`` (see the module docstring); ``opts`` go to its constructor
-    (``clock``, ``failpoints`` and adapter settings). Raises ``ConfigurationError`` for
-    an unknown scheme and ``MissingExtra`` when the adapter's driver is not installed."""
-    if spec == "memory":
-        from replaysafe.brokers.memory import MemoryBroker
-
-        return MemoryBroker(**opts)
-    scheme = spec.partition("://")[0].lower() if "://" in spec else ""
-    # each adapter owns its URL grammar (``from_url``): this only picks the adapter
-    if scheme in ("amqp", "amqps"):
-        from replaysafe.brokers.rabbitmq import RabbitMQBroker
-
-        return RabbitMQBroker.from_url(spec, **opts)
-    if scheme in ("sqs", "sqs+http", "sqs+https"):
-        from replaysafe.brokers.sqs import SQSBroker
-
-        return SQSBroker.from_url(spec, **opts)
-    if scheme in ("kafka", "kafka+ssl"):
-        from replaysafe.brokers.kafka import KafkaBroker
-
-        return KafkaBroker.from_url(spec, **opts)
-    shown = spec.split("@")[-1] if "@" in spec else spec  # never echo credentials
-    raise ConfigurationError(f"unknown broker {shown!r}; use one of: {BROKER_SCHEMES}")
+#: the broker URL shapes, for help texts
+BROKER_SCHEMES = schemes("broker")
+#: the name this function had before the registry; the same function
+broker_from_url = open_broker
 
 
 __all__ = [
@@ -75,4 +48,5 @@ __all__ = [
     "Subscriber",
     "Subscription",
     "broker_from_url",
+    "open_broker",
 ]

@@ -14,7 +14,8 @@ from typing import Any, TypeVar
 
 from replaysafe._coro import at_once
 from replaysafe.clock import SYSTEM_CLOCK, Clock
-from replaysafe.errors import LeaseLost
+from replaysafe._redact import redact
+from replaysafe.errors import ConfigurationError, LeaseLost
 from replaysafe.ledger.base import (
     Acquired,
     Claim,
@@ -43,12 +44,26 @@ T = TypeVar("T")
 
 
 class MemoryLedger(LedgerBackend):
+    """A ledger in this process's memory: for tests and the demo. Nothing survives the process
+    (``durability()`` says so)."""
+
     def __init__(self, clock: Clock = SYSTEM_CLOCK) -> None:
         self._clock = clock
         self._records: dict[OpKey, Record] = {}
         self._quarantine: dict[str, QuarantineEntry] = {}
         self._paused: dict[str, PauseState] = {}
         self._last_token = 0
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> MemoryLedger:
+        """The ledger the URL ``memory`` names (``open_ledger``); it takes no query, so its one
+        setting (``clock``) is a keyword."""
+        if url != "memory":
+            raise ConfigurationError(
+                f"{redact(url)!r} is not the memory ledger's URL; it is exactly 'memory' (no "
+                "host, path or query): pass its clock as a keyword"
+            )
+        return cls(**options)
 
     def now(self) -> float:
         return self._clock.now()
