@@ -13,8 +13,8 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 from replaysafe._coro import at_once
-from replaysafe.clock import SYSTEM_CLOCK, Clock
 from replaysafe._redact import redact
+from replaysafe.clock import SYSTEM_CLOCK, Clock
 from replaysafe.errors import ConfigurationError, LeaseLost
 from replaysafe.ledger.base import (
     Acquired,
