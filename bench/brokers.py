@@ -734,7 +734,11 @@ INCLUSIVE = (
     ("stats (observe.Stats)", "replaysafe/observe/__init__.py", ""),
     ("failpoints (hit)", "replaysafe/failpoints.py", "hit"),
     ("adapter ack path (Delivery.ack)", "replaysafe/brokers/", "ack"),
-    ("RabbitMQ coalesced ack flush (_flush_acks)", "replaysafe/brokers/rabbitmq.py", "_flush_acks"),
+    (
+        "RabbitMQ coalesced ack flush (_Acker._flush)",
+        "replaysafe/brokers/rabbitmq/acks.py",
+        "_flush",
+    ),
     ("adapter fetch (next_batch / _take / _wrap / poll)", "replaysafe/brokers/", "next_batch"),
     ("handler wrapper (Keeper.execute)", "replaysafe/runtime/keeper.py", "execute"),
     (
