@@ -56,11 +56,7 @@ from replaysafe.brokers.sqs.wire import MAX_BATCH as MAX_BATCH
 from replaysafe.brokers.sqs.wire import MAX_VISIBILITY as MAX_VISIBILITY
 from replaysafe.brokers.sqs.wire import MAX_WAIT_TIME as MAX_WAIT_TIME
 
-#: another name of :class:`SQSConfig`
-CONFIGsqs = SQSConfig
-
 __all__ = [
-    "CONFIGsqs",
     "FIFO_DEDUP_WINDOW",
     "HEADER_BODY_ENCODING",
     "HEADER_KEY",
