@@ -65,8 +65,9 @@ NEUTRAL: dict[str, frozenset[str]] = {
 }
 #: what broker adapters, ledgers and outbox stores must not import (rule b)
 ABOVE_BACKENDS = ("runtime", "app", "guard", "cli")
-#: the tools around the library, which may use the test rig (rule c); ``examples`` holds the demo's apps (``replaysafe explain
-#: replaysafe.examples.payments:app``), built by the demo with the rig's EffectProbe
+#: the tools around the library, which may use the test rig (rule c); ``examples`` holds the
+#: demo's apps (``replaysafe explain replaysafe.examples.payments:app``), built by the demo with
+#: the rig's EffectProbe
 TOOLS = ("cli", "chaos", "demo", "examples", "simulate", "testing")
 #: the test rig (rule c)
 TEST_RIG = "testing"
