@@ -85,10 +85,10 @@ class _Publisher:
                         "sleep": b.clock.sleep,
                     },
                 )
-            elif not _not_written(err):
-                ambiguous.append(f"{env.operation_id} ({err})")
-            else:
+            elif _not_written(err):
                 refused.append(f"{env.operation_id} ({err})")
+            else:
+                ambiguous.append(f"{env.operation_id} ({err})")
         if ambiguous:
             raise PublishAmbiguous(
                 f"KafkaBroker: publish to {destination!r} has an unknown outcome for "
