@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from replaysafe.envelope import Envelope
+from replaysafe.errors import BrokerUnavailable
 
 
 class RedeliveryKind(StrEnum):
@@ -104,7 +105,8 @@ class GroupState:
 class Delivery(ABC):
     """One transport copy of a message, handed to the runtime.
 
-    Settling (``ack``/``nack``/``reject``) twice is harmless: the second call does nothing.
+    Settling (``ack``/``nack``/``reject``) twice is harmless: the second call does nothing
+    (:class:`SettleOnce`, every adapter's base, keeps that promise in one place).
     """
 
     body: bytes
@@ -155,6 +157,74 @@ class Delivery(ABC):
     async def extend(self, seconds: float) -> None:
         """Postpone redelivery to ``now + seconds``. Raises ``CapabilityError`` where the broker
         has no timer to extend."""
+
+
+class SettleOnce(Delivery):
+    """The base of every adapter's delivery: each copy is settled once. The first ``ack``,
+    ``nack`` or ``reject`` marks it settled (:meth:`_settling` tells the adapter at that moment)
+    and then calls the adapter's ``_ack`` / ``_nack`` / ``_reject``; every later settle does
+    nothing, and ``ack_confirmed`` on a settled copy raises (the caller must not run an
+    at-most-once effect on a completion it cannot confirm). Wrappers that delegate to another
+    delivery subclass :class:`Delivery` itself."""
+
+    #: the name errors give the broker (``"SQS"``, ``"RabbitMQ"``…)
+    broker_name: str = "broker"
+    _settled: bool = False
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+    def _settle(self) -> bool:
+        """Mark this copy settled; False when it already was (the caller then does nothing)."""
+        if self._settled:
+            return False
+        self._settled = True
+        self._settling()
+        return True
+
+    def _settling(self) -> None:
+        """Called once, when the copy becomes settled (before the broker call): e.g. stop
+        counting it among the consumer's unsettled deliveries."""
+
+    def _unconfirmable(self) -> BrokerUnavailable:
+        """The error of ``ack_confirmed`` on a copy that was settled already."""
+        return BrokerUnavailable(
+            f"{self.broker_name}: {self.delivery_id} was already settled, so this ack cannot be "
+            "confirmed; do not run an at-most-once effect for it"
+        )
+
+    async def ack(self) -> None:
+        if self._settle():
+            await self._ack()
+
+    async def ack_confirmed(self) -> None:
+        """:meth:`Delivery.ack_confirmed`; raises ``BrokerUnavailable`` when the copy was
+        settled already. The default confirms through ``_ack`` (an adapter whose ``_ack``
+        returns once the broker has the completion); others override it."""
+        if not self._settle():
+            raise self._unconfirmable()
+        await self._ack()
+
+    async def nack(self, delay: float | None = None) -> None:
+        if self._settle():
+            await self._nack(delay)
+
+    async def reject(self, reason: str) -> None:
+        if self._settle():
+            await self._reject(reason)
+
+    @abstractmethod
+    async def _ack(self) -> None:
+        """The broker's completion of this copy (see :meth:`Delivery.ack`)."""
+
+    @abstractmethod
+    async def _nack(self, delay: float | None) -> None:
+        """The broker's redelivery of this copy (see :meth:`Delivery.nack`)."""
+
+    @abstractmethod
+    async def _reject(self, reason: str) -> None:
+        """The broker's settle without redelivery (see :meth:`Delivery.reject`)."""
 
 
 class Subscription(ABC):

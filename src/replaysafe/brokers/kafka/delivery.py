@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from replaysafe.brokers.base import Delivery
+from replaysafe.brokers.base import SettleOnce
 from replaysafe.brokers.kafka.offsets import TP
-from replaysafe.errors import BrokerUnavailable, CapabilityError
+from replaysafe.errors import CapabilityError
 
 if TYPE_CHECKING:
     from confluent_kafka import Message
@@ -27,7 +27,8 @@ def _decode(raw: bytes | str | None) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-class _KafkaDelivery(Delivery):
+class _KafkaDelivery(SettleOnce):
+    broker_name = "KafkaBroker"
     __slots__ = (
         "_settled",
         "_sub",
@@ -89,20 +90,9 @@ class _KafkaDelivery(Delivery):
         self._sub = sub
         self._settled = False
 
-    @property
-    def settled(self) -> bool:
-        return self._settled
-
-    def _settle(self) -> bool:
-        if self._settled:
-            return False
-        self._settled = True
-        return True
-
-    async def ack(self) -> None:
+    async def _ack(self) -> None:
         """Mark the offset done (COMPLETED once a commit covers it -- see the module docstring)."""
-        if self._settle():
-            self._sub._settled_done(self)
+        self._sub._settled_done(self)
 
     async def ack_confirmed(self) -> None:
         """``ack()``, then wait until a commit that covers this record is answered (at most the
@@ -111,28 +101,23 @@ class _KafkaDelivery(Delivery):
         may then be read again by the group, so the caller must not run an effect it has to
         run at most once. Also raised when the delivery was already settled."""
         sub = self._sub
-        if self._settled:
-            raise BrokerUnavailable(
-                f"KafkaBroker: {self.delivery_id} was already settled, so this ack cannot be "
-                "confirmed; do not run an at-most-once effect for it"
-            )
         with sub._lock:
             generation = sub._tracker.generation(self.tp)
-        await self.ack()
+        if not self._settle():
+            raise self._unconfirmable()
+        await self._ack()
         await sub._commits.wait_covered(self, generation)
 
-    async def nack(self, delay: float | None = None) -> None:
+    async def _nack(self, delay: float | None) -> None:
         """Rewind the partition to this offset after ``delay`` seconds (paused meanwhile): this
         record and every later record of the partition are delivered again."""
-        if self._settle():
-            self._sub._settled_rewind(self, max(0.0, delay or 0.0))
+        self._sub._settled_rewind(self, max(0.0, delay or 0.0))
 
-    async def reject(self, reason: str) -> None:
+    async def _reject(self, reason: str) -> None:
         """Skip the record: it counts as done for the commit. Kafka has no dead-letter queue; the
         runtime records the quarantine durably before it rejects."""
-        if self._settle():
-            log.info("rejected %s: %s", self.delivery_id, reason)
-            self._sub._settled_done(self)
+        log.info("rejected %s: %s", self.delivery_id, reason)
+        self._sub._settled_done(self)
 
     async def extend(self, seconds: float) -> None:
         raise CapabilityError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from replaysafe.brokers.base import Delivery
+from replaysafe.brokers.base import SettleOnce
 from replaysafe.brokers.memory.store import StoredMessage
 from replaysafe.errors import BrokerUnavailable
 
@@ -14,10 +14,12 @@ if TYPE_CHECKING:
     from replaysafe.brokers.memory.group import _Group
 
 
-class _MemoryDelivery(Delivery):
+class _MemoryDelivery(SettleOnce):
     """One transport copy. Its settle calls are forwarded to the group, which decides whether the
     copy is still the current one (a stale copy's settle is ignored or, for SQS-like deletes,
     accepted) -- so a late settle never corrupts the group's state."""
+
+    broker_name = "memory broker"
 
     def __init__(
         self,
@@ -46,33 +48,20 @@ class _MemoryDelivery(Delivery):
         self._sub = sub
         self._settled = False
 
-    @property
-    def settled(self) -> bool:
-        return self._settled
-
-    def _settle(self) -> bool:
-        """Mark settled; False when it already was (the second settle does nothing)."""
-        if self._settled:
-            return False
-        self._settled = True
+    def _settling(self) -> None:
         self._sub._unsettled.discard(self)
-        return True
 
-    async def ack(self) -> None:
+    async def _ack(self) -> None:
         """Complete at the broker (COMPLETED): ack / delete / mark the offset done."""
-        if self._settle():
-            self._group.ack(self)
-            self._group.notify()
+        self._group.ack(self)
+        self._group.notify()
 
     async def ack_confirmed(self) -> None:
         """``ack()``; raises ``BrokerUnavailable`` when this copy was no longer the current one
         (its settle was ignored, or raced another receipt) or, on an offset destination, when the
         commit did not cover it within about 5 s (earlier records still unfinished)."""
         if not self._settle():
-            raise BrokerUnavailable(
-                f"memory broker: {self.delivery_id} was already settled, so this ack cannot be "
-                "confirmed; do not run an at-most-once effect for it"
-            )
+            raise self._unconfirmable()
         counted = self._group.ack(self)
         self._group.notify()
         for _ in range(5000) if counted else ():
@@ -87,17 +76,15 @@ class _MemoryDelivery(Delivery):
             "copy, or no commit covered it); do not run an at-most-once effect for it"
         )
 
-    async def nack(self, delay: float | None = None) -> None:
+    async def _nack(self, delay: float | None) -> None:
         """Redeliver after ``delay`` seconds on the broker's clock (at once for None or <= 0)."""
-        if self._settle():
-            self._group.nack(self, max(0.0, delay or 0.0))
-            self._group.notify()
+        self._group.nack(self, max(0.0, delay or 0.0))
+        self._group.notify()
 
-    async def reject(self, reason: str) -> None:
+    async def _reject(self, reason: str) -> None:
         """Settle without redelivery; the message goes to the group's dead-letter list."""
-        if self._settle():
-            self._group.reject(self, reason)
-            self._group.notify()
+        self._group.reject(self, reason)
+        self._group.notify()
 
     async def extend(self, seconds: float) -> None:
         """Hide the message until ``now + seconds`` (VISIBILITY_TIMEOUT destinations only; others

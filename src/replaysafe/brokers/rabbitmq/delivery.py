@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from replaysafe.brokers import _amqp_decode
-from replaysafe.brokers.base import Delivery
+from replaysafe.brokers.base import SettleOnce
 from replaysafe.brokers.rabbitmq._driver import _driver, _driver_aiormq
 from replaysafe.brokers.rabbitmq.wire import (
     _RESERVED_SORTED,
@@ -37,9 +37,11 @@ __all__ = ["RabbitMQDelivery"]
 log = logging.getLogger("replaysafe.brokers.rabbitmq")
 
 
-class RabbitMQDelivery(Delivery):
+class RabbitMQDelivery(SettleOnce):
     """One AMQP delivery. Settling twice is harmless; a settle on a dead channel is logged, not
     raised (RabbitMQ requeued the message when the channel died)."""
+
+    broker_name = "RabbitMQ"
 
     def __init__(
         self,
@@ -100,31 +102,19 @@ class RabbitMQDelivery(Delivery):
             self._message = _driver().IncomingMessage(self._delivered, no_ack=False)
         return self._message
 
-    @property
-    def settled(self) -> bool:
-        return self._settled
-
-    def _begin(self) -> bool:
-        """Mark settled; False when it already was (the second settle does nothing)."""
-        if self._settled:
-            return False
-        self._settled = True
-        return True
-
     def _done(self) -> None:
         # counted in flight until RabbitMQ has the settle (or the copy), not merely asked for it
         self._sub._unsettled.discard(self)
         self._sub._room.set()
 
-    async def ack(self) -> None:
+    async def _ack(self) -> None:
         """``basic.ack`` (boundary COMPLETED), coalesced: returns once an ack frame that covers
         this delivery is written (a ``multiple=True`` ack for a contiguous run of acked tags,
         see :class:`_AckBook`). On a dead channel: logged; the message comes back."""
-        if self._begin():
-            try:
-                await self._sub._acks.ack(self)
-            finally:
-                self._done()
+        try:
+            await self._sub._acks.ack(self)
+        finally:
+            self._done()
 
     async def ack_confirmed(self) -> None:
         """``ack()``, returning only once RabbitMQ has *processed* the ack, so that no crash of
@@ -143,11 +133,8 @@ class RabbitMQDelivery(Delivery):
         round trip was not answered (the channel closed after the ack was sent: the message may
         come back or be gone). What is left: a RabbitMQ crash or leader change right after the
         answer can bring the message back (see docs/broker-rabbitmq.md)."""
-        if not self._begin():
-            raise BrokerUnavailable(
-                f"RabbitMQ: {self.delivery_id} was already settled, so this ack cannot be "
-                "confirmed; do not run an at-most-once effect for it"
-            )
+        if not self._settle():
+            raise self._unconfirmable()
         confirmed = False
         try:
             written = await self._sub._acks.ack(self)
@@ -167,11 +154,9 @@ class RabbitMQDelivery(Delivery):
                 "so do not run an at-most-once effect for it"
             )
 
-    async def nack(self, delay: float | None = None) -> None:
+    async def _nack(self, delay: float | None) -> None:
         """Redeliver: at once (``basic.reject(requeue=True)``) for None/0, else through the retry
         queue after ``delay`` seconds (copy confirmed first, then the original acked)."""
-        if not self._begin():
-            return
         held = False
         try:
             seconds = 0.0 if delay is None else float(delay)
@@ -183,14 +168,13 @@ class RabbitMQDelivery(Delivery):
             if not held:
                 self._done()
 
-    async def reject(self, reason: str) -> None:
+    async def _reject(self, reason: str) -> None:
         """``basic.reject(requeue=False)``: dead-lettered into the group's ``…/dead`` queue."""
-        if self._begin():
-            log.info("rejecting %s to %s: %s", self.delivery_id, self._sub.topology.queue, reason)
-            try:
-                await _settle_quietly(self, "reject", lambda m: m.reject(requeue=False))
-            finally:
-                self._done()
+        log.info("rejecting %s to %s: %s", self.delivery_id, self._sub.topology.queue, reason)
+        try:
+            await _settle_quietly(self, "reject", lambda m: m.reject(requeue=False))
+        finally:
+            self._done()
 
     async def extend(self, seconds: float) -> None:
         raise CapabilityError(

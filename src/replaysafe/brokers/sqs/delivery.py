@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, Final
 
-from replaysafe.brokers.base import Delivery
+from replaysafe.brokers.base import SettleOnce
 from replaysafe.brokers.sqs.admin import _Queue
 from replaysafe.brokers.sqs.client import _Connection
 from replaysafe.brokers.sqs.wire import (
@@ -37,7 +37,7 @@ log = logging.getLogger("replaysafe.brokers.sqs")
 CONFIRM_MARGIN: Final = 0.5
 
 
-class SQSDelivery(Delivery):
+class SQSDelivery(SettleOnce):
     """One received copy of an SQS message, identified by its receipt handle.
 
     Settling marks the copy settled first (a second settle does nothing), then calls SQS:
@@ -45,6 +45,7 @@ class SQSDelivery(Delivery):
     dead-letter queue (when its redrive policy names one) and then deletes.
     """
 
+    broker_name = "SQS"
     #: always known on SQS: receive time + visibility timeout (moved by ``extend``)
     settle_deadline: float
 
@@ -111,26 +112,17 @@ class SQSDelivery(Delivery):
         #: why SQS refused to delete this receipt (set by the delete batch), else None
         self._delete_refused: str | None = None
 
-    @property
-    def settled(self) -> bool:
-        return self._settled
-
-    def _settle(self) -> bool:
-        if self._settled:
-            return False
-        self._settled = True
+    def _settling(self) -> None:
         self._on_settled(self)
-        return True
 
-    async def ack(self) -> None:
+    async def _ack(self) -> None:
         """Delete the message (COMPLETED), in a ``DeleteMessageBatch`` shared with the acks of
         the next ``delete_window`` seconds. A delete SQS refuses for this message is logged and
         counted (``delete_failures``), not raised: the message comes back and the ledger answers
         it. When the delete call itself failed, raises the mapped error (``BrokerUnavailable``;
         ``ConfigurationError`` if the queue is gone); the message then comes back when its
         visibility expires. Either way the delivery counts as settled."""
-        if self._settle():
-            await self._settler.delete(self._queue, self)
+        await self._settler.delete(self._queue, self)
 
     async def ack_confirmed(self) -> None:
         """``ack()``, raising ``BrokerUnavailable`` unless the delete is known to have removed
@@ -140,10 +132,7 @@ class SQSDelivery(Delivery):
         handle "succeeds" without deleting the message. Also raised when the delivery was
         already settled; the mapped error when the delete call itself failed."""
         if not self._settle():
-            raise BrokerUnavailable(
-                f"SQS: {self.delivery_id} was already settled, so this ack cannot be confirmed; "
-                "do not run an at-most-once effect for it"
-            )
+            raise self._unconfirmable()
         await self._settler.delete(self._queue, self)
         if self._delete_refused is not None:
             why = f"SQS refused the delete ({self._delete_refused})"
@@ -156,32 +145,30 @@ class SQSDelivery(Delivery):
             "consumer may have the message, so do not run an at-most-once effect for it"
         )
 
-    async def nack(self, delay: float | None = None) -> None:
+    async def _nack(self, delay: float | None) -> None:
         """Make the message visible again after ``delay`` seconds (at once for None/0; rounded
         up to whole seconds, at most 12 hours). A refusal because the receipt is stale is
         ignored: the message is already back."""
-        if self._settle():
-            seconds = min(MAX_VISIBILITY, math.ceil(max(0.0, delay or 0.0)))
-            await self._settler.change_visibility(self, seconds, strict=False)
+        seconds = min(MAX_VISIBILITY, math.ceil(max(0.0, delay or 0.0)))
+        await self._settler.change_visibility(self, seconds, strict=False)
 
-    async def reject(self, reason: str) -> None:
+    async def _reject(self, reason: str) -> None:
         """Settle without redelivery. If the queue's redrive policy names a dead-letter queue, a
         copy (body, attributes and ``rs-reject-reason``) is sent there and confirmed *before* the
         original is deleted; if that send fails, ``BrokerUnavailable`` is raised and the original
         is not deleted (it comes back when its visibility expires). Without a dead-letter queue
         the message is deleted and the reason only logged."""
-        if self._settle():
-            if self._queue.dead_letter_url is not None:
-                await self._settler.dead_letter(self, reason)
-            else:
-                log.warning(
-                    "SQS queue %s has no dead-letter queue: rejected message %s is deleted "
-                    "(reason: %s)",
-                    self._queue.name,
-                    self.message_id,
-                    reason,
-                )
-            await self._settler.delete(self._queue, self)
+        if self._queue.dead_letter_url is not None:
+            await self._settler.dead_letter(self, reason)
+        else:
+            log.warning(
+                "SQS queue %s has no dead-letter queue: rejected message %s is deleted "
+                "(reason: %s)",
+                self._queue.name,
+                self.message_id,
+                reason,
+            )
+        await self._settler.delete(self._queue, self)
 
     async def extend(self, seconds: float) -> None:
         """Hide the message until ``now + seconds`` (``ChangeMessageVisibility``, rounded up to
