@@ -1,6 +1,6 @@
 """The outbox in the SQLite ledger's file.
 
-The store is built from a :class:`~replaysafe.ledger.sqlite.SQLiteLedger` and shares its
+The store is built from a :class:`~replaysafe.stores.sqlite.ledger.SQLiteLedger` and shares its
 discipline: ``stage`` runs in the caller's ``ledger.transaction()`` (so the rows commit with the
 business rows and ``complete_in``), everything else runs on the ledger's one connection thread
 under its lock (``SQLiteLedger.run_job``). Nothing here opens a second connection.
@@ -24,9 +24,8 @@ from contextlib import asynccontextmanager
 from typing import Any, Final
 
 from replaysafe.envelope import DEFAULT_LIMITS, Envelope, Limits
-from replaysafe.errors import ConfigurationError, LedgerUnavailable
+from replaysafe.errors import ConfigurationError
 from replaysafe.ledger.base import Transaction
-from replaysafe.ledger.sqlite import SQLiteLedger
 from replaysafe.outbox.base import (
     DEFAULT_RELAY_LEASE,
     NO_SKIP,
@@ -40,6 +39,8 @@ from replaysafe.outbox.base import (
     parse_headers,
     prepare_rows,
 )
+from replaysafe.stores.sqlite.errors import outbox_stage_error
+from replaysafe.stores.sqlite.ledger import SQLiteLedger
 
 SCHEMA_VERSION: Final = 1
 
@@ -221,19 +222,7 @@ class SQLiteOutboxStore(OutboxStore):
             try:
                 await tx.execute(sql, params)
             except sqlite3.Error as exc:
-                raise self._stage_error(exc) from exc
-
-    def _stage_error(self, exc: sqlite3.Error) -> Exception:
-        if "no such table" in str(exc):
-            return ConfigurationError(
-                f"the outbox tables do not exist in {self._ledger.path!r}; call "
-                "`await store.migrate()` once at start-up (it is idempotent)"
-            )
-        return LedgerUnavailable(
-            f"SQLite outbox could not stage rows in {self._ledger.path!r} "
-            f"({type(exc).__name__}: {exc}); the transaction will not commit them: let the error "
-            "leave the block and retry the operation"
-        )
+                raise outbox_stage_error(self._ledger.path, exc) from exc
 
     # ------------------------------------------------------------------ relay side
 
