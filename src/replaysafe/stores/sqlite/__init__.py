@@ -25,14 +25,9 @@ found by the next claim as ``AlreadyDone``. The caller must only *not* complete 
 after such an error, exactly as after ``LeaseLost``.
 """
 
-# replaysafe.outbox re-exports the outbox store of this package, which is built on
-# replaysafe.outbox.base: that package has to be initialised first, or a program whose first
-# import of it is replaysafe.stores.sqlite.outbox would find the store's module half-built.
-import replaysafe.outbox  # noqa: F401
 from replaysafe.ledger.durability import assess_sqlite
 from replaysafe.stores.sqlite.connection import SYNCHRONOUS_MODES, SQLiteResult
 from replaysafe.stores.sqlite.ledger import SQLiteLedger, SQLiteTransaction
-from replaysafe.stores.sqlite.outbox import SQLiteOutboxStore
 from replaysafe.stores.sqlite.schema import SCHEMA_VERSION
 from replaysafe.stores.sqlite.sql import PURGE_QUARANTINE_SQL, PURGE_SQL
 from replaysafe.stores.sqlite.sync import SyncSQLiteLedger, SyncSQLiteTransaction
@@ -43,7 +38,6 @@ __all__ = [
     "SCHEMA_VERSION",
     "SYNCHRONOUS_MODES",
     "SQLiteLedger",
-    "SQLiteOutboxStore",
     "SQLiteResult",
     "SQLiteTransaction",
     "SyncSQLiteLedger",
