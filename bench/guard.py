@@ -73,12 +73,8 @@ from typing import Any, TypeVar
 from replaysafe import Context, Effect, Envelope, Guarantee, Guard
 from replaysafe.errors import CapabilityError
 from replaysafe.ledger.base import Acquired, ClaimRequest, Ledger, OpKey, Record, SyncLedger
-from replaysafe.ledger.sqlite import (
-    _COMPLETE_RECORD,
-    _SAVE_RECORD,
-    _SELECT_MANY,
-    SQLiteLedger,
-)
+from replaysafe.ledger.sqlite import SQLiteLedger
+from replaysafe.stores.sqlite.sql import COMPLETE_RECORD, SAVE_RECORD, SELECT_MANY
 
 PG_DSN = os.environ.get("REPLAYSAFE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("REPLAYSAFE_BENCH_REDIS", "redis://127.0.0.1:6379/0")
@@ -464,7 +460,7 @@ def setup_sqlite(synchronous: str) -> Backend:
 
     def raw_step(scope: str, batch: int) -> SyncStep:
         size = 1 << (batch - 1).bit_length()  # the ledger pads the batched read the same way
-        select = _SELECT_MANY[size]
+        select = SELECT_MANY[size]
 
         def step() -> None:
             ops = new_ops(batch)
@@ -474,7 +470,7 @@ def setup_sqlite(synchronous: str) -> Backend:
             (last,) = conn.execute("SELECT last_token FROM replaysafe_meta").fetchone()
             assert not conn.execute(select, params).fetchall()
             conn.executemany(
-                _SAVE_RECORD,
+                SAVE_RECORD,
                 [(scope, op, FP, "in_flight", last + i, OWNER, now + LEASE, 1, None, None, now,
                   now, None, None) for i, op in enumerate(ops, 1)],
             )  # fmt: skip
@@ -485,7 +481,7 @@ def setup_sqlite(synchronous: str) -> Backend:
             rows = conn.execute(select, params).fetchall()
             tokens = {row[1]: row[4] for row in rows if row[3] == "in_flight"}
             assert all(tokens[op] == last + i for i, op in enumerate(ops, 1)), rows
-            conn.executemany(_COMPLETE_RECORD, [(RESULT, now, now, scope, op) for op in ops])
+            conn.executemany(COMPLETE_RECORD, [(RESULT, now, now, scope, op) for op in ops])
             conn.execute("COMMIT")
 
         return step

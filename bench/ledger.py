@@ -51,7 +51,8 @@ from urllib.parse import urlsplit
 
 from replaysafe.ledger.base import Acquired, ClaimRequest, Ledger, OpKey, Record
 from replaysafe.ledger.memory import MemoryLedger
-from replaysafe.ledger.sqlite import _SAVE_RECORD, _SELECT_RECORD, SQLiteLedger
+from replaysafe.ledger.sqlite import SQLiteLedger
+from replaysafe.stores.sqlite.sql import SAVE_RECORD, SELECT_RECORD
 
 PG_DSN = os.environ.get("REPLAYSAFE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("REPLAYSAFE_BENCH_REDIS", "redis://127.0.0.1:6379/0")
@@ -229,10 +230,10 @@ def sqlite_raw_steps(path: Path, batch: int) -> tuple[Callable[[str], Step], sql
         (token,) = conn.execute("SELECT last_token FROM replaysafe_meta").fetchone()
         tokens = []
         for op in ops:
-            assert conn.execute(_SELECT_RECORD, (scope, op)).fetchone() is None
+            assert conn.execute(SELECT_RECORD, (scope, op)).fetchone() is None
             token += 1
             conn.execute(
-                _SAVE_RECORD,
+                SAVE_RECORD,
                 (scope, op, FP, "in_flight", token, OWNER, now + LEASE, 1, None, None, now, now,
                  None),
             )  # fmt: skip
@@ -245,10 +246,10 @@ def sqlite_raw_steps(path: Path, batch: int) -> tuple[Callable[[str], Step], sql
         now = time.time()
         conn.execute("BEGIN IMMEDIATE")
         for op, token in zip(ops, tokens, strict=True):
-            row = conn.execute(_SELECT_RECORD, (scope, op)).fetchone()
+            row = conn.execute(SELECT_RECORD, (scope, op)).fetchone()
             assert row[4] == token and row[3] == "in_flight"
             conn.execute(
-                _SAVE_RECORD,
+                SAVE_RECORD,
                 (scope, op, FP, "completed", token, OWNER, None, row[7], RESULT, None, row[10],
                  now, now),
             )  # fmt: skip

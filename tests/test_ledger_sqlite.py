@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 
 from replaysafe.errors import ConfigurationError, LedgerDataError, LedgerError, LedgerUnavailable
-from replaysafe.ledger import sqlite as sqlite_module
 from replaysafe.ledger.base import (
     Acquired,
     ClaimRequest,
@@ -29,6 +28,7 @@ from replaysafe.ledger.base import (
 )
 from replaysafe.ledger.sqlite import PURGE_QUARANTINE_SQL, PURGE_SQL, SCHEMA_VERSION, SQLiteLedger
 from replaysafe.quarantine import QuarantineReason
+from replaysafe.stores.sqlite import sql as sqlite_sql
 from replaysafe.testing import FakeClock
 from replaysafe.testing.contracts import LedgerBackendContract, TransactionalLedgerContract
 from replaysafe.testing.contracts.ledger import acquire, must_get
@@ -698,11 +698,11 @@ async def test_summary_queries_are_answered_from_indexes(tmp_path: Path) -> None
     async with SQLiteLedger(path) as ledger:
         await ledger.get(KEY)  # creates the schema
     statements = [
-        (sqlite_module._SUMMARY_BY_STATE, ()),
-        (sqlite_module._SUMMARY_IN_FLIGHT, (0.0,)),
-        (sqlite_module._SUMMARY_RECENT, (0.0,)),
-        (sqlite_module._SUMMARY_HOT, (10,)),
-        (sqlite_module._SUMMARY_REASONS, ()),
+        (sqlite_sql.SUMMARY_BY_STATE, ()),
+        (sqlite_sql.SUMMARY_IN_FLIGHT, (0.0,)),
+        (sqlite_sql.SUMMARY_RECENT, (0.0,)),
+        (sqlite_sql.SUMMARY_HOT, (10,)),
+        (sqlite_sql.SUMMARY_REASONS, ()),
         (PURGE_QUARANTINE_SQL, (None, "max_attempts", 1.0, 10)),
         (PURGE_QUARANTINE_SQL, ('["a", "b"]', None, float("inf"), 10)),
     ]
@@ -719,8 +719,7 @@ async def test_summary_queries_are_answered_from_indexes(tmp_path: Path) -> None
                     assert "COVERING INDEX" in step or "json_each" in step, (statement, plan)
     with contextlib.closing(sqlite3.connect(path)) as conn:
         hot_plan = " | ".join(
-            row[3]
-            for row in conn.execute("EXPLAIN QUERY PLAN " + sqlite_module._SUMMARY_HOT, (10,))
+            row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sqlite_sql.SUMMARY_HOT, (10,))
         )
     assert "replaysafe_operations_hot" in hot_plan, hot_plan
 

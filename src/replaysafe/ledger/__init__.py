@@ -26,7 +26,7 @@ from replaysafe.ledger.base import (
     TransactionalLedger,
 )
 from replaysafe.ledger.memory import MemoryLedger
-from replaysafe.ledger.sqlite import SQLiteLedger
+from replaysafe.stores.sqlite import SQLiteLedger
 
 __all__ = [
     "ledger_from_url",

@@ -22,7 +22,7 @@ from replaysafe.outbox.base import (
 )
 from replaysafe.outbox.postgres import PostgresOutboxStore
 from replaysafe.outbox.relay import Relay
-from replaysafe.outbox.sqlite import SQLiteOutboxStore
+from replaysafe.stores.sqlite._outbox import SQLiteOutboxStore
 
 __all__ = [
     "ClaimedBatch",
