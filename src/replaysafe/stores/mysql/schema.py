@@ -152,7 +152,7 @@ def check_version(config: MySQLConfig, version: int) -> None:
     what = "do not exist" if version == 0 else f"are at version {version}"
     raise ConfigurationError(
         f"the ledger tables (prefix {config.table_prefix!r}) {what} in {config.redacted}; run "
-        "`await ledger.migrate()` (or `replaysafe ledger migrate`), or pass auto_migrate=True "
+        "`await ledger.migrate()` once (idempotent), or pass auto_migrate=True "
         "(URL: ?auto_migrate=1)"
     )
 
