@@ -319,3 +319,78 @@ def test_the_registry_opens_mysql_and_mariadb_urls() -> None:
         assert isinstance(ledger_from_url(url), MySQLLedger)
         store = open_outbox(url)
         assert isinstance(store, MySQLOutboxStore) and "hunter2" not in repr(store)
+
+
+async def test_fifty_concurrent_first_claims_of_one_operation_acquire_once(
+    mysql_db: MySQLConfig,
+) -> None:
+    ledger = await make(mysql_db, max_size=8)
+    try:
+        key = OpKey("orders", "op-race")
+        outcomes = await asyncio.gather(
+            *(ledger.claim(key, "fp", f"w{i}", 30.0) for i in range(50))
+        )
+        assert sum(isinstance(o, Acquired) for o in outcomes) == 1
+        record = await ledger.get(key)
+        assert record is not None and record.attempts == 1
+    finally:
+        await ledger.close()
+
+
+async def test_deadlocks_are_retried_a_bounded_number_of_times(mysql_db: MySQLConfig) -> None:
+    import asyncmy.errors
+
+    from replaysafe.stores.mysql import errors as mysql_errors
+
+    ledger = await make(mysql_db)
+    calls = 0
+
+    async def flaky(conn: Any) -> str:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise asyncmy.errors.OperationalError(1213, "Deadlock found when trying to get lock")
+        return "done"
+
+    async def always(conn: Any) -> str:
+        raise asyncmy.errors.OperationalError(1205, "Lock wait timeout exceeded")
+
+    try:
+        assert await ledger._in_tx("test", flaky) == "done" and calls == 3
+        with pytest.raises(LedgerUnavailable, match="kept racing"):
+            await ledger._in_tx("test", always)
+        # the connections went back to the pool in a usable state
+        assert isinstance(await ledger.claim(OpKey("s", "op"), "fp", "w", 5.0), Acquired)
+    finally:
+        await ledger.close()
+    assert mysql_errors.RETRIES >= 3
+
+
+async def test_killed_connections_cost_at_most_one_failed_call(mysql_db: MySQLConfig) -> None:
+    ledger = await make(mysql_db)
+    admin = await _admin(mysql_db)
+    try:
+        claim = await ledger.claim(OpKey("s", "op"), "fp", "w", 30.0)
+        assert isinstance(claim, Acquired)
+        async with admin.cursor() as cur:
+            await cur.execute(
+                "SELECT id FROM information_schema.processlist WHERE db = %s AND id <> "
+                "CONNECTION_ID()",
+                (mysql_db.database,),
+            )
+            for (thread,) in await cur.fetchall():
+                await cur.execute(f"KILL CONNECTION {int(thread)}")
+        failures = 0
+        for _ in range(3):
+            try:
+                await ledger.complete(claim.claim, "ok")
+                break
+            except LedgerUnavailable as exc:
+                assert "may or may not have committed" in str(exc)
+                failures += 1
+        assert failures <= 1
+        record = await ledger.get(OpKey("s", "op"))
+        assert record is not None and record.result == "ok"
+    finally:
+        admin.close()
+        await ledger.close()

@@ -37,6 +37,11 @@ RACES: Final = frozenset({LOCK_WAIT_TIMEOUT, DEADLOCK})
 DATA_CODES: Final = frozenset({1048, 1264, 1292, 1366, 1406, 3819, 4025})
 
 
+#: server errors that mean this connection is gone: shutdown in progress, connection killed
+#: (MySQL 1053; MariaDB 1927), aborted connection
+LOST_CODES: Final = frozenset({1053, 1152, 1184, 1927})
+
+
 def code_of(exc: BaseException) -> int | None:
     """The server's (or client library's) numeric error code, when ``exc`` carries one."""
     args = getattr(exc, "args", ())
@@ -59,7 +64,9 @@ def is_connection_loss(exc: BaseException) -> bool:
     if isinstance(exc, errors.InterfaceError):
         return True
     code = code_of(exc)
-    return isinstance(exc, errors.OperationalError) and (code is None or code >= 2000)
+    return isinstance(exc, errors.OperationalError) and (
+        code is None or code >= 2000 or code in LOST_CODES
+    )
 
 
 def _detail(config: MySQLConfig, exc: BaseException) -> str:
