@@ -376,7 +376,7 @@ class SQSBench(Bench):
         subs = list(broker._subs)
         if any(s._unsettled for s in subs):
             return True
-        if any(b._pending for b in broker._deleters.values()):
+        if any(b._pending for b in broker._settler.batchers.values()):
             return True
         return any(t.get_name() == "sqs-delete" and not t.done() for t in broker._background)
 

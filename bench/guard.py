@@ -626,7 +626,9 @@ def setup_redis() -> Backend | str:
     try:
         import redis
 
-        from replaysafe.ledger.redis import _KEY_HEAD, _SCRIPTS, RedisLedger
+        from replaysafe.ledger.redis import RedisLedger
+        from replaysafe.stores.redis.codec import _KEY_HEAD
+        from replaysafe.stores.redis.scripts import _SCRIPTS
     except ImportError as exc:
         return f"redis not installed ({exc})"
     prefix = f"rs-bench-guard:{uuid.uuid4().hex[:8]}:"

@@ -437,7 +437,8 @@ async def setup_redis(batches: list[int], concurrency: int) -> Backend | str:
         return f"replaysafe.ledger.redis is not available ({exc})"
     if not hasattr(redis_ledger, "RedisLedger"):
         return "replaysafe.ledger.redis has no RedisLedger yet"
-    scripts = getattr(redis_ledger, "_SCRIPTS", None)
+    from replaysafe.stores.redis.scripts import _SCRIPTS as scripts
+
     prefix = f"rs-bench:{uuid.uuid4().hex[:8]}:"
     try:
         ledger = redis_ledger.RedisLedger(REDIS_URL, prefix=prefix)
@@ -445,7 +446,7 @@ async def setup_redis(batches: list[int], concurrency: int) -> Backend | str:
         client = ledger._client
         info = await client.info("server")
         config = await client.config_get("append*")
-        for script in (scripts or {}).values():
+        for script in scripts.values():
             await client.script_load(script.text)
     except Exception as exc:
         return f"Redis at {REDIS_URL} is not usable ({type(exc).__name__}: {exc})"

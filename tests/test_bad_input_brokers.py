@@ -219,7 +219,7 @@ async def publish_raw_sqs(broker: Any, queue: str, cases: dict[str, Raw]) -> Non
     """A plain aiobotocore producer in the documented SQS wire format: headers as String message
     attributes; a body that is not valid SQS text travels base64-encoded with the attribute
     ``rs-body-encoding: base64`` (exactly what SQSBroker.publish does)."""
-    from replaysafe.brokers.sqs import HEADER_BODY_ENCODING, _body_text
+    from replaysafe.brokers.sqs.wire import HEADER_BODY_ENCODING, _body_text
 
     client, _ = await broker._clients()
     url = (await broker._queue(queue)).url

@@ -52,7 +52,7 @@ async def _exercise(h: Harness) -> None:
 async def test_summary_counts_states_hot_keys_and_quarantine(
     harness_module: tuple[str, Harness],
 ) -> None:
-    from replaysafe._cli_inspect import ledger_report, operation_report
+    from replaysafe.cli.inspect import ledger_report, operation_report
 
     _, h = harness_module
     await _exercise(h)
@@ -81,7 +81,7 @@ def test_expired_leases_are_open_ambiguity() -> None:
     app = App("x", broker=MemoryBroker(clock=clock), ledger=ledger, clock=clock)
 
     async def go() -> dict[str, object]:
-        from replaysafe._cli_inspect import ledger_report
+        from replaysafe.cli.inspect import ledger_report
 
         await ledger.claim(OpKey("h", "a"), "fp", "w1", 5)
         await ledger.claim(OpKey("h", "b"), "fp", "w1", 50)

@@ -40,6 +40,7 @@ from redis.exceptions import (
 
 from replaysafe import App, Context, Effect, Envelope, Guarantee, MemoryBroker, RetryPolicy, observe
 from replaysafe import failpoints as fp
+from replaysafe._redact import redact as redact_url
 from replaysafe.cli import main as cli_main
 from replaysafe.clock import SystemClock
 from replaysafe.errors import (
@@ -64,19 +65,18 @@ from replaysafe.ledger.base import (
     State,
 )
 from replaysafe.ledger.redis import (
-    _PACKED_MAX,
-    _SCRIPTS,
     BATCH_BYTES,
     BATCH_CHUNK,
     PURGE_CHUNK,
     RedisLedger,
     RedisPersistence,
     SyncRedisLedger,
-    _with_c_packer,
     assess_persistence,
-    redact_url,
 )
 from replaysafe.quarantine import QuarantineReason
+from replaysafe.stores.redis.codec import _PACKED_MAX
+from replaysafe.stores.redis.connection import _with_c_packer
+from replaysafe.stores.redis.scripts import _SCRIPTS
 from replaysafe.testing import FakeClock
 from replaysafe.testing.contracts import LedgerBackendContract
 from replaysafe.testing.contracts.ledger import acquire, must_get
@@ -1540,7 +1540,7 @@ class _SkewedTime:
 async def test_leases_and_now_follow_redis_time_not_the_workers_clock(
     ledger: RedisLedger, admin: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import replaysafe.ledger.redis as module
+    import replaysafe.stores.redis.base as module
 
     monkeypatch.setattr(module, "time", _SkewedTime)
     claim = await acquire(ledger, KEY, 30.0)
@@ -1648,7 +1648,8 @@ async def test_purge_quarantine_keeps_every_index_consistent_across_chunks(
     redis_prefix: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("replaysafe.ledger.redis.PURGE_CHUNK", 2)  # several scripts per purge
+    # several scripts per purge
+    monkeypatch.setattr("replaysafe.stores.redis.quarantine.PURGE_CHUNK", 2)
     bad, poison = QuarantineReason.MALFORMED_PAYLOAD, QuarantineReason.MAX_ATTEMPTS
     entries = [await ledger.quarantine(_q(f"op-{i}", [bad, poison][i % 2])) for i in range(9)]
     qidx, qbad, qpoison = (redis_prefix + s for s in ("qidx", f"qidx:{bad}", f"qidx:{poison}"))
@@ -1714,7 +1715,7 @@ async def test_an_entry_written_before_message_size_was_kept_reads_its_copy_size
 async def test_summary_scans_every_chunk_once_and_only_its_own_prefix(
     redis_url: str, admin: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("replaysafe.ledger.redis.SUMMARY_CHUNK", 7)  # many SCAN round trips
+    monkeypatch.setattr("replaysafe.stores.redis.admin.SUMMARY_CHUNK", 7)  # many SCAN round trips
     base = f"rs-test:{uuid.uuid4().hex[:10]}"
     # glob characters in the prefix are literal: "a*" must not match the "ab" ledger's keys
     mine, other = (

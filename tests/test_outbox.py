@@ -746,10 +746,10 @@ async def test_postgres_store_errors_name_the_fix_and_hide_the_password(
 
 async def test_resolve_broker_knows_every_adapter_and_hides_credentials() -> None:
     from replaysafe import ConfigurationError
-    from replaysafe._cli_outbox import resolve_broker
     from replaysafe.brokers.kafka import KafkaBroker
     from replaysafe.brokers.rabbitmq import RabbitMQBroker
     from replaysafe.brokers.sqs import SQSBroker
+    from replaysafe.cli.outbox import resolve_broker
 
     expected = {
         "memory": MemoryBroker,
@@ -790,7 +790,7 @@ async def test_relay_publishes_through_rabbitmq(
 ) -> None:
     import uuid
 
-    from replaysafe._cli_outbox import resolve_broker
+    from replaysafe.cli.outbox import resolve_broker
 
     ledger, store, _ = sqlite_outbox
     dest = f"outbox-test-{uuid.uuid4().hex[:10]}"
@@ -824,7 +824,7 @@ async def test_relay_publishes_through_sqs(
 ) -> None:
     import uuid
 
-    from replaysafe._cli_outbox import resolve_broker
+    from replaysafe.cli.outbox import resolve_broker
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")

@@ -8,7 +8,8 @@ message still says which server it was about.
 from __future__ import annotations
 
 import re
-from urllib.parse import unquote, urlsplit, urlunsplit
+from collections.abc import Iterable
+from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
 
 _KV_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:\\.|[^'\\])*'|\S+)", re.IGNORECASE)
 _QUERY_PASSWORD = re.compile(r"((?:^|&)password=)[^&]*", re.IGNORECASE)
@@ -54,5 +55,20 @@ def secrets_of(url: str) -> list[str]:
         found += [m.group(0).split("=", 1)[1] for m in _QUERY_PASSWORD.finditer(parts.query)]
     else:
         found += [m.group(2).strip("'") for m in _KV_PASSWORD.finditer(url)]
-    found += [unquote(s) for s in found]
+    # a query's '+' is a space to drivers that parse it as a form (redis-py does)
+    found += [d for s in found for d in (unquote(s), unquote_plus(s))]
     return sorted({s for s in found if s}, key=len, reverse=True)
+
+
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """``text`` (a driver's message) with each of ``secrets`` replaced by ``***``, in the order
+    given: pass :func:`secrets_of`'s list (longest first, so a password containing another
+    spelling of itself goes whole).
+
+    >>> scrub("auth failed for 'p@ss'", secrets_of("redis://u:p%40ss@h/0"))
+    "auth failed for '***'"
+    """
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text

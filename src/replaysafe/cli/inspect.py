@@ -9,9 +9,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from replaysafe._cli_quarantine import _when, entry_json
-from replaysafe._cli_run import load_app, run_app
 from replaysafe.app import App
+from replaysafe.cli._common import entry_json, load_app, run_app, when
 from replaysafe.ledger.base import OpKey
 
 
@@ -89,8 +88,8 @@ def inspect_command(target: str, operation_id: str | None, top: int, as_json: bo
             if h["state"] is not None:
                 console.print(f"  attempts {h['attempts']}, fencing token {h['token']}, "
                               f"owner {h['owner']}", highlight=False)  # fmt: skip
-                console.print(f"  first claimed {_when(h['first_claimed_at'])}, effected "
-                              f"{_when(h['effected_at'])}; broker completion is not recorded "
+                console.print(f"  first claimed {when(h['first_claimed_at'])}, effected "
+                              f"{when(h['effected_at'])}; broker completion is not recorded "
                               "in the ledger", highlight=False)  # fmt: skip
             for q in h["quarantine"]:
                 console.print(f"  quarantined: {q['reason']} ({q['risk']}), entry {q['id']}")
@@ -110,7 +109,7 @@ def inspect_command(target: str, operation_id: str | None, top: int, as_json: bo
     for reason, n in sorted(doc["quarantined_by_reason"].items()):
         table.add_row(f"quarantined: {reason}", str(n))
     for name, p in sorted(doc["paused_handlers"].items()):
-        table.add_row(f"paused: {name} (since {_when(p['since'])})", p["reason"] or "-")
+        table.add_row(f"paused: {name} (since {when(p['since'])})", p["reason"] or "-")
     table.add_row("completed in the last hour", str(doc["completed_last_hour"]))
     table.add_row("size now", "-" if doc["approx_bytes"] is None else f"{doc['approx_bytes']} B")
     table.add_row(f"projected rows over the {doc['horizon_seconds'] / 86400:g}-day horizon",

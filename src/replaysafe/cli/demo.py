@@ -1,16 +1,14 @@
-"""The ``replaysafe`` command."""
+"""`replaysafe demo`: replay the double-charge chain under each guarantee and print what it cost."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import sys
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from replaysafe import __version__
 from replaysafe.errors import ReplaysafeError
 
 #: --broker names and their local default URLs (the machine's RabbitMQ, moto and Kafka ports)
@@ -30,13 +28,7 @@ DEMO_LEDGERS = {
 }
 
 
-@click.group()
-@click.version_option(__version__, prog_name="replaysafe")
-def main() -> None:
-    """replaysafe: business-level exactly-once effects on top of at-least-once brokers."""
-
-
-@main.command()
+@click.command("demo")
 @click.option(
     "--orders",
     default=1000,
@@ -74,7 +66,7 @@ def main() -> None:
     default=None,
     help="Ledger DSN/URL for postgres or redis (defaults: the local servers).",
 )
-def demo(
+def demo_command(
     orders: int, seed: int, workers: int, as_json: bool, broker: str, url: str | None,
     ledger: str, dsn: str | None,
 ) -> None:  # fmt: skip
@@ -119,44 +111,5 @@ def demo(
         console.print(f"- {STATEMENTS[r.guarantee]}")
 
 
-from replaysafe._cli_explain import explain_command  # noqa: E402 - commands register after main
-from replaysafe._cli_inspect import inspect_command  # noqa: E402
-from replaysafe._cli_quarantine import quarantine_group  # noqa: E402
-from replaysafe._cli_run import run_command  # noqa: E402
-
-main.add_command(run_command)
-main.add_command(explain_command)
-main.add_command(quarantine_group)
-main.add_command(inspect_command)
-
-from replaysafe._cli_ledger import ledger_group  # noqa: E402
-
-main.add_command(ledger_group)
-
-from replaysafe._cli_outbox import outbox_group  # noqa: E402
-
-main.add_command(outbox_group)
-
-from replaysafe._cli_simulate import simulate_command  # noqa: E402
-
-main.add_command(simulate_command)
-
-from replaysafe._cli_chaos import chaos_command  # noqa: E402
-
-main.add_command(chaos_command)
-
-from replaysafe._cli_handler import handler_group  # noqa: E402
-
-main.add_command(handler_group)
-
-from replaysafe._cli_topology import topology_group  # noqa: E402
-
-main.add_command(topology_group)
-
-
 def _flag(label: str, n: int) -> str:
     return f"[red]{label}[/]" if n else label
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

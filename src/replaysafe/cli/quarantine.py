@@ -3,38 +3,19 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from replaysafe._cli_run import load_app, run_app
 from replaysafe.app import App
+from replaysafe.cli._common import entry_json, load_app, run_app, when
 from replaysafe.ledger.base import QuarantineEntry
 from replaysafe.quarantine import QuarantineReason
 from replaysafe.redrive import redrive
 
 REASONS = click.Choice([r.value for r in QuarantineReason])
-
-
-def _when(ts: float | None) -> str:
-    return "-" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-def entry_json(e: QuarantineEntry, *, with_message: bool = False) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "id": e.id, "handler": e.scope, "reason": e.reason.value, "risk": e.risk.value,
-        "operation_id": e.operation_id, "fingerprint": e.fingerprint, "attempts": e.attempts,
-        "seen": e.seen, "first_detail": e.first_detail, "last_detail": e.last_detail,
-        "created_at": e.created_at, "published_at": e.published_at,
-        "message_size": e.message_size, "truncated": e.truncated,
-        "redriven_at": e.redriven_at, "redrives": e.redrives,
-    }  # fmt: skip
-    if with_message and e.message is not None:
-        out["message"] = e.message.decode("utf-8", "replace")
-    return out
 
 
 async def _entries(app: App, ids: tuple[str, ...], reason: str | None) -> list[QuarantineEntry]:
@@ -74,7 +55,7 @@ def list_command(target: str, reason: str | None, limit: int, as_json: bool) -> 
         table.add_column(col, overflow="fold")
     for e in entries:
         cells = [e.id, e.scope, e.reason.value, e.operation_id or "-", e.risk.value,
-                 str(e.attempts), str(e.seen), _when(e.created_at), str(e.redrives)]  # fmt: skip
+                 str(e.attempts), str(e.seen), when(e.created_at), str(e.redrives)]  # fmt: skip
         table.add_row(*cells)
     Console(width=max(Console().width, 160)).print(table)
 

@@ -9,8 +9,8 @@ from collections.abc import Awaitable, Callable
 
 import click
 
-from replaysafe._cli_run import load_app, run_app
 from replaysafe.app import App
+from replaysafe.cli._common import load_app, run_app
 from replaysafe.topology import HandlerTopology, declare_topology, show_topology
 
 

@@ -11,21 +11,16 @@ from __future__ import annotations
 import getpass
 import json
 import socket
-from datetime import UTC, datetime
 from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from replaysafe._cli_run import load_app, run_app
 from replaysafe.app import App
+from replaysafe.cli._common import load_app, run_app, when
 from replaysafe.ledger.base import PauseState
 from replaysafe.runtime.worker import CONTROL_INTERVAL
-
-
-def _when(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _operator() -> str:
@@ -129,6 +124,6 @@ def list_command(target: str, as_json: bool) -> None:
             state += " (not in this app)"
         table.add_row(
             r["handler"], r["source"] or "-", r["guarantee"] or "-", state,
-            "-" if r["since"] is None else _when(r["since"]), r["by"] or "-", r["reason"] or "-",
+            when(r["since"]), r["by"] or "-", r["reason"] or "-",
         )  # fmt: skip
     Console(width=max(Console().width, 140)).print(table)

@@ -8,7 +8,7 @@ import json
 import click
 from rich.console import Console
 
-from replaysafe._cli_run import load_target, run_app
+from replaysafe.cli._common import load_target, run_app
 from replaysafe.explain import Report, explain, explain_guard
 from replaysafe.guard import Guard
 
