@@ -394,3 +394,29 @@ async def test_killed_connections_cost_at_most_one_failed_call(mysql_db: MySQLCo
     finally:
         admin.close()
         await ledger.close()
+
+
+async def test_a_claim_never_waits_on_another_operations_row_lock(mysql_db: MySQLConfig) -> None:
+    """Locking reads walk the primary key (FORCE INDEX): on a small table the optimizer would
+    otherwise scan it, and under FOR UPDATE a scan waits on every row another transaction
+    holds, related or not."""
+    ledger = await make(mysql_db)
+    admin = await _admin(mysql_db)
+    keys = [OpKey("s", f"op-{i}") for i in range(4)]
+    try:
+        for key in keys[:3]:
+            await ledger.claim(key, "fp", "w", 30.0)
+        async with admin.cursor() as cur:
+            await cur.execute("BEGIN")
+            await cur.execute(
+                f"SELECT token FROM `{mysql_db.database}`.`rs_operations` "
+                "WHERE scope = %s AND operation_id = %s FOR UPDATE",
+                (b"s", b"op-0"),
+            )
+            requests = [ClaimRequest(k, "fp", "w2", 30.0) for k in keys[1:]]
+            outcomes = await asyncio.wait_for(ledger.claim_many(requests), 5.0)
+            assert [type(o).__name__ for o in outcomes] == ["InFlight", "InFlight", "Acquired"]
+            await cur.execute("ROLLBACK")
+    finally:
+        admin.close()
+        await ledger.close()

@@ -257,9 +257,10 @@ class MySQLCore:
     # ------------------------------------------------------------------ records
 
     async def _lock_records(self, conn: Connection, keys: Iterable[OpKey]) -> dict[OpKey, Record]:
-        """The records of ``keys`` that exist, locked (``FOR UPDATE``) until the transaction
-        ends. Under READ COMMITTED a missing key takes no gap lock: a concurrent first claim of
-        it then fails its INSERT with a duplicate key, and the transaction runs again."""
+        """The records of ``keys`` that exist, locked (``FOR UPDATE``, walking the primary key
+        so only these rows are touched) until the transaction ends. Under READ COMMITTED a
+        missing key takes no gap lock: a concurrent first claim of it then fails its INSERT
+        with a duplicate key, and the transaction runs again."""
         unique = sorted(set(keys))
         if not unique:
             return {}
@@ -268,7 +269,9 @@ class MySQLCore:
             params += key_params(key)
         rows, _ = await execute(
             conn,
-            f"SELECT {RECORD_SELECT} FROM {self.table('operations')} "
+            # FORCE INDEX: on a small table the optimizer would scan it instead, and a locking
+            # scan waits on every row another transaction holds, related or not
+            f"SELECT {RECORD_SELECT} FROM {self.table('operations')} FORCE INDEX (PRIMARY) "
             f"WHERE {keys_where(len(unique))} FOR UPDATE",
             params,
         )

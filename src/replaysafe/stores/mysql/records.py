@@ -141,8 +141,8 @@ def upsert_sql(table: str, columns: Sequence[str], rows: int, *, update: bool) -
 
 
 def keys_where(count: int) -> str:
-    """``(scope = %s AND operation_id = %s) OR …`` for ``count`` keys: ORed equalities, which
-    the range optimizer turns into primary-key lookups (so a locking read locks only them)."""
+    """``(scope = %s AND operation_id = %s) OR …`` for ``count`` keys: ORed equalities, read
+    as primary-key ranges under ``FORCE INDEX (PRIMARY)`` (so a locking read locks only them)."""
     return " OR ".join(["(scope = %s AND operation_id = %s)"] * count)
 
 
