@@ -34,4 +34,4 @@ async def test_every_ledger_url_in_the_doc_opens(url: str, tmp_path: Path) -> No
 
 
 def test_the_doc_has_rows() -> None:
-    assert len(_rows("Brokers")) >= 8 and len(_rows("Ledgers")) == 4
+    assert len(_rows("Brokers")) >= 8 and len(_rows("Ledgers")) == 5

@@ -21,7 +21,7 @@ def test_ledgers_from_urls(tmp_path: object) -> None:
     assert isinstance(rd, RedisLedger) and "hunter2" not in repr(rd)
 
 
-@pytest.mark.parametrize("spec", ["sqlite:", "mysql://root:hunter2@db/x", "nonsense"])
+@pytest.mark.parametrize("spec", ["sqlite:", "mssql://root:hunter2@db/x", "nonsense"])
 def test_unknown_ledgers_are_refused_without_secrets(spec: str) -> None:
     with pytest.raises(ConfigurationError) as err:
         ledger_from_url(spec)

@@ -51,6 +51,8 @@ class Backend:
         return target(url, **options)
 
 
+_MYSQL, _MYSQL_URL = "replaysafe.stores.mysql:", "mysql://user:pass@host:3306/db (or mariadb://)"
+
 #: every backend, in the order error messages list them
 BACKENDS: tuple[Backend, ...] = (
     Backend("broker", ("memory",), "replaysafe.brokers.memory:MemoryBroker.from_url", "memory"),
@@ -91,6 +93,7 @@ BACKENDS: tuple[Backend, ...] = (
         "redis://host:6379/0",
         "redis",
     ),
+    Backend("ledger", ("mysql", "mariadb"), _MYSQL + "MySQLLedger.from_url", _MYSQL_URL, "mysql"),
     Backend(
         "outbox", ("sqlite",), "replaysafe.outbox.sqlite:SQLiteOutboxStore.from_url", "sqlite:PATH"
     ),
@@ -100,6 +103,9 @@ BACKENDS: tuple[Backend, ...] = (
         "replaysafe.outbox.postgres:PostgresOutboxStore.from_url",
         "postgresql://user@host:5432/db (or a libpq key=value DSN)",
         "postgres",
+    ),
+    Backend(
+        "outbox", ("mysql", "mariadb"), _MYSQL + "MySQLOutboxStore.from_url", _MYSQL_URL, "mysql"
     ),
 )
 

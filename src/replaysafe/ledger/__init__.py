@@ -60,7 +60,8 @@ def ledger_from_url(spec: str, **opts: Any) -> LedgerBackend:
     """The ledger named by ``spec``: ``memory``, ``sqlite:PATH``, ``postgresql://…`` (extra
     ``postgres``; ``?schema=…&table_prefix=…&min_size=…&max_size=…&acquire_timeout=…&
     auto_migrate=1`` in the URL or in ``opts``: ``PostgresLedger.from_url``) or ``redis://…``
-    (extra ``redis``; ``?prefix=…&retention=…``: ``RedisLedger.from_url``). The one place a
+    (extra ``redis``; ``?prefix=…&retention=…``: ``RedisLedger.from_url``) or ``mysql://…`` /
+    ``mariadb://…`` (extra ``mysql``; ``MySQLConfig.from_url``). The one place a
     string becomes a ledger (CLI, demo, chaos); ``opts`` win over the URL."""
     from replaysafe._redact import redact
     from replaysafe.errors import ConfigurationError
@@ -80,6 +81,11 @@ def ledger_from_url(spec: str, **opts: Any) -> LedgerBackend:
         from replaysafe.ledger.redis import RedisLedger
 
         return RedisLedger.from_url(spec, **opts)
+    if spec.startswith(("mysql://", "mariadb://")):
+        from replaysafe.stores.mysql import MySQLLedger
+
+        return MySQLLedger.from_url(spec, **opts)
     raise ConfigurationError(
-        f"unknown ledger {redact(spec)!r}; use memory, sqlite:PATH, postgresql://… or redis://…"
+        f"unknown ledger {redact(spec)!r}; use memory, sqlite:PATH, postgresql://…, redis://… "
+        "or mysql://…"
     )
