@@ -27,7 +27,7 @@ The rules:
     (computed). Any other child of those packages, module or subpackage (``brokers/kafka/`` once
     the adapters become packages), is a concrete backend without editing this file.
 (b) broker adapters, ledgers and outbox stores (every module under ``replaysafe.brokers``,
-    ``replaysafe.ledger``, ``replaysafe.outbox``) import nothing from ``replaysafe.runtime``,
+    ``replaysafe.ledger``, ``replaysafe.outbox``, ``replaysafe.stores``) import nothing from ``replaysafe.runtime``,
     ``replaysafe.app``, ``replaysafe.guard`` or ``replaysafe.cli``.
 (c) the library (every module but the tools in ``TOOLS``) imports nothing from the test rig
     ``replaysafe.testing``.
@@ -62,6 +62,8 @@ NEUTRAL: dict[str, frozenset[str]] = {
     "ledger": frozenset({"base", "durability", "_fast"}),
     # relay: publishes what any OutboxStore holds through any Broker
     "outbox": frozenset({"base", "relay"}),
+    # the engines (stores/postgres, stores/sqlite, …): every one is concrete
+    "stores": frozenset(),
 }
 #: what broker adapters, ledgers and outbox stores must not import (rule b)
 ABOVE_BACKENDS = ("runtime", "app", "guard", "cli")
