@@ -27,8 +27,8 @@ The rules:
     (computed). Any other child of those packages, module or subpackage (``brokers/kafka/`` once
     the adapters become packages), is a concrete backend without editing this file.
 (b) broker adapters, ledgers and outbox stores (every module under ``replaysafe.brokers``,
-    ``replaysafe.ledger``, ``replaysafe.outbox``, ``replaysafe.stores``) import nothing from ``replaysafe.runtime``,
-    ``replaysafe.app``, ``replaysafe.guard`` or ``replaysafe.cli``.
+    ``replaysafe.ledger``, ``replaysafe.outbox``, ``replaysafe.stores``) import nothing from
+    ``replaysafe.runtime``, ``replaysafe.app``, ``replaysafe.guard`` or ``replaysafe.cli``.
 (c) the library (every module but the tools in ``TOOLS``) imports nothing from the test rig
     ``replaysafe.testing``.
 (d) no import cycle among ``module`` edges.
