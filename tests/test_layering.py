@@ -58,8 +58,9 @@ Kind = Literal["module", "lazy", "type_checking"]
 NEUTRAL: dict[str, frozenset[str]] = {
     "brokers": frozenset({"base"}),
     # durability: the durability probe and its statement, over the Ledger protocol;
-    # _fast: cheaper constructors for base's result types (any backend's batch path)
-    "ledger": frozenset({"base", "durability", "_fast"}),
+    # _fast: cheaper constructors for base's result types (any backend's batch path);
+    # _types, _rules, _text: base's value types, pure rules and text rules (base re-exports them)
+    "ledger": frozenset({"base", "durability", "_fast", "_types", "_rules", "_text"}),
     # relay: publishes what any OutboxStore holds through any Broker
     "outbox": frozenset({"base", "relay"}),
     # the engines (stores/postgres, stores/sqlite, …): every one is concrete
