@@ -3,7 +3,8 @@
 The broker contract, then JetStream's own semantics: redelivery after ``ack_wait``, ``extend`` by
 repeated ``in_progress``, ``nak(delay)``, ``max_deliver`` to the dead-letter subject (also after a
 crash on the last attempt), the double ack, ``Nats-Msg-Id`` dedup, a publish no stream captures,
-and the URL/config grammar. Each test uses its own stream prefix and deletes its streams.
+and the URL/config grammar. The ``nats_url`` fixture (conftest) fails in CI without the server.
+Each test uses its own stream prefix and deletes its streams.
 
 Time is real: ``ack_wait`` is 2 s and every wait is bounded. No assertion is about speed.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,18 +28,10 @@ from replaysafe.errors import BrokerUnavailable, ConfigurationError
 from replaysafe.failpoints import Failpoints
 from replaysafe.testing.contracts.broker import BrokerContract
 
-from .conftest import free_port, port_open, unavailable
+from .conftest import free_port
 
-NATS_URL = os.environ.get("REPLAYSAFE_TEST_NATS", "nats://127.0.0.1:4222")
 ACK_WAIT = 2.0
 RECEIVE_TIMEOUT = 15.0
-
-
-@pytest.fixture(scope="session")
-def nats_url() -> str:
-    if not port_open("127.0.0.1", 4222):
-        unavailable("NATS", "nothing listens on 127.0.0.1:4222 (start: nats-server -js)")
-    return NATS_URL
 
 
 async def drop_streams(url: str, prefix: str) -> None:
@@ -276,6 +268,21 @@ async def test_publish_dedup_by_msg_id_within_the_window(world: World) -> None:
     await nothing(sub, 1.0)
     state = await world.broker.group_state(world.source, "g")
     assert state.exists and state.messages == 0
+
+
+async def test_a_reused_operation_id_with_another_payload_is_not_dropped(world: World) -> None:
+    """Nats-Msg-Id carries the fingerprint too: the stream drops retries of the same envelope,
+    never a different payload under the same id (the ledger must see, and quarantine, that)."""
+    sub = await world.subscribe()
+    first = Envelope.of("nats-test:reused", {"n": 1})
+    second = Envelope.of("nats-test:reused", {"n": 2})
+    await world.broker.publish(world.source, [first, second, first])
+    got = [await receive(sub) for _ in range(2)]
+    assert sorted(d.body for d in got) == sorted([first.payload, second.payload])
+    for d in got:
+        await d.ack()
+    await nothing(sub, 1.0)
+    assert world.broker.duplicates_dropped == 1
 
 
 async def test_publish_without_a_stream_says_what_to_do(nats_url: str, prefix: str) -> None:

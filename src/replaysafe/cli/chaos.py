@@ -27,13 +27,14 @@ def _names(value: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:
 
 
 @click.command("chaos")
-@click.option("--broker", type=click.Choice(["memory", "rabbitmq", "sqs", "kafka"]),
+@click.option("--broker", type=click.Choice(["memory", "rabbitmq", "sqs", "kafka", "nats"]),
               default="memory", show_default=True)  # fmt: skip
 @click.option("--broker-url", default=None,
-              help="amqp://… (RabbitMQ), http://127.0.0.1:PORT (an SQS-compatible server) or "
-                   "host:port (Kafka bootstrap). Passwords are never printed. Without it: the "
-                   "local RabbitMQ on 5672; for SQS and Kafka a throwaway moto / Tansu server "
-                   "is started on a free loopback port and stopped afterwards.")  # fmt: skip
+              help="amqp://… (RabbitMQ), http://127.0.0.1:PORT (an SQS-compatible server), "
+                   "host:port (Kafka bootstrap) or nats://host:port (NATS JetStream). Passwords "
+                   "are never printed. Without it: the local RabbitMQ on 5672 or NATS on 4222; "
+                   "for SQS and Kafka a throwaway moto / Tansu server is started on a free "
+                   "loopback port and stopped afterwards.")  # fmt: skip
 @click.option("--ledger", type=click.Choice(["sqlite", "postgres", "redis"]), default="sqlite",
               show_default=True)  # fmt: skip
 @click.option("--ledger-url", default=None, help="PostgreSQL DSN or Redis URL.")

@@ -25,9 +25,11 @@ visible (see ``docs/broker-nats.md``):
   advisory, moves exhausted messages; a consumer created elsewhere keeps its own ``MaxDeliver``.
 - ``ack()`` is ``+ACK`` (written, not confirmed); ``ack_confirmed()`` is the double ack,
   ``ack_sync()``: it returns once the server answered (what at-most-once needs).
-- **Publish** awaits each PubAck (a timeout after the send is ``PublishAmbiguous``); the
-  operation id is ``Nats-Msg-Id``, so the stream drops a producer's retry within its duplicate
-  window. That is a transport dedup with a time limit, not the business guarantee (the ledger).
+- **Publish** awaits each PubAck (a timeout after the send is ``PublishAmbiguous``);
+  ``Nats-Msg-Id`` is the operation id plus the payload's fingerprint, so the stream drops a
+  producer's retry of the same envelope within its duplicate window. That is a transport dedup
+  with a time limit, not the business guarantee (the ledger): a different payload under a reused
+  id still reaches the ledger, and a redrive inside the window is dropped (logged, counted).
 - No key: the envelope key travels in the ``rs-key`` header and order within a key is not
   promised (competing consumers and redeliveries reorder).
 """

@@ -62,6 +62,8 @@ class NATSBroker(Broker):
         self._lock = asyncio.Lock()
         self._subs: set[NATSSubscription] = set()
         self._closed = False
+        #: envelope publishes the stream dropped as duplicates (same Nats-Msg-Id in its window)
+        self.duplicates_dropped = 0
 
     @classmethod
     def from_url(cls, url: str, **opts: Any) -> NATSBroker:
@@ -159,12 +161,16 @@ class NATSBroker(Broker):
     async def publish(self, destination: str, envelopes: Sequence[Envelope]) -> None:
         """Publish each envelope to subject ``destination`` in order, awaiting its PubAck
         (boundary PUBLISHED when this returns); stops at the first failure (the earlier ones
-        are stored). ``Nats-Msg-Id`` is the operation id, so the stream drops a retry of the
-        same operation within its duplicate window -- a transport dedup, not the business
-        guarantee (the ledger is). Headers: the envelope's wire headers, ``content-type`` and
-        ``rs-key`` (the ordering key). Raises ``PublishAmbiguous`` when a PubAck did not come
-        back after the send, ``ConfigurationError`` when no stream captures the subject or the
-        server refused the message, ``BrokerUnavailable`` when nothing could be sent."""
+        are stored). ``Nats-Msg-Id`` is the operation id and the payload's fingerprint, so the
+        stream drops a retry of the same envelope within its duplicate window -- a transport
+        dedup, not the business guarantee (the ledger is): a different payload under the same
+        id still goes through (the ledger quarantines the key reuse), and an identical
+        re-publish inside the window -- a redrive right after the original -- is dropped too
+        (logged, counted in ``duplicates_dropped``). Headers: the envelope's wire headers,
+        ``content-type`` and ``rs-key`` (the ordering key). Raises ``PublishAmbiguous`` when a
+        PubAck did not come back after the send, ``ConfigurationError`` when no stream captures
+        the subject or the server refused the message, ``BrokerUnavailable`` when nothing could
+        be sent."""
         check_subject("destination", destination)
         outgoing = [(env, self._headers(env)) for env in envelopes]
         for env, headers in outgoing:
@@ -174,9 +180,23 @@ class NATSBroker(Broker):
                 "sleep": self._clock.sleep,
             }
             await self._failpoints.hit(PUBLISH_BEFORE_ACCEPT, ctx)
-            await self.publish_raw(
-                destination, env.payload, headers, msg_id=env.operation_id, what=env.operation_id
+            # the fingerprint too: a different payload reusing the operation id (a key-reuse
+            # bug) must reach the ledger, which quarantines it, not vanish in the stream
+            msg_id = f"{env.operation_id}:{env.fingerprint}"
+            duplicate = await self.publish_raw(
+                destination, env.payload, headers, msg_id=msg_id, what=env.operation_id
             )
+            if duplicate:
+                self.duplicates_dropped += 1
+                log.warning(
+                    "NATS: stream of %r dropped a re-publish of operation %r (same Nats-Msg-Id "
+                    "within duplicate_window=%gs). A producer retry needs nothing more; a "
+                    "redrive this soon after the original is NOT delivered: redrive it again "
+                    "after the window",
+                    destination,
+                    env.operation_id,
+                    self.config.duplicate_window,
+                )
             await self._failpoints.hit(PUBLISH_AFTER_ACCEPT, ctx)
 
     def _headers(self, env: Envelope) -> dict[str, str]:
@@ -198,11 +218,13 @@ class NATSBroker(Broker):
 
     async def publish_raw(
         self, subject: str, body: bytes, headers: dict[str, str], *, msg_id: str, what: str
-    ) -> None:
-        """One JetStream publish with ``Nats-Msg-Id`` = ``msg_id``, awaiting the PubAck."""
+    ) -> bool:
+        """One JetStream publish with ``Nats-Msg-Id`` = ``msg_id``, awaiting the PubAck. True
+        when the stream answered "duplicate": it already held that id within its window and
+        stored nothing new."""
         js = await self._connection()
         try:
-            await js.publish(
+            ack = await js.publish(
                 subject,
                 body,
                 timeout=self.config.publish_timeout,
@@ -210,6 +232,7 @@ class NATSBroker(Broker):
             )
         except Exception as exc:
             raise map_publish_error(self.drv, exc, subject, what, self._where) from None
+        return bool(getattr(ack, "duplicate", False))
 
     # ------------------------------------------------------------------ subscribe
 
