@@ -346,12 +346,6 @@ async def test_small_matrix_sqs(sqs_endpoint: str, tmp_path: Path) -> None:
     assert_bar(m.runs, "sqs")
 
 
-@pytest.mark.timeout(300)
-async def test_small_matrix_nats(nats_url: str, tmp_path: Path) -> None:
-    m = await run_matrix(small("nats", nats_url, tmp_path))
-    assert_bar(m.runs, "nats")
-
-
 @pytest.mark.timeout(600)
 async def test_small_matrix_kafka(kafka_bootstrap: str, tmp_path: Path) -> None:
     # every poison crash costs Kafka a rebalance (a worker restart, the dead member's session
