@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
-from replaysafe.brokers.base import Delivery
+from replaysafe.brokers.base import SettleOnce
 from replaysafe.envelope import HEADER_OPERATION_ID
 from replaysafe.errors import BrokerUnavailable, ReplaysafeError
 
@@ -41,12 +41,13 @@ def app_headers(raw: Mapping[str, str] | None) -> dict[str, str]:
     }
 
 
-class NATSDelivery(Delivery):
+class NATSDelivery(SettleOnce):
     """One delivered copy of a JetStream message (identified by stream and delivery count).
 
-    Settling marks the copy settled first (a second settle does nothing), stops any ``extend``
-    keep-alive, then answers the server."""
+    Settling marks the copy settled first (``SettleOnce``: a second settle does nothing), stops
+    any ``extend`` keep-alive, then answers the server."""
 
+    broker_name = "NATS"
     settle_deadline: float
 
     def __init__(self, sub: NATSSubscription, msg: Any, *, received_at: float) -> None:
@@ -68,12 +69,7 @@ class NATSDelivery(Delivery):
         self.raw_headers = raw
         self._msg = msg
         self._sub = sub
-        self._settled = False
         self._keepalive: asyncio.Task[None] | None = None
-
-    @property
-    def settled(self) -> bool:
-        return self._settled
 
     @property
     def last_attempt(self) -> bool:
@@ -81,15 +77,11 @@ class NATSDelivery(Delivery):
         limit = self._sub.limits.limit
         return limit is not None and self.attempt >= limit
 
-    def _settle(self) -> bool:
-        if self._settled:
-            return False
-        self._settled = True
+    def _settling(self) -> None:
         if self._keepalive is not None:
             self._keepalive.cancel()
             self._keepalive = None
         self._sub.on_settled(self)
-        return True
 
     async def _call(self, doing: str, send: Callable[[], Any]) -> Any:
         try:
@@ -99,12 +91,11 @@ class NATSDelivery(Delivery):
         except Exception as exc:
             raise self._sub.broker.map(exc, f"{doing} {self.delivery_id}") from None
 
-    async def ack(self) -> None:
+    async def _ack(self) -> None:
         """``+ACK`` (COMPLETED once the server reads it): returns when the ack is written to
         the connection, not when the server holds it; a crash before it arrives redelivers
         after ``ack_wait`` (the ledger answers that copy). Use ``ack_confirmed`` to know."""
-        if self._settle():
-            await self._call("acking", self._msg.ack)
+        await self._call("acking", self._msg.ack)
 
     async def ack_confirmed(self) -> None:
         """The double ack (``ack_sync``): returns once the server answered the ack. Raises
@@ -113,10 +104,7 @@ class NATSDelivery(Delivery):
         another consumer by then), or when the delivery was already settled: in each case do
         not run an at-most-once effect for it."""
         if not self._settle():
-            raise BrokerUnavailable(
-                f"NATS: {self.delivery_id} was already settled, so this ack cannot be "
-                "confirmed; do not run an at-most-once effect for it"
-            )
+            raise self._unconfirmable()
         timeout = self._sub.broker.config.publish_timeout
         try:
             await self._msg.ack_sync(timeout=timeout)
@@ -133,13 +121,11 @@ class NATSDelivery(Delivery):
                 "for it"
             )
 
-    async def nack(self, delay: float | None = None) -> None:
+    async def _nack(self, delay: float | None) -> None:
         """``-NAK``: redeliver after ``delay`` seconds (at once for None/0), the server counts
         the delay. On the last attempt (``attempt >= max_deliver``) the message goes to the
         dead-letter subject instead, as ``reject`` does: the server would not deliver it to a
         handler again."""
-        if not self._settle():
-            return
         if self.last_attempt:
             await self._sub.dead_letter(
                 self, f"max_deliver reached: attempt {self.attempt} was nacked"
@@ -148,15 +134,14 @@ class NATSDelivery(Delivery):
         wait = max(0.0, delay or 0.0)
         await self._call("nacking", lambda: self._msg.nak(delay=wait or None))
 
-    async def reject(self, reason: str) -> None:
+    async def _reject(self, reason: str) -> None:
         """Settle without redelivery: a copy (body, headers, ``rs-reject-reason``,
         ``rs-dead-letter-from``) is published to the dead-letter subject and its PubAck awaited,
         *then* the original is terminated (``+TERM``). A crash between the two redelivers the
         original after ``ack_wait``; rejecting it again publishes the copy with the same
         ``Nats-Msg-Id``, which the dead-letter stream drops within its duplicate window. If the
         copy cannot be stored the error is raised and the original is not terminated."""
-        if self._settle():
-            await self._sub.dead_letter(self, reason)
+        await self._sub.dead_letter(self, reason)
 
     async def hand_back(self) -> None:
         """``-NAK`` a copy no handler saw (a graceful close returns its buffer at once)."""
