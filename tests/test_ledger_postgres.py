@@ -22,6 +22,7 @@ from psycopg.conninfo import make_conninfo
 
 from replaysafe import App, Context, Effect, Envelope, Guarantee, RetryPolicy, Worker
 from replaysafe import observe as o
+from replaysafe._redact import redact as redact_dsn
 from replaysafe.brokers.base import RedeliveryKind
 from replaysafe.brokers.memory import MemoryBroker
 from replaysafe.cli import main as cli_main
@@ -33,7 +34,6 @@ from replaysafe.errors import (
     LedgerUnavailable,
     MissingExtra,
 )
-from replaysafe.ledger import postgres as pg_module
 from replaysafe.ledger.base import (
     Acquired,
     AlreadyDone,
@@ -49,9 +49,9 @@ from replaysafe.ledger.postgres import (
     PostgresLedger,
     SyncPostgresLedger,
     assess_postgres,
-    redact_dsn,
 )
 from replaysafe.quarantine import QuarantineReason
+from replaysafe.stores.postgres import schema as pg_module
 from replaysafe.testing import EffectProbe, FakeClock
 from replaysafe.testing.contracts import LedgerBackendContract, TransactionalLedgerContract
 from replaysafe.testing.contracts.ledger import acquire, must_get

@@ -1,6 +1,6 @@
 """The outbox in PostgreSQL.
 
-Build it from a :class:`~replaysafe.ledger.postgres.PostgresLedger`
+Build it from a :class:`~replaysafe.stores.postgres.ledger.PostgresLedger`
 (``PostgresOutboxStore(ledger)``: same database, schema and table prefix, statements run through
 ``ledger.transaction()``), or from a DSN for a service without a ledger
 (``PostgresOutboxStore("postgresql://…", schema="app")``: a small pool of its own).
@@ -33,92 +33,47 @@ logs or errors.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
+from replaysafe._redact import redact, secrets_of
 from replaysafe.clock import SYSTEM_CLOCK, Clock
 from replaysafe.envelope import DEFAULT_LIMITS, Envelope, Limits
-from replaysafe.errors import ConfigurationError, LedgerUnavailable, MissingExtra, ReplaysafeError
+from replaysafe.errors import ConfigurationError, LedgerUnavailable, ReplaysafeError
 from replaysafe.ledger.base import Transaction
-from replaysafe.ledger.postgres import (
-    PREFIX_PATTERN,
-    SCHEMA_PATTERN,
-    PostgresLedger,
-    PostgresTransaction,
-    redact_dsn,
-)
-from replaysafe.ledger.postgres import _secrets as dsn_secrets
 from replaysafe.outbox.base import (
     DEFAULT_RELAY_LEASE,
     NO_SKIP,
     ClaimedBatch,
     OutboxRow,
-    OutboxState,
     OutboxStore,
     Skip,
     check_limit,
-    parse_headers,
     prepare_rows,
 )
+from replaysafe.stores.postgres.connection import PREFIX_PATTERN, SCHEMA_PATTERN
+from replaysafe.stores.postgres.driver import driver, psycopg_module
+from replaysafe.stores.postgres.errors import outbox_error
+from replaysafe.stores.postgres.ledger import PostgresLedger
+from replaysafe.stores.postgres.outbox_sql import (
+    COLUMNS,
+    INSERT_CHUNK,
+    INSERT_COLUMNS,
+    claim_statement,
+    column_list,
+    decode_row,
+    int32,
+    migration_statements,
+    table_ident,
+)
+from replaysafe.stores.postgres.transaction import PostgresTransaction
 
 if TYPE_CHECKING:  # the driver is an optional extra: imported lazily at run time
     from psycopg import AsyncConnection
     from psycopg.sql import Composable, Composed
     from psycopg_pool import AsyncConnectionPool
-
-#: rows per INSERT statement (9 bound values each, far below PostgreSQL's 65535)
-_INSERT_CHUNK: Final = 500
-
-_COLUMNS: Final = (
-    "id",
-    "destination",
-    "operation_id",
-    "ordering_key",
-    "body",
-    "headers",
-    "content_type",
-    "fingerprint",
-    "published_at",
-    "staged_at",
-    "state",
-    "published_at_broker",
-)
-_INSERT_COLUMNS: Final = _COLUMNS[1:10]
-
-
-def _driver() -> Any:
-    try:
-        import psycopg
-    except ImportError:
-        raise MissingExtra("postgres", "psycopg") from None
-    return psycopg
-
-
-def _int32(text: str) -> int:
-    """A stable signed 32-bit hash (advisory lock keys are int4 pairs)."""
-    return int.from_bytes(
-        hashlib.blake2b(text.encode("utf-8"), digest_size=4).digest(), "big", signed=True
-    )
-
-
-def _row(values: Sequence[Any]) -> OutboxRow:
-    return OutboxRow(
-        id=int(values[0]),
-        destination=values[1],
-        operation_id=values[2],
-        key=values[3],
-        body=bytes(values[4]),
-        headers=parse_headers(values[5]),
-        content_type=values[6],
-        fingerprint=values[7],
-        published_at=float(values[8]),
-        staged_at=float(values[9]),
-        state=OutboxState(values[10]),
-        published_at_broker=None if values[11] is None else float(values[11]),
-    )
 
 
 class _Batch(ClaimedBatch):
@@ -177,8 +132,8 @@ class PostgresOutboxStore(OutboxStore):
             self._secret_words: list[str] = []  # the ledger scrubs its own errors
         elif isinstance(source, str) and source:
             self._dsn = source
-            self._redacted = redact_dsn(source)
-            self._secret_words = dsn_secrets(source)
+            self._redacted = redact(source)
+            self._secret_words = secrets_of(source)
             schema = "replaysafe" if schema is None else schema
             table_prefix = "rs_" if table_prefix is None else table_prefix
         else:
@@ -215,8 +170,8 @@ class PostgresOutboxStore(OutboxStore):
         self._pool: AsyncConnectionPool[Any] | None = None
         self._closed = False
         # advisory lock keys: one class per outbox table, so schemas never serialise each other
-        self._lock_class = _int32(f"replaysafe-outbox:{schema}:{table_prefix}")
-        self._migrate_class = _int32(f"replaysafe-outbox-migrate:{schema}:{table_prefix}")
+        self._lock_class = int32(f"replaysafe-outbox:{schema}:{table_prefix}")
+        self._migrate_class = int32(f"replaysafe-outbox-migrate:{schema}:{table_prefix}")
 
     @property
     def schema(self) -> str:
@@ -236,21 +191,10 @@ class PostgresOutboxStore(OutboxStore):
     # ------------------------------------------------------------------ SQL
 
     def _t(self) -> Composable:
-        from psycopg import sql
-
-        return sql.Identifier(self._schema, self._table)
-
-    def _i(self, suffix: str) -> Composable:
-        from psycopg import sql
-
-        return sql.Identifier(f"{self._table}_{suffix}")
+        return table_ident(self._schema, self._table)
 
     def _cols(self, names: Sequence[str], alias: str | None = None) -> Composable:
-        from psycopg import sql
-
-        if alias is None:
-            return sql.SQL(", ").join(sql.Identifier(c) for c in names)
-        return sql.SQL(", ").join(sql.Identifier(alias, c) for c in names)
+        return column_list(names, alias)
 
     # ------------------------------------------------------------------ connections
 
@@ -259,11 +203,7 @@ class PostgresOutboxStore(OutboxStore):
             raise LedgerUnavailable(f"{self!r} is closed; create a new store to use it again")
         if self._pool is not None:
             return self._pool
-        psycopg = _driver()
-        try:
-            import psycopg_pool
-        except ImportError:
-            raise MissingExtra("postgres", "psycopg_pool") from None
+        psycopg, psycopg_pool = driver()
         assert self._dsn is not None
         pool: AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
             self._dsn,
@@ -304,8 +244,7 @@ class PostgresOutboxStore(OutboxStore):
             async with self._ledger.transaction() as tx:
                 yield tx.connection
             return
-        psycopg = _driver()
-        import psycopg_pool
+        psycopg, psycopg_pool = driver()
 
         pool = await self._open_pool()
         try:
@@ -333,7 +272,7 @@ class PostgresOutboxStore(OutboxStore):
 
     async def _one(self, what: str, query: Composed, params: Sequence[Any] = ()) -> Any:
         """Run one statement in its own transaction; rows for a query, else the row count."""
-        psycopg = _driver()
+        psycopg = psycopg_module()
         try:
             async with self._tx(what) as conn:
                 cur = await conn.execute(query, params)
@@ -349,70 +288,15 @@ class PostgresOutboxStore(OutboxStore):
         return text
 
     def _error(self, what: str, exc: BaseException, hint: str | None = None) -> ReplaysafeError:
-        psycopg = _driver()
-        if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.InvalidSchemaName):
-            return ConfigurationError(
-                f"the outbox table {self.table} does not exist on {self._redacted}; run "
-                "`await store.migrate()` (or `replaysafe outbox migrate`) once"
-            )
-        text = str(exc).strip()
-        detail = self._scrub(text.splitlines()[0] if text else "")
-        if hint is None:
-            if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
-                hint = (
-                    "the connection failed or was closed; nothing of this call is assumed "
-                    "committed: retry, the pool reconnects"
-                )
-            else:
-                hint = "retry; if it persists, check the server log for this error"
-        return LedgerUnavailable(
-            f"PostgreSQL outbox {what} failed on {self._redacted} "
-            f"({type(exc).__name__}: {detail}); {hint}"
-        )
+        return outbox_error(what, exc, self.table, self._redacted, self._scrub, hint)
 
     # ------------------------------------------------------------------ schema
 
     async def migrate(self) -> None:
         """Create the schema, table and indexes if missing; idempotent and safe to run
         concurrently (one transaction under an advisory lock)."""
-        from psycopg import sql
-
-        t = self._t()
-        statements: list[Composed] = [
-            sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self._schema)),
-            sql.SQL(
-                """CREATE TABLE IF NOT EXISTS {} (
-                    id                  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-                    destination         text NOT NULL,
-                    operation_id        text NOT NULL,
-                    ordering_key        text,
-                    body                bytea NOT NULL,
-                    headers             jsonb NOT NULL,
-                    content_type        text NOT NULL,
-                    fingerprint         text NOT NULL,
-                    published_at        double precision NOT NULL,
-                    staged_at           double precision NOT NULL,
-                    state               text NOT NULL DEFAULT 'pending'
-                                        CHECK (state IN ('pending', 'published')),
-                    published_at_broker double precision
-                )"""
-            ).format(t),
-            # relays walk pending rows in sequence order
-            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (id) WHERE state = 'pending'").format(
-                self._i("pending"), t
-            ),
-            # the claim's "earlier pending row of the same key" check
-            sql.SQL(
-                "CREATE INDEX IF NOT EXISTS {} ON {} (destination, ordering_key, id) "
-                "WHERE state = 'pending'"
-            ).format(self._i("pending_key"), t),
-            # cleanup walks published rows, oldest mark first
-            sql.SQL(
-                "CREATE INDEX IF NOT EXISTS {} ON {} (published_at_broker) "
-                "WHERE state = 'published'"
-            ).format(self._i("published"), t),
-        ]
-        psycopg = _driver()
+        statements = migration_statements(self._schema, self._table)
+        psycopg = psycopg_module()
         try:
             async with self._tx("migrate") as conn:
                 await conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (self._migrate_class,))
@@ -433,7 +317,7 @@ class PostgresOutboxStore(OutboxStore):
         Takes the per-key advisory locks first (they are held until ``tx`` ends, so keep the
         transaction short); errors of these statements abort ``tx``: let them leave the block.
         """
-        psycopg = _driver()
+        psycopg = psycopg_module()
         if isinstance(tx, PostgresTransaction):
             conn = tx.connection
         elif isinstance(tx, psycopg.AsyncConnection):
@@ -457,9 +341,9 @@ class PostgresOutboxStore(OutboxStore):
             return
         from psycopg import sql
 
-        locks = sorted({_int32(f"{r.destination}\x00{r.key}") for r in rows if r.key is not None})
+        locks = sorted({int32(f"{r.destination}\x00{r.key}") for r in rows if r.key is not None})
         insert = sql.SQL("INSERT INTO {} ({}) VALUES ").format(
-            self._t(), self._cols(_INSERT_COLUMNS)
+            self._t(), self._cols(INSERT_COLUMNS)
         )
         one = sql.SQL("(%s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s)")
         try:
@@ -469,8 +353,8 @@ class PostgresOutboxStore(OutboxStore):
                     "SELECT pg_advisory_xact_lock(%s, k) FROM unnest(%s::int4[]) AS k",
                     (self._lock_class, locks),
                 )
-            for start in range(0, len(rows), _INSERT_CHUNK):
-                chunk = rows[start : start + _INSERT_CHUNK]
+            for start in range(0, len(rows), INSERT_CHUNK):
+                chunk = rows[start : start + INSERT_CHUNK]
                 params: list[Any] = []
                 for r in chunk:
                     params += [
@@ -495,54 +379,12 @@ class PostgresOutboxStore(OutboxStore):
 
         check_limit("limit", limit)
         query = sql.SQL("SELECT {} FROM {} WHERE state = 'pending' ORDER BY id LIMIT %s").format(
-            self._cols(_COLUMNS), self._t()
+            self._cols(COLUMNS), self._t()
         )
-        return [_row(r) for r in await self._one("fetch", query, (limit,))]
+        return [decode_row(r) for r in await self._one("fetch", query, (limit,))]
 
     def _claim_sql(self, limit: int, skip: Skip) -> tuple[Composed, list[Any]]:
-        from psycopg import sql
-
-        where = [sql.SQL("state = 'pending'")]
-        params: list[Any] = []
-        if skip.destinations:
-            where.append(sql.SQL("NOT (destination = ANY(%s::text[]))"))
-            params.append(sorted(skip.destinations))
-        if skip.keys:
-            pairs = sorted(skip.keys)
-            where.append(
-                sql.SQL(
-                    "NOT EXISTS (SELECT 1 FROM unnest(%s::text[], %s::text[]) AS s(d, k) "
-                    "WHERE s.d = destination AND s.k = ordering_key)"
-                )
-            )
-            params += [[d for d, _ in pairs], [k for _, k in pairs]]
-        if skip.row_ids:
-            where.append(sql.SQL("NOT (id = ANY(%s::bigint[]))"))
-            params.append(sorted(skip.row_ids))
-        params.append(limit)
-        query = sql.SQL(
-            """WITH claimed AS MATERIALIZED (
-                   SELECT {cols} FROM {t} WHERE {where}
-                   ORDER BY id LIMIT %s
-                   FOR UPDATE SKIP LOCKED
-               )
-               SELECT {ccols} FROM claimed c
-               WHERE NOT EXISTS (
-                   SELECT 1 FROM {t} e
-                   WHERE e.state = 'pending'
-                     AND e.destination = c.destination
-                     AND e.ordering_key = c.ordering_key
-                     AND e.id < c.id
-                     AND e.id NOT IN (SELECT id FROM claimed)
-               )
-               ORDER BY c.id"""
-        ).format(
-            cols=self._cols(_COLUMNS),
-            t=self._t(),
-            where=sql.SQL(" AND ").join(where),
-            ccols=self._cols(_COLUMNS, "c"),
-        )
-        return query, params
+        return claim_statement(self._schema, self._table, limit, skip)
 
     @asynccontextmanager
     async def claim(
@@ -559,11 +401,11 @@ class PostgresOutboxStore(OutboxStore):
         not needed here: row locks keep relays apart."""
         check_limit("limit", limit)
         query, params = self._claim_sql(limit, skip)
-        psycopg = _driver()
+        psycopg = psycopg_module()
         async with self._tx("claim") as conn:
             try:
                 cur = await conn.execute(query, params)
-                rows = [_row(r) for r in await cur.fetchall()]
+                rows = [decode_row(r) for r in await cur.fetchall()]
             except psycopg.Error as exc:
                 raise self._error("claim", exc) from None
             yield _Batch(self, conn, rows)
@@ -571,7 +413,7 @@ class PostgresOutboxStore(OutboxStore):
     async def _mark(self, conn: AsyncConnection[Any], row_ids: Sequence[int]) -> int:
         from psycopg import sql
 
-        psycopg = _driver()
+        psycopg = psycopg_module()
         query = sql.SQL(
             "UPDATE {} SET state = 'published', published_at_broker = %s "
             "WHERE id = ANY(%s::bigint[]) AND state = 'pending'"
@@ -585,7 +427,7 @@ class PostgresOutboxStore(OutboxStore):
     async def mark_published(self, row_ids: Sequence[int]) -> int:
         if not row_ids:
             return 0
-        psycopg = _driver()
+        psycopg = psycopg_module()
         try:
             async with self._tx("mark_published") as conn:
                 return await self._mark(conn, row_ids)
