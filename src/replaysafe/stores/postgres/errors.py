@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final
 
+from replaysafe._redact import scrub
 from replaysafe.errors import (
     ConfigurationError,
     LedgerDataError,
@@ -54,9 +55,8 @@ class PgErrors:
         )
 
     def scrub(self, text: str) -> str:
-        for secret in self.secret_words:
-            text = text.replace(secret, "***")
-        return text
+        """``text`` with every spelling of the DSN's password replaced by ``***``."""
+        return scrub(text, self.secret_words)
 
     def error(self, action: str, exc: BaseException, hint: str | None = None) -> LedgerError:
         """A failed statement's error in the replaysafe tree: ``LedgerDataError`` when the server

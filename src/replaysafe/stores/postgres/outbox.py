@@ -38,7 +38,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from replaysafe._redact import redact, secrets_of
+from replaysafe._redact import redact, scrub, secrets_of
 from replaysafe.clock import SYSTEM_CLOCK, Clock
 from replaysafe.envelope import DEFAULT_LIMITS, Envelope, Limits
 from replaysafe.errors import ConfigurationError, LedgerUnavailable, ReplaysafeError
@@ -283,9 +283,7 @@ class PostgresOutboxStore(OutboxStore):
             raise self._error(what, exc) from None
 
     def _scrub(self, text: str) -> str:
-        for secret in self._secret_words:
-            text = text.replace(secret, "***")
-        return text
+        return scrub(text, self._secret_words)
 
     def _error(self, what: str, exc: BaseException, hint: str | None = None) -> ReplaysafeError:
         return outbox_error(what, exc, self.table, self._redacted, self._scrub, hint)
