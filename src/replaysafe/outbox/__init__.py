@@ -21,7 +21,7 @@ from replaysafe.outbox.base import (
     Skip,
 )
 from replaysafe.outbox.relay import Relay
-from replaysafe.stores.postgres.outbox import PostgresOutboxStore
+from replaysafe.stores.postgres._outbox import PostgresOutboxStore
 from replaysafe.stores.sqlite._outbox import SQLiteOutboxStore
 
 __all__ = [

@@ -9,14 +9,9 @@
   :mod:`.controls` (``HandlerControls``), :mod:`.admin` (``LedgerAdmin``) and
   :mod:`.transaction`, on one base (:mod:`.core`), composed in :mod:`.ledger`
   (:class:`~.ledger.PostgresLedger`); its sync twin in :mod:`.sync`.
-- The outbox: :mod:`.outbox` (:class:`~.outbox.PostgresOutboxStore`), its statements in
-  :mod:`.outbox_sql`.
+- The outbox: :mod:`.outbox` (:class:`~.outbox.PostgresOutboxStore`, implemented in
+  :mod:`._outbox`, which :mod:`replaysafe.outbox` imports), its statements in :mod:`.outbox_sql`.
 
 The submodules load the driver only when used; ``replaysafe.ledger.postgres`` and
 ``replaysafe.outbox.postgres`` are the public import paths.
 """
-
-# replaysafe.outbox imports this engine's store (for replaysafe.outbox.PostgresOutboxStore) and
-# the store imports replaysafe.outbox.base: load the outbox package first, so that importing
-# .outbox directly (before replaysafe.outbox) never meets a half-initialised module.
-import replaysafe.outbox  # noqa: F401
