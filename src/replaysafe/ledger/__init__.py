@@ -74,7 +74,7 @@ def ledger_from_url(spec: str, **opts: Any) -> LedgerBackend:
             raise ConfigurationError("sqlite:PATH needs the path of the ledger file")
         return SQLiteLedger(path, **opts)
     if spec.startswith(("postgres://", "postgresql://")) or "dbname=" in spec:
-        from replaysafe.ledger.postgres import PostgresLedger
+        from replaysafe.stores.postgres.ledger import PostgresLedger
 
         return PostgresLedger.from_url(spec, **opts)
     if spec.startswith(("redis://", "rediss://", "unix://")):
