@@ -14,6 +14,7 @@ from replaysafe.errors import ConfigurationError
 from replaysafe.ledger import ledger_from_url
 from replaysafe.ledger.durability import DurabilityLevel
 from replaysafe.ledger.sqlite import SQLiteLedger
+from replaysafe.outbox.postgres import PostgresOutboxStore
 from replaysafe.outbox.sqlite import SQLiteOutboxStore
 
 
@@ -102,3 +103,15 @@ async def test_sqlite_outbox_url_opens_a_store_that_closes_its_own_ledger(tmp_pa
     assert await store.pending_count() == 0
     await store.close()
     assert store.ledger._closed  # the store opened its ledger, so the store closed it
+
+
+async def test_postgres_outbox_url_carries_where_the_table_lives(pg_dsn: str) -> None:
+    store = open_outbox(f"{pg_dsn}?schema=rs_registry_t&table_prefix=ob_")
+    try:
+        assert isinstance(store, PostgresOutboxStore)
+        assert store.table == "rs_registry_t.ob_outbox"
+        assert "schema=" not in repr(store)  # replaysafe's options never reach libpq
+    finally:
+        await store.close()
+    with pytest.raises(ConfigurationError, match="table_prefix"):
+        open_outbox(f"{pg_dsn}?table_prefix=Bad-Prefix")

@@ -39,6 +39,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from replaysafe._redact import redact, scrub, secrets_of
+from replaysafe._url import take_options
 from replaysafe.clock import SYSTEM_CLOCK, Clock
 from replaysafe.envelope import DEFAULT_LIMITS, Envelope, Limits
 from replaysafe.errors import ConfigurationError, LedgerUnavailable, ReplaysafeError
@@ -93,6 +94,13 @@ class _Batch(ClaimedBatch):
         return await self._store._mark(self._conn, row_ids)
 
 
+#: the query parameters of an outbox URL (``from_url``), as the constructor takes them
+_URL_OPTIONS: dict[str, Callable[[str], Any]] = {
+    "schema": str, "table_prefix": str, "max_size": int, "connect_timeout": float,
+    "acquire_timeout": float,
+}  # fmt: skip
+
+
 class PostgresOutboxStore(OutboxStore):
     """The outbox in PostgreSQL (see the module docstring).
 
@@ -102,6 +110,15 @@ class PostgresOutboxStore(OutboxStore):
     times and marks (default: the ledger's database-corrected clock, else the system clock).
     ``limits`` are what every staged envelope must pass: use the consumers' limits.
     """
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> PostgresOutboxStore:
+        """The outbox at ``url`` (``open_outbox``): a libpq URL or ``key=value`` DSN whose query
+        may carry ``schema``, ``table_prefix``, ``max_size``, ``connect_timeout`` and
+        ``acquire_timeout``, taken out before libpq sees it (the names the ledger's URL uses);
+        keywords win. The store opens its own pool on first use: close it."""
+        dsn, found = take_options(url, _URL_OPTIONS, what="PostgreSQL outbox")
+        return cls(dsn, **{**found, **options})
 
     def __init__(
         self,
