@@ -893,6 +893,17 @@ def test_cli_pending_and_relay_once(tmp_path: Path) -> None:
     assert _pending(path) == 0
 
 
+def test_cli_takes_an_outbox_url(pg_dsn: str, pg_schema: str) -> None:
+    """The outbox commands read the one URL grammar (open_outbox): the schema in the URL."""
+    url = f"{pg_dsn}?schema={pg_schema}"
+    assert _cli("outbox", "migrate", "--ledger", url).returncode == 0
+    out = _cli("outbox", "pending", "--ledger", url, "--json")
+    assert out.returncode == 0, out.stderr
+    assert '"pending": 0' in out.stdout
+    bad = _cli("outbox", "pending", "--ledger", "redis://127.0.0.1:6379/0")
+    assert bad.returncode != 0 and "unknown outbox URL" in bad.stderr
+
+
 def test_cli_migrate_and_pending_on_postgres(pg_dsn: str, pg_schema: str) -> None:
     env = {"REPLAYSAFE_PG_DSN": pg_dsn}
     where = ("--ledger", "postgres", "--schema", pg_schema)

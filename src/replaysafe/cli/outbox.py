@@ -29,6 +29,7 @@ from typing import Any
 
 import click
 
+from replaysafe._registry import open_outbox, scheme_of
 from replaysafe.brokers import BROKER_SCHEMES
 from replaysafe.brokers import broker_from_url as resolve_broker
 from replaysafe.errors import ConfigurationError, ReplaysafeError
@@ -40,8 +41,10 @@ def _ledger_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "--ledger",
             "ledger_spec",
             required=True,
-            metavar="sqlite:PATH|postgres",
-            help="Where the outbox lives: the SQLite ledger file, or PostgreSQL (with --dsn).",
+            metavar="sqlite:PATH|postgres|URL",
+            help="Where the outbox lives: the SQLite ledger file, PostgreSQL (with --dsn, "
+            "--schema, --table-prefix), or an outbox URL (docs/urls.md: its query names the "
+            "schema and table prefix).",
         ),
         click.option(
             "--dsn",
@@ -64,37 +67,26 @@ def _ledger_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @asynccontextmanager
 async def _store(ledger_spec: str, dsn: str | None, schema: str, prefix: str) -> AsyncIterator[Any]:
-    """Open the outbox store named on the command line; close what it opened."""
-    if ledger_spec.startswith("sqlite:"):
-        from replaysafe.ledger.sqlite import SQLiteLedger
-        from replaysafe.outbox.sqlite import SQLiteOutboxStore
-
-        path = ledger_spec.removeprefix("sqlite:")
-        if not path:
-            raise ConfigurationError("--ledger sqlite:PATH needs the path of the ledger file")
-        ledger = SQLiteLedger(path)
-        try:
-            yield SQLiteOutboxStore(ledger)
-        finally:
-            await ledger.close()
-    elif ledger_spec == "postgres":
+    """Open the outbox store named on the command line (``open_outbox``: the one grammar);
+    close what it opened. ``postgres`` stands for the DSN of ``--dsn`` / REPLAYSAFE_PG_DSN."""
+    url = ledger_spec
+    options: dict[str, Any] = {}
+    if ledger_spec == "postgres":
         if not dsn:
             raise ConfigurationError(
                 "--ledger postgres needs --dsn or the REPLAYSAFE_PG_DSN environment variable"
             )
-        from replaysafe.outbox.postgres import PostgresOutboxStore
-
+        # --schema/--table-prefix belong to this form; a URL carries ?schema=&table_prefix=
+        url, options = dsn, {"schema": schema, "table_prefix": prefix}
+    if scheme_of(url) in ("postgresql", "postgres"):
         # the pool logs each failed connection attempt; the error raised says why, once
         logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
-        store = PostgresOutboxStore(dsn, schema=schema, table_prefix=prefix, max_size=2)
-        try:
-            yield store
-        finally:
-            await store.close()
-    else:
-        raise ConfigurationError(
-            f"--ledger {ledger_spec!r} is not understood; use sqlite:PATH or postgres"
-        )
+        options["max_size"] = 2
+    store = open_outbox(url, **options)
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 def _run(coro: Any) -> Any:
