@@ -16,18 +16,9 @@ import asyncio
 import os
 import tempfile
 
-from replaysafe import (
-    App,
-    Context,
-    Effect,
-    Envelope,
-    Guarantee,
-    MemoryBroker,
-    Producer,
-    SQLiteLedger,
-    Worker,
-    operation_id,
-)
+from replaysafe import App, Context, Effect, Envelope, Guarantee, Producer, Worker, operation_id
+from replaysafe.brokers import MemoryBroker
+from replaysafe.ledger import SQLiteLedger
 from replaysafe.testing import run_until_settled
 
 LEDGER_PATH = os.environ.get("LEDGER_PATH", os.path.join(tempfile.gettempdir(), "shop-ledger.db"))

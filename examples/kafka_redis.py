@@ -26,13 +26,13 @@ from replaysafe import (
     Effect,
     Envelope,
     Guarantee,
-    KafkaBroker,
     Producer,
-    RedisLedger,
     Worker,
     declare_topology,
     operation_id,
 )
+from replaysafe.brokers.kafka import KafkaBroker
+from replaysafe.ledger.redis import RedisLedger
 from replaysafe.testing import EffectProbe, run_until_settled
 
 KAFKA_BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092")

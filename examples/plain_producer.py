@@ -27,16 +27,9 @@ from datetime import UTC, datetime
 
 import aio_pika
 
-from replaysafe import (
-    App,
-    Context,
-    Effect,
-    Guarantee,
-    RabbitMQBroker,
-    SQLiteLedger,
-    Worker,
-    declare_topology,
-)
+from replaysafe import App, Context, Effect, Guarantee, Worker, declare_topology
+from replaysafe.brokers.rabbitmq import RabbitMQBroker
+from replaysafe.ledger import SQLiteLedger
 from replaysafe.testing import run_until_settled
 
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")

@@ -25,13 +25,13 @@ from replaysafe import (
     Effect,
     Envelope,
     Guarantee,
-    PostgresLedger,
     Producer,
-    RabbitMQBroker,
     Worker,
     declare_topology,
     operation_id,
 )
+from replaysafe.brokers.rabbitmq import RabbitMQBroker
+from replaysafe.ledger.postgres import PostgresLedger
 from replaysafe.testing import run_until_settled
 
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")

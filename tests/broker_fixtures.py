@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from replaysafe import Failpoints
+from replaysafe.failpoints import Failpoints
 
 
 @contextlib.asynccontextmanager

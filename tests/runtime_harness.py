@@ -8,9 +8,11 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from replaysafe import App, Envelope, Failpoints, Guarantee, SimulatedCrash, Worker
+from replaysafe import App, Envelope, Guarantee, Worker
 from replaysafe.brokers.base import RedeliveryKind
 from replaysafe.brokers.memory import MemoryBroker
+from replaysafe.errors import SimulatedCrash
+from replaysafe.failpoints import Failpoints
 from replaysafe.ledger.base import Ledger
 from replaysafe.ledger.memory import MemoryLedger
 from replaysafe.testing import EffectProbe, FakeClock

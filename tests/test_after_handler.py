@@ -32,14 +32,11 @@ from replaysafe import (
     EffectRisk,
     Envelope,
     Guarantee,
-    MemoryLedger,
-    OpKey,
     QuarantineReason,
     RetryPolicy,
-    SQLiteLedger,
-    State,
 )
 from replaysafe import observe as o
+from replaysafe.ledger import MemoryLedger, OpKey, SQLiteLedger, State
 from replaysafe.observe import otel
 from replaysafe.testing import FakeClock
 

@@ -24,20 +24,11 @@ from typing import Any
 
 import pytest
 
-from replaysafe import (
-    App,
-    Context,
-    Effect,
-    Envelope,
-    Guarantee,
-    Limits,
-    QuarantineReason,
-    SQLiteLedger,
-    Worker,
-)
+from replaysafe import App, Context, Effect, Envelope, Guarantee, Limits, QuarantineReason, Worker
 from replaysafe import observe as o
 from replaysafe.brokers.base import Broker
 from replaysafe.envelope import HEADER_OPERATION_ID
+from replaysafe.ledger import SQLiteLedger
 from replaysafe.ledger.base import MAX_QUARANTINE_COPY
 from replaysafe.testing import EffectProbe
 

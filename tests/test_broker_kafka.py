@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replaysafe import App, Context, Effect, Guarantee, RetryPolicy, SimulatedCrash, Worker
+from replaysafe import App, Context, Effect, Guarantee, RetryPolicy, Worker
 from replaysafe import failpoints as fp
 from replaysafe import observe as o
 from replaysafe.brokers.base import (
@@ -43,6 +43,7 @@ from replaysafe.errors import (
     ConfigurationError,
     MissingExtra,
     PublishAmbiguous,
+    SimulatedCrash,
 )
 from replaysafe.failpoints import Failpoints
 from replaysafe.ledger.base import OpKey, State

@@ -21,20 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from replaysafe import (
-    App,
-    Context,
-    Effect,
-    Envelope,
-    Failpoints,
-    Guarantee,
-    OpKey,
-    RetryPolicy,
-    SimulatedCrash,
-    SQLiteLedger,
-    State,
-    Worker,
-)
+from replaysafe import App, Context, Effect, Envelope, Guarantee, RetryPolicy, Worker
 from replaysafe import failpoints as fp
 from replaysafe import observe as o
 from replaysafe.brokers.base import Broker, Delivery, Subscription
@@ -58,7 +45,10 @@ from replaysafe.errors import (
     ConfigurationError,
     MissingExtra,
     PublishAmbiguous,
+    SimulatedCrash,
 )
+from replaysafe.failpoints import Failpoints
+from replaysafe.ledger import OpKey, SQLiteLedger, State
 from replaysafe.testing import EffectProbe
 from replaysafe.testing.contracts.broker import BrokerCase, BrokerContract
 from replaysafe.testing.netcut import CutRelay

@@ -20,17 +20,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from replaysafe import (
-    App,
-    Context,
-    Effect,
-    Envelope,
-    Failpoints,
-    Guarantee,
-    SimulatedCrash,
-    SQLiteLedger,
-    Worker,
-)
+from replaysafe import App, Context, Effect, Envelope, Guarantee, Worker
 from replaysafe import failpoints as fp
 from replaysafe.brokers.base import Broker, Delivery, Subscription
 from replaysafe.brokers.sqs import HEADER_REJECT_REASON, SQSBroker, SQSDelivery, redact_url
@@ -41,8 +31,11 @@ from replaysafe.errors import (
     ConfigurationError,
     MissingExtra,
     PublishAmbiguous,
+    SimulatedCrash,
 )
 from replaysafe.explain import explain
+from replaysafe.failpoints import Failpoints
+from replaysafe.ledger import SQLiteLedger
 from replaysafe.testing import EffectProbe
 from replaysafe.testing.contracts.broker import BrokerContract
 

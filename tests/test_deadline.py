@@ -10,19 +10,11 @@ import logging
 
 import pytest
 
-from replaysafe import (
-    ConfigurationError,
-    Context,
-    Effect,
-    Guarantee,
-    MemoryBroker,
-    MemoryLedger,
-    OpKey,
-    RetryPolicy,
-    State,
-)
+from replaysafe import ConfigurationError, Context, Effect, Guarantee, RetryPolicy
 from replaysafe import observe as o
 from replaysafe.app import DEADLINE_LEASES, App
+from replaysafe.brokers import MemoryBroker
+from replaysafe.ledger import MemoryLedger, OpKey, State
 
 from .runtime_harness import Harness, order
 

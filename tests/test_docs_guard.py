@@ -55,7 +55,8 @@ def test_block_imports_as_a_module_without_consuming(
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")  # boto3.client("sqs") at import
     namespace: dict[str, object] = {"__name__": "consumer"}
     if "guard = Guard(" not in block:
-        from replaysafe import Guarantee, MemoryLedger
+        from replaysafe import Guarantee
+        from replaysafe.ledger import MemoryLedger
 
         namespace["guard"] = Guard(MemoryLedger(), name="g", guarantee=Guarantee.AT_LEAST_ONCE)
     exec(compile(block, str(DOC), "exec"), namespace)

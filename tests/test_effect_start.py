@@ -22,14 +22,12 @@ from replaysafe import (
     Guarantee,
     LeaseLost,
     LedgerUnavailable,
-    MemoryLedger,
-    OpKey,
     QuarantineReason,
     RetryPolicy,
-    State,
 )
 from replaysafe import failpoints as fp
 from replaysafe import observe as o
+from replaysafe.ledger import MemoryLedger, OpKey, State
 from replaysafe.ledger.base import Claim, ClaimOutcome, ClaimRequest, Ledger
 from replaysafe.testing import FakeClock
 

@@ -67,7 +67,7 @@ def test_embedded(tmp_path: Path) -> None:
 
 
 async def _drop_rabbitmq(url: str, source: str, group: str) -> None:
-    from replaysafe import RabbitMQBroker
+    from replaysafe.brokers.rabbitmq import RabbitMQBroker
 
     broker = RabbitMQBroker(url)
     try:

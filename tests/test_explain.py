@@ -11,10 +11,12 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from replaysafe import App, Context, Effect, Guarantee, MemoryBroker, MemoryLedger, RetryPolicy
+from replaysafe import App, Context, Effect, Guarantee, RetryPolicy
+from replaysafe.brokers import MemoryBroker
 from replaysafe.brokers.base import Capabilities, RedeliveryKind, SettleGranularity, SourceFacts
 from replaysafe.cli import main
 from replaysafe.explain import explain, explain_handler
+from replaysafe.ledger import MemoryLedger
 from replaysafe.ledger.base import Durability, DurabilityLevel
 
 EO, ALO, AMO = Guarantee.EFFECTIVELY_ONCE, Guarantee.AT_LEAST_ONCE, Guarantee.AT_MOST_ONCE
@@ -199,7 +201,7 @@ def test_verdict_names_the_boundary(config: dict[str, Any], boundary: str | None
 
 
 async def test_transactional_boundary_is_the_commit(tmp_path: Any) -> None:
-    from replaysafe import SQLiteLedger
+    from replaysafe.ledger import SQLiteLedger
 
     app = App("t", broker=MemoryBroker(), ledger=SQLiteLedger(tmp_path / "l.db"))
     app.handler("orders", guarantee=EO, effect=Effect.transactional())(_noop)

@@ -10,9 +10,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from replaysafe import App, Context, Effect, Guarantee, Guard, MemoryBroker, SQLiteLedger
+from replaysafe import App, Context, Effect, Guarantee, Guard
+from replaysafe.brokers import MemoryBroker
 from replaysafe.cli import main
 from replaysafe.explain import explain, explain_guard
+from replaysafe.ledger import SQLiteLedger
 
 EO, ALO, AMO = Guarantee.EFFECTIVELY_ONCE, Guarantee.AT_LEAST_ONCE, Guarantee.AT_MOST_ONCE
 

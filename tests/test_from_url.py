@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from replaysafe import ConfigurationError, MemoryBroker, MemoryLedger, SQLiteLedger
-from replaysafe.brokers import broker_from_url
-from replaysafe.ledger import ledger_from_url
+from replaysafe import ConfigurationError
+from replaysafe.brokers import MemoryBroker, broker_from_url
+from replaysafe.ledger import MemoryLedger, SQLiteLedger, ledger_from_url
 
 
 def test_ledgers_from_urls(tmp_path: object) -> None:

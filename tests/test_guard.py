@@ -20,13 +20,12 @@ from replaysafe import (
     EffectNotApplied,
     Envelope,
     Guarantee,
-    MemoryBroker,
-    MemoryLedger,
     QuarantineReason,
-    SQLiteLedger,
     Worker,
 )
+from replaysafe.brokers import MemoryBroker
 from replaysafe.guard import Guard, Message, Outcome, Status
+from replaysafe.ledger import MemoryLedger, SQLiteLedger
 from replaysafe.ledger.base import OpKey, State
 
 EO, ALO, AMO = Guarantee.EFFECTIVELY_ONCE, Guarantee.AT_LEAST_ONCE, Guarantee.AT_MOST_ONCE

@@ -175,8 +175,8 @@ async def kafka(request: pytest.FixtureRequest) -> AsyncIterator[Destination]:
         assert await asyncio.to_thread(producer.flush, 30) == 0
         return [ids[n] for n in range(len(bodies))]
 
-    from replaysafe import Failpoints
     from replaysafe.brokers.kafka import KafkaBroker
+    from replaysafe.failpoints import Failpoints
 
     group = f"g-{uuid.uuid4().hex[:8]}"
     probe = KafkaBroker(bootstrap, failpoints=Failpoints())
@@ -458,9 +458,10 @@ async def test_a_lease_lost_after_the_run_ended_does_not_cancel_the_callers_task
     was in flight when the function returned; when it failed with ``LeaseLost`` the keeper
     cancelled the task it had been watching — which, under a Guard, is the caller's task, now
     past ``guard.run``."""
-    from replaysafe import Effect, Guarantee, MemoryLedger
+    from replaysafe import Effect, Guarantee
     from replaysafe.errors import LeaseLost
     from replaysafe.guard import Guard, Message, Status
+    from replaysafe.ledger import MemoryLedger
 
     ledger = MemoryLedger()
     extending = asyncio.Event()

@@ -6,15 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from replaysafe import (
-    App,
-    ConfigurationError,
-    Context,
-    Effect,
-    Guarantee,
-    MemoryBroker,
-    MemoryLedger,
-)
+from replaysafe import App, ConfigurationError, Context, Effect, Guarantee
+from replaysafe.brokers import MemoryBroker
+from replaysafe.ledger import MemoryLedger
 from replaysafe.ledger.base import MAX_HANDLER_NAME
 
 

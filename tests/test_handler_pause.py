@@ -271,8 +271,10 @@ async def test_a_paused_kafka_handler_keeps_its_group_membership(
     import time
     import uuid
 
-    from replaysafe import App, Failpoints, MemoryLedger, Worker
+    from replaysafe import App, Worker
     from replaysafe.brokers.kafka import KafkaBroker
+    from replaysafe.failpoints import Failpoints
+    from replaysafe.ledger import MemoryLedger
     from replaysafe.testing import EffectProbe
 
     max_poll = 4.0  # the smallest librdkafka allows with session.timeout.ms = 3000

@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 
-from replaysafe import ConfigurationError, Context, Effect, Guarantee, MemoryBroker, MemoryLedger
+from replaysafe import ConfigurationError, Context, Effect, Guarantee
 from replaysafe.app import App
+from replaysafe.brokers import MemoryBroker
+from replaysafe.ledger import MemoryLedger
 
 EO, ALO, AMO = Guarantee.EFFECTIVELY_ONCE, Guarantee.AT_LEAST_ONCE, Guarantee.AT_MOST_ONCE
 
@@ -134,7 +136,7 @@ def test_a_plain_function_is_registered_as_a_sync_handler(what: str) -> None:
 
 
 def test_a_sync_handler_cannot_have_a_transactional_effect() -> None:
-    from replaysafe import SQLiteLedger
+    from replaysafe.ledger import SQLiteLedger
 
     app = App("reg", broker=MemoryBroker(), ledger=SQLiteLedger(":memory:"))
     with pytest.raises(ConfigurationError, match=r"ctx\.tx, which is async"):

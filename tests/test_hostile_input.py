@@ -41,7 +41,6 @@ from replaysafe import (
     App,
     Context,
     Effect,
-    Failpoints,
     Guarantee,
     QuarantineReason,
     RetryPolicy,
@@ -56,6 +55,7 @@ from replaysafe.envelope import (
     HEADER_PUBLISHED_AT,
     format_time,
 )
+from replaysafe.failpoints import Failpoints
 from replaysafe.ledger.base import MAX_QUARANTINE_COPY
 from replaysafe.ledger.postgres import PostgresLedger
 from replaysafe.observe.prometheus import render

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import pytest
 from click.testing import CliRunner
 
-from replaysafe import App, Context, Effect, Envelope, Guarantee, MemoryBroker, RetryPolicy
+from replaysafe import App, Context, Effect, Envelope, Guarantee, RetryPolicy
+from replaysafe.brokers import MemoryBroker
 from replaysafe.cli import main
 from replaysafe.ledger.memory import MemoryLedger
 from replaysafe.testing import FakeClock

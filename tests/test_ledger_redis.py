@@ -38,9 +38,10 @@ from redis.exceptions import (
     ResponseError,
 )
 
-from replaysafe import App, Context, Effect, Envelope, Guarantee, MemoryBroker, RetryPolicy, observe
+from replaysafe import App, Context, Effect, Envelope, Guarantee, RetryPolicy, observe
 from replaysafe import failpoints as fp
 from replaysafe._redact import redact as redact_url
+from replaysafe.brokers import MemoryBroker
 from replaysafe.cli import main as cli_main
 from replaysafe.clock import SystemClock
 from replaysafe.errors import (

@@ -353,7 +353,8 @@ async def test_an_in_memory_database_cannot_back_a_claim() -> None:
 
 
 async def _durability_findings(ledger: SQLiteLedger) -> list[Any]:
-    from replaysafe import App, Context, Effect, Guarantee, MemoryBroker
+    from replaysafe import App, Context, Effect, Guarantee
+    from replaysafe.brokers import MemoryBroker
     from replaysafe.explain import explain
 
     async def charge(ctx: Context) -> None:

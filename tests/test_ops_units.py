@@ -443,7 +443,9 @@ async def test_a_drained_stop_reports_nothing_cut() -> None:
 # ------------------------------------------------------------- closing what a command opened
 
 _CLI_APP = """
-from replaysafe import App, Context, Effect, Guarantee, MemoryBroker, SQLiteLedger
+from replaysafe import App, Context, Effect, Guarantee
+from replaysafe.brokers import MemoryBroker
+from replaysafe.ledger import SQLiteLedger
 
 app = App("cliapp", broker=MemoryBroker(), ledger=SQLiteLedger({path!r}))
 
@@ -490,7 +492,9 @@ def test_commands_in_one_process_never_meet_an_app_a_previous_command_closed(
 
 
 _SYNC_APP = """
-from replaysafe import App, Guarantee, MemoryBroker, MemoryLedger
+from replaysafe import App, Guarantee
+from replaysafe.brokers import MemoryBroker
+from replaysafe.ledger import MemoryLedger
 
 app = App("syncapp", broker=MemoryBroker(), ledger=MemoryLedger())
 

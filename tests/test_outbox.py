@@ -24,18 +24,18 @@ from replaysafe import (
     Context,
     Effect,
     Envelope,
-    Failpoints,
     Guarantee,
     PublishAmbiguous,
     RetryPolicy,
-    SimulatedCrash,
-    State,
 )
 from replaysafe import failpoints as fp
 from replaysafe import observe as o
 from replaysafe.brokers.base import Publisher
 from replaysafe.brokers.memory import MemoryBroker
 from replaysafe.envelope import HEADER_PUBLISHED_AT, decode_wire
+from replaysafe.errors import SimulatedCrash
+from replaysafe.failpoints import Failpoints
+from replaysafe.ledger import State
 from replaysafe.ledger.base import Acquired, OpKey, TransactionalLedger
 from replaysafe.ledger.sqlite import SQLiteLedger
 from replaysafe.outbox import OutboxStore, Relay, SQLiteOutboxStore

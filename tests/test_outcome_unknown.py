@@ -22,13 +22,12 @@ from replaysafe import (
     EffectNotApplied,
     EffectRisk,
     Guarantee,
-    OpKey,
     OutcomeUnknown,
     QuarantineReason,
     RetryPolicy,
-    State,
 )
 from replaysafe import observe as o
+from replaysafe.ledger import OpKey, State
 
 from .runtime_harness import Harness, order, run
 

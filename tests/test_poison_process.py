@@ -26,17 +26,11 @@ from typing import Any
 
 import pytest
 
-from replaysafe import (
-    EffectRisk,
-    Envelope,
-    Failpoints,
-    OpKey,
-    QuarantineReason,
-    SQLiteLedger,
-    State,
-)
+from replaysafe import EffectRisk, Envelope, QuarantineReason
 from replaysafe.brokers.base import Broker
 from replaysafe.errors import ConfigurationError
+from replaysafe.failpoints import Failpoints
+from replaysafe.ledger import OpKey, SQLiteLedger, State
 
 from .broker_fixtures import rabbit_source, sqs_queue
 from .conftest import subprocess_env

@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from replaysafe import ConfigurationError, Envelope, Guarantee, MemoryBroker, Producer
+from replaysafe import ConfigurationError, Envelope, Guarantee, Producer
+from replaysafe.brokers import MemoryBroker
 from replaysafe.brokers.base import RedeliveryKind
 from replaysafe.testing import FakeClock
 

@@ -12,21 +12,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from replaysafe import (
-    App,
-    Context,
-    Effect,
-    Envelope,
-    Guarantee,
-    MemoryBroker,
-    MemoryLedger,
-    OpKey,
-    QuarantineReason,
-    RetryPolicy,
-    State,
-)
+from replaysafe import App, Context, Effect, Envelope, Guarantee, QuarantineReason, RetryPolicy
+from replaysafe.brokers import MemoryBroker
 from replaysafe.cli import main
 from replaysafe.errors import BadInput
+from replaysafe.ledger import MemoryLedger, OpKey, State
 from replaysafe.ledger.base import Acquired, QuarantineRequest
 from replaysafe.quarantine import EffectRisk
 from replaysafe.redrive import NOT_REDRIVABLE, redrive

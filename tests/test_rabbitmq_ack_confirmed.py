@@ -23,10 +23,11 @@ from typing import Any
 
 import pytest
 
-from replaysafe import Envelope, Failpoints
+from replaysafe import Envelope
 from replaysafe.brokers.rabbitmq import RabbitMQBroker, RabbitMQDelivery
 from replaysafe.envelope import HEADER_OPERATION_ID
 from replaysafe.errors import BrokerUnavailable
+from replaysafe.failpoints import Failpoints
 from replaysafe.testing.netcut import CutRelay
 
 from .broker_fixtures import rabbit_source

@@ -22,20 +22,13 @@ from typing import Any
 
 import pytest
 
-from replaysafe import (
-    App,
-    Context,
-    Effect,
-    Failpoints,
-    Guarantee,
-    QuarantineReason,
-    SQLiteLedger,
-    Worker,
-)
+from replaysafe import App, Context, Effect, Guarantee, QuarantineReason, Worker
 from replaysafe.brokers import _amqp_decode
 from replaysafe.brokers.rabbitmq import RabbitMQBroker, Topology
 from replaysafe.envelope import HEADER_MALFORMED_TRANSPORT, Envelope, decode_wire
 from replaysafe.errors import MalformedTransportHeader
+from replaysafe.failpoints import Failpoints
+from replaysafe.ledger import SQLiteLedger
 from replaysafe.testing.netcut import CutRelay
 
 from .bad_inputs import (  # noqa: F401 - raw_encoder is a fixture

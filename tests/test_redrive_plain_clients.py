@@ -27,10 +27,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from replaysafe import App, MemoryBroker, MemoryLedger, QuarantineReason, State, Worker
+from replaysafe import App, QuarantineReason, Worker
+from replaysafe.brokers import MemoryBroker
 from replaysafe.brokers.base import Broker, RedeliveryKind
 from replaysafe.cli import main
 from replaysafe.failpoints import Failpoints
+from replaysafe.ledger import MemoryLedger, State
 from replaysafe.ledger.base import OpKey, QuarantineEntry
 
 from .apps.plain_redrive_app import build

@@ -15,15 +15,13 @@ from replaysafe import (
     Envelope,
     Guarantee,
     LedgerUnavailable,
-    MemoryLedger,
-    OpKey,
     QuarantineReason,
     RetryPolicy,
-    State,
 )
 from replaysafe import failpoints as fp
 from replaysafe import observe as o
 from replaysafe.brokers.base import RedeliveryKind
+from replaysafe.ledger import MemoryLedger, OpKey, State
 from replaysafe.quarantine import EffectRisk
 
 from .runtime_harness import Harness, once_for

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from replaysafe import App, Context, Envelope, Guarantee, MemoryLedger, Worker
+from replaysafe import App, Context, Envelope, Guarantee, Worker
 from replaysafe import failpoints as fp
 from replaysafe.brokers.memory import MemoryBroker
 from replaysafe.errors import LeaseLost, SimulatedCrash
+from replaysafe.ledger import MemoryLedger
 from replaysafe.ledger.base import Acquired, ClaimRequest, Ledger, OpKey, Record
 from replaysafe.ledger.sqlite import SQLiteLedger
 

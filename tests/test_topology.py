@@ -12,17 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from replaysafe import (
-    App,
-    Guarantee,
-    KafkaBroker,
-    MemoryLedger,
-    SQSBroker,
-    Worker,
-    declare_topology,
-    show_topology,
-)
+from replaysafe import App, Guarantee, Worker, declare_topology, show_topology
+from replaysafe.brokers.kafka import KafkaBroker
 from replaysafe.brokers.rabbitmq import RabbitMQBroker
+from replaysafe.brokers.sqs import SQSBroker
+from replaysafe.ledger import MemoryLedger
 from replaysafe.testing import run_until_settled
 
 from .apps.topology_app import make_app

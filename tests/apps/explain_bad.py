@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from replaysafe import App, Context, Effect, Guarantee, MemoryBroker, SQLiteLedger
+from replaysafe import App, Context, Effect, Guarantee
+from replaysafe.brokers import MemoryBroker
+from replaysafe.ledger import SQLiteLedger
 
 app = App("bad", broker=MemoryBroker(), ledger=SQLiteLedger(":memory:"))
 

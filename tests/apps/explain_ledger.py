@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import os
 
-from replaysafe import App, Context, Effect, Guarantee, MemoryBroker
+from replaysafe import App, Context, Effect, Guarantee
+from replaysafe.brokers import MemoryBroker
 from replaysafe.ledger import ledger_from_url
 
 ENV = "REPLAYSAFE_TEST_EXPLAIN_LEDGER"

@@ -7,7 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from replaysafe import Effect, Guarantee, Guard, SQLiteLedger
+from replaysafe import Effect, Guarantee, Guard
+from replaysafe.ledger import SQLiteLedger
 
 _DIR = Path(os.environ.get("GUARDS_APP_DIR") or tempfile.gettempdir())
 _DB = _DIR / f"replaysafe-explain-guard-{os.getpid()}.db"

@@ -15,9 +15,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from replaysafe import App, Context, Effect, Guarantee, RetryPolicy, SQLiteLedger
+from replaysafe import App, Context, Effect, Guarantee, RetryPolicy
 from replaysafe.brokers import broker_from_url
 from replaysafe.brokers.base import Broker
+from replaysafe.ledger import SQLiteLedger
 from replaysafe.ledger.base import Ledger
 
 

@@ -18,9 +18,11 @@ import asyncio
 import os
 from pathlib import Path
 
-from replaysafe import App, Context, Effect, Failpoints, Guarantee, RetryPolicy, SQLiteLedger
+from replaysafe import App, Context, Effect, Guarantee, RetryPolicy
 from replaysafe import failpoints as fp
 from replaysafe.brokers.base import Broker
+from replaysafe.failpoints import Failpoints
+from replaysafe.ledger import SQLiteLedger
 
 LEASE = 2.0
 MAX_ATTEMPTS = int(os.environ["POISON_MAX_ATTEMPTS"])

@@ -27,10 +27,10 @@ import signal
 import sys
 import time
 
-from replaysafe import Failpoints
 from replaysafe.brokers.rabbitmq import RabbitMQBroker
 from replaysafe.envelope import HEADER_OPERATION_ID
 from replaysafe.errors import BrokerError
+from replaysafe.failpoints import Failpoints
 from replaysafe.testing.netcut import CutRelay
 
 RECEIVE = 10.0  # seconds a child waits for its delivery

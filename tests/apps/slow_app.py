@@ -6,7 +6,9 @@ import asyncio
 import os
 from pathlib import Path
 
-from replaysafe import App, Context, Effect, Envelope, Guarantee, MemoryBroker, SQLiteLedger
+from replaysafe import App, Context, Effect, Envelope, Guarantee
+from replaysafe.brokers import MemoryBroker
+from replaysafe.ledger import SQLiteLedger
 
 OUT = Path(os.environ["SLOW_APP_OUT"])
 broker = MemoryBroker()

@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from replaysafe import App, Context, Effect, Guarantee, RabbitMQBroker, SQLiteLedger
+from replaysafe import App, Context, Effect, Guarantee
+from replaysafe.brokers.rabbitmq import RabbitMQBroker
+from replaysafe.ledger import SQLiteLedger
 
 
 def make_app(source: str, url: str, ledger: Path, applied: list[str] | None = None) -> App:

@@ -27,6 +27,7 @@ from replaysafe.brokers.base import (
     Publisher,
     RedeliveryKind,
     SettleGranularity,
+    SettleOnce,
     Subscriber,
     Subscription,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "Publisher",
     "RedeliveryKind",
     "SettleGranularity",
+    "SettleOnce",
     "Subscriber",
     "Subscription",
     "broker_from_url",
