@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -470,6 +471,39 @@ class BrokerContract:
                 assert sorted(decode(d).operation_id for d in copies) == want
                 for d in copies:
                     await d.ack()
+
+    async def test_a_cancelled_receive_loses_nothing(self) -> None:
+        """A receive cancelled while it waits (the caller's own timeout, a shutdown) takes
+        nothing with it: every message reaches a later receive. Receives here are cut after
+        10 ms again and again, so some are cancelled mid-fetch."""
+        async with self.case() as c:
+            sub = await c.subscribe(c.group(), prefetch=4)
+            sent = [c.envelope(i, key=f"key-{i % 3}") for i in range(12)]
+
+            async def trickle() -> None:
+                # one at a time, so messages arrive while receives wait and are cut
+                for e in sent:
+                    await asyncio.sleep(0.03)
+                    await c.publish(e)
+
+            publishing = asyncio.ensure_future(trickle())
+            got: set[str] = set()
+            cancelled = 0
+            deadline = time.monotonic() + 2 * self.receive_timeout
+            while len(got) < len(sent) and time.monotonic() < deadline:
+                try:
+                    async with asyncio.timeout(0.01):
+                        d = await anext(sub)
+                except TimeoutError:
+                    cancelled += 1
+                    await asyncio.sleep(0)
+                    continue
+                got.add(decode(d).operation_id)
+                await d.ack()
+            await publishing
+            assert cancelled > 0, "no receive was ever cancelled: the case proves nothing"
+            missing = sorted({e.operation_id for e in sent} - got)
+            assert not missing, f"lost to cancelled receives: {missing}"
 
     async def test_close_wakes_a_waiting_consumer(self) -> None:
         async with self.case() as c:
