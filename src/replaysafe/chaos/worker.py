@@ -26,7 +26,8 @@ def load_spec(path: str) -> RunSpec:
 
 
 async def main(spec_path: str) -> None:
-    from replaysafe.chaos.harness import broker_from_conf, ledger_from_spec, normalise_broker_url
+    from replaysafe.chaos.ledgers import ledger_from_spec
+    from replaysafe.chaos.publish import broker_from_conf, normalise_broker_url
 
     spec = load_spec(spec_path)
     failpoints = Failpoints()

@@ -77,15 +77,15 @@ def chaos_command(
     """Break things on purpose and count what the downstream saw.
 
     Exit status 1 when a run misses the pass bar or is invalid (its fault never hit)."""
-    from replaysafe.chaos.checker import contrast_bar, pass_bar
-    from replaysafe.chaos.harness import (
+    from replaysafe.chaos.cells import (
         EFFECTS,
         FAULTS,
         GUARANTEES,
         ChaosConfig,
         default_cells,
-        run_matrix,
     )
+    from replaysafe.chaos.checker import contrast_bar, pass_bar
+    from replaysafe.chaos.harness import run_matrix
 
     cfg = ChaosConfig(
         broker=broker,
