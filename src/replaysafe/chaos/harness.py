@@ -25,6 +25,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from replaysafe.app import App
 from replaysafe.brokers.base import RedeliveryKind
 from replaysafe.chaos.app import (
     RecordingBroker,
@@ -110,6 +111,7 @@ __all__ = [
     "produce",
     "run_cell",
     "run_matrix",
+    "supervise_in_process",
     "second_phase",
     "wait_settled",
 ]
@@ -248,23 +250,15 @@ async def _memory_run(ctx: RunContext) -> None:
     # up to max_attempts + 2 times per target (the 10k-op run exhausted a fixed 500)
     budget = max(500, 2 * len(spec.targets) * (spec.max_attempts + 2))
 
-    async def supervise(n: int, until: asyncio.Event) -> None:
+    def crashed() -> None:
         nonlocal restarts
-        generation = 0
-        while not until.is_set() and restarts < budget:
-            worker = Worker(app, owner=f"w{n}.{generation}")
-            stopper = asyncio.ensure_future(until.wait())
-            runner = asyncio.ensure_future(worker.run(drain_timeout=spec.pause + 5))
-            try:
-                await asyncio.wait({stopper, runner}, return_when=asyncio.FIRST_COMPLETED)
-                if not runner.done():
-                    worker.stop()
-                await runner
-            except SimulatedCrash:
-                restarts += 1
-                generation += 1
-            finally:
-                stopper.cancel()
+        restarts += 1
+
+    def supervise(n: int, until: asyncio.Event) -> Coroutine[Any, Any, None]:
+        return supervise_in_process(
+            app, until, owner=lambda gen: f"w{n}.{gen}", drain_timeout=spec.pause + 5,
+            may_start=lambda: restarts < budget, on_crash=crashed,
+        )  # fmt: skip
 
     pool = [asyncio.create_task(supervise(n, done)) for n in range(ctx.cfg.workers)]
     nemesis: asyncio.Task[None] | None = None
@@ -292,6 +286,40 @@ async def _memory_run(ctx: RunContext) -> None:
         async with asyncio.timeout(spec.pause + 30):
             await asyncio.gather(*pool, return_exceptions=True)
         await broker.close()
+
+
+async def supervise_in_process(
+    app: App,
+    until: asyncio.Event,
+    *,
+    owner: Callable[[int], str],
+    drain_timeout: float,
+    may_start: Callable[[], bool] = lambda: True,
+    on_worker: Callable[[Worker], None] = lambda worker: None,
+    on_crash: Callable[[], None] = lambda: None,
+) -> None:
+    """One supervised worker slot in this process (the memory broker only lives here): run a
+    :class:`~replaysafe.runtime.worker.Worker` of ``app`` until ``until`` is set, then stop it
+    gracefully (drain up to ``drain_timeout``, settle what finished). A ``SimulatedCrash`` (the
+    failpoint ``kill``) is the process dying with nothing settled: ``on_crash`` is told and a new
+    worker (generation + 1, named by ``owner``) starts, as a process supervisor would, while
+    ``may_start()`` allows (a crash loop must end). ``on_worker`` sees each worker started."""
+    generation = 0
+    while not until.is_set() and may_start():
+        worker = Worker(app, owner=owner(generation))
+        on_worker(worker)
+        stopper = asyncio.ensure_future(until.wait())
+        runner = asyncio.ensure_future(worker.run(drain_timeout=drain_timeout))
+        try:
+            await asyncio.wait({stopper, runner}, return_when=asyncio.FIRST_COMPLETED)
+            if not runner.done():
+                worker.stop()
+            await runner
+        except SimulatedCrash:
+            on_crash()
+            generation += 1
+        finally:
+            stopper.cancel()
 
 
 async def _memory_rebalance(

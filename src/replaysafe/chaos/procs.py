@@ -36,7 +36,7 @@ MAX_RESTARTS = 200
 
 class Pool:
     """The run's worker processes: ``python -m MODULE SPEC.json`` each (``module``: the chaos
-    worker by default; the demo runs its own)."""
+    worker, for a matrix cell and for the demo preset alike)."""
 
     module = "replaysafe.chaos.worker"
 
