@@ -656,7 +656,10 @@ async def bench_broker(bench: Bench, rounds: int, ledgers: Ledgers) -> Result:
 #: where CPU goes, by the file a function lives in (first match wins)
 AREAS = (
     ("replaysafe runtime (worker pipeline)", "replaysafe/runtime/"),
-    ("replaysafe envelope (decode, fingerprint)", "replaysafe/envelope.py"),
+    (
+        "replaysafe envelope (decode, fingerprint)",
+        ("replaysafe/envelope.py", "replaysafe/_payload.py", "replaysafe/_opid.py"),
+    ),
     ("replaysafe observe (stats)", "replaysafe/observe/"),
     ("replaysafe failpoints", "replaysafe/failpoints.py"),
     ("replaysafe ledger", "replaysafe/ledger/"),

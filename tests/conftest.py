@@ -1,7 +1,8 @@
 """Real services for integration tests, in one place.
 
-PostgreSQL (5432), Redis (6379) and RabbitMQ (5672) run on the machine already; moto (SQS) and
-Tansu (Kafka) are started here on free loopback ports and stopped after the session. With
+PostgreSQL (5432), Redis (6379), RabbitMQ (5672) and NATS (4222, JetStream) run on the machine
+already; moto (SQS) and Tansu (Kafka) are started here on free loopback ports and stopped after the
+session. With
 ``CI=true`` a missing service FAILS the test instead of skipping it: CI must never pass by not
 testing. Each test run isolates itself (its own schema, key prefix, queue or topic names).
 """
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PG_DSN = os.environ.get("REPLAYSAFE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("REPLAYSAFE_TEST_REDIS", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("REPLAYSAFE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
+NATS_URL = os.environ.get("REPLAYSAFE_TEST_NATS", "nats://127.0.0.1:4222")
 
 
 def unavailable(service: str, why: str) -> None:
@@ -117,6 +119,14 @@ def amqp_url() -> str:
             "RabbitMQ", "nothing listens on 127.0.0.1:5672 (start: rabbitmq-server -detached)"
         )
     return AMQP_URL
+
+
+@pytest.fixture(scope="session")
+def nats_url() -> str:
+    """The local NATS server (JetStream enabled)."""
+    if not port_open("127.0.0.1", 4222):
+        unavailable("NATS", "nothing listens on 127.0.0.1:4222 (start: nats-server -js)")
+    return NATS_URL
 
 
 @pytest.fixture(scope="session")

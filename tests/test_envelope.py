@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from replaysafe import envelope
+from replaysafe import _payload, envelope
 from replaysafe.envelope import (
     BYTES,
     DEFAULT_LIMITS,
@@ -260,8 +260,8 @@ class TestPayloadSize:
         def boom(*args: object, **kwargs: object) -> Any:
             raise AssertionError("an oversized body reached a parser")
 
-        monkeypatch.setattr(envelope.json, "loads", boom)
-        monkeypatch.setattr(envelope, "_check_depth", boom)
+        monkeypatch.setattr(_payload.json, "loads", boom)
+        monkeypatch.setattr(_payload, "_check_depth", boom)
         with refused(PayloadTooLarge, R.PAYLOAD_TOO_LARGE, "send a reference"):
             decode_json(b"{" * (CAP + 1))
         with refused(PayloadTooLarge, R.PAYLOAD_TOO_LARGE, "send a reference"):
@@ -585,7 +585,7 @@ class TestContentTypes:
             raise AssertionError("a disallowed body reached a parser")
 
         monkeypatch.setattr(pickle, "loads", boom)
-        monkeypatch.setattr(envelope.json, "loads", boom)
+        monkeypatch.setattr(_payload.json, "loads", boom)
         monkeypatch.setattr(envelope, "decode_json", boom)
 
     @pytest.mark.parametrize(

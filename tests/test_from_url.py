@@ -30,9 +30,14 @@ def test_unknown_ledgers_are_refused_without_secrets(spec: str) -> None:
 
 def test_brokers_from_urls() -> None:
     assert isinstance(broker_from_url("memory"), MemoryBroker)
+    # nats:// is a known scheme since the NATS adapter: an unknown one is refused, no secret shown
     with pytest.raises(ConfigurationError) as err:
-        broker_from_url("nats://app:hunter2@127.0.0.1:4222")
+        broker_from_url("mqtt://app:hunter2@127.0.0.1:1883")
     assert "hunter2" not in str(err.value)
+    from replaysafe.brokers.nats import NATSBroker
+
+    nats = broker_from_url("nats://app:hunter2@127.0.0.1:4222")
+    assert isinstance(nats, NATSBroker) and "hunter2" not in repr(nats)
 
 
 # One URL, one meaning: broker_from_url picks the adapter, the adapter's from_url parses (issue 15).

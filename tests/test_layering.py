@@ -27,8 +27,8 @@ The rules:
     (computed). Any other child of those packages, module or subpackage (``brokers/kafka/`` once
     the adapters become packages), is a concrete backend without editing this file.
 (b) broker adapters, ledgers and outbox stores (every module under ``replaysafe.brokers``,
-    ``replaysafe.ledger``, ``replaysafe.outbox``, ``replaysafe.stores``) import nothing from ``replaysafe.runtime``,
-    ``replaysafe.app``, ``replaysafe.guard`` or ``replaysafe.cli``.
+    ``replaysafe.ledger``, ``replaysafe.outbox``, ``replaysafe.stores``) import nothing from
+    ``replaysafe.runtime``, ``replaysafe.app``, ``replaysafe.guard`` or ``replaysafe.cli``.
 (c) the library (every module but the tools in ``TOOLS``) imports nothing from the test rig
     ``replaysafe.testing``.
 (d) no import cycle among ``module`` edges.
@@ -58,8 +58,9 @@ Kind = Literal["module", "lazy", "type_checking"]
 NEUTRAL: dict[str, frozenset[str]] = {
     "brokers": frozenset({"base"}),
     # durability: the durability probe and its statement, over the Ledger protocol;
-    # _fast: cheaper constructors for base's result types (any backend's batch path)
-    "ledger": frozenset({"base", "durability", "_fast"}),
+    # _fast: cheaper constructors for base's result types (any backend's batch path);
+    # _types, _rules, _text: base's value types, pure rules and text rules (base re-exports them)
+    "ledger": frozenset({"base", "durability", "_fast", "_types", "_rules", "_text"}),
     # relay: publishes what any OutboxStore holds through any Broker
     "outbox": frozenset({"base", "relay"}),
     # the engines (stores/postgres, stores/sqlite, …): every one is concrete

@@ -22,6 +22,8 @@ from psycopg.conninfo import make_conninfo
 
 from replaysafe import App, Context, Effect, Envelope, Guarantee, RetryPolicy, Worker
 from replaysafe import observe as o
+from replaysafe._redact import redact as redact_dsn
+from replaysafe._redact import secrets_of
 from replaysafe.brokers.base import RedeliveryKind
 from replaysafe.brokers.memory import MemoryBroker
 from replaysafe.cli import main as cli_main
@@ -33,7 +35,6 @@ from replaysafe.errors import (
     LedgerUnavailable,
     MissingExtra,
 )
-from replaysafe.ledger import postgres as pg_module
 from replaysafe.ledger.base import (
     Acquired,
     AlreadyDone,
@@ -49,9 +50,9 @@ from replaysafe.ledger.postgres import (
     PostgresLedger,
     SyncPostgresLedger,
     assess_postgres,
-    redact_dsn,
 )
 from replaysafe.quarantine import QuarantineReason
+from replaysafe.stores.postgres import schema as pg_module
 from replaysafe.testing import EffectProbe, FakeClock
 from replaysafe.testing.contracts import LedgerBackendContract, TransactionalLedgerContract
 from replaysafe.testing.contracts.ledger import acquire, must_get
@@ -1160,6 +1161,23 @@ async def test_leases_are_judged_by_the_database_clock_not_the_workers(
 )  # fmt: skip
 def test_redact_dsn(dsn: str, expected: str) -> None:
     assert redact_dsn(dsn) == expected
+
+
+@pytest.mark.parametrize(
+    ("dsn", "expected"),
+    [
+        ("postgresql://app:s%40cret@db/orders", ["s%40cret", "s@cret"]),
+        ("postgresql://db/orders?password=s3cret&sslmode=require", ["s3cret"]),
+        ("host=db user=app password='s e c' dbname=orders", ["s e c"]),
+        ("host=db password=s3cret dbname=orders", ["s3cret"]),
+        ("host=db dbname=orders", []),
+    ],
+)
+def test_every_spelling_of_the_dsn_password_is_known_for_scrubbing(
+    dsn: str, expected: list[str]
+) -> None:
+    # the engine scrubs driver messages with these (libpq echoes a DSN's parts in its errors)
+    assert sorted(secrets_of(dsn)) == sorted(expected)
 
 
 def _chain(exc: BaseException | None) -> list[BaseException]:

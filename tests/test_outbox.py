@@ -747,6 +747,7 @@ async def test_postgres_store_errors_name_the_fix_and_hide_the_password(
 async def test_resolve_broker_knows_every_adapter_and_hides_credentials() -> None:
     from replaysafe import ConfigurationError
     from replaysafe.brokers.kafka import KafkaBroker
+    from replaysafe.brokers.nats import NATSBroker
     from replaysafe.brokers.rabbitmq import RabbitMQBroker
     from replaysafe.brokers.sqs import SQSBroker
     from replaysafe.cli.outbox import resolve_broker
@@ -757,6 +758,7 @@ async def test_resolve_broker_knows_every_adapter_and_hides_credentials() -> Non
         "sqs://eu-west-1": SQSBroker,
         "sqs+http://127.0.0.1:4566/eu-west-1": SQSBroker,
         "kafka://127.0.0.1:9092,127.0.0.1:9093": KafkaBroker,
+        "nats://app:hunter2@127.0.0.1:4222": NATSBroker,
     }
     for spec, kind in expected.items():
         broker = resolve_broker(spec)  # nothing connects until first use
@@ -766,7 +768,7 @@ async def test_resolve_broker_knows_every_adapter_and_hides_credentials() -> Non
         finally:
             await broker.close()
     with pytest.raises(ConfigurationError) as info:
-        resolve_broker("nats://app:hunter2@host:4222")
+        resolve_broker("mqtt://app:hunter2@host:1883")
     assert "hunter2" not in str(info.value)
     with pytest.raises(ConfigurationError):
         resolve_broker("kafka://")

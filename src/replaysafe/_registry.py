@@ -77,6 +77,13 @@ BACKENDS: tuple[Backend, ...] = (
         "kafka://host:port[,host:port] or kafka+ssl://…",
         "kafka",
     ),
+    Backend(
+        "broker",
+        ("nats", "nats+tls"),
+        "replaysafe.brokers.nats:NATSBroker.from_url",
+        "nats://host:port[,host:port] or nats+tls://…",
+        "nats",
+    ),
     Backend("ledger", ("memory",), "replaysafe.ledger.memory:MemoryLedger.from_url", "memory"),
     Backend("ledger", ("sqlite",), "replaysafe.ledger.sqlite:SQLiteLedger.from_url", "sqlite:PATH"),
     Backend(

@@ -9,12 +9,14 @@
 ``sqs+http://[KEY:SECRET@]host:port[/REGION]`` an SQS-compatible endpoint (moto, LocalStack)
 ``kafka://[USER:PASS@]host:port[,host:port]`` Kafka bootstrap servers (``kafka+ssl://`` TLS);
                                     extra ``kafka``
+``nats://[USER:PASS@]host:port[,host:port]`` NATS JetStream (``nats+tls://`` TLS);
+                                    extra ``nats``
 =================================== ==============================================================
 
 Each adapter parses its own URLs (``RabbitMQBroker.from_url``, ``SQSBroker.from_url``,
-``KafkaBroker.from_url``: query parameters there); :func:`open_broker` (``replaysafe._registry``,
-also named ``broker_from_url``) only picks the adapter, so a URL means the same whichever of the
-two you call. docs/urls.md has the whole grammar.
+``KafkaBroker.from_url``, ``NATSBroker.from_url``: query parameters there); :func:`open_broker`
+(``replaysafe._registry``, also named ``broker_from_url``) only picks the adapter, so a URL means
+the same whichever of the two you call. docs/urls.md has the whole grammar.
 """
 
 from replaysafe._registry import open_broker, schemes

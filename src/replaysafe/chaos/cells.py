@@ -26,7 +26,7 @@ FAULTS = (
     "beyond_horizon",
     "relay_crash",
 )
-BROKERS = ("memory", "rabbitmq", "sqs", "kafka")
+BROKERS = ("memory", "rabbitmq", "sqs", "kafka", "nats")
 LEDGERS = ("sqlite", "postgres", "redis")
 EFFECTS = ("keyed", "transactional", "unkeyed")
 GUARANTEES = tuple(g.value for g in Guarantee)

@@ -124,6 +124,8 @@ async def _setup(ctx: RunContext, admin: Broker) -> None:
         await admin.create_queue(spec.source, visibility_timeout=vis)  # type: ignore[attr-defined]
     elif kind == "kafka":
         await admin.create_topic(spec.source, partitions=2)  # type: ignore[attr-defined]
+    elif kind == "nats":  # the group's durable consumer, AckWait = the lease
+        await admin.prepare_source(spec.source, [spec.group], visibility_timeout=spec.lease)
 
 
 async def _teardown(ctx: RunContext, admin: Broker) -> None:
@@ -135,6 +137,8 @@ async def _teardown(ctx: RunContext, admin: Broker) -> None:
             await admin.delete_queue(spec.source)  # type: ignore[attr-defined]
         elif kind == "kafka":
             await admin.delete_topic(spec.source)  # type: ignore[attr-defined]
+        elif kind == "nats":
+            await admin.drop_source(spec.source)
 
 
 async def broker_depth(ctx: RunContext, admin: Broker) -> int:
@@ -149,6 +153,8 @@ async def broker_depth(ctx: RunContext, admin: Broker) -> int:
     if kind == "sqs":
         d = await admin.approximate_depth(spec.source)  # type: ignore[attr-defined]
         return int(d["visible"] + d["in_flight"] + d["delayed"])
+    if kind == "nats":  # not yet delivered + delivered and unacked
+        return (await admin.group_state(spec.source, spec.group)).messages or 0
     lag = await admin.lag(spec.source, spec.group)  # type: ignore[attr-defined]
     return int(sum(lag.values()))
 
@@ -165,6 +171,10 @@ def broker_options(kind: str, url: str) -> dict[str, Any]:
         }
     if kind == "sqs":
         return {"wait_time": 1, "delete_window": 0.02}
+    if kind == "nats":
+        # the stream's Nats-Msg-Id window would drop redrive_applied's re-publish (identical to
+        # the original, seconds later): keep the window shorter than a run's first phase
+        return {"fetch_wait": 0.5, "duplicate_window": 1.0}
     return {}
 
 

@@ -39,6 +39,8 @@ def normalise_broker_url(kind: str, url: str | None) -> str:
     plain ``http://`` endpoint for an SQS-compatible server) and give each adapter its URL."""
     if kind == "rabbitmq":
         return url or "amqp://guest:guest@127.0.0.1:5672/"
+    if kind == "nats":
+        return url or "nats://127.0.0.1:4222"
     if url is None:
         raise ConfigurationError(f"--broker {kind} needs --broker-url")
     if kind == "kafka" and "://" not in url:
@@ -67,6 +69,10 @@ def broker_from_conf(conf: dict[str, Any], spec: RunSpec, failpoints: Failpoints
         from replaysafe.brokers.kafka import KafkaBroker
 
         return KafkaBroker.from_url(url, failpoints=failpoints, **opts)
+    if kind == "nats":
+        from replaysafe.brokers.nats import NATSBroker
+
+        return NATSBroker.from_url(url, failpoints=failpoints, **opts)
     raise ConfigurationError(f"unknown broker {kind!r}; use one of {', '.join(BROKERS)}")
 
 

@@ -36,13 +36,14 @@ PRESET_IGNORES = ("effect", "guarantee", "fault", "cells", "parallel", "run_time
                    "of `replaysafe demo` (--ops orders, default 1000; --workers, default 8; "
                    "--seed; --broker/--broker-url; --ledger/--ledger-url; --json PATH) and "
                    "its report.")  # fmt: skip
-@click.option("--broker", type=click.Choice(["memory", "rabbitmq", "sqs", "kafka"]),
+@click.option("--broker", type=click.Choice(["memory", "rabbitmq", "sqs", "kafka", "nats"]),
               default="memory", show_default=True)  # fmt: skip
 @click.option("--broker-url", default=None,
-              help="amqp://… (RabbitMQ), http://127.0.0.1:PORT (an SQS-compatible server) or "
-                   "host:port (Kafka bootstrap). Passwords are never printed. Without it: the "
-                   "local RabbitMQ on 5672; for SQS and Kafka a throwaway moto / Tansu server "
-                   "is started on a free loopback port and stopped afterwards.")  # fmt: skip
+              help="amqp://… (RabbitMQ), http://127.0.0.1:PORT (an SQS-compatible server), "
+                   "host:port (Kafka bootstrap) or nats://host:port (NATS JetStream). Passwords "
+                   "are never printed. Without it: the local RabbitMQ on 5672 or NATS on 4222; "
+                   "for SQS and Kafka a throwaway moto / Tansu server is started on a free "
+                   "loopback port and stopped afterwards.")  # fmt: skip
 @click.option("--ledger", type=click.Choice(["sqlite", "postgres", "redis"]), default="sqlite",
               show_default=True)  # fmt: skip
 @click.option("--ledger-url", default=None, help="PostgreSQL DSN or Redis URL.")
@@ -179,6 +180,11 @@ def _run_demo_preset(
         raise click.UsageError(
             f"--preset demo runs its own scenario (every guarantee, its own faults); drop "
             f"{', '.join(ignored)}, or run the matrix without --preset"
+        )
+    if broker not in DEMO_BROKERS:
+        raise click.UsageError(
+            f"--preset demo runs on {', '.join(sorted(DEMO_BROKERS))}, not {broker}: its "
+            f"broker faults are defined for those; run the matrix on {broker} without --preset"
         )
     url = broker_url
     if url is not None and broker == "sqs" and url.startswith("http://"):

@@ -45,251 +45,51 @@ survive restarts of workers and of the ledger's server as its records do.
 from __future__ import annotations
 
 import hashlib
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, replace
-from enum import StrEnum
-from typing import Any, ClassVar, Final, Protocol, Self, overload, runtime_checkable
+from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
-from replaysafe.errors import CapabilityError, ConfigurationError, LeaseLost, LedgerError
+from replaysafe.errors import CapabilityError, LeaseLost
+
+# the value types, the pure rules and the text rules live in private modules; their names are
+# re-exported here (the same objects), which stays the path to import them from
+from replaysafe.ledger._rules import check_fence as check_fence
+from replaysafe.ledger._rules import decide_claim as decide_claim
+from replaysafe.ledger._rules import entry_from_row as entry_from_row
+from replaysafe.ledger._rules import lease_expired as lease_expired
+from replaysafe.ledger._rules import merge_quarantine as merge_quarantine
+from replaysafe.ledger._rules import previous_started as previous_started
+from replaysafe.ledger._rules import unknown_entry as unknown_entry
+from replaysafe.ledger._text import MAX_HANDLER_NAME as MAX_HANDLER_NAME
+from replaysafe.ledger._text import MAX_PAUSE_TEXT as MAX_PAUSE_TEXT
+from replaysafe.ledger._text import check_handler_name as check_handler_name
+from replaysafe.ledger._text import pause_text as pause_text
+from replaysafe.ledger._text import storable_text as storable_text
+from replaysafe.ledger._types import MAX_QUARANTINE_COPY as MAX_QUARANTINE_COPY
+from replaysafe.ledger._types import Acquired as Acquired
+from replaysafe.ledger._types import AlreadyDone as AlreadyDone
+from replaysafe.ledger._types import Claim as Claim
+from replaysafe.ledger._types import ClaimOutcome as ClaimOutcome
+from replaysafe.ledger._types import ClaimRequest as ClaimRequest
+from replaysafe.ledger._types import Conflict as Conflict
+from replaysafe.ledger._types import InFlight as InFlight
+from replaysafe.ledger._types import LedgerSummary as LedgerSummary
+from replaysafe.ledger._types import OpKey as OpKey
+from replaysafe.ledger._types import PauseState as PauseState
+from replaysafe.ledger._types import Quarantined as Quarantined
+from replaysafe.ledger._types import QuarantineEntry as QuarantineEntry
+from replaysafe.ledger._types import QuarantineRequest as QuarantineRequest
+from replaysafe.ledger._types import Record as Record
+from replaysafe.ledger._types import State as State
 from replaysafe.ledger.durability import Durability as Durability
 from replaysafe.ledger.durability import DurabilityLevel as DurabilityLevel
-from replaysafe.quarantine import EffectRisk, QuarantineReason
-
-#: quarantined message copies are capped so one huge poison message cannot bloat the ledger
-MAX_QUARANTINE_COPY = 64 * 1024
-#: longest handler name, pause reason and pause author the ledger stores (UTF-8 bytes)
-MAX_HANDLER_NAME = 255
-MAX_PAUSE_TEXT = 1000
-
+from replaysafe.quarantine import QuarantineReason
 
 #: the ledger scope of :meth:`Ledger.probe`'s own operations (never a handler's: a handler name
 #: has no spaces in practice, and the runtime never claims in this scope)
 PROBE_SCOPE = "replaysafe probe"
 PROBE_FINGERPRINT = hashlib.sha256(b"replaysafe probe").hexdigest()
-
-
-class State(StrEnum):
-    IN_FLIGHT = "in_flight"
-    RELEASED = "released"
-    COMPLETED = "completed"
-    QUARANTINED = "quarantined"
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class OpKey:
-    """Ledger key: the operation scoped by handler (or tenant). A composite, never a concatenated
-    string, so ``("a:b", "c")`` and ``("a", "b:c")`` can never collide."""
-
-    scope: str
-    operation_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """What the ledger knows about one operation."""
-
-    key: OpKey
-    fingerprint: str
-    state: State
-    token: int
-    owner: str | None
-    lease_until: float | None
-    attempts: int
-    result: str | None
-    last_error: str | None
-    created_at: float
-    #: the last change of state or holder (claim, completion, release, quarantine, redrive); an
-    #: ``extend`` moves only ``lease_until``, so for an in-flight record this is its claim time
-    updated_at: float
-    completed_at: float | None = None
-    #: the attempt number of a claim made with ``marks_start`` whose ``mark_started`` has not
-    #: been recorded (while it equals ``attempts`` on an in-flight record, its holder has not
-    #: started the effect); None when no such claim is pending. Only read on an in-flight
-    #: record: a record whose attempt ended may keep its last value (Redis drops it at completion)
-    unstarted_attempt: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """Proof of a current claim. ``token`` is the fencing token every later call presents."""
-
-    key: OpKey
-    fingerprint: str
-    token: int
-    owner: str
-    lease_until: float
-    attempt: int
-    #: True when this claim took over an expired lease: the previous attempt may or may not have
-    #: produced its effect (outcome unknown)
-    recovered: bool = False
-    #: for a recovered claim: False only when the ledger knows that the previous holder never
-    #: started its effect (it claimed with ``marks_start`` and never called ``mark_started``);
-    #: True otherwise, conservatively (also for records older than this field). Not meaningful
-    #: when ``recovered`` is False.
-    previous_started: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class Acquired:
-    claim: Claim
-
-
-@dataclass(frozen=True, slots=True)
-class InFlight:
-    """Someone else holds a live lease: do not run; retry after ``record.lease_until``."""
-
-    record: Record
-
-
-@dataclass(frozen=True, slots=True)
-class AlreadyDone:
-    record: Record
-
-
-@dataclass(frozen=True, slots=True)
-class Conflict:
-    """Same operation id, different payload: a key-reuse conflict. Never applied."""
-
-    record: Record
-
-
-@dataclass(frozen=True, slots=True)
-class Quarantined:
-    """The operation itself is quarantined; deliveries of it are completed without running until
-    it is redriven."""
-
-    record: Record
-
-
-ClaimOutcome = Acquired | InFlight | AlreadyDone | Conflict | Quarantined
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimRequest:
-    key: OpKey
-    fingerprint: str
-    owner: str
-    lease: float
-    #: the holder will call :meth:`Ledger.mark_started` right before its effect starts (unkeyed
-    #: effects): until it does, the attempt is recorded as not started, so a claim that takes it
-    #: over after a crash learns ``previous_started=False``. Honoured by ``claim_many`` only.
-    marks_start: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class QuarantineRequest:
-    """One message (or operation) set aside, with enough to decide later what to do with it."""
-
-    scope: str
-    reason: QuarantineReason
-    operation_id: str | None = None
-    fingerprint: str | None = None
-    risk: EffectRisk = EffectRisk.NEVER_CLAIMED
-    attempts: int = 0
-    detail: str = ""
-    message: bytes | None = None
-    content_type: str | None = None
-    #: extra identity for messages that could not be decoded: what the transport said about them
-    #: (the raw operation-id header, content type), stable across redeliveries of one message
-    identity: str = ""
-    #: the operation's first publish time (kept so a redrive can be checked against the horizon)
-    published_at: float | None = None
-
-    def entry_id(self) -> str:
-        """Stable id: the same message quarantined twice for the same reason is one entry.
-
-        Without an operation id or fingerprint (bad input), the message bytes and ``identity``
-        identify it, so two different bad messages with equal bodies stay two entries.
-        """
-        h = hashlib.sha256()
-        for part in (
-            self.scope,
-            self.reason.value,
-            self.operation_id or "",
-            self.fingerprint or hashlib.sha256(self.message or b"").hexdigest(),
-            self.identity,
-        ):
-            h.update(part.encode("utf-8", "surrogatepass"))
-            h.update(b"\x00")
-        return h.hexdigest()[:32]
-
-    def capped_message(self) -> bytes | None:
-        return None if self.message is None else self.message[:MAX_QUARANTINE_COPY]
-
-    def storable(self) -> QuarantineRequest:
-        """This request with its free text (``detail``, ``content_type``) made storable by
-        :func:`storable_text`: what every backend writes. ``identity`` is only hashed into
-        :meth:`entry_id` (never stored) and the message is stored as bytes, so both stay as
-        they are; so does the entry id."""
-        detail, ctype = storable_text(self.detail), storable_text(self.content_type)
-        if detail is self.detail and ctype is self.content_type:
-            return self
-        return replace(self, detail=detail, content_type=ctype)
-
-
-@dataclass(frozen=True, slots=True)
-class QuarantineEntry:
-    id: str
-    scope: str
-    reason: QuarantineReason
-    operation_id: str | None
-    fingerprint: str | None
-    risk: EffectRisk
-    attempts: int
-    first_detail: str
-    last_detail: str
-    message: bytes | None
-    content_type: str | None
-    created_at: float
-    updated_at: float
-    seen: int
-    published_at: float | None = None
-    #: length of the original message; larger than ``len(message)`` when the copy was capped
-    message_size: int = 0
-    redriven_at: float | None = None
-    redrives: int = 0
-
-    @property
-    def truncated(self) -> bool:
-        return self.message is not None and self.message_size > len(self.message)
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerSummary:
-    """What ``replaysafe inspect`` shows about a ledger."""
-
-    now: float
-    #: operation records by state
-    by_state: dict[str, int]
-    #: in-flight records whose lease has expired: crashed or stalled holders, outcome unknown
-    #: until a redelivery claims them again (the open ambiguity the ledger can see)
-    expired_leases: int
-    #: claim time of the oldest in-flight record (``updated_at``, which an extend leaves alone:
-    #: a handler kept alive by its heartbeat still shows how long it has been running)
-    oldest_in_flight_at: float | None
-    #: operations with the most attempts (retried or recovered the most), most first
-    hot_operations: list[tuple[OpKey, int]]
-    quarantined_by_reason: dict[str, int]
-    #: completions in the hour before ``now`` (the rate for the size projection)
-    completed_last_hour: int
-    #: storage used by the ledger's records, where the backend can measure it
-    approx_bytes: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class PauseState:
-    """A paused handler, as the ledger records it (``Ledger.paused``)."""
-
-    handler: str
-    #: why it was paused (free text from the operator; may be empty)
-    reason: str
-    #: who paused it (free text: a user, a tool; may be empty)
-    by: str
-    #: when it was paused, by the ledger's clock (POSIX seconds)
-    since: float
 
 
 class Transaction(ABC):
@@ -555,209 +355,3 @@ class TransactionalLedger(LedgerBackend):
     async def complete_in(self, tx: Transaction, claim: Claim, result: str | None = None) -> None:
         """Mark the claim complete inside ``tx``: the ledger row commits with the business rows.
         Raises ``LeaseLost`` (and the caller must roll back) when the token is stale."""
-
-
-def decide_claim(
-    existing: Record | None,
-    key: OpKey,
-    fingerprint: str,
-    owner: str,
-    lease: float,
-    now: float,
-    next_token: int,
-    marks_start: bool = False,
-) -> tuple[ClaimOutcome, Record | None]:
-    """The claim transition as a pure function: ``(outcome, record to write or None)``.
-
-    Backends that can read-decide-write atomically (memory under a lock, SQLite under
-    ``BEGIN IMMEDIATE``) share this one implementation of the state machine. ``next_token`` is only
-    used (and must only be consumed) when the outcome is ``Acquired``. ``marks_start``: see
-    :attr:`ClaimRequest.marks_start`.
-    """
-    if existing is None:
-        rec = Record(
-            key,
-            fingerprint,
-            State.IN_FLIGHT,
-            next_token,
-            owner,
-            now + lease,
-            1,
-            None,
-            None,
-            now,
-            now,
-            unstarted_attempt=1 if marks_start else None,
-        )
-        return Acquired(Claim(key, fingerprint, next_token, owner, now + lease, 1)), rec
-    if existing.fingerprint != fingerprint:
-        return Conflict(existing), None
-    if existing.state is State.COMPLETED:
-        return AlreadyDone(existing), None
-    if existing.state is State.QUARANTINED:
-        return Quarantined(existing), None
-    if existing.state is State.IN_FLIGHT and not lease_expired(existing, now):
-        return InFlight(existing), None
-    recovered = existing.state is State.IN_FLIGHT  # lease expired without complete or release
-    started = previous_started(existing)
-    attempt = existing.attempts + 1
-    rec = Record(
-        key,
-        fingerprint,
-        State.IN_FLIGHT,
-        next_token,
-        owner,
-        now + lease,
-        attempt,
-        None,
-        existing.last_error,
-        existing.created_at,
-        now,
-        # a takeover of an attempt that may have started stays "may have started" whatever this
-        # attempt does: the effect of that earlier attempt is still unknown
-        unstarted_attempt=attempt if marks_start and not (recovered and started) else None,
-    )
-    claim = Claim(key, fingerprint, next_token, owner, now + lease, attempt, recovered, started)
-    return Acquired(claim), rec
-
-
-def previous_started(existing: Record) -> bool:
-    """For a claim taking over ``existing``: False only when ``existing`` is in flight and its
-    holder claimed with ``marks_start`` and never marked the effect started."""
-    return not (
-        existing.state is State.IN_FLIGHT
-        and existing.unstarted_attempt is not None
-        and existing.unstarted_attempt == existing.attempts
-    )
-
-
-def entry_from_row(row: Sequence[Any]) -> QuarantineEntry:
-    """A quarantine entry from a SQL row in the column order the SQL backends share."""
-    return QuarantineEntry(
-        id=row[0],
-        scope=row[1],
-        reason=QuarantineReason(row[2]),
-        operation_id=row[3],
-        fingerprint=row[4],
-        risk=EffectRisk(row[5]),
-        attempts=row[6],
-        first_detail=row[7],
-        last_detail=row[8],
-        message=None if row[9] is None else bytes(row[9]),
-        content_type=row[10],
-        created_at=row[11],
-        updated_at=row[12],
-        seen=row[13],
-        published_at=row[14],
-        message_size=row[15],
-        redriven_at=row[16],
-        redrives=row[17],
-    )
-
-
-def merge_quarantine(
-    old: QuarantineEntry | None, request: QuarantineRequest, now: float
-) -> QuarantineEntry:
-    """The entry after quarantining ``request``: a new one, or ``old`` seen once more (the first
-    detail, message copy and publish time are kept; attempts only grow)."""
-    if old is None:
-        return QuarantineEntry(
-            request.entry_id(), request.scope, request.reason, request.operation_id,
-            request.fingerprint, request.risk, request.attempts, request.detail, request.detail,
-            request.capped_message(), request.content_type, now, now, 1, request.published_at,
-            len(request.message or b""),
-        )  # fmt: skip
-    return replace(
-        old,
-        attempts=max(old.attempts, request.attempts),
-        risk=request.risk,
-        last_detail=request.detail,
-        updated_at=now,
-        seen=old.seen + 1,
-    )
-
-
-def check_fence(existing: Record | None, claim: Claim) -> Record:
-    """Return the record if ``claim`` is its current holder, else raise ``LeaseLost``."""
-    if existing is None or existing.state is not State.IN_FLIGHT or existing.token != claim.token:
-        state = "missing" if existing is None else f"{existing.state.value}, token {existing.token}"
-        raise LeaseLost(
-            f"claim on {claim.key.scope}/{claim.key.operation_id} with fencing token "
-            f"{claim.token} is stale (record is {state}); do not complete at the broker, the "
-            "current holder owns the outcome"
-        )
-    return existing
-
-
-def lease_expired(record: Record, now: float) -> bool:
-    return record.state is State.IN_FLIGHT and (record.lease_until or 0.0) <= now
-
-
-def check_handler_name(handler: object) -> str:
-    """``handler`` if it can name a handler in the ledger's control flags, else
-    ``ConfigurationError``: a non-empty string of at most :data:`MAX_HANDLER_NAME` UTF-8 bytes
-    without control characters (every backend stores exactly this)."""
-    if (
-        not isinstance(handler, str)
-        or not handler
-        or len(handler.encode("utf-8", "surrogatepass")) > MAX_HANDLER_NAME
-        or any(ord(ch) < 32 or 0x7F <= ord(ch) < 0xA0 or 0xD800 <= ord(ch) < 0xE000
-               for ch in handler)
-    ):  # fmt: skip
-        raise ConfigurationError(
-            f"handler name {handler!r} cannot be paused or resumed: use the handler's registered "
-            f"name (1-{MAX_HANDLER_NAME} bytes, no control characters); "
-            "`replaysafe handler list MODULE:APP` shows them"
-        )
-    return handler
-
-
-#: what no store can hold in a text column: NUL (PostgreSQL refuses it, SQLite's SQL functions
-#: stop at it) and lone surrogates (no UTF-8 encoding: the drivers raise before sending)
-_UNSTORABLE: Final = re.compile("[\x00\ud800-\udfff]")
-
-
-def _escape_unstorable(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    if 0xDC80 <= code <= 0xDCFF:
-        # surrogateescape's stand-in for a byte that was not UTF-8: show the byte itself
-        return f"\\x{code - 0xDC00:02x}"
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
-@overload
-def storable_text(text: str) -> str: ...
-@overload
-def storable_text(text: None) -> None: ...
-
-
-def storable_text(text: str | None) -> str | None:
-    """``text`` as every ledger stores free text that comes from outside (content types,
-    details, error texts, pause reasons): unchanged unless it holds a NUL or a lone surrogate,
-    each of which becomes a backslash escape (``\\x00``; ``\\xff`` for a byte that was not
-    UTF-8 and reached Python as a ``surrogateescape`` surrogate; ``\\ud800`` for any other lone
-    surrogate). None stays None.
-
-    One-way on purpose: the stored text is what an operator reads (``quarantine show``,
-    ``inspect``), identical on every backend, and valid in every store's text columns. Keys
-    (scope, operation id), fingerprints, owners and results are never escaped (an escape could
-    make two keys one): a backend that cannot hold one verbatim refuses it with
-    ``LedgerDataError``."""
-    if text is None or (text.isascii() and "\x00" not in text):  # the common case: no regex
-        return text
-    return _UNSTORABLE.sub(_escape_unstorable, text)
-
-
-def pause_text(text: str) -> str:
-    """``text`` made storable (:func:`storable_text`) and cut to at most
-    :data:`MAX_PAUSE_TEXT` UTF-8 bytes (never inside a character)."""
-    raw = storable_text(text).encode("utf-8")[:MAX_PAUSE_TEXT]
-    return raw.decode("utf-8", "ignore")
-
-
-def unknown_entry(entry_id: str) -> LedgerError:
-    """What ``redrive`` raises for an entry id the ledger does not hold (every backend)."""
-    return LedgerError(
-        f"no quarantine entry {entry_id!r} (never quarantined, or purged); list the entries with "
-        "`replaysafe quarantine list`"
-    )

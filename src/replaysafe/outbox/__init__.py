@@ -20,8 +20,8 @@ from replaysafe.outbox.base import (
     OutboxStore,
     Skip,
 )
-from replaysafe.outbox.postgres import PostgresOutboxStore
 from replaysafe.outbox.relay import Relay
+from replaysafe.stores.postgres._outbox import PostgresOutboxStore
 from replaysafe.stores.sqlite._outbox import SQLiteOutboxStore
 
 __all__ = [

@@ -145,9 +145,13 @@ class SQLiteOutboxStore(OutboxStore):
     """The outbox in ``ledger``'s SQLite file (see the module docstring).
 
     ``limits`` are what every staged envelope must pass: use the consumers' limits.
+    ``owns_ledger``: :meth:`close` closes the ledger too (set by :meth:`from_url`, which opens
+    one of its own).
     """
 
-    def __init__(self, ledger: SQLiteLedger, *, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self, ledger: SQLiteLedger, *, limits: Limits = DEFAULT_LIMITS, owns_ledger: bool = False
+    ) -> None:
         if not isinstance(ledger, SQLiteLedger):
             raise ConfigurationError(
                 f"SQLiteOutboxStore needs the SQLiteLedger whose file it shares, got "
@@ -156,6 +160,19 @@ class SQLiteOutboxStore(OutboxStore):
         self._ledger = ledger
         self.limits = limits
         self._migrated = False
+        self._owns_ledger = owns_ledger
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> SQLiteOutboxStore:
+        """The outbox in the SQLite file ``sqlite:PATH`` names (``open_outbox``), on a ledger of
+        its own (``SQLiteLedger.from_url``: the same options) that :meth:`close` closes."""
+        return cls(SQLiteLedger.from_url(url, **options), owns_ledger=True)
+
+    async def close(self) -> None:
+        """Close the ledger when this store opened it (:meth:`from_url`); else nothing: the
+        ledger is its owner's."""
+        if self._owns_ledger:
+            await self._ledger.close()
 
     @property
     def ledger(self) -> SQLiteLedger:

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, TypeVar
 
+from replaysafe._url import take_options
 from replaysafe.errors import ConfigurationError, LedgerError
 from replaysafe.ledger.base import Claim, Transaction, TransactionalLedger
 from replaysafe.stores.sqlite.admin import SQLiteAdmin
@@ -62,6 +63,10 @@ class SQLiteTransaction(Transaction):
         return f"SQLiteTransaction({self._ledger.path!r}, open={self._open})"
 
 
+#: the query parameters of ``sqlite:PATH?…``, as the constructor takes them
+_URL_OPTIONS = {"synchronous": str, "busy_timeout": float}
+
+
 class SQLiteLedger(
     SQLiteClaims, SQLiteQuarantine, SQLiteControls, SQLiteAdmin, TransactionalLedger
 ):
@@ -73,6 +78,21 @@ class SQLiteLedger(
     :meth:`complete_in`, not network calls. Calling this ledger's other methods from *inside* its
     own transaction, in the same task, raises ``ConfigurationError`` instead of deadlocking.
     """
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> SQLiteLedger:
+        """The ledger ``sqlite:PATH`` names (``open_ledger``): the file at PATH, created on first
+        use. ``?synchronous=FULL|NORMAL|…&busy_timeout=SECONDS`` in the URL or as keywords
+        (keywords win; ``clock`` only as a keyword). An unknown parameter is refused."""
+        rest, found = take_options(url, _URL_OPTIONS, what="SQLite ledger")
+        path, query, unknown = rest.removeprefix("sqlite:").partition("?")
+        if query or not path:
+            raise ConfigurationError(
+                f"SQLite ledger URL {url!r}: "
+                + (f"unknown parameter(s) {unknown!r}; known: {', '.join(_URL_OPTIONS)}"
+                   if query else "sqlite:PATH needs the path of the ledger file")
+            )  # fmt: skip
+        return cls(path, **{**found, **options})
 
     # ------------------------------------------------------------------ transactions
 
