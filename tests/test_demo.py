@@ -110,3 +110,6 @@ def test_chaos_preset_demo_refuses_matrix_options() -> None:
     result = CliRunner().invoke(main, ["chaos", "--preset", "demo", "--fault", "poison"])
     assert result.exit_code != 0
     assert "--fault" in result.output
+    result = CliRunner().invoke(main, ["chaos", "--preset", "demo", "--broker", "nats"])
+    assert result.exit_code != 0
+    assert "not nats" in result.output

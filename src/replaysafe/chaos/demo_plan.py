@@ -17,6 +17,7 @@ from replaysafe import observe as o
 from replaysafe.app import App, Context, RetryPolicy
 from replaysafe.brokers.base import Broker, RedeliveryKind
 from replaysafe.brokers.memory import MemoryBroker
+from replaysafe.chaos.ledgers import drop_ledger, ledger_from_spec
 from replaysafe.envelope import Envelope, operation_id
 from replaysafe.errors import PublishAmbiguous
 from replaysafe.failpoints import Failpoints
@@ -241,15 +242,11 @@ def ledger_conf(spec: str, workdir: Path, name: str, tag: str) -> dict[str, Any]
 
 def open_demo_ledger(conf: Mapping[str, Any]) -> LedgerBackend:
     """The in-process ledger of ``conf``."""
-    from replaysafe.chaos.harness import ledger_from_spec
-
     return ledger_from_spec(dict(conf))
 
 
 async def drop_demo_ledger(ledger: LedgerBackend, conf: Mapping[str, Any]) -> None:
     """Close the ledger and remove the run's schema or keys (the demo leaves nothing behind)."""
-    from replaysafe.chaos.harness import drop_ledger
-
     await drop_ledger(ledger, dict(conf))
 
 
