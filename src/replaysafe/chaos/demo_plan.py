@@ -10,7 +10,7 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from replaysafe import failpoints as fp
 from replaysafe import observe as o
@@ -25,9 +25,6 @@ from replaysafe.guarantees import Effect, Guarantee
 from replaysafe.ledger.base import LedgerBackend
 from replaysafe.observe import Stats
 from replaysafe.testing import EffectProbe
-
-if TYPE_CHECKING:
-    pass
 
 SOURCE = "payments"
 DOWNSTREAM = "payments-api"
