@@ -122,8 +122,8 @@ async def run_guarantee(
                                      workers=workers, lease=lease, ledger_spec=ledger_spec,
                                      time_limit=time_limit)  # fmt: skip
     return await run_processes(guarantee, orders=orders, seed=seed, workdir=workdir,
-                                workers=workers, broker_url=broker_url, ledger_spec=ledger_spec,
-                                time_limit=time_limit)  # fmt: skip
+                               workers=workers, broker_url=broker_url, ledger_spec=ledger_spec,
+                               time_limit=time_limit)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- memory broker
