@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -91,3 +92,24 @@ def test_demo_table_names_where_replay_stops_hurting() -> None:
 def test_demo_refuses_too_few_orders(orders: str) -> None:
     result = CliRunner().invoke(main, ["demo", "--orders", orders])
     assert result.exit_code != 0
+
+
+def test_chaos_preset_demo_is_the_demo(tmp_path: Path) -> None:
+    """``replaysafe chaos --preset demo`` runs what ``replaysafe demo`` runs (one implementation)
+    and prints its report; ``--json PATH`` writes the demo's JSON."""
+    out = tmp_path / "demo.json"
+    result = CliRunner().invoke(
+        main, ["chaos", "--preset", "demo", "--ops", "60", "--seed", "3", "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "Where replay stops hurting" in result.output
+    assert json.loads(out.read_text()) == run_json("--orders", "60", "--seed", "3")
+
+
+def test_chaos_preset_demo_refuses_matrix_options() -> None:
+    result = CliRunner().invoke(main, ["chaos", "--preset", "demo", "--fault", "poison"])
+    assert result.exit_code != 0
+    assert "--fault" in result.output
+    result = CliRunner().invoke(main, ["chaos", "--preset", "demo", "--broker", "nats"])
+    assert result.exit_code != 0
+    assert "not nats" in result.output

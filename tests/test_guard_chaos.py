@@ -41,7 +41,7 @@ import pytest
 from replaysafe.chaos.app import create_effects_table
 from replaysafe.chaos.checker import Flag, Published, RunResult, check, pass_bar
 from replaysafe.chaos.guard_consumer import read_journals
-from replaysafe.chaos.harness import _read_effect_rows
+from replaysafe.chaos.ledgers import _read_effect_rows
 from replaysafe.chaos.sink import EffectSink, payload_fingerprint
 from replaysafe.envelope import canonical_json
 from replaysafe.ledger.postgres import PostgresLedger

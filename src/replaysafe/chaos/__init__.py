@@ -4,8 +4,9 @@ See ``docs/chaos.md``. Entry points: :func:`run_matrix` (``replaysafe chaos``), 
 :class:`~replaysafe.chaos.sink.EffectSink`, and :func:`~replaysafe.chaos.checker.check`.
 """
 
+from replaysafe.chaos.cells import FAULTS, ChaosConfig, Matrix, default_cells
 from replaysafe.chaos.checker import Flag, Published, RunResult, check, contrast_bar, pass_bar
-from replaysafe.chaos.harness import FAULTS, ChaosConfig, Matrix, default_cells, run_matrix
+from replaysafe.chaos.harness import run_matrix
 from replaysafe.chaos.sink import Attempt, EffectSink, call_sink
 
 __all__ = [

@@ -20,11 +20,15 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from replaysafe.chaos.app import build_app, hits, mark_once
+from replaysafe.chaos.cells import SQS_OVERLAP_VISIBILITY
+from replaysafe.chaos.ledgers import ledger_nemesis
+from replaysafe.chaos.publish import broker_from_conf, envelopes_for, produce
+from replaysafe.chaos.settle import second_phase, wait_settled
 from replaysafe.failpoints import Failpoints
 
 if TYPE_CHECKING:
     from replaysafe.brokers.base import Broker
-    from replaysafe.chaos.harness import RunContext
+    from replaysafe.chaos.settle import RunContext
 
 #: restarts allowed per run at least (a crash loop must end); scaled with the targets
 MAX_RESTARTS = 200
@@ -32,7 +36,7 @@ MAX_RESTARTS = 200
 
 class Pool:
     """The run's worker processes: ``python -m MODULE SPEC.json`` each (``module``: the chaos
-    worker by default; the demo runs its own)."""
+    worker, for a matrix cell and for the demo preset alike)."""
 
     module = "replaysafe.chaos.worker"
 
@@ -112,8 +116,6 @@ async def _setup(ctx: RunContext, admin: Broker) -> None:
     if kind == "rabbitmq":
         await admin.declare(spec.source, [spec.group])  # type: ignore[attr-defined]
     elif kind == "sqs":
-        from replaysafe.chaos.harness import SQS_OVERLAP_VISIBILITY
-
         vis = (
             SQS_OVERLAP_VISIBILITY
             if spec.fault == "visibility_overlap"
@@ -177,15 +179,6 @@ def broker_options(kind: str, url: str) -> dict[str, Any]:
 
 
 async def process_run(ctx: RunContext) -> None:
-    from replaysafe.chaos.harness import (
-        broker_from_conf,
-        envelopes_for,
-        ledger_nemesis,
-        produce,
-        second_phase,
-        wait_settled,
-    )
-
     spec = ctx.spec
     spec.in_process = False
     kind = spec.broker["kind"]

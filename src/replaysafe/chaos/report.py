@@ -20,7 +20,7 @@ from replaysafe.chaos.checker import RunResult, pass_bar
 from replaysafe.errors import MissingExtra
 
 if TYPE_CHECKING:
-    from replaysafe.chaos.harness import Matrix
+    from replaysafe.chaos.cells import Matrix
 
 
 def write_json(matrix: Matrix, path: str | Path) -> None:

@@ -1,4 +1,5 @@
-"""A chaos worker process: ``python -m replaysafe.chaos.worker SPEC.json``.
+"""A chaos worker process: ``python -m replaysafe.chaos.worker SPEC.json`` (a matrix cell, or the
+demo preset: :mod:`replaysafe.chaos.demo_worker`).
 
 Runs the real runtime (one :class:`~replaysafe.runtime.worker.Worker`) for the chaos app of one
 run, against a real broker and ledger, with the run's fault armed (``exit`` is ``os._exit``: the
@@ -10,12 +11,16 @@ end of the run.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import sys
 from pathlib import Path
 
 from replaysafe.chaos.app import RecordingBroker, RunSpec, arm, build_app, close_quietly, relayed
+from replaysafe.chaos.demo_worker import demo_worker_main
+from replaysafe.chaos.ledgers import ledger_from_spec
+from replaysafe.chaos.publish import broker_from_conf, normalise_broker_url
 from replaysafe.failpoints import Failpoints
 from replaysafe.runtime.worker import Worker
 from replaysafe.testing.netcut import CutRelay
@@ -26,8 +31,7 @@ def load_spec(path: str) -> RunSpec:
 
 
 async def main(spec_path: str) -> None:
-    from replaysafe.chaos.harness import broker_from_conf, ledger_from_spec, normalise_broker_url
-
+    """One worker process of a matrix cell (its :class:`RunSpec` at ``spec_path``)."""
     spec = load_spec(spec_path)
     failpoints = Failpoints()
     relay: CutRelay | None = None
@@ -55,4 +59,7 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(process)d %(message)s")
     if len(sys.argv) != 2:
         sys.exit("usage: python -m replaysafe.chaos.worker SPEC.json")
-    asyncio.run(main(sys.argv[1]))
+    doc = json.loads(Path(sys.argv[1]).read_text())
+    # one worker process for every chaos run: a matrix cell's spec, or the demo preset's
+    # (``{"run": ..., "kills": ...}``)
+    asyncio.run(demo_worker_main(doc) if "kills" in doc else main(sys.argv[1]))

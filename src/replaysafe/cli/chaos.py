@@ -26,7 +26,16 @@ def _names(value: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:
     return names
 
 
+#: options a preset runs without: it brings its own scenario (every guarantee, its own faults)
+PRESET_IGNORES = ("effect", "guarantee", "fault", "cells", "parallel", "run_timeout", "html_path")
+
+
 @click.command("chaos")
+@click.option("--preset", type=click.Choice(["demo"]), default=None,
+              help="Run a named scenario instead of the matrix. demo: the double-charge chain "
+                   "of `replaysafe demo` (--ops orders, default 1000; --workers, default 8; "
+                   "--seed; --broker/--broker-url; --ledger/--ledger-url; --json PATH) and "
+                   "its report.")  # fmt: skip
 @click.option("--broker", type=click.Choice(["memory", "rabbitmq", "sqs", "kafka", "nats"]),
               default="memory", show_default=True)  # fmt: skip
 @click.option("--broker-url", default=None,
@@ -74,19 +83,23 @@ def chaos_command(
     run_timeout: float,
     json_path: str | None,
     html_path: str | None,
+    preset: str | None,
 ) -> None:
     """Break things on purpose and count what the downstream saw.
 
     Exit status 1 when a run misses the pass bar or is invalid (its fault never hit)."""
-    from replaysafe.chaos.checker import contrast_bar, pass_bar
-    from replaysafe.chaos.harness import (
+    if preset == "demo":
+        _run_demo_preset(broker, broker_url, ledger, ledger_url, ops, workers, seed, json_path)
+        return
+    from replaysafe.chaos.cells import (
         EFFECTS,
         FAULTS,
         GUARANTEES,
         ChaosConfig,
         default_cells,
-        run_matrix,
     )
+    from replaysafe.chaos.checker import contrast_bar, pass_bar
+    from replaysafe.chaos.harness import run_matrix
 
     cfg = ChaosConfig(
         broker=broker,
@@ -137,3 +150,52 @@ def chaos_command(
                err=True)  # fmt: skip
     if problems:
         sys.exit(1)
+
+
+def _run_demo_preset(
+    broker: str,
+    broker_url: str | None,
+    ledger: str,
+    ledger_url: str | None,
+    ops: int,
+    workers: int,
+    seed: int,
+    json_path: str | None,
+) -> None:
+    """``--preset demo``: what ``replaysafe demo`` runs, with the matrix's options mapped onto
+    the demo's (``--ops`` and ``--workers`` keep the demo's defaults unless given); an option
+    that only shapes the matrix is refused rather than silently ignored."""
+    from click.core import ParameterSource
+
+    from replaysafe.chaos.demo import sqs_url
+    from replaysafe.cli.demo import DEMO_BROKERS, DEMO_LEDGERS, run_preset
+
+    ctx = click.get_current_context()
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) is not ParameterSource.DEFAULT
+
+    ignored = [f"--{n.removesuffix('_path').replace('_', '-')}" for n in PRESET_IGNORES if given(n)]
+    if ignored:
+        raise click.UsageError(
+            f"--preset demo runs its own scenario (every guarantee, its own faults); drop "
+            f"{', '.join(ignored)}, or run the matrix without --preset"
+        )
+    if broker not in DEMO_BROKERS:
+        raise click.UsageError(
+            f"--preset demo runs on {', '.join(sorted(DEMO_BROKERS))}, not {broker}: its "
+            f"broker faults are defined for those; run the matrix on {broker} without --preset"
+        )
+    url = broker_url
+    if url is not None and broker == "sqs" and url.startswith("http://"):
+        url = sqs_url(url)  # the matrix's plain endpoint, as the demo's SQS URL
+    elif url is not None and broker == "kafka" and "://" not in url:
+        url = f"kafka://{url}"
+    run_preset(
+        orders=ops if given("ops") else 1000,
+        seed=seed,
+        workers=workers if given("workers") else 8,
+        broker_url=url or DEMO_BROKERS[broker],
+        ledger_spec=ledger_url or DEMO_LEDGERS[ledger],
+        json_path=json_path,
+    )

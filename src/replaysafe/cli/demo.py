@@ -1,9 +1,13 @@
-"""`replaysafe demo`: replay the double-charge chain under each guarantee and print what it cost."""
+"""`replaysafe demo`: replay the double-charge chain under each guarantee and print what it cost.
+
+An alias of ``replaysafe chaos --preset demo``: both run the chaos harness's demo preset
+(:mod:`replaysafe.chaos.demo`) through :func:`run_preset` and print its report."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -71,15 +75,33 @@ def demo_command(
     ledger: str, dsn: str | None,
 ) -> None:  # fmt: skip
     """Replay the double-charge chain under each guarantee (default: memory broker + SQLite)."""
-    from replaysafe.demo import STATEMENTS, demo_json, run_demo
+    run_preset(orders=orders, seed=seed, workers=workers, broker_url=url or DEMO_BROKERS[broker],
+               ledger_spec=dsn or DEMO_LEDGERS[ledger], as_json=as_json)  # fmt: skip
 
-    broker_url = url or DEMO_BROKERS[broker]
-    ledger_spec = dsn or DEMO_LEDGERS[ledger]
+
+def run_preset(
+    *,
+    orders: int,
+    seed: int,
+    workers: int,
+    broker_url: str,
+    ledger_spec: str,
+    as_json: bool = False,
+    json_path: str | None = None,
+) -> None:
+    """Run the demo preset and print its report: the JSON only (``as_json``), else the table per
+    guarantee and where replay stops hurting; ``json_path`` also writes the JSON there. A
+    ``ReplaysafeError`` becomes the command's error message."""
+    from replaysafe.chaos.demo import STATEMENTS, demo_json, run_demo
+
     try:
         results = asyncio.run(run_demo(orders=orders, seed=seed, workers=workers,
                                        broker_url=broker_url, ledger_spec=ledger_spec))  # fmt: skip
     except ReplaysafeError as exc:
         raise click.ClickException(str(exc)) from exc
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(demo_json(orders, seed, results), indent=2) + "\n")
     if as_json:
         click.echo(json.dumps(demo_json(orders, seed, results)))
         return

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from replaysafe.app import App
 from replaysafe.brokers.memory import MemoryBroker
-from replaysafe.demo import build_app
+from replaysafe.chaos.demo import build_app
 from replaysafe.guarantees import Guarantee
 from replaysafe.ledger.sqlite import SQLiteLedger
 from replaysafe.testing import EffectProbe
