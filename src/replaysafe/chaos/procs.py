@@ -173,8 +173,13 @@ def broker_options(kind: str, url: str) -> dict[str, Any]:
         return {"wait_time": 1, "delete_window": 0.02}
     if kind == "nats":
         # the stream's Nats-Msg-Id window would drop redrive_applied's re-publish (identical to
-        # the original, seconds later): keep the window shorter than a run's first phase
-        return {"fetch_wait": 0.5, "duplicate_window": 1.0}
+        # the original, seconds later): keep the window shorter than a run's first phase.
+        # max_deliver: JetStream counts every delivery, also those answered "in flight
+        # elsewhere" (a live lease) and those a killed worker held unseen, so a poison copy
+        # spent the default 10 before the ledger's attempts reached max_attempts and was
+        # dead-lettered by the broker, unquarantined (CI, 2026-12-08): the ledger's budget must
+        # be the one that runs out first
+        return {"fetch_wait": 0.5, "duplicate_window": 1.0, "max_deliver": 50}
     return {}
 
 
