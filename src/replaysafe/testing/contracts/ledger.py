@@ -72,9 +72,200 @@ from replaysafe.testing.contracts.controls import HandlerControlsContract
 from replaysafe.testing.contracts.quarantine import QuarantineStoreContract
 
 
-class LedgerContract(LedgerFixtures):
+class LedgerBatchCases(LedgerFixtures):
+    """The claim role's batch forms and effect-start marks (``claim_many``, ``mark_started``,
+    ``complete_many``): part of :class:`LedgerContract`."""
+
+    async def test_claim_many_equals_the_single_form(
+        self, ledger: LedgerBackend, clock: FakeClock
+    ) -> None:
+        def keys(scope: str) -> list[OpKey]:
+            return [OpKey(scope, f"op-{i}") for i in range(6)]
+
+        # identical history in two scopes; then the same requests, batched in one, single in other
+        for scope in ("batch", "single"):
+            k = keys(scope)
+            await ledger.complete(await acquire(ledger, k[2], self.lease), "r2")
+            await ledger.complete(await acquire(ledger, k[3], self.lease), "r3")
+            await ledger.quarantine(
+                self._request(QuarantineReason.NON_RETRYABLE_ERROR, operation_id=f"{scope}-4"),
+                await acquire(ledger, k[4], self.lease),
+            )
+            await ledger.release(await acquire(ledger, k[5], self.lease))
+            await acquire(ledger, OpKey(scope, "expired"), self.lease)
+        await self.expire(clock)
+
+        def requests(scope: str) -> list[ClaimRequest]:
+            k = keys(scope)
+            lease = self.lease
+            return [
+                ClaimRequest(k[0], FP, "w1", lease),  # new -> Acquired
+                ClaimRequest(k[1], FP, "w1", lease),  # new -> Acquired
+                ClaimRequest(k[0], FP, "w2", lease),  # repeated in the batch -> InFlight
+                ClaimRequest(k[2], OTHER_FP, "w1", lease),  # Conflict
+                ClaimRequest(k[3], FP, "w1", lease),  # AlreadyDone
+                ClaimRequest(k[4], FP, "w1", lease),  # Quarantined
+                ClaimRequest(k[5], FP, "w1", lease),  # released -> Acquired, attempt 2
+                ClaimRequest(OpKey(scope, "expired"), FP, "w2", lease),  # recovered
+            ]
+
+        batch = await ledger.claim_many(requests("batch"))
+        single = [
+            await ledger.claim(r.key, r.fingerprint, r.owner, r.lease) for r in requests("single")
+        ]
+        assert [shape(o) for o in batch] == [shape(o) for o in single]
+        assert [type(o) for o in batch] == [
+            Acquired,
+            Acquired,
+            InFlight,
+            Conflict,
+            AlreadyDone,
+            Quarantined,
+            Acquired,
+            Acquired,
+        ]
+        tokens = [o.claim.token for o in batch if isinstance(o, Acquired)]
+        assert all(a < b for a, b in itertools.pairwise(tokens)), tokens
+        for kb, ks in zip(keys("batch"), keys("single"), strict=True):
+            assert shape(await must_get(ledger, kb)) == shape(await must_get(ledger, ks))
+        assert await ledger.claim_many([]) == []
+
+    async def test_a_takeover_learns_whether_the_previous_holder_started_its_effect(
+        self, ledger: LedgerBackend, clock: FakeClock
+    ) -> None:
+        started, unstarted = OpKey("orders", "started"), OpKey("orders", "unstarted")
+        unmarked, released = OpKey("orders", "unmarked"), OpKey("orders", "released")
+        s = await self._claim_marking(ledger, started)
+        await self._claim_marking(ledger, unstarted)
+        await acquire(ledger, unmarked, self.lease)  # claimed without marks_start
+        await ledger.release(await self._claim_marking(ledger, released))
+        assert (await must_get(ledger, unstarted)).unstarted_attempt == 1
+        assert (await must_get(ledger, unmarked)).unstarted_attempt is None
+        assert await ledger.mark_started([s]) == [s]
+        assert (await must_get(ledger, started)).unstarted_attempt is None
+        await self.expire(clock)
+        # read back on recovery, whatever the new claim itself declares (the single form too)
+        [a, b] = await ledger.claim_many(
+            [
+                ClaimRequest(started, FP, "w2", self.lease, True),
+                ClaimRequest(unstarted, FP, "w2", self.lease),
+            ]
+        )
+        c = await ledger.claim(unmarked, FP, "w2", self.lease)
+        d = await ledger.claim(released, FP, "w2", self.lease)
+        assert isinstance(a, Acquired) and isinstance(b, Acquired), (a, b)
+        assert isinstance(c, Acquired) and isinstance(d, Acquired), (c, d)
+        assert (a.claim.recovered, a.claim.previous_started, a.claim.attempt) == (True, True, 2)
+        assert (b.claim.recovered, b.claim.previous_started, b.claim.attempt) == (True, False, 2)
+        # never marked and never declared: it may have started (conservative)
+        assert (c.claim.recovered, c.claim.previous_started) == (True, True)
+        assert d.claim.recovered is False
+        # the takeover's own attempt is "not started" only when nothing before it may have
+        # started and it declared marks_start
+        assert (await must_get(ledger, started)).unstarted_attempt is None
+        assert (await must_get(ledger, unstarted)).unstarted_attempt is None
+        e = await ledger.claim_many(
+            [ClaimRequest(unstarted, FP, "w3", self.lease, True)]
+        )  # not expired: in flight
+        assert isinstance(e[0], InFlight)
+
+    async def test_an_attempt_that_may_have_started_is_never_forgotten(
+        self, ledger: LedgerBackend, clock: FakeClock
+    ) -> None:
+        """Attempt 1 marked its effect started and died; attempt 2 took over and died before
+        marking (before it could even quarantine). Attempt 3 must still learn that an earlier
+        effect may have happened: reading only attempt 2 would re-run a charge that happened."""
+        first = await self._claim_marking(ledger, KEY)
+        await ledger.mark_started([first])
+        await self.expire(clock)
+        second = await self._claim_marking(ledger, KEY, owner="w2")
+        assert (second.recovered, second.previous_started) == (True, True)
+        await self.expire(clock)
+        [third] = await ledger.claim_many([ClaimRequest(KEY, FP, "w3", self.lease, True)])
+        assert isinstance(third, Acquired)
+        assert (third.claim.attempt, third.claim.recovered, third.claim.previous_started) == (
+            3, True, True
+        )  # fmt: skip
+        # while a chain of attempts that never started stays re-runnable
+        other = OpKey("orders", "never-started")
+        await self._claim_marking(ledger, other)
+        await self.expire(clock)
+        again = await self._claim_marking(ledger, other, owner="w2")
+        await self.expire(clock)
+        [last] = await ledger.claim_many([ClaimRequest(other, FP, "w3", self.lease, True)])
+        assert isinstance(last, Acquired) and again.previous_started is False
+        assert (last.claim.attempt, last.claim.previous_started) == (3, False)
+
+    async def test_mark_started_is_fenced_per_claim(
+        self, ledger: LedgerBackend, clock: FakeClock
+    ) -> None:
+        old = await self._claim_marking(ledger, KEY)
+        await self.expire(clock)
+        new = await self._claim_marking(ledger, KEY, owner="w2")
+        other = await self._claim_marking(ledger, OpKey("orders", "other"))
+        [lost] = await ledger.mark_started([old])
+        assert isinstance(lost, LeaseLost)
+        assert (await must_get(ledger, KEY)).unstarted_attempt == 2  # the stale mark wrote nothing
+        out = await ledger.mark_started([old, other, new, other])
+        assert isinstance(out[0], LeaseLost) and out[1:] == [other, new, other]
+        assert (await must_get(ledger, KEY)).unstarted_attempt is None
+        await ledger.complete(other)  # a claim whose attempt ended is stale too
+        [done] = await ledger.mark_started([other])
+        assert isinstance(done, LeaseLost)
+        assert await ledger.mark_started([]) == []
+
+    async def test_a_marking_claim_completes_to_the_record_get_returns(
+        self, ledger: LedgerBackend
+    ) -> None:
+        """``complete`` returns the record as stored also for a claim made with
+        ``marks_start`` (marked or not): ``get`` reads the same record back."""
+        for op, mark in (("never-marked", False), ("marked", True)):
+            claim = await self._claim_marking(ledger, OpKey("orders", op))
+            if mark:
+                await ledger.mark_started([claim])
+            done = await ledger.complete(claim, "r")
+            assert await ledger.get(claim.key) == done
+        claim = await self._claim_marking(ledger, OpKey("orders", "batch"))
+        [in_batch] = await ledger.complete_many([(claim, "r")])
+        assert await ledger.get(claim.key) == in_batch
+
+    async def test_complete_many_equals_the_single_form(
+        self, ledger: LedgerBackend, clock: FakeClock
+    ) -> None:
+        async def setup(scope: str) -> list[tuple[Claim, str | None]]:
+            a = await acquire(ledger, OpKey(scope, "a"), self.lease)
+            stale = await acquire(ledger, OpKey(scope, "b"), self.lease)
+            await ledger.release(stale)
+            await acquire(ledger, OpKey(scope, "b"), self.lease, owner="w2")
+            c = await acquire(ledger, OpKey(scope, "c"), self.lease)
+            return [(a, "ra"), (stale, "rb"), (c, None), (a, "ra-again")]
+
+        batch_items = await setup("batch")
+        single_items = await setup("single")
+        batch = await ledger.complete_many(batch_items)
+        single: list[Record | LeaseLost] = []
+        for claim, result in single_items:
+            try:
+                single.append(await ledger.complete(claim, result))
+            except LeaseLost as exc:
+                single.append(exc)
+        assert [shape(o) for o in batch] == [shape(o) for o in single]
+        assert [type(o) for o in batch] == [Record, LeaseLost, Record, LeaseLost]
+        for name in ("a", "b", "c"):
+            b, s = (
+                await must_get(ledger, OpKey("batch", name)),
+                await must_get(ledger, OpKey("single", name)),
+            )
+            assert shape(b) == shape(s)
+        assert (await must_get(ledger, OpKey("batch", "a"))).result == "ra"
+        assert (await must_get(ledger, OpKey("batch", "b"))).state is State.IN_FLIGHT
+        assert await ledger.complete_many([]) == []
+
+
+class LedgerContract(LedgerBatchCases):
     """Behaviour every :class:`~replaysafe.ledger.base.Ledger` (the claim role) must show: the
-    state machine in :mod:`replaysafe.ledger.base`, fencing, batches, marks."""
+    state machine in :mod:`replaysafe.ledger.base`, fencing, and (:class:`LedgerBatchCases`)
+    batches and marks."""
 
     async def test_unknown_operation_has_no_record(self, ledger: LedgerBackend) -> None:
         assert await ledger.get(KEY) is None
@@ -322,191 +513,6 @@ class LedgerContract(LedgerFixtures):
         tokens.append((await acquire(ledger, keys[1], self.lease, owner="w2")).token)
         tokens.append((await acquire(ledger, OpKey("orders", "op-new"), self.lease)).token)
         assert all(a < b for a, b in itertools.pairwise(tokens)), tokens
-
-    async def test_claim_many_equals_the_single_form(
-        self, ledger: LedgerBackend, clock: FakeClock
-    ) -> None:
-        def keys(scope: str) -> list[OpKey]:
-            return [OpKey(scope, f"op-{i}") for i in range(6)]
-
-        # identical history in two scopes; then the same requests, batched in one, single in other
-        for scope in ("batch", "single"):
-            k = keys(scope)
-            await ledger.complete(await acquire(ledger, k[2], self.lease), "r2")
-            await ledger.complete(await acquire(ledger, k[3], self.lease), "r3")
-            await ledger.quarantine(
-                self._request(QuarantineReason.NON_RETRYABLE_ERROR, operation_id=f"{scope}-4"),
-                await acquire(ledger, k[4], self.lease),
-            )
-            await ledger.release(await acquire(ledger, k[5], self.lease))
-            await acquire(ledger, OpKey(scope, "expired"), self.lease)
-        await self.expire(clock)
-
-        def requests(scope: str) -> list[ClaimRequest]:
-            k = keys(scope)
-            lease = self.lease
-            return [
-                ClaimRequest(k[0], FP, "w1", lease),  # new -> Acquired
-                ClaimRequest(k[1], FP, "w1", lease),  # new -> Acquired
-                ClaimRequest(k[0], FP, "w2", lease),  # repeated in the batch -> InFlight
-                ClaimRequest(k[2], OTHER_FP, "w1", lease),  # Conflict
-                ClaimRequest(k[3], FP, "w1", lease),  # AlreadyDone
-                ClaimRequest(k[4], FP, "w1", lease),  # Quarantined
-                ClaimRequest(k[5], FP, "w1", lease),  # released -> Acquired, attempt 2
-                ClaimRequest(OpKey(scope, "expired"), FP, "w2", lease),  # recovered
-            ]
-
-        batch = await ledger.claim_many(requests("batch"))
-        single = [
-            await ledger.claim(r.key, r.fingerprint, r.owner, r.lease) for r in requests("single")
-        ]
-        assert [shape(o) for o in batch] == [shape(o) for o in single]
-        assert [type(o) for o in batch] == [
-            Acquired,
-            Acquired,
-            InFlight,
-            Conflict,
-            AlreadyDone,
-            Quarantined,
-            Acquired,
-            Acquired,
-        ]
-        tokens = [o.claim.token for o in batch if isinstance(o, Acquired)]
-        assert all(a < b for a, b in itertools.pairwise(tokens)), tokens
-        for kb, ks in zip(keys("batch"), keys("single"), strict=True):
-            assert shape(await must_get(ledger, kb)) == shape(await must_get(ledger, ks))
-        assert await ledger.claim_many([]) == []
-
-    async def test_a_takeover_learns_whether_the_previous_holder_started_its_effect(
-        self, ledger: LedgerBackend, clock: FakeClock
-    ) -> None:
-        started, unstarted = OpKey("orders", "started"), OpKey("orders", "unstarted")
-        unmarked, released = OpKey("orders", "unmarked"), OpKey("orders", "released")
-        s = await self._claim_marking(ledger, started)
-        await self._claim_marking(ledger, unstarted)
-        await acquire(ledger, unmarked, self.lease)  # claimed without marks_start
-        await ledger.release(await self._claim_marking(ledger, released))
-        assert (await must_get(ledger, unstarted)).unstarted_attempt == 1
-        assert (await must_get(ledger, unmarked)).unstarted_attempt is None
-        assert await ledger.mark_started([s]) == [s]
-        assert (await must_get(ledger, started)).unstarted_attempt is None
-        await self.expire(clock)
-        # read back on recovery, whatever the new claim itself declares (the single form too)
-        [a, b] = await ledger.claim_many(
-            [
-                ClaimRequest(started, FP, "w2", self.lease, True),
-                ClaimRequest(unstarted, FP, "w2", self.lease),
-            ]
-        )
-        c = await ledger.claim(unmarked, FP, "w2", self.lease)
-        d = await ledger.claim(released, FP, "w2", self.lease)
-        assert isinstance(a, Acquired) and isinstance(b, Acquired), (a, b)
-        assert isinstance(c, Acquired) and isinstance(d, Acquired), (c, d)
-        assert (a.claim.recovered, a.claim.previous_started, a.claim.attempt) == (True, True, 2)
-        assert (b.claim.recovered, b.claim.previous_started, b.claim.attempt) == (True, False, 2)
-        # never marked and never declared: it may have started (conservative)
-        assert (c.claim.recovered, c.claim.previous_started) == (True, True)
-        assert d.claim.recovered is False
-        # the takeover's own attempt is "not started" only when nothing before it may have
-        # started and it declared marks_start
-        assert (await must_get(ledger, started)).unstarted_attempt is None
-        assert (await must_get(ledger, unstarted)).unstarted_attempt is None
-        e = await ledger.claim_many(
-            [ClaimRequest(unstarted, FP, "w3", self.lease, True)]
-        )  # not expired: in flight
-        assert isinstance(e[0], InFlight)
-
-    async def test_an_attempt_that_may_have_started_is_never_forgotten(
-        self, ledger: LedgerBackend, clock: FakeClock
-    ) -> None:
-        """Attempt 1 marked its effect started and died; attempt 2 took over and died before
-        marking (before it could even quarantine). Attempt 3 must still learn that an earlier
-        effect may have happened: reading only attempt 2 would re-run a charge that happened."""
-        first = await self._claim_marking(ledger, KEY)
-        await ledger.mark_started([first])
-        await self.expire(clock)
-        second = await self._claim_marking(ledger, KEY, owner="w2")
-        assert (second.recovered, second.previous_started) == (True, True)
-        await self.expire(clock)
-        [third] = await ledger.claim_many([ClaimRequest(KEY, FP, "w3", self.lease, True)])
-        assert isinstance(third, Acquired)
-        assert (third.claim.attempt, third.claim.recovered, third.claim.previous_started) == (
-            3, True, True
-        )  # fmt: skip
-        # while a chain of attempts that never started stays re-runnable
-        other = OpKey("orders", "never-started")
-        await self._claim_marking(ledger, other)
-        await self.expire(clock)
-        again = await self._claim_marking(ledger, other, owner="w2")
-        await self.expire(clock)
-        [last] = await ledger.claim_many([ClaimRequest(other, FP, "w3", self.lease, True)])
-        assert isinstance(last, Acquired) and again.previous_started is False
-        assert (last.claim.attempt, last.claim.previous_started) == (3, False)
-
-    async def test_mark_started_is_fenced_per_claim(
-        self, ledger: LedgerBackend, clock: FakeClock
-    ) -> None:
-        old = await self._claim_marking(ledger, KEY)
-        await self.expire(clock)
-        new = await self._claim_marking(ledger, KEY, owner="w2")
-        other = await self._claim_marking(ledger, OpKey("orders", "other"))
-        [lost] = await ledger.mark_started([old])
-        assert isinstance(lost, LeaseLost)
-        assert (await must_get(ledger, KEY)).unstarted_attempt == 2  # the stale mark wrote nothing
-        out = await ledger.mark_started([old, other, new, other])
-        assert isinstance(out[0], LeaseLost) and out[1:] == [other, new, other]
-        assert (await must_get(ledger, KEY)).unstarted_attempt is None
-        await ledger.complete(other)  # a claim whose attempt ended is stale too
-        [done] = await ledger.mark_started([other])
-        assert isinstance(done, LeaseLost)
-        assert await ledger.mark_started([]) == []
-
-    async def test_a_marking_claim_completes_to_the_record_get_returns(
-        self, ledger: LedgerBackend
-    ) -> None:
-        """``complete`` returns the record as stored also for a claim made with
-        ``marks_start`` (marked or not): ``get`` reads the same record back."""
-        for op, mark in (("never-marked", False), ("marked", True)):
-            claim = await self._claim_marking(ledger, OpKey("orders", op))
-            if mark:
-                await ledger.mark_started([claim])
-            done = await ledger.complete(claim, "r")
-            assert await ledger.get(claim.key) == done
-        claim = await self._claim_marking(ledger, OpKey("orders", "batch"))
-        [in_batch] = await ledger.complete_many([(claim, "r")])
-        assert await ledger.get(claim.key) == in_batch
-
-    async def test_complete_many_equals_the_single_form(
-        self, ledger: LedgerBackend, clock: FakeClock
-    ) -> None:
-        async def setup(scope: str) -> list[tuple[Claim, str | None]]:
-            a = await acquire(ledger, OpKey(scope, "a"), self.lease)
-            stale = await acquire(ledger, OpKey(scope, "b"), self.lease)
-            await ledger.release(stale)
-            await acquire(ledger, OpKey(scope, "b"), self.lease, owner="w2")
-            c = await acquire(ledger, OpKey(scope, "c"), self.lease)
-            return [(a, "ra"), (stale, "rb"), (c, None), (a, "ra-again")]
-
-        batch_items = await setup("batch")
-        single_items = await setup("single")
-        batch = await ledger.complete_many(batch_items)
-        single: list[Record | LeaseLost] = []
-        for claim, result in single_items:
-            try:
-                single.append(await ledger.complete(claim, result))
-            except LeaseLost as exc:
-                single.append(exc)
-        assert [shape(o) for o in batch] == [shape(o) for o in single]
-        assert [type(o) for o in batch] == [Record, LeaseLost, Record, LeaseLost]
-        for name in ("a", "b", "c"):
-            b, s = (
-                await must_get(ledger, OpKey("batch", name)),
-                await must_get(ledger, OpKey("single", name)),
-            )
-            assert shape(b) == shape(s)
-        assert (await must_get(ledger, OpKey("batch", "a"))).result == "ra"
-        assert (await must_get(ledger, OpKey("batch", "b"))).state is State.IN_FLIGHT
-        assert await ledger.complete_many([]) == []
 
     async def test_scopes_are_a_composite_key(self, ledger: LedgerBackend) -> None:
         left, right = OpKey("a:b", "c"), OpKey("a", "b:c")
