@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from replaysafe._config import config_or_options
 from replaysafe.brokers.base import (
     Broker,
     Capabilities,
@@ -115,15 +116,10 @@ class KafkaBroker(Broker):
             if value is not _DEFAULT
         }
         if isinstance(config, KafkaConfig):
-            extra = sorted(given) + (["bootstrap_servers"] if bootstrap_servers is not None else [])
-            if extra:
-                raise ConfigurationError(
-                    f"KafkaBroker: config=KafkaConfig(...) carries every option, yet "
-                    f"{', '.join(extra)} was given as well; set it in the KafkaConfig instead "
-                    "(dataclasses.replace(config, ...))"
-                )
+            if bootstrap_servers is not None:
+                given["bootstrap_servers"] = bootstrap_servers
             self._ck = _driver()
-            cfg = config
+            cfg = config_or_options("KafkaBroker", KafkaConfig, config, given)
         else:
             self._ck = _driver()  # before validating, as ever: a missing extra is said first
             given["bootstrap_servers"] = bootstrap_servers

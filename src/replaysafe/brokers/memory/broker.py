@@ -7,6 +7,7 @@ import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from replaysafe._config import config_or_options
 from replaysafe.brokers.base import (
     Broker,
     Capabilities,
@@ -98,14 +99,7 @@ class MemoryBroker(Broker):
             )
             if value is not None
         }
-        if config is None:
-            config = MemoryConfig(**given)
-        elif given:
-            raise ConfigurationError(
-                f"MemoryBroker: got config= and also {', '.join(sorted(given))}; pass one or the "
-                "other (to change a config, use dataclasses.replace(config, ...))"
-            )
-        self.config = config
+        self.config = config = config_or_options("MemoryBroker", MemoryConfig, config, given)
         self._clock = config.clock
         self._failpoints = FAILPOINTS if config.failpoints is None else config.failpoints
         self._default = _Config(config.default_mode, 30.0, 1)

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from replaysafe._config import config_or_options
 from replaysafe.brokers.base import (
     Broker,
     Capabilities,
@@ -44,14 +45,7 @@ class NATSBroker(Broker):
     connection is opened on first use (constructing one does no I/O)."""
 
     def __init__(self, *, config: NATSConfig | None = None, **settings: Any) -> None:
-        if config is None:
-            config = NATSConfig(**settings)
-        elif settings:
-            raise ConfigurationError(
-                f"NATSBroker: got config= and also {', '.join(sorted(settings))}; pass one or "
-                "the other (to change a config, use dataclasses.replace(config, ...))"
-            )
-        self.config = config
+        self.config = config = config_or_options("NATSBroker", NATSConfig, config, settings)
         self.drv: Driver = driver()  # a missing extra fails at construction
         self._clock = config.clock
         self._failpoints = FAILPOINTS if config.failpoints is None else config.failpoints

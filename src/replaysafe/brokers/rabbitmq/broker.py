@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, overload
 
+from replaysafe._config import config_or_options
 from replaysafe.brokers.base import (
     Broker,
     Capabilities,
@@ -88,24 +89,10 @@ class RabbitMQBroker(Broker):
         self, url: object = _NO_URL, *, config: RabbitMQConfig | None = None, **options: Any
     ) -> None:
         _driver()
-        if config is None:
-            if url is not _NO_URL:
-                options["url"] = url
-            config = RabbitMQConfig(**options)
-        elif url is not _NO_URL or options:
-            given = ", ".join(sorted([*(["url"] if url is not _NO_URL else []), *options]))
-            raise ConfigurationError(
-                f"RabbitMQBroker got config= and also {given}; pass either a RabbitMQConfig "
-                "or keyword options, not both (dataclasses.replace(config, ...) changes a "
-                "config)"
-            )
-        elif not isinstance(config, RabbitMQConfig):
-            raise ConfigurationError(
-                f"RabbitMQBroker config= must be a RabbitMQConfig, got {type(config).__name__}; "
-                "build one with RabbitMQConfig(...) or RabbitMQConfig.from_url(url)"
-            )
+        if url is not _NO_URL:
+            options["url"] = url
         #: the validated options this broker was built with
-        self.config = config
+        self.config = config = config_or_options("RabbitMQBroker", RabbitMQConfig, config, options)
         self.url = config.redacted_url
         self._clock = config.clock
         self._failpoints = FAILPOINTS if config.failpoints is None else config.failpoints

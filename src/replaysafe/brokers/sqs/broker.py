@@ -10,6 +10,7 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import replace
 from typing import Any, Final, Unpack
 
+from replaysafe._config import config_or_options
 from replaysafe.brokers.base import (
     Broker,
     Capabilities,
@@ -71,15 +72,8 @@ class SQSBroker(Broker):
         one ``config``, not both (``ConfigurationError``). Invalid options raise
         ``ConfigurationError``; a missing aiobotocore raises ``MissingExtra`` here, not on first
         use. Nothing is connected yet."""
-        if config is None:
-            config = SQSConfig(**options)
-        elif options:
-            raise ConfigurationError(
-                f"SQSBroker got config= and also {', '.join(sorted(options))}; pass one or the "
-                "other (dataclasses.replace(config, ...) changes options of a config)"
-            )
         #: the broker's settings (frozen)
-        self.config = config
+        self.config = config = config_or_options("SQSBroker", SQSConfig, config, options)
         self._clock = config.clock
         self._failpoints = FAILPOINTS if config.failpoints is None else config.failpoints
         self._subs: set[_SQSSubscription] = set()

@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from replaysafe._config import config_or_options
 from replaysafe.errors import ConfigurationError, LeaseLost, LedgerUnavailable
 from replaysafe.ledger.base import Claim, OpKey, Record, check_fence
 from replaysafe.stores.mysql import errors as err
@@ -59,17 +60,7 @@ class MySQLCore:
     (each role mixin builds on it). Holds no connection until the first call."""
 
     def __init__(self, config: MySQLConfig | None = None, **options: Any) -> None:
-        if config is not None and options:
-            raise ConfigurationError(
-                f"pass either config= or keyword options, not both (got config and "
-                f"{', '.join(sorted(options))}); use dataclasses.replace(config, ...) to change one"
-            )
-        if config is not None and not isinstance(config, MySQLConfig):
-            raise ConfigurationError(
-                f"config must be a MySQLConfig, got {type(config).__name__}; build one with "
-                "MySQLConfig(...) or MySQLConfig.from_url(url)"
-            )
-        self._config = config if config is not None else MySQLConfig(**options)
+        self._config = config_or_options("MySQLLedger", MySQLConfig, config, options)
         self._pool: Pool | None = None
         self._ready = False
         self._ready_lock = asyncio.Lock()
