@@ -248,6 +248,11 @@ class StagedRow:
     published_at: float
     staged_at: float
 
+    def values(self) -> tuple[Any, ...]:
+        """The column values in the order of the fields (the insert's column order)."""
+        return (self.destination, self.operation_id, self.key, self.body, self.headers_json,
+                self.content_type, self.fingerprint, self.published_at, self.staged_at)  # fmt: skip
+
 
 def prepare_rows(
     destination: str, envelopes: Sequence[Envelope], now: float, limits: Limits

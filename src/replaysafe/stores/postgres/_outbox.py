@@ -370,19 +370,7 @@ class PostgresOutboxStore(OutboxStore):
                 )
             for start in range(0, len(rows), INSERT_CHUNK):
                 chunk = rows[start : start + INSERT_CHUNK]
-                params: list[Any] = []
-                for r in chunk:
-                    params += [
-                        r.destination,
-                        r.operation_id,
-                        r.key,
-                        r.body,
-                        r.headers_json,
-                        r.content_type,
-                        r.fingerprint,
-                        r.published_at,
-                        r.staged_at,
-                    ]
+                params = [v for r in chunk for v in r.values()]
                 await conn.execute(insert + sql.SQL(", ").join([one] * len(chunk)), params)
         except psycopg.Error as exc:
             raise self._error("stage", exc) from None

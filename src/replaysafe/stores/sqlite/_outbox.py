@@ -222,19 +222,7 @@ class SQLiteOutboxStore(OutboxStore):
         for start in range(0, len(rows), _INSERT_CHUNK):
             chunk = rows[start : start + _INSERT_CHUNK]
             values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk))
-            params: list[Any] = []
-            for r in chunk:
-                params += [
-                    r.destination,
-                    r.operation_id,
-                    r.key,
-                    r.body,
-                    r.headers_json,
-                    r.content_type,
-                    r.fingerprint,
-                    r.published_at,
-                    r.staged_at,
-                ]
+            params = [v for r in chunk for v in r.values()]
             sql = f"INSERT INTO replaysafe_outbox ({_INSERT_COLUMNS}) VALUES {values}"
             try:
                 await tx.execute(sql, params)
