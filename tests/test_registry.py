@@ -31,6 +31,8 @@ from replaysafe.outbox.sqlite import SQLiteOutboxStore
         ("dbname=orders", "postgresql"),
         ("postgres://u@h/db", "postgres"),
         ("/just/a/path", ""),
+        ("sqlite", ""),  # a bare word is a scheme only where a backend says so ("memory")
+        ("postgres", ""),
         ("", ""),
     ],
 )
@@ -92,6 +94,10 @@ async def test_sqlite_ledger_url_carries_its_options_and_refuses_unknown_ones(
         open_ledger(f"sqlite:{path}?journal=off")
     with pytest.raises(ConfigurationError, match="needs the path"):
         open_ledger("sqlite:")
+    with pytest.raises(ConfigurationError, match="unknown ledger URL"):
+        open_ledger("sqlite")  # not a file named "sqlite" in the working directory
+    with pytest.raises(ConfigurationError, match="not a SQLite ledger URL"):
+        SQLiteLedger.from_url(str(path))
     with pytest.raises(ConfigurationError, match="busy_timeout"):
         open_ledger(f"sqlite:{path}?busy_timeout=soon")
 

@@ -118,6 +118,8 @@ BACKENDS: tuple[Backend, ...] = (
 
 #: ``sqlite:PATH`` style: a scheme, a colon, then no ``//`` (a Windows drive letter is not one)
 _OPAQUE = re.compile(r"^([a-z][a-z0-9+.-]+):(?!//)")
+#: the schemes whose whole URL is the word itself
+_BARE = frozenset({"memory"})
 #: a libpq ``key=value`` connection string names PostgreSQL
 _LIBPQ = re.compile(r"(?:^|\s)(?:dbname|host|user|port|hostaddr|service)\s*=")
 
@@ -128,12 +130,14 @@ def scheme_of(url: str) -> str:
     head, sep, _ = url.partition("://")
     if sep:
         return head.lower()
-    if _LIBPQ.search(url):
-        return "postgresql"
     m = _OPAQUE.match(url)
     if m:
         return m.group(1).lower()
-    return url.strip().lower() if re.fullmatch(r"[a-z]+", url.strip().lower()) else ""
+    if _LIBPQ.search(url):
+        return "postgresql"
+    # only a scheme some backend answers as a bare word: "sqlite" alone is not a path
+    word = url.strip().lower()
+    return word if word in _BARE else ""
 
 
 def backend_for(kind: Kind, url: str) -> Backend:

@@ -84,6 +84,10 @@ class SQLiteLedger(
         """The ledger ``sqlite:PATH`` names (``open_ledger``): the file at PATH, created on first
         use. ``?synchronous=FULL|NORMAL|…&busy_timeout=SECONDS`` in the URL or as keywords
         (keywords win; ``clock`` only as a keyword). An unknown parameter is refused."""
+        if not url.startswith("sqlite:"):
+            raise ConfigurationError(
+                f"{url!r} is not a SQLite ledger URL; write sqlite:PATH (the ledger file's path)"
+            )
         rest, found = take_options(url, _URL_OPTIONS, what="SQLite ledger")
         path, query, unknown = rest.removeprefix("sqlite:").partition("?")
         if query or not path:
